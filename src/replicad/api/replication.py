@@ -1,0 +1,322 @@
+"""Replication (SPEC §3.4): enable/set/get/remove, initial copy, sync, measure, suspend."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from datetime import datetime, timezone
+
+from aiohttp import web
+
+from .. import log as logmod
+from ..catalog import utcnow
+from ..errors import Conflict, NotFound, ReplicadError, UsageError
+from ..health import compute as compute_health
+from ..model import Relationship, ReplicationMode, ReplicationState as S, Stats, valid_fqdn
+from ..primary.baseline import Baselines
+from .context import Host, body, host_of
+from .vms import get_vm
+
+log = logmod.get("replicad.replication")
+_RATE = re.compile(r"^(\d+(?:\.\d+)?)\s*(|b|kb|mb|gb|kib|mib|gib|kbit|mbit|gbit)$", re.I)
+_RATE_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+               "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8}
+
+
+def parse_rate(text) -> int:
+    m = _RATE.match(str(text).strip())
+    if not m:
+        raise UsageError(f"invalid --bandwidth-limit {text!r} (examples: 40MB, 512KB, 300Mbit, 1000000)")
+    return int(float(m.group(1)) * _RATE_UNITS[m.group(2).lower()])
+
+
+def _int(doc: dict, key: str, lo: int, hi: int) -> int:
+    v = doc[key]
+    try:
+        n = int(v)
+    except (TypeError, ValueError):
+        raise UsageError(f"--{key.replace('_', '-')} expects an integer, got {v!r}") from None
+    if not lo <= n <= hi:
+        raise UsageError(f"--{key.replace('_', '-')} must be between {lo} and {hi}, got {n}")
+    return n
+
+
+def apply_options(rel: Relationship, doc: dict) -> None:
+    """The options shared by ``enable`` and ``set``, validated."""
+    if "replica_server" in doc:
+        if not valid_fqdn(str(doc["replica_server"])):
+            raise UsageError(f"--replica-server expects a host name, got {doc['replica_server']!r}")
+        rel.replica_server = str(doc["replica_server"]).lower()
+    if "auth" in doc:
+        if doc["auth"] not in ("token", "certificate"):
+            raise UsageError(f"--auth expects token or certificate, got {doc['auth']!r}")
+        if doc["auth"] == "certificate":
+            raise UsageError("certificate authentication is not available yet in this version",
+                             hint="use --auth token (port 80 mode)")
+        rel.auth = doc["auth"]
+    if "replica_port" in doc:
+        rel.replica_port = _int(doc, "replica_port", 1, 65535)
+    if "frequency" in doc:
+        rel.frequency = _int(doc, "frequency", 1, 86400 * 7)
+    if "recovery_history" in doc:
+        rel.recovery_history = _int(doc, "recovery_history", 0, 24)
+    if "recovery_point_interval" in doc:
+        rel.recovery_point_interval = _int(doc, "recovery_point_interval", 1, 86400 * 7)
+    if "compression" in doc:
+        v = doc["compression"]
+        if isinstance(v, str) and v.lower() in ("true", "false"):
+            v = v.lower() == "true"
+        if not isinstance(v, bool):
+            raise UsageError(f"--compression expects true or false, got {v!r}")
+        rel.compression = v
+    if "bandwidth_limit" in doc:
+        rel.bandwidth_limit = 0 if doc["bandwidth_limit"] in (None, "", 0, "0") else parse_rate(doc["bandwidth_limit"])
+
+
+def rel_json(host: Host, rel: Relationship, name: str) -> dict:
+    health, reasons = compute_health(rel)
+    mode = ReplicationMode.PRIMARY if rel.role == "primary" else ReplicationMode.REPLICA
+    replica_port = rel.replica_port
+    if rel.role == "replica":
+        replica_port = host.config.listen.token.port if host.config.listen.token else None
+    return {"vm": name, "mode": mode.value, "state": rel.state.value, "health": health.value,
+            "health_reasons": reasons, "primary_server": rel.primary_server,
+            "replica_server": rel.replica_server if rel.role == "primary" else host.config.host,
+            "replica_port": replica_port, "auth": rel.auth, "frequency": rel.frequency,
+            "recovery_history": rel.recovery_history, "recovery_point_interval": rel.recovery_point_interval,
+            "compression": rel.compression, "last_replication_time": rel.last_replication_time,
+            "error": rel.error, "bandwidth_limit": rel.bandwidth_limit,
+            "sequence": rel.seq, "applied_sequence": rel.applied_seq if rel.role == "replica" else rel.seq}
+
+
+def _rel(host: Host, name: str, *, role: str | None = None) -> tuple:
+    vm = get_vm(host, name)
+    rel = host.catalog.relationship(vm.id)
+    if rel is None:
+        raise NotFound(f"replication is not enabled for {name}", hint=f"`replicad replication enable {name} ...`")
+    if role and rel.role != role:
+        raise Conflict(f"{name} is a {rel.role} here; this command runs on the {role}")
+    return vm, rel
+
+
+async def enable(request):
+    host = host_of(request)
+    doc = await body(request)
+    vm = get_vm(host, request.match_info["vm"])
+    if host.catalog.relationship(vm.id) is not None:
+        raise Conflict(f"replication is already enabled for {vm.name}")
+    if "replica_server" not in doc:
+        raise UsageError("--replica-server is required")
+    rel = Relationship(vm_id=vm.id, role="primary", primary_server=host.config.host,
+                       stats=Stats(monitoring_start=utcnow()))
+    apply_options(rel, doc)
+    if "replica_port" not in doc:
+        rel.replica_port = 80
+    if rel.replica_server == host.config.host:
+        raise UsageError("a VM cannot replicate to its own host")
+    vm.mode = ReplicationMode.PRIMARY
+    host.catalog.put_vm_and_relationship(vm, rel)
+    host.catalog.audit("local", "replication.enable", f"{vm.name} -> {rel.replica_server}:{rel.replica_port}")
+    log.info("replication.enabled", vm=vm.name, replica=rel.replica_server, port=rel.replica_port,
+             frequency=rel.frequency)
+    return web.json_response(rel_json(host, rel, vm.name))
+
+
+async def set_replication(request):
+    host = host_of(request)
+    vm, rel = _rel(host, request.match_info["vm"], role="primary")
+    doc = await body(request)
+    if "replica_server" in doc and rel.seq > 0 and str(doc["replica_server"]).lower() != rel.replica_server:
+        raise Conflict("the replica server cannot change once replication has started",
+                       hint="remove replication and enable it again")
+    apply_options(rel, doc)
+    host.catalog.put_relationship(rel)
+    log.info("replication.changed", vm=vm.name, changes=sorted(doc))
+    host.primary.kick(vm.id)  # a new frequency takes effect now
+    return web.json_response(rel_json(host, rel, vm.name))
+
+
+async def get_replication(request):
+    host = host_of(request)
+    name = request.match_info.get("vm")
+    if name:
+        vm, rel = _rel(host, name)
+        return web.json_response(rel_json(host, rel, vm.name))
+    out = []
+    for vm in host.catalog.vms():
+        rel = host.catalog.relationship(vm.id)
+        if rel is not None:
+            out.append(rel_json(host, rel, vm.name))
+    return web.json_response(out)
+
+
+async def _wait_stream(request, host: Host, vm_id: str, fut: asyncio.Future) -> web.StreamResponse:
+    """NDJSON: progress lines while the cycle runs, then the result or the error."""
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await resp.prepare(request)
+    loop = asyncio.get_running_loop()
+    last = 0.0
+    while not fut.done():
+        prog = host.primary.progress.get(vm_id)
+        waiter = asyncio.ensure_future(prog.changed.wait()) if prog and prog.changed else None
+        done, _ = await asyncio.wait([fut] + ([waiter] if waiter else []), timeout=1.0,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if waiter is not None:
+            waiter.cancel()
+            prog.changed.clear()
+        if prog is not None and loop.time() - last >= 0.2:
+            last = loop.time()
+            await resp.write((json.dumps({"progress": {"kind": prog.kind, "seq": prog.seq, "total": prog.total,
+                                                       "scanned": prog.scanned, "sent": prog.sent}}) + "\n").encode())
+    try:
+        line = {"result": fut.result()}
+    except ReplicadError as e:
+        line = {"error": str(e)}
+    await resp.write((json.dumps(line) + "\n").encode())
+    await resp.write_eof()
+    return resp
+
+
+async def start_initial(request):
+    host = host_of(request)
+    vm, rel = _rel(host, request.match_info["vm"], role="primary")
+    doc = await body(request)
+    if doc.get("export"):
+        raise UsageError("--export (out-of-band initial replication) is not available yet in this version")
+    if rel.state not in (S.READY_FOR_INITIAL, S.WAITING_FOR_INITIAL, S.ERROR) or rel.seq > 0:
+        raise Conflict(f"initial replication of {vm.name} is not pending (state {rel.state.value})")
+    at = doc.get("at")
+    if at:
+        try:
+            when = datetime.fromisoformat(str(at).replace("Z", "+00:00"))
+        except ValueError:
+            raise UsageError(f"--at expects an ISO 8601 time, got {at!r}") from None
+        if when.tzinfo is None:
+            when = when.astimezone()
+        rel.start_at = when.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+        rel.state = S.WAITING_FOR_INITIAL
+    else:
+        rel.start_at = None
+        rel.state = S.INITIAL_IN_PROGRESS
+    rel.error = None
+    host.catalog.put_relationship(rel)
+    log.info("replication.initial_requested", vm=vm.name, at=rel.start_at or "now")
+    if doc.get("wait") and not at:
+        return await _wait_stream(request, host, vm.id, host.primary.request_cycle(vm.id))
+    host.primary.kick(vm.id)
+    return web.json_response(rel_json(host, rel, vm.name))
+
+
+async def sync(request):
+    host = host_of(request)
+    vm, rel = _rel(host, request.match_info["vm"], role="primary")
+    doc = await body(request)
+    if rel.state not in (S.REPLICATING, S.ERROR) or rel.seq == 0:
+        raise Conflict(f"{vm.name} is {rel.state.value}; sync needs an established replication",
+                       hint="run `replicad replication start-initial` first" if rel.seq == 0 else None)
+    fut = host.primary.request_cycle(vm.id)
+    if doc.get("wait"):
+        return await _wait_stream(request, host, vm.id, fut)
+    fut.add_done_callback(lambda f: f.exception())  # consumed: failures are in `replication get`
+    return web.json_response(rel_json(host, rel, vm.name))
+
+
+def measure_json(host: Host, rel: Relationship, name: str) -> dict:
+    health, reasons = compute_health(rel)
+    st = rel.stats
+    prog = host.primary.progress.get(rel.vm_id)
+    pending = 0 if prog is None or prog.done else max(0, prog.total - prog.scanned)
+    return {"vm": name, "state": rel.state.value, "health": health.value, "health_reasons": reasons,
+            "last_replication_time": rel.last_replication_time,
+            "initial_replication_size": st.initial_replication_size,
+            "average_size": st.delta_bytes // st.delta_count if st.delta_count else 0,
+            "maximum_size": st.maximum_size,
+            "average_latency": round(st.latency_total / st.delta_count, 3) if st.delta_count else 0.0,
+            "maximum_latency": round(st.maximum_latency, 3), "errors": st.errors,
+            "successful_count": st.successful_count, "missed_count": st.missed_count,
+            "pending_size": pending, "monitoring_start": st.monitoring_start, "monitoring_end": utcnow()}
+
+
+async def measure(request):
+    host = host_of(request)
+    vm, rel = _rel(host, request.match_info["vm"])
+    return web.json_response(measure_json(host, rel, vm.name))
+
+
+async def reset_stats(request):
+    host = host_of(request)
+    vm, rel = _rel(host, request.match_info["vm"])
+    rel.stats = Stats(monitoring_start=utcnow(), initial_replication_size=rel.stats.initial_replication_size)
+    host.catalog.put_relationship(rel)
+    log.info("replication.stats_reset", vm=vm.name)
+    return web.json_response(measure_json(host, rel, vm.name))
+
+
+async def suspend(request):
+    host = host_of(request)
+    vm, rel = _rel(host, request.match_info["vm"])
+    if rel.state == S.SUSPENDED:
+        return web.json_response(rel_json(host, rel, vm.name))
+    if rel.state not in (S.REPLICATING, S.ERROR, S.INITIAL_IN_PROGRESS, S.WAITING_FOR_INITIAL):
+        raise Conflict(f"cannot suspend replication of {vm.name} in state {rel.state.value}")
+    rel.state = S.SUSPENDED
+    host.catalog.put_relationship(rel)
+    log.info("replication.suspended", vm=vm.name, role=rel.role)
+    return web.json_response(rel_json(host, rel, vm.name))
+
+
+async def resume(request):
+    host = host_of(request)
+    vm, rel = _rel(host, request.match_info["vm"])
+    if rel.state != S.SUSPENDED:
+        raise Conflict(f"replication of {vm.name} is not suspended (state {rel.state.value})")
+    if rel.role == "primary":
+        rel.state = S.REPLICATING if rel.seq > 0 else S.READY_FOR_INITIAL
+    else:
+        rel.state = S.REPLICATING if rel.applied_seq > 0 else S.INITIAL_IN_PROGRESS
+    host.catalog.put_relationship(rel)
+    log.info("replication.resumed", vm=vm.name, role=rel.role, reason="the merged changes ship in the next cycle")
+    if rel.role == "primary":
+        host.primary.kick(vm.id)
+    return web.json_response(rel_json(host, rel, vm.name))
+
+
+async def remove(request):
+    host = host_of(request)
+    vm, rel = _rel(host, request.match_info["vm"])
+    if rel.role == "primary":
+        host.primary.forget(vm.id)
+        await asyncio.to_thread(Baselines(host.config.state_dir, vm.id).drop_all)
+    host.catalog.remove_relationship(vm.id)
+    vm.mode = ReplicationMode.NONE
+    host.catalog.put_vm(vm)
+    host.catalog.audit("local", "replication.remove", f"{vm.name} ({rel.role})")
+    log.info("replication.removed", vm=vm.name, role=rel.role)
+    return web.json_response({"removed": vm.name})
+
+
+async def test_connection(request):
+    host = host_of(request)
+    doc = await body(request)
+    server = str(doc.get("replica_server", "")).lower()
+    if not valid_fqdn(server):
+        raise UsageError("--replica-server expects a host name")
+    port = _int(doc, "replica_port", 1, 65535) if "replica_port" in doc else 80
+    hello = await host.client.hello(server, port)
+    return web.json_response({"replica_server": server, "replica_port": port, **hello})
+
+
+def routes(app: web.Application) -> None:
+    app.router.add_get("/v1/replications", get_replication)
+    app.router.add_get("/v1/replications/{vm}", get_replication)
+    app.router.add_post("/v1/replications/{vm}", enable)
+    app.router.add_patch("/v1/replications/{vm}", set_replication)
+    app.router.add_delete("/v1/replications/{vm}", remove)
+    app.router.add_post("/v1/replications/{vm}/start-initial", start_initial)
+    app.router.add_post("/v1/replications/{vm}/sync", sync)
+    app.router.add_get("/v1/replications/{vm}/measure", measure)
+    app.router.add_post("/v1/replications/{vm}/reset-stats", reset_stats)
+    app.router.add_post("/v1/replications/{vm}/suspend", suspend)
+    app.router.add_post("/v1/replications/{vm}/resume", resume)
+    app.router.add_post("/v1/test-connection", test_connection)

@@ -1,0 +1,180 @@
+"""VMs (SPEC §3.3): register on a primary, list, hooks, start/stop, remove."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from pathlib import Path
+
+from aiohttp import web
+
+from .. import log as logmod
+from ..errors import Conflict, NotFound, Refused, ReplicadError, UsageError
+from ..health import compute as compute_health
+from ..model import VM, Disk, ReplicationMode, VMState, valid_disk_name, valid_vm_name
+from .context import Host, body, host_of
+
+log = logmod.get("replicad.vms")
+HOOKS = ("on_start", "on_stop", "pre_snapshot", "post_snapshot")
+HOOK_TIMEOUT = 300
+
+
+def disk_format(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
+    except OSError:
+        return "raw"
+
+
+def vm_json(host: Host, vm: VM) -> dict:
+    rel = host.catalog.relationship(vm.id)
+    health = compute_health(rel)[0].value if rel else "NotApplicable"
+    return {"name": vm.name, "id": vm.id, "state": vm.state.value, "replication_mode": vm.mode.value,
+            "replication_state": rel.state.value if rel else "NotApplicable", "replication_health": health,
+            "disks": [{"path": d.path, "size": d.size, "format": d.format} for d in vm.disks],
+            "config_file": vm.config_file, "hooks": vm.hooks}
+
+
+def get_vm(host: Host, name: str) -> VM:
+    vm = host.catalog.vm_by_name(name)
+    if vm is None:
+        raise NotFound(f"no VM named {name!r} on {host.config.host}", hint="see `replicad vm list`")
+    return vm
+
+
+def _check_name(name: str) -> str:
+    if not valid_vm_name(name):
+        raise UsageError(f"invalid VM name {name!r}: 1-64 letters, digits, '.', '_', '-', not starting with '.'")
+    return name
+
+
+async def list_vms(request):
+    host = host_of(request)
+    return web.json_response([vm_json(host, vm) for vm in host.catalog.vms()])
+
+
+async def show_vm(request):
+    host = host_of(request)
+    return web.json_response(vm_json(host, get_vm(host, request.match_info["name"])))
+
+
+async def add_vm(request):
+    host = host_of(request)
+    doc = await body(request)
+    name = _check_name(str(doc.get("name", "")))
+    if host.catalog.vm_by_name(name):
+        raise Conflict(f"a VM named {name} already exists on {host.config.host}")
+    paths = doc.get("disks")
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+        raise UsageError("at least one --disk PATH is required")
+    disks, seen = [], set()
+    for p in paths:
+        path = Path(p)
+        if not path.is_absolute():
+            raise UsageError(f"disk path must be absolute: {p}")
+        try:
+            st = await asyncio.to_thread(os.stat, path)
+        except OSError as e:
+            raise UsageError(f"disk {p}: {e.strerror}") from None
+        if not path.is_file():
+            raise UsageError(f"disk {p} is not a regular file")
+        if not valid_disk_name(path.name):
+            raise UsageError(f"disk file name {path.name!r}: use letters, digits, '.', '_', '-'")
+        if path.name in seen:
+            raise UsageError(f"two disks named {path.name}: replica copies are named after the file")
+        seen.add(path.name)
+        disks.append(Disk(str(path), st.st_size, await asyncio.to_thread(disk_format, path)))
+    cfg = doc.get("config_file")
+    if cfg is not None and (not isinstance(cfg, str) or not Path(cfg).is_absolute() or not Path(cfg).is_file()):
+        raise UsageError(f"--config-file must be an existing file: {cfg}")
+    vm = VM(id=str(uuid.uuid4()), name=name, disks=disks, config_file=cfg)
+    host.catalog.put_vm(vm)
+    log.info("vm.added", vm=name, id=vm.id, disks=len(disks))
+    return web.json_response(vm_json(host, vm))
+
+
+async def set_vm(request):
+    host = host_of(request)
+    vm = get_vm(host, request.match_info["name"])
+    doc = await body(request)
+    for k in HOOKS:
+        if k in doc:
+            v = doc[k]
+            if v in (None, ""):
+                vm.hooks.pop(k, None)
+            elif isinstance(v, str) and len(v) <= 4096:
+                vm.hooks[k] = v
+            else:
+                raise UsageError(f"--{k.replace('_', '-')} expects a command")
+    host.catalog.put_vm(vm)
+    log.info("vm.changed", vm=vm.name, hooks=sorted(vm.hooks))
+    return web.json_response(vm_json(host, vm))
+
+
+async def run_hook(vm: VM, hook: str) -> None:
+    cmd = vm.hooks.get(hook)
+    if not cmd:
+        return
+    env = dict(os.environ, REPLICAD_VM=vm.name, REPLICAD_VM_ID=vm.id,
+               REPLICAD_DISKS=":".join(d.path for d in vm.disks))
+    proc = await asyncio.create_subprocess_shell(cmd, env=env, stdout=asyncio.subprocess.PIPE,
+                                                 stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), HOOK_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise ReplicadError(f"{hook} hook of {vm.name} timed out after {HOOK_TIMEOUT}s") from None
+    if proc.returncode != 0:
+        tail = out.decode(errors="replace").strip().splitlines()[-1:] if out else []
+        raise ReplicadError(f"{hook} hook of {vm.name} exited {proc.returncode}" + (f": {tail[0]}" if tail else ""))
+
+
+async def start_vm(request):
+    host = host_of(request)
+    vm = get_vm(host, request.match_info["name"])
+    if vm.mode in (ReplicationMode.REPLICA, ReplicationMode.EXTENDED_REPLICA):
+        raise Refused(f"{vm.name} is a replica VM and cannot be started",
+                      hint="fail over first: `replicad failover start`")
+    await run_hook(vm, "on_start")
+    vm.state = VMState.RUNNING
+    host.catalog.put_vm(vm)
+    log.info("vm.started", vm=vm.name)
+    return web.json_response(vm_json(host, vm))
+
+
+async def stop_vm(request):
+    host = host_of(request)
+    vm = get_vm(host, request.match_info["name"])
+    await run_hook(vm, "on_stop")
+    vm.state = VMState.OFF
+    host.catalog.put_vm(vm)
+    log.info("vm.stopped", vm=vm.name)
+    return web.json_response(vm_json(host, vm))
+
+
+async def remove_vm(request):
+    host = host_of(request)
+    vm = get_vm(host, request.match_info["name"])
+    rel = host.catalog.relationship(vm.id)
+    if rel is not None and rel.role == "primary":
+        raise Conflict(f"{vm.name} is replicated; remove replication first",
+                       hint=f"`replicad replication remove {vm.name}`")
+    if rel is not None and rel.role == "replica":
+        await asyncio.to_thread(host.replica.remove, vm.id)
+        host.catalog.audit("local", "replica.removed", f"{vm.name} ({vm.id})")
+    host.catalog.remove_vm(vm.id)
+    log.info("vm.removed", vm=vm.name, replica_copy_deleted=rel is not None)
+    return web.json_response({"removed": vm.name})
+
+
+def routes(app: web.Application) -> None:
+    app.router.add_get("/v1/vms", list_vms)
+    app.router.add_post("/v1/vms", add_vm)
+    app.router.add_get("/v1/vms/{name}", show_vm)
+    app.router.add_patch("/v1/vms/{name}", set_vm)
+    app.router.add_delete("/v1/vms/{name}", remove_vm)
+    app.router.add_post("/v1/vms/{name}/start", start_vm)
+    app.router.add_post("/v1/vms/{name}/stop", stop_vm)

@@ -1,0 +1,187 @@
+"""The `replicad` console script: programs (daemon, config, realm, certs, demo) and the
+management nouns. Expected failures print one `error:` line and exit 1/2/3, never a
+traceback."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .. import __version__
+from .. import config as configmod
+from ..errors import ReplicadError
+from .common import global_options, managed
+from .replication import replication
+from .server import auth_entry, server
+from .vm import vm
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="replicad")
+@global_options
+def cli():
+    """replicad: asynchronous replication of disk-image files for disaster recovery.
+
+    \b
+    Every host runs one daemon (`replicad daemon`); the other commands manage it.
+    Quick look:   replicad demo
+    A host:       replicad daemon --config /etc/replicad/replicad.yaml
+    Its state:    replicad server get · replicad vm list · replicad replication get
+    """
+
+
+@cli.command("daemon")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Config file (default $REPLICAD_CONFIG "
+              "or /etc/replicad/replicad.yaml).")
+def daemon_cmd(config_path):
+    """Run the daemon in the foreground (SIGTERM/SIGINT: drain and exit 0)."""
+    from ..daemon import run  # the daemon's imports are not needed by management commands
+    sys.exit(run(configmod.load(config_path)))
+
+
+@cli.group("config")
+def config_group():
+    """Configuration files."""
+
+
+@config_group.command("check")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False))
+def config_check(config_path):
+    """Validate a config file: exit 0, or exit 2 with every error and its YAML path."""
+    cfg = configmod.load(config_path)
+    click.echo(f"{cfg.path}: ok (host {cfg.host})")
+
+
+@cli.group("realm")
+def realm():
+    """Token-auth realms (the article's Kerberos mode, port 80)."""
+
+
+@realm.command("init")
+@click.option("--name", required=True, metavar="REALM", help="e.g. contoso.com")
+@click.option("--out", required=True, type=click.Path(file_okay=False), metavar="DIR")
+def realm_init(name, out):
+    """Create a realm: DIR/realm.key (secret, 0600) and DIR/realm.pub."""
+    from ..auth.token import realm_init as do
+    key, pub = do(name, Path(out))
+    click.echo(f"realm {name.lower()}: {key} (keep secret), {pub} (give to every host)")
+
+
+@realm.command("issue")
+@click.option("--realm", "realm_dir", required=True, type=click.Path(file_okay=False), metavar="DIR")
+@click.option("--host", required=True, metavar="FQDN")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), metavar="FILE")
+def realm_issue(realm_dir, host, out):
+    """Issue one host's credential FILE (0600): its own key pair, signed by the realm."""
+    from ..auth.token import realm_issue as do
+    click.echo(f"credential for {host.lower()}: {do(Path(realm_dir), host, Path(out))}")
+
+
+@cli.group("certs")
+def certs():
+    """Certificates for certificate auth (port 443)."""
+
+
+@certs.command("init-ca")
+@click.option("--out", required=True, type=click.Path(file_okay=False), metavar="DIR")
+@click.option("--name", default="replicad CA", show_default=True)
+def certs_init_ca(out, name):
+    """Create a CA: DIR/ca.pem and DIR/ca.key (0600)."""
+    from ..auth.certs import init_ca
+    cert, key = init_ca(Path(out), name)
+    click.echo(f"CA {name!r}: {cert}, {key} (keep secret)")
+
+
+@certs.command("issue")
+@click.option("--ca", "ca_dir", required=True, type=click.Path(file_okay=False), metavar="DIR")
+@click.option("--host", "hosts", required=True, multiple=True, metavar="FQDN")
+@click.option("--out", required=True, type=click.Path(file_okay=False), metavar="DIR")
+def certs_issue(ca_dir, hosts, out):
+    """Issue DIR/FQDN.pem + DIR/FQDN.key (SANs = every --host), for TLS server and client."""
+    from ..auth.certs import issue
+    cert, key = issue(Path(ca_dir), list(hosts), Path(out))
+    click.echo(f"certificate for {', '.join(hosts)}: {cert}, {key}")
+
+
+@cli.group("failover")
+@global_options
+def failover():
+    """Planned, unplanned and test failover (Start/Stop/Complete-VMFailover)."""
+
+
+def _not_yet(what: str):
+    raise ReplicadError(f"{what} is not available in this version yet")
+
+
+@failover.command("start")
+@click.argument("vm_name")
+@click.option("--prepare", is_flag=True)
+@click.option("--as-test", is_flag=True)
+@click.option("--recovery-point", metavar="ID")
+@managed
+def failover_start(vm_name, prepare, as_test, recovery_point):
+    """Start a failover (planned with --prepare on the primary, test with --as-test)."""
+    _not_yet("failover")
+
+
+@failover.command("stop")
+@click.argument("vm_name")
+@managed
+def failover_stop(vm_name):
+    """End a test failover or cancel an uncompleted failover."""
+    _not_yet("failover")
+
+
+@failover.command("complete")
+@click.argument("vm_name")
+@managed
+def failover_complete(vm_name):
+    """Commit a failover."""
+    _not_yet("failover")
+
+
+@cli.command("apply")
+@click.option("-f", "--file", "file", required=True, type=click.Path(dir_okay=False))
+@click.option("--diff", is_flag=True, help="Show what would change; change nothing.")
+@managed
+def apply_cmd(file, diff):
+    """Apply a declarative setup (server, auth_entries, vms, replications)."""
+    _not_yet("declarative setup (apply)")
+
+
+@cli.command("demo")
+@click.option("--workdir", type=click.Path(file_okay=False), help="Where the demo hosts live (default: a temp dir).")
+@click.option("--keep-running", is_flag=True, help="Leave the three hosts running at the end.")
+def demo_cmd(workdir, keep_running):
+    """The article's story on three local hosts (no root, no network)."""
+    from ..demo import run_demo
+    sys.exit(run_demo(workdir, keep_running))
+
+
+cli.add_command(server)
+cli.add_command(auth_entry)
+cli.add_command(vm)
+cli.add_command(replication)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False, prog_name="replicad")
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except ReplicadError as e:
+        for line in str(e).splitlines() or [type(e).__name__]:
+            click.echo(f"error: {line}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(1)

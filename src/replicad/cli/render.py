@@ -1,0 +1,43 @@
+"""One way to print every result: table (a few key columns), list (every field), json.
+
+Data goes to stdout; diagnostics and progress go to stderr."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import click
+
+
+def _cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return ", ".join(_cell(x.get("path", x)) if isinstance(x, dict) else _cell(x) for x in v)
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_cell(x)}" for k, x in v.items())
+    return str(v)
+
+
+def render(data, fmt: str, columns: Sequence[str] = ()) -> None:
+    if fmt == "json":
+        click.echo(json.dumps(data, indent=2))
+        return
+    rows = data if isinstance(data, list) else [data]
+    if fmt == "list" or not columns:
+        for i, row in enumerate(rows):
+            if i:
+                click.echo("")
+            width = max((len(k) for k in row), default=0)
+            for k, v in row.items():
+                click.echo(f"{k.ljust(width)} : {_cell(v)}")
+        return
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
+    click.echo("  ".join("-" * w for w in widths))
+    for r in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

@@ -1,0 +1,227 @@
+"""`replicad replication` (Enable/Set/Get/Measure/Suspend/Resume/Remove-VMReplication…)."""
+
+from __future__ import annotations
+
+import sys
+from urllib.parse import quote
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+from ..errors import ReplicadError
+from .common import api, bool_text, global_options, managed, show
+
+REPL_COLUMNS = ("vm", "mode", "state", "health", "frequency", "primary_server", "replica_server", "replica_port", "auth")
+MEASURE_COLUMNS = ("vm", "state", "health", "last_replication_time", "initial_replication_size", "average_size",
+                   "average_latency", "successful_count", "missed_count")
+RESULT_COLUMNS = ("vm", "kind", "seq", "bytes_sent", "data_bytes", "seconds", "consistency")
+
+
+def rpath(vm: str, verb: str = "") -> str:
+    return "/v1/replications/" + quote(vm, safe="") + (f"/{verb}" if verb else "")
+
+
+def _options(f):
+    opts = [
+        click.option("--replica-server", metavar="FQDN", help="The replica server's name."),
+        click.option("--replica-port", type=int, help="Its port (80 for token, 443 for certificate)."),
+        click.option("--auth", type=click.Choice(["token", "certificate"]), help="Authentication type."),
+        click.option("--frequency", type=int, metavar="SECONDS", help="Cycle frequency: 30, 300, 900 or any ≥ 1."),
+        click.option("--recovery-history", type=int, metavar="N", help="Additional recovery points (0-24)."),
+        click.option("--recovery-point-interval", type=int, metavar="SECONDS"),
+        click.option("--compression", metavar="true|false", help="zstd compression (default true)."),
+        click.option("--bandwidth-limit", metavar="RATE", help="e.g. 40MB, 512KB, 300Mbit; plain numbers are bytes."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _body(**kw) -> dict:
+    kw["compression"] = bool_text(kw.get("compression"), "--compression")
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def wait_with_progress(lines, label: str) -> dict:
+    """Follow an NDJSON operation; a progress bar on stderr when it is a terminal."""
+    console = Console(stderr=True)
+    bar = None
+    task = None
+    try:
+        for line in lines:
+            if "progress" in line:
+                p = line["progress"]
+                if console.is_terminal and bar is None:
+                    bar = Progress(TextColumn(f"[bold]{label}[/] {{task.description}}"), BarColumn(), DownloadColumn(),
+                                   TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=False)
+                    bar.start()
+                    task = bar.add_task(f"cycle {p['seq']}", total=max(p["total"], 1))
+                if bar is not None:
+                    bar.update(task, total=max(p["total"], 1), completed=p["scanned"],
+                               description=f"cycle {p['seq']} ({p['sent']:,} bytes sent)")
+            elif "error" in line:
+                raise ReplicadError(line["error"])
+            elif "result" in line:
+                if bar is not None:
+                    bar.update(task, completed=bar.tasks[0].total)
+                return line["result"]
+    finally:
+        if bar is not None:
+            bar.stop()
+    raise ReplicadError("the daemon closed the connection before the operation finished")
+
+
+@click.group("replication")
+@global_options
+def replication():
+    """Replication of VMs between this host and a replica server."""
+
+
+@replication.command("enable")
+@click.argument("vm")
+@_options
+@managed
+def enable(vm, **kw):
+    """Enable replication of a VM to a replica server (state ReadyForInitialReplication).
+
+    \b
+    Example (the article's contoso2, every 5 minutes):
+      replicad replication enable contoso2 --replica-server vmhost1.contoso.com --frequency 300
+    """
+    show(api().call("POST", rpath(vm), _body(**kw)), REPL_COLUMNS)
+
+
+@replication.command("set")
+@click.argument("vm")
+@_options
+@managed
+def set_(vm, **kw):
+    """Change a VM's replication settings."""
+    show(api().call("PATCH", rpath(vm), _body(**kw)), REPL_COLUMNS)
+
+
+@replication.command("get")
+@click.argument("vm", required=False)
+@managed
+def get(vm):
+    """Show replication settings and state (all VMs without an argument)."""
+    show(api().call("GET", rpath(vm) if vm else "/v1/replications"), REPL_COLUMNS)
+
+
+@replication.command("start-initial")
+@click.argument("vm")
+@click.option("--at", metavar="ISO8601", help="Start at this time instead of now.")
+@click.option("--export", metavar="DIR", help="Write the initial copy to a folder (media) instead of the network.")
+@click.option("--wait", is_flag=True, help="Show progress and return when the copy is done.")
+@managed
+def start_initial(vm, at, export, wait):
+    """Start initial replication (sparse-aware: holes and zero blocks are not sent)."""
+    body = {k: v for k, v in {"at": at, "export": export, "wait": wait}.items() if v}
+    if wait and not at:
+        show(wait_with_progress(api().stream("POST", rpath(vm, "start-initial"), body), vm), RESULT_COLUMNS)
+    else:
+        show(api().call("POST", rpath(vm, "start-initial"), body), REPL_COLUMNS)
+
+
+@replication.command("import-initial")
+@click.argument("vm")
+@click.option("--path", required=True, metavar="DIR")
+@managed
+def import_initial(vm, path):
+    """Load an initial copy shipped on media (on the replica)."""
+    raise ReplicadError("out-of-band initial replication (import-initial) is not available in this version yet")
+
+
+@replication.command("sync")
+@click.argument("vm")
+@click.option("--wait", is_flag=True, help="Show progress and return when the cycle is acknowledged.")
+@managed
+def sync(vm, wait):
+    """Run a replication cycle now instead of at the next tick."""
+    if wait:
+        show(wait_with_progress(api().stream("POST", rpath(vm, "sync"), {"wait": True}), vm), RESULT_COLUMNS)
+    else:
+        show(api().call("POST", rpath(vm, "sync"), {}), REPL_COLUMNS)
+
+
+@replication.command("measure")
+@click.argument("vm")
+@managed
+def measure(vm):
+    """Statistics and health of the current monitoring interval (Measure-VMReplication)."""
+    show(api().call("GET", rpath(vm, "measure")), MEASURE_COLUMNS)
+
+
+@replication.command("reset-stats")
+@click.argument("vm")
+@managed
+def reset_stats(vm):
+    """Start a new monitoring interval (a Warning from missed cycles clears)."""
+    show(api().call("POST", rpath(vm, "reset-stats")), MEASURE_COLUMNS)
+
+
+@replication.command("suspend")
+@click.argument("vm")
+@managed
+def suspend(vm):
+    """Pause replication (changes keep being tracked)."""
+    show(api().call("POST", rpath(vm, "suspend")), REPL_COLUMNS)
+
+
+@replication.command("resume")
+@click.argument("vm")
+@managed
+def resume(vm):
+    """Resume replication; the merged changes ship in one cycle."""
+    show(api().call("POST", rpath(vm, "resume")), REPL_COLUMNS)
+
+
+@replication.command("resync")
+@click.argument("vm")
+@managed
+def resync(vm):
+    """Compare both copies block by block and ship what differs."""
+    raise ReplicadError("resynchronization is not available in this version yet")
+
+
+@replication.command("reverse")
+@click.argument("vm")
+@managed
+def reverse(vm):
+    """Swap the roles after a planned failover (Set-VMReplication -Reverse)."""
+    raise ReplicadError("reverse replication is not available in this version yet")
+
+
+@replication.command("remove")
+@click.argument("vm")
+@managed
+def remove(vm):
+    """Remove replication of a VM on this host (the VM and its files stay)."""
+    show(api().call("DELETE", rpath(vm)))
+
+
+@replication.command("recovery-points")
+@click.argument("vm")
+@managed
+def recovery_points(vm):
+    """List a replica VM's recovery points."""
+    raise ReplicadError("recovery points beyond the latest are not available in this version yet")
+
+
+@replication.command("test-connection")
+@click.option("--replica-server", required=True, metavar="FQDN")
+@click.option("--replica-port", type=int)
+@click.option("--auth", type=click.Choice(["token", "certificate"]), default="token")
+@managed
+def test_connection(replica_server, replica_port, auth):
+    """Check that a replica server answers, authenticates us, and would authorize us."""
+    if auth == "certificate":
+        raise ReplicadError("certificate authentication is not available in this version yet")
+    body = {"replica_server": replica_server}
+    if replica_port:
+        body["replica_port"] = replica_port
+    doc = api().call("POST", "/v1/test-connection", body)
+    show(doc, ("replica_server", "replica_port", "principal", "authorized", "trust_group", "reason"))
+    if not doc.get("authorized"):
+        sys.exit(1)

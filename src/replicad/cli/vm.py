@@ -1,0 +1,90 @@
+"""`replicad vm` (Get-VM, Start-VM, Stop-VM)."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+import click
+
+from .common import abs_path, api, global_options, managed, show
+
+VM_COLUMNS = ("name", "state", "replication_mode", "replication_state", "replication_health")
+
+
+def vm_path(name: str) -> str:
+    return "/v1/vms/" + quote(name, safe="")
+
+
+@click.group("vm")
+@global_options
+def vm():
+    """VMs on this host: named sets of disk images."""
+
+
+@vm.command("add")
+@click.argument("name")
+@click.option("--disk", "disks", multiple=True, required=True, metavar="PATH", help="A disk image (repeatable).")
+@click.option("--config-file", metavar="PATH", help="The VM's configuration file (e.g. libvirt XML).")
+@managed
+def vm_add(name, disks, config_file):
+    """Register a VM on this host.
+
+    \b
+    Example:
+      replicad vm add contoso2 --disk /var/lib/libvirt/images/contoso2.img
+    """
+    show(api().call("POST", "/v1/vms", {"name": name, "disks": [abs_path(d) for d in disks],
+                                        "config_file": abs_path(config_file)}), VM_COLUMNS)
+
+
+@vm.command("list")
+@managed
+def vm_list():
+    """List VMs (on a replica: replica VMs with the local paths of their copies)."""
+    show(api().call("GET", "/v1/vms"), VM_COLUMNS)
+
+
+@vm.command("get")
+@click.argument("name")
+@managed
+def vm_get(name):
+    """Show one VM."""
+    show(api().call("GET", vm_path(name)), VM_COLUMNS)
+
+
+@vm.command("set")
+@click.argument("name")
+@click.option("--on-start", metavar="CMD", help="Command `vm start` runs (e.g. virsh start).")
+@click.option("--on-stop", metavar="CMD", help="Command `vm stop` runs.")
+@click.option("--pre-snapshot", metavar="CMD", help="Freeze command before a capture.")
+@click.option("--post-snapshot", metavar="CMD", help="Thaw command after a capture (always runs).")
+@managed
+def vm_set(name, on_start, on_stop, pre_snapshot, post_snapshot):
+    """Set a VM's host-local hooks ('' removes one)."""
+    body = {k: v for k, v in {"on_start": on_start, "on_stop": on_stop, "pre_snapshot": pre_snapshot,
+                              "post_snapshot": post_snapshot}.items() if v is not None}
+    show(api().call("PATCH", vm_path(name), body), VM_COLUMNS)
+
+
+@vm.command("start")
+@click.argument("name")
+@managed
+def vm_start(name):
+    """Run the VM's on-start hook and mark it Running (refused for a replica VM)."""
+    show(api().call("POST", vm_path(name) + "/start"), VM_COLUMNS)
+
+
+@vm.command("stop")
+@click.argument("name")
+@managed
+def vm_stop(name):
+    """Run the VM's on-stop hook and mark it Off."""
+    show(api().call("POST", vm_path(name) + "/stop"), VM_COLUMNS)
+
+
+@vm.command("remove")
+@click.argument("name")
+@managed
+def vm_remove(name):
+    """Forget a VM (on a replica host this deletes the replica copy)."""
+    show(api().call("DELETE", vm_path(name)))

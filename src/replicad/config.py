@@ -1,0 +1,253 @@
+"""The host bootstrap config (SPEC §2): typed, frozen, strictly loaded.
+
+Every error names its YAML path; all errors are collected and reported at once.
+Relative paths are resolved against the config file's folder."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .model import valid_fqdn
+
+DEFAULT_PATH = "/etc/replicad/replicad.yaml"
+
+
+@dataclass(frozen=True)
+class TokenListener:
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class TlsListener:
+    address: str
+    port: int
+    cert: Path
+    key: Path
+    ca: Path
+
+
+@dataclass(frozen=True)
+class MetricsListener:
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Listen:
+    token: TokenListener | None = None
+    tls: TlsListener | None = None
+    metrics: MetricsListener | None = None
+
+
+@dataclass(frozen=True)
+class Realm:
+    credential: Path
+    public_key: Path
+
+
+@dataclass(frozen=True)
+class Management:
+    socket: Path
+    admins: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Log:
+    format: str = "console"
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str
+    state_dir: Path
+    listen: Listen
+    management: Management
+    realm: Realm | None = None
+    resolve: dict[str, str] = field(default_factory=dict)
+    log: Log = Log()
+    path: Path | None = None
+
+
+class _Reader:
+    """Walks the YAML tree, recording every error with its path instead of stopping."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.errors: list[str] = []
+
+    def err(self, path: str, msg: str) -> None:
+        self.errors.append(f"{path}: {msg}")
+
+    def mapping(self, node: Any, path: str, allowed: set[str], required: set[str] = frozenset()) -> dict:
+        if not isinstance(node, dict):
+            self.err(path, f"expected a mapping, got {_kind(node)}")
+            return {}
+        for key in node:
+            if not isinstance(key, str) or key not in allowed:
+                self.err(f"{path}.{key}" if path else str(key), "unknown key")
+        for key in sorted(required - set(node)):
+            self.err(f"{path}.{key}" if path else key, "required key is missing")
+        return node
+
+    def string(self, node: dict, key: str, path: str, default: Any = None) -> Any:
+        if key not in node:
+            return default
+        value = node[key]
+        if not isinstance(value, str) or not value:
+            self.err(_join(path, key), f"expected a non-empty string, got {_kind(value)}")
+            return default
+        return value
+
+    def fspath(self, node: dict, key: str, path: str, default: Any = None) -> Path | None:
+        value = self.string(node, key, path)
+        if value is None:
+            return default
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else (self.base / p)
+
+    def port(self, node: dict, key: str, path: str, default: int | None = None) -> int | None:
+        if key not in node:
+            return default
+        value = node[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+            self.err(_join(path, key), f"expected a port number 1-65535, got {value!r}")
+            return default
+        return value
+
+    def address(self, node: dict, key: str, path: str, default: str) -> str:
+        value = self.string(node, key, path, default)
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            self.err(_join(path, key), f"expected an IP address, got {value!r}")
+        return value
+
+    def readable(self, p: Path | None, path: str) -> None:
+        if p is not None and not os.access(p, os.R_OK):
+            self.err(path, f"cannot read {p}")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number", type(None): "nothing"}.get(type(value), type(value).__name__)
+
+
+def load(path: str | os.PathLike | None = None, *, check_files: bool = True) -> Config:
+    """Load and validate a config file. Raises ConfigError listing every problem."""
+    path = Path(path or os.environ.get("REPLICAD_CONFIG") or DEFAULT_PATH)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    return parse(doc, base=path.resolve().parent, source=path, check_files=check_files)
+
+
+def parse(doc: Any, *, base: Path, source: Path | None = None, check_files: bool = True) -> Config:
+    r = _Reader(base)
+    top = r.mapping(doc, "", {"host", "state_dir", "listen", "realm", "management", "resolve", "log"},
+                    {"host", "state_dir", "management"})
+    host = r.string(top, "host", "")
+    if host is not None and not valid_fqdn(host):
+        r.err("host", f"not a valid host name: {host!r}")
+    state_dir = r.fspath(top, "state_dir", "")
+
+    listen = Listen()
+    if "listen" in top:
+        ln = r.mapping(top["listen"], "listen", {"token", "tls", "metrics"})
+        token = tls = metrics = None
+        if "token" in ln:
+            t = r.mapping(ln["token"], "listen.token", {"address", "port"})
+            token = TokenListener(r.address(t, "address", "listen.token", "0.0.0.0"),
+                                  r.port(t, "port", "listen.token", 80))
+        if "tls" in ln:
+            t = r.mapping(ln["tls"], "listen.tls", {"address", "port", "cert", "key", "ca"},
+                          {"cert", "key", "ca"})
+            tls = TlsListener(r.address(t, "address", "listen.tls", "0.0.0.0"),
+                              r.port(t, "port", "listen.tls", 443),
+                              r.fspath(t, "cert", "listen.tls"), r.fspath(t, "key", "listen.tls"),
+                              r.fspath(t, "ca", "listen.tls"))
+            if check_files:
+                for k in ("cert", "key", "ca"):
+                    r.readable(getattr(tls, k), f"listen.tls.{k}")
+        if "metrics" in ln:
+            t = r.mapping(ln["metrics"], "listen.metrics", {"address", "port"})
+            metrics = MetricsListener(r.address(t, "address", "listen.metrics", "127.0.0.1"),
+                                      r.port(t, "port", "listen.metrics", 9180))
+        listen = Listen(token, tls, metrics)
+
+    realm = None
+    if "realm" in top:
+        rl = r.mapping(top["realm"], "realm", {"credential", "public_key"}, {"credential", "public_key"})
+        realm = Realm(r.fspath(rl, "credential", "realm"), r.fspath(rl, "public_key", "realm"))
+        if check_files:
+            r.readable(realm.credential, "realm.credential")
+            r.readable(realm.public_key, "realm.public_key")
+    if listen.token is not None and "realm" not in top:
+        r.err("realm", "required when listen.token is set (token auth needs a realm credential)")
+
+    mg = r.mapping(top.get("management", {}), "management", {"socket", "admins"})
+    admins: tuple[str, ...] = ()
+    if "admins" in mg:
+        if not isinstance(mg["admins"], list) or not all(isinstance(a, str) and valid_fqdn(a) for a in mg["admins"]):
+            r.err("management.admins", "expected a list of host names")
+        else:
+            admins = tuple(a.lower() for a in mg["admins"])
+    sock = r.fspath(mg, "socket", "management", None)
+    if sock is None and state_dir is not None:
+        sock = state_dir / "replicad.sock"
+    management = Management(sock, admins)
+
+    resolve: dict[str, str] = {}
+    if "resolve" in top:
+        rs = top["resolve"]
+        if not isinstance(rs, dict):
+            r.err("resolve", f"expected a mapping, got {_kind(rs)}")
+        else:
+            for name, addr in rs.items():
+                if not isinstance(name, str) or not valid_fqdn(name):
+                    r.err(f"resolve.{name}", "not a valid host name")
+                    continue
+                try:
+                    ipaddress.ip_address(addr)
+                except (ValueError, TypeError):
+                    r.err(f"resolve.{name}", f"expected an IP address, got {addr!r}")
+                    continue
+                resolve[name.lower()] = str(addr)
+
+    log = Log()
+    if "log" in top:
+        lg = r.mapping(top["log"], "log", {"format", "level"})
+        fmt = r.string(lg, "format", "log", "console")
+        level = r.string(lg, "level", "log", "info")
+        if fmt not in ("json", "console"):
+            r.err("log.format", f"expected json or console, got {fmt!r}")
+        if level not in ("debug", "info", "warning", "error"):
+            r.err("log.level", f"expected debug, info, warning or error, got {level!r}")
+        log = Log(fmt, level)
+
+    if r.errors:
+        prefix = f"{source}: " if source else ""
+        raise ConfigError("\n".join(prefix + e for e in r.errors))
+    return Config(host=host.lower(), state_dir=state_dir, listen=listen, management=management,
+                  realm=realm, resolve=resolve, log=log, path=source)

@@ -1,0 +1,132 @@
+"""The daemon: the one place where config becomes objects; lifecycle and signals.
+
+Start: catalog → recover replica copies → listeners → supervisors. SIGTERM/SIGINT: stop
+accepting, cancel cycles (a half-sent log is dropped by the replica and sent again),
+drain within the timeout, exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import stat
+from pathlib import Path
+
+from aiohttp import web
+
+from . import __version__
+from . import log as logmod
+from .api.app import create_app
+from .api.context import Host
+from .auth.token import Credential, RealmPublic
+from .catalog import Catalog
+from .config import Config
+from .errors import ConfigError
+from .primary.engine import PrimaryEngine
+from .replica.service import ReplicaService
+from .transport.client import PeerClient
+from .transport.server import create_peer_app
+
+log = logmod.get("replicad.daemon")
+DRAIN_TIMEOUT = 5.0
+
+
+def fault_hook():
+    """Test-only crash points for the fault suite: REPLICAD_FAULT=<phase> makes the process
+    die (os._exit) at that phase. Read from the environment at start, never from the network."""
+    phase = os.environ.get("REPLICAD_FAULT", "")
+
+    def fault(at: str) -> None:
+        if phase and at == phase:
+            log.warning("fault.injected", phase=at)
+            os._exit(99)
+    return fault
+
+
+class Daemon:
+    def __init__(self, config: Config):
+        self.config = config
+        self._stop = asyncio.Event()
+        self._runners: list[web.AppRunner] = []
+
+    def _build(self) -> Host:
+        cfg = self.config
+        cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        credential = realm = None
+        if cfg.realm is not None:
+            credential = Credential.load(cfg.realm.credential)
+            realm = RealmPublic.load(cfg.realm.public_key)
+            if credential.host != cfg.host:
+                raise ConfigError(f"realm.credential: issued to {credential.host}, but host is {cfg.host}")
+            if credential.realm != realm.name:
+                raise ConfigError(f"realm.credential: from realm {credential.realm}, public key is {realm.name}")
+        self._realm = realm
+        catalog = Catalog(cfg.state_dir / "catalog.sqlite")
+        client = PeerClient(credential, cfg.resolve)
+        return Host(config=cfg, catalog=catalog, primary=PrimaryEngine(catalog, cfg.state_dir, client),
+                    replica=ReplicaService(catalog, cfg.state_dir, fault_hook()), client=client)
+
+    async def _serve_socket(self, app: web.Application) -> None:
+        sock = self.config.management.socket
+        sock.parent.mkdir(parents=True, exist_ok=True)
+        if sock.exists() or sock.is_symlink():
+            if not stat.S_ISSOCK(os.lstat(sock).st_mode):
+                raise ConfigError(f"management.socket: {sock} exists and is not a socket")
+            sock.unlink()
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=DRAIN_TIMEOUT)
+        await runner.setup()
+        old = os.umask(0o117)  # the socket is created 0660 at most
+        try:
+            await web.UnixSite(runner, str(sock)).start()
+        finally:
+            os.umask(old)
+        os.chmod(sock, 0o660)
+        self._runners.append(runner)
+
+    async def _serve_tcp(self, app: web.Application, address: str, port: int, what: str) -> None:
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=DRAIN_TIMEOUT)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, address, port, reuse_address=True).start()
+        except OSError as e:
+            await runner.cleanup()
+            raise ConfigError(f"listen.{what}: cannot listen on {address}:{port}: {e.strerror}") from None
+        self._runners.append(runner)
+
+    async def run(self) -> int:
+        host = self._build()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("daemon.reload", reason="SIGHUP: nothing to reload yet"))
+        try:
+            await host.replica.start()
+            await self._serve_socket(create_app(host))
+            token = self.config.listen.token
+            if token is not None:
+                await self._serve_tcp(create_peer_app(host.replica, self._realm, self.config.host),
+                                      token.address, token.port, "token")
+            await host.primary.start()
+            log.info("daemon.ready", host=self.config.host, version=__version__,
+                     socket=str(self.config.management.socket),
+                     token=f"{token.address}:{token.port}" if token else None)
+            await self._stop.wait()
+            log.info("daemon.stopping", reason="signal received: draining")
+        finally:
+            await host.primary.stop()
+            await host.replica.stop()
+            for r in reversed(self._runners):
+                await r.cleanup()
+            await host.client.close()
+            host.catalog.close()
+            try:
+                self.config.management.socket.unlink()
+            except OSError:
+                pass
+        log.info("daemon.stopped")
+        return 0
+
+
+def run(config: Config) -> int:
+    logmod.setup(config.log.format, config.log.level)
+    return asyncio.run(Daemon(config).run())

@@ -1,0 +1,92 @@
+"""One exception tree: every error carries its message, its CLI exit code, and whether
+retrying can help (transient) or an operator must act (permanent)."""
+
+from __future__ import annotations
+
+
+class ReplicadError(Exception):
+    """Base of every expected failure. ``str(e)`` is the one line an operator sees."""
+
+    exit_code = 1
+    transient = False
+    http_status = 400
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class ConfigError(ReplicadError):
+    """The configuration file is missing, unreadable or invalid."""
+
+    exit_code = 2
+
+
+class UsageError(ReplicadError):
+    exit_code = 2
+
+
+class NotFound(ReplicadError):
+    http_status = 404
+
+
+class Conflict(ReplicadError):
+    """The request does not fit the current state (e.g. enabling twice)."""
+
+    http_status = 409
+
+
+class Refused(ReplicadError):
+    """Authorization refused: the peer is authenticated but not allowed."""
+
+    http_status = 403
+
+
+class AuthenticationFailed(ReplicadError):
+    http_status = 401
+
+
+class DaemonUnreachable(ReplicadError):
+    exit_code = 3
+    transient = True
+
+
+class PeerUnreachable(ReplicadError):
+    """The replica server could not be reached (connection refused, timeout)."""
+
+    transient = True
+    http_status = 502
+
+
+class PeerError(ReplicadError):
+    """The peer answered with an error; ``transient`` follows its status."""
+
+    def __init__(self, message: str, *, status: int, transient: bool, code: str = ""):
+        super().__init__(message)
+        self.status = status
+        self.transient = transient
+        self.code = code
+
+
+class WireError(ReplicadError):
+    """A change log is malformed, truncated or corrupt. Nothing of it may be applied."""
+
+    transient = True
+    http_status = 400
+
+
+class ResyncRequired(ReplicadError):
+    """The replica cannot apply this log on top of its copy (gap, fork, lost baseline)."""
+
+    http_status = 409
+
+
+class StorageError(ReplicadError):
+    """Local storage failed (disk full, I/O error)."""
+
+    transient = True
+    http_status = 507

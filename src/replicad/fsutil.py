@@ -1,0 +1,70 @@
+"""Durable-write helpers: temp in the same folder → fsync → os.replace → fsync folder."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from pathlib import Path
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_rename(src: Path, dst: Path) -> None:
+    os.replace(src, dst)
+    fsync_dir(dst.parent)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    durable_rename(tmp, path)
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Make [offset, offset+length) read as zeros, freeing space where the filesystem can."""
+    if length <= 0:
+        return
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        raise OSError(err, os.strerror(err))
+    end = offset + length
+    while offset < end:
+        n = min(len(_ZEROS), end - offset)
+        os.pwrite(fd, _ZEROS[:n], offset)
+        offset += n
+
+
+def make_private_dir(path: Path) -> None:
+    """Create a storage folder (and parents) with owner-only permissions when missing."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -1,0 +1,50 @@
+"""Replication health (SPEC §3.4), computed from a relationship and its statistics.
+
+Pure function: the engine calls it whenever state or statistics change and logs every
+change with its reasons; ``replication get`` shows the reasons in ``health_reasons``."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from .model import Health, Relationship, ReplicationState as S
+
+LAG_WARNING = 3600  # seconds since the last successful cycle
+MISSED_WARNING = 0.20
+
+
+def _age(ts: str | None, now: datetime) -> float | None:
+    if not ts:
+        return None
+    return (now - datetime.fromisoformat(ts.replace("Z", "+00:00"))).total_seconds()
+
+
+def compute(rel: Relationship, now: datetime | None = None) -> tuple[Health, list[str]]:
+    now = now or datetime.now(timezone.utc)
+    critical, warning = [], []
+    primary = rel.role == "primary"
+    if rel.state == S.WAITING_FOR_RESYNC:
+        critical.append("resynchronization required")
+    if rel.state == S.SUSPENDED and not primary:
+        critical.append("replication is suspended on the replica")
+    if rel.error:
+        critical.append(rel.error)
+    if rel.state in (S.READY_FOR_INITIAL, S.WAITING_FOR_INITIAL, S.INITIAL_IN_PROGRESS):
+        warning.append("initial replication is not complete")
+    if rel.state in (S.FAILED_OVER_WAITING, S.FAILED_OVER):
+        warning.append("failed over; reverse replication not started")
+    if rel.state == S.SUSPENDED and primary:
+        warning.append("replication is suspended on the primary")
+    st = rel.stats
+    total = st.successful_count + st.missed_count
+    if total and st.missed_count / total > MISSED_WARNING:
+        warning.append(f"{st.missed_count} of {total} replication cycles missed (more than 20%)")
+    age = _age(rel.last_replication_time, now)
+    if rel.state in (S.REPLICATING, S.ERROR) and age is not None and age > LAG_WARNING:
+        side = "sent" if primary else "applied"
+        warning.append(f"no cycle {side} for {int(age // 60)} minutes (more than 1 hour)")
+    if critical:
+        return Health.CRITICAL, critical + warning
+    if warning:
+        return Health.WARNING, warning
+    return Health.NORMAL, []

@@ -1,0 +1,168 @@
+"""States, health and the records shared by the API, the CLI and the engine.
+
+Enum values are SPEC.md's names, serialised as-is everywhere."""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+
+
+class ReplicationState(str, Enum):
+    READY_FOR_INITIAL = "ReadyForInitialReplication"
+    WAITING_FOR_INITIAL = "WaitingForInitialReplication"
+    INITIAL_IN_PROGRESS = "InitialReplicationInProgress"
+    REPLICATING = "Replicating"
+    SUSPENDED = "Suspended"
+    ERROR = "Error"
+    WAITING_FOR_RESYNC = "WaitingForStartResynchronize"
+    RESYNCHRONIZING = "Resynchronizing"
+    PREPARED_FOR_FAILOVER = "PreparedForFailover"
+    FAILED_OVER_WAITING = "FailedOverWaitingCompletion"
+    FAILED_OVER = "FailedOver"
+    NOT_APPLICABLE = "NotApplicable"
+
+
+class Health(str, Enum):
+    NORMAL = "Normal"
+    WARNING = "Warning"
+    CRITICAL = "Critical"
+    NOT_APPLICABLE = "NotApplicable"
+
+
+class ReplicationMode(str, Enum):
+    NONE = "None"
+    PRIMARY = "Primary"
+    REPLICA = "Replica"
+    TEST_REPLICA = "TestReplica"
+    EXTENDED_REPLICA = "ExtendedReplica"
+
+
+class VMState(str, Enum):
+    RUNNING = "Running"
+    OFF = "Off"
+
+
+class AuthType(str, Enum):
+    TOKEN = "token"
+    CERTIFICATE = "certificate"
+    BOTH = "both"
+
+
+class Consistency(str, Enum):
+    CRASH = "crash"
+    APPLICATION = "application"
+    FUZZY = "fuzzy"
+
+
+VM_NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
+# Disk file names as they travel on the wire: a plain file name, never a path.
+DISK_NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+FQDN_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def valid_vm_name(name: str) -> bool:
+    return bool(VM_NAME_RE.match(name))
+
+
+def valid_disk_name(name: str) -> bool:
+    return bool(DISK_NAME_RE.match(name))
+
+
+def valid_fqdn(name: str) -> bool:
+    return bool(FQDN_RE.match(name))
+
+
+# --- records persisted in the catalog and served by the API -------------------------------
+
+from dataclasses import asdict, dataclass, field, fields  # noqa: E402
+
+
+def _from_dict(cls, doc: dict):
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in doc.items() if k in names})
+
+
+@dataclass
+class Disk:
+    path: str
+    size: int = 0
+    format: str = "raw"
+
+
+@dataclass
+class VM:
+    id: str
+    name: str
+    mode: ReplicationMode = ReplicationMode.NONE
+    state: VMState = VMState.OFF
+    disks: list[Disk] = field(default_factory=list)
+    config_file: str | None = None
+    hooks: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["mode"], d["state"] = self.mode.value, self.state.value
+        return d
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "VM":
+        vm = _from_dict(cls, doc)
+        vm.mode, vm.state = ReplicationMode(vm.mode), VMState(vm.state)
+        vm.disks = [_from_dict(Disk, d) for d in vm.disks]
+        return vm
+
+
+@dataclass
+class Stats:
+    """Statistics of the current monitoring interval (reset by reset-stats)."""
+
+    monitoring_start: str = ""
+    successful_count: int = 0
+    missed_count: int = 0
+    errors: int = 0
+    delta_count: int = 0
+    delta_bytes: int = 0
+    maximum_size: int = 0
+    latency_total: float = 0.0
+    maximum_latency: float = 0.0
+    initial_replication_size: int = 0
+
+
+@dataclass
+class Relationship:
+    """One VM's replication, seen from this host (role primary or replica)."""
+
+    vm_id: str
+    role: str  # "primary" | "replica"
+    state: ReplicationState = ReplicationState.READY_FOR_INITIAL
+    primary_server: str = ""
+    replica_server: str = ""
+    replica_port: int = 80
+    auth: str = "token"
+    frequency: int = 300
+    recovery_history: int = 0
+    recovery_point_interval: int = 3600
+    compression: bool = True
+    bandwidth_limit: int = 0  # bytes per second, 0 = none
+    epoch: str = ""
+    seq: int = 0            # primary: acknowledged by the replica; replica: staged and acked
+    applied_seq: int = 0    # replica: committed into the copy
+    trust_group: str = ""
+    storage: str = ""
+    error: str | None = None
+    last_replication_time: str | None = None
+    start_at: str | None = None
+    stats: Stats = field(default_factory=Stats)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["state"] = self.state.value
+        return d
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "Relationship":
+        rel = _from_dict(cls, doc)
+        rel.state = ReplicationState(rel.state)
+        rel.stats = _from_dict(Stats, rel.stats) if isinstance(rel.stats, dict) else Stats()
+        return rel

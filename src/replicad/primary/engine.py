@@ -1,0 +1,250 @@
+"""The primary role: one supervisor task per replicated VM.
+
+Each task waits for its next tick (``frequency``) or an explicit request (``sync``,
+``start-initial``), runs a cycle, and records the outcome. Errors are sorted as zrepl does:
+transient ones (peer unreachable, 5xx) retry with capped backoff; permanent ones (refused,
+resync needed) set the state and wait for the operator. An unexpected exception marks the
+VM ``Error`` with its reason and retries: the loop never dies, other VMs never notice."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .. import log as logmod
+from ..catalog import Catalog, utcnow
+from ..errors import PeerError, ReplicadError, ResyncRequired
+from ..health import compute as compute_health
+from ..model import Relationship, ReplicationState as S
+from ..transport.client import PeerClient
+from .baseline import Baselines
+from .producer import CycleProducer, Progress, stream_batches
+
+log = logmod.get("replicad.primary")
+BACKOFF_START, BACKOFF_MAX = 1.0, 60.0
+RUNNING_STATES = {S.WAITING_FOR_INITIAL, S.INITIAL_IN_PROGRESS, S.REPLICATING, S.ERROR}
+
+
+class CycleOutcome(dict):
+    """What a finished cycle reports to ``--wait`` callers (JSON-serialisable)."""
+
+
+class PrimaryEngine:
+    def __init__(self, catalog: Catalog, state_dir: Path, client: PeerClient):
+        self.catalog = catalog
+        self.state_dir = state_dir
+        self.client = client
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._wake: dict[str, asyncio.Event] = {}
+        self._waiters: dict[str, list[asyncio.Future]] = {}
+        self.progress: dict[str, Progress] = {}
+        self._health: dict[str, str] = {}
+
+    async def start(self) -> None:
+        for rel in self.catalog.relationships():
+            if rel.role == "primary":
+                Baselines(self.state_dir, rel.vm_id).drop_unsealed()
+                self.ensure(rel.vm_id)
+                log.info("relationship.resumed", vm=rel.vm_id, state=rel.state.value,
+                         reason="restored from the catalog at start")
+
+    async def stop(self) -> None:
+        for t in self._tasks.values():
+            t.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        self._tasks.clear()
+
+    def ensure(self, vm_id: str) -> None:
+        if vm_id not in self._tasks or self._tasks[vm_id].done():
+            self._wake.setdefault(vm_id, asyncio.Event())
+            self._tasks[vm_id] = asyncio.create_task(self._supervise(vm_id), name=f"primary:{vm_id}")
+
+    def forget(self, vm_id: str) -> None:
+        task = self._tasks.pop(vm_id, None)
+        if task:
+            task.cancel()
+        for fut in self._waiters.pop(vm_id, []):
+            if not fut.done():
+                fut.set_exception(ReplicadError("replication was removed"))
+
+    def kick(self, vm_id: str) -> None:
+        self.ensure(vm_id)
+        self._wake[vm_id].set()
+
+    def request_cycle(self, vm_id: str) -> asyncio.Future:
+        """A future resolved by the next cycle that *starts* after this call."""
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(vm_id, []).append(fut)
+        self.kick(vm_id)
+        return fut
+
+    # the loop -------------------------------------------------------------------------------
+    def _save(self, rel: Relationship) -> None:
+        self.catalog.put_relationship(rel)
+        health, reasons = compute_health(rel)
+        if self._health.get(rel.vm_id) != health.value:
+            if rel.vm_id in self._health or health.value != "Normal":
+                log.warning("health.changed", vm=rel.vm_id, health=health.value, reason="; ".join(reasons) or "ok")
+            self._health[rel.vm_id] = health.value
+
+    async def _sleep_until(self, vm_id: str, deadline: float | None) -> None:
+        wake = self._wake[vm_id]
+        try:
+            if deadline is None:
+                await wake.wait()
+            else:
+                await asyncio.wait_for(wake.wait(), timeout=max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            pass
+        wake.clear()
+
+    async def _supervise(self, vm_id: str) -> None:
+        backoff = BACKOFF_START
+        last_start: float | None = None
+        while True:
+            rel = self.catalog.relationship(vm_id)
+            if rel is None or rel.role != "primary":
+                return
+            has_waiters = bool(self._waiters.get(vm_id))
+            if rel.state not in RUNNING_STATES:
+                self._fail_waiters(vm_id, ReplicadError(f"replication of this VM is {rel.state.value}"))
+                await self._sleep_until(vm_id, None)
+                continue
+            if rel.state == S.WAITING_FOR_INITIAL and not has_waiters:
+                due = _seconds_until(rel.start_at)
+                if due > 0:
+                    await self._sleep_until(vm_id, time.monotonic() + due)
+                    continue
+            elif rel.state in (S.REPLICATING, S.ERROR) and not has_waiters and last_start is not None:
+                wait = rel.frequency if rel.error is None else min(backoff, rel.frequency)
+                deadline = last_start + wait
+                if time.monotonic() < deadline:
+                    await self._sleep_until(vm_id, deadline)
+                    continue
+            self._wake[vm_id].clear()
+            waiters, self._waiters[vm_id] = self._waiters.get(vm_id, []), []
+            last_start = time.monotonic()
+            try:
+                outcome = await self._cycle(vm_id)
+            except asyncio.CancelledError:
+                self._fail_waiters(vm_id, ReplicadError("the daemon is shutting down"), waiters)
+                raise
+            except Exception as e:  # noqa: BLE001 — sorted and recorded in _failed
+                self._failed(vm_id, e, time.monotonic() - last_start)
+                self._fail_waiters(vm_id, e, waiters)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            backoff = BACKOFF_START
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(outcome)
+
+    def _fail_waiters(self, vm_id: str, exc: BaseException, waiters: list | None = None) -> None:
+        if waiters is None:
+            waiters, self._waiters[vm_id] = self._waiters.get(vm_id, []), []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_exception(exc if isinstance(exc, ReplicadError) else ReplicadError(str(exc)))
+
+    def _failed(self, vm_id: str, e: Exception, seconds: float) -> None:
+        rel = self.catalog.relationship(vm_id)
+        if rel is None:
+            return
+        rel.stats.errors += 1
+        if rel.seq > 0:
+            rel.stats.missed_count += 1
+        if isinstance(e, ResyncRequired) or (isinstance(e, PeerError) and e.code == "resync"):
+            rel.state = S.WAITING_FOR_RESYNC
+            rel.error = f"resynchronization required: {e}"
+            log.error("cycle.resync_required", vm=vm_id, reason=str(e))
+        elif isinstance(e, ReplicadError):
+            rel.error = str(e)
+            if not e.transient:
+                rel.state = S.ERROR
+            log.error("cycle.failed", vm=vm_id, reason=str(e), transient=e.transient, seconds=round(seconds, 3))
+        else:
+            rel.error = f"internal error: {type(e).__name__}: {e}"
+            rel.state = S.ERROR
+            log.exception("cycle.crashed", vm=vm_id, reason=rel.error)
+        self._save(rel)
+
+    # one cycle ------------------------------------------------------------------------------
+    async def _reconcile_pending(self, rel: Relationship, baselines: Baselines) -> Relationship:
+        """A sealed cycle above the baseline: ask the replica whether it acknowledged it."""
+        pending = [s for s in baselines.sealed() if s > rel.seq]
+        if not pending:
+            return rel
+        st = await self.client.replica_status(rel.replica_server, rel.replica_port, rel.vm_id)
+        top = pending[-1]
+        if st.get("exists") and st.get("epoch") == rel.epoch and st.get("acked_seq") == top:
+            log.info("baseline.promoted", vm=rel.vm_id, seq=top,
+                     reason="the replica acknowledged this cycle before the primary could record it")
+            rel.seq = top
+            self._save(rel)
+        baselines.keep_only(rel.seq)
+        return rel
+
+    async def _cycle(self, vm_id: str) -> CycleOutcome:
+        rel = self.catalog.relationship(vm_id)
+        vm = self.catalog.vm_by_id(vm_id)
+        baselines = Baselines(self.state_dir, vm_id)
+        initial = rel.seq == 0
+        if initial:
+            rel.epoch = secrets.token_hex(8)
+            rel.state = S.INITIAL_IN_PROGRESS
+            self._save(rel)
+            baselines.drop_all()
+        else:
+            rel = await self._reconcile_pending(rel, baselines)
+        seq = rel.seq + 1
+        kind = "initial" if initial else "delta"
+        progress = Progress(kind=kind, seq=seq, changed=asyncio.Event())
+        self.progress[vm_id] = progress
+        producer = CycleProducer(vm, baselines, seq=seq, base_seq=rel.seq, epoch=rel.epoch, kind=kind,
+                                 time=utcnow(), compress=rel.compression, progress=progress)
+        bound = log.bind(vm=vm.name, peer=rel.replica_server, cycle=seq)
+        t0 = time.monotonic()
+        try:
+            ack = await self.client.push_log(rel.replica_server, rel.replica_port, vm_id, seq,
+                                             stream_batches(producer, bandwidth_limit=rel.bandwidth_limit))
+        finally:
+            progress.done = True
+            progress.changed.set()
+        if ack.get("acked_seq") != seq:
+            raise ReplicadError(f"replica acknowledged {ack.get('acked_seq')!r}, expected {seq}")
+        seconds = time.monotonic() - t0
+        # the replica holds log `seq` durably: now, and only now, the baseline advances
+        rel = self.catalog.relationship(vm_id)
+        rel.seq = seq
+        rel.error = None
+        rel.last_replication_time = utcnow()
+        if rel.state in (S.INITIAL_IN_PROGRESS, S.ERROR, S.WAITING_FOR_INITIAL):
+            rel.state = S.REPLICATING
+        st = rel.stats
+        st.successful_count += 1
+        if initial:
+            st.initial_replication_size = progress.sent
+        else:
+            st.delta_count += 1
+            st.delta_bytes += progress.sent
+            st.maximum_size = max(st.maximum_size, progress.sent)
+            st.latency_total += seconds
+            st.maximum_latency = max(st.maximum_latency, seconds)
+            st.missed_count += int(seconds // rel.frequency)  # ticks that passed while this cycle ran
+        self._save(rel)
+        baselines.keep_only(seq)
+        outcome = CycleOutcome(vm=vm.name, seq=seq, kind=kind, bytes_sent=progress.sent,
+                               data_bytes=producer.data_bytes, seconds=round(seconds, 3),
+                               consistency="fuzzy" if producer.fuzzy else "crash")
+        bound.info("cycle.done", kind=kind, bytes=progress.sent, data_bytes=producer.data_bytes,
+                   seconds=round(seconds, 3), fuzzy=producer.fuzzy)
+        return outcome
+
+
+def _seconds_until(ts: str | None) -> float:
+    if not ts:
+        return 0.0
+    return (datetime.fromisoformat(ts.replace("Z", "+00:00")) - datetime.now(timezone.utc)).total_seconds()

@@ -1,0 +1,134 @@
+"""Builds one cycle's change log from the disks: scan → encode → byte batches.
+
+``batches()`` is a plain generator run step by step in worker threads (see
+``stream_batches``), so reading, hashing and compressing never block the event loop and
+memory stays at one read chunk plus one output batch."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ReplicadError, ResyncRequired
+from ..model import VM, Consistency
+from ..tracking.digestmap import DigestMapReader
+from ..tracking.scan import DataChange, DiskScan, Resize, ZeroChange
+from ..wire import DiskInfo, Header, LogEncoder
+from .baseline import Baselines
+
+BATCH = 1 << 20
+
+
+@dataclass
+class Progress:
+    """What a cycle has done so far; read by ``--wait`` progress bars."""
+
+    kind: str = ""
+    seq: int = 0
+    total: int = 0      # bytes of disk to examine
+    scanned: int = 0    # bytes of disk examined
+    sent: int = 0       # log bytes handed to the transport
+    done: bool = False
+    changed: asyncio.Event | None = field(default=None, repr=False)
+
+
+class CycleProducer:
+    def __init__(self, vm: VM, baselines: Baselines, *, seq: int, base_seq: int, epoch: str,
+                 kind: str, time: str, compress: bool, progress: Progress):
+        self.vm, self.baselines = vm, baselines
+        self.seq, self.base_seq, self.epoch, self.kind, self.time = seq, base_seq, epoch, kind, time
+        self.compress = compress
+        self.progress = progress
+        self.fuzzy = False
+        self.data_bytes = 0
+        self._readers: list[DigestMapReader | None] = []
+
+    def _open(self) -> tuple[list[DiskScan], Header]:
+        paths = [Path(d.path) for d in self.vm.disks]
+        if self.kind == "initial":
+            self._readers = [None] * len(paths)
+        else:
+            readers = self.baselines.readers(self.base_seq, len(paths))
+            if readers is None:
+                raise ResyncRequired(f"the digest maps of acknowledged cycle {self.base_seq} are missing",
+                                     hint="run `replicad replication resync`")
+            self._readers = readers
+        tmp = self.baselines.begin(self.seq)
+        scans = [DiskScan(p, r, tmp / Baselines.map_name(i)) for i, (p, r) in enumerate(zip(paths, self._readers))]
+        try:
+            idents = [s.open() for s in scans]
+        except OSError as e:
+            for s in scans:
+                s.close()
+            raise ReplicadError(f"cannot open disk {e.filename}: {e.strerror}") from None
+        self.progress.total = sum(
+            i.size for s, i in zip(scans, idents) if not (s.old is not None and s.old.identity == i))
+        header = Header(self.vm.id, self.vm.name, self.epoch, self.seq, self.base_seq, self.kind, self.time,
+                        Consistency.CRASH.value,
+                        tuple(DiskInfo(i, p.name, ident.size) for i, (p, ident) in enumerate(zip(paths, idents))))
+        return scans, header
+
+    def batches(self) -> Iterator[bytes]:
+        scans, header = self._open()
+        try:
+            enc = LogEncoder(header, compress=self.compress)
+            out = bytearray(enc.start())
+            for i, scan in enumerate(scans):
+                last = 0
+                for ch in scan.changes():
+                    if isinstance(ch, DataChange):
+                        out += enc.data(i, ch.offset, ch.data)
+                    elif isinstance(ch, ZeroChange):
+                        out += enc.zero(i, ch.offset, ch.length)
+                    elif isinstance(ch, Resize):
+                        out += enc.resize(i, ch.size)
+                    if len(out) >= BATCH:
+                        self.progress.scanned += scan.read_bytes - last
+                        last = scan.read_bytes
+                        yield bytes(out)
+                        out.clear()
+                self.progress.scanned += scan.read_bytes - last
+                self.fuzzy |= scan.fuzzy
+            self.data_bytes = enc.data_bytes
+            # the maps become durable before the trailer can be acknowledged (baseline.py)
+            self.baselines.seal(self.seq)
+            out += enc.finish()
+            yield bytes(out)
+        finally:
+            for s in scans:
+                s.close()
+            for r in self._readers:
+                if r is not None:
+                    r.close()
+
+
+async def stream_batches(producer: CycleProducer, *, bandwidth_limit: int = 0) -> AsyncIterator[bytes]:
+    """Run the producer in worker threads one step ahead of the sender."""
+    loop = asyncio.get_running_loop()
+    it = producer.batches()
+    sentinel = object()
+    fut = loop.run_in_executor(None, next, it, sentinel)
+    started = loop.time()
+    try:
+        while True:
+            chunk = await fut
+            if chunk is sentinel:
+                return
+            fut = loop.run_in_executor(None, next, it, sentinel)
+            producer.progress.sent += len(chunk)
+            if producer.progress.changed is not None:
+                producer.progress.changed.set()
+            yield chunk
+            if bandwidth_limit:
+                # pace to the configured rate: how long these bytes should have taken so far
+                ahead = producer.progress.sent / bandwidth_limit - (loop.time() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+    finally:
+        try:
+            await fut
+        except BaseException:  # noqa: BLE001 — the first error was already raised to the sender
+            pass
+        await loop.run_in_executor(None, it.close)

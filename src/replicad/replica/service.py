@@ -1,0 +1,313 @@
+"""The replica role: accept change logs from authorized primaries, stage them durably,
+acknowledge, and apply them in sequence (one applier task per replica VM)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import log as logmod
+from ..auth.authorize import Grant, authorize
+from ..catalog import Catalog, utcnow
+from ..errors import Conflict, Refused, ReplicadError, ResyncRequired, StorageError, WireError
+from ..fsutil import durable_rename, fsync_dir
+from ..model import VM, Disk, Relationship, ReplicationMode, ReplicationState
+from ..wire import MAX_HEADER, Header, LogDecoder
+from .apply import apply_log, rollback
+from .layout import VMDir
+from .settings import ServerSettings
+
+log = logmod.get("replicad.replica")
+STAGE_BATCH = 1 << 20
+APPLY_RETRY_MAX = 60.0
+
+
+@dataclass
+class Staging:
+    """A log being received: bytes go to ``<seq>.log.part`` and through the decoder."""
+
+    part: Path
+    decoder: LogDecoder
+    fd: int
+
+    def write(self, data: bytes) -> None:
+        self.decoder.feed(data)  # raises WireError on the first bad byte
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+
+    def finish(self, final: Path) -> None:
+        self.decoder.close()
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        durable_rename(self.part, final)
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.part.unlink(missing_ok=True)
+
+
+class ReplicaService:
+    def __init__(self, catalog: Catalog, state_dir: Path, fault: Callable[[str], None]):
+        self.catalog = catalog
+        self.state_dir = state_dir
+        self._fault = fault
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._wake: dict[str, asyncio.Event] = {}
+        self._tasks: dict[str, asyncio.Task] = {}
+        self.applied: dict[str, asyncio.Condition] = {}
+
+    # lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Resume every replica VM: drop half-received logs, finish interrupted applies."""
+        for rel in self.catalog.relationships():
+            if rel.role == "replica":
+                vmdir = VMDir.of(rel.storage, rel.vm_id)
+                if vmdir.logs.exists():
+                    for p in vmdir.logs.glob("*.part"):
+                        p.unlink()
+                        log.info("replica.recover.drop_partial", vm=rel.vm_id, file=p.name,
+                                 reason="a log whose receipt was interrupted is resent by the primary")
+                self._ensure_applier(rel.vm_id)
+
+    async def stop(self) -> None:
+        for t in self._tasks.values():
+            t.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        self._tasks.clear()
+
+    def _ensure_applier(self, vm_id: str) -> None:
+        if vm_id not in self._tasks or self._tasks[vm_id].done():
+            self._wake.setdefault(vm_id, asyncio.Event()).set()
+            self.applied.setdefault(vm_id, asyncio.Condition())
+            self._tasks[vm_id] = asyncio.create_task(self._applier(vm_id), name=f"apply:{vm_id}")
+
+    # receiving ------------------------------------------------------------------------------
+    def grant_for(self, principal: str, auth: str) -> Grant:
+        s = ServerSettings.load(self.catalog, self.state_dir)
+        if s.enabled and not s.accepts(auth):
+            raise Refused(f"{principal} refused: this replica server does not accept {auth} authentication")
+        return authorize(principal, enabled=s.enabled, allow_any=s.allowed_from_any_server,
+                         default_storage=Path(s.default_storage), entries=self.catalog.entries())
+
+    async def receive(self, principal: str, auth: str, vm_id: str, seq: int,
+                      chunks: AsyncIterator[bytes]) -> dict:
+        """Stage one change log from ``chunks``; returns the acknowledgement."""
+        grant = self.grant_for(principal, auth)
+        lock = self._locks.setdefault(vm_id, asyncio.Lock())
+        async with lock:
+            return await self._receive_locked(grant, vm_id, seq, chunks)
+
+    async def _read_header(self, chunks: AsyncIterator[bytes]) -> tuple[Header, LogDecoder, bytearray]:
+        dec = LogDecoder()
+        buf = bytearray()
+        async for chunk in chunks:
+            buf += chunk
+            for item in dec.feed(chunk):
+                if isinstance(item, Header):
+                    return item, dec, buf
+            if len(buf) > MAX_HEADER + 64 and dec.header is None:
+                raise WireError("change-log header too large")
+        raise WireError("change log truncated before its header")
+
+    async def _receive_locked(self, grant: Grant, vm_id: str, seq: int, chunks: AsyncIterator[bytes]) -> dict:
+        header, dec, head_bytes = await self._read_header(chunks)
+        if header.vm_id != vm_id or header.seq != seq:
+            raise WireError("change-log header does not match the request")
+        vm = self.catalog.vm_by_id(vm_id)
+        rel = self.catalog.relationship(vm_id)
+        bound = log.bind(vm=header.vm_name, peer=grant.principal, cycle=seq)
+        if vm is not None and (rel is None or rel.role != "replica"):
+            raise Conflict(f"VM {header.vm_name} ({vm_id}) exists on this host and is not a replica")
+        if rel is not None and rel.trust_group != grant.trust_group:
+            bound.warning("replica.refused", reason="trust group mismatch", vm_group=rel.trust_group,
+                          peer_group=grant.trust_group)
+            raise Refused(f"{grant.principal} (trust group {grant.trust_group}) may not write to VM "
+                          f"{header.vm_name}, created under another trust group")
+        same_name = self.catalog.vm_by_name(header.vm_name)
+        if same_name is not None and same_name.id != vm_id:
+            raise Conflict(f"a different VM named {header.vm_name} already exists on this replica server")
+        if header.kind == "initial":
+            if header.base_seq != 0:
+                raise WireError("an initial log must have base 0")
+            rel, vm = await self._prepare_initial(grant, header, rel)
+        else:
+            if rel is None:
+                raise ResyncRequired(f"this replica server has no copy of VM {header.vm_name}")
+            if header.epoch != rel.epoch or header.base_seq != rel.seq:
+                raise ResyncRequired(f"log {seq} builds on {header.epoch}/{header.base_seq}, the replica has "
+                                     f"{rel.epoch}/{rel.seq}")
+            if [d.name for d in header.disks] != [Path(d.path).name for d in vm.disks]:
+                raise ResyncRequired("the VM's disk set changed")
+        vmdir = VMDir.of(rel.storage, vm_id)
+        staging = await asyncio.to_thread(self._open_staging, vmdir, seq, dec)
+        received = len(head_bytes)
+        try:
+            await asyncio.to_thread(self._write_raw, staging, bytes(head_bytes))
+            batch = bytearray()
+            async for chunk in chunks:
+                batch += chunk
+                received += len(chunk)
+                if len(batch) >= STAGE_BATCH:
+                    await asyncio.to_thread(staging.write, bytes(batch))
+                    batch.clear()
+            if batch:
+                await asyncio.to_thread(staging.write, bytes(batch))
+            await asyncio.to_thread(staging.finish, vmdir.log(seq))
+        except OSError as e:
+            await asyncio.to_thread(staging.abort)
+            raise StorageError(f"replica storage error while staging log {seq}: {e.strerror}") from None
+        except BaseException:
+            await asyncio.to_thread(staging.abort)
+            raise
+        rel = self.catalog.relationship(vm_id)
+        rel.seq = seq
+        rel.error = None
+        self.catalog.put_relationship(rel)
+        bound.info("log.acknowledged", bytes=received, records=dec.records, base=header.base_seq)
+        self._ensure_applier(vm_id)
+        self._wake[vm_id].set()
+        return {"acked_seq": seq, "applied_seq": rel.applied_seq, "bytes": received}
+
+    @staticmethod
+    def _open_staging(vmdir: VMDir, seq: int, dec: LogDecoder) -> Staging:
+        vmdir.create()
+        part = vmdir.log_part(seq)
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        return Staging(part, dec, fd)
+
+    @staticmethod
+    def _write_raw(staging: Staging, data: bytes) -> None:
+        """The header bytes were already decoded; only write them."""
+        view = memoryview(data)
+        while view:
+            n = os.write(staging.fd, view)
+            view = view[n:]
+
+    async def _prepare_initial(self, grant: Grant, header: Header, rel: Relationship | None) -> tuple[Relationship, VM]:
+        """Create (or reset) the replica VM for an initial copy."""
+        storage = Path(grant.storage)
+        vmdir = VMDir.of(storage, header.vm_id)
+        if rel is not None:
+            old = VMDir.of(rel.storage, header.vm_id)
+            # a restarted initial replication: drop staged logs and undo of the old copy
+            await asyncio.to_thread(lambda: [shutil.rmtree(p, ignore_errors=True) for p in (old.logs, old.undo)])
+        await asyncio.to_thread(vmdir.create)
+        vm = VM(id=header.vm_id, name=header.vm_name, mode=ReplicationMode.REPLICA,
+                disks=[Disk(str(vmdir.disk(d.name)), d.size, "raw") for d in header.disks])
+        new = Relationship(vm_id=header.vm_id, role="replica", state=ReplicationState.INITIAL_IN_PROGRESS,
+                           primary_server=grant.principal, trust_group=grant.trust_group, storage=str(storage),
+                           epoch=header.epoch, seq=0, applied_seq=0)
+        if rel is not None:
+            new.stats = rel.stats
+        self.catalog.put_vm_and_relationship(vm, new)
+        self.catalog.audit(grant.principal, "replica.created", f"{header.vm_name} ({header.vm_id}) in {storage}")
+        log.info("replica.vm_created", vm=header.vm_name, peer=grant.principal, storage=str(vmdir.root),
+                 trust_group=grant.trust_group)
+        return new, vm
+
+    def status(self, principal: str, auth: str, vm_id: str) -> dict:
+        grant = self.grant_for(principal, auth)
+        rel = self.catalog.relationship(vm_id)
+        if rel is None or rel.role != "replica":
+            return {"vm_id": vm_id, "exists": False}
+        if rel.trust_group != grant.trust_group:
+            raise Refused(f"{principal} may not read VM {vm_id}, created under another trust group")
+        return {"vm_id": vm_id, "exists": True, "epoch": rel.epoch, "acked_seq": rel.seq,
+                "applied_seq": rel.applied_seq, "state": rel.state.value}
+
+    # applying -------------------------------------------------------------------------------
+    async def _applier(self, vm_id: str) -> None:
+        wake = self._wake[vm_id]
+        delay = 1.0
+        while True:
+            await wake.wait()
+            wake.clear()
+            while True:
+                rel = self.catalog.relationship(vm_id)
+                vm = self.catalog.vm_by_id(vm_id)
+                if rel is None or vm is None or rel.role != "replica" or rel.applied_seq >= rel.seq:
+                    break
+                seq = rel.applied_seq + 1
+                vmdir = VMDir.of(rel.storage, vm_id)
+                disks = [Path(d.path) for d in vm.disks]
+                bound = log.bind(vm=vm.name, cycle=seq)
+                try:
+                    header = await asyncio.to_thread(apply_log, vmdir, seq, disks, self._committer(vm_id), fault=self._fault)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001 — one VM's failure never stops the daemon
+                    reason = e.strerror if isinstance(e, OSError) else str(e)
+                    bound.error("apply.failed", reason=reason, retry_in=delay)
+                    await asyncio.to_thread(self._rollback_quietly, vmdir, seq, disks)
+                    rel = self.catalog.relationship(vm_id)
+                    if rel is not None:
+                        rel.error = f"applying log {seq} failed: {reason}"
+                        rel.stats.errors += 1
+                        self.catalog.put_relationship(rel)
+                    try:
+                        await asyncio.wait_for(wake.wait(), timeout=delay)
+                    except TimeoutError:
+                        pass
+                    wake.clear()
+                    delay = min(delay * 2, APPLY_RETRY_MAX)
+                    continue
+                delay = 1.0
+                bound.info("log.applied", kind=header.kind, point=header.time, consistency=header.consistency)
+                cond = self.applied[vm_id]
+                async with cond:
+                    cond.notify_all()
+
+    @staticmethod
+    def _rollback_quietly(vmdir: VMDir, seq: int, disks: list[Path]) -> None:
+        try:
+            if rollback(vmdir, seq, disks):
+                log.warning("apply.rolled_back", cycle=seq, reason="copy restored to the previous point")
+        except OSError as e:
+            log.error("apply.rollback_failed", cycle=seq, reason=e.strerror)
+
+    def _committer(self, vm_id: str) -> Callable[[Header], None]:
+        def commit(header: Header) -> None:
+            rel = self.catalog.relationship(vm_id)
+            rel.applied_seq = header.seq
+            rel.error = None
+            rel.last_replication_time = utcnow()
+            if rel.state in (ReplicationState.INITIAL_IN_PROGRESS, ReplicationState.ERROR):
+                rel.state = ReplicationState.REPLICATING
+            rel.stats.successful_count += 1
+            vm = self.catalog.vm_by_id(vm_id)
+            for d, info in zip(vm.disks, header.disks):
+                d.size = info.size
+            self.catalog.put_vm_and_relationship(vm, rel)
+        return commit
+
+    async def wait_applied(self, vm_id: str, seq: int) -> None:
+        cond = self.applied.setdefault(vm_id, asyncio.Condition())
+        async with cond:
+            await cond.wait_for(lambda: (r := self.catalog.relationship(vm_id)) is None or r.applied_seq >= seq)
+
+    def remove(self, vm_id: str) -> None:
+        """Forget a replica VM and delete its copy (``vm remove`` on the replica)."""
+        rel = self.catalog.relationship(vm_id)
+        task = self._tasks.pop(vm_id, None)
+        if task:
+            task.cancel()
+        if rel is not None and rel.role == "replica":
+            shutil.rmtree(VMDir.of(rel.storage, vm_id).root, ignore_errors=True)
+            fsync_dir(Path(rel.storage)) if Path(rel.storage).exists() else None
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+__all__ = ["ReplicaService", "ReplicadError", "new_id"]

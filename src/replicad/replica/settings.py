@@ -1,0 +1,59 @@
+"""The replica-server settings (SPEC §3.1, Get/Set-VMReplicationServer)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from ..catalog import Catalog
+from ..errors import UsageError
+from ..model import AuthType
+
+_DURATION = re.compile(r"^(\d+)([smhd]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    m = _DURATION.match(str(text).strip())
+    if not m or int(m.group(1)) <= 0:
+        raise UsageError(f"invalid duration {text!r} (examples: 30m, 12h, 1d, 3600)")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def format_duration(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    enabled: bool = False
+    auth: str = AuthType.TOKEN.value
+    allowed_from_any_server: bool = True
+    default_storage: str = ""
+    monitoring_interval: int = 12 * 3600
+    monitoring_start_time: str = "09:00"
+
+    @classmethod
+    def load(cls, catalog: Catalog, state_dir: Path) -> "ServerSettings":
+        doc = catalog.get_setting("server", {}) or {}
+        s = cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
+        if not s.default_storage:
+            s = replace(s, default_storage=str(state_dir / "replicas"))
+        return s
+
+    def save(self, catalog: Catalog) -> None:
+        catalog.set_setting("server", asdict(self))
+
+    def accepts(self, auth: str) -> bool:
+        return self.auth == AuthType.BOTH.value or self.auth == auth
+
+
+def validate_hhmm(text: str) -> str:
+    m = re.match(r"^([01]\d|2[0-3]):([0-5]\d)$", text)
+    if not m:
+        raise UsageError(f"invalid time of day {text!r} (expected HH:MM)")
+    return text

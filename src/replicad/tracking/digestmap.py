@@ -1,0 +1,106 @@
+"""The persisted digest map of one disk: xxh3-64 of every fixed-size block, plus the
+file's identity (size, mtime, ctime, inode) at the time it was read.
+
+File layout: a 64-byte header then one little-endian u64 per block. Maps are written
+next to their final place and made durable before they count (see primary/baseline.py);
+they are read in slices, never loaded whole, so memory does not grow with the image."""
+
+from __future__ import annotations
+
+import os
+import struct
+from array import array
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import xxhash
+
+BLOCK = 4096
+_HEADER = struct.Struct("<4sHIQqqQQ14x")
+MAGIC = b"RPDM"
+VERSION = 1
+assert _HEADER.size == 64
+
+
+@lru_cache(maxsize=8)
+def zero_digest(length: int) -> int:
+    return xxhash.xxh3_64_intdigest(bytes(length))
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    ino: int
+    dev: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> "FileIdentity":
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+class DigestMapReader:
+    """Random access to an existing map; a missing or damaged map reads as None."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "rb")
+        raw = self._f.read(_HEADER.size)
+        if len(raw) != _HEADER.size:
+            self._f.close()
+            raise ValueError(f"{path}: truncated digest map")
+        magic, version, block, size, mtime, ctime, ino, dev = _HEADER.unpack(raw)
+        if magic != MAGIC or version != VERSION or block != BLOCK:
+            self._f.close()
+            raise ValueError(f"{path}: not a digest map of this version")
+        self.identity = FileIdentity(size, mtime, ctime, ino, dev)
+        self.blocks = -(-size // BLOCK)
+        if os.fstat(self._f.fileno()).st_size != _HEADER.size + 8 * self.blocks:
+            self._f.close()
+            raise ValueError(f"{path}: digest map has the wrong length")
+
+    @classmethod
+    def open(cls, path: Path) -> "DigestMapReader | None":
+        try:
+            return cls(path)
+        except (OSError, ValueError):
+            return None
+
+    def slice(self, first: int, count: int) -> array:
+        """Digests of blocks [first, first+count); blocks past the map's end read as missing (-1 never
+        matches a real digest comparison because callers compare to zero digests there)."""
+        out = array("Q")
+        have = max(0, min(count, self.blocks - first))
+        if have:
+            raw = os.pread(self._f.fileno(), 8 * have, _HEADER.size + 8 * first)
+            out.frombytes(raw)
+        return out
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class DigestMapWriter:
+    """Writes a new map sequentially; ``commit()`` fsyncs it. The caller renames."""
+
+    def __init__(self, path: Path, identity: FileIdentity):
+        self.path = path
+        self._f = open(path, "wb")
+        self._f.write(_HEADER.pack(MAGIC, VERSION, BLOCK, identity.size, identity.mtime_ns,
+                                   identity.ctime_ns, identity.ino, identity.dev))
+        self.blocks = 0
+
+    def append(self, digests: array) -> None:
+        self._f.write(digests.tobytes())
+        self.blocks += len(digests)
+
+    def commit(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def abort(self) -> None:
+        self._f.close()
+        self.path.unlink(missing_ok=True)

@@ -1,0 +1,221 @@
+"""The ``scan`` change tracker: find what changed in a disk image since the baseline the
+replica acknowledged, by reading the file and comparing block digests with the map.
+
+One pass per changed disk: each chunk read is hashed, compared with the old map, and its
+changed blocks are handed to the caller straight from the read buffer, so the file is read
+once and memory stays at one chunk whatever the image size. Unchanged files (same size,
+mtime, ctime, inode) are not read at all. Runs in a worker thread, never on the loop."""
+
+from __future__ import annotations
+
+import errno
+import os
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from .digestmap import BLOCK, DigestMapReader, DigestMapWriter, FileIdentity, zero_digest
+
+CHUNK = 4 * 1024 * 1024      # read size: large enough for sequential speed, small for memory
+MAX_EXTENT = 1024 * 1024     # changed blocks are merged into extents of at most this size
+_ZERO_BLOCK = bytes(BLOCK)
+
+
+@dataclass(frozen=True)
+class DataChange:
+    offset: int
+    data: memoryview  # valid only until the scan iterator is advanced
+
+
+@dataclass(frozen=True)
+class ZeroChange:
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Resize:
+    size: int
+
+
+Change = DataChange | ZeroChange | Resize
+
+
+def data_regions(fd: int, size: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, int]]:
+    """Block-aligned [start, end) ranges that may hold data, within [start, stop); holes skipped."""
+    pos = start // BLOCK * BLOCK
+    size = size if stop is None else min(size, stop)
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole remains
+                return
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no hole support: all data
+                yield pos, size
+                return
+            raise
+        try:
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+        except OSError:
+            end = size
+        start = start // BLOCK * BLOCK
+        end = min(size, -(-end // BLOCK) * BLOCK)
+        if start >= size:
+            return
+        yield max(start, pos), end
+        pos = end
+
+
+class DiskScan:
+    """Iterate the changes of one disk; afterwards ``new_map`` holds the committed map path.
+
+    ``old`` is the baseline map (None for an initial copy: the replica starts from a sparse,
+    all-zero file of the right size, so zeros never need sending). The new map records the
+    identity seen *before* reading: if the file changed while it was read, the next scan
+    sees a different identity and reads again, and ``fuzzy`` is set."""
+
+    def __init__(self, path: Path, old: DigestMapReader | None, new_map: Path):
+        self.path = path
+        self.old = old
+        self.new_map = new_map
+        self.skipped = False
+        self.fuzzy = False
+        self.changed_bytes = 0
+        self.read_bytes = 0
+        self.identity: FileIdentity | None = None
+        self._fd = -1
+
+    def open(self) -> FileIdentity:
+        """Open the disk and take its identity; the log header is built from it."""
+        self._fd = os.open(self.path, os.O_RDONLY)
+        self.identity = FileIdentity.of(os.fstat(self._fd))
+        return self.identity
+
+    def close(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def changes(self) -> Iterator[Change]:
+        if getattr(self, "_fd", -1) < 0:
+            self.open()
+        fd, ident = self._fd, self.identity
+        try:
+            if self.old is not None and self.old.identity == ident:
+                self.skipped = True
+                os.link(self.old.path, self.new_map)
+                return
+            writer = DigestMapWriter(self.new_map, ident)
+            try:
+                old_size = self.old.identity.size if self.old else ident.size
+                if old_size != ident.size:
+                    yield Resize(ident.size)
+                yield from self._walk(fd, ident.size, writer)
+                writer.commit()
+            except BaseException:
+                writer.abort()
+                raise
+            if FileIdentity.of(os.fstat(fd)) != ident:
+                self.fuzzy = True
+        finally:
+            self.close()
+
+    def _old_digests(self, first: int, count: int, size: int) -> array:
+        """The digests the replica's copy has for these blocks (zeros past the old end)."""
+        if self.old is None:
+            got = array("Q")
+        else:
+            # a short old last block hashes differently from a full new one, so growth is caught
+            got = self.old.slice(first, count)
+        if len(got) < count:
+            got.extend(self._zeros(first + len(got), first + count, size))
+        return got
+
+    @staticmethod
+    def _zeros(first: int, end: int, size: int) -> array:
+        n = end - first
+        out = array("Q", [zero_digest(BLOCK)]) * n
+        if n and end * BLOCK > size:  # a short last block
+            out[-1] = zero_digest(size - (end - 1) * BLOCK)
+        return out
+
+    def _walk(self, fd: int, size: int, writer: DigestMapWriter) -> Iterator[Change]:
+        nblocks = -(-size // BLOCK)
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        pos_block = 0
+        regions = list(data_regions(fd, size)) + [(size, size)]
+        for start, end in regions:
+            # the hole before this region: its blocks are zeros now
+            hole_end = start // BLOCK if start < size else nblocks
+            if hole_end > pos_block:
+                yield from self._hole(pos_block, hole_end, size, writer)
+            pos = start
+            while pos < end:
+                n = min(CHUNK, end - pos)
+                got = os.preadv(fd, [view[:n]], pos)
+                if got < n:  # the file shrank under us: treat the rest as zeros, mark fuzzy
+                    buf[got:n] = bytes(n - got)
+                    self.fuzzy = True
+                self.read_bytes += n
+                yield from self._chunk(view[:n], pos, size, writer)
+                pos += n
+            pos_block = max(pos_block, -(-end // BLOCK))
+
+    def _hole(self, first: int, end: int, size: int, writer: DigestMapWriter) -> Iterator[Change]:
+        step = CHUNK // 8
+        for a in range(first, end, step):
+            b = min(end, a + step)
+            new = self._zeros(a, b, size)
+            old = self._old_digests(a, b - a, size)
+            writer.append(new)
+            if new == old:
+                continue
+            run = None
+            for i in range(b - a):
+                if new[i] != old[i]:
+                    if run is None:
+                        run = a + i
+                elif run is not None:
+                    yield from self._zero_run(run, a + i, size)
+                    run = None
+            if run is not None:
+                yield from self._zero_run(run, b, size)
+
+    def _zero_run(self, first: int, end: int, size: int) -> Iterator[Change]:
+        off, stop = first * BLOCK, min(end * BLOCK, size)
+        self.changed_bytes += stop - off
+        yield ZeroChange(off, stop - off)
+
+    def _chunk(self, mv: memoryview, pos: int, size: int, writer: DigestMapWriter) -> Iterator[Change]:
+        first = pos // BLOCK
+        n = len(mv)
+        h = xxhash.xxh3_64_intdigest
+        new = array("Q", (h(mv[i:i + BLOCK]) for i in range(0, n, BLOCK)))
+        old = self._old_digests(first, len(new), size)
+        writer.append(new)
+        if new == old:
+            return
+        zd = zero_digest(BLOCK)
+        run_start = None  # data run in block indexes relative to the chunk
+        for i in range(len(new) + 1):
+            dirty = i < len(new) and new[i] != old[i]
+            is_zero = False
+            if dirty and new[i] == zd and mv[i * BLOCK:(i + 1) * BLOCK] == _ZERO_BLOCK:
+                is_zero = True
+            if run_start is not None and (not dirty or is_zero or (i - run_start) * BLOCK >= MAX_EXTENT):
+                a, b = run_start * BLOCK, min(i * BLOCK, n)
+                self.changed_bytes += b - a
+                yield DataChange(pos + a, mv[a:b])
+                run_start = None
+            if dirty and is_zero:
+                off = pos + i * BLOCK
+                length = min(BLOCK, size - off)
+                self.changed_bytes += length
+                yield ZeroChange(off, length)
+            elif dirty and run_start is None:
+                run_start = i

@@ -1,0 +1,1 @@
+"""Peer HTTP: the replica's routes and the primary's client."""

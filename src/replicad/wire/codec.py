@@ -1,0 +1,317 @@
+"""Encoder and incremental decoder of change logs (docs/protocol.md §Change log).
+
+Layout (little endian)::
+
+    header  := "RPLG" u16 version  u32 json_len  json            (json_len <= MAX_HEADER)
+    record  := u8 kind  u8 flags  u16 disk  u64 offset  u32 length  u32 payload_len
+               u64 checksum  payload[payload_len]
+    trailer := u8 0xFF  u64 records  u64 data_bytes  16 bytes digest
+
+``checksum`` is xxh3-64 over the record's first 20 bytes (kind..length) followed by the
+uncompressed data, so a flipped bit in an offset is caught as surely as one in the data.
+``digest`` is xxh3-128 over every byte before the trailer. Every length is checked against
+its bound before anything is allocated; the decoder holds at most one record in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+
+import xxhash
+import zstandard
+
+from ..errors import WireError
+from ..model import valid_disk_name, valid_vm_name
+
+MAGIC = b"RPLG"
+VERSION = 1
+MAX_HEADER = 64 * 1024
+MAX_RECORD = 4 * 1024 * 1024
+MAX_DISKS = 64
+MAX_DISK_SIZE = 1 << 50  # 1 PiB
+
+RECORD_DATA = 1
+RECORD_ZERO = 2
+RECORD_RESIZE = 3
+RECORD_TRAILER = 0xFF
+FLAG_ZSTD = 1
+
+_PREAMBLE = struct.Struct("<4sHI")
+_RECORD = struct.Struct("<BBHQIIQ")
+_RECORD_SUM = struct.Struct("<BBHQI")  # the part the checksum covers
+_TRAILER = struct.Struct("<BQQ16s")
+# zstd's worst case for MAX_RECORD bytes is a little above it; anything larger is hostile.
+_MAX_PAYLOAD = MAX_RECORD + (MAX_RECORD >> 7) + 1024
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    index: int
+    name: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Header:
+    vm_id: str
+    vm_name: str
+    epoch: str
+    seq: int
+    base_seq: int
+    kind: str  # "initial" | "delta"
+    time: str
+    consistency: str
+    disks: tuple[DiskInfo, ...] = ()
+    version: int = VERSION
+
+    def to_json(self) -> bytes:
+        return json.dumps({
+            "vm_id": self.vm_id, "vm_name": self.vm_name, "epoch": self.epoch, "seq": self.seq,
+            "base_seq": self.base_seq, "kind": self.kind, "time": self.time,
+            "consistency": self.consistency,
+            "disks": [{"index": d.index, "name": d.name, "size": d.size} for d in self.disks],
+        }, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "Header":
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise WireError("change-log header is not valid JSON") from None
+        if not isinstance(doc, dict):
+            raise WireError("change-log header is not an object")
+
+        def get(key: str, typ: type):
+            v = doc.get(key)
+            if not isinstance(v, typ) or isinstance(v, bool):
+                raise WireError(f"change-log header field {key!r} missing or of the wrong type")
+            return v
+
+        vm_id, vm_name, epoch = get("vm_id", str), get("vm_name", str), get("epoch", str)
+        seq, base_seq = get("seq", int), get("base_seq", int)
+        kind, time_, consistency = get("kind", str), get("time", str), get("consistency", str)
+        disks_raw = get("disks", list)
+        if not (0 < len(vm_id) <= 64 and vm_id.replace("-", "").isalnum()):
+            raise WireError("change-log header: bad vm_id")
+        if not valid_vm_name(vm_name):
+            raise WireError("change-log header: bad vm_name")
+        if not (0 < len(epoch) <= 64 and epoch.isalnum()):
+            raise WireError("change-log header: bad epoch")
+        if not (0 <= base_seq < seq < 2**63):
+            raise WireError("change-log header: bad sequence numbers")
+        if kind not in ("initial", "delta"):
+            raise WireError(f"change-log header: unknown kind {kind!r}")
+        if consistency not in ("crash", "application", "fuzzy") or len(time_) > 64:
+            raise WireError("change-log header: bad consistency or time")
+        if not 0 < len(disks_raw) <= MAX_DISKS:
+            raise WireError("change-log header: bad disk list")
+        disks = []
+        names = set()
+        for i, d in enumerate(disks_raw):
+            if (not isinstance(d, dict) or d.get("index") != i or not isinstance(d.get("name"), str)
+                    or not valid_disk_name(d["name"]) or not isinstance(d.get("size"), int)
+                    or isinstance(d.get("size"), bool) or not 0 <= d["size"] <= MAX_DISK_SIZE):
+                raise WireError(f"change-log header: bad disk entry {i}")
+            if d["name"] in names:
+                raise WireError(f"change-log header: duplicate disk name {d['name']!r}")
+            names.add(d["name"])
+            disks.append(DiskInfo(i, d["name"], d["size"]))
+        return cls(vm_id, vm_name, epoch, seq, base_seq, kind, time_, consistency, tuple(disks))
+
+
+@dataclass(frozen=True)
+class Record:
+    kind: int
+    disk: int
+    offset: int
+    length: int
+    data: bytes | None = None  # uncompressed, for RECORD_DATA only
+
+
+@dataclass(frozen=True)
+class Trailer:
+    records: int
+    data_bytes: int
+    digest: bytes
+
+
+def _record_checksum(kind: int, flags: int, disk: int, offset: int, length: int, data: bytes | memoryview = b"") -> int:
+    h = xxhash.xxh3_64(_RECORD_SUM.pack(kind, flags & ~FLAG_ZSTD, disk, offset, length))
+    if data:
+        h.update(data)
+    return h.intdigest()
+
+
+class LogEncoder:
+    """Turns a cycle's changes into log bytes, keeping the running digest and counts."""
+
+    def __init__(self, header: Header, *, compress: bool = True, level: int = 1):
+        self.header = header
+        self._digest = xxhash.xxh3_128()
+        self._zstd = zstandard.ZstdCompressor(level=level) if compress else None
+        self.records = 0
+        self.data_bytes = 0  # uncompressed bytes carried by data records
+
+    def _out(self, b: bytes) -> bytes:
+        self._digest.update(b)
+        return b
+
+    def start(self) -> bytes:
+        raw = self.header.to_json()
+        if len(raw) > MAX_HEADER:
+            raise WireError("change-log header too large")
+        return self._out(_PREAMBLE.pack(MAGIC, VERSION, len(raw)) + raw)
+
+    def data(self, disk: int, offset: int, data: bytes | memoryview) -> bytes:
+        length = len(data)
+        if not 0 < length <= MAX_RECORD:
+            raise WireError(f"record length {length} out of bounds")
+        flags = 0
+        payload = data
+        if self._zstd is not None:
+            c = self._zstd.compress(data)
+            if len(c) < length - (length >> 5):  # keep only a real saving
+                flags, payload = FLAG_ZSTD, c
+        checksum = _record_checksum(RECORD_DATA, 0, disk, offset, length, data)
+        self.records += 1
+        self.data_bytes += length
+        return self._out(_RECORD.pack(RECORD_DATA, flags, disk, offset, length, len(payload), checksum) + bytes(payload))
+
+    def zero(self, disk: int, offset: int, length: int) -> bytes:
+        if not 0 < length <= 2**32 - 1:
+            raise WireError(f"zero record length {length} out of bounds")
+        self.records += 1
+        return self._out(_RECORD.pack(RECORD_ZERO, 0, disk, offset, length, 0,
+                                      _record_checksum(RECORD_ZERO, 0, disk, offset, length)))
+
+    def resize(self, disk: int, size: int) -> bytes:
+        self.records += 1
+        return self._out(_RECORD.pack(RECORD_RESIZE, 0, disk, size, 0, 0,
+                                      _record_checksum(RECORD_RESIZE, 0, disk, size, 0)))
+
+    def finish(self) -> bytes:
+        return _TRAILER.pack(RECORD_TRAILER, self.records, self.data_bytes, self._digest.digest())
+
+
+class LogDecoder:
+    """Incremental decoder: ``feed()`` any chunking of the bytes, get items back.
+
+    Raises WireError on the first malformed, oversized or corrupt byte. ``close()`` raises
+    if the log stopped before its trailer. Items: one Header, Records, one Trailer."""
+
+    def __init__(self, *, verify_data: bool = True):
+        self._buf = bytearray()
+        self._pos = 0
+        self._digest = xxhash.xxh3_128()
+        self._dctx = zstandard.ZstdDecompressor()
+        self.header: Header | None = None
+        self.trailer: Trailer | None = None
+        self.records = 0
+        self.data_bytes = 0
+        self.consumed = 0
+        self._verify = verify_data
+
+    def feed(self, data: bytes | memoryview) -> list:
+        if self.trailer is not None and data:
+            raise WireError("bytes after the change-log trailer")
+        self._buf += data
+        out = []
+        while True:
+            item = self._next()
+            if item is None:
+                break
+            out.append(item)
+        if self._pos > (1 << 20) or self._pos == len(self._buf):
+            del self._buf[:self._pos]
+            self._pos = 0
+        return out
+
+    def close(self) -> None:
+        if self.trailer is None:
+            raise WireError("change log truncated: no trailer")
+        if self._pos != len(self._buf):
+            raise WireError("bytes after the change-log trailer")
+
+    def _avail(self) -> int:
+        return len(self._buf) - self._pos
+
+    def _take(self, n: int) -> bytes:
+        b = bytes(self._buf[self._pos:self._pos + n])
+        self._pos += n
+        self.consumed += n
+        return b
+
+    def _next(self):
+        if self.trailer is not None:
+            return None
+        if self.header is None:
+            if self._avail() < _PREAMBLE.size:
+                return None
+            magic, version, hlen = _PREAMBLE.unpack_from(self._buf, self._pos)
+            if magic != MAGIC:
+                raise WireError("not a change log (bad magic)")
+            if version != VERSION:
+                raise WireError(f"unsupported change-log version {version}")
+            if hlen > MAX_HEADER:
+                raise WireError(f"change-log header of {hlen} bytes exceeds {MAX_HEADER}")
+            if self._avail() < _PREAMBLE.size + hlen:
+                return None
+            raw = self._take(_PREAMBLE.size + hlen)
+            self._digest.update(raw)
+            self.header = Header.from_json(raw[_PREAMBLE.size:])
+            return self.header
+        if self._avail() < 1:
+            return None
+        if self._buf[self._pos] == RECORD_TRAILER:
+            if self._avail() < _TRAILER.size:
+                return None
+            _, records, data_bytes, digest = _TRAILER.unpack(self._take(_TRAILER.size))
+            if records != self.records or data_bytes != self.data_bytes:
+                raise WireError(f"change-log trailer counts {records} records/{data_bytes} bytes, "
+                                f"received {self.records}/{self.data_bytes}")
+            if digest != self._digest.digest():
+                raise WireError("change-log digest mismatch")
+            self.trailer = Trailer(records, data_bytes, digest)
+            return self.trailer
+        if self._avail() < _RECORD.size:
+            return None
+        kind, flags, disk, offset, length, plen, checksum = _RECORD.unpack_from(self._buf, self._pos)
+        disks = self.header.disks
+        if kind not in (RECORD_DATA, RECORD_ZERO, RECORD_RESIZE) or flags & ~FLAG_ZSTD:
+            raise WireError(f"unknown record kind {kind} or flags {flags}")
+        if disk >= len(disks):
+            raise WireError(f"record names disk {disk}, the log has {len(disks)}")
+        size = disks[disk].size
+        if kind == RECORD_DATA:
+            if not 0 < length <= MAX_RECORD or plen > _MAX_PAYLOAD or (not flags and plen != length):
+                raise WireError(f"record length {length}/{plen} out of bounds")
+        elif plen or flags:
+            raise WireError("zero/resize record with a payload")
+        if kind == RECORD_RESIZE:
+            if length or offset != size:
+                raise WireError("resize record does not match the header's disk size")
+        elif offset + length > size:
+            raise WireError(f"record [{offset}, +{length}) beyond the end of disk {disk} ({size})")
+        if self._avail() < _RECORD.size + plen:
+            return None
+        raw = self._take(_RECORD.size + plen)
+        self._digest.update(raw)
+        data = None
+        if kind == RECORD_DATA:
+            payload = raw[_RECORD.size:]
+            if flags & FLAG_ZSTD:
+                try:
+                    data = self._dctx.decompress(payload, max_output_size=length)
+                except zstandard.ZstdError as e:
+                    raise WireError(f"record does not decompress: {e}") from None
+                if len(data) != length:
+                    raise WireError("record decompresses to the wrong length")
+            else:
+                data = payload
+            self.data_bytes += length
+        if self._verify and _record_checksum(kind, flags, disk, offset, length, data or b"") != checksum:
+            raise WireError(f"record checksum mismatch (disk {disk} offset {offset})")
+        self.records += 1
+        return Record(kind, disk, offset, length, data)

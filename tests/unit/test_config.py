@@ -1,0 +1,74 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from replicad import config
+from replicad.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = sorted((ROOT / "config").glob("*.yaml"))
+INVALID = sorted((ROOT / "config" / "invalid").glob("*.yaml"))
+
+
+def test_there_are_samples():
+    assert len(SAMPLES) >= 2 and len(INVALID) >= 10
+
+
+@pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.name)
+def test_every_sample_loads(path):
+    cfg = config.load(path, check_files=False)
+    assert cfg.host and cfg.state_dir.is_absolute() and cfg.management.socket.is_absolute()
+
+
+@pytest.mark.parametrize("path", INVALID, ids=lambda p: p.name)
+def test_every_invalid_sample_fails(path):
+    with pytest.raises(ConfigError) as e:
+        config.load(path, check_files=False)
+    assert str(path) in str(e.value)
+
+
+def test_errors_name_the_yaml_path_and_are_all_reported(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("host: a.example.com\nstate_dir: /x\nmanagement: {socket: /s}\ncolour: 1\n"
+                 "listen:\n  token: {port: 99999, extra: 1}\nrealm: {credential: c, public_key: k}\n")
+    with pytest.raises(ConfigError) as e:
+        config.load(p, check_files=False)
+    msg = str(e.value)
+    assert "colour: unknown key" in msg
+    assert "listen.token.port: expected a port number" in msg
+    assert "listen.token.extra: unknown key" in msg
+
+
+def test_relative_paths_are_relative_to_the_config_folder(tmp_path):
+    p = tmp_path / "sub" / "c.yaml"
+    p.parent.mkdir()
+    p.write_text("host: a.example.com\nstate_dir: state\nmanagement: {socket: run/r.sock}\n")
+    cfg = config.load(p)
+    assert cfg.state_dir == p.parent / "state"
+    assert cfg.management.socket == p.parent / "run" / "r.sock"
+
+
+def test_unreadable_credential_is_a_config_error(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("host: a.example.com\nstate_dir: s\nmanagement: {socket: s.sock}\n"
+                 "realm: {credential: nope.cred, public_key: nope.pub}\n")
+    with pytest.raises(ConfigError, match="realm.credential: cannot read"):
+        config.load(p)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load("/nonexistent/replicad.yaml")
+
+
+@pytest.mark.parametrize("args", [["config", "check"], ["daemon"]])
+def test_cli_exits_2_with_one_line_per_error(args, tmp_path):
+    bad = ROOT / "config" / "invalid" / "unknown-key.yaml"
+    r = subprocess.run([sys.executable, "-m", "replicad.cli", *args, "--config", str(bad)],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: {bad}: colour: unknown key"
+    assert "Traceback" not in r.stderr

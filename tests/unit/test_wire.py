@@ -1,0 +1,149 @@
+"""The change-log codec: round trips under any chunking, and every corruption refused."""
+
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from replicad.errors import WireError
+from replicad.wire import (MAX_HEADER, RECORD_DATA, RECORD_RESIZE, RECORD_ZERO, DiskInfo, Header, LogDecoder,
+                           LogEncoder, Record, Trailer)
+
+SIZE = 1 << 20
+HEADER = Header("0f0e0d0c-0000-4000-8000-000000000001", "contoso2", "abc123", 7, 6, "delta",
+                "2026-11-26T00:00:00Z", "crash", (DiskInfo(0, "a.img", SIZE), DiskInfo(1, "b.img", SIZE)))
+
+record = st.one_of(
+    st.tuples(st.just("data"), st.integers(0, 1), st.integers(0, SIZE - 1),
+              st.one_of(st.binary(min_size=1, max_size=5000), st.builds(lambda n: b"z" * n, st.integers(1, 20000)))),
+    st.tuples(st.just("zero"), st.integers(0, 1), st.integers(0, SIZE - 1), st.integers(1, 9000)),
+)
+
+
+def encode(recs, compress=True):
+    enc = LogEncoder(HEADER, compress=compress)
+    out = [enc.start()]
+    expected = []
+    for kind, disk, off, arg in recs:
+        if kind == "data":
+            off = min(off, SIZE - len(arg))
+            out.append(enc.data(disk, off, arg))
+            expected.append(Record(RECORD_DATA, disk, off, len(arg), bytes(arg)))
+        else:
+            off = min(off, SIZE - arg)
+            out.append(enc.zero(disk, off, arg))
+            expected.append(Record(RECORD_ZERO, disk, off, arg))
+    out.append(enc.finish())
+    return b"".join(out), expected
+
+
+def decode(raw, cuts=()):
+    dec = LogDecoder()
+    items, pos = [], 0
+    for c in sorted(set(cuts)) + [len(raw)]:
+        items += dec.feed(raw[pos:c])
+        pos = c
+    dec.close()
+    return items
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.lists(record, max_size=12), st.lists(st.integers(0, 100000), max_size=8), st.booleans())
+def test_round_trip_any_chunking(recs, cuts, compress):
+    raw, expected = encode(recs, compress)
+    items = decode(raw, [c % (len(raw) + 1) for c in cuts])
+    assert items[0] == HEADER
+    assert items[1:-1] == expected
+    assert isinstance(items[-1], Trailer) and items[-1].records == len(expected)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(record, min_size=1, max_size=5), st.data())
+def test_any_truncation_is_refused(recs, data):
+    raw, _ = encode(recs)
+    cut = data.draw(st.integers(0, len(raw) - 1))
+    dec = LogDecoder()
+    with pytest.raises(WireError):
+        dec.feed(raw[:cut])
+        dec.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(record, min_size=1, max_size=5), st.data())
+def test_any_flipped_bit_is_refused(recs, data):
+    raw, _ = encode(recs)
+    i = data.draw(st.integers(0, len(raw) - 1))
+    bit = data.draw(st.integers(0, 7))
+    bad = bytearray(raw)
+    bad[i] ^= 1 << bit
+    with pytest.raises(WireError):
+        decode(bytes(bad))
+
+
+def test_resize_and_bounds():
+    enc = LogEncoder(HEADER)
+    raw = enc.start() + enc.resize(1, SIZE) + enc.finish()
+    assert decode(raw)[1] == Record(RECORD_RESIZE, 1, SIZE, 0)
+
+
+def _forge(fields, payload=b""):
+    """A record header with chosen fields (checksum left wrong: bounds are checked first)."""
+    return struct.pack("<BBHQIIQ", *fields, 0) + payload
+
+
+@pytest.mark.parametrize("fields,match", [
+    ((RECORD_DATA, 0, 5, 0, 10, 10), "names disk 5"),
+    ((RECORD_DATA, 0, 0, SIZE - 4, 10, 10), "beyond the end"),
+    ((RECORD_DATA, 0, 0, 0, 64 << 20, 64 << 20), "out of bounds"),
+    ((RECORD_DATA, 1, 0, 0, 100, 200 << 20), "out of bounds"),
+    ((RECORD_ZERO, 0, 0, 0, 10, 5), "with a payload"),
+    ((9, 0, 0, 0, 10, 0), "unknown record kind"),
+    ((RECORD_DATA, 0x80, 0, 0, 10, 10), "unknown record kind"),
+])
+def test_hostile_record_headers_refused_before_allocation(fields, match):
+    dec = LogDecoder()
+    dec.feed(LogEncoder(HEADER).start())
+    with pytest.raises(WireError, match=match):
+        dec.feed(_forge(fields))
+
+
+def test_oversized_header_refused_from_its_length_alone():
+    with pytest.raises(WireError, match="exceeds"):
+        LogDecoder().feed(struct.pack("<4sHI", b"RPLG", 1, MAX_HEADER + 1))
+
+
+@pytest.mark.parametrize("raw,match", [
+    (b"GARBAGE!!!", "bad magic"),
+    (struct.pack("<4sHI", b"RPLG", 99, 2) + b"{}", "version"),
+    (struct.pack("<4sHI", b"RPLG", 1, 2) + b"[]", "not an object"),
+    (struct.pack("<4sHI", b"RPLG", 1, 5) + b"{bad}", "not valid JSON"),
+])
+def test_bad_preambles(raw, match):
+    with pytest.raises(WireError, match=match):
+        LogDecoder().feed(raw)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"vm_name": "../etc"}, "vm_name"),
+    ({"disks": [{"index": 0, "name": "../../etc/passwd", "size": 1}]}, "disk entry"),
+    ({"disks": [{"index": 0, "name": "/abs", "size": 1}]}, "disk entry"),
+    ({"disks": [{"index": 0, "name": "a", "size": 1}, {"index": 1, "name": "a", "size": 1}]}, "duplicate"),
+    ({"seq": 3, "base_seq": 3}, "sequence"),
+    ({"kind": "weird"}, "kind"),
+])
+def test_header_fields_validated(change, match):
+    import json
+    doc = json.loads(HEADER.to_json())
+    doc.update(change)
+    raw = json.dumps(doc).encode()
+    with pytest.raises(WireError, match=match):
+        LogDecoder().feed(struct.pack("<4sHI", b"RPLG", 1, len(raw)) + raw)
+
+
+def test_bytes_after_trailer_refused():
+    raw, _ = encode([])
+    dec = LogDecoder()
+    dec.feed(raw)
+    with pytest.raises(WireError, match="after the change-log trailer"):
+        dec.feed(b"x")
