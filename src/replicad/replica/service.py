@@ -71,13 +71,23 @@ class ReplicaService:
         """Resume every replica VM: drop half-received logs, finish interrupted applies."""
         for rel in self.catalog.relationships():
             if rel.role == "replica":
-                vmdir = VMDir.of(rel.storage, rel.vm_id)
-                if vmdir.logs.exists():
-                    for p in vmdir.logs.glob("*.part"):
-                        p.unlink()
-                        log.info("replica.recover.drop_partial", vm=rel.vm_id, file=p.name,
-                                 reason="a log whose receipt was interrupted is resent by the primary")
+                await asyncio.to_thread(self._recover_files, rel)
                 self._ensure_applier(rel.vm_id)
+
+    @staticmethod
+    def _recover_files(rel: Relationship) -> None:
+        """Drop what a crash left behind: half-received logs (the primary resends them) and
+        the staged and undo logs of points already committed."""
+        vmdir = VMDir.of(rel.storage, rel.vm_id)
+        for folder in (vmdir.logs, vmdir.undo):
+            if not folder.exists():
+                continue
+            for p in folder.iterdir():
+                seq = int(p.name[:12]) if p.name[:12].isdigit() else None
+                if p.name.endswith(".part") or seq is None or seq <= rel.applied_seq:
+                    p.unlink()
+                    log.info("replica.recover.dropped", vm=rel.vm_id, file=f"{folder.name}/{p.name}",
+                             reason="interrupted receipt" if p.name.endswith(".part") else "point already committed")
 
     async def stop(self) -> None:
         for t in self._tasks.values():

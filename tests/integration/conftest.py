@@ -1,0 +1,21 @@
+import pytest
+
+from .harness import Cluster
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(tmp_path)
+    yield c
+    c.shutdown()
+
+
+@pytest.fixture
+def pair(cluster):
+    """vmhost2 (primary of contoso2) replicating to vmhost1, as the article sets it up."""
+    v1, v2 = cluster["vmhost1"], cluster["vmhost2"]
+    v1.start()
+    v2.start()
+    v1.cli("server", "set", "--enabled", "true", "--allow-any-server", "false")
+    v1.cli("auth-entry", "add", "--primary", "*.contoso.com", "--trust-group", "Production")
+    return v2, v1

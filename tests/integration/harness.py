@@ -1,0 +1,159 @@
+"""Real daemons as processes on 127.0.0.x, driven by the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import xxhash
+
+BIN = Path(sys.executable).parent / "replicad"
+DOMAIN = "contoso.com"
+
+
+def wait_for(cond, timeout: float = 30.0, what: str = "condition", interval: float = 0.05):
+    """Poll ``cond`` until it returns a truthy value; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port(addr: str) -> int:
+    with socket.socket() as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
+def file_digest(path: Path) -> str:
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Host:
+    name: str
+    addr: str
+    port: int
+    root: Path
+    cluster: "Cluster"
+    proc: subprocess.Popen | None = None
+    env: dict = field(default_factory=dict)
+
+    @property
+    def fqdn(self) -> str:
+        return f"{self.name}.{DOMAIN}"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "replicad.yaml"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "daemon.log"
+
+    def write_config(self) -> None:
+        resolve = {h.fqdn: h.addr for h in self.cluster.hosts.values()}
+        self.config.write_text(json.dumps({
+            "host": self.fqdn, "state_dir": "state",
+            "listen": {"token": {"address": self.addr, "port": self.port}},
+            "realm": {"credential": f"{self.fqdn}.cred", "public_key": "../realm/realm.pub"},
+            "management": {"socket": "state/replicad.sock"},
+            "resolve": resolve, "log": {"format": "json", "level": "debug"},
+        }, indent=1))
+
+    def start(self, env: dict | None = None) -> None:
+        self.write_config()
+        logf = open(self.log, "a")
+        self.proc = subprocess.Popen([str(BIN), "daemon", "--config", str(self.config)], stdout=logf,
+                                     stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        logf.close()
+        start = self.log.stat().st_size if self.log.exists() else 0
+        wait_for(lambda: self.proc.poll() is not None or b'"daemon.ready"' in self.log.read_bytes()[start:],
+                 15, f"{self.name} to be ready")
+        assert self.proc.poll() is None, f"{self.name} died at start:\n{self.log.read_text()[-3000:]}"
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout)
+        return rc
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        r = subprocess.run([str(BIN), *args, "--config", str(self.config)], capture_output=True, text=True,
+                           timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"`replicad {' '.join(args)}` on {self.name} exited {r.returncode}:\n"
+                                 f"{r.stderr}\n{r.stdout}")
+        return r
+
+    def json(self, *args: str):
+        return json.loads(self.cli(*args, "-o", "json").stdout)
+
+    def events(self, name: str) -> list[dict]:
+        out = []
+        for line in self.log.read_text().splitlines():
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if doc.get("event") == name:
+                out.append(doc)
+        return out
+
+
+class Cluster:
+    def __init__(self, root: Path, names=("vmhost1", "vmhost2", "vmhost3")):
+        self.root = root
+        self.hosts: dict[str, Host] = {}
+        subprocess.run([str(BIN), "realm", "init", "--name", DOMAIN, "--out", str(root / "realm")], check=True,
+                       capture_output=True)
+        for i, name in enumerate(names, start=1):
+            addr = f"127.0.0.{i}"
+            h = Host(name, addr, free_port(addr), root / name, self)
+            h.root.mkdir(parents=True)
+            subprocess.run([str(BIN), "realm", "issue", "--realm", str(root / "realm"), "--host", h.fqdn,
+                            "--out", str(h.root / f"{h.fqdn}.cred")], check=True, capture_output=True)
+            self.hosts[name] = h
+
+    def __getitem__(self, name: str) -> Host:
+        return self.hosts[name]
+
+    def shutdown(self) -> None:
+        for h in self.hosts.values():
+            try:
+                h.stop(10)
+            except subprocess.TimeoutExpired:
+                h.kill()
+
+
+def replica_disk(host: Host, vm: str) -> Path:
+    doc = host.json("vm", "get", vm)
+    assert doc["replication_mode"] == "Replica", doc
+    return Path(doc["disks"][0]["path"])
+
+
+def wait_applied(primary: Host, replica: Host, vm: str, timeout: float = 60) -> dict:
+    seq = primary.json("replication", "get", vm)["sequence"]
+    return wait_for(lambda: (d := replica.json("replication", "get", vm))["applied_sequence"] >= seq and d,
+                    timeout, f"{vm} applied up to {seq} on {replica.name}", interval=0.1)
