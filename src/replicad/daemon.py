@@ -10,7 +10,6 @@ import asyncio
 import os
 import signal
 import stat
-from pathlib import Path
 
 from aiohttp import web
 
@@ -106,6 +105,10 @@ class Daemon:
             if token is not None:
                 await self._serve_tcp(create_peer_app(host.replica, self._realm, self.config.host),
                                       token.address, token.port, "token")
+            for name in ("tls", "metrics"):
+                if getattr(self.config.listen, name) is not None:
+                    log.warning("daemon.listener_not_served", listener=name,
+                                reason=f"listen.{name} is configured but this version serves only the token listener")
             await host.primary.start()
             log.info("daemon.ready", host=self.config.host, version=__version__,
                      socket=str(self.config.management.socket),

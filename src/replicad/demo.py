@@ -1,3 +1,252 @@
-"""Placeholder replaced below."""
-def run_demo(workdir, keep_running):
-    return 0
+"""`replicad demo`: the article's story on three local hosts, with the commands an operator
+would type. No root, no network: daemons on 127.0.0.1-3, an unprivileged port, a temp dir.
+
+What this version tells: the article's replica-server setup (vmhost2 accepts only vmhost1
+and vmhost3, trust group Production), contoso2 on vmhost2 replicated to vmhost1 (initial
+copy with a progress bar, delta cycles after writes, measure), and a byte-for-byte check.
+Failover, test failover and reverse come with the failover work (issue 4)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import xxhash
+
+HOSTS = {"vmhost1": "127.0.0.1", "vmhost2": "127.0.0.2", "vmhost3": "127.0.0.3"}
+DOMAIN = "contoso.com"
+MiB = 1 << 20
+CLI = [sys.executable, "-m", "replicad.cli"]
+
+
+def _common_free_port() -> int:
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            for addr in HOSTS.values():
+                with socket.socket() as t:
+                    t.bind((addr, port))
+            return port
+        except OSError:
+            continue
+    raise click.ClickException("no free port on 127.0.0.1-3")
+
+
+class Demo:
+    def __init__(self, workdir: Path):
+        self.dir = workdir
+        self.port = _common_free_port()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.started = time.monotonic()
+        self.timings: dict[str, float] = {}
+
+    def say(self, text: str) -> None:
+        click.echo(click.style(f"\n# {text}", fg="cyan"))
+
+    def run(self, host: str | None, *args: str, show: bool = True, check: bool = True) -> str:
+        shown = "replicad " + " ".join(shlex.quote(a) for a in args)
+        if host:
+            shown += f"   # on {host}"
+        if show:
+            click.echo(click.style(f"$ {shown}", bold=True))
+        cmd = CLI + list(args) + (["--config", str(self.dir / host / "replicad.yaml")] if host else [])
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, cwd=self.dir)
+        if show and r.stdout:
+            click.echo(r.stdout.rstrip())
+        if check and r.returncode != 0:
+            raise click.ClickException(f"`{shown}` failed with exit code {r.returncode}")
+        return r.stdout
+
+    def json(self, host: str, *args: str):
+        return json.loads(self.run(host, *args, "-o", "json", show=False))
+
+    def setup_files(self) -> None:
+        self.say("A token-auth realm (the article's Kerberos mode), and certificates for later")
+        self.run(None, "realm", "init", "--name", DOMAIN, "--out", "realm")
+        for h in HOSTS:
+            self.run(None, "realm", "issue", "--realm", "realm", "--host", f"{h}.{DOMAIN}",
+                     "--out", f"{h}/{h}.{DOMAIN}.cred")
+        self.run(None, "certs", "init-ca", "--out", "ca", "--name", "Contoso replica CA")
+        for h in HOSTS:
+            self.run(None, "certs", "issue", "--ca", "ca", "--host", f"{h}.{DOMAIN}", "--out", f"{h}/certs")
+        for h, addr in HOSTS.items():
+            (self.dir / h / "replicad.yaml").write_text(
+                f"host: {h}.{DOMAIN}\nstate_dir: state\n"
+                f"listen:\n  token: {{address: {addr}, port: {self.port}}}\n"
+                f"realm:\n  credential: {h}.{DOMAIN}.cred\n  public_key: ../realm/realm.pub\n"
+                f"management:\n  socket: state/replicad.sock\n"
+                "resolve:\n" + "".join(f"  {o}.{DOMAIN}: {a}\n" for o, a in HOSTS.items()) +
+                "log:\n  format: json\n  level: info\n")
+
+    def start_hosts(self) -> None:
+        self.say(f"Three hosts, one daemon each, on 127.0.0.1-3 port {self.port}")
+        for h in HOSTS:
+            cfg = self.dir / h / "replicad.yaml"
+            click.echo(click.style(f"$ replicad daemon --config {h}/replicad.yaml &", bold=True))
+            log = open(self.dir / h / "daemon.log", "ab")
+            self.procs[h] = subprocess.Popen(CLI + ["daemon", "--config", str(cfg)], stdout=log, stderr=log,
+                                             start_new_session=True)
+            log.close()
+        for h in HOSTS:
+            deadline = time.monotonic() + 20
+            while b'"daemon.ready"' not in (self.dir / h / "daemon.log").read_bytes():
+                if self.procs[h].poll() is not None or time.monotonic() > deadline:
+                    raise click.ClickException(f"{h} did not start; see {self.dir / h / 'daemon.log'}")
+                time.sleep(0.05)
+
+    def stop_hosts(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    def make_disk(self) -> Path:
+        path = self.dir / "vmhost2" / "images" / "contoso2.img"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rnd = random.Random(2)
+        with open(path, "wb") as f:  # 1 GiB sparse: 96 MiB of data, 32 MiB of zeros, holes
+            f.truncate(1024 * MiB)
+            for i in range(32):
+                f.seek(i * 32 * MiB)
+                f.write(rnd.randbytes(3 * MiB))
+                f.write(bytes(MiB))
+        return path
+
+    def guest_writes(self, path: Path, seed: int) -> None:
+        rnd = random.Random(seed)
+        size = path.stat().st_size
+        with open(path, "r+b") as f:
+            for _ in range(size // 4096 // 100):  # 1% of the 4 KiB blocks, at random
+                f.seek(rnd.randrange(size // 4096) * 4096)
+                f.write(rnd.randbytes(4096))
+
+    @staticmethod
+    def digest(path: Path) -> str:
+        h = xxhash.xxh3_128()
+        with open(path, "rb") as f:
+            while chunk := f.read(8 * MiB):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def wait_applied(self, vm: str) -> None:
+        seq = self.json("vmhost2", "replication", "get", vm)["sequence"]
+        deadline = time.monotonic() + 60
+        while self.json("vmhost1", "replication", "get", vm)["applied_sequence"] < seq:
+            if time.monotonic() > deadline:
+                raise click.ClickException(f"vmhost1 did not apply cycle {seq} in time")
+            time.sleep(0.1)
+
+    def story(self) -> int:
+        self.setup_files()
+        self.start_hosts()
+        p = str(self.port)
+        self.say("vmhost1 and vmhost3 accept replication from any authenticated server")
+        for h in ("vmhost1", "vmhost3"):
+            self.run(h, "server", "set", "--enabled", "true", "--auth", "token", "--allow-any-server", "true")
+        self.say("vmhost2 accepts only vmhost1 and vmhost3, trust group Production")
+        self.run("vmhost2", "server", "set", "--enabled", "true", "--auth", "token", "--allow-any-server", "false")
+        for h in ("vmhost1", "vmhost3"):
+            self.run("vmhost2", "auth-entry", "add", "--primary", f"{h}.{DOMAIN}", "--trust-group", "Production")
+        self.run("vmhost2", "auth-entry", "list")
+
+        self.say("contoso2 lives on vmhost2: a 1 GiB sparse disk image")
+        disk = self.make_disk()
+        self.run("vmhost2", "vm", "add", "contoso2", "--disk", str(disk))
+        self.run("vmhost2", "replication", "test-connection", "--replica-server", f"vmhost1.{DOMAIN}",
+                 "--replica-port", p)
+        self.run("vmhost2", "replication", "enable", "contoso2", "--replica-server", f"vmhost1.{DOMAIN}",
+                 "--replica-port", p, "--frequency", "300")
+
+        self.say("Initial replication (holes and zero blocks are not sent)")
+        t = time.monotonic()
+        self.run("vmhost2", "replication", "start-initial", "contoso2", "--wait")
+        self.timings["initial replication"] = time.monotonic() - t
+        self.wait_applied("contoso2")
+        self.run("vmhost1", "vm", "list")
+
+        for i in (1, 2):
+            self.say(f"The guest writes 1% of its blocks at random; cycle {i} ships only those")
+            self.guest_writes(disk, seed=10 + i)
+            t = time.monotonic()
+            self.run("vmhost2", "replication", "sync", "contoso2", "--wait")
+            self.timings[f"delta cycle {i}"] = time.monotonic() - t
+
+        self.say("Statistics and health (Measure-VMReplication)")
+        self.run("vmhost2", "replication", "measure", "contoso2", "-o", "list")
+        self.wait_applied("contoso2")
+        self.run("vmhost1", "replication", "get", "contoso2")
+
+        self.say("Test failover, planned failover and reverse replication come in a later version")
+        self.run("vmhost1", "failover", "start", "contoso2", "--as-test", check=False)
+
+        self.say("Are the copies identical?")
+        replica_path = Path(self.json("vmhost1", "vm", "get", "contoso2")["disks"][0]["path"])
+        same = self.digest(disk) == self.digest(replica_path)
+        m = self.json("vmhost2", "replication", "measure", "contoso2")
+        r1 = self.json("vmhost1", "replication", "get", "contoso2")
+        self.summary(same, m, r1, disk, replica_path)
+        return 0 if same else 1
+
+    def summary(self, same: bool, m: dict, r1: dict, disk: Path, replica: Path) -> None:
+        st = disk.stat()
+        rst = replica.stat()
+        click.echo(click.style("\n=== replicad demo: summary ===", bold=True))
+        rows = [
+            ("contoso2 on vmhost2", f"{m['state']}, health {m['health']}"),
+            ("contoso2 on vmhost1", f"{r1['mode']}, {r1['state']}, health {r1['health']}"),
+            ("disk size / allocated", f"{st.st_size // MiB} MiB / {st.st_blocks * 512 // MiB} MiB"),
+            ("replica allocated", f"{rst.st_blocks * 512 // MiB} MiB (sparse)"),
+            ("initial replication sent", f"{m['initial_replication_size'] / MiB:.1f} MiB"),
+            ("delta cycles", f"{m['successful_count'] - 1}, average {m['average_size'] / MiB:.2f} MiB"),
+        ] + [(k, f"{v:.2f} s") for k, v in self.timings.items()] + [
+            ("total", f"{time.monotonic() - self.started:.1f} s"),
+            ("copies", click.style("identical", fg="green") if same else click.style("DIFFERENT", fg="red")),
+        ]
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            click.echo(f"  {k.ljust(width)}  {v}")
+
+
+def run_demo(workdir: str | None, keep_running: bool) -> int:
+    if workdir:
+        root = Path(workdir).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        if any(root.iterdir()):
+            raise click.ClickException(f"{root} is not empty; give an empty or new folder")
+    else:
+        root = Path(tempfile.mkdtemp(prefix="replicad-demo-"))
+    for h in HOSTS:
+        (root / h).mkdir(exist_ok=True)
+    os.chdir(root)
+    click.echo(f"replicad demo in {root}")
+    demo = Demo(root)
+    try:
+        rc = demo.story()
+        if keep_running:
+            click.echo(f"\nThe hosts keep running. Talk to them with, for example:\n"
+                       f"  replicad vm list --config {root}/vmhost1/replicad.yaml\n"
+                       f"  replicad replication measure contoso2 --config {root}/vmhost2/replicad.yaml\n"
+                       f"Logs: {root}/vmhost*/daemon.log. Press Ctrl-C to stop them.")
+            try:
+                signal.pause()
+            except KeyboardInterrupt:
+                pass
+        return rc
+    finally:
+        demo.stop_hosts()

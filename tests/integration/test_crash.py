@@ -1,8 +1,10 @@
 """kill -9 of the replica daemon at each apply phase: the copy stays at a cycle boundary."""
 
+import subprocess
+
 import pytest
 
-from .harness import file_digest, replica_disk, wait_applied, wait_for
+from .harness import BIN, file_digest, replica_disk, wait_applied, wait_for
 from .images import make_sparse_image, scribble
 from .test_replication import enable
 
@@ -56,8 +58,6 @@ def test_replica_killed_while_receiving_keeps_previous_point(pair, tmp_path):
     copy = replica_disk(replica, "r")
     before = file_digest(copy)
     scribble(image, 6000, seed=3)  # ~24 MiB: three seconds at 8 MB/s
-    import subprocess
-    from .harness import BIN
     sync = subprocess.Popen([str(BIN), "replication", "sync", "r", "--wait", "--config", str(primary.config)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     logs = copy.parent.parent / "logs"

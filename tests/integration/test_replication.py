@@ -1,11 +1,13 @@
 """Two real daemons on 127.0.0.x, driven by the real CLI: the core replication loop."""
 
+import http.client
 import json
-import os
+import subprocess
+import time
 
 import pytest
 
-from .harness import file_digest, replica_disk, wait_applied, wait_for
+from .harness import BIN, file_digest, replica_disk, wait_applied
 from .images import make_sparse_image, scribble
 
 pytestmark = pytest.mark.integration
@@ -61,6 +63,7 @@ def test_initial_then_three_deltas_byte_identical(pair, tmp_path):
     assert m["successful_count"] == 4 and m["errors"] == 0 and m["health"] == "Normal"
     assert m["initial_replication_size"] == result["bytes_sent"]
     assert 0 < m["average_size"] <= m["maximum_size"]
+    assert replica.json("replication", "get", "contoso2")["frequency"] == 3600
 
     vms = replica.json("vm", "list")
     assert [(v["name"], v["replication_mode"], v["replication_state"]) for v in vms] == \
@@ -130,7 +133,6 @@ def test_disabled_replica_server_refuses(cluster, tmp_path):
 
 
 def test_request_without_ticket_gets_401_before_the_body_is_read(pair):
-    import http.client
     _, replica = pair
     conn = http.client.HTTPConnection(replica.addr, replica.port, timeout=10)
     conn.putrequest("PUT", "/v1/replicas/0f0e0d0c-0000-4000-8000-000000000001/logs/1")
@@ -162,8 +164,6 @@ def test_vm_start_refused_on_replica_and_cli_errors(pair, tmp_path):
     r = primary.cli("vm", "add", "../bad", "--disk", str(image), check=False)
     assert r.returncode == 1 and "invalid VM name" in r.stderr
     # the global options work before the noun as well as after the verb
-    import subprocess
-    from .harness import BIN
     out = subprocess.run([str(BIN), "--config", str(primary.config), "-o", "json", "vm", "list"],
                          capture_output=True, text=True, check=True).stdout
     assert json.loads(out)[0]["name"] == "c"
@@ -193,7 +193,6 @@ def test_suspend_resume_ships_merged_changes(pair, tmp_path):
 
 
 def test_sigterm_exits_0_quickly(pair):
-    import time
     for h in pair:
         t = time.monotonic()
         assert h.stop(10) == 0

@@ -204,7 +204,8 @@ class PrimaryEngine:
         progress = Progress(kind=kind, seq=seq, changed=asyncio.Event())
         self.progress[vm_id] = progress
         producer = CycleProducer(vm, baselines, seq=seq, base_seq=rel.seq, epoch=rel.epoch, kind=kind,
-                                 time=utcnow(), compress=rel.compression, progress=progress)
+                                 time=utcnow(), compress=rel.compression, progress=progress,
+                                 frequency=rel.frequency)
         bound = log.bind(vm=vm.name, peer=rel.replica_server, cycle=seq)
         t0 = time.monotonic()
         try:

@@ -36,10 +36,11 @@ class Progress:
 
 class CycleProducer:
     def __init__(self, vm: VM, baselines: Baselines, *, seq: int, base_seq: int, epoch: str,
-                 kind: str, time: str, compress: bool, progress: Progress):
+                 kind: str, time: str, compress: bool, progress: Progress, frequency: int = 0):
         self.vm, self.baselines = vm, baselines
         self.seq, self.base_seq, self.epoch, self.kind, self.time = seq, base_seq, epoch, kind, time
         self.compress = compress
+        self.frequency = frequency
         self.progress = progress
         self.fuzzy = False
         self.data_bytes = 0
@@ -67,7 +68,8 @@ class CycleProducer:
             i.size for s, i in zip(scans, idents) if not (s.old is not None and s.old.identity == i))
         header = Header(self.vm.id, self.vm.name, self.epoch, self.seq, self.base_seq, self.kind, self.time,
                         Consistency.CRASH.value,
-                        tuple(DiskInfo(i, p.name, ident.size) for i, (p, ident) in enumerate(zip(paths, idents))))
+                        tuple(DiskInfo(i, p.name, ident.size) for i, (p, ident) in enumerate(zip(paths, idents))),
+                        self.frequency)
         return scans, header
 
     def batches(self) -> Iterator[bytes]:

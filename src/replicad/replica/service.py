@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 from .. import log as logmod
 from ..auth.authorize import Grant, authorize
 from ..catalog import Catalog, utcnow
-from ..errors import Conflict, Refused, ReplicadError, ResyncRequired, StorageError, WireError
+from ..errors import Conflict, Refused, ResyncRequired, StorageError, WireError
 from ..fsutil import durable_rename, fsync_dir
 from ..model import VM, Disk, Relationship, ReplicationMode, ReplicationState
 from ..wire import MAX_HEADER, Header, LogDecoder
@@ -182,6 +181,7 @@ class ReplicaService:
         rel = self.catalog.relationship(vm_id)
         rel.seq = seq
         rel.error = None
+        rel.frequency = header.frequency or rel.frequency
         self.catalog.put_relationship(rel)
         bound.info("log.acknowledged", bytes=received, records=dec.records, base=header.base_seq)
         self._ensure_applier(vm_id)
@@ -313,11 +313,5 @@ class ReplicaService:
             task.cancel()
         if rel is not None and rel.role == "replica":
             shutil.rmtree(VMDir.of(rel.storage, vm_id).root, ignore_errors=True)
-            fsync_dir(Path(rel.storage)) if Path(rel.storage).exists() else None
-
-
-def new_id() -> str:
-    return str(uuid.uuid4())
-
-
-__all__ = ["ReplicaService", "ReplicadError", "new_id"]
+            if Path(rel.storage).exists():
+                fsync_dir(Path(rel.storage))

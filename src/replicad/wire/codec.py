@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import xxhash
 import zstandard
@@ -64,13 +64,14 @@ class Header:
     time: str
     consistency: str
     disks: tuple[DiskInfo, ...] = ()
+    frequency: int = 0  # the primary's cycle frequency, so the replica can judge lag
     version: int = VERSION
 
     def to_json(self) -> bytes:
         return json.dumps({
             "vm_id": self.vm_id, "vm_name": self.vm_name, "epoch": self.epoch, "seq": self.seq,
             "base_seq": self.base_seq, "kind": self.kind, "time": self.time,
-            "consistency": self.consistency,
+            "consistency": self.consistency, "frequency": self.frequency,
             "disks": [{"index": d.index, "name": d.name, "size": d.size} for d in self.disks],
         }, separators=(",", ":")).encode()
 
@@ -118,7 +119,10 @@ class Header:
                 raise WireError(f"change-log header: duplicate disk name {d['name']!r}")
             names.add(d["name"])
             disks.append(DiskInfo(i, d["name"], d["size"]))
-        return cls(vm_id, vm_name, epoch, seq, base_seq, kind, time_, consistency, tuple(disks))
+        frequency = doc.get("frequency", 0)
+        if not isinstance(frequency, int) or isinstance(frequency, bool) or not 0 <= frequency <= 7 * 86400:
+            raise WireError("change-log header: bad frequency")
+        return cls(vm_id, vm_name, epoch, seq, base_seq, kind, time_, consistency, tuple(disks), frequency)
 
 
 @dataclass(frozen=True)
