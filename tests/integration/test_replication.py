@@ -162,7 +162,7 @@ def test_vm_start_refused_on_replica_and_cli_errors(pair, tmp_path):
     r = primary.cli("replication", "enable", "c", "--replica-server", "x.contoso.com", "--frequency", "0", check=False)
     assert r.returncode == 1 and "already enabled" in r.stderr
     r = primary.cli("vm", "add", "../bad", "--disk", str(image), check=False)
-    assert r.returncode == 1 and "invalid VM name" in r.stderr
+    assert r.returncode == 2 and "invalid VM name" in r.stderr
     # the global options work before the noun as well as after the verb
     out = subprocess.run([str(BIN), "--config", str(primary.config), "-o", "json", "vm", "list"],
                          capture_output=True, text=True, check=True).stdout

@@ -58,7 +58,10 @@ class ApiClient:
             doc = json.loads(raw)
         except ValueError:
             doc = {"error": raw.decode(errors="replace")[:300] or f"HTTP {status}"}
-        raise ApiError(doc.get("error", f"HTTP {status}"), hint=doc.get("hint"))
+        err = ApiError(str(doc.get("error", f"HTTP {status}")), hint=doc.get("hint"))
+        if doc.get("exit_code") == 2:  # a usage error the daemon caught (bad value for a flag)
+            err.exit_code = 2
+        raise err
 
     def call(self, method: str, path: str, body: dict | None = None):
         conn, resp = self._send(method, path, body, TIMEOUT)
