@@ -4,9 +4,9 @@ import subprocess
 
 import pytest
 
-from .harness import BIN, file_digest, replica_disk, wait_applied, wait_for
-from .images import make_sparse_image, scribble
-from .test_replication import enable
+from .harness import BIN, file_digest, wait_applied, wait_for
+from .images import scribble
+from .test_replication import replicated
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20
@@ -15,12 +15,7 @@ MiB = 1 << 20
 @pytest.mark.parametrize("phase", ["after-undo", "after-data", "after-commit"])
 def test_replica_killed_mid_apply_converges(pair, tmp_path, phase):
     primary, replica = pair
-    image = tmp_path / "k.img"
-    make_sparse_image(image, 32 * MiB, data_pieces=8)
-    enable(primary, replica, "k", image, frequency=3600)
-    primary.json("replication", "start-initial", "k", "--wait")
-    wait_applied(primary, replica, "k")
-    copy = replica_disk(replica, "k")
+    image, copy = replicated(primary, replica, "k", tmp_path, 32 * MiB, 8, frequency=3600)
     before = file_digest(image)
 
     replica.stop()
@@ -50,12 +45,7 @@ def test_replica_killed_mid_apply_converges(pair, tmp_path, phase):
 def test_replica_killed_while_receiving_keeps_previous_point(pair, tmp_path):
     """SIGKILL while a log streams in: the half-received log is dropped, the copy untouched."""
     primary, replica = pair
-    image = tmp_path / "r.img"
-    make_sparse_image(image, 64 * MiB, data_pieces=8)
-    enable(primary, replica, "r", image, frequency=3600, bandwidth_limit="8MB")
-    primary.json("replication", "start-initial", "r", "--wait")
-    wait_applied(primary, replica, "r")
-    copy = replica_disk(replica, "r")
+    image, copy = replicated(primary, replica, "r", tmp_path, 64 * MiB, 8, frequency=3600, bandwidth_limit="8MB")
     before = file_digest(copy)
     scribble(image, 6000, seed=3)  # ~24 MiB: three seconds at 8 MB/s
     sync = subprocess.Popen([str(BIN), "replication", "sync", "r", "--wait", "--config", str(primary.config)],

@@ -4,7 +4,7 @@ import pytest
 
 from .harness import file_digest, replica_disk, wait_applied, wait_for
 from .images import make_sparse_image, scribble
-from .test_replication import enable
+from .test_replication import enable, replicated
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20
@@ -41,12 +41,7 @@ def test_start_initial_at_a_later_time_waits(pair, tmp_path):
 def test_trust_group_change_locks_out_the_old_group(pair, tmp_path):
     """A replica VM stays bound to the trust group it was created under."""
     primary, replica = pair
-    image = tmp_path / "tg.img"
-    make_sparse_image(image, 4 * MiB, data_pieces=1)
-    enable(primary, replica, "tg", image, frequency=3600)
-    primary.json("replication", "start-initial", "tg", "--wait")
-    wait_applied(primary, replica, "tg")
-    copy = replica_disk(replica, "tg")
+    image, copy = replicated(primary, replica, "tg", tmp_path, frequency=3600)
     before = file_digest(copy)
     replica.cli("auth-entry", "add", "--primary", primary.fqdn, "--trust-group", "Staging")  # more specific
     scribble(image, 10, seed=1)
@@ -67,22 +62,13 @@ def test_per_entry_storage_is_created_and_used(pair, tmp_path):
     storage = tmp_path / "deep" / "replicas"
     replica.cli("auth-entry", "set", "--primary", "*.contoso.com", "--storage", str(storage))
     assert storage.is_dir() and oct(storage.stat().st_mode & 0o777) == "0o700"
-    image = tmp_path / "st.img"
-    make_sparse_image(image, 4 * MiB, data_pieces=1)
-    enable(primary, replica, "st", image)
-    primary.json("replication", "start-initial", "st", "--wait")
-    wait_applied(primary, replica, "st")
-    assert replica_disk(replica, "st").is_relative_to(storage)
+    _, copy = replicated(primary, replica, "st", tmp_path)
+    assert copy.is_relative_to(storage)
 
 
 def test_remove_replication_and_the_replica_vm(pair, tmp_path):
     primary, replica = pair
-    image = tmp_path / "rm.img"
-    make_sparse_image(image, 4 * MiB, data_pieces=1)
-    enable(primary, replica, "rm", image)
-    primary.json("replication", "start-initial", "rm", "--wait")
-    wait_applied(primary, replica, "rm")
-    copy = replica_disk(replica, "rm")
+    _, copy = replicated(primary, replica, "rm", tmp_path)
     r = primary.cli("vm", "remove", "rm", check=False)
     assert r.returncode == 1 and "remove replication first" in r.stderr
     primary.cli("replication", "remove", "rm")

@@ -22,6 +22,16 @@ def enable(primary, replica, vm, image, **opts):
     primary.cli(*args)
 
 
+def replicated(primary, replica, vm, tmp_path, size=4 * MiB, pieces=1, **opts):
+    """A VM with a fresh sparse image, replicated and applied; returns (image, replica copy)."""
+    image = tmp_path / f"{vm}.img"
+    make_sparse_image(image, size, data_pieces=pieces)
+    enable(primary, replica, vm, image, **opts)
+    primary.json("replication", "start-initial", vm, "--wait")
+    wait_applied(primary, replica, vm)
+    return image, replica_disk(replica, vm)
+
+
 def test_initial_then_three_deltas_byte_identical(pair, tmp_path):
     primary, replica = pair
     image = tmp_path / "contoso2.img"
@@ -83,18 +93,14 @@ def test_idle_cycle_reads_nothing_and_sends_a_header(pair, tmp_path):
 
 def test_replica_restart_keeps_its_copy_and_resumes(pair, tmp_path):
     primary, replica = pair
-    image = tmp_path / "contoso2.img"
-    make_sparse_image(image, 32 * MiB, data_pieces=8)
-    enable(primary, replica, "contoso2", image, frequency=3600)
-    primary.json("replication", "start-initial", "contoso2", "--wait")
-    wait_applied(primary, replica, "contoso2")
+    image, copy = replicated(primary, replica, "contoso2", tmp_path, 32 * MiB, 8, frequency=3600)
     assert replica.stop() == 0
     replica.start()
     assert replica.json("vm", "get", "contoso2")["replication_mode"] == "Replica"
     scribble(image, 50, seed=9)
     primary.json("replication", "sync", "contoso2", "--wait")
     wait_applied(primary, replica, "contoso2")
-    assert file_digest(replica_disk(replica, "contoso2")) == file_digest(image)
+    assert file_digest(copy) == file_digest(image)
     assert primary.stop() == 0
     primary.start()
     assert primary.json("replication", "get", "contoso2")["state"] == "Replicating"
@@ -150,11 +156,7 @@ def test_request_without_ticket_gets_401_before_the_body_is_read(pair):
 
 def test_vm_start_refused_on_replica_and_cli_errors(pair, tmp_path):
     primary, replica = pair
-    image = tmp_path / "c.img"
-    make_sparse_image(image, 4 * MiB, data_pieces=1)
-    enable(primary, replica, "c", image)
-    primary.json("replication", "start-initial", "c", "--wait")
-    wait_applied(primary, replica, "c")
+    image, _ = replicated(primary, replica, "c", tmp_path)
     r = replica.cli("vm", "start", "c", check=False)
     assert r.returncode == 1 and r.stderr.startswith("error: c is a replica VM")
     r = primary.cli("vm", "get", "nope", check=False)
