@@ -110,3 +110,21 @@ def test_management_input_is_validated(pair, tmp_path):
         assert r.returncode == 2 and msg in r.stderr, (args, r.stderr)
     r = primary.cli("replication", "enable", "v", "--replica-server", replica.fqdn, "--frequency", "x", check=False)
     assert r.returncode == 2  # click usage error: not an integer
+
+
+def test_a_vanished_disk_is_reported_and_other_vms_carry_on(pair, tmp_path):
+    primary, replica = pair
+    gone, _ = replicated(primary, replica, "gone", tmp_path, frequency=3600)
+    fine, fine_copy = replicated(primary, replica, "fine", tmp_path, frequency=3600)
+    gone.rename(tmp_path / "elsewhere.img")
+    r = primary.cli("replication", "sync", "gone", "--wait", check=False)
+    assert r.returncode == 1 and r.stderr.strip() == f"error: cannot open disk {gone}: No such file or directory"
+    got = primary.json("replication", "get", "gone")
+    assert got["health"] == "Critical" and "cannot open disk" in got["error"]
+    scribble(fine, 10, seed=3)
+    primary.json("replication", "sync", "fine", "--wait")
+    wait_applied(primary, replica, "fine")
+    assert file_digest(fine_copy) == file_digest(fine)
+    (tmp_path / "elsewhere.img").rename(gone)
+    primary.json("replication", "sync", "gone", "--wait")
+    assert primary.json("replication", "get", "gone")["error"] is None

@@ -184,7 +184,7 @@ class PrimaryEngine:
                      reason="the replica acknowledged this cycle before the primary could record it")
             rel.seq = top
             self._save(rel)
-        baselines.keep_only(rel.seq)
+        await asyncio.to_thread(baselines.keep_only, rel.seq)
         return rel
 
     async def _cycle(self, vm_id: str) -> CycleOutcome:
@@ -196,7 +196,7 @@ class PrimaryEngine:
             rel.epoch = secrets.token_hex(8)
             rel.state = S.INITIAL_IN_PROGRESS
             self._save(rel)
-            baselines.drop_all()
+            await asyncio.to_thread(baselines.drop_all)
         else:
             rel = await self._reconcile_pending(rel, baselines)
         seq = rel.seq + 1
@@ -209,8 +209,13 @@ class PrimaryEngine:
         bound = log.bind(vm=vm.name, peer=rel.replica_server, cycle=seq)
         t0 = time.monotonic()
         try:
+            await asyncio.to_thread(producer.open)
             ack = await self.client.push_log(rel.replica_server, rel.replica_port, vm_id, seq,
                                              stream_batches(producer, bandwidth_limit=rel.bandwidth_limit))
+        except ReplicadError:
+            if producer.error is not None:
+                raise producer.error from None
+            raise
         finally:
             progress.done = True
             progress.changed.set()
@@ -236,7 +241,7 @@ class PrimaryEngine:
             st.maximum_latency = max(st.maximum_latency, seconds)
             st.missed_count += int(seconds // rel.frequency)  # ticks that passed while this cycle ran
         self._save(rel)
-        baselines.keep_only(seq)
+        await asyncio.to_thread(baselines.keep_only, seq)
         outcome = CycleOutcome(vm=vm.name, seq=seq, kind=kind, bytes_sent=progress.sent,
                                data_bytes=producer.data_bytes, seconds=round(seconds, 3),
                                consistency="fuzzy" if producer.fuzzy else "crash")

@@ -34,6 +34,14 @@ class Progress:
     changed: asyncio.Event | None = field(default=None, repr=False)
 
 
+def local_error(e: OSError) -> ReplicadError:
+    """A local I/O failure while building a log (disk unreadable, state_dir full)."""
+    where = f" {e.filename}" if e.filename else ""
+    err = ReplicadError(f"local I/O error{where}: {e.strerror or e}")
+    err.transient = True
+    return err
+
+
 class CycleProducer:
     def __init__(self, vm: VM, baselines: Baselines, *, seq: int, base_seq: int, epoch: str,
                  kind: str, time: str, compress: bool, progress: Progress, frequency: int = 0):
@@ -44,7 +52,18 @@ class CycleProducer:
         self.progress = progress
         self.fuzzy = False
         self.data_bytes = 0
+        self.error: BaseException | None = None  # what stopped the producer, if anything
         self._readers: list[DigestMapReader | None] = []
+        self._opened: tuple[list[DiskScan], Header] | None = None
+
+    def open(self) -> Header:
+        """Open every disk and build the header, before any connection is made: a missing
+        disk or baseline is reported as what it is, not as a network failure."""
+        try:
+            self._opened = self._open()
+        except OSError as e:
+            raise local_error(e) from None
+        return self._opened[1]
 
     def _open(self) -> tuple[list[DiskScan], Header]:
         paths = [Path(d.path) for d in self.vm.disks]
@@ -73,7 +92,7 @@ class CycleProducer:
         return scans, header
 
     def batches(self) -> Iterator[bytes]:
-        scans, header = self._open()
+        scans, header = self._opened or self._open()
         try:
             enc = LogEncoder(header, compress=self.compress)
             out = bytearray(enc.start())
@@ -115,7 +134,14 @@ async def stream_batches(producer: CycleProducer, *, bandwidth_limit: int = 0) -
     started = loop.time()
     try:
         while True:
-            chunk = await fut
+            try:
+                chunk = await fut
+            except OSError as e:
+                producer.error = local_error(e)  # the transport wraps it; the engine reports this
+                raise producer.error from None
+            except BaseException as e:
+                producer.error = e
+                raise
             if chunk is sentinel:
                 return
             fut = loop.run_in_executor(None, next, it, sentinel)
