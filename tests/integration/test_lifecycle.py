@@ -128,3 +128,21 @@ def test_a_vanished_disk_is_reported_and_other_vms_carry_on(pair, tmp_path):
     (tmp_path / "elsewhere.img").rename(gone)
     primary.json("replication", "sync", "gone", "--wait")
     assert primary.json("replication", "get", "gone")["error"] is None
+
+
+def test_suspended_on_the_replica_refuses_logs_until_resumed(pair, tmp_path):
+    primary, replica = pair
+    image, copy = replicated(primary, replica, "p", tmp_path, frequency=3600)
+    got = replica.json("replication", "suspend", "p")
+    assert (got["state"], got["health"]) == ("Suspended", "Critical")
+    before = file_digest(copy)
+    scribble(image, 10, seed=8)
+    r = primary.cli("replication", "sync", "p", "--wait", check=False)
+    assert r.returncode == 1 and "suspended on the replica server" in r.stderr
+    assert primary.json("replication", "get", "p")["health"] == "Critical"
+    assert file_digest(copy) == before
+    assert replica.json("replication", "resume", "p")["state"] == "Replicating"
+    primary.json("replication", "sync", "p", "--wait")
+    wait_applied(primary, replica, "p")
+    assert file_digest(copy) == file_digest(image)
+    assert primary.json("replication", "get", "p")["state"] == "Replicating"

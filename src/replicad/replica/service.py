@@ -60,7 +60,8 @@ class ReplicaService:
         self.catalog = catalog
         self.state_dir = state_dir
         self._fault = fault
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, asyncio.Lock] = {}        # one receipt at a time per VM
+        self._apply_locks: dict[str, asyncio.Lock] = {}  # held while a log is being applied
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self.applied: dict[str, asyncio.Condition] = {}
@@ -137,6 +138,9 @@ class ReplicaService:
         bound = log.bind(vm=header.vm_name, peer=grant.principal, cycle=seq)
         if vm is not None and (rel is None or rel.role != "replica"):
             raise Conflict(f"VM {header.vm_name} ({vm_id}) exists on this host and is not a replica")
+        if rel is not None and rel.state == ReplicationState.SUSPENDED:
+            raise Conflict(f"replication of {header.vm_name} is suspended on the replica server",
+                           hint="run `replicad replication resume` on the replica")
         if rel is not None and rel.trust_group != grant.trust_group:
             bound.warning("replica.refused", reason="trust group mismatch", vm_group=rel.trust_group,
                           peer_group=grant.trust_group)
@@ -209,8 +213,10 @@ class ReplicaService:
         vmdir = VMDir.of(storage, header.vm_id)
         if rel is not None:
             old = VMDir.of(rel.storage, header.vm_id)
-            # a restarted initial replication: drop staged logs and undo of the old copy
-            await asyncio.to_thread(lambda: [shutil.rmtree(p, ignore_errors=True) for p in (old.logs, old.undo)])
+            # a restarted initial replication: drop staged logs and undo of the old copy, never
+            # under the feet of an apply in progress
+            async with self._apply_locks.setdefault(header.vm_id, asyncio.Lock()):
+                await asyncio.to_thread(lambda: [shutil.rmtree(p, ignore_errors=True) for p in (old.logs, old.undo)])
         await asyncio.to_thread(vmdir.create)
         vm = VM(id=header.vm_id, name=header.vm_name, mode=ReplicationMode.REPLICA,
                 disks=[Disk(str(vmdir.disk(d.name)), d.size, "raw") for d in header.disks])
@@ -252,7 +258,9 @@ class ReplicaService:
                 disks = [Path(d.path) for d in vm.disks]
                 bound = log.bind(vm=vm.name, cycle=seq)
                 try:
-                    header = await asyncio.to_thread(apply_log, vmdir, seq, disks, self._committer(vm_id), fault=self._fault)
+                    async with self._apply_locks.setdefault(vm_id, asyncio.Lock()):
+                        header = await asyncio.to_thread(apply_log, vmdir, seq, disks, self._committer(vm_id),
+                                                         fault=self._fault)
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:  # noqa: BLE001 — one VM's failure never stops the daemon
