@@ -146,3 +146,18 @@ def test_suspended_on_the_replica_refuses_logs_until_resumed(pair, tmp_path):
     wait_applied(primary, replica, "p")
     assert file_digest(copy) == file_digest(image)
     assert primary.json("replication", "get", "p")["state"] == "Replicating"
+
+
+def test_back_to_back_cycles_overlap_with_applies(pair, tmp_path):
+    """Receipts of log N+1 while log N is being applied: no ack lost, no resync, converged."""
+    primary, replica = pair
+    image, copy = replicated(primary, replica, "busy", tmp_path, 32 * MiB, 8, frequency=3600)
+    for i in range(15):
+        scribble(image, 200, seed=100 + i)
+        r = primary.json("replication", "sync", "busy", "--wait")
+        assert r["seq"] == 2 + i
+    wait_applied(primary, replica, "busy")
+    got = replica.json("replication", "get", "busy")
+    assert got["error"] is None and got["applied_sequence"] == got["sequence"] == 16
+    assert primary.json("replication", "get", "busy")["error"] is None
+    assert file_digest(copy) == file_digest(image)

@@ -241,6 +241,8 @@ def measure_json(host: Host, rel: Relationship, name: str) -> dict:
 async def measure(request):
     host = host_of(request)
     vm, rel = _rel(host, request.match_info["vm"])
+    host.primary.roll_stats(rel)
+    host.catalog.put_relationship(rel)
     return web.json_response(measure_json(host, rel, vm.name))
 
 

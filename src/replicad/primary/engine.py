@@ -19,6 +19,8 @@ from ..catalog import Catalog, utcnow
 from ..errors import PeerError, ReplicadError, ResyncRequired
 from ..health import compute as compute_health
 from ..model import Relationship, ReplicationState as S
+from ..monitoring import roll as roll_interval
+from ..replica.settings import ServerSettings
 from ..transport.client import PeerClient
 from .baseline import Baselines
 from .producer import CycleProducer, Progress, stream_batches
@@ -149,10 +151,18 @@ class PrimaryEngine:
             if not fut.done():
                 fut.set_exception(exc if isinstance(exc, ReplicadError) else ReplicadError(str(exc)))
 
+    def roll_stats(self, rel: Relationship) -> None:
+        """Start a new monitoring interval when the current one is over (monitoring.py)."""
+        s = ServerSettings.load(self.catalog, self.state_dir)
+        if roll_interval(rel, s.monitoring_start_time, s.monitoring_interval):
+            log.info("stats.interval_started", vm=rel.vm_id, start=rel.stats.monitoring_start,
+                     reason="a new monitoring interval began")
+
     def _failed(self, vm_id: str, e: Exception, seconds: float) -> None:
         rel = self.catalog.relationship(vm_id)
         if rel is None:
             return
+        self.roll_stats(rel)
         rel.stats.errors += 1
         if rel.seq > 0:
             rel.stats.missed_count += 1
@@ -209,7 +219,7 @@ class PrimaryEngine:
         bound = log.bind(vm=vm.name, peer=rel.replica_server, cycle=seq)
         t0 = time.monotonic()
         try:
-            await asyncio.to_thread(producer.open)
+            header = await asyncio.to_thread(producer.open)
             ack = await self.client.push_log(rel.replica_server, rel.replica_port, vm_id, seq,
                                              stream_batches(producer, bandwidth_limit=rel.bandwidth_limit))
         except ReplicadError:
@@ -224,6 +234,7 @@ class PrimaryEngine:
         seconds = time.monotonic() - t0
         # the replica holds log `seq` durably: now, and only now, the baseline advances
         rel = self.catalog.relationship(vm_id)
+        self.roll_stats(rel)
         rel.seq = seq
         rel.error = None
         rel.last_replication_time = utcnow()
@@ -241,6 +252,11 @@ class PrimaryEngine:
             st.maximum_latency = max(st.maximum_latency, seconds)
             st.missed_count += int(seconds // rel.frequency)  # ticks that passed while this cycle ran
         self._save(rel)
+        vm = self.catalog.vm_by_id(vm_id)
+        if vm is not None:  # sizes as shipped, so `vm get` follows a growing disk
+            for d, info in zip(vm.disks, header.disks):
+                d.size = info.size
+            self.catalog.put_vm(vm)
         await asyncio.to_thread(baselines.keep_only, seq)
         outcome = CycleOutcome(vm=vm.name, seq=seq, kind=kind, bytes_sent=progress.sent,
                                data_bytes=producer.data_bytes, seconds=round(seconds, 3),

@@ -4,14 +4,15 @@ Order, for log N on top of committed point N-1:
   1. write the undo log (the current contents of everything log N touches) and make it
      durable under its final name — the copy is still exactly point N-1;
   2. write log N's blocks into the disks and fsync them;
-  3. commit point N in the catalog (the caller's ``commit``);
+  3. commit point N in the catalog (the caller, on the event loop: ``write_point`` returns
+     after step 2 and ``discard`` does step 4);
   4. drop the undo log and the staged log.
 After a crash: an undo log without a commit means step 2 may be partial; the staged log is
 complete and verified, so the apply simply runs again (every record is idempotent). If the
 staged log can no longer be read, ``rollback`` restores point N-1 from the undo log. An
 initial copy has no previous point, so it needs no undo: it restarts from empty files.
 
-Blocking code: runs in a worker thread."""
+Blocking code: runs in worker threads."""
 
 from __future__ import annotations
 
@@ -139,9 +140,10 @@ def apply_records(log_path: Path, disk_paths: list[Path], *, fresh: bool = False
     return header
 
 
-def apply_log(vmdir: VMDir, seq: int, disk_paths: list[Path], commit: Callable[[Header], None],
-              *, fault: Callable[[str], None] = lambda phase: None) -> Header:
-    """Apply staged log ``seq`` on top of the committed point, per the order above."""
+def write_point(vmdir: VMDir, seq: int, disk_paths: list[Path], *,
+                fault: Callable[[str], None] = lambda phase: None) -> Header:
+    """Steps 1-2 for staged log ``seq``: undo log (unless one is already complete), then the
+    blocks. The caller commits (step 3, on the event loop) and then calls ``discard``."""
     log_path = vmdir.log(seq)
     header = read_header(log_path)
     fresh = header.kind == "initial"
@@ -151,11 +153,13 @@ def apply_log(vmdir: VMDir, seq: int, disk_paths: list[Path], commit: Callable[[
     fault("after-undo")
     apply_records(log_path, disk_paths, fresh=fresh)
     fault("after-data")
-    commit(header)
-    fault("after-commit")
-    vmdir.undo_log(seq).unlink(missing_ok=True)
-    log_path.unlink(missing_ok=True)
     return header
+
+
+def discard(vmdir: VMDir, seq: int) -> None:
+    """Step 4: the point is committed; its undo log and staged log are no longer needed."""
+    vmdir.undo_log(seq).unlink(missing_ok=True)
+    vmdir.log(seq).unlink(missing_ok=True)
 
 
 def rollback(vmdir: VMDir, seq: int, disk_paths: list[Path]) -> bool:

@@ -16,8 +16,9 @@ from ..catalog import Catalog, utcnow
 from ..errors import Conflict, Refused, ResyncRequired, StorageError, WireError
 from ..fsutil import durable_rename, fsync_dir
 from ..model import VM, Disk, Relationship, ReplicationMode, ReplicationState
+from ..monitoring import roll as roll_interval
 from ..wire import MAX_HEADER, Header, LogDecoder
-from .apply import apply_log, rollback
+from .apply import discard, rollback, write_point
 from .layout import VMDir
 from .settings import ServerSettings
 
@@ -64,7 +65,6 @@ class ReplicaService:
         self._apply_locks: dict[str, asyncio.Lock] = {}  # held while a log is being applied
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task] = {}
-        self.applied: dict[str, asyncio.Condition] = {}
 
     # lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -98,7 +98,6 @@ class ReplicaService:
     def _ensure_applier(self, vm_id: str) -> None:
         if vm_id not in self._tasks or self._tasks[vm_id].done():
             self._wake.setdefault(vm_id, asyncio.Event()).set()
-            self.applied.setdefault(vm_id, asyncio.Condition())
             self._tasks[vm_id] = asyncio.create_task(self._applier(vm_id), name=f"apply:{vm_id}")
 
     # receiving ------------------------------------------------------------------------------
@@ -259,8 +258,12 @@ class ReplicaService:
                 bound = log.bind(vm=vm.name, cycle=seq)
                 try:
                     async with self._apply_locks.setdefault(vm_id, asyncio.Lock()):
-                        header = await asyncio.to_thread(apply_log, vmdir, seq, disks, self._committer(vm_id),
-                                                         fault=self._fault)
+                        header = await asyncio.to_thread(write_point, vmdir, seq, disks, fault=self._fault)
+                        # the commit runs here, on the loop: no other writer of this row can
+                        # interleave (a receipt may be recording the next ack right now)
+                        self._commit(vm_id, header)
+                        self._fault("after-commit")
+                        await asyncio.to_thread(discard, vmdir, seq)
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:  # noqa: BLE001 — one VM's failure never stops the daemon
@@ -281,9 +284,6 @@ class ReplicaService:
                     continue
                 delay = 1.0
                 bound.info("log.applied", kind=header.kind, point=header.time, consistency=header.consistency)
-                cond = self.applied[vm_id]
-                async with cond:
-                    cond.notify_all()
 
     @staticmethod
     def _rollback_quietly(vmdir: VMDir, seq: int, disks: list[Path]) -> None:
@@ -293,25 +293,21 @@ class ReplicaService:
         except OSError as e:
             log.error("apply.rollback_failed", cycle=seq, reason=e.strerror)
 
-    def _committer(self, vm_id: str) -> Callable[[Header], None]:
-        def commit(header: Header) -> None:
-            rel = self.catalog.relationship(vm_id)
-            rel.applied_seq = header.seq
-            rel.error = None
-            rel.last_replication_time = utcnow()
-            if rel.state in (ReplicationState.INITIAL_IN_PROGRESS, ReplicationState.ERROR):
-                rel.state = ReplicationState.REPLICATING
-            rel.stats.successful_count += 1
-            vm = self.catalog.vm_by_id(vm_id)
-            for d, info in zip(vm.disks, header.disks):
-                d.size = info.size
-            self.catalog.put_vm_and_relationship(vm, rel)
-        return commit
-
-    async def wait_applied(self, vm_id: str, seq: int) -> None:
-        cond = self.applied.setdefault(vm_id, asyncio.Condition())
-        async with cond:
-            await cond.wait_for(lambda: (r := self.catalog.relationship(vm_id)) is None or r.applied_seq >= seq)
+    def _commit(self, vm_id: str, header: Header) -> None:
+        """Step 3 of the apply: point ``header.seq`` is now the copy's committed state."""
+        rel = self.catalog.relationship(vm_id)
+        s = ServerSettings.load(self.catalog, self.state_dir)
+        roll_interval(rel, s.monitoring_start_time, s.monitoring_interval)
+        rel.applied_seq = header.seq
+        rel.error = None
+        rel.last_replication_time = utcnow()
+        if rel.state in (ReplicationState.INITIAL_IN_PROGRESS, ReplicationState.ERROR):
+            rel.state = ReplicationState.REPLICATING
+        rel.stats.successful_count += 1
+        vm = self.catalog.vm_by_id(vm_id)
+        for d, info in zip(vm.disks, header.disks):
+            d.size = info.size
+        self.catalog.put_vm_and_relationship(vm, rel)
 
     def remove(self, vm_id: str) -> None:
         """Forget a replica VM and delete its copy (``vm remove`` on the replica)."""
