@@ -288,7 +288,7 @@ async def remove(request):
     host = host_of(request)
     vm, rel = _rel(host, request.match_info["vm"])
     if rel.role == "primary":
-        host.primary.forget(vm.id)
+        await host.primary.forget(vm.id)
         await asyncio.to_thread(Baselines(host.config.state_dir, vm.id).drop_all)
     host.catalog.remove_relationship(vm.id)
     vm.mode = ReplicationMode.NONE

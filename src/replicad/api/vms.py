@@ -163,7 +163,7 @@ async def remove_vm(request):
         raise Conflict(f"{vm.name} is replicated; remove replication first",
                        hint=f"`replicad replication remove {vm.name}`")
     if rel is not None and rel.role == "replica":
-        await asyncio.to_thread(host.replica.remove, vm.id)
+        await host.replica.remove(vm.id)
         host.catalog.audit("local", "replica.removed", f"{vm.name} ({vm.id})")
     host.catalog.remove_vm(vm.id)
     log.info("vm.removed", vm=vm.name, replica_copy_deleted=rel is not None)

@@ -64,10 +64,12 @@ class PrimaryEngine:
             self._wake.setdefault(vm_id, asyncio.Event())
             self._tasks[vm_id] = asyncio.create_task(self._supervise(vm_id), name=f"primary:{vm_id}")
 
-    def forget(self, vm_id: str) -> None:
+    async def forget(self, vm_id: str) -> None:
+        """Stop the VM's supervisor and wait until its cycle (and producer thread) is gone."""
         task = self._tasks.pop(vm_id, None)
         if task:
             task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         for fut in self._waiters.pop(vm_id, []):
             if not fut.done():
                 fut.set_exception(ReplicadError("replication was removed"))

@@ -309,13 +309,18 @@ class ReplicaService:
             d.size = info.size
         self.catalog.put_vm_and_relationship(vm, rel)
 
-    def remove(self, vm_id: str) -> None:
+    async def remove(self, vm_id: str) -> None:
         """Forget a replica VM and delete its copy (``vm remove`` on the replica)."""
         rel = self.catalog.relationship(vm_id)
         task = self._tasks.pop(vm_id, None)
         if task:
             task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         if rel is not None and rel.role == "replica":
-            shutil.rmtree(VMDir.of(rel.storage, vm_id).root, ignore_errors=True)
-            if Path(rel.storage).exists():
-                fsync_dir(Path(rel.storage))
+            await asyncio.to_thread(self._delete_copy, Path(rel.storage), vm_id)
+
+    @staticmethod
+    def _delete_copy(storage: Path, vm_id: str) -> None:
+        shutil.rmtree(VMDir.of(storage, vm_id).root, ignore_errors=True)
+        if storage.exists():
+            fsync_dir(storage)
