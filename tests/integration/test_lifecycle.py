@@ -2,7 +2,7 @@
 
 import pytest
 
-from .harness import file_digest, replica_disk, wait_applied, wait_for
+from .harness import file_digest, wait_applied, wait_for
 from .images import make_sparse_image, scribble
 from .test_replication import enable, replicated
 
@@ -12,14 +12,11 @@ MiB = 1 << 20
 
 def test_cycles_run_on_their_own_at_the_frequency(pair, tmp_path):
     primary, replica = pair
-    image = tmp_path / "tick.img"
-    make_sparse_image(image, 8 * MiB, data_pieces=2)
-    enable(primary, replica, "tick", image, frequency=1)
-    primary.json("replication", "start-initial", "tick", "--wait")
+    image, copy = replicated(primary, replica, "tick", tmp_path, 8 * MiB, 2, frequency=1)
     scribble(image, 30, seed=4)
     target = file_digest(image)
     # no `sync`: the next tick ships the change
-    wait_for(lambda: file_digest(replica_disk(replica, "tick")) == target, 30, "a scheduled cycle to ship the write")
+    wait_for(lambda: file_digest(copy) == target, 30, "a scheduled cycle to ship the write")
     seq = primary.json("replication", "get", "tick")["sequence"]
     wait_for(lambda: primary.json("replication", "get", "tick")["sequence"] >= seq + 2, 30, "two more ticks")
     m = primary.json("replication", "measure", "tick")

@@ -176,10 +176,7 @@ def test_vm_start_refused_on_replica_and_cli_errors(pair, tmp_path):
 
 def test_suspend_resume_ships_merged_changes(pair, tmp_path):
     primary, replica = pair
-    image = tmp_path / "s.img"
-    make_sparse_image(image, 16 * MiB, data_pieces=4)
-    enable(primary, replica, "s", image, frequency=3600)
-    primary.json("replication", "start-initial", "s", "--wait")
+    image, copy = replicated(primary, replica, "s", tmp_path, 16 * MiB, 4, frequency=3600)
     assert primary.json("replication", "suspend", "s")["state"] == "Suspended"
     assert primary.json("replication", "get", "s")["health"] == "Warning"
     r = primary.cli("replication", "sync", "s", "--wait", check=False)
@@ -190,7 +187,7 @@ def test_suspend_resume_ships_merged_changes(pair, tmp_path):
     r = primary.json("replication", "sync", "s", "--wait")
     assert r["data_bytes"] <= 40 * 4096
     wait_applied(primary, replica, "s")
-    assert file_digest(replica_disk(replica, "s")) == file_digest(image)
+    assert file_digest(copy) == file_digest(image)
     assert primary.json("replication", "reset-stats", "s")["successful_count"] == 0
 
 
