@@ -197,3 +197,20 @@ def test_sigterm_exits_0_quickly(pair):
         assert h.stop(10) == 0
         assert time.monotonic() - t < 10
         assert not (h.root / "state" / "replicad.sock").exists()
+
+
+def test_compression_on_by_default_and_off_on_request(pair, tmp_path):
+    primary, replica = pair
+    for vm, flag in (("zon", None), ("zoff", "false")):
+        image = tmp_path / f"{vm}.img"
+        with open(image, "wb") as f:  # compressible data: text
+            f.write(b"".join(b"line %08d of a very compressible log file\n" % i for i in range(200_000)))
+        opts = {"compression": flag} if flag else {}
+        enable(primary, replica, vm, image, **opts)
+        r = primary.json("replication", "start-initial", vm, "--wait")
+        if flag is None:
+            assert r["bytes_sent"] < r["data_bytes"] / 4, r
+        else:
+            assert r["bytes_sent"] > r["data_bytes"], r
+        wait_applied(primary, replica, vm)
+        assert file_digest(replica_disk(replica, vm)) == file_digest(image)

@@ -1,0 +1,26 @@
+"""`replicad demo` runs the article's story end to end and says the copies are identical."""
+
+import subprocess
+
+import pytest
+
+from .harness import BIN
+
+pytestmark = pytest.mark.integration
+
+
+def test_demo_runs_and_copies_are_identical(tmp_path):
+    r = subprocess.run([str(BIN), "demo", "--workdir", str(tmp_path / "demo")], capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    for expected in ("$ replicad server set --enabled true --auth token --allow-any-server false   # on vmhost2",
+                     "$ replicad auth-entry add --primary vmhost1.contoso.com --trust-group Production   # on vmhost2",
+                     "$ replicad replication start-initial contoso2 --wait   # on vmhost2",
+                     "$ replicad replication measure contoso2 -o list   # on vmhost2",
+                     "contoso2  Off    Replica"):
+        assert expected in out, expected
+    assert "copies" in out and "identical" in out.split("copies")[-1]
+    assert "Traceback" not in r.stderr
+    r = subprocess.run([str(BIN), "demo", "--workdir", str(tmp_path / "demo")], capture_output=True, text=True)
+    assert r.returncode == 1 and "is not empty" in r.stderr
