@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,6 +24,7 @@ CREATE TABLE IF NOT EXISTS auth_entries (primary_pattern TEXT PRIMARY KEY, stora
                                          trust_group TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS vms (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS relationships (vm_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS replay (nonce TEXT PRIMARY KEY, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL,
                                   actor TEXT NOT NULL, action TEXT NOT NULL, detail TEXT NOT NULL);
 """
@@ -123,6 +125,21 @@ class Catalog:
 
     def remove_relationship(self, vm_id: str) -> None:
         self._write("DELETE FROM relationships WHERE vm_id=?", (vm_id,))
+
+    # replay cache -----------------------------------------------------------------------
+    def remember_nonce(self, nonce: str, expires: float) -> bool:
+        """Record a ticket nonce until ``expires``; False if it was already seen (a replay).
+        Durable, so a ticket replayed after a restart is refused as well."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM replay WHERE expires < ?", (time.time(),))
+            try:
+                self._db.execute("INSERT INTO replay(nonce, expires) VALUES(?, ?)", (nonce, expires))
+            except sqlite3.IntegrityError:
+                self._db.execute("ROLLBACK")
+                return False
+            self._db.execute("COMMIT")
+            return True
 
     # audit ------------------------------------------------------------------------------
     def audit(self, actor: str, action: str, detail: str) -> None:

@@ -32,6 +32,7 @@ class TlsListener:
     cert: Path
     key: Path
     ca: Path
+    pins: dict[str, str] = field(default_factory=dict)  # host name -> SHA-256 of its certificate
 
 
 @dataclass(frozen=True)
@@ -181,12 +182,25 @@ def parse(doc: Any, *, base: Path, source: Path | None = None, check_files: bool
             token = TokenListener(r.address(t, "address", "listen.token", "0.0.0.0"),
                                   r.port(t, "port", "listen.token", 80))
         if "tls" in ln:
-            t = r.mapping(ln["tls"], "listen.tls", {"address", "port", "cert", "key", "ca"},
+            t = r.mapping(ln["tls"], "listen.tls", {"address", "port", "cert", "key", "ca", "pins"},
                           {"cert", "key", "ca"})
+            pins: dict[str, str] = {}
+            if "pins" in t:
+                if not isinstance(t["pins"], dict):
+                    r.err("listen.tls.pins", f"expected a mapping of host name to SHA-256, got {_kind(t['pins'])}")
+                else:
+                    for name, pin in t["pins"].items():
+                        hexpin = str(pin).replace(":", "").lower()
+                        if not (isinstance(name, str) and valid_fqdn(name)):
+                            r.err(f"listen.tls.pins.{name}", "not a valid host name")
+                        elif len(hexpin) != 64 or any(c not in "0123456789abcdef" for c in hexpin):
+                            r.err(f"listen.tls.pins.{name}", "expected a SHA-256 thumbprint (64 hex digits)")
+                        else:
+                            pins[name.lower()] = hexpin
             tls = TlsListener(r.address(t, "address", "listen.tls", "0.0.0.0"),
                               r.port(t, "port", "listen.tls", 443),
                               r.fspath(t, "cert", "listen.tls"), r.fspath(t, "key", "listen.tls"),
-                              r.fspath(t, "ca", "listen.tls"))
+                              r.fspath(t, "ca", "listen.tls"), pins)
             if check_files:
                 for k in ("cert", "key", "ca"):
                     r.readable(getattr(tls, k), f"listen.tls.{k}")

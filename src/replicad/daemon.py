@@ -17,6 +17,8 @@ from . import __version__
 from . import log as logmod
 from .api.app import create_app
 from .api.context import Host
+from .auth.session import SessionStore
+from .auth.tls import TlsMaterial
 from .auth.token import Credential, RealmPublic
 from .catalog import Catalog
 from .config import Config
@@ -24,7 +26,7 @@ from .errors import ConfigError
 from .primary.engine import PrimaryEngine
 from .replica.service import ReplicaService
 from .transport.client import PeerClient
-from .transport.server import create_peer_app
+from .transport.server import KEEPALIVE, PeerContext, create_peer_app
 
 log = logmod.get("replicad.daemon")
 DRAIN_TIMEOUT = 5.0
@@ -59,9 +61,13 @@ class Daemon:
                 raise ConfigError(f"realm.credential: issued to {credential.host}, but host is {cfg.host}")
             if credential.realm != realm.name:
                 raise ConfigError(f"realm.credential: from realm {credential.realm}, public key is {realm.name}")
-        self._realm = realm
+        self._realm, self._credential = realm, credential
+        self._tls = None
+        if cfg.listen.tls is not None:
+            t = cfg.listen.tls
+            self._tls = TlsMaterial(t.cert, t.key, t.ca, t.pins)
         catalog = Catalog(cfg.state_dir / "catalog.sqlite")
-        client = PeerClient(credential, cfg.resolve)
+        client = PeerClient(credential, realm, self._tls, cfg.resolve)
         return Host(config=cfg, catalog=catalog, primary=PrimaryEngine(catalog, cfg.state_dir, client),
                     replica=ReplicaService(catalog, cfg.state_dir, fault_hook()), client=client)
 
@@ -82,37 +88,55 @@ class Daemon:
         os.chmod(sock, 0o660)
         self._runners.append(runner)
 
-    async def _serve_tcp(self, app: web.Application, address: str, port: int, what: str) -> None:
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=DRAIN_TIMEOUT)
+    async def _serve_tcp(self, app: web.Application, address: str, port: int, what: str, ssl_context=None) -> None:
+        # keepalive_timeout also bounds a client that never finishes its request headers
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=DRAIN_TIMEOUT, keepalive_timeout=KEEPALIVE)
         await runner.setup()
         try:
-            await web.TCPSite(runner, address, port, reuse_address=True).start()
+            await web.TCPSite(runner, address, port, reuse_address=True, ssl_context=ssl_context).start()
         except OSError as e:
             await runner.cleanup()
             raise ConfigError(f"listen.{what}: cannot listen on {address}:{port}: {e.strerror}") from None
         self._runners.append(runner)
+
+    def _reload(self) -> None:
+        """SIGHUP: reload TLS certificate, key and CA; keep the old ones if the new are bad."""
+        if self._tls is None:
+            log.info("daemon.reload", reason="SIGHUP: no TLS material to reload")
+            return
+        try:
+            self._tls.reload()
+        except ConfigError as e:
+            log.error("daemon.reload_failed", reason=str(e), result="keeping the previous certificates")
+            return
+        log.info("daemon.reloaded", reason="SIGHUP: TLS certificate, key and CA reloaded; new connections use them")
 
     async def run(self) -> int:
         host = self._build()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("daemon.reload", reason="SIGHUP: nothing to reload yet"))
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
         try:
             await host.replica.start()
             await self._serve_socket(create_app(host))
-            token = self.config.listen.token
+            cfg = self.config
+            common = dict(service=host.replica, catalog=host.catalog, host=cfg.host, admins=cfg.management.admins,
+                          management_socket=cfg.management.socket)
+            token, tls = cfg.listen.token, cfg.listen.tls
             if token is not None:
-                await self._serve_tcp(create_peer_app(host.replica, self._realm, self.config.host),
-                                      token.address, token.port, "token")
-            for name in ("tls", "metrics"):
-                if getattr(self.config.listen, name) is not None:
-                    log.warning("daemon.listener_not_served", listener=name,
-                                reason=f"listen.{name} is configured but this version serves only the token listener")
+                ctx = PeerContext(mode="token", realm=self._realm, sessions=SessionStore(self._credential), **common)
+                await self._serve_tcp(create_peer_app(ctx), token.address, token.port, "token")
+            if tls is not None:
+                ctx = PeerContext(mode="certificate", tls=self._tls, **common)
+                await self._serve_tcp(create_peer_app(ctx), tls.address, tls.port, "tls", self._tls.listening)
+            if cfg.listen.metrics is not None:
+                log.warning("daemon.listener_not_served", listener="metrics",
+                            reason="listen.metrics is configured but this version has no metrics endpoint yet")
             await host.primary.start()
-            log.info("daemon.ready", host=self.config.host, version=__version__,
-                     socket=str(self.config.management.socket),
-                     token=f"{token.address}:{token.port}" if token else None)
+            log.info("daemon.ready", host=cfg.host, version=__version__, socket=str(cfg.management.socket),
+                     token=f"{token.address}:{token.port}" if token else None,
+                     tls=f"{tls.address}:{tls.port}" if tls else None)
             await self._stop.wait()
             log.info("daemon.stopping", reason="signal received: draining")
         finally:

@@ -42,7 +42,7 @@ def _int(doc: dict, key: str, lo: int, hi: int) -> int:
     return n
 
 
-def apply_options(rel: Relationship, doc: dict) -> None:
+def apply_options(rel: Relationship, doc: dict, host: Host) -> None:
     """The options shared by ``enable`` and ``set``, validated."""
     if "replica_server" in doc:
         if not valid_fqdn(str(doc["replica_server"])):
@@ -51,9 +51,11 @@ def apply_options(rel: Relationship, doc: dict) -> None:
     if "auth" in doc:
         if doc["auth"] not in ("token", "certificate"):
             raise UsageError(f"--auth expects token or certificate, got {doc['auth']!r}")
-        if doc["auth"] == "certificate":
-            raise UsageError("certificate authentication is not available yet in this version",
-                             hint="use --auth token (port 80 mode)")
+        if doc["auth"] == "certificate" and host.config.listen.tls is None:
+            raise UsageError("certificate authentication needs this host's certificate",
+                             hint="configure listen.tls (cert, key, ca) in the host config")
+        if doc["auth"] == "token" and host.config.realm is None:
+            raise UsageError("token authentication needs this host's realm credential", hint="configure realm")
         rel.auth = doc["auth"]
     if "replica_port" in doc:
         rel.replica_port = _int(doc, "replica_port", 1, 65535)
@@ -110,9 +112,11 @@ async def enable(request):
         raise UsageError("--replica-server is required")
     rel = Relationship(vm_id=vm.id, role="primary", primary_server=host.config.host,
                        stats=Stats(monitoring_start=utcnow()))
-    apply_options(rel, doc)
+    if "auth" not in doc and host.config.realm is None and host.config.listen.tls is not None:
+        doc = {**doc, "auth": "certificate"}  # the only way this host can authenticate
+    apply_options(rel, doc, host)
     if "replica_port" not in doc:
-        rel.replica_port = 80
+        rel.replica_port = 443 if rel.auth == "certificate" else 80
     if rel.replica_server == host.config.host:
         raise UsageError("a VM cannot replicate to its own host")
     vm.mode = ReplicationMode.PRIMARY
@@ -130,7 +134,7 @@ async def set_replication(request):
     if "replica_server" in doc and rel.seq > 0 and str(doc["replica_server"]).lower() != rel.replica_server:
         raise Conflict("the replica server cannot change once replication has started",
                        hint="remove replication and enable it again")
-    apply_options(rel, doc)
+    apply_options(rel, doc, host)
     host.catalog.put_relationship(rel)
     log.info("replication.changed", vm=vm.name, changes=sorted(doc))
     host.primary.kick(vm.id)  # a new frequency takes effect now
@@ -304,9 +308,13 @@ async def test_connection(request):
     server = str(doc.get("replica_server", "")).lower()
     if not valid_fqdn(server):
         raise UsageError("--replica-server expects a host name")
-    port = _int(doc, "replica_port", 1, 65535) if "replica_port" in doc else 80
-    hello = await host.client.hello(server, port)
-    return web.json_response({"replica_server": server, "replica_port": port, **hello})
+    auth = doc.get("auth", "token")
+    if auth not in ("token", "certificate"):
+        raise UsageError(f"--auth expects token or certificate, got {auth!r}")
+    port = _int(doc, "replica_port", 1, 65535) if "replica_port" in doc else (443 if auth == "certificate" else 80)
+    async with host.client.conversation(server, port, auth) as conv:
+        hello = await conv.hello()
+    return web.json_response({"replica_server": server, "replica_port": port, "auth": auth, **hello})
 
 
 def routes(app: web.Application) -> None:

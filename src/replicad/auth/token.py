@@ -112,14 +112,25 @@ class Credential:
         except (ValueError, KeyError, TypeError):
             raise ConfigError(f"realm.credential: {path} is not a replicad host credential") from None
 
-    def ticket(self, audience: str, *, now: float | None = None, lifetime: int = TICKET_LIFETIME) -> str:
+    @property
+    def public_bytes(self) -> bytes:
+        return _raw_pub(self.key.public_key())
+
+    def ticket(self, audience: str, *, now: float | None = None, lifetime: int = TICKET_LIFETIME,
+               eph: bytes | None = None, nonce: str | None = None) -> str:
+        """A signed ticket for ``audience``; ``eph`` is the client's ephemeral X25519 key of a
+        session handshake, bound into the signature."""
         now = time.time() if now is None else now
-        body = json.dumps({
-            "v": 1, "realm": self.realm, "client": self.host, "pub": _b64(_raw_pub(self.key.public_key())),
-            "assertion": _b64(self.assertion), "aud": audience.lower(), "iat": int(now),
-            "exp": int(now) + lifetime, "nonce": secrets.token_hex(16),
-        }, separators=(",", ":")).encode()
+        doc = {"v": 1, "realm": self.realm, "client": self.host, "pub": _b64(self.public_bytes),
+               "assertion": _b64(self.assertion), "aud": audience.lower(), "iat": int(now),
+               "exp": int(now) + lifetime, "nonce": nonce or secrets.token_hex(16)}
+        if eph is not None:
+            doc["eph"] = _b64(eph)
+        body = json.dumps(doc, separators=(",", ":")).encode()
         return _b64(body) + "." + _b64(self.key.sign(body))
+
+    def sign(self, data: bytes) -> bytes:
+        return self.key.sign(data)
 
 
 def realm_issue(realm_dir: Path, host: str, out: Path) -> Path:
@@ -151,6 +162,17 @@ class Ticket:
     issued: int
     expires: int
     nonce: str
+    eph: bytes | None = None
+
+
+def verify_host_key(realm: "RealmPublic", host: str, pub: bytes, assertion: bytes) -> Ed25519PublicKey:
+    """The realm's word that ``pub`` is ``host``'s key; raises AuthenticationFailed."""
+    try:
+        key = Ed25519PublicKey.from_public_bytes(pub)
+        realm.key.verify(assertion, _assertion_message(realm.name, host, pub))
+    except (InvalidSignature, ValueError):
+        raise AuthenticationFailed(f"credential of {host} is not signed by realm {realm.name}") from None
+    return key
 
 
 def verify_ticket(token: str, realm: RealmPublic, audience: str, *, now: float | None = None) -> Ticket:
@@ -166,21 +188,20 @@ def verify_ticket(token: str, realm: RealmPublic, audience: str, *, now: float |
             raise ValueError
         client, aud, pub_s = str(doc["client"]), str(doc["aud"]), str(doc["pub"])
         iat, exp, nonce = doc["iat"], doc["exp"], str(doc["nonce"])
-        if not (isinstance(iat, int) and isinstance(exp, int)):
+        if not (isinstance(iat, int) and isinstance(exp, int)) or not 16 <= len(nonce) <= 64:
             raise ValueError
         pub = _unb64(pub_s)
         assertion = _unb64(str(doc["assertion"]))
-        client_key = Ed25519PublicKey.from_public_bytes(pub)
+        eph = _unb64(str(doc["eph"])) if "eph" in doc else None
+        if eph is not None and len(eph) != 32:
+            raise ValueError
     except (ValueError, KeyError, TypeError):
         raise AuthenticationFailed("malformed ticket") from None
     if doc.get("realm") != realm.name:
         raise AuthenticationFailed(f"ticket from foreign realm {str(doc.get('realm'))[:64]!r}")
     if not valid_fqdn(client):
         raise AuthenticationFailed("ticket names an invalid client")
-    try:
-        realm.key.verify(assertion, _assertion_message(realm.name, client, pub))
-    except InvalidSignature:
-        raise AuthenticationFailed(f"credential of {client} is not signed by realm {realm.name}") from None
+    client_key = verify_host_key(realm, client, pub, assertion)
     try:
         client_key.verify(sig, body)
     except InvalidSignature:
@@ -193,4 +214,4 @@ def verify_ticket(token: str, realm: RealmPublic, audience: str, *, now: float |
         raise AuthenticationFailed(f"ticket of {client} is not yet valid (clock skew?)")
     if exp < now - MAX_SKEW:
         raise AuthenticationFailed(f"ticket of {client} expired")
-    return Ticket(client, aud, iat, exp, nonce)
+    return Ticket(client, aud, iat, exp, nonce, eph)

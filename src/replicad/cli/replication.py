@@ -216,12 +216,10 @@ def recovery_points(vm):
 @managed
 def test_connection(replica_server, replica_port, auth):
     """Check that a replica server answers, authenticates us, and would authorize us."""
-    if auth == "certificate":
-        raise ReplicadError("certificate authentication is not available in this version yet")
-    body = {"replica_server": replica_server}
+    body = {"replica_server": replica_server, "auth": auth}
     if replica_port:
         body["replica_port"] = replica_port
     doc = api().call("POST", "/v1/test-connection", body)
-    show(doc, ("replica_server", "replica_port", "principal", "authorized", "trust_group", "reason"))
+    show(doc, ("replica_server", "replica_port", "auth", "principal", "authorized", "trust_group", "reason"))
     if not doc.get("authorized"):
         sys.exit(1)

@@ -21,7 +21,7 @@ from ..health import compute as compute_health
 from ..model import Relationship, ReplicationState as S
 from ..monitoring import roll as roll_interval
 from ..replica.settings import ServerSettings
-from ..transport.client import PeerClient
+from ..transport.client import Conversation, PeerClient
 from .baseline import Baselines
 from .producer import CycleProducer, Progress, stream_batches
 
@@ -184,12 +184,12 @@ class PrimaryEngine:
         self._save(rel)
 
     # one cycle ------------------------------------------------------------------------------
-    async def _reconcile_pending(self, rel: Relationship, baselines: Baselines) -> Relationship:
+    async def _reconcile_pending(self, rel: Relationship, baselines: Baselines, conv: Conversation) -> Relationship:
         """A sealed cycle above the baseline: ask the replica whether it acknowledged it."""
         pending = [s for s in baselines.sealed() if s > rel.seq]
         if not pending:
             return rel
-        st = await self.client.replica_status(rel.replica_server, rel.replica_port, rel.vm_id)
+        st = await conv.replica_status(rel.vm_id)
         top = pending[-1]
         if st.get("exists") and st.get("epoch") == rel.epoch and st.get("acked_seq") == top:
             log.info("baseline.promoted", vm=rel.vm_id, seq=top,
@@ -201,6 +201,11 @@ class PrimaryEngine:
 
     async def _cycle(self, vm_id: str) -> CycleOutcome:
         rel = self.catalog.relationship(vm_id)
+        async with self.client.conversation(rel.replica_server, rel.replica_port, rel.auth) as conv:
+            return await self._cycle_in(vm_id, conv)
+
+    async def _cycle_in(self, vm_id: str, conv: Conversation) -> CycleOutcome:
+        rel = self.catalog.relationship(vm_id)
         vm = self.catalog.vm_by_id(vm_id)
         baselines = Baselines(self.state_dir, vm_id)
         initial = rel.seq == 0
@@ -210,7 +215,7 @@ class PrimaryEngine:
             self._save(rel)
             await asyncio.to_thread(baselines.drop_all)
         else:
-            rel = await self._reconcile_pending(rel, baselines)
+            rel = await self._reconcile_pending(rel, baselines, conv)
         seq = rel.seq + 1
         kind = "initial" if initial else "delta"
         progress = Progress(kind=kind, seq=seq, changed=asyncio.Event())
@@ -218,12 +223,12 @@ class PrimaryEngine:
         producer = CycleProducer(vm, baselines, seq=seq, base_seq=rel.seq, epoch=rel.epoch, kind=kind,
                                  time=utcnow(), compress=rel.compression, progress=progress,
                                  frequency=rel.frequency)
+        producer.mac_key = conv.mac_key
         bound = log.bind(vm=vm.name, peer=rel.replica_server, cycle=seq)
         t0 = time.monotonic()
         try:
             header = await asyncio.to_thread(producer.open)
-            ack = await self.client.push_log(rel.replica_server, rel.replica_port, vm_id, seq,
-                                             stream_batches(producer, bandwidth_limit=rel.bandwidth_limit))
+            ack = await conv.push_log(vm_id, seq, stream_batches(producer, bandwidth_limit=rel.bandwidth_limit))
         except ReplicadError:
             if producer.error is not None:
                 raise producer.error from None

@@ -53,6 +53,7 @@ class CycleProducer:
         self.fuzzy = False
         self.data_bytes = 0
         self.error: BaseException | None = None  # what stopped the producer, if anything
+        self.mac_key: bytes | None = None         # the session key on the token transport
         self._readers: list[DigestMapReader | None] = []
         self._opened: tuple[list[DiskScan], Header] | None = None
 
@@ -94,7 +95,7 @@ class CycleProducer:
     def batches(self) -> Iterator[bytes]:
         scans, header = self._opened or self._open()
         try:
-            enc = LogEncoder(header, compress=self.compress)
+            enc = LogEncoder(header, compress=self.compress, mac_key=self.mac_key)
             out = bytearray(enc.start())
             for i, scan in enumerate(scans):
                 last = 0

@@ -109,15 +109,17 @@ class ReplicaService:
                          default_storage=Path(s.default_storage), entries=self.catalog.entries())
 
     async def receive(self, principal: str, auth: str, vm_id: str, seq: int,
-                      chunks: AsyncIterator[bytes]) -> dict:
-        """Stage one change log from ``chunks``; returns the acknowledgement."""
+                      chunks: AsyncIterator[bytes], *, mac_key: bytes | None = None) -> dict:
+        """Stage one change log from ``chunks``; returns the acknowledgement. With ``mac_key``
+        (token transport) every item's MAC must verify against the session key."""
         grant = self.grant_for(principal, auth)
         lock = self._locks.setdefault(vm_id, asyncio.Lock())
         async with lock:
-            return await self._receive_locked(grant, vm_id, seq, chunks)
+            return await self._receive_locked(grant, vm_id, seq, chunks, mac_key)
 
-    async def _read_header(self, chunks: AsyncIterator[bytes]) -> tuple[Header, LogDecoder, bytearray]:
-        dec = LogDecoder()
+    async def _read_header(self, chunks: AsyncIterator[bytes],
+                           mac_key: bytes | None) -> tuple[Header, LogDecoder, bytearray]:
+        dec = LogDecoder(mac_key=mac_key, require_mac=mac_key is not None)
         buf = bytearray()
         async for chunk in chunks:
             buf += chunk
@@ -128,8 +130,9 @@ class ReplicaService:
                 raise WireError("change-log header too large")
         raise WireError("change log truncated before its header")
 
-    async def _receive_locked(self, grant: Grant, vm_id: str, seq: int, chunks: AsyncIterator[bytes]) -> dict:
-        header, dec, head_bytes = await self._read_header(chunks)
+    async def _receive_locked(self, grant: Grant, vm_id: str, seq: int, chunks: AsyncIterator[bytes],
+                              mac_key: bytes | None) -> dict:
+        header, dec, head_bytes = await self._read_header(chunks, mac_key)
         if header.vm_id != vm_id or header.seq != seq:
             raise WireError("change-log header does not match the request")
         vm = self.catalog.vm_by_id(vm_id)
@@ -178,6 +181,15 @@ class ReplicaService:
         except OSError as e:
             await asyncio.to_thread(staging.abort)
             raise StorageError(f"replica storage error while staging log {seq}: {e.strerror}") from None
+        except WireError as e:
+            await asyncio.to_thread(staging.abort)
+            rel = self.catalog.relationship(vm_id)
+            if rel is not None:
+                rel.stats.errors += 1
+                self.catalog.put_relationship(rel)
+            bound.warning("log.rejected", reason=str(e), received=received,
+                          result="nothing of this log is kept or applied")
+            raise
         except BaseException:
             await asyncio.to_thread(staging.abort)
             raise

@@ -1,19 +1,25 @@
-"""The primary's side of the peer protocol (docs/protocol.md), over the token listener.
+"""The primary's side of the peer protocol (docs/protocol.md), over either listener.
 
-Every request carries a fresh ticket for the replica's name. Errors are sorted into
-transient (unreachable, 5xx: retry) and permanent (401/403/409: an operator must act)."""
+A *conversation* is what one cycle (or one test-connection) says to a replica server:
+in token mode it opens with a session handshake (the server must prove who it is, and both
+sides derive the MAC key); in certificate mode it runs over mutual TLS, the replica's
+certificate checked against the name dialled and against its pin if one is configured.
+Errors are sorted into transient (unreachable, 5xx: retry) and permanent (401/403/409)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
 
 from .. import PROTOCOL_VERSION, __version__
-from ..auth.token import SCHEME, Credential
-from ..errors import PeerError, PeerUnreachable
+from ..auth import tls as tlsmod
+from ..auth.session import MAC_HEADER, SIGNATURE_HEADER, ClientHandshake, Session, verify_response
+from ..auth.token import SCHEME, Credential, RealmPublic
+from ..errors import AuthenticationFailed, PeerError, PeerUnreachable
 
 CONNECT_TIMEOUT = 10
 READ_TIMEOUT = 300
@@ -37,58 +43,144 @@ class _Resolver(aiohttp.abc.AbstractResolver):
         await self._default.close()
 
 
+class _PinningConnector(aiohttp.TCPConnector):
+    """Checks a TLS server's pinned thumbprint right after the handshake, before any byte
+    of the request is sent (the hook aiohttp's own connectors override)."""
+
+    def __init__(self, tls: tlsmod.TlsMaterial | None, **kw):
+        super().__init__(**kw)
+        self._tls = tls
+
+    async def _create_connection(self, req, traces, timeout):
+        proto = await super()._create_connection(req, traces, timeout)
+        if req.is_ssl() and self._tls is not None and self._tls.pins:
+            sslobj = proto.transport.get_extra_info("ssl_object") if proto.transport else None
+            der = sslobj.getpeercert(binary_form=True) if sslobj else None
+            try:
+                tlsmod.check_pin(self._tls.pins, req.url.host, tlsmod.thumbprint(der or b""))
+            except AuthenticationFailed:
+                proto.close()
+                raise
+        return proto
+
+
 class PeerClient:
-    def __init__(self, credential: Credential | None, resolve: dict[str, str]):
+    def __init__(self, credential: Credential | None, realm: RealmPublic | None,
+                 tls: tlsmod.TlsMaterial | None, resolve: dict[str, str]):
         self.credential = credential
+        self.realm = realm
+        self.tls = tls
         self._resolve = resolve
         self._session: aiohttp.ClientSession | None = None
 
-    def _sess(self) -> aiohttp.ClientSession:
+    def http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            conn = aiohttp.TCPConnector(resolver=_Resolver(self._resolve), limit=64, force_close=False)
+            conn = _PinningConnector(self.tls, resolver=_Resolver(self._resolve), limit=64, keepalive_timeout=15)
             self._session = aiohttp.ClientSession(
                 connector=conn, timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT,
                                                               sock_read=READ_TIMEOUT),
-                headers={"User-Agent": f"replicad/{__version__}"})
+                headers={"User-Agent": f"replicad/{__version__}", "X-Replicad-Protocol": str(PROTOCOL_VERSION)})
         return self._session
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
 
-    def _headers(self, server: str) -> dict[str, str]:
-        if self.credential is None:
-            raise PeerError("this host has no realm credential (config `realm.credential`)", status=0,
-                            transient=False)
-        return {"Authorization": f"{SCHEME} {self.credential.ticket(server)}",
-                "X-Replicad-Protocol": str(PROTOCOL_VERSION)}
+    def conversation(self, server: str, port: int, auth: str) -> "Conversation":
+        return Conversation(self, server.lower(), port, auth)
 
-    async def _request(self, method: str, server: str, port: int, path: str, *, data=None) -> dict:
-        url = f"http://{server}:{port}{path}"
+
+class Conversation:
+    def __init__(self, client: PeerClient, server: str, port: int, auth: str):
+        self.client, self.server, self.port, self.auth = client, server, port, auth
+        self.session: Session | None = None
+
+    @property
+    def mac_key(self) -> bytes | None:
+        return self.session.key if self.session else None
+
+    async def __aenter__(self) -> "Conversation":
+        if self.auth == "certificate":
+            if self.client.tls is None:
+                raise PeerError("certificate authentication needs this host's certificate (config `listen.tls`)",
+                                status=0, transient=False)
+            return self
+        c = self.client
+        if c.credential is None or c.realm is None:
+            raise PeerError("token authentication needs this host's realm credential (config `realm`)",
+                            status=0, transient=False)
+        hs = ClientHandshake.begin(c.credential, self.server)
+        status, body, headers = await self._send("POST", "/v1/session", None,
+                                                 {"Authorization": f"{SCHEME} {hs.ticket}"})
+        if status != 200:
+            self._raise(status, body)
         try:
-            async with self._sess().request(method, url, data=data, headers=self._headers(server)) as resp:
-                try:
-                    body = await resp.json(content_type=None)
-                except (ValueError, aiohttp.ContentTypeError):
-                    body = {}
-                if not isinstance(body, dict):
-                    body = {}
-                if resp.status >= 400:
-                    msg = str(body.get("error") or resp.reason)[:500]
-                    raise PeerError(f"{server} answered {resp.status}: {msg}", status=resp.status,
-                                    transient=resp.status >= 500 or resp.status == 429,
-                                    code=str(body.get("code", ""))[:32])
-                return body
+            self.session = hs.finish(c.realm, body, headers.get(SIGNATURE_HEADER, ""))
+        except AuthenticationFailed as e:
+            raise PeerError(f"{self.server} failed mutual authentication: {e}", status=0, transient=False) from None
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.session = None
+
+    async def _send(self, method: str, path: str, data, headers: dict) -> tuple[int, bytes, dict]:
+        scheme = "https" if self.auth == "certificate" else "http"
+        ssl_ctx = self.client.tls.client if self.auth == "certificate" else None
+        url = f"{scheme}://{self.server}:{self.port}{path}"
+        try:
+            async with self.client.http().request(method, url, data=data, headers=headers,
+                                                  ssl=ssl_ctx if ssl_ctx is not None else True) as resp:
+                return resp.status, await resp.read(), dict(resp.headers)
+        except aiohttp.ClientConnectorCertificateError as e:
+            raise PeerError(f"TLS: the certificate of {self.server} was refused: {e.certificate_error}", status=0,
+                            transient=False) from None
         except aiohttp.ClientConnectorError as e:
-            raise PeerUnreachable(f"cannot reach {server}:{port}: {e.os_error.strerror or e}") from None
+            raise PeerUnreachable(f"cannot reach {self.server}:{self.port}: {e.os_error.strerror or e}") from None
+        except AuthenticationFailed as e:
+            raise PeerError(f"TLS: {e}", status=0, transient=False) from None
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as e:
-            raise PeerUnreachable(f"connection to {server}:{port} failed: {type(e).__name__} {e}".strip()) from None
+            raise PeerUnreachable(f"connection to {self.server}:{self.port} failed: {type(e).__name__} {e}".strip()
+                                  ) from None
 
-    async def hello(self, server: str, port: int) -> dict:
-        return await self._request("GET", server, port, "/v1/hello")
+    def _raise(self, status: int, body: bytes) -> None:
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            doc = {}
+        doc = doc if isinstance(doc, dict) else {}
+        msg = str(doc.get("error") or f"HTTP {status}")[:500]
+        raise PeerError(f"{self.server} answered {status}: {msg}", status=status,
+                        transient=status >= 500 or status == 429, code=str(doc.get("code", ""))[:32])
 
-    async def replica_status(self, server: str, port: int, vm_id: str) -> dict:
-        return await self._request("GET", server, port, f"/v1/replicas/{vm_id}")
+    async def request(self, method: str, path: str, *, data=None) -> dict:
+        """One authenticated request; in token mode the answer's MAC must verify."""
+        headers = {}
+        counter = 0
+        if self.session is not None:
+            headers["Authorization"], counter = self.session.authorization(method, path, None)
+        status, body, rh = await self._send(method, path, data, headers)
+        if self.session is not None:
+            if status == 401 and MAC_HEADER not in rh:
+                self._raise(status, body)  # refused before the session was checked
+            try:
+                verify_response(self.session, counter, status, body, rh.get(MAC_HEADER))
+            except AuthenticationFailed as e:
+                raise PeerError(str(e), status=status, transient=True) from None
+        if status >= 400:
+            self._raise(status, body)
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            raise PeerError(f"{self.server} answered something that is not JSON", status=status, transient=True) from None
+        return doc if isinstance(doc, dict) else {}
 
-    async def push_log(self, server: str, port: int, vm_id: str, seq: int, body: AsyncIterator[bytes]) -> dict:
-        return await self._request("PUT", server, port, f"/v1/replicas/{vm_id}/logs/{seq}", data=body)
+    async def hello(self) -> dict:
+        if self.session is not None:
+            return {"host": self.server, **self.session.info}
+        return await self.request("GET", "/v1/hello")
+
+    async def replica_status(self, vm_id: str) -> dict:
+        return await self.request("GET", f"/v1/replicas/{vm_id}")
+
+    async def push_log(self, vm_id: str, seq: int, body: AsyncIterator[bytes]) -> dict:
+        return await self.request("PUT", f"/v1/replicas/{vm_id}/logs/{seq}", data=body)

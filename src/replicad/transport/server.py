@@ -1,24 +1,60 @@
-"""The replica's side of the peer protocol on the token listener (docs/protocol.md).
+"""The peer listeners: the replica's routes and remote management (docs/protocol.md).
 
-The auth middleware verifies the ticket from the ``Authorization`` header before any
-handler runs, so a request without a valid ticket gets 401 and its body is never read."""
+Two modes share the routes and differ in how a peer proves who it is:
+- token (port 80): ``POST /v1/session`` with a realm ticket opens a session (replay cache,
+  mutual authentication, a shared key); every other request carries the session's HMAC,
+  every answer carries one back, and change-log items carry MACs;
+- certificate (port 443): mutual TLS; the identity is the client certificate's DNS SAN,
+  checked against pins when configured.
+Authentication runs in a middleware before any handler: an unauthenticated request gets
+401 and its body is never read. Every refusal is logged with the peer's identity."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import re
+from dataclasses import dataclass
+from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 
 from .. import PROTOCOL_VERSION, __version__
 from .. import log as logmod
-from ..auth.token import SCHEME, RealmPublic, verify_ticket
-from ..errors import AuthenticationFailed, ReplicadError, ResyncRequired
+from ..auth import tls as tlsmod
+from ..auth.session import BODY_HASH_HEADER, MAC_HEADER, SIGNATURE_HEADER, Session, SessionStore
+from ..auth.token import MAX_SKEW, SCHEME, RealmPublic, verify_ticket
+from ..catalog import Catalog
+from ..errors import AuthenticationFailed, Refused, ReplicadError, ResyncRequired, UsageError
 from ..replica.service import ReplicaService
 
 log = logmod.get("replicad.peer")
 PRINCIPAL = "replicad.principal"
+SESSION = "replicad.session"
+COUNTER = "replicad.counter"
 _VM_ID = re.compile(r"^[0-9a-f-]{36}$")
-SERVICE_KEY = web.AppKey("replica", ReplicaService)
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+BODY_STALL = 60.0        # seconds without a byte of a request body before it is dropped
+KEEPALIVE = 30.0         # also bounds how long a client may take to send its request headers
+MAX_MANAGE_BODY = 1 << 20
+
+
+@dataclass
+class PeerContext:
+    service: ReplicaService
+    catalog: Catalog
+    host: str
+    mode: str                       # "token" | "certificate"
+    admins: tuple[str, ...]
+    management_socket: Path
+    realm: RealmPublic | None = None
+    sessions: SessionStore | None = None
+    tls: tlsmod.TlsMaterial | None = None
+
+
+CTX_KEY = web.AppKey("peer", PeerContext)
 
 
 def _error(e: ReplicadError) -> web.Response:
@@ -26,76 +62,162 @@ def _error(e: ReplicadError) -> web.Response:
     return web.json_response({"error": str(e), "code": code}, status=e.http_status)
 
 
-def token_middleware(realm: RealmPublic, audience: str):
-    @web.middleware
-    async def middleware(request: web.Request, handler):
-        peer_ip = request.remote
-        header = request.headers.get("Authorization", "")
-        try:
-            if not header.startswith(SCHEME + " "):
-                raise AuthenticationFailed("no ticket")
-            ticket = verify_ticket(header[len(SCHEME) + 1:].strip(), realm, audience)
-        except AuthenticationFailed as e:
-            log.warning("peer.unauthenticated", peer_ip=peer_ip, path=request.path, reason=str(e))
-            return web.json_response({"error": f"authentication failed: {e}", "code": "unauthenticated"},
-                                     status=401, headers={"WWW-Authenticate": SCHEME})
-        version = request.headers.get("X-Replicad-Protocol", str(PROTOCOL_VERSION))
-        if version != str(PROTOCOL_VERSION):
-            log.warning("peer.bad_protocol", peer=ticket.client, version=version[:16])
-            return web.json_response({"error": f"unsupported protocol version {version[:16]!r}",
-                                      "code": "protocol"}, status=400)
+def _unauthenticated(request: web.Request, reason: str, mode: str) -> web.Response:
+    log.warning("peer.unauthenticated", peer_ip=request.remote, path=request.path, listener=mode, reason=reason)
+    return web.json_response({"error": f"authentication failed: {reason}", "code": "unauthenticated"},
+                             status=401, headers={"WWW-Authenticate": SCHEME} if mode == "token" else {})
+
+
+def _authenticate(ctx: PeerContext, request: web.Request) -> None:
+    """Set the request's principal (and session); raise AuthenticationFailed with the reason."""
+    if ctx.mode == "certificate":
+        principal, thumb = tlsmod.identity(request.transport.get_extra_info("ssl_object"))
+        tlsmod.check_pin(ctx.tls.pins, principal, thumb)
+        request[PRINCIPAL] = principal
+        return
+    header = request.headers.get("Authorization", "")
+    if request.path == "/v1/session" and request.method == "POST":
+        if not header.startswith(SCHEME + " "):
+            raise AuthenticationFailed("no ticket")
+        ticket = verify_ticket(header[len(SCHEME) + 1:].strip(), ctx.realm, ctx.host)
+        if not ctx.catalog.remember_nonce(ticket.nonce, ticket.expires + MAX_SKEW):
+            raise AuthenticationFailed(f"replayed ticket from {ticket.client}")
         request[PRINCIPAL] = ticket.client
+        request["replicad.ticket"] = ticket
+        return
+    if not header:
+        raise AuthenticationFailed("no ticket")
+    body_sha = request.headers.get(BODY_HASH_HEADER, "")
+    if body_sha and not _SHA.match(body_sha):
+        raise AuthenticationFailed("malformed body hash")
+    sess, counter = ctx.sessions.check(header, request.method, request.path_qs, body_sha)
+    request[PRINCIPAL], request[SESSION], request[COUNTER] = sess.client, sess, counter
+
+
+@web.middleware
+async def peer_middleware(request: web.Request, handler):
+    ctx = request.app[CTX_KEY]
+    try:
+        _authenticate(ctx, request)
+    except AuthenticationFailed as e:
+        return _unauthenticated(request, str(e), ctx.mode)
+    principal = request[PRINCIPAL]
+    version = request.headers.get("X-Replicad-Protocol", str(PROTOCOL_VERSION))
+    if version != str(PROTOCOL_VERSION):
+        log.warning("peer.bad_protocol", peer=principal, version=version[:16])
+        resp = web.json_response({"error": f"unsupported protocol version {version[:16]!r}", "code": "protocol"},
+                                 status=400)
+    else:
         try:
-            return await handler(request)
+            resp = await handler(request)
         except ReplicadError as e:
-            log.warning("peer.refused", peer=ticket.client, peer_ip=peer_ip, path=request.path, reason=str(e))
-            return _error(e)
-        except ConnectionResetError as e:
-            log.warning("peer.disconnected", peer=ticket.client, path=request.path, reason=str(e))
-            raise
-    return middleware
+            log.warning("peer.refused", peer=principal, peer_ip=request.remote, path=request.path,
+                        listener=ctx.mode, reason=str(e))
+            resp = _error(e)
+    sess: Session | None = request.get(SESSION)
+    if sess is not None and isinstance(resp, web.Response) and not resp.prepared:
+        resp.headers[MAC_HEADER] = sess.response_mac(request[COUNTER], resp.status, resp.body or b"")
+    return resp
 
 
 def _vm_id(request: web.Request) -> str:
     vm_id = request.match_info["vm_id"]
     if not _VM_ID.match(vm_id):
-        raise web.HTTPBadRequest(text='{"error": "bad VM id"}', content_type="application/json")
+        raise UsageError("bad VM id")
     return vm_id
 
 
-def create_peer_app(service: ReplicaService, realm: RealmPublic, host: str, auth: str = "token") -> web.Application:
-    app = web.Application(middlewares=[token_middleware(realm, host)], client_max_size=1 << 16)
-    app[SERVICE_KEY] = service
+def _hello_info(ctx: PeerContext, principal: str) -> dict:
+    try:
+        grant = ctx.service.grant_for(principal, ctx.mode)
+        authorized, reason, trust_group = True, None, grant.trust_group
+    except ReplicadError as e:
+        authorized, reason, trust_group = False, str(e), None
+    return {"host": ctx.host, "protocol": PROTOCOL_VERSION, "version": __version__, "principal": principal,
+            "authorized": authorized, "reason": reason, "trust_group": trust_group,
+            "capabilities": ["zstd", "resize", "zero"] + (["mac"] if ctx.mode == "token" else [])}
 
-    async def hello(request: web.Request) -> web.Response:
-        principal = request[PRINCIPAL]
-        try:
-            grant = service.grant_for(principal, auth)
-            authorized, reason, trust_group = True, None, grant.trust_group
-        except ReplicadError as e:
-            authorized, reason, trust_group = False, str(e), None
-        return web.json_response({"host": host, "protocol": PROTOCOL_VERSION, "version": __version__,
-                                  "principal": principal, "authorized": authorized, "reason": reason,
-                                  "trust_group": trust_group, "capabilities": ["zstd", "resize", "zero"]})
 
-    async def status(request: web.Request) -> web.Response:
-        return web.json_response(service.status(request[PRINCIPAL], auth, _vm_id(request)))
+async def open_session(request: web.Request) -> web.Response:
+    ctx = request.app[CTX_KEY]
+    body, signature = ctx.sessions.accept(request["replicad.ticket"], _hello_info(ctx, request[PRINCIPAL]))
+    return web.Response(body=body, content_type="application/json", headers={SIGNATURE_HEADER: signature})
 
-    async def put_log(request: web.Request) -> web.Response:
-        vm_id = _vm_id(request)
-        try:
-            seq = int(request.match_info["seq"])
-        except ValueError:
-            raise web.HTTPBadRequest(text='{"error": "bad sequence"}', content_type="application/json") from None
 
-        async def chunks():
-            async for data in request.content.iter_any():
-                yield data
+async def hello(request: web.Request) -> web.Response:
+    return web.json_response(_hello_info(request.app[CTX_KEY], request[PRINCIPAL]))
 
-        ack = await service.receive(request[PRINCIPAL], auth, vm_id, seq, chunks())
-        return web.json_response(ack)
 
+async def status(request: web.Request) -> web.Response:
+    ctx = request.app[CTX_KEY]
+    return web.json_response(ctx.service.status(request[PRINCIPAL], ctx.mode, _vm_id(request)))
+
+
+async def put_log(request: web.Request) -> web.Response:
+    ctx = request.app[CTX_KEY]
+    vm_id = _vm_id(request)
+    seq = int(request.match_info["seq"])
+    sess: Session | None = request.get(SESSION)
+
+    async def chunks():
+        while True:
+            try:
+                async with asyncio.timeout(BODY_STALL):
+                    data = await request.content.readany()
+            except TimeoutError:
+                raise ReplicadError(f"no data for {BODY_STALL:.0f}s: the transfer stalled") from None
+            if not data:
+                return
+            yield data
+
+    ack = await ctx.service.receive(request[PRINCIPAL], ctx.mode, vm_id, seq, chunks(),
+                                    mac_key=sess.key if sess else None)
+    return web.json_response(ack)
+
+
+async def manage(request: web.Request) -> web.StreamResponse:
+    """Remote management: an admin's request, relayed to this host's management socket."""
+    ctx = request.app[CTX_KEY]
+    principal = request[PRINCIPAL]
+    if principal not in ctx.admins:
+        ctx.catalog.audit(principal, "manage.refused", f"{request.method} {request.path}")
+        raise Refused(f"{principal} is not a management admin of {ctx.host} (management.admins)")
+    body = await request.content.read(MAX_MANAGE_BODY + 1)
+    if len(body) > MAX_MANAGE_BODY:
+        raise UsageError("management request body too large")
+    sess: Session | None = request.get(SESSION)
+    if sess is not None and hashlib.sha256(body).hexdigest() != request.headers.get(BODY_HASH_HEADER, ""):
+        raise AuthenticationFailed("the request body does not match its authenticated hash")
+    path = "/v1/" + request.match_info["path"] + (f"?{request.query_string}" if request.query_string else "")
+    log.info("manage.request", peer=principal, method=request.method, path=path)
+    conn = aiohttp.UnixConnector(path=str(ctx.management_socket))
+    async with aiohttp.ClientSession(connector=conn) as http:
+        async with http.request(request.method, "http://local" + path, data=body or None,
+                                headers={"Content-Type": "application/json", "X-Replicad-Principal": principal}
+                                ) as local:
+            ctype = local.headers.get("Content-Type", "application/json")
+            if not ctype.startswith("application/x-ndjson"):
+                return web.Response(body=await local.read(), status=local.status, content_type="application/json")
+            out = web.StreamResponse(status=local.status, headers={"Content-Type": "application/x-ndjson"})
+            await out.prepare(request)
+            relayed = bytearray()
+            async for line in local.content:
+                relayed += line
+                await out.write(line)
+            if sess is not None:  # the stream's own MAC, as its last line
+                mac = sess.response_mac(request[COUNTER], local.status, bytes(relayed))
+                await out.write((json.dumps({"mac": mac}) + "\n").encode())
+            await out.write_eof()
+            return out
+
+
+def create_peer_app(ctx: PeerContext) -> web.Application:
+    app = web.Application(middlewares=[peer_middleware], client_max_size=MAX_MANAGE_BODY)
+    app[CTX_KEY] = ctx
+    if ctx.mode == "token":
+        app.router.add_post("/v1/session", open_session)
     app.router.add_get("/v1/hello", hello)
     app.router.add_get("/v1/replicas/{vm_id}", status)
     app.router.add_put("/v1/replicas/{vm_id}/logs/{seq:[0-9]{1,18}}", put_log)
+    app.router.add_route("*", "/v1/manage/{path:.*}", manage)
     return app

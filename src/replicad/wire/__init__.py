@@ -1,7 +1,7 @@
 """The change-log format: header, records, trailer. Pure functions, no I/O."""
 
-from .codec import (MAGIC, MAX_HEADER, MAX_RECORD, RECORD_DATA, RECORD_RESIZE, RECORD_ZERO, Header,
+from .codec import (MAC_ALG, MAGIC, MAX_HEADER, MAX_RECORD, RECORD_DATA, RECORD_RESIZE, RECORD_ZERO, Header,
                     LogDecoder, LogEncoder, Record, Trailer, DiskInfo)
 
-__all__ = ["MAGIC", "MAX_HEADER", "MAX_RECORD", "RECORD_DATA", "RECORD_RESIZE", "RECORD_ZERO", "Header",
+__all__ = ["MAC_ALG", "MAGIC", "MAX_HEADER", "MAX_RECORD", "RECORD_DATA", "RECORD_RESIZE", "RECORD_ZERO", "Header",
            "LogDecoder", "LogEncoder", "Record", "Trailer", "DiskInfo"]

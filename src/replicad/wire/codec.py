@@ -9,12 +9,19 @@ Layout (little endian)::
 
 ``checksum`` is xxh3-64 over the record's first 20 bytes (kind..length) followed by the
 uncompressed data, so a flipped bit in an offset is caught as surely as one in the data.
-``digest`` is xxh3-128 over every byte before the trailer. Every length is checked against
-its bound before anything is allocated; the decoder holds at most one record in memory.
+``digest`` is xxh3-128 over every byte before the trailer (MACs excluded). Every length is
+checked against its bound before anything is allocated; the decoder holds at most one record.
+
+With ``"mac": "blake2b-128"`` in the header (the token transport), every item — header,
+each record, trailer — is followed by a 16-byte keyed BLAKE2b of (u64 item index, item
+bytes) under the session key: unlike the checksums, an attacker cannot recompute these, and
+the index stops reordering, dropping or splicing items.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import struct
 from dataclasses import dataclass
@@ -42,6 +49,9 @@ _PREAMBLE = struct.Struct("<4sHI")
 _RECORD = struct.Struct("<BBHQIIQ")
 _RECORD_SUM = struct.Struct("<BBHQI")  # the part the checksum covers
 _TRAILER = struct.Struct("<BQQ16s")
+MAC_ALG = "blake2b-128"
+MAC_LEN = 16
+_MAC_PERSON = b"replicad-log-v1"
 # zstd's worst case for MAX_RECORD bytes is a little above it; anything larger is hostile.
 _MAX_PAYLOAD = MAX_RECORD + (MAX_RECORD >> 7) + 1024
 
@@ -65,6 +75,7 @@ class Header:
     consistency: str
     disks: tuple[DiskInfo, ...] = ()
     frequency: int = 0  # the primary's cycle frequency, so the replica can judge lag
+    mac: str | None = None  # MAC_ALG when every item carries a MAC
     version: int = VERSION
 
     def to_json(self) -> bytes:
@@ -73,6 +84,7 @@ class Header:
             "base_seq": self.base_seq, "kind": self.kind, "time": self.time,
             "consistency": self.consistency, "frequency": self.frequency,
             "disks": [{"index": d.index, "name": d.name, "size": d.size} for d in self.disks],
+            **({"mac": self.mac} if self.mac else {}),
         }, separators=(",", ":")).encode()
 
     @classmethod
@@ -122,7 +134,10 @@ class Header:
         frequency = doc.get("frequency", 0)
         if not isinstance(frequency, int) or isinstance(frequency, bool) or not 0 <= frequency <= 7 * 86400:
             raise WireError("change-log header: bad frequency")
-        return cls(vm_id, vm_name, epoch, seq, base_seq, kind, time_, consistency, tuple(disks), frequency)
+        mac = doc.get("mac")
+        if mac is not None and mac != MAC_ALG:
+            raise WireError(f"change-log header: unknown MAC algorithm {str(mac)[:32]!r}")
+        return cls(vm_id, vm_name, epoch, seq, base_seq, kind, time_, consistency, tuple(disks), frequency, mac)
 
 
 @dataclass(frozen=True)
@@ -141,6 +156,13 @@ class Trailer:
     digest: bytes
 
 
+def item_mac(key: bytes, index: int, item: bytes | memoryview) -> bytes:
+    h = hashlib.blake2b(key=key, digest_size=MAC_LEN, person=_MAC_PERSON)
+    h.update(struct.pack("<Q", index))
+    h.update(item)
+    return h.digest()
+
+
 def _record_checksum(kind: int, flags: int, disk: int, offset: int, length: int, data: bytes | memoryview = b"") -> int:
     h = xxhash.xxh3_64(_RECORD_SUM.pack(kind, flags & ~FLAG_ZSTD, disk, offset, length))
     if data:
@@ -151,8 +173,12 @@ def _record_checksum(kind: int, flags: int, disk: int, offset: int, length: int,
 class LogEncoder:
     """Turns a cycle's changes into log bytes, keeping the running digest and counts."""
 
-    def __init__(self, header: Header, *, compress: bool = True, level: int = 1):
+    def __init__(self, header: Header, *, compress: bool = True, level: int = 1, mac_key: bytes | None = None):
+        if mac_key is not None:
+            header = Header(**{**header.__dict__, "mac": MAC_ALG})
         self.header = header
+        self._mac_key = mac_key
+        self._items = 0
         self._digest = xxhash.xxh3_128()
         self._zstd = zstandard.ZstdCompressor(level=level) if compress else None
         self.records = 0
@@ -160,7 +186,14 @@ class LogEncoder:
 
     def _out(self, b: bytes) -> bytes:
         self._digest.update(b)
-        return b
+        return self._mac(b)
+
+    def _mac(self, b: bytes) -> bytes:
+        if self._mac_key is None:
+            return b
+        m = item_mac(self._mac_key, self._items, b)
+        self._items += 1
+        return b + m
 
     def start(self) -> bytes:
         raw = self.header.to_json()
@@ -196,7 +229,7 @@ class LogEncoder:
                                       _record_checksum(RECORD_RESIZE, 0, disk, size, 0)))
 
     def finish(self) -> bytes:
-        return _TRAILER.pack(RECORD_TRAILER, self.records, self.data_bytes, self._digest.digest())
+        return self._mac(_TRAILER.pack(RECORD_TRAILER, self.records, self.data_bytes, self._digest.digest()))
 
 
 class LogDecoder:
@@ -205,7 +238,12 @@ class LogDecoder:
     Raises WireError on the first malformed, oversized or corrupt byte. ``close()`` raises
     if the log stopped before its trailer. Items: one Header, Records, one Trailer."""
 
-    def __init__(self, *, verify_data: bool = True):
+    def __init__(self, *, verify_data: bool = True, mac_key: bytes | None = None, require_mac: bool = False):
+        """``mac_key``: verify item MACs (a log with MACs read without a key — a staged log,
+        verified at receipt — has them skipped). ``require_mac``: refuse a log without MACs."""
+        self._mac_key = mac_key
+        self._require_mac = require_mac
+        self._items = 0
         self._buf = bytearray()
         self._pos = 0
         self._digest = xxhash.xxh3_128()
@@ -247,6 +285,19 @@ class LogDecoder:
         self.consumed += n
         return b
 
+    @property
+    def _maclen(self) -> int:
+        return MAC_LEN if self.header is not None and self.header.mac else 0
+
+    def _check_mac(self, item: bytes) -> None:
+        """Consume and verify the MAC that follows ``item`` (the caller ensured it is buffered)."""
+        if not self._maclen:
+            return
+        got = self._take(MAC_LEN)
+        if self._mac_key is not None and not hmac.compare_digest(got, item_mac(self._mac_key, self._items, item)):
+            raise WireError(f"MAC mismatch on change-log item {self._items}: altered in flight")
+        self._items += 1
+
     def _next(self):
         if self.trailer is not None:
             return None
@@ -262,16 +313,25 @@ class LogDecoder:
                 raise WireError(f"change-log header of {hlen} bytes exceeds {MAX_HEADER}")
             if self._avail() < _PREAMBLE.size + hlen:
                 return None
-            raw = self._take(_PREAMBLE.size + hlen)
+            raw = bytes(self._buf[self._pos:self._pos + _PREAMBLE.size + hlen])
+            header = Header.from_json(raw[_PREAMBLE.size:])
+            if self._require_mac and not header.mac:
+                raise WireError("this transport requires MACs on change-log items")
+            if self._avail() < len(raw) + (MAC_LEN if header.mac else 0):
+                return None
+            self._take(len(raw))
+            self.header = header
             self._digest.update(raw)
-            self.header = Header.from_json(raw[_PREAMBLE.size:])
+            self._check_mac(raw)
             return self.header
         if self._avail() < 1:
             return None
         if self._buf[self._pos] == RECORD_TRAILER:
-            if self._avail() < _TRAILER.size:
+            if self._avail() < _TRAILER.size + self._maclen:
                 return None
-            _, records, data_bytes, digest = _TRAILER.unpack(self._take(_TRAILER.size))
+            raw = self._take(_TRAILER.size)
+            self._check_mac(raw)
+            _, records, data_bytes, digest = _TRAILER.unpack(raw)
             if records != self.records or data_bytes != self.data_bytes:
                 raise WireError(f"change-log trailer counts {records} records/{data_bytes} bytes, "
                                 f"received {self.records}/{self.data_bytes}")
@@ -298,9 +358,10 @@ class LogDecoder:
                 raise WireError("resize record does not match the header's disk size")
         elif offset + length > size:
             raise WireError(f"record [{offset}, +{length}) beyond the end of disk {disk} ({size})")
-        if self._avail() < _RECORD.size + plen:
+        if self._avail() < _RECORD.size + plen + self._maclen:
             return None
         raw = self._take(_RECORD.size + plen)
+        self._check_mac(raw)
         self._digest.update(raw)
         data = None
         if kind == RECORD_DATA:

@@ -1,0 +1,182 @@
+"""Token-mode sessions: mutual authentication and a shared key for MACs (DESIGN §5).
+
+Handshake (``POST /v1/session``): the client's ticket carries its ephemeral X25519 key and
+a nonce; the server answers with a JSON body signed by its own realm-certified key, holding
+its ephemeral key, its nonce and the client's nonce (mutual authentication: only the real
+server can sign that answer). Both derive the session key with HKDF-SHA256 over the X25519
+secret, salted with both nonces, bound to both names.
+
+Requests of the session carry ``Authorization: ReplicadSession <id> <counter> <mac>``, an
+HMAC over method, path, counter and the body's SHA-256 (or empty for a change log, whose
+items carry their own MACs); counters strictly increase, so a replayed request is refused.
+Responses carry ``X-Replicad-MAC`` over the request counter, status and body, so a forged
+acknowledgement is detected by the primary. One session per conversation (a cycle, a
+management call): there is no concurrent use of a session."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature
+
+from ..errors import AuthenticationFailed
+from .token import Credential, RealmPublic, Ticket, verify_host_key
+
+SCHEME = "ReplicadSession"
+SIGNATURE_HEADER = "X-Replicad-Signature"
+MAC_HEADER = "X-Replicad-MAC"
+BODY_HASH_HEADER = "X-Replicad-Body-SHA256"
+MAX_SESSIONS = 4096
+
+
+def _b64(b: bytes) -> str:
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+def _unb64(s: str) -> bytes:
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+def _raw(pub: X25519PublicKey) -> bytes:
+    return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def derive_key(shared: bytes, client_nonce: str, server_nonce: str, client: str, server: str) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=(client_nonce + "|" + server_nonce).encode(),
+                info=f"replicad-session-v1|{client}|{server}".encode()).derive(shared)
+
+
+def body_hash(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+@dataclass
+class Session:
+    id: str
+    key: bytes
+    client: str
+    server: str
+    expires: float
+    counter: int = 0
+    info: dict = field(default_factory=dict)  # the server's hello: authorized, trust group …
+
+    def request_mac(self, method: str, path: str, counter: int, body_sha: str) -> str:
+        msg = f"req|{self.id}|{method.upper()}|{path}|{counter}|{body_sha}".encode()
+        return hmac.new(self.key, msg, hashlib.sha256).hexdigest()[:32]
+
+    def response_mac(self, counter: int, status: int, body: bytes) -> str:
+        msg = f"resp|{self.id}|{counter}|{status}|{body_hash(body)}".encode()
+        return hmac.new(self.key, msg, hashlib.sha256).hexdigest()[:32]
+
+    def authorization(self, method: str, path: str, body: bytes | None) -> tuple[str, int]:
+        """The header a client sends with its next request (and the counter it used)."""
+        self.counter += 1
+        sha = body_hash(body) if body is not None else ""
+        return f"{SCHEME} {self.id} {self.counter} {self.request_mac(method, path, self.counter, sha)}", self.counter
+
+
+# client side ----------------------------------------------------------------------------
+@dataclass
+class ClientHandshake:
+    credential: Credential
+    server: str
+    eph: X25519PrivateKey
+    nonce: str
+    ticket: str
+
+    @classmethod
+    def begin(cls, credential: Credential, server: str) -> "ClientHandshake":
+        eph = X25519PrivateKey.generate()
+        nonce = secrets.token_hex(16)
+        return cls(credential, server.lower(), eph, nonce,
+                   credential.ticket(server, eph=_raw(eph.public_key()), nonce=nonce))
+
+    def finish(self, realm: RealmPublic, body: bytes, signature: str) -> Session:
+        """Check the server's signed answer; raises AuthenticationFailed when it is not the
+        server we dialled, not from our realm, or not an answer to our nonce."""
+        try:
+            doc = json.loads(body)
+            server, pub = str(doc["server"]), _unb64(str(doc["pub"]))
+            assertion, srv_eph = _unb64(str(doc["assertion"])), _unb64(str(doc["eph"]))
+            sig = _unb64(signature)
+        except (ValueError, KeyError, TypeError):
+            raise AuthenticationFailed("malformed session answer from the replica server") from None
+        if server != self.server:
+            raise AuthenticationFailed(f"the server answered as {server[:253]}, not {self.server}")
+        key = verify_host_key(realm, server, pub, assertion)
+        try:
+            key.verify(sig, body)
+        except InvalidSignature:
+            raise AuthenticationFailed(f"the session answer is not signed by {server}") from None
+        if doc.get("client_nonce") != self.nonce or doc.get("client") != self.credential.host:
+            raise AuthenticationFailed("the session answer does not answer our ticket")
+        shared = self.eph.exchange(X25519PublicKey.from_public_bytes(srv_eph))
+        k = derive_key(shared, self.nonce, str(doc["nonce"]), self.credential.host, server)
+        info = {k2: doc.get(k2) for k2 in ("authorized", "reason", "trust_group", "protocol", "version",
+                                             "capabilities", "principal")}
+        return Session(str(doc["session"]), k, self.credential.host, server, float(doc["expires"]), info=info)
+
+
+# server side ----------------------------------------------------------------------------
+class SessionStore:
+    """Open sessions of this server: bounded, expiring with their ticket."""
+
+    def __init__(self, credential: Credential):
+        self.credential = credential
+        self._sessions: dict[str, Session] = {}
+
+    def accept(self, ticket: Ticket, info: dict) -> tuple[bytes, str]:
+        """Open a session for a verified ticket; returns (answer body, its signature)."""
+        if ticket.eph is None:
+            raise AuthenticationFailed("the ticket carries no session key share")
+        now = time.time()
+        for sid in [s for s, v in self._sessions.items() if v.expires < now]:
+            del self._sessions[sid]
+        if len(self._sessions) >= MAX_SESSIONS:
+            raise AuthenticationFailed("too many open sessions; try again later")
+        eph = X25519PrivateKey.generate()
+        nonce = secrets.token_hex(16)
+        sid = secrets.token_hex(16)
+        server = self.credential.host
+        key = derive_key(eph.exchange(X25519PublicKey.from_public_bytes(ticket.eph)), ticket.nonce, nonce,
+                         ticket.client, server)
+        expires = float(ticket.expires)
+        self._sessions[sid] = Session(sid, key, ticket.client, server, expires)
+        body = json.dumps({"v": 1, "session": sid, "server": server, "client": ticket.client,
+                           "client_nonce": ticket.nonce, "nonce": nonce, "eph": _b64(_raw(eph.public_key())),
+                           "pub": _b64(self.credential.public_bytes), "assertion": _b64(self.credential.assertion),
+                           "expires": expires, "principal": ticket.client, **info},
+                          separators=(",", ":")).encode()
+        return body, _b64(self.credential.sign(body))
+
+    def check(self, header: str, method: str, path: str, body_sha: str) -> tuple[Session, int]:
+        """Verify a request's session header; returns the session and the request's counter."""
+        parts = header.split(" ")
+        if len(parts) != 4 or parts[0] != SCHEME or not parts[2].isdigit() or len(parts[2]) > 18:
+            raise AuthenticationFailed("malformed session header")
+        sess = self._sessions.get(parts[1])
+        if sess is None or sess.expires < time.time():
+            raise AuthenticationFailed("unknown or expired session")
+        counter = int(parts[2])
+        if not hmac.compare_digest(sess.request_mac(method, path, counter, body_sha), parts[3]):
+            raise AuthenticationFailed(f"request MAC of {sess.client} does not verify")
+        if counter <= sess.counter:
+            raise AuthenticationFailed(f"replayed request from {sess.client} (counter {counter})")
+        sess.counter = counter
+        return sess, counter
+
+
+def verify_response(sess: Session, counter: int, status: int, body: bytes, mac: str | None) -> None:
+    if not mac or not hmac.compare_digest(sess.response_mac(counter, status, body), mac):
+        raise AuthenticationFailed(f"the answer of {sess.server} is not authenticated (MAC mismatch)")
+
