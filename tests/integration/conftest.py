@@ -3,9 +3,10 @@ import pytest
 from .harness import Cluster
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    c = Cluster(tmp_path)
+@pytest.fixture(params=["token", "certificate"])
+def cluster(tmp_path, request):
+    """The same scenarios over both listeners (port-80 tokens, port-443 mutual TLS)."""
+    c = Cluster(tmp_path, auth=request.param)
     yield c
     c.shutdown()
 
@@ -16,6 +17,6 @@ def pair(cluster):
     v1, v2 = cluster["vmhost1"], cluster["vmhost2"]
     v1.start()
     v2.start()
-    v1.cli("server", "set", "--enabled", "true", "--allow-any-server", "false")
+    v1.cli("server", "set", "--enabled", "true", "--auth", cluster.auth, "--allow-any-server", "false")
     v1.cli("auth-entry", "add", "--primary", "*.contoso.com", "--trust-group", "Production")
     return v2, v1

@@ -49,6 +49,7 @@ class Host:
     name: str
     addr: str
     port: int
+    tls_port: int
     root: Path
     cluster: "Cluster"
     proc: subprocess.Popen | None = None
@@ -66,18 +67,29 @@ class Host:
     def log(self) -> Path:
         return self.root / "daemon.log"
 
-    def write_config(self) -> None:
+    @property
+    def peer_port(self) -> int:
+        """The port of the listener the cluster's scenarios use (token or certificate)."""
+        return self.tls_port if self.cluster.auth == "certificate" else self.port
+
+    def write_config(self, **extra) -> None:
         resolve = {h.fqdn: h.addr for h in self.cluster.hosts.values()}
-        self.config.write_text(json.dumps({
+        doc = {
             "host": self.fqdn, "state_dir": "state",
-            "listen": {"token": {"address": self.addr, "port": self.port}},
+            "listen": {"token": {"address": self.addr, "port": self.port},
+                       "tls": {"address": self.addr, "port": self.tls_port, "cert": f"certs/{self.fqdn}.pem",
+                               "key": f"certs/{self.fqdn}.key", "ca": "../ca/ca.pem"}},
             "realm": {"credential": f"{self.fqdn}.cred", "public_key": "../realm/realm.pub"},
-            "management": {"socket": "state/replicad.sock"},
+            "management": {"socket": "state/replicad.sock", "admins": [f"mgmt.{DOMAIN}"]},
             "resolve": resolve, "log": {"format": "json", "level": "debug"},
-        }, indent=1))
+        }
+        for key, value in extra.items():
+            doc[key] = value
+        self.config.write_text(json.dumps(doc, indent=1))
 
     def start(self, env: dict | None = None) -> None:
-        self.write_config()
+        if not self.config.exists():
+            self.write_config()
         logf = open(self.log, "a")
         self.proc = subprocess.Popen([str(BIN), "daemon", "--config", str(self.config)], stdout=logf,
                                      stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
@@ -122,18 +134,27 @@ class Host:
         return out
 
 
+def run(*args: str) -> None:
+    subprocess.run([str(BIN), *args], check=True, capture_output=True)
+
+
 class Cluster:
-    def __init__(self, root: Path, names=("vmhost1", "vmhost2", "vmhost3")):
+    """Hosts with a realm credential and a CA-issued certificate each, both listeners on.
+    ``auth`` picks the listener the scenarios replicate over."""
+
+    def __init__(self, root: Path, names=("vmhost1", "vmhost2", "vmhost3"), auth: str = "token"):
         self.root = root
+        self.auth = auth
         self.hosts: dict[str, Host] = {}
-        subprocess.run([str(BIN), "realm", "init", "--name", DOMAIN, "--out", str(root / "realm")], check=True,
-                       capture_output=True)
+        run("realm", "init", "--name", DOMAIN, "--out", str(root / "realm"))
+        run("certs", "init-ca", "--out", str(root / "ca"))
         for i, name in enumerate(names, start=1):
             addr = f"127.0.0.{i}"
-            h = Host(name, addr, free_port(addr), root / name, self)
+            h = Host(name, addr, free_port(addr), free_port(addr), root / name, self)
             h.root.mkdir(parents=True)
-            subprocess.run([str(BIN), "realm", "issue", "--realm", str(root / "realm"), "--host", h.fqdn,
-                            "--out", str(h.root / f"{h.fqdn}.cred")], check=True, capture_output=True)
+            run("realm", "issue", "--realm", str(root / "realm"), "--host", h.fqdn,
+                "--out", str(h.root / f"{h.fqdn}.cred"))
+            run("certs", "issue", "--ca", str(root / "ca"), "--host", h.fqdn, "--out", str(h.root / "certs"))
             self.hosts[name] = h
 
     def __getitem__(self, name: str) -> Host:

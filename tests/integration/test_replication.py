@@ -16,7 +16,8 @@ MiB = 1 << 20
 
 def enable(primary, replica, vm, image, **opts):
     primary.cli("vm", "add", vm, "--disk", str(image))
-    args = ["replication", "enable", vm, "--replica-server", replica.fqdn, "--replica-port", str(replica.port)]
+    args = ["replication", "enable", vm, "--replica-server", replica.fqdn, "--replica-port", str(replica.peer_port),
+            "--auth", replica.cluster.auth]
     for k, v in opts.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     primary.cli(*args)
@@ -110,10 +111,10 @@ def test_unauthorized_primary_is_refused_with_a_clear_error(cluster, tmp_path):
     v1, v3 = cluster["vmhost1"], cluster["vmhost3"]
     v1.start()
     v3.start()
-    v1.cli("server", "set", "--enabled", "true", "--allow-any-server", "false")
+    v1.cli("server", "set", "--enabled", "true", "--auth", cluster.auth, "--allow-any-server", "false")
     v1.cli("auth-entry", "add", "--primary", "vmhost2.contoso.com")  # not vmhost3
     image = tmp_path / "web.img"
-    make_sparse_image(image, 8 * MiB, data_pieces=2)
+    make_sparse_image(image, 64 * MiB, data_pieces=32)  # still streaming when the refusal comes
     enable(v3, v1, "web", image)
     r = v3.cli("replication", "start-initial", "web", "--wait", check=False)
     assert r.returncode == 1
@@ -125,6 +126,27 @@ def test_unauthorized_primary_is_refused_with_a_clear_error(cluster, tmp_path):
     storage = v1.root / "state" / "replicas"
     assert not storage.exists() or list(storage.iterdir()) == []
     assert any(e.get("peer") == "vmhost3.contoso.com" for e in v1.events("peer.refused"))
+    # the refusal did not kill the VM's supervisor: once authorized, it replicates
+    v1.cli("auth-entry", "add", "--primary", "vmhost3.contoso.com")
+    v3.json("replication", "start-initial", "web", "--wait")
+    wait_applied(v3, v1, "web")
+    assert file_digest(replica_disk(v1, "web")) == file_digest(image)
+
+
+def test_listener_auth_type_is_enforced(cluster, tmp_path):
+    """`server set --auth` decides which listener a primary may use."""
+    v1, v2 = cluster["vmhost1"], cluster["vmhost2"]
+    v1.start()
+    v2.start()
+    other = "token" if cluster.auth == "certificate" else "certificate"
+    v1.cli("server", "set", "--enabled", "true", "--auth", other)
+    image = tmp_path / "a.img"
+    make_sparse_image(image, 4 * MiB, data_pieces=1)
+    enable(v2, v1, "a", image)
+    r = v2.cli("replication", "start-initial", "a", "--wait", check=False)
+    assert r.returncode == 1 and f"does not accept {cluster.auth} authentication" in r.stderr
+    v1.cli("server", "set", "--auth", "both")
+    v2.json("replication", "start-initial", "a", "--wait")
 
 
 def test_disabled_replica_server_refuses(cluster, tmp_path):
@@ -140,6 +162,8 @@ def test_disabled_replica_server_refuses(cluster, tmp_path):
 
 def test_request_without_ticket_gets_401_before_the_body_is_read(pair):
     _, replica = pair
+    if replica.cluster.auth == "certificate":
+        pytest.skip("token listener only; tests/security covers TLS clients without certificates")
     conn = http.client.HTTPConnection(replica.addr, replica.port, timeout=10)
     conn.putrequest("PUT", "/v1/replicas/0f0e0d0c-0000-4000-8000-000000000001/logs/1")
     conn.putheader("Content-Length", str(1 << 30))  # a body that is never sent

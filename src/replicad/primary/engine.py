@@ -134,8 +134,15 @@ class PrimaryEngine:
             try:
                 outcome = await self._cycle(vm_id)
             except asyncio.CancelledError:
-                self._fail_waiters(vm_id, ReplicadError("the daemon is shutting down"), waiters)
-                raise
+                if asyncio.current_task().cancelling():  # this supervisor is being stopped
+                    self._fail_waiters(vm_id, ReplicadError("the daemon is shutting down"), waiters)
+                    raise
+                # a stray cancellation from a library must not kill the VM's supervisor
+                e = ReplicadError("the cycle was interrupted")
+                e.transient = True
+                self._failed(vm_id, e, time.monotonic() - last_start)
+                self._fail_waiters(vm_id, e, waiters)
+                continue
             except Exception as e:  # noqa: BLE001 — sorted and recorded in _failed
                 self._failed(vm_id, e, time.monotonic() - last_start)
                 self._fail_waiters(vm_id, e, waiters)

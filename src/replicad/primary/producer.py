@@ -140,7 +140,7 @@ async def stream_batches(producer: CycleProducer, *, bandwidth_limit: int = 0) -
             except OSError as e:
                 producer.error = local_error(e)  # the transport wraps it; the engine reports this
                 raise producer.error from None
-            except BaseException as e:
+            except Exception as e:  # not CancelledError: aiohttp cancels the writer on an early answer
                 producer.error = e
                 raise
             if chunk is sentinel:
