@@ -32,6 +32,11 @@ def host_of(request: web.Request) -> Host:
     return request.app[HOST_KEY]
 
 
+def actor(request: web.Request) -> str:
+    """Who asked: a remote admin's principal when relayed by a peer listener, else local."""
+    return request.headers.get("X-Replicad-Principal", "local")[:253]
+
+
 async def body(request: web.Request) -> dict:
     """The request's JSON object (bounded by the app's client_max_size)."""
     if not request.can_read_body:

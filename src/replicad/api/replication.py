@@ -15,7 +15,7 @@ from ..errors import Conflict, NotFound, ReplicadError, UsageError
 from ..health import compute as compute_health
 from ..model import Relationship, ReplicationMode, ReplicationState as S, Stats, valid_fqdn
 from ..primary.baseline import Baselines
-from .context import Host, body, host_of
+from .context import Host, actor, body, host_of
 from .vms import get_vm
 
 log = logmod.get("replicad.replication")
@@ -121,7 +121,7 @@ async def enable(request):
         raise UsageError("a VM cannot replicate to its own host")
     vm.mode = ReplicationMode.PRIMARY
     host.catalog.put_vm_and_relationship(vm, rel)
-    host.catalog.audit("local", "replication.enable", f"{vm.name} -> {rel.replica_server}:{rel.replica_port}")
+    host.catalog.audit(actor(request), "replication.enable", f"{vm.name} -> {rel.replica_server}:{rel.replica_port}")
     log.info("replication.enabled", vm=vm.name, replica=rel.replica_server, port=rel.replica_port,
              frequency=rel.frequency)
     return web.json_response(rel_json(host, rel, vm.name))
@@ -297,7 +297,7 @@ async def remove(request):
     host.catalog.remove_relationship(vm.id)
     vm.mode = ReplicationMode.NONE
     host.catalog.put_vm(vm)
-    host.catalog.audit("local", "replication.remove", f"{vm.name} ({rel.role})")
+    host.catalog.audit(actor(request), "replication.remove", f"{vm.name} ({rel.role})")
     log.info("replication.removed", vm=vm.name, role=rel.role)
     return web.json_response({"removed": vm.name})
 

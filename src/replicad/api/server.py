@@ -13,7 +13,7 @@ from ..errors import Conflict, NotFound, UsageError
 from ..fsutil import make_private_dir
 from ..model import AuthType, valid_fqdn
 from ..replica.settings import ServerSettings, format_duration, parse_duration, validate_hhmm
-from .context import body, host_of
+from .context import actor, body, host_of
 
 log = logmod.get("replicad.server")
 
@@ -77,7 +77,7 @@ async def set_server(request):
         _storage(new.default_storage)
     new.save(host.catalog)
     if new != s:
-        host.catalog.audit("local", "server.set", str(changes))
+        host.catalog.audit(actor(request), "server.set", str(changes))
         log.info("server.changed", changes=changes)
     return web.json_response(server_json(host, new))
 
@@ -111,7 +111,7 @@ async def add_entry(request):
     e = AuthorizationEntry(pattern, _storage(str(doc.get("storage") or default)),
                            _trust_group(doc, DEFAULT_TRUST_GROUP))
     host.catalog.put_entry(e)
-    host.catalog.audit("local", "auth-entry.add", str(e.to_dict()))
+    host.catalog.audit(actor(request), "auth-entry.add", str(e.to_dict()))
     log.info("auth_entry.added", **e.to_dict())
     return web.json_response(e.to_dict())
 
@@ -126,7 +126,7 @@ async def set_entry(request):
     e = AuthorizationEntry(pattern, _storage(str(doc["storage"])) if doc.get("storage") else old.storage,
                            _trust_group(doc, old.trust_group))
     host.catalog.put_entry(e)
-    host.catalog.audit("local", "auth-entry.set", str(e.to_dict()))
+    host.catalog.audit(actor(request), "auth-entry.set", str(e.to_dict()))
     log.info("auth_entry.changed", **e.to_dict())
     return web.json_response(e.to_dict())
 
@@ -136,7 +136,7 @@ async def remove_entry(request):
     pattern = _pattern(await body(request))
     if not host.catalog.remove_entry(pattern):
         raise NotFound(f"no authorization entry for {pattern}")
-    host.catalog.audit("local", "auth-entry.remove", pattern)
+    host.catalog.audit(actor(request), "auth-entry.remove", pattern)
     log.info("auth_entry.removed", primary=pattern)
     return web.json_response({"removed": pattern})
 

@@ -13,7 +13,7 @@ from .. import log as logmod
 from ..errors import Conflict, NotFound, Refused, ReplicadError, UsageError
 from ..health import compute as compute_health
 from ..model import VM, Disk, ReplicationMode, VMState, valid_disk_name, valid_vm_name
-from .context import Host, body, host_of
+from .context import Host, actor, body, host_of
 
 log = logmod.get("replicad.vms")
 HOOKS = ("on_start", "on_stop", "pre_snapshot", "post_snapshot")
@@ -164,7 +164,7 @@ async def remove_vm(request):
                        hint=f"`replicad replication remove {vm.name}`")
     if rel is not None and rel.role == "replica":
         await host.replica.remove(vm.id)
-        host.catalog.audit("local", "replica.removed", f"{vm.name} ({vm.id})")
+        host.catalog.audit(actor(request), "replica.removed", f"{vm.name} ({vm.id})")
     host.catalog.remove_vm(vm.id)
     log.info("vm.removed", vm=vm.name, replica_copy_deleted=rel is not None)
     return web.json_response({"removed": vm.name})

@@ -10,8 +10,9 @@ from pathlib import Path
 import click
 
 from .. import config as configmod
-from ..errors import ReplicadError, UsageError
+from ..errors import UsageError
 from .client import ApiClient
+from .remote import RemoteClient
 from .render import render
 
 FALLBACK_SOCKET = "/run/replicad/replicad.sock"
@@ -49,10 +50,10 @@ def output_format() -> str:
     return _meta("output") or "table"
 
 
-def api() -> ApiClient:
+def api() -> ApiClient | RemoteClient:
     if _meta("computer_name"):
-        raise ReplicadError("remote management (-C) is not available in this version yet",
-                            hint="run the command on that host, against its local socket")
+        path = _meta("config") or os.environ.get("REPLICAD_CONFIG") or configmod.DEFAULT_PATH
+        return RemoteClient(_meta("computer_name"), configmod.load(path))
     if _meta("socket"):
         return ApiClient(_meta("socket"))
     path = _meta("config") or os.environ.get("REPLICAD_CONFIG")

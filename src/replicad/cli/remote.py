@@ -1,0 +1,193 @@
+"""`-C HOST[:PORT]`: the management API of a remote host, relayed by its peer listener.
+
+The caller authenticates as the host its ``--config`` describes: over TLS with that host's
+certificate when the config has ``listen.tls`` (port 443 by default), otherwise over the
+token listener with its realm credential (port 80), in a session whose requests and
+answers are MAC'd. If an explicit port answers in plain HTTP, it is a token listener and
+the realm credential is used there. The remote host allows only principals in its ``management.admins``."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import socket
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+from .. import PROTOCOL_VERSION
+from ..auth import tls as tlsmod
+from ..auth.session import BODY_HASH_HEADER, MAC_HEADER, SIGNATURE_HEADER, ClientHandshake, Session, verify_response
+from ..auth.token import SCHEME, Credential, RealmPublic
+from ..config import Config
+from ..errors import AuthenticationFailed, DaemonUnreachable, ReplicadError
+from .client import ApiError
+
+TIMEOUT = 30
+
+
+class _Conn(http.client.HTTPSConnection):
+    """Connects to the resolved address but checks the certificate against the name."""
+
+    def __init__(self, name: str, addr: str, port: int, context: ssl.SSLContext | None, timeout: float | None):
+        if context is None:
+            http.client.HTTPConnection.__init__(self, addr, port, timeout=timeout)
+        else:
+            super().__init__(addr, port, timeout=timeout, context=context)
+        self._name, self._addr, self._tls = name, addr, context
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._addr, self.port), self.timeout)
+        self.sock = self._tls.wrap_socket(sock, server_hostname=self._name) if self._tls is not None else sock
+
+
+class RemoteClient:
+    def __init__(self, target: str, config: Config):
+        name, _, port = target.partition(":")
+        self.name = name.lower()
+        self.config = config
+        self.tls = config.listen.tls
+        self.mode = "certificate" if self.tls is not None else "token"
+        if self.mode == "token" and config.realm is None:
+            raise ReplicadError("-C needs a certificate (listen.tls) or a realm credential in --config")
+        try:
+            self.port = int(port) if port else (443 if self.mode == "certificate" else 80)
+        except ValueError:
+            raise ReplicadError(f"-C {target}: the port must be a number") from None
+        self.addr = config.resolve.get(self.name, self.name)
+        self.session: Session | None = None
+        self._ctx: ssl.SSLContext | None = None
+        self._pins: dict[str, str] = {}
+        if self.tls is not None:
+            self._ctx = tlsmod.client_context(self.tls.cert, self.tls.key, self.tls.ca)
+            self._pins = {k: tlsmod.normalize_pin(v) for k, v in self.tls.pins.items()}
+
+    def _open(self, timeout: float | None) -> _Conn:
+        conn = _Conn(self.name, self.addr, self.port, self._ctx, timeout)
+        try:
+            conn.connect()
+        except ssl.SSLError as e:
+            if e.reason == "WRONG_VERSION_NUMBER" and self.config.realm is not None:
+                # the port speaks plain HTTP: it is the token listener; use the realm credential
+                self.mode, self._ctx = "token", None
+                return self._open(timeout)
+            if isinstance(e, ssl.SSLCertVerificationError):
+                raise ReplicadError(f"TLS: the certificate of {self.name} was refused: {e.verify_message}") from None
+            raise DaemonUnreachable(f"cannot reach {self.name}:{self.port}: {e}") from None
+            raise ReplicadError(f"TLS: the certificate of {self.name} was refused: {e.verify_message}") from None
+        except (OSError, ssl.SSLError) as e:
+            raise DaemonUnreachable(f"cannot reach {self.name}:{self.port}: {getattr(e, 'strerror', None) or e}") from None
+        if self._ctx is not None and self._pins:
+            try:
+                tlsmod.check_pin(self._pins, self.name, tlsmod.thumbprint(conn.sock.getpeercert(binary_form=True)))
+            except AuthenticationFailed as e:
+                conn.close()
+                raise ReplicadError(f"TLS: {e}") from None
+        return conn
+
+    def _handshake(self) -> None:
+        cred = Credential.load(Path(self.config.realm.credential))
+        realm = RealmPublic.load(Path(self.config.realm.public_key))
+        hs = ClientHandshake.begin(cred, self.name)
+        conn = self._open(TIMEOUT)
+        try:
+            conn.request("POST", "/v1/session", headers={"Authorization": f"{SCHEME} {hs.ticket}",
+                                                          "X-Replicad-Protocol": str(PROTOCOL_VERSION)})
+            resp = conn.getresponse()
+            body = resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise DaemonUnreachable(f"{self.name}:{self.port} did not answer: {e}") from None
+        finally:
+            conn.close()
+        if resp.status != 200:
+            self._raise(resp.status, body)
+        try:
+            self.session = hs.finish(realm, body, resp.getheader(SIGNATURE_HEADER, ""))
+        except AuthenticationFailed as e:
+            raise ReplicadError(f"{self.name} failed mutual authentication: {e}") from None
+
+    @staticmethod
+    def _raise(status: int, raw: bytes) -> None:
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            doc = {}
+        doc = doc if isinstance(doc, dict) else {}
+        err = ApiError(str(doc.get("error") or f"HTTP {status}"), hint=doc.get("hint"))
+        if doc.get("exit_code") == 2:
+            err.exit_code = 2
+        raise err
+
+    def _send(self, method: str, path: str, body: dict | None, timeout: float | None):
+        if self.mode == "certificate" and self.session is None:
+            self._open(TIMEOUT).close()  # settles the listener kind (see _open)
+        if self.mode == "token" and self.session is None:
+            self._handshake()
+        remote = "/v1/manage/" + path.removeprefix("/v1/")
+        payload = json.dumps(body).encode() if body is not None else b""
+        headers = {"Content-Type": "application/json", "X-Replicad-Protocol": str(PROTOCOL_VERSION)}
+        counter = 0
+        if self.session is not None:
+            headers["Authorization"], counter = self.session.authorization(method, remote, payload)
+            headers[BODY_HASH_HEADER] = hashlib.sha256(payload).hexdigest()
+        conn = self._open(timeout)
+        try:
+            conn.request(method, remote, body=payload or None, headers=headers)
+            return conn, conn.getresponse(), counter
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            raise DaemonUnreachable(f"{self.name}:{self.port} did not answer: {e}") from None
+
+    def _verify(self, counter: int, status: int, body: bytes, mac: str | None) -> None:
+        if self.session is None:
+            return
+        try:
+            verify_response(self.session, counter, status, body, mac)
+        except AuthenticationFailed as e:
+            raise ReplicadError(str(e)) from None
+
+    def call(self, method: str, path: str, body: dict | None = None):
+        conn, resp, counter = self._send(method, path, body, TIMEOUT)
+        try:
+            raw = resp.read()
+        finally:
+            conn.close()
+        if not (resp.status == 401 and resp.getheader(MAC_HEADER) is None):
+            self._verify(counter, resp.status, raw, resp.getheader(MAC_HEADER))
+        if resp.status >= 400:
+            self._raise(resp.status, raw)
+        return json.loads(raw) if raw else None
+
+    def stream(self, method: str, path: str, body: dict | None = None) -> Iterator[dict]:
+        conn, resp, counter = self._send(method, path, body, None)
+        try:
+            if resp.status >= 400 or not resp.getheader("Content-Type", "").startswith("application/x-ndjson"):
+                raw = resp.read()
+                self._verify(counter, resp.status, raw, resp.getheader(MAC_HEADER))
+                if resp.status >= 400:
+                    self._raise(resp.status, raw)
+                yield {"result": json.loads(raw or b"null")}
+                return
+            seen = bytearray()
+            final = None
+            for line in resp:
+                if not line.strip():
+                    continue
+                doc = json.loads(line)
+                if self.session is not None and "mac" in doc:
+                    self._verify(counter, resp.status, bytes(seen), doc["mac"])
+                    if final is not None:
+                        yield final
+                    return
+                seen += line
+                if "progress" in doc:
+                    yield doc  # display only; results are trusted after the MAC
+                else:
+                    final = doc
+                    if self.session is None:
+                        yield doc
+            if self.session is not None:
+                raise ReplicadError(f"the answer of {self.name} ended without its MAC")
+        finally:
+            conn.close()

@@ -1,0 +1,83 @@
+"""`-C HOST[:PORT]`: remote management over either listener, for management.admins only."""
+
+import json
+import subprocess
+
+import pytest
+
+from ..integration.harness import BIN, DOMAIN, Host, run
+
+pytestmark = pytest.mark.integration
+
+
+def manager(cluster, name: str, mode: str) -> Host:
+    """A workstation that runs no daemon: just a config with its identity."""
+    h = Host(name, "127.0.0.9", 0, 0, cluster.root / name, cluster)
+    h.root.mkdir()
+    fqdn = f"{name}.{DOMAIN}"
+    resolve = {x.fqdn: x.addr for x in cluster.hosts.values()}
+    doc = {"host": fqdn, "state_dir": "state", "management": {"socket": "state/none.sock"}, "resolve": resolve}
+    if mode == "token":
+        run("realm", "issue", "--realm", str(cluster.root / "realm"), "--host", fqdn, "--out", str(h.root / "c.cred"))
+        doc["realm"] = {"credential": "c.cred", "public_key": "../realm/realm.pub"}
+    else:
+        run("certs", "issue", "--ca", str(cluster.root / "ca"), "--host", fqdn, "--out", str(h.root / "certs"))
+        doc["listen"] = {"tls": {"address": "127.0.0.9", "port": 1, "cert": f"certs/{fqdn}.pem",
+                                 "key": f"certs/{fqdn}.key", "ca": "../ca/ca.pem"}}
+    h.config.write_text(json.dumps(doc))
+    return h
+
+
+def remote(caller: Host, target: Host, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN), *args, "-C", f"{target.fqdn}:{target.peer_port}", "--config", str(caller.config)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_admin_manages_remotely_and_is_audited(any_cluster):
+    v1 = any_cluster["vmhost1"]
+    v1.start()
+    mgmt = manager(any_cluster, "mgmt", any_cluster.auth)
+    r = remote(mgmt, v1, "server", "set", "--enabled", "true", "--allow-any-server", "false", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["enabled"] is True
+    assert v1.json("server", "get")["allowed_from_any_server"] is False  # really changed there
+    r = remote(mgmt, v1, "auth-entry", "add", "--primary", "*.contoso.com", "--trust-group", "Production")
+    assert r.returncode == 0, r.stderr
+    r = remote(mgmt, v1, "auth-entry", "list", "-o", "json")
+    assert json.loads(r.stdout)[0]["trust_group"] == "Production"
+    import sqlite3
+    db = sqlite3.connect(v1.root / "state" / "catalog.sqlite")
+    actors = {a for (a,) in db.execute("SELECT actor FROM audit WHERE action LIKE 'auth-entry%' OR action LIKE 'server%'")}
+    db.close()
+    assert actors == {"mgmt.contoso.com"}
+    r = remote(mgmt, v1, "vm", "get", "nothing")
+    assert r.returncode == 1 and "no VM named 'nothing'" in r.stderr
+
+
+def test_non_admin_is_refused_and_nothing_changes(any_cluster):
+    v1, v2 = any_cluster["vmhost1"], any_cluster["vmhost2"]
+    v1.start()
+    v2.start()
+    before = v1.json("server", "get")
+    r = remote(v2, v1, "server", "set", "--enabled", "true")  # vmhost2 is a host, not an admin
+    assert r.returncode == 1
+    assert "vmhost2.contoso.com is not a management admin of vmhost1.contoso.com" in r.stderr
+    assert v1.json("server", "get") == before
+    assert any(e.get("peer") == "vmhost2.contoso.com" for e in v1.events("peer.refused"))
+
+
+def test_remote_wait_streams_a_verified_result(any_cluster, tmp_path):
+    from ..integration.images import make_sparse_image
+    v1, v2 = any_cluster["vmhost1"], any_cluster["vmhost2"]
+    v1.start()
+    v2.start()
+    v1.cli("server", "set", "--enabled", "true", "--auth", "both")
+    image = tmp_path / "r.img"
+    make_sparse_image(image, 8 * 1024 * 1024, data_pieces=2)
+    v2.cli("vm", "add", "r", "--disk", str(image))
+    v2.cli("replication", "enable", "r", "--replica-server", v1.fqdn, "--replica-port", str(v1.peer_port),
+           "--auth", any_cluster.auth)
+    mgmt = manager(any_cluster, "mgmt", any_cluster.auth)
+    r = remote(mgmt, v2, "replication", "start-initial", "r", "--wait", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["kind"] == "initial"
