@@ -23,6 +23,7 @@ DEFAULT_PATH = "/etc/replicad/replicad.yaml"
 class TokenListener:
     address: str
     port: int
+    idle_timeout: float = 60.0  # a peer silent this long (headers or body) is disconnected
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class TlsListener:
     key: Path
     ca: Path
     pins: dict[str, str] = field(default_factory=dict)  # host name -> SHA-256 of its certificate
+    idle_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,15 @@ class _Reader:
             return default
         return value
 
+    def seconds(self, node: dict, key: str, path: str, default: float = 60.0) -> float:
+        if key not in node:
+            return default
+        v = node[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1 <= v <= 3600:
+            self.err(_join(path, key), f"expected seconds between 1 and 3600, got {v!r}")
+            return default
+        return float(v)
+
     def address(self, node: dict, key: str, path: str, default: str) -> str:
         value = self.string(node, key, path, default)
         try:
@@ -178,11 +189,11 @@ def parse(doc: Any, *, base: Path, source: Path | None = None, check_files: bool
         ln = r.mapping(top["listen"], "listen", {"token", "tls", "metrics"})
         token = tls = metrics = None
         if "token" in ln:
-            t = r.mapping(ln["token"], "listen.token", {"address", "port"})
+            t = r.mapping(ln["token"], "listen.token", {"address", "port", "idle_timeout"})
             token = TokenListener(r.address(t, "address", "listen.token", "0.0.0.0"),
-                                  r.port(t, "port", "listen.token", 80))
+                                  r.port(t, "port", "listen.token", 80), r.seconds(t, "idle_timeout", "listen.token"))
         if "tls" in ln:
-            t = r.mapping(ln["tls"], "listen.tls", {"address", "port", "cert", "key", "ca", "pins"},
+            t = r.mapping(ln["tls"], "listen.tls", {"address", "port", "cert", "key", "ca", "pins", "idle_timeout"},
                           {"cert", "key", "ca"})
             pins: dict[str, str] = {}
             if "pins" in t:
@@ -200,7 +211,7 @@ def parse(doc: Any, *, base: Path, source: Path | None = None, check_files: bool
             tls = TlsListener(r.address(t, "address", "listen.tls", "0.0.0.0"),
                               r.port(t, "port", "listen.tls", 443),
                               r.fspath(t, "cert", "listen.tls"), r.fspath(t, "key", "listen.tls"),
-                              r.fspath(t, "ca", "listen.tls"), pins)
+                              r.fspath(t, "ca", "listen.tls"), pins, r.seconds(t, "idle_timeout", "listen.tls"))
             if check_files:
                 for k in ("cert", "key", "ca"):
                     r.readable(getattr(tls, k), f"listen.tls.{k}")

@@ -26,7 +26,7 @@ from .errors import ConfigError
 from .primary.engine import PrimaryEngine
 from .replica.service import ReplicaService
 from .transport.client import PeerClient
-from .transport.server import KEEPALIVE, PeerContext, create_peer_app
+from .transport.server import PeerContext, create_peer_app
 
 log = logmod.get("replicad.daemon")
 DRAIN_TIMEOUT = 5.0
@@ -88,9 +88,11 @@ class Daemon:
         os.chmod(sock, 0o660)
         self._runners.append(runner)
 
-    async def _serve_tcp(self, app: web.Application, address: str, port: int, what: str, ssl_context=None) -> None:
-        # keepalive_timeout also bounds a client that never finishes its request headers
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=DRAIN_TIMEOUT, keepalive_timeout=KEEPALIVE)
+    async def _serve_tcp(self, app: web.Application, address: str, port: int, what: str, idle: float,
+                         ssl_context=None) -> None:
+        # keepalive_timeout also bounds a client that never finishes its request headers:
+        # aiohttp arms it at connect and partial data does not extend it
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=DRAIN_TIMEOUT, keepalive_timeout=idle)
         await runner.setup()
         try:
             await web.TCPSite(runner, address, port, reuse_address=True, ssl_context=ssl_context).start()
@@ -125,11 +127,13 @@ class Daemon:
                           management_socket=cfg.management.socket)
             token, tls = cfg.listen.token, cfg.listen.tls
             if token is not None:
-                ctx = PeerContext(mode="token", realm=self._realm, sessions=SessionStore(self._credential), **common)
-                await self._serve_tcp(create_peer_app(ctx), token.address, token.port, "token")
+                ctx = PeerContext(mode="token", realm=self._realm, sessions=SessionStore(self._credential),
+                                  idle_timeout=token.idle_timeout, **common)
+                await self._serve_tcp(create_peer_app(ctx), token.address, token.port, "token", token.idle_timeout)
             if tls is not None:
-                ctx = PeerContext(mode="certificate", tls=self._tls, **common)
-                await self._serve_tcp(create_peer_app(ctx), tls.address, tls.port, "tls", self._tls.listening)
+                ctx = PeerContext(mode="certificate", tls=self._tls, idle_timeout=tls.idle_timeout, **common)
+                await self._serve_tcp(create_peer_app(ctx), tls.address, tls.port, "tls", tls.idle_timeout,
+                                      self._tls.listening)
             if cfg.listen.metrics is not None:
                 log.warning("daemon.listener_not_served", listener="metrics",
                             reason="listen.metrics is configured but this version has no metrics endpoint yet")

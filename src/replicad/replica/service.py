@@ -154,7 +154,9 @@ class ReplicaService:
         if header.kind == "initial":
             if header.base_seq != 0:
                 raise WireError("an initial log must have base 0")
-            rel, vm = await self._prepare_initial(grant, header, rel)
+            storage = Path(grant.storage)
+            if rel is not None:
+                await self._reset_for_initial(rel)
         else:
             if rel is None:
                 raise ResyncRequired(f"this replica server has no copy of VM {header.vm_name}")
@@ -163,36 +165,42 @@ class ReplicaService:
                                      f"{rel.epoch}/{rel.seq}")
             if [d.name for d in header.disks] != [Path(d.path).name for d in vm.disks]:
                 raise ResyncRequired("the VM's disk set changed")
-        vmdir = VMDir.of(rel.storage, vm_id)
-        staging = await asyncio.to_thread(self._open_staging, vmdir, seq, dec)
+            storage = Path(rel.storage)
+        vmdir = VMDir.of(storage, vm_id)
+        fresh_dir = not vmdir.root.exists()
         received = len(head_bytes)
         try:
-            await asyncio.to_thread(self._write_raw, staging, bytes(head_bytes))
-            batch = bytearray()
-            async for chunk in chunks:
-                batch += chunk
-                received += len(chunk)
-                if len(batch) >= STAGE_BATCH:
+            staging = await asyncio.to_thread(self._open_staging, vmdir, seq, dec)
+            try:
+                await asyncio.to_thread(self._write_raw, staging, bytes(head_bytes))
+                batch = bytearray()
+                async for chunk in chunks:
+                    batch += chunk
+                    received += len(chunk)
+                    if len(batch) >= STAGE_BATCH:
+                        await asyncio.to_thread(staging.write, bytes(batch))
+                        batch.clear()
+                if batch:
                     await asyncio.to_thread(staging.write, bytes(batch))
-                    batch.clear()
-            if batch:
-                await asyncio.to_thread(staging.write, bytes(batch))
-            await asyncio.to_thread(staging.finish, vmdir.log(seq))
-        except OSError as e:
-            await asyncio.to_thread(staging.abort)
-            raise StorageError(f"replica storage error while staging log {seq}: {e.strerror}") from None
-        except WireError as e:
-            await asyncio.to_thread(staging.abort)
-            rel = self.catalog.relationship(vm_id)
-            if rel is not None:
-                rel.stats.errors += 1
-                self.catalog.put_relationship(rel)
-            bound.warning("log.rejected", reason=str(e), received=received,
-                          result="nothing of this log is kept or applied")
+                await asyncio.to_thread(staging.finish, vmdir.log(seq))
+            except BaseException:
+                await asyncio.to_thread(staging.abort)
+                raise
+        except BaseException as e:
+            if fresh_dir:  # nothing of a refused first log stays behind
+                await asyncio.to_thread(shutil.rmtree, vmdir.root, True)
+            if isinstance(e, OSError):
+                raise StorageError(f"replica storage error while staging log {seq}: {e.strerror}") from None
+            if isinstance(e, WireError):
+                if rel is not None:
+                    rel = self.catalog.relationship(vm_id)
+                    rel.stats.errors += 1
+                    self.catalog.put_relationship(rel)
+                bound.warning("log.rejected", reason=str(e), received=received,
+                              result="nothing of this log is kept or applied")
             raise
-        except BaseException:
-            await asyncio.to_thread(staging.abort)
-            raise
+        if header.kind == "initial":
+            rel = self._create_replica(grant, header, storage, rel)
         rel = self.catalog.relationship(vm_id)
         rel.seq = seq
         rel.error = None
@@ -218,29 +226,30 @@ class ReplicaService:
             n = os.write(staging.fd, view)
             view = view[n:]
 
-    async def _prepare_initial(self, grant: Grant, header: Header, rel: Relationship | None) -> tuple[Relationship, VM]:
-        """Create (or reset) the replica VM for an initial copy."""
-        storage = Path(grant.storage)
+    async def _reset_for_initial(self, rel: Relationship) -> None:
+        """A restarted initial replication: the old chain is dead; drop its staged and undo
+        logs, never under the feet of an apply in progress."""
+        old = VMDir.of(rel.storage, rel.vm_id)
+        async with self._apply_locks.setdefault(rel.vm_id, asyncio.Lock()):
+            await asyncio.to_thread(lambda: [shutil.rmtree(p, ignore_errors=True) for p in (old.logs, old.undo)])
+        rel.applied_seq = rel.seq = 0
+        self.catalog.put_relationship(rel)
+
+    def _create_replica(self, grant: Grant, header: Header, storage: Path, old: Relationship | None) -> Relationship:
+        """Record the replica VM of a verified initial log (or reset it for a new epoch)."""
         vmdir = VMDir.of(storage, header.vm_id)
-        if rel is not None:
-            old = VMDir.of(rel.storage, header.vm_id)
-            # a restarted initial replication: drop staged logs and undo of the old copy, never
-            # under the feet of an apply in progress
-            async with self._apply_locks.setdefault(header.vm_id, asyncio.Lock()):
-                await asyncio.to_thread(lambda: [shutil.rmtree(p, ignore_errors=True) for p in (old.logs, old.undo)])
-        await asyncio.to_thread(vmdir.create)
         vm = VM(id=header.vm_id, name=header.vm_name, mode=ReplicationMode.REPLICA,
                 disks=[Disk(str(vmdir.disk(d.name)), d.size, "raw") for d in header.disks])
-        new = Relationship(vm_id=header.vm_id, role="replica", state=ReplicationState.INITIAL_IN_PROGRESS,
+        rel = Relationship(vm_id=header.vm_id, role="replica", state=ReplicationState.INITIAL_IN_PROGRESS,
                            primary_server=grant.principal, trust_group=grant.trust_group, storage=str(storage),
                            epoch=header.epoch, seq=0, applied_seq=0)
-        if rel is not None:
-            new.stats = rel.stats
-        self.catalog.put_vm_and_relationship(vm, new)
+        if old is not None:
+            rel.stats = old.stats
+        self.catalog.put_vm_and_relationship(vm, rel)
         self.catalog.audit(grant.principal, "replica.created", f"{header.vm_name} ({header.vm_id}) in {storage}")
         log.info("replica.vm_created", vm=header.vm_name, peer=grant.principal, storage=str(vmdir.root),
                  trust_group=grant.trust_group)
-        return new, vm
+        return rel
 
     def status(self, principal: str, auth: str, vm_id: str) -> dict:
         grant = self.grant_for(principal, auth)

@@ -36,8 +36,6 @@ SESSION = "replicad.session"
 COUNTER = "replicad.counter"
 _VM_ID = re.compile(r"^[0-9a-f-]{36}$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
-BODY_STALL = 60.0        # seconds without a byte of a request body before it is dropped
-KEEPALIVE = 30.0         # also bounds how long a client may take to send its request headers
 MAX_MANAGE_BODY = 1 << 20
 
 
@@ -52,6 +50,7 @@ class PeerContext:
     realm: RealmPublic | None = None
     sessions: SessionStore | None = None
     tls: tlsmod.TlsMaterial | None = None
+    idle_timeout: float = 60.0  # seconds without a byte of a request body before it is dropped
 
 
 CTX_KEY = web.AppKey("peer", PeerContext)
@@ -162,10 +161,10 @@ async def put_log(request: web.Request) -> web.Response:
     async def chunks():
         while True:
             try:
-                async with asyncio.timeout(BODY_STALL):
+                async with asyncio.timeout(ctx.idle_timeout):
                     data = await request.content.readany()
             except TimeoutError:
-                raise ReplicadError(f"no data for {BODY_STALL:.0f}s: the transfer stalled") from None
+                raise ReplicadError(f"no data for {ctx.idle_timeout:.0f}s: the transfer stalled") from None
             if not data:
                 return
             yield data
