@@ -51,12 +51,15 @@ def tls_request(host: Host, ctx: ssl.SSLContext, method: str = "GET", path: str 
 
 def http_request(host: Host, method: str, path: str, headers: dict | None = None,
                  body: bytes | None = None) -> tuple[int, dict, dict]:
+    """One plain-HTTP request to the token listener: (status, JSON body, headers); the raw
+    body is in headers["raw-body"] for MAC checks."""
     conn = http.client.HTTPConnection(host.addr, host.port, timeout=10)
     try:
         conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
         raw = resp.read()
         hdrs = dict(resp.getheaders())
+        hdrs["raw-body"] = raw
     finally:
         conn.close()
     try:

@@ -29,54 +29,70 @@ class FlipProxy:
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         self._loop.run_until_complete(self._main())
+        self._loop.close()
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
         server = await asyncio.start_server(self._client, *self.listen, reuse_address=True)
         self._ready.set()
         await self._stop.wait()
         server.close()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await server.wait_closed()
 
     async def _client(self, cr, cw) -> None:
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        try:
+            await self._relay(cr, cw)
+        finally:
+            self._tasks.discard(task)
+
+    async def _relay(self, cr, cw) -> None:
         try:
             sr, sw = await asyncio.open_connection(*self.target)
         except OSError:
             cw.close()
             return
-        state = {"put_sent": False}
+        state = {"puts": 0, "answers": 0}
         await asyncio.gather(self._pipe(cr, sw, "request", state), self._pipe(sr, cw, "answer", state),
                              return_exceptions=True)
 
     async def _pipe(self, r, w, direction: str, state: dict) -> None:
-        scan = bytearray()   # bytes since we started looking for the headers we care about
-        body_pos = None      # body offset of the next byte, once inside the body of interest
+        """Forward bytes, finding each PUT request (or the answer to each PUT) by its headers,
+        on a keep-alive connection too; offsets are absolute positions in the stream."""
+        buf, base, search = bytearray(), 0, 0
+        body_start = None
         try:
             while data := await r.read(65536):
                 data = bytearray(data)
-                start = 0
-                if body_pos is None and (direction == "request" or state["put_sent"]):
-                    scan += data
-                    marker = scan.find(b"PUT /v1/replicas/") if direction == "request" else scan.find(b"HTTP/1.1 ")
-                    end = scan.find(b"\r\n\r\n", marker) if marker >= 0 else -1
-                    if end >= 0:
-                        if direction == "request":
-                            state["put_sent"] = True
-                        start = len(data) - (len(scan) - (end + 4))
-                        body_pos = 0
-                    elif len(scan) > 1 << 20:
-                        del scan[:-65536]
+                pos0 = base + len(buf)
+                buf += data
+                if direction == "answer" and state["puts"] <= state["answers"]:
+                    search = base + len(buf)  # answers to earlier requests: not of interest
+                while direction == "request" or state["puts"] > state["answers"]:
+                    marker = b"PUT /v1/replicas/" if direction == "request" else b"HTTP/1.1 "
+                    m = buf.find(marker, max(0, search - base))
+                    e = buf.find(b"\r\n\r\n", m) if m >= 0 else -1
+                    if e < 0:
+                        break
+                    body_start = search = base + e + 4
+                    state["puts" if direction == "request" else "answers"] += 1
                 at = self.flip_request_at if direction == "request" else self.flip_answer_at
-                if body_pos is not None and at is not None:
-                    i = start + at - body_pos
-                    if start <= i < len(data):
-                        data[i] ^= 0x01
-                        self.flipped += 1
-                        if direction == "request":
-                            self.flip_request_at = None
-                        else:
-                            self.flip_answer_at = None
-                if body_pos is not None:
-                    body_pos += len(data) - start
+                if body_start is not None and at is not None and pos0 <= body_start + at < pos0 + len(data):
+                    data[body_start + at - pos0] ^= 0x01
+                    self.flipped += 1
+                    if direction == "request":
+                        self.flip_request_at = None
+                    else:
+                        self.flip_answer_at = None
+                if len(buf) > 1 << 20:
+                    drop = len(buf) - 65536
+                    del buf[:drop]
+                    base += drop
                 w.write(bytes(data))
                 await w.drain()
         finally:

@@ -115,7 +115,16 @@ class ReplicaService:
         grant = self.grant_for(principal, auth)
         lock = self._locks.setdefault(vm_id, asyncio.Lock())
         async with lock:
-            return await self._receive_locked(grant, vm_id, seq, chunks, mac_key)
+            try:
+                return await self._receive_locked(grant, vm_id, seq, chunks, mac_key)
+            except WireError as e:
+                rel = self.catalog.relationship(vm_id)
+                if rel is not None and rel.trust_group == grant.trust_group:
+                    rel.stats.errors += 1
+                    self.catalog.put_relationship(rel)
+                log.warning("log.rejected", vm_id=vm_id, peer=principal, cycle=seq, reason=str(e),
+                            result="nothing of this log is kept or applied")
+                raise
 
     async def _read_header(self, chunks: AsyncIterator[bytes],
                            mac_key: bytes | None) -> tuple[Header, LogDecoder, bytearray]:
@@ -191,13 +200,6 @@ class ReplicaService:
                 await asyncio.to_thread(shutil.rmtree, vmdir.root, True)
             if isinstance(e, OSError):
                 raise StorageError(f"replica storage error while staging log {seq}: {e.strerror}") from None
-            if isinstance(e, WireError):
-                if rel is not None:
-                    rel = self.catalog.relationship(vm_id)
-                    rel.stats.errors += 1
-                    self.catalog.put_relationship(rel)
-                bound.warning("log.rejected", reason=str(e), received=received,
-                              result="nothing of this log is kept or applied")
             raise
         if header.kind == "initial":
             rel = self._create_replica(grant, header, storage, rel)
