@@ -1,0 +1,206 @@
+"""Forged requests from authenticated hosts, over both listeners: trust groups, paths,
+oversized and truncated frames, protocol versions, slow clients."""
+
+import asyncio
+import json
+import socket
+import struct
+import time
+
+import pytest
+
+from replicad.auth.tls import TlsMaterial
+from replicad.auth.token import Credential, RealmPublic
+from replicad.transport.client import PeerClient
+from replicad.wire import DiskInfo, Header, LogEncoder
+
+from ..integration.harness import Cluster, replica_disk, wait_applied, wait_for
+from ..integration.images import make_sparse_image
+from .helpers import snapshot
+
+pytestmark = pytest.mark.integration
+MiB = 1 << 20
+
+
+@pytest.fixture(params=["token", "certificate"])
+def three(tmp_path, request):
+    """vmhost1 replica server: vmhost2 in trust group Finance, vmhost3 in Engineering.
+    vmhost2 replicates `ledger` to it; vmhost3 is the attacker."""
+    c = Cluster(tmp_path, auth=request.param)
+    v1, v2, v3 = c["vmhost1"], c["vmhost2"], c["vmhost3"]
+    v1.write_config()
+    doc = json.loads(v1.config.read_text())
+    doc["listen"]["token"]["idle_timeout"] = 2
+    doc["listen"]["tls"]["idle_timeout"] = 2
+    v1.config.write_text(json.dumps(doc))
+    for h in (v1, v2):
+        h.start()
+    v1.cli("server", "set", "--enabled", "true", "--auth", "both", "--allow-any-server", "false")
+    v1.cli("auth-entry", "add", "--primary", v2.fqdn, "--trust-group", "Finance")
+    v1.cli("auth-entry", "add", "--primary", v3.fqdn, "--trust-group", "Engineering")
+    image = tmp_path / "ledger.img"
+    make_sparse_image(image, 4 * MiB, data_pieces=1)
+    v2.cli("vm", "add", "ledger", "--disk", str(image))
+    v2.cli("replication", "enable", "ledger", "--replica-server", v1.fqdn, "--replica-port", str(v1.peer_port),
+           "--auth", c.auth)
+    v2.json("replication", "start-initial", "ledger", "--wait")
+    wait_applied(v2, v1, "ledger")
+    yield c, v1, v2, v3
+    c.shutdown()
+
+
+def attacker(c, host) -> PeerClient:
+    t = host.root / "certs"
+    tls = TlsMaterial(t / f"{host.fqdn}.pem", t / f"{host.fqdn}.key", c.root / "ca" / "ca.pem", {})
+    return PeerClient(Credential.load(host.root / f"{host.fqdn}.cred"), RealmPublic.load(c.root / "realm" / "realm.pub"),
+                      tls, {h.fqdn: h.addr for h in c.hosts.values()})
+
+
+def forge(c, target, fn):
+    """Run ``fn(conversation)`` as vmhost3 against ``target``; return the error it raised."""
+    async def go():
+        client = attacker(c, c["vmhost3"])
+        try:
+            async with client.conversation(target.fqdn, target.peer_port, c.auth) as conv:
+                return await fn(conv)
+        finally:
+            # the attacker's own upload task may still be asleep (stall test): end it first
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in others:
+                t.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+            await client.close()
+            await asyncio.sleep(0.25)  # TLS transports finish closing on the loop (aiohttp's advice)
+    try:
+        asyncio.run(go())
+    except Exception as e:  # noqa: BLE001 — the refusal is what we want to see
+        return e
+    raise AssertionError("the forged request was accepted")
+
+
+def log_bytes(header: Header, conv, records=()) -> bytes:
+    enc = LogEncoder(header, mac_key=conv.mac_key)
+    out = enc.start()
+    for off, data in records:
+        out += enc.data(0, off, data)
+    return out + enc.finish()
+
+
+def body(data: bytes):
+    async def gen():
+        yield data
+    return gen()
+
+
+def test_trust_groups_cannot_be_crossed_with_a_guessed_vm_id(three):
+    c, v1, v2, v3 = three
+    vm_id = v2.json("vm", "get", "ledger")["id"]
+    rel = v1.json("replication", "get", "ledger")
+    copy = replica_disk(v1, "ledger")
+    before = snapshot(v1)
+
+    e = forge(c, v1, lambda conv: conv.replica_status(vm_id))
+    assert "403" in str(e) and "another trust group" in str(e)
+
+    def delta(conv):
+        h = Header(vm_id, "ledger", "0" * 16, rel["sequence"] + 1, rel["sequence"], "delta", "t", "crash",
+                   (DiskInfo(0, copy.name, copy.stat().st_size),))
+        return conv.push_log(vm_id, h.seq, body(log_bytes(h, conv, [(0, b"pwned" * 800)])))
+    e = forge(c, v1, delta)
+    assert "403" in str(e) and "Engineering" in str(e)
+
+    def initial(conv):  # overwrite it with a fresh "initial" copy
+        h = Header(vm_id, "ledger", "1" * 16, 1, 0, "initial", "t", "crash", (DiskInfo(0, copy.name, 4096),))
+        return conv.push_log(vm_id, 1, body(log_bytes(h, conv, [(0, b"x" * 4096)])))
+    e = forge(c, v1, initial)
+    assert "403" in str(e)
+    assert snapshot(v1) == before
+    refusals = [ev for ev in v1.events("peer.refused") if ev.get("peer") == v3.fqdn]
+    assert len(refusals) == 3
+
+
+NEW_ID = "0f0e0d0c-0000-4000-8000-0000000000aa"
+
+
+@pytest.mark.parametrize("case", ["disk-path", "absolute-disk", "vm-name", "header-mismatch"])
+def test_path_tricks_in_a_log_are_refused(three, case):
+    c, v1, _, _ = three
+    before = snapshot(v1)
+    disk, name, url_id = "disk.img", "web", NEW_ID
+    if case == "disk-path":
+        disk = "../../../../tmp/evil.img"
+    elif case == "absolute-disk":
+        disk = "/etc/cron.d/evil"
+    elif case == "vm-name":
+        name = "../../etc"
+
+    def send(conv):
+        h = Header(NEW_ID, name, "2" * 16, 1, 0, "initial", "t", "crash", (DiskInfo(0, disk, 8192),))
+        vid = "0f0e0d0c-0000-4000-8000-0000000000bb" if case == "header-mismatch" else url_id
+        return conv.push_log(vid, 1, body(log_bytes(h, conv, [(0, b"e" * 4096)])))
+    e = forge(c, v1, send)
+    assert "400" in str(e), e
+    assert snapshot(v1) == before
+
+
+@pytest.mark.parametrize("case", ["huge-header", "huge-record", "truncated", "garbage"])
+def test_oversized_and_truncated_frames_are_refused(three, case):
+    c, v1, _, _ = three
+    before = snapshot(v1)
+
+    def send(conv):
+        h = Header(NEW_ID, "web", "3" * 16, 1, 0, "initial", "t", "crash", (DiskInfo(0, "disk.img", 8 * MiB),))
+        if case == "huge-header":
+            raw = struct.pack("<4sHI", b"RPLG", 1, 1 << 30) + b"{" * 1000
+        elif case == "huge-record":
+            enc = LogEncoder(h, mac_key=conv.mac_key)
+            raw = enc.start() + struct.pack("<BBHQIIQ", 1, 0, 0, 0, 1 << 31, 1 << 31, 0) + b"x" * 1000
+        elif case == "truncated":
+            raw = log_bytes(h, conv, [(0, b"t" * 100000)])[:-40]
+        else:
+            raw = b"\x00GARBAGE" * 1000
+        return conv.push_log(NEW_ID, 1, body(raw))
+    e = forge(c, v1, send)
+    assert "400" in str(e), e
+    assert snapshot(v1) == before
+    assert v1.json("vm", "list")[0]["name"] == "ledger" and len(v1.json("vm", "list")) == 1
+
+
+def test_unknown_protocol_version_is_refused(three):
+    c, v1, _, _ = three
+
+    async def send(conv):
+        conv.client.http().headers["X-Replicad-Protocol"] = "99"
+        return await conv.request("GET", "/v1/hello")
+    e = forge(c, v1, send)
+    assert "400" in str(e) and "unsupported protocol version" in str(e)
+
+
+def test_a_client_that_never_finishes_its_headers_is_disconnected(three):
+    c, v1, _, _ = three
+    port = v1.port  # the plain listener: the stall happens before any authentication
+    s = socket.create_connection((v1.addr, port), timeout=10)
+    s.sendall(b"PUT /v1/replicas/x/logs/1 HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    t = time.monotonic()
+    assert s.recv(100) == b""  # closed by the server, after the idle timeout
+    assert 1.5 < time.monotonic() - t < 8
+    s.close()
+
+
+def test_a_stalled_body_is_dropped_and_leaves_nothing(three):
+    c, v1, _, _ = three
+    before = snapshot(v1)
+
+    async def stall(conv):
+        h = Header(NEW_ID, "web", "4" * 16, 1, 0, "initial", "t", "crash", (DiskInfo(0, "disk.img", 8 * MiB),))
+        raw = log_bytes(h, conv, [(0, b"s" * 200000)])
+
+        async def slow():
+            yield raw[:100000]
+            await asyncio.sleep(6)  # the attacker goes quiet mid-body
+            yield raw[100000:]
+        return await conv.push_log(NEW_ID, 1, slow())
+    e = forge(c, v1, stall)
+    assert e is not None
+    wait_for(lambda: any("stalled" in ev.get("reason", "") for ev in v1.events("peer.refused")), 10, "the stall")
+    assert snapshot(v1) == before
