@@ -48,6 +48,7 @@ class Demo:
     def __init__(self, workdir: Path):
         self.dir = workdir
         self.port = _common_free_port()
+        self.tls_port = _common_free_port()
         self.procs: dict[str, subprocess.Popen] = {}
         self.started = time.monotonic()
         self.timings: dict[str, float] = {}
@@ -85,13 +86,16 @@ class Demo:
             (self.dir / h / "replicad.yaml").write_text(
                 f"host: {h}.{DOMAIN}\nstate_dir: state\n"
                 f"listen:\n  token: {{address: {addr}, port: {self.port}}}\n"
+                f"  tls: {{address: {addr}, port: {self.tls_port}, cert: certs/{h}.{DOMAIN}.pem, "
+                f"key: certs/{h}.{DOMAIN}.key, ca: ../ca/ca.pem}}\n"
                 f"realm:\n  credential: {h}.{DOMAIN}.cred\n  public_key: ../realm/realm.pub\n"
                 f"management:\n  socket: state/replicad.sock\n"
                 "resolve:\n" + "".join(f"  {o}.{DOMAIN}: {a}\n" for o, a in HOSTS.items()) +
                 "log:\n  format: json\n  level: info\n")
 
     def start_hosts(self) -> None:
-        self.say(f"Three hosts, one daemon each, on 127.0.0.1-3 port {self.port}")
+        self.say(f"Three hosts, one daemon each, on 127.0.0.1-3: token listener port {self.port} (80 in "
+                 f"production), TLS listener port {self.tls_port} (443)")
         for h in HOSTS:
             cfg = self.dir / h / "replicad.yaml"
             click.echo(click.style(f"$ replicad daemon --config {h}/replicad.yaml &", bold=True))
@@ -156,9 +160,9 @@ class Demo:
         self.setup_files()
         self.start_hosts()
         p = str(self.port)
-        self.say("vmhost1 and vmhost3 accept replication from any authenticated server")
+        self.say("vmhost1 and vmhost3 accept replication from any authenticated server, tokens or certificates")
         for h in ("vmhost1", "vmhost3"):
-            self.run(h, "server", "set", "--enabled", "true", "--auth", "token", "--allow-any-server", "true")
+            self.run(h, "server", "set", "--enabled", "true", "--auth", "both", "--allow-any-server", "true")
         self.say("vmhost2 accepts only vmhost1 and vmhost3, trust group Production")
         self.run("vmhost2", "server", "set", "--enabled", "true", "--auth", "token", "--allow-any-server", "false")
         for h in ("vmhost1", "vmhost3"):
@@ -170,6 +174,8 @@ class Demo:
         self.run("vmhost2", "vm", "add", "contoso2", "--disk", str(disk))
         self.run("vmhost2", "replication", "test-connection", "--replica-server", f"vmhost1.{DOMAIN}",
                  "--replica-port", p)
+        self.run("vmhost2", "replication", "test-connection", "--replica-server", f"vmhost1.{DOMAIN}",
+                 "--replica-port", str(self.tls_port), "--auth", "certificate")
         self.run("vmhost2", "replication", "enable", "contoso2", "--replica-server", f"vmhost1.{DOMAIN}",
                  "--replica-port", p, "--frequency", "300")
 

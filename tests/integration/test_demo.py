@@ -15,6 +15,7 @@ def test_demo_runs_and_copies_are_identical(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
     for expected in ("$ replicad server set --enabled true --auth token --allow-any-server false   # on vmhost2",
+                     "--auth certificate   # on vmhost2",
                      "$ replicad auth-entry add --primary vmhost1.contoso.com --trust-group Production   # on vmhost2",
                      "$ replicad replication start-initial contoso2 --wait   # on vmhost2",
                      "$ replicad replication measure contoso2 -o list   # on vmhost2",
