@@ -1,6 +1,6 @@
 """First numbers: initial replication and a 1% delta cycle on a 1 GiB image, two real
 daemons on 127.0.0.x. Not part of `make test`; the full suite against rsync is `make bench`
-(performance issue). Run: .venv/bin/python bench/quick.py"""
+(performance issue). Run: .venv/bin/python bench/quick.py [token|certificate]"""
 
 from __future__ import annotations
 
@@ -51,25 +51,26 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def main() -> None:
+    auth = sys.argv[1] if len(sys.argv) > 1 else "token"
     root = Path(tempfile.mkdtemp(prefix="replicad-bench-"))
-    c = Cluster(root, names=("vmhost1", "vmhost2"))
+    c = Cluster(root, names=("vmhost1", "vmhost2"), auth=auth)
     try:
         v1, v2 = c["vmhost1"], c["vmhost2"]
         v1.start()
         v2.start()
-        v1.cli("server", "set", "--enabled", "true")
+        v1.cli("server", "set", "--enabled", "true", "--auth", "both")
         img = root / "disk.img"
         data = make_image(img, GiB)
         os.sync()
         v2.cli("vm", "add", "bench", "--disk", str(img))
-        v2.cli("replication", "enable", "bench", "--replica-server", v1.fqdn, "--replica-port", str(v1.port),
-               "--frequency", "3600")
+        v2.cli("replication", "enable", "bench", "--replica-server", v1.fqdn, "--replica-port", str(v1.peer_port),
+               "--auth", auth, "--frequency", "3600")
         t = time.monotonic()
         r = v2.json("replication", "start-initial", "bench", "--wait")
         acked = time.monotonic() - t
         wait_applied(v2, v1, "bench", timeout=300)
         applied = time.monotonic() - t
-        out = {"image": "1 GiB, 60% random / 40% zeros", "data_bytes": data, "initial_bytes_sent": r["bytes_sent"],
+        out = {"auth": auth, "image": "1 GiB, 60% random / 40% zeros", "data_bytes": data, "initial_bytes_sent": r["bytes_sent"],
                "initial_acked_s": round(acked, 2), "initial_applied_s": round(applied, 2),
                "initial_MBps_acked": round(data / acked / 1e6), "initial_MBps_applied": round(data / applied / 1e6)}
         deltas = []

@@ -3,13 +3,6 @@ import pytest
 from ..integration.harness import Cluster
 
 
-@pytest.fixture
-def token_cluster(tmp_path):
-    c = Cluster(tmp_path, names=("vmhost1", "vmhost2"), auth="token")
-    yield c
-    c.shutdown()
-
-
 @pytest.fixture(params=["token", "certificate"])
 def any_cluster(tmp_path, request):
     c = Cluster(tmp_path, names=("vmhost1", "vmhost2"), auth=request.param)

@@ -9,7 +9,7 @@ import socket
 import ssl
 from pathlib import Path
 
-from ..integration.harness import Host
+from ..integration.harness import Cluster, Host
 
 
 def snapshot(host: Host) -> dict:
@@ -76,3 +76,15 @@ def refused_handshake(fn) -> str:
     except (ssl.SSLError, ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected, OSError) as e:
         return type(e).__name__
     raise AssertionError(f"the TLS listener answered {status}: {doc}")
+
+
+def replica_pair(tmp_path, auth: str):
+    """vmhost1 a replica server for *.contoso.com (trust group Production) on ``auth``;
+    vmhost2 a primary. Returns the cluster (caller shuts it down)."""
+    c = Cluster(tmp_path, names=("vmhost1", "vmhost2"), auth=auth)
+    v1, v2 = c["vmhost1"], c["vmhost2"]
+    v1.start()
+    v2.start()
+    v1.cli("server", "set", "--enabled", "true", "--auth", auth, "--allow-any-server", "false")
+    v1.cli("auth-entry", "add", "--primary", "*.contoso.com", "--trust-group", "Production")
+    return c

@@ -9,23 +9,18 @@ from pathlib import Path
 import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from ..integration.harness import Cluster, file_digest, run, wait_for
+from ..integration.harness import file_digest, run, wait_for
 from ..integration.images import make_sparse_image
 from .forge import issue
-from .helpers import refused_handshake, snapshot, tls_context, tls_request
+from .helpers import refused_handshake, replica_pair, snapshot, tls_context, tls_request
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def tls_pair(tmp_path):
-    c = Cluster(tmp_path, names=("vmhost1", "vmhost2"), auth="certificate")
-    v1, v2 = c["vmhost1"], c["vmhost2"]
-    v1.start()
-    v2.start()
-    v1.cli("server", "set", "--enabled", "true", "--auth", "certificate", "--allow-any-server", "false")
-    v1.cli("auth-entry", "add", "--primary", "*.contoso.com", "--trust-group", "Production")
-    yield c, v1, v2
+    c = replica_pair(tmp_path, "certificate")
+    yield c, c["vmhost1"], c["vmhost2"]
     c.shutdown()
 
 

@@ -12,9 +12,9 @@ import pytest
 from replicad.auth.session import MAC_HEADER, SIGNATURE_HEADER, ClientHandshake, _b64
 from replicad.auth.token import Credential, RealmPublic, realm_init, realm_issue
 
-from ..integration.harness import Cluster, file_digest, free_port, replica_disk, wait_applied
+from ..integration.harness import file_digest, free_port, replica_disk, wait_applied
 from ..integration.images import make_sparse_image, scribble
-from .helpers import http_request, snapshot
+from .helpers import http_request, replica_pair, snapshot
 from .proxy import FlipProxy
 
 pytestmark = pytest.mark.integration
@@ -23,13 +23,8 @@ MiB = 1 << 20
 
 @pytest.fixture
 def token_pair(tmp_path):
-    c = Cluster(tmp_path, names=("vmhost1", "vmhost2"), auth="token")
-    v1, v2 = c["vmhost1"], c["vmhost2"]
-    v1.start()
-    v2.start()
-    v1.cli("server", "set", "--enabled", "true", "--auth", "token", "--allow-any-server", "false")
-    v1.cli("auth-entry", "add", "--primary", "*.contoso.com", "--trust-group", "Production")
-    yield c, v1, v2
+    c = replica_pair(tmp_path, "token")
+    yield c, c["vmhost1"], c["vmhost2"]
     c.shutdown()
 
 

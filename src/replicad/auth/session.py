@@ -15,7 +15,6 @@ management call): there is no concurrent use of a session."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
@@ -30,21 +29,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.exceptions import InvalidSignature
 
 from ..errors import AuthenticationFailed
-from .token import Credential, RealmPublic, Ticket, verify_host_key
+from .token import Credential, RealmPublic, Ticket, _b64, _unb64, verify_host_key
 
 SCHEME = "ReplicadSession"
 SIGNATURE_HEADER = "X-Replicad-Signature"
 MAC_HEADER = "X-Replicad-MAC"
 BODY_HASH_HEADER = "X-Replicad-Body-SHA256"
 MAX_SESSIONS = 4096
-
-
-def _b64(b: bytes) -> str:
-    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
-
-
-def _unb64(s: str) -> bytes:
-    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
 
 
 def _raw(pub: X25519PublicKey) -> bytes:

@@ -29,6 +29,20 @@ class ApiError(ReplicadError):
     """The daemon refused or failed the operation."""
 
 
+def api_error(status: int, raw: bytes) -> ApiError:
+    """The error a daemon answered, as the CLI reports it (a usage error keeps exit code 2)."""
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        doc = {"error": raw.decode(errors="replace")[:300] or f"HTTP {status}"}
+    err = ApiError(str(doc.get("error") or f"HTTP {status}"), hint=doc.get("hint"))
+    if doc.get("exit_code") == 2:  # a usage error the daemon caught (bad value for a flag)
+        err.exit_code = 2
+    return err
+
+
 class ApiClient:
     def __init__(self, socket_path: str):
         self.socket_path = socket_path
@@ -52,17 +66,6 @@ class ApiClient:
             conn.close()
             raise DaemonUnreachable(f"the daemon at {self.socket_path} did not answer: {e}") from None
 
-    @staticmethod
-    def _raise(status: int, raw: bytes) -> None:
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            doc = {"error": raw.decode(errors="replace")[:300] or f"HTTP {status}"}
-        err = ApiError(str(doc.get("error", f"HTTP {status}")), hint=doc.get("hint"))
-        if doc.get("exit_code") == 2:  # a usage error the daemon caught (bad value for a flag)
-            err.exit_code = 2
-        raise err
-
     def call(self, method: str, path: str, body: dict | None = None):
         conn, resp = self._send(method, path, body, TIMEOUT)
         try:
@@ -70,7 +73,7 @@ class ApiClient:
         finally:
             conn.close()
         if resp.status >= 400:
-            self._raise(resp.status, raw)
+            raise api_error(resp.status, raw)
         return json.loads(raw) if raw else None
 
     def stream(self, method: str, path: str, body: dict | None = None) -> Iterator[dict]:
@@ -78,7 +81,7 @@ class ApiClient:
         conn, resp = self._send(method, path, body, None)
         try:
             if resp.status >= 400:
-                self._raise(resp.status, resp.read())
+                raise api_error(resp.status, resp.read())
             if not resp.getheader("Content-Type", "").startswith("application/x-ndjson"):
                 yield {"result": json.loads(resp.read() or b"null")}
                 return

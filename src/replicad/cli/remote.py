@@ -22,7 +22,7 @@ from ..auth.session import BODY_HASH_HEADER, MAC_HEADER, SIGNATURE_HEADER, Clien
 from ..auth.token import SCHEME, Credential, RealmPublic
 from ..config import Config
 from ..errors import AuthenticationFailed, DaemonUnreachable, ReplicadError
-from .client import ApiError
+from .client import api_error
 
 TIMEOUT = 30
 
@@ -101,23 +101,11 @@ class RemoteClient:
         finally:
             conn.close()
         if resp.status != 200:
-            self._raise(resp.status, body)
+            raise api_error(resp.status, body)
         try:
             self.session = hs.finish(realm, body, resp.getheader(SIGNATURE_HEADER, ""))
         except AuthenticationFailed as e:
             raise ReplicadError(f"{self.name} failed mutual authentication: {e}") from None
-
-    @staticmethod
-    def _raise(status: int, raw: bytes) -> None:
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            doc = {}
-        doc = doc if isinstance(doc, dict) else {}
-        err = ApiError(str(doc.get("error") or f"HTTP {status}"), hint=doc.get("hint"))
-        if doc.get("exit_code") == 2:
-            err.exit_code = 2
-        raise err
 
     def _send(self, method: str, path: str, body: dict | None, timeout: float | None):
         if self.mode == "certificate" and self.session is None:
@@ -156,7 +144,7 @@ class RemoteClient:
         if not (resp.status == 401 and resp.getheader(MAC_HEADER) is None):
             self._verify(counter, resp.status, raw, resp.getheader(MAC_HEADER))
         if resp.status >= 400:
-            self._raise(resp.status, raw)
+            raise api_error(resp.status, raw)
         return json.loads(raw) if raw else None
 
     def stream(self, method: str, path: str, body: dict | None = None) -> Iterator[dict]:
@@ -166,7 +154,7 @@ class RemoteClient:
                 raw = resp.read()
                 self._verify(counter, resp.status, raw, resp.getheader(MAC_HEADER))
                 if resp.status >= 400:
-                    self._raise(resp.status, raw)
+                    raise api_error(resp.status, raw)
                 yield {"result": json.loads(raw or b"null")}
                 return
             seen = bytearray()
