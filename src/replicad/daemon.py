@@ -7,6 +7,7 @@ drain within the timeout, exit 0."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import stat
@@ -15,6 +16,7 @@ from aiohttp import web
 
 from . import __version__
 from . import log as logmod
+from . import reverse
 from .api.app import create_app
 from .api.context import Host
 from .auth.session import SessionStore
@@ -68,7 +70,8 @@ class Daemon:
             self._tls = TlsMaterial(t.cert, t.key, t.ca, t.pins)
         catalog = Catalog(cfg.state_dir / "catalog.sqlite")
         client = PeerClient(credential, realm, self._tls, cfg.resolve)
-        return Host(config=cfg, catalog=catalog, primary=PrimaryEngine(catalog, cfg.state_dir, client),
+        ports = (cfg.listen.token.port if cfg.listen.token else 0, cfg.listen.tls.port if cfg.listen.tls else 0)
+        return Host(config=cfg, catalog=catalog, primary=PrimaryEngine(catalog, cfg.state_dir, client, ports),
                     replica=ReplicaService(catalog, cfg.state_dir, fault_hook()), client=client)
 
     async def _serve_socket(self, app: web.Application) -> None:
@@ -124,7 +127,7 @@ class Daemon:
             await self._serve_socket(create_app(host))
             cfg = self.config
             common = dict(service=host.replica, catalog=host.catalog, host=cfg.host, admins=cfg.management.admins,
-                          management_socket=cfg.management.socket)
+                          management_socket=cfg.management.socket, on_reverse=functools.partial(reverse.accept, host))
             token, tls = cfg.listen.token, cfg.listen.tls
             if token is not None:
                 ctx = PeerContext(mode="token", realm=self._realm, sessions=SessionStore(self._credential),

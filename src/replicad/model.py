@@ -154,6 +154,9 @@ class Relationship:
     last_replication_time: str | None = None
     start_at: str | None = None
     stats: Stats = field(default_factory=Stats)
+    prepared_seq: int = 0          # replica: the primary's final log before a planned failover
+    primary_ports: list[int] = field(default_factory=lambda: [0, 0])  # replica: to reverse toward
+    failover: dict = field(default_factory=dict)  # replica: {point, planned, disks: identities} while failed over
 
     def to_json(self) -> dict:
         d = asdict(self)

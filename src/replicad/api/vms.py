@@ -12,7 +12,7 @@ from aiohttp import web
 from .. import log as logmod
 from ..errors import Conflict, NotFound, Refused, ReplicadError, UsageError
 from ..health import compute as compute_health
-from ..model import VM, Disk, ReplicationMode, VMState, valid_disk_name, valid_vm_name
+from ..model import VM, Disk, ReplicationMode, ReplicationState, VMState, valid_disk_name, valid_vm_name
 from .context import Host, actor, body, host_of
 
 log = logmod.get("replicad.vms")
@@ -135,7 +135,9 @@ async def run_hook(vm: VM, hook: str) -> None:
 async def start_vm(request):
     host = host_of(request)
     vm = get_vm(host, request.match_info["name"])
-    if vm.mode in (ReplicationMode.REPLICA, ReplicationMode.EXTENDED_REPLICA):
+    rel = host.catalog.relationship(vm.id)
+    failed_over = rel is not None and rel.state in (ReplicationState.FAILED_OVER_WAITING, ReplicationState.FAILED_OVER)
+    if vm.mode in (ReplicationMode.REPLICA, ReplicationMode.EXTENDED_REPLICA) and not failed_over:
         raise Refused(f"{vm.name} is a replica VM and cannot be started",
                       hint="fail over first: `replicad failover start`")
     await run_hook(vm, "on_start")

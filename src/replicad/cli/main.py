@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import click
 
@@ -15,10 +16,10 @@ from ..auth import certs as certsmod
 from ..auth import token
 from ..demo import run_demo
 from ..errors import ReplicadError
-from .common import global_options, managed
-from .replication import replication
+from .common import api, global_options, managed, show
+from .replication import REPL_COLUMNS, RESULT_COLUMNS, replication, wait_with_progress
 from .server import auth_entry, server
-from .vm import vm
+from .vm import VM_COLUMNS, vm
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -118,29 +119,45 @@ def _not_yet(what: str):
 
 @failover.command("start")
 @click.argument("vm_name")
-@click.option("--prepare", is_flag=True)
-@click.option("--as-test", is_flag=True)
-@click.option("--recovery-point", metavar="ID")
+@click.option("--prepare", is_flag=True, help="On the primary (VM stopped): ship every last change.")
+@click.option("--as-test", is_flag=True, help="On the replica: a test VM on a separate copy; replication goes on.")
+@click.option("--recovery-point", metavar="ID", help="The point to fail over to (latest by default).")
 @managed
 def failover_start(vm_name, prepare, as_test, recovery_point):
-    """Start a failover (planned with --prepare on the primary, test with --as-test)."""
-    _not_yet("failover")
+    """Start a failover (planned with --prepare on the primary, test with --as-test).
+
+    \b
+    The article's planned failover:
+      replicad vm stop contoso2                    # on vmhost2, the primary
+      replicad failover start contoso2 --prepare   # on vmhost2
+      replicad failover start contoso2             # on vmhost1, the replica
+      replicad replication reverse contoso2        # on vmhost1
+      replicad vm start contoso2                   # on vmhost1
+    """
+    body = {k: v for k, v in {"prepare": prepare, "as_test": as_test, "recovery_point": recovery_point}.items() if v}
+    path = "/v1/failover/" + quote(vm_name, safe="") + "/start"
+    if prepare:
+        show(wait_with_progress(api().stream("POST", path, body), vm_name), RESULT_COLUMNS)
+    elif as_test:
+        show(api().call("POST", path, body), VM_COLUMNS)
+    else:
+        show(api().call("POST", path, body), REPL_COLUMNS)
 
 
 @failover.command("stop")
 @click.argument("vm_name")
 @managed
 def failover_stop(vm_name):
-    """End a test failover or cancel an uncompleted failover."""
-    _not_yet("failover")
+    """End a test failover (deletes the test VM) or cancel an uncompleted failover."""
+    show(api().call("POST", "/v1/failover/" + quote(vm_name, safe="") + "/stop"), REPL_COLUMNS)
 
 
 @failover.command("complete")
 @click.argument("vm_name")
 @managed
 def failover_complete(vm_name):
-    """Commit a failover."""
-    _not_yet("failover")
+    """Commit a failover (state FailedOver)."""
+    show(api().call("POST", "/v1/failover/" + quote(vm_name, safe="") + "/complete"), REPL_COLUMNS)
 
 
 @cli.command("apply")

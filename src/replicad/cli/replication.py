@@ -189,8 +189,9 @@ def resync(vm):
 @click.argument("vm")
 @managed
 def reverse(vm):
-    """Swap the roles after a planned failover (Set-VMReplication -Reverse)."""
-    raise ReplicadError("reverse replication is not available in this version yet")
+    """Swap the roles after a planned failover (Set-VMReplication -Reverse): run it on the
+    failed-over replica; the old primary (prepared) becomes its replica, no full copy."""
+    show(api().call("POST", rpath(vm, "reverse")), REPL_COLUMNS)
 
 
 @replication.command("remove")
@@ -205,8 +206,8 @@ def remove(vm):
 @click.argument("vm")
 @managed
 def recovery_points(vm):
-    """List a replica VM's recovery points."""
-    raise ReplicadError("recovery points beyond the latest are not available in this version yet")
+    """List a replica VM's recovery points (this version keeps the latest)."""
+    show(api().call("GET", rpath(vm, "recovery-points")), ("id", "time", "consistency", "size"))
 
 
 @replication.command("test-connection")

@@ -35,7 +35,9 @@ class CycleOutcome(dict):
 
 
 class PrimaryEngine:
-    def __init__(self, catalog: Catalog, state_dir: Path, client: PeerClient):
+    def __init__(self, catalog: Catalog, state_dir: Path, client: PeerClient, ports: tuple[int, int] = (0, 0)):
+        self.ports = ports  # this host's token and TLS listener ports, told to the replica for `reverse`
+        self._prepare: set[str] = set()
         self.catalog = catalog
         self.state_dir = state_dir
         self.client = client
@@ -77,6 +79,11 @@ class PrimaryEngine:
     def kick(self, vm_id: str) -> None:
         self.ensure(vm_id)
         self._wake[vm_id].set()
+
+    def prepare(self, vm_id: str) -> asyncio.Future:
+        """A final cycle marked ``prepared``; on success the state becomes PreparedForFailover."""
+        self._prepare.add(vm_id)
+        return self.request_cycle(vm_id)
 
     def request_cycle(self, vm_id: str) -> asyncio.Future:
         """A future resolved by the next cycle that *starts* after this call."""
@@ -231,6 +238,9 @@ class PrimaryEngine:
                                  time=utcnow(), compress=rel.compression, progress=progress,
                                  frequency=rel.frequency)
         producer.mac_key = conv.mac_key
+        producer.primary_ports = self.ports
+        prepared = producer.prepared = vm_id in self._prepare and not initial
+        self._prepare.discard(vm_id)
         bound = log.bind(vm=vm.name, peer=rel.replica_server, cycle=seq)
         t0 = time.monotonic()
         try:
@@ -254,6 +264,11 @@ class PrimaryEngine:
         rel.last_replication_time = utcnow()
         if rel.state in (S.INITIAL_IN_PROGRESS, S.ERROR, S.WAITING_FOR_INITIAL):
             rel.state = S.REPLICATING
+        if prepared:
+            rel.state = S.PREPARED_FOR_FAILOVER
+            self.catalog.audit("local", "failover.prepared", f"{vm.name}: final cycle {seq} acknowledged")
+            log.info("failover.prepared", vm=vm.name, cycle=seq, reason="every last change shipped; the replica "
+                     "can fail over to exactly this state")
         st = rel.stats
         st.successful_count += 1
         if initial:

@@ -54,6 +54,8 @@ class CycleProducer:
         self.data_bytes = 0
         self.error: BaseException | None = None  # what stopped the producer, if anything
         self.mac_key: bytes | None = None         # the session key on the token transport
+        self.prepared = False                     # the final log before a planned failover
+        self.primary_ports: tuple[int, int] = (0, 0)
         self._readers: list[DigestMapReader | None] = []
         self._opened: tuple[list[DiskScan], Header] | None = None
 
@@ -89,7 +91,7 @@ class CycleProducer:
         header = Header(self.vm.id, self.vm.name, self.epoch, self.seq, self.base_seq, self.kind, self.time,
                         Consistency.CRASH.value,
                         tuple(DiskInfo(i, p.name, ident.size) for i, (p, ident) in enumerate(zip(paths, idents))),
-                        self.frequency)
+                        self.frequency, prepared=self.prepared, primary_ports=self.primary_ports)
         return scans, header
 
     def batches(self) -> Iterator[bytes]:

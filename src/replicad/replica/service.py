@@ -63,6 +63,7 @@ class ReplicaService:
         self._fault = fault
         self._locks: dict[str, asyncio.Lock] = {}        # one receipt at a time per VM
         self._apply_locks: dict[str, asyncio.Lock] = {}  # held while a log is being applied
+        self._applied: dict[str, asyncio.Condition] = {}  # notified after every commit
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task] = {}
 
@@ -116,7 +117,7 @@ class ReplicaService:
         lock = self._locks.setdefault(vm_id, asyncio.Lock())
         async with lock:
             try:
-                return await self._receive_locked(grant, vm_id, seq, chunks, mac_key)
+                return await self._receive_locked(grant, auth, vm_id, seq, chunks, mac_key)
             except WireError as e:
                 rel = self.catalog.relationship(vm_id)
                 if rel is not None and rel.trust_group == grant.trust_group:
@@ -139,7 +140,7 @@ class ReplicaService:
                 raise WireError("change-log header too large")
         raise WireError("change log truncated before its header")
 
-    async def _receive_locked(self, grant: Grant, vm_id: str, seq: int, chunks: AsyncIterator[bytes],
+    async def _receive_locked(self, grant: Grant, auth: str, vm_id: str, seq: int, chunks: AsyncIterator[bytes],
                               mac_key: bytes | None) -> dict:
         header, dec, head_bytes = await self._read_header(chunks, mac_key)
         if header.vm_id != vm_id or header.seq != seq:
@@ -149,6 +150,9 @@ class ReplicaService:
         bound = log.bind(vm=header.vm_name, peer=grant.principal, cycle=seq)
         if vm is not None and (rel is None or rel.role != "replica"):
             raise Conflict(f"VM {header.vm_name} ({vm_id}) exists on this host and is not a replica")
+        if rel is not None and rel.state in (ReplicationState.FAILED_OVER_WAITING, ReplicationState.FAILED_OVER):
+            raise Conflict(f"{header.vm_name} has failed over on this replica server; it takes no more logs",
+                           hint="reverse replication from the replica, or stop the failover there")
         if rel is not None and rel.state == ReplicationState.SUSPENDED:
             raise Conflict(f"replication of {header.vm_name} is suspended on the replica server",
                            hint="run `replicad replication resume` on the replica")
@@ -207,6 +211,12 @@ class ReplicaService:
         rel.seq = seq
         rel.error = None
         rel.frequency = header.frequency or rel.frequency
+        rel.auth = auth
+        rel.primary_ports = list(header.primary_ports) if any(header.primary_ports) else rel.primary_ports
+        if header.prepared:
+            rel.prepared_seq = seq
+            bound.info("failover.primary_prepared", reason="the primary shipped its final log; a planned failover "
+                       "can start once it is applied")
         self.catalog.put_relationship(rel)
         bound.info("log.acknowledged", bytes=received, records=dec.records, base=header.base_seq)
         self._ensure_applier(vm_id)
@@ -307,6 +317,9 @@ class ReplicaService:
                     continue
                 delay = 1.0
                 bound.info("log.applied", kind=header.kind, point=header.time, consistency=header.consistency)
+                cond = self._applied.setdefault(vm_id, asyncio.Condition())
+                async with cond:
+                    cond.notify_all()
 
     @staticmethod
     def _rollback_quietly(vmdir: VMDir, seq: int, disks: list[Path]) -> None:
@@ -332,13 +345,35 @@ class ReplicaService:
             d.size = info.size
         self.catalog.put_vm_and_relationship(vm, rel)
 
-    async def remove(self, vm_id: str) -> None:
-        """Forget a replica VM and delete its copy (``vm remove`` on the replica)."""
-        rel = self.catalog.relationship(vm_id)
+    async def drained(self, vm_id: str, timeout: float) -> None:
+        """Wait until every acknowledged log of the VM is applied (or raise after ``timeout``)."""
+        cond = self._applied.setdefault(vm_id, asyncio.Condition())
+
+        def done() -> bool:
+            r = self.catalog.relationship(vm_id)
+            return r is None or r.applied_seq >= r.seq
+        async with cond:
+            await asyncio.wait_for(cond.wait_for(done), timeout)
+
+    def start_vm(self, vm_id: str) -> None:
+        """Start applying for a VM that just became a replica here (reverse)."""
+        self._ensure_applier(vm_id)
+
+    async def stop_vm(self, vm_id: str) -> None:
+        """Stop applying for a VM that stops being a replica here (reverse); files stay."""
         task = self._tasks.pop(vm_id, None)
         if task:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+    def apply_lock(self, vm_id: str) -> asyncio.Lock:
+        """Held while a log is applied: hold it to see the copy at a committed point."""
+        return self._apply_locks.setdefault(vm_id, asyncio.Lock())
+
+    async def remove(self, vm_id: str) -> None:
+        """Forget a replica VM and delete its copy (``vm remove`` on the replica)."""
+        rel = self.catalog.relationship(vm_id)
+        await self.stop_vm(vm_id)
         if rel is not None and rel.role == "replica":
             await asyncio.to_thread(self._delete_copy, Path(rel.storage), vm_id)
 

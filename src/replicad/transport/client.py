@@ -17,7 +17,8 @@ import aiohttp
 
 from .. import PROTOCOL_VERSION, __version__
 from ..auth import tls as tlsmod
-from ..auth.session import MAC_HEADER, SIGNATURE_HEADER, ClientHandshake, Session, verify_response
+from ..auth.session import (BODY_HASH_HEADER, MAC_HEADER, SIGNATURE_HEADER, ClientHandshake, Session, body_hash,
+                            verify_response)
 from ..auth.token import SCHEME, Credential, RealmPublic
 from ..errors import AuthenticationFailed, PeerError, PeerUnreachable
 
@@ -156,8 +157,13 @@ class Conversation:
         """One authenticated request; in token mode the answer's MAC must verify."""
         headers = {}
         counter = 0
+        small = data if isinstance(data, (bytes, bytearray)) else None  # a JSON body, hashed into the MAC
+        if small is not None:
+            headers["Content-Type"] = "application/json"
         if self.session is not None:
-            headers["Authorization"], counter = self.session.authorization(method, path, None)
+            headers["Authorization"], counter = self.session.authorization(method, path, small)
+            if small is not None:
+                headers[BODY_HASH_HEADER] = body_hash(small)
         status, body, rh = await self._send(method, path, data, headers)
         if self.session is not None:
             if status == 401 and MAC_HEADER not in rh:

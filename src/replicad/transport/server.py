@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import json
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,7 @@ class PeerContext:
     realm: RealmPublic | None = None
     sessions: SessionStore | None = None
     tls: tlsmod.TlsMaterial | None = None
+    on_reverse: Callable[[str, str, str, dict], Awaitable[dict]] | None = None  # reverse.accept, bound
     idle_timeout: float = 60.0  # seconds without a byte of a request body before it is dropped
 
 
@@ -174,6 +176,24 @@ async def put_log(request: web.Request) -> web.Response:
     return web.json_response(ack)
 
 
+async def reverse(request: web.Request) -> web.Response:
+    """The new primary asks this host (the old, prepared primary) to become its replica."""
+    ctx = request.app[CTX_KEY]
+    raw = await request.content.read(4097)
+    sess: Session | None = request.get(SESSION)
+    if len(raw) > 4096:
+        raise UsageError("reverse request too large")
+    if sess is not None and hashlib.sha256(raw).hexdigest() != request.headers.get(BODY_HASH_HEADER, ""):
+        raise AuthenticationFailed("the request body does not match its authenticated hash")
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise UsageError("reverse request is not JSON") from None
+    if not isinstance(doc, dict) or ctx.on_reverse is None:
+        raise UsageError("malformed reverse request")
+    return web.json_response(await ctx.on_reverse(request[PRINCIPAL], ctx.mode, _vm_id(request), doc))
+
+
 async def manage(request: web.Request) -> web.StreamResponse:
     """Remote management: an admin's request, relayed to this host's management socket."""
     ctx = request.app[CTX_KEY]
@@ -218,5 +238,6 @@ def create_peer_app(ctx: PeerContext) -> web.Application:
     app.router.add_get("/v1/hello", hello)
     app.router.add_get("/v1/replicas/{vm_id}", status)
     app.router.add_put("/v1/replicas/{vm_id}/logs/{seq:[0-9]{1,18}}", put_log)
+    app.router.add_post("/v1/replicas/{vm_id}/reverse", reverse)
     app.router.add_route("*", "/v1/manage/{path:.*}", manage)
     return app

@@ -76,6 +76,8 @@ class Header:
     disks: tuple[DiskInfo, ...] = ()
     frequency: int = 0  # the primary's cycle frequency, so the replica can judge lag
     mac: str | None = None  # MAC_ALG when every item carries a MAC
+    prepared: bool = False  # the last log before a planned failover (`failover start --prepare`)
+    primary_ports: tuple[int, int] = (0, 0)  # the primary's token and TLS ports, for `reverse`
     version: int = VERSION
 
     def to_json(self) -> bytes:
@@ -85,6 +87,8 @@ class Header:
             "consistency": self.consistency, "frequency": self.frequency,
             "disks": [{"index": d.index, "name": d.name, "size": d.size} for d in self.disks],
             **({"mac": self.mac} if self.mac else {}),
+            **({"prepared": True} if self.prepared else {}),
+            **({"primary_ports": list(self.primary_ports)} if any(self.primary_ports) else {}),
         }, separators=(",", ":")).encode()
 
     @classmethod
@@ -137,7 +141,13 @@ class Header:
         mac = doc.get("mac")
         if mac is not None and mac != MAC_ALG:
             raise WireError(f"change-log header: unknown MAC algorithm {str(mac)[:32]!r}")
-        return cls(vm_id, vm_name, epoch, seq, base_seq, kind, time_, consistency, tuple(disks), frequency, mac)
+        prepared = doc.get("prepared", False)
+        ports = doc.get("primary_ports", [0, 0])
+        if (not isinstance(prepared, bool) or not isinstance(ports, list) or len(ports) != 2
+                or not all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p <= 65535 for p in ports)):
+            raise WireError("change-log header: bad prepared flag or primary ports")
+        return cls(vm_id, vm_name, epoch, seq, base_seq, kind, time_, consistency, tuple(disks), frequency, mac,
+                   prepared, (ports[0], ports[1]))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,86 @@
+"""Failover on the replica side (SPEC §3.5): unplanned and planned failover to the latest
+point, test failover on a separate copy, and the old primary's half of `reverse`.
+
+Blocking helpers (copies, scans) run in worker threads; state changes are catalog writes on
+the event loop."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+from ..fsutil import fsync_dir
+from ..primary.baseline import Baselines
+from ..tracking.digestmap import FileIdentity
+from ..tracking.scan import DiskScan, data_regions
+
+FICLONE = 0x40049409  # ioctl: share the source's extents (btrfs, XFS, bcachefs)
+COPY_CHUNK = 4 << 20
+TEST_SUFFIX = " - Test"
+
+
+def clone_or_copy(src: Path, dst: Path) -> str:
+    """A point-in-time copy of ``src``: a reflink where the filesystem can, otherwise a sparse
+    copy (holes stay holes, all-zero blocks are not written). Returns which one it made."""
+    tmp = dst.with_name(dst.name + ".part")
+    with open(src, "rb") as s, open(tmp, "wb") as d:
+        try:
+            fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
+            how = "reflink"
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EBADF):
+                raise
+            how = "sparse copy"
+            size = os.fstat(s.fileno()).st_size
+            os.ftruncate(d.fileno(), size)
+            zero = bytes(COPY_CHUNK)
+            for a, b in data_regions(s.fileno(), size):
+                while a < b:
+                    n = min(COPY_CHUNK, b - a)
+                    chunk = os.pread(s.fileno(), n, a)
+                    if chunk != zero[:len(chunk)]:
+                        os.pwrite(d.fileno(), chunk, a)
+                    a += n
+        os.fsync(d.fileno())
+    os.replace(tmp, dst)
+    return how
+
+
+def make_test_copy(disks: list[Path], test_dir: Path) -> tuple[list[Path], str]:
+    test_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    out, kinds = [], set()
+    for p in disks:
+        dst = test_dir / p.name
+        kinds.add(clone_or_copy(p, dst))
+        out.append(dst)
+    fsync_dir(test_dir)
+    return out, "reflink" if kinds == {"reflink"} else "sparse copy"
+
+
+def identities(disks: list[Path]) -> list[list[int]]:
+    """What `failover stop` compares to know whether the failed-over disks were written."""
+    out = []
+    for p in disks:
+        i = FileIdentity.of(os.stat(p))
+        out.append([i.size, i.mtime_ns, i.ino])
+    return out
+
+
+def build_baseline(state_dir: Path, vm_id: str, seq: int, disks: list[Path]) -> None:
+    """The digest maps of these disks as they are now, sealed as baseline ``seq``: how a new
+    primary (after `reverse`) knows what its partner holds without any transfer."""
+    b = Baselines(state_dir, vm_id)
+    b.drop_all()
+    tmp = b.begin(seq)
+    for i, p in enumerate(disks):
+        scan = DiskScan(p, None, tmp / Baselines.map_name(i))
+        for _ in scan.changes():  # digests only; nothing is sent
+            pass
+    b.seal(seq)
+
+
+def remove_test_copy(test_dir: Path) -> None:
+    shutil.rmtree(test_dir, ignore_errors=True)

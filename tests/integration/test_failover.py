@@ -1,0 +1,110 @@
+"""Failover with real daemons and the CLI: the article's planned failover and reverse,
+unplanned failover, and test failover beside running replication (both listeners)."""
+
+from pathlib import Path
+
+import pytest
+
+from .harness import file_digest, replica_disk, wait_applied
+from .images import scribble
+from .test_replication import replicated
+
+pytestmark = pytest.mark.integration
+MiB = 1 << 20
+
+
+def test_planned_failover_and_reverse_the_article_s_five_steps(pair, tmp_path):
+    v2, v1 = pair  # contoso2 lives on vmhost2 and is replicated to vmhost1
+    auth = v1.cluster.auth
+    v2.cli("server", "set", "--enabled", "true", "--auth", auth, "--allow-any-server", "false")
+    v2.cli("auth-entry", "add", "--primary", v1.fqdn, "--trust-group", "Production")
+    image, copy = replicated(v2, v1, "contoso2", tmp_path, 32 * MiB, 8, frequency=3600)
+    v2.cli("vm", "start", "contoso2")
+    scribble(image, 300, seed=1)  # the running VM writes; not replicated yet
+    r = v2.cli("failover", "start", "contoso2", "--prepare", check=False)
+    assert r.returncode == 1 and "is running; stop it first" in r.stderr
+
+    # 1. vm stop on the primary  2. failover start --prepare on the primary
+    v2.cli("vm", "stop", "contoso2")
+    prep = v2.json("failover", "start", "contoso2", "--prepare")
+    assert prep["kind"] == "delta" and prep["data_bytes"] <= 300 * 4096
+    assert v2.json("replication", "get", "contoso2")["state"] == "PreparedForFailover"
+    # 3. failover start on the replica: exactly the prepared state
+    got = v1.json("failover", "start", "contoso2")
+    assert got["state"] == "FailedOverWaitingCompletion" and got["health"] == "Warning"
+    assert file_digest(copy) == file_digest(image)
+    # 4. reverse on the replica: roles swap, each copy stays where it is
+    got = v1.json("replication", "reverse", "contoso2")
+    assert (got["mode"], got["state"], got["replica_server"]) == ("Primary", "Replicating", v2.fqdn)
+    old = v2.json("vm", "get", "contoso2")
+    assert old["replication_mode"] == "Replica" and old["disks"][0]["path"] == str(image)
+    assert v2.json("replication", "get", "contoso2")["primary_server"] == v1.fqdn
+    # 5. vm start on the new primary
+    assert v1.json("vm", "start", "contoso2")["state"] == "Running"
+
+    # the first reverse cycle ships only what changed since the common point
+    scribble(copy, 50, seed=2)
+    r = v1.json("replication", "sync", "contoso2", "--wait")
+    assert r["kind"] == "delta" and r["data_bytes"] <= 50 * 4096
+    wait_applied(v1, v2, "contoso2")
+    assert file_digest(image) == file_digest(copy)
+    m = v1.json("replication", "measure", "contoso2")
+    assert m["initial_replication_size"] == 0 and m["successful_count"] >= 1  # the first runs at once
+    reverse_cycles = v1.events("cycle.done")
+    assert reverse_cycles and all(e["kind"] == "delta" for e in reverse_cycles)
+
+
+def test_unplanned_failover_stop_and_complete(pair, tmp_path):
+    primary, replica = pair
+    image, copy = replicated(primary, replica, "u", tmp_path, 16 * MiB, 4, frequency=3600)
+    got = replica.json("failover", "start", "u")
+    assert got["state"] == "FailedOverWaitingCompletion"
+    scribble(image, 20, seed=3)
+    r = primary.cli("replication", "sync", "u", "--wait", check=False)
+    assert r.returncode == 1 and "has failed over" in r.stderr
+    assert replica.json("vm", "start", "u")["state"] == "Running"  # allowed once failed over
+    r = replica.cli("failover", "stop", "u", check=False)
+    assert r.returncode == 1 and "is running" in r.stderr
+    replica.cli("vm", "stop", "u")
+    assert replica.json("failover", "stop", "u")["state"] == "Replicating"  # the disks were not written
+    primary.json("replication", "sync", "u", "--wait")
+    wait_applied(primary, replica, "u")
+    assert file_digest(copy) == file_digest(image)
+
+    replica.json("failover", "start", "u")
+    scribble(copy, 5, seed=4)  # the failed-over VM wrote to its disk
+    r = replica.cli("failover", "stop", "u", check=False)
+    assert r.returncode == 1 and "changed since the failover" in r.stderr
+    r = replica.cli("replication", "reverse", "u", check=False)
+    assert r.returncode == 1 and "unplanned failover needs a resynchronization" in r.stderr
+    got = replica.json("failover", "complete", "u")
+    assert got["state"] == "FailedOver"
+    r = replica.cli("failover", "start", "u", "--recovery-point", "999", check=False)
+    assert r.returncode != 0
+
+
+def test_test_failover_runs_beside_replication(pair, tmp_path):
+    primary, replica = pair
+    image, copy = replicated(primary, replica, "t", tmp_path, 16 * MiB, 4, frequency=3600)
+    point = file_digest(copy)
+    points = replica.json("replication", "recovery-points", "t")
+    assert [p["id"] for p in points] == ["1"] and points[0]["consistency"] == "crash"
+    test = replica.json("failover", "start", "t", "--as-test")
+    assert (test["name"], test["replication_mode"]) == ("t - Test", "TestReplica")
+    test_disk = Path(test["disks"][0]["path"])
+    assert test_disk != copy and file_digest(test_disk) == point
+    assert test_disk.stat().st_blocks * 512 < 6 * MiB  # sparse (or shared extents)
+    r = replica.cli("failover", "start", "t", "--as-test", check=False)
+    assert r.returncode == 1 and "already running" in r.stderr
+    assert replica.json("vm", "start", "t - Test")["state"] == "Running"
+
+    scribble(image, 100, seed=5)  # replication goes on into the replica
+    primary.json("replication", "sync", "t", "--wait")
+    wait_applied(primary, replica, "t")
+    assert file_digest(copy) == file_digest(image)
+    assert file_digest(test_disk) == point  # the test copy stays at its point
+
+    assert replica.json("failover", "stop", "t")["removed"] == "t - Test"
+    assert not test_disk.exists()
+    assert [v["name"] for v in replica.json("vm", "list")] == ["t"]
+    assert replica.json("replication", "get", "t")["state"] == "Replicating"
