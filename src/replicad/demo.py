@@ -1,10 +1,11 @@
 """`replicad demo`: the article's story on three local hosts, with the commands an operator
 would type. No root, no network: daemons on 127.0.0.1-3, an unprivileged port, a temp dir.
 
-What this version tells: the article's replica-server setup (vmhost2 accepts only vmhost1
-and vmhost3, trust group Production), contoso2 on vmhost2 replicated to vmhost1 (initial
-copy with a progress bar, delta cycles after writes, measure), and a byte-for-byte check.
-Failover, test failover and reverse come with the failover work (issue 4)."""
+The article's story: the replica-server setup (vmhost2 accepts only vmhost1 and vmhost3,
+trust group Production), contoso2 on vmhost2 replicated to vmhost1 (initial copy with a
+progress bar, delta cycles after writes, measure), a test failover on vmhost1 while
+replication goes on, the planned failover in five steps with reverse replication, a cycle
+back from vmhost1 to vmhost2, and a byte-for-byte check of both copies."""
 
 from __future__ import annotations
 
@@ -149,11 +150,14 @@ class Demo:
         return h.hexdigest()
 
     def wait_applied(self, vm: str) -> None:
-        seq = self.json("vmhost2", "replication", "get", vm)["sequence"]
+        self.wait_applied_on("vmhost2", "vmhost1", vm)
+
+    def wait_applied_on(self, primary: str, replica: str, vm: str) -> None:
+        seq = self.json(primary, "replication", "get", vm)["sequence"]
         deadline = time.monotonic() + 60
-        while self.json("vmhost1", "replication", "get", vm)["applied_sequence"] < seq:
+        while self.json(replica, "replication", "get", vm)["applied_sequence"] < seq:
             if time.monotonic() > deadline:
-                raise click.ClickException(f"vmhost1 did not apply cycle {seq} in time")
+                raise click.ClickException(f"{replica} did not apply cycle {seq} in time")
             time.sleep(0.1)
 
     def story(self) -> int:
@@ -198,28 +202,47 @@ class Demo:
         self.wait_applied("contoso2")
         self.run("vmhost1", "replication", "get", "contoso2")
 
-        self.say("Test failover, planned failover and reverse replication come in a later version")
-        self.run("vmhost1", "failover", "start", "contoso2", "--as-test", check=False)
+        self.say("Test failover on vmhost1: a separate copy, while replication goes on")
+        self.run("vmhost1", "failover", "start", "contoso2", "--as-test")
+        self.run("vmhost1", "vm", "list")
+        self.guest_writes(disk, seed=20)
+        self.run("vmhost2", "replication", "sync", "contoso2", "--wait")
+        self.run("vmhost1", "failover", "stop", "contoso2")
+
+        self.say("Planned failover, the article's five steps")
+        t = time.monotonic()
+        self.run("vmhost2", "vm", "stop", "contoso2")
+        self.run("vmhost2", "failover", "start", "contoso2", "--prepare")
+        self.run("vmhost1", "failover", "start", "contoso2")
+        self.run("vmhost1", "replication", "reverse", "contoso2")
+        self.run("vmhost1", "vm", "start", "contoso2")
+        self.timings["planned failover + reverse"] = time.monotonic() - t
+
+        self.say("vmhost1 is now the primary; its changes flow back to vmhost2, no full copy")
+        replica_path = Path(self.json("vmhost1", "vm", "get", "contoso2")["disks"][0]["path"])
+        self.guest_writes(replica_path, seed=30)
+        self.run("vmhost1", "replication", "sync", "contoso2", "--wait")
+        self.run("vmhost2", "vm", "list")
+        self.run("vmhost1", "replication", "get")
+        self.wait_applied_on("vmhost1", "vmhost2", "contoso2")
 
         self.say("Are the copies identical?")
-        replica_path = Path(self.json("vmhost1", "vm", "get", "contoso2")["disks"][0]["path"])
         same = self.digest(disk) == self.digest(replica_path)
-        m = self.json("vmhost2", "replication", "measure", "contoso2")
-        r1 = self.json("vmhost1", "replication", "get", "contoso2")
-        self.summary(same, m, r1, disk, replica_path)
+        m = self.json("vmhost1", "replication", "measure", "contoso2")
+        m_old = self.json("vmhost2", "replication", "get", "contoso2")
+        self.summary(same, m, m_old, replica_path, disk)
         return 0 if same else 1
 
-    def summary(self, same: bool, m: dict, r1: dict, disk: Path, replica: Path) -> None:
-        st = disk.stat()
-        rst = replica.stat()
+    def summary(self, same: bool, m: dict, r_old: dict, disk: Path, replica: Path) -> None:
+        st, rst = disk.stat(), replica.stat()
         click.echo(click.style("\n=== replicad demo: summary ===", bold=True))
         rows = [
-            ("contoso2 on vmhost2", f"{m['state']}, health {m['health']}"),
-            ("contoso2 on vmhost1", f"{r1['mode']}, {r1['state']}, health {r1['health']}"),
-            ("disk size / allocated", f"{st.st_size // MiB} MiB / {st.st_blocks * 512 // MiB} MiB"),
-            ("replica allocated", f"{rst.st_blocks * 512 // MiB} MiB (sparse)"),
-            ("initial replication sent", f"{m['initial_replication_size'] / MiB:.1f} MiB"),
-            ("delta cycles", f"{m['successful_count'] - 1}, average {m['average_size'] / MiB:.2f} MiB"),
+            ("contoso2 on vmhost1", f"Primary (after reverse), {m['state']}, health {m['health']}"),
+            ("contoso2 on vmhost2", f"{r_old['mode']}, {r_old['state']}, health {r_old['health']}"),
+            ("disk size / allocated", f"{st.st_size // MiB} MiB / {st.st_blocks * 512 // MiB} MiB on vmhost1, "
+                                      f"{rst.st_blocks * 512 // MiB} MiB on vmhost2"),
+            ("reverse cycles", f"{m['successful_count']}, initial copy sent in reverse: "
+                               f"{m['initial_replication_size']} bytes, average {m['average_size'] / MiB:.2f} MiB"),
         ] + [(k, f"{v:.2f} s") for k, v in self.timings.items()] + [
             ("total", f"{time.monotonic() - self.started:.1f} s"),
             ("copies", click.style("identical", fg="green") if same else click.style("DIFFERENT", fg="red")),

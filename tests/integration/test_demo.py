@@ -19,7 +19,11 @@ def test_demo_runs_and_copies_are_identical(tmp_path):
                      "$ replicad auth-entry add --primary vmhost1.contoso.com --trust-group Production   # on vmhost2",
                      "$ replicad replication start-initial contoso2 --wait   # on vmhost2",
                      "$ replicad replication measure contoso2 -o list   # on vmhost2",
-                     "contoso2  Off    Replica"):
+                     "contoso2  Off    Replica",
+                     "$ replicad failover start contoso2 --as-test   # on vmhost1",
+                     "$ replicad failover start contoso2 --prepare   # on vmhost2",
+                     "$ replicad replication reverse contoso2   # on vmhost1",
+                     "initial copy sent in reverse: 0 bytes"):
         assert expected in out, expected
     assert "copies" in out and "identical" in out.split("copies")[-1]
     assert "Traceback" not in r.stderr

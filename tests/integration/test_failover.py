@@ -1,6 +1,9 @@
 """Failover with real daemons and the CLI: the article's planned failover and reverse,
 unplanned failover, and test failover beside running replication (both listeners)."""
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -108,3 +111,58 @@ def test_test_failover_runs_beside_replication(pair, tmp_path):
     assert not test_disk.exists()
     assert [v["name"] for v in replica.json("vm", "list")] == ["t"]
     assert replica.json("replication", "get", "t")["state"] == "Replicating"
+
+
+def _ext4(path: Path, src: Path) -> None:
+    src.mkdir()
+    for i in range(20):
+        (src / f"file{i}.txt").write_bytes(b"contoso %d\n" % i * (1000 + i * 997))
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(src), str(path), "64M"], check=True)
+
+
+def _fsck(path: Path) -> None:
+    r = subprocess.run(["e2fsck", "-fn", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _add_file(image: Path, name: str, data: bytes, tmp: Path) -> None:
+    f = tmp / name
+    f.write_bytes(data)
+    subprocess.run(["debugfs", "-w", "-R", f"write {f} {name}", str(image)], check=True, capture_output=True)
+
+
+@pytest.mark.skipif(not shutil.which("mke2fs") or not shutil.which("e2fsck"), reason="e2fsprogs not installed")
+def test_an_ext4_filesystem_is_clean_after_every_kind_of_failover(pair, tmp_path):
+    v2, v1 = pair
+    v2.cli("server", "set", "--enabled", "true", "--auth", v1.cluster.auth, "--allow-any-server", "true")
+    image = tmp_path / "fs.img"
+    _ext4(image, tmp_path / "src")
+    v2.cli("vm", "add", "fs", "--disk", str(image))
+    v2.cli("replication", "enable", "fs", "--replica-server", v1.fqdn, "--replica-port", str(v1.peer_port),
+           "--auth", v1.cluster.auth, "--frequency", "3600")
+    v2.json("replication", "start-initial", "fs", "--wait")
+    _add_file(image, "after-initial.bin", os.urandom(300_000), tmp_path)
+    v2.json("replication", "sync", "fs", "--wait")
+    wait_applied(v2, v1, "fs")
+    copy = replica_disk(v1, "fs")
+    # test failover: the test copy is a clean filesystem
+    test_disk = Path(v1.json("failover", "start", "fs", "--as-test")["disks"][0]["path"])
+    _fsck(test_disk)
+    v1.json("failover", "stop", "fs")
+    # unplanned failover (then cancelled): the replica copy is clean
+    v1.json("failover", "start", "fs")
+    _fsck(copy)
+    v1.json("failover", "stop", "fs")
+    # planned failover and reverse: clean on both sides, and after a reverse cycle
+    _add_file(image, "before-failover.bin", os.urandom(200_000), tmp_path)
+    v2.json("failover", "start", "fs", "--prepare")
+    v1.json("failover", "start", "fs")
+    _fsck(copy)
+    v1.json("replication", "reverse", "fs")
+    _add_file(copy, "after-reverse.bin", os.urandom(100_000), tmp_path)
+    v1.json("replication", "sync", "fs", "--wait")
+    wait_applied(v1, v2, "fs")
+    _fsck(image)
+    assert file_digest(image) == file_digest(copy)
+    out = subprocess.run(["debugfs", "-R", "ls -l /", str(image)], capture_output=True, text=True).stdout
+    assert "after-reverse.bin" in out and "before-failover.bin" in out

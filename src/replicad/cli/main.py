@@ -149,7 +149,8 @@ def failover_start(vm_name, prepare, as_test, recovery_point):
 @managed
 def failover_stop(vm_name):
     """End a test failover (deletes the test VM) or cancel an uncompleted failover."""
-    show(api().call("POST", "/v1/failover/" + quote(vm_name, safe="") + "/stop"), REPL_COLUMNS)
+    doc = api().call("POST", "/v1/failover/" + quote(vm_name, safe="") + "/stop")
+    show(doc, ("removed",) if "removed" in doc else REPL_COLUMNS)
 
 
 @failover.command("complete")
