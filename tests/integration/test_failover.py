@@ -99,6 +99,8 @@ def test_test_failover_runs_beside_replication(pair, tmp_path):
     assert test_disk.stat().st_blocks * 512 < 6 * MiB  # sparse (or shared extents)
     r = replica.cli("failover", "start", "t", "--as-test", check=False)
     assert r.returncode == 1 and "already running" in r.stderr
+    r = replica.cli("vm", "remove", "t - Test", check=False)
+    assert r.returncode == 1 and "failover stop" in r.stderr
     assert replica.json("vm", "start", "t - Test")["state"] == "Running"
 
     scribble(image, 100, seed=5)  # replication goes on into the replica

@@ -161,6 +161,8 @@ async def remove_vm(request):
     host = host_of(request)
     vm = get_vm(host, request.match_info["name"])
     rel = host.catalog.relationship(vm.id)
+    if vm.mode == ReplicationMode.TEST_REPLICA:
+        raise Conflict(f"{vm.name} is a test failover", hint="end it with `replicad failover stop` on its replica VM")
     if rel is not None and rel.role == "primary":
         raise Conflict(f"{vm.name} is replicated; remove replication first",
                        hint=f"`replicad replication remove {vm.name}`")
