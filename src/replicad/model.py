@@ -157,6 +157,7 @@ class Relationship:
     prepared_seq: int = 0          # replica: the primary's final log before a planned failover
     primary_ports: list[int] = field(default_factory=lambda: [0, 0])  # replica: to reverse toward
     failover: dict = field(default_factory=dict)  # replica: {point, planned, disks: identities} while failed over
+    copy_identity: list = field(default_factory=list)  # replica: [size, mtime_ns, ino] per disk at the last commit
 
     def to_json(self) -> dict:
         d = asdict(self)

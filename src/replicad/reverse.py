@@ -20,7 +20,7 @@ from . import log as logmod
 from .api.context import Host
 from .catalog import utcnow
 from .errors import Conflict, Refused, UsageError
-from .model import ReplicationMode, ReplicationState as S, Stats
+from .model import ReplicationMode, ReplicationState as S, Stats, VMState
 from .primary.baseline import Baselines
 from .replica.failover import build_baseline
 from .replica.layout import VMDir
@@ -37,20 +37,25 @@ async def start(host: Host, vm_name: str, actor: str) -> tuple:
         raise Conflict(f"{vm_name} must be failed over on this host before reversing (state {rel.state.value})",
                        hint="`replicad failover start` here first")
     planned = bool(rel.failover.get("planned"))
-    if not planned:
-        raise Conflict("reverse after an unplanned failover needs a resynchronization, not available in this "
-                       "version", hint="fail over with a prepared primary (`failover start --prepare` there)")
     point = int(rel.failover["point"])
     disks = [Path(d.path) for d in vm.disks]
     old_primary = rel.primary_server
     port = rel.primary_ports[1 if rel.auth == "certificate" else 0] or (443 if rel.auth == "certificate" else 80)
     epoch = secrets.token_hex(8)
-    await asyncio.to_thread(build_baseline, host.config.state_dir, vm.id, point, disks)
+    if planned:
+        await asyncio.to_thread(build_baseline, host.config.state_dir, vm.id, point, disks)
     async with host.client.conversation(old_primary, port, rel.auth) as conv:
-        await conv.request("POST", f"/v1/replicas/{vm.id}/reverse",
-                           data=_json({"epoch": epoch, "seq": point, "old_epoch": rel.epoch}))
+        answer = await conv.request("POST", f"/v1/replicas/{vm.id}/reverse",
+                                    data=_json({"epoch": epoch, "seq": point, "old_epoch": rel.epoch,
+                                                "resync": not planned}))
+    if not planned:  # the old primary may hold changes this copy never got: compare, then ship
+        point = int(answer.get("seq", 0))
+        log.warning("reverse.resync", vm=vm.name, old_primary=old_primary,
+                    reason="unplanned failover: the first cycle compares both copies block by block; blocks the "
+                    "old primary changed after the last replicated point are replaced, by the operator's reverse")
     await host.replica.stop_vm(vm.id)
-    new = type(rel)(vm_id=vm.id, role="primary", state=S.REPLICATING, primary_server=host.config.host,
+    new = type(rel)(vm_id=vm.id, role="primary", state=S.REPLICATING if planned else S.RESYNCHRONIZING,
+                    primary_server=host.config.host,
                     replica_server=old_primary, replica_port=port, auth=rel.auth, frequency=rel.frequency or 300,
                     recovery_history=rel.recovery_history, recovery_point_interval=rel.recovery_point_interval,
                     epoch=epoch, seq=point, last_replication_time=utcnow(),
@@ -71,6 +76,7 @@ def _json(doc: dict) -> bytes:
 async def accept(host: Host, principal: str, auth: str, vm_id: str, doc: dict) -> dict:
     """The old primary's half: become the replica of ``principal`` for this VM."""
     epoch, seq, old_epoch = doc.get("epoch"), doc.get("seq"), doc.get("old_epoch")
+    resync = doc.get("resync") is True
     if not (isinstance(epoch, str) and epoch.isalnum() and len(epoch) <= 64 and isinstance(seq, int)
             and not isinstance(seq, bool) and seq >= 1 and isinstance(old_epoch, str)):
         raise UsageError("malformed reverse request")
@@ -81,11 +87,17 @@ async def accept(host: Host, principal: str, auth: str, vm_id: str, doc: dict) -
         raise Conflict("no VM with that id is a primary here")
     if rel.replica_server != principal:
         raise Refused(f"{principal} is not the replica server of {vm.name}")
-    if rel.state != S.PREPARED_FOR_FAILOVER:
-        raise Conflict(f"{vm.name} is not prepared for failover here (state {rel.state.value})",
-                       hint=f"`replicad failover start {vm.name} --prepare` on this host first")
-    if rel.seq != seq or rel.epoch != old_epoch:
-        raise Conflict(f"the common point differs: here {rel.epoch}/{rel.seq}, replica {old_epoch}/{seq}")
+    if resync:
+        if vm.state == VMState.RUNNING:
+            raise Conflict(f"{vm.name} is still running on {host.config.host}; stop it before the failed-over "
+                           "copy takes over", hint=f"`replicad vm stop {vm.name}` there")
+        seq = rel.seq  # the point this copy last shipped; the resync finds what differs
+    else:
+        if rel.state != S.PREPARED_FOR_FAILOVER:
+            raise Conflict(f"{vm.name} is not prepared for failover here (state {rel.state.value})",
+                           hint=f"`replicad failover start {vm.name} --prepare` on this host first")
+        if rel.seq != seq or rel.epoch != old_epoch:
+            raise Conflict(f"the common point differs: here {rel.epoch}/{rel.seq}, replica {old_epoch}/{seq}")
     await host.primary.forget(vm.id)
     await asyncio.to_thread(Baselines(host.config.state_dir, vm.id).drop_all)
     vmdir = VMDir.of(grant.storage, vm.id)

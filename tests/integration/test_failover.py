@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import file_digest, replica_disk, wait_applied
+from .harness import file_digest, replica_disk, wait_applied, wait_for
 from .images import scribble
 from .test_replication import replicated
 
@@ -78,8 +78,6 @@ def test_unplanned_failover_stop_and_complete(pair, tmp_path):
     scribble(copy, 5, seed=4)  # the failed-over VM wrote to its disk
     r = replica.cli("failover", "stop", "u", check=False)
     assert r.returncode == 1 and "changed since the failover" in r.stderr
-    r = replica.cli("replication", "reverse", "u", check=False)
-    assert r.returncode == 1 and "unplanned failover needs a resynchronization" in r.stderr
     got = replica.json("failover", "complete", "u")
     assert got["state"] == "FailedOver"
     r = replica.cli("failover", "start", "u", "--recovery-point", "999", check=False)
@@ -168,3 +166,58 @@ def test_an_ext4_filesystem_is_clean_after_every_kind_of_failover(pair, tmp_path
     assert file_digest(image) == file_digest(copy)
     out = subprocess.run(["debugfs", "-R", "ls -l /", str(image)], capture_output=True, text=True).stdout
     assert "after-reverse.bin" in out and "before-failover.bin" in out
+
+
+def test_resync_after_a_lost_baseline_ships_only_what_differs(pair, tmp_path):
+    primary, replica = pair
+    image, copy = replicated(primary, replica, "r", tmp_path, 32 * MiB, 8, frequency=3600)
+    vm_id = primary.json("vm", "get", "r")["id"]
+    shutil.rmtree(primary.root / "state" / "maps" / vm_id)  # the primary lost its digest maps
+    scribble(image, 40, seed=7)
+    r = primary.cli("replication", "sync", "r", "--wait", check=False)
+    assert r.returncode == 1 and "digest maps of acknowledged cycle 1 are missing" in r.stderr
+    got = primary.json("replication", "get", "r")
+    assert (got["state"], got["health"]) == ("WaitingForStartResynchronize", "Critical")
+    res = primary.json("replication", "resync", "r", "--wait")
+    assert res["kind"] == "resync" and res["data_bytes"] <= 40 * 4096  # not a full copy
+    assert primary.json("replication", "get", "r")["state"] == "Replicating"
+    wait_applied(primary, replica, "r")
+    assert file_digest(copy) == file_digest(image)
+    scribble(image, 10, seed=8)  # and ordinary cycles go on from the new baseline
+    assert primary.json("replication", "sync", "r", "--wait")["kind"] == "delta"
+    wait_applied(primary, replica, "r")
+    assert file_digest(copy) == file_digest(image)
+
+
+def test_a_modified_replica_copy_is_detected_and_resynced_by_itself(pair, tmp_path):
+    primary, replica = pair
+    image, copy = replicated(primary, replica, "m", tmp_path, 32 * MiB, 8, frequency=3600)
+    scribble(copy, 25, seed=9)  # someone wrote to the replica copy
+    scribble(image, 5, seed=10)
+    r = primary.cli("replication", "sync", "m", "--wait", check=False)
+    assert r.returncode == 1 and "modified outside replicad" in r.stderr
+    # no operator command: the next attempt resynchronizes (backoff of a second or two)
+    wait_for(lambda: primary.json("replication", "get", "m")["state"] == "Replicating", 60, "the automatic resync")
+    assert any(e.get("vm") == "m" for e in primary.events("resync.done"))
+    done = [e for e in primary.events("resync.done")][-1]
+    assert done["differing_bytes"] <= 30 * 4096
+    wait_applied(primary, replica, "m")
+    assert file_digest(copy) == file_digest(image)
+
+
+def test_reverse_after_an_unplanned_failover_resyncs_the_old_primary(pair, tmp_path):
+    v2, v1 = pair
+    v2.cli("server", "set", "--enabled", "true", "--auth", v1.cluster.auth, "--allow-any-server", "true")
+    image, copy = replicated(v2, v1, "w", tmp_path, 32 * MiB, 8, frequency=3600)
+    scribble(image, 30, seed=11)  # the old primary changed blocks it never shipped (then "crashed")
+    v1.json("failover", "start", "w")  # unplanned
+    v1.cli("vm", "start", "w")
+    scribble(copy, 20, seed=12)  # the failed-over VM runs and writes
+    got = v1.json("replication", "reverse", "w")
+    assert (got["mode"], got["replica_server"]) == ("Primary", v2.fqdn)
+    assert got["state"] == "Resynchronizing"  # the first reverse cycle compares both copies
+    wait_for(lambda: v1.json("replication", "get", "w")["state"] == "Replicating", 60, "the first reverse cycle")
+    wait_applied(v1, v2, "w")
+    assert file_digest(image) == file_digest(copy)  # the failed-over copy won, by the operator's reverse
+    done = v1.events("resync.done")
+    assert done and done[-1]["differing_bytes"] <= 50 * 4096  # not a full copy

@@ -226,6 +226,24 @@ async def sync(request):
     return web.json_response(rel_json(host, rel, vm.name))
 
 
+async def resync(request):
+    host = host_of(request)
+    vm, rel = _rel(host, request.match_info["vm"], role="primary")
+    doc = await body(request)
+    if rel.seq == 0 or rel.state not in (S.REPLICATING, S.ERROR, S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING,
+                                         S.SUSPENDED):
+        raise Conflict(f"{vm.name} cannot be resynchronized in state {rel.state.value}")
+    rel.state = S.RESYNCHRONIZING
+    host.catalog.put_relationship(rel)
+    host.catalog.audit(actor(request), "replication.resync", vm.name)
+    log.info("replication.resync_requested", vm=vm.name, reason="compare both copies block by block")
+    fut = host.primary.request_cycle(vm.id)
+    if doc.get("wait"):
+        return await _wait_stream(request, host, vm.id, fut)
+    fut.add_done_callback(lambda f: f.exception())
+    return web.json_response(rel_json(host, rel, vm.name))
+
+
 def measure_json(host: Host, rel: Relationship, name: str) -> dict:
     health, reasons = compute_health(rel)
     st = rel.stats
@@ -325,6 +343,7 @@ def routes(app: web.Application) -> None:
     app.router.add_delete("/v1/replications/{vm}", remove)
     app.router.add_post("/v1/replications/{vm}/start-initial", start_initial)
     app.router.add_post("/v1/replications/{vm}/sync", sync)
+    app.router.add_post("/v1/replications/{vm}/resync", resync)
     app.router.add_get("/v1/replications/{vm}/measure", measure)
     app.router.add_post("/v1/replications/{vm}/reset-stats", reset_stats)
     app.router.add_post("/v1/replications/{vm}/suspend", suspend)

@@ -179,10 +179,14 @@ def resume(vm):
 
 @replication.command("resync")
 @click.argument("vm")
+@click.option("--wait", is_flag=True, help="Show progress and return when the copies match again.")
 @managed
-def resync(vm):
-    """Compare both copies block by block and ship what differs."""
-    raise ReplicadError("resynchronization is not available in this version yet")
+def resync(vm, wait):
+    """Compare both copies block by block and ship what differs (on the primary)."""
+    if wait:
+        show(wait_with_progress(api().stream("POST", rpath(vm, "resync"), {"wait": True}), vm), RESULT_COLUMNS)
+    else:
+        show(api().call("POST", rpath(vm, "resync"), {}), REPL_COLUMNS)
 
 
 @replication.command("reverse")

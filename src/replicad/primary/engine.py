@@ -27,7 +27,8 @@ from .producer import CycleProducer, Progress, stream_batches
 
 log = logmod.get("replicad.primary")
 BACKOFF_START, BACKOFF_MAX = 1.0, 60.0
-RUNNING_STATES = {S.WAITING_FOR_INITIAL, S.INITIAL_IN_PROGRESS, S.REPLICATING, S.ERROR}
+RUNNING_STATES = {S.WAITING_FOR_INITIAL, S.INITIAL_IN_PROGRESS, S.REPLICATING, S.ERROR, S.WAITING_FOR_RESYNC,
+                  S.RESYNCHRONIZING}
 
 
 class CycleOutcome(dict):
@@ -129,7 +130,8 @@ class PrimaryEngine:
                 if due > 0:
                     await self._sleep_until(vm_id, time.monotonic() + due)
                     continue
-            elif rel.state in (S.REPLICATING, S.ERROR) and not has_waiters and last_start is not None:
+            elif (rel.state in (S.REPLICATING, S.ERROR, S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING) and not has_waiters
+                  and last_start is not None):
                 wait = rel.frequency if rel.error is None else min(backoff, rel.frequency)
                 deadline = last_start + wait
                 if time.monotonic() < deadline:
@@ -185,7 +187,8 @@ class PrimaryEngine:
         if isinstance(e, ResyncRequired) or (isinstance(e, PeerError) and e.code == "resync"):
             rel.state = S.WAITING_FOR_RESYNC
             rel.error = f"resynchronization required: {e}"
-            log.error("cycle.resync_required", vm=vm_id, reason=str(e))
+            log.error("cycle.resync_required", vm=vm_id, reason=str(e),
+                      result="a resync starts at the next attempt: only differing blocks are sent")
         elif isinstance(e, ReplicadError):
             rel.error = str(e)
             if not e.transient:
@@ -222,8 +225,20 @@ class PrimaryEngine:
         rel = self.catalog.relationship(vm_id)
         vm = self.catalog.vm_by_id(vm_id)
         baselines = Baselines(self.state_dir, vm_id)
-        initial = rel.seq == 0
-        if initial:
+        initial = rel.seq == 0 and rel.state not in (S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING)
+        resync = not initial and rel.state in (S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING)
+        replica_maps = None
+        if resync:
+            if rel.state == S.WAITING_FOR_RESYNC:
+                log.warning("resync.started", vm=vm.name, peer=rel.replica_server,
+                            reason=rel.error or "requested by the operator")
+            rel.state = S.RESYNCHRONIZING
+            self._save(rel)
+            await asyncio.to_thread(baselines.drop_all)
+            meta, replica_maps = await conv.fetch_digests(vm_id, baselines.root / "replica-digests")
+            rel.seq = int(meta["applied_seq"])
+            rel.epoch = secrets.token_hex(8)
+        elif initial:
             rel.epoch = secrets.token_hex(8)
             rel.state = S.INITIAL_IN_PROGRESS
             self._save(rel)
@@ -231,13 +246,14 @@ class PrimaryEngine:
         else:
             rel = await self._reconcile_pending(rel, baselines, conv)
         seq = rel.seq + 1
-        kind = "initial" if initial else "delta"
+        kind = "initial" if initial else "resync" if resync else "delta"
         progress = Progress(kind=kind, seq=seq, changed=asyncio.Event())
         self.progress[vm_id] = progress
         producer = CycleProducer(vm, baselines, seq=seq, base_seq=rel.seq, epoch=rel.epoch, kind=kind,
                                  time=utcnow(), compress=rel.compression, progress=progress,
                                  frequency=rel.frequency)
         producer.mac_key = conv.mac_key
+        producer.replica_maps = replica_maps
         producer.primary_ports = self.ports
         prepared = producer.prepared = vm_id in self._prepare and not initial
         self._prepare.discard(vm_id)
@@ -259,10 +275,15 @@ class PrimaryEngine:
         # the replica holds log `seq` durably: now, and only now, the baseline advances
         rel = self.catalog.relationship(vm_id)
         self.roll_stats(rel)
+        if resync:
+            rel.epoch = producer.epoch
+            log.warning("resync.done", vm=vm.name, peer=rel.replica_server, differing_bytes=producer.data_bytes,
+                        sent=progress.sent, reason="the replica's copy differed from the primary's disks in these "
+                        "blocks; they now hold the primary's content")
         rel.seq = seq
         rel.error = None
         rel.last_replication_time = utcnow()
-        if rel.state in (S.INITIAL_IN_PROGRESS, S.ERROR, S.WAITING_FOR_INITIAL):
+        if rel.state in (S.INITIAL_IN_PROGRESS, S.ERROR, S.WAITING_FOR_INITIAL, S.RESYNCHRONIZING):
             rel.state = S.REPLICATING
         if prepared:
             rel.state = S.PREPARED_FOR_FAILOVER

@@ -56,6 +56,7 @@ class CycleProducer:
         self.mac_key: bytes | None = None         # the session key on the token transport
         self.prepared = False                     # the final log before a planned failover
         self.primary_ports: tuple[int, int] = (0, 0)
+        self.replica_maps: list[Path] | None = None  # resync: the replica's own digests as the baseline
         self._readers: list[DigestMapReader | None] = []
         self._opened: tuple[list[DiskScan], Header] | None = None
 
@@ -72,6 +73,11 @@ class CycleProducer:
         paths = [Path(d.path) for d in self.vm.disks]
         if self.kind == "initial":
             self._readers = [None] * len(paths)
+        elif self.replica_maps is not None:
+            readers = [DigestMapReader.open(p) for p in self.replica_maps]
+            if len(readers) != len(paths) or any(r is None for r in readers):
+                raise ReplicadError("the replica's digest maps are damaged or do not match the disks")
+            self._readers = readers
         else:
             readers = self.baselines.readers(self.base_seq, len(paths))
             if readers is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..fsutil import fsync_dir
 from ..primary.baseline import Baselines
 from ..tracking.digestmap import FileIdentity
-from ..tracking.scan import DiskScan, data_regions
+from ..tracking.scan import data_regions, digest_disks
 
 FICLONE = 0x40049409  # ioctl: share the source's extents (btrfs, XFS, bcachefs)
 COPY_CHUNK = 4 << 20
@@ -74,11 +74,7 @@ def build_baseline(state_dir: Path, vm_id: str, seq: int, disks: list[Path]) -> 
     primary (after `reverse`) knows what its partner holds without any transfer."""
     b = Baselines(state_dir, vm_id)
     b.drop_all()
-    tmp = b.begin(seq)
-    for i, p in enumerate(disks):
-        scan = DiskScan(p, None, tmp / Baselines.map_name(i))
-        for _ in scan.changes():  # digests only; nothing is sent
-            pass
+    digest_disks(disks, b.begin(seq), Baselines.map_name)
     b.seal(seq)
 
 

@@ -18,7 +18,9 @@ from ..fsutil import durable_rename, fsync_dir
 from ..model import VM, Disk, Relationship, ReplicationMode, ReplicationState
 from ..monitoring import roll as roll_interval
 from ..wire import MAX_HEADER, Header, LogDecoder
+from ..tracking.scan import digest_disks
 from .apply import discard, rollback, write_point
+from .failover import identities
 from .layout import VMDir
 from .settings import ServerSettings
 
@@ -170,6 +172,15 @@ class ReplicaService:
             storage = Path(grant.storage)
             if rel is not None:
                 await self._reset_for_initial(rel)
+        elif header.kind == "resync":
+            if rel is None:
+                raise ResyncRequired(f"this replica server has no copy of VM {header.vm_name}")
+            if header.base_seq != rel.applied_seq or rel.applied_seq != rel.seq:
+                raise ResyncRequired(f"resync log builds on point {header.base_seq}; this copy is at "
+                                     f"{rel.applied_seq} (acknowledged {rel.seq})")
+            if [d.name for d in header.disks] != [Path(d.path).name for d in vm.disks]:
+                raise ResyncRequired("the VM's disk set changed")
+            storage = Path(rel.storage)
         else:
             if rel is None:
                 raise ResyncRequired(f"this replica server has no copy of VM {header.vm_name}")
@@ -178,6 +189,11 @@ class ReplicaService:
                                      f"{rel.epoch}/{rel.seq}")
             if [d.name for d in header.disks] != [Path(d.path).name for d in vm.disks]:
                 raise ResyncRequired("the VM's disk set changed")
+            if rel.copy_identity and rel.applied_seq == rel.seq:
+                now = await asyncio.to_thread(identities, [Path(d.path) for d in vm.disks])
+                if now != rel.copy_identity:
+                    raise ResyncRequired(f"the replica copy of {header.vm_name} was modified outside replicad "
+                                         "since its last point")
             storage = Path(rel.storage)
         vmdir = VMDir.of(storage, vm_id)
         fresh_dir = not vmdir.root.exists()
@@ -209,6 +225,7 @@ class ReplicaService:
             rel = self._create_replica(grant, header, storage, rel)
         rel = self.catalog.relationship(vm_id)
         rel.seq = seq
+        rel.epoch = header.epoch  # a resync starts the primary's new epoch here
         rel.error = None
         rel.frequency = header.frequency or rel.frequency
         rel.auth = auth
@@ -343,6 +360,7 @@ class ReplicaService:
         vm = self.catalog.vm_by_id(vm_id)
         for d, info in zip(vm.disks, header.disks):
             d.size = info.size
+        rel.copy_identity = identities([Path(d.path) for d in vm.disks])  # a few stat() calls
         self.catalog.put_vm_and_relationship(vm, rel)
 
     async def drained(self, vm_id: str, timeout: float) -> None:
@@ -354,6 +372,28 @@ class ReplicaService:
             return r is None or r.applied_seq >= r.seq
         async with cond:
             await asyncio.wait_for(cond.wait_for(done), timeout)
+
+    async def digests(self, principal: str, auth: str, vm_id: str) -> tuple[dict, list[Path]]:
+        """The block digests of a replica copy as it is now, for a resync: every acknowledged
+        log applied first, then the copy read under the apply lock. Returns (meta, map files)."""
+        grant = self.grant_for(principal, auth)
+        rel = self.catalog.relationship(vm_id)
+        vm = self.catalog.vm_by_id(vm_id)
+        if rel is None or vm is None or rel.role != "replica":
+            raise ResyncRequired("this replica server has no copy of that VM")
+        if rel.trust_group != grant.trust_group:
+            raise Refused(f"{principal} may not read VM {vm_id}, created under another trust group")
+        if rel.state in (ReplicationState.FAILED_OVER_WAITING, ReplicationState.FAILED_OVER):
+            raise Conflict(f"{vm.name} has failed over on this replica server")
+        await self.drained(vm_id, 600)
+        folder = VMDir.of(rel.storage, vm_id).root / "resync"
+        async with self.apply_lock(vm_id):
+            rel = self.catalog.relationship(vm_id)
+            maps = await asyncio.to_thread(digest_disks, [Path(d.path) for d in vm.disks], folder)
+        log.info("resync.digests", vm=vm.name, peer=principal, point=rel.applied_seq,
+                 reason="the primary compares these with its disks and ships only what differs")
+        return {"applied_seq": rel.applied_seq, "epoch": rel.epoch,
+                "sizes": [m.stat().st_size for m in maps]}, maps
 
     def start_vm(self, vm_id: str) -> None:
         """Start applying for a VM that just became a replica here (reverse)."""

@@ -219,3 +219,17 @@ class DiskScan:
                 yield ZeroChange(off, length)
             elif dirty and run_start is None:
                 run_start = i
+
+
+def digest_disks(disks: list[Path], folder: Path, name=lambda i: f"disk{i}.map") -> list[Path]:
+    """Write the digest map of each disk as it is now into ``folder`` (one full read each);
+    used where a side must learn a copy's exact state: resync and reverse."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, p in enumerate(disks):
+        dst = folder / name(i)
+        dst.unlink(missing_ok=True)
+        for _ in DiskScan(p, None, dst).changes():
+            pass
+        out.append(dst)
+    return out

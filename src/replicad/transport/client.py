@@ -9,9 +9,12 @@ Errors are sorted into transient (unreachable, 5xx: retry) and permanent (401/40
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 
@@ -187,6 +190,50 @@ class Conversation:
 
     async def replica_status(self, vm_id: str) -> dict:
         return await self.request("GET", f"/v1/replicas/{vm_id}")
+
+    async def fetch_digests(self, vm_id: str, folder: Path) -> tuple[dict, list[Path]]:
+        """Stream the replica's digest maps into ``folder`` (bounded memory); the trailing
+        HMAC (token) or SHA-256 (TLS) must verify before any of it is used."""
+        path = f"/v1/replicas/{vm_id}/digests"
+        headers, counter = {}, 0
+        if self.session is not None:
+            headers["Authorization"], counter = self.session.authorization("GET", path, None)
+        mac = (hmac.new(self.session.key, b"digests|" + str(counter).encode() + b"|", hashlib.sha256)
+               if self.session else hashlib.sha256())
+        scheme = "https" if self.auth == "certificate" else "http"
+        ssl_ctx = self.client.tls.client if self.auth == "certificate" else True
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            async with self.client.http().get(f"{scheme}://{self.server}:{self.port}{path}", headers=headers,
+                                              ssl=ssl_ctx) as resp:
+                if resp.status != 200:
+                    self._raise(resp.status, await resp.read())
+                line = await resp.content.readline()
+                mac.update(line)
+                meta = json.loads(line)
+                sizes = meta["sizes"]
+                if not (isinstance(sizes, list) and len(sizes) <= 64 and all(isinstance(n, int) and 0 <= n < 1 << 40
+                                                                              for n in sizes)):
+                    raise PeerError("malformed digest answer", status=200, transient=True)
+                files = []
+                for i, n in enumerate(sizes):
+                    dst = folder / f"disk{i}.map"
+                    with open(dst, "wb") as f:
+                        while n:
+                            chunk = await resp.content.read(min(n, 1 << 20))
+                            if not chunk:
+                                raise PeerError("digest answer truncated", status=200, transient=True)
+                            mac.update(chunk)
+                            await asyncio.to_thread(f.write, chunk)
+                            n -= len(chunk)
+                    files.append(dst)
+                tail = await resp.content.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, ValueError, KeyError) as e:
+            raise PeerUnreachable(f"fetching digests from {self.server} failed: {type(e).__name__} {e}") from None
+        if not hmac.compare_digest(tail, mac.digest()):
+            raise PeerError(f"the digests from {self.server} are not authenticated (MAC mismatch)", status=200,
+                            transient=True)
+        return meta, files
 
     async def push_log(self, vm_id: str, seq: int, body: AsyncIterator[bytes]) -> dict:
         return await self.request("PUT", f"/v1/replicas/{vm_id}/logs/{seq}", data=body)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import re
 from collections.abc import Awaitable, Callable
@@ -154,6 +155,30 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(ctx.service.status(request[PRINCIPAL], ctx.mode, _vm_id(request)))
 
 
+async def digests(request: web.Request) -> web.StreamResponse:
+    """A replica copy's block digests, streamed: a JSON line (applied_seq, epoch, sizes),
+    the maps, then 32 bytes: HMAC-SHA256 under the session key (token) or SHA-256 (TLS)."""
+    ctx = request.app[CTX_KEY]
+    meta, maps = await ctx.service.digests(request[PRINCIPAL], ctx.mode, _vm_id(request))
+    sess: Session | None = request.get(SESSION)
+    mac = hmac.new(sess.key, b"digests|" + str(request[COUNTER]).encode() + b"|", hashlib.sha256) if sess \
+        else hashlib.sha256()
+    out = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    await out.prepare(request)
+
+    async def send(b: bytes) -> None:
+        mac.update(b)
+        await out.write(b)
+    await send((json.dumps(meta) + "\n").encode())
+    for m in maps:
+        with open(m, "rb") as f:
+            while chunk := await asyncio.to_thread(f.read, 1 << 20):
+                await send(chunk)
+    await out.write(mac.digest())
+    await out.write_eof()
+    return out
+
+
 async def put_log(request: web.Request) -> web.Response:
     ctx = request.app[CTX_KEY]
     vm_id = _vm_id(request)
@@ -239,5 +264,6 @@ def create_peer_app(ctx: PeerContext) -> web.Application:
     app.router.add_get("/v1/replicas/{vm_id}", status)
     app.router.add_put("/v1/replicas/{vm_id}/logs/{seq:[0-9]{1,18}}", put_log)
     app.router.add_post("/v1/replicas/{vm_id}/reverse", reverse)
+    app.router.add_get("/v1/replicas/{vm_id}/digests", digests)
     app.router.add_route("*", "/v1/manage/{path:.*}", manage)
     return app

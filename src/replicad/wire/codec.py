@@ -118,7 +118,7 @@ class Header:
             raise WireError("change-log header: bad epoch")
         if not (0 <= base_seq < seq < 2**63):
             raise WireError("change-log header: bad sequence numbers")
-        if kind not in ("initial", "delta"):
+        if kind not in ("initial", "delta", "resync"):
             raise WireError(f"change-log header: unknown kind {kind!r}")
         if consistency not in ("crash", "application", "fuzzy") or len(time_) > 64:
             raise WireError("change-log header: bad consistency or time")
