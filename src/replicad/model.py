@@ -158,6 +158,8 @@ class Relationship:
     primary_ports: list[int] = field(default_factory=lambda: [0, 0])  # replica: to reverse toward
     failover: dict = field(default_factory=dict)  # replica: {point, planned, disks: identities} while failed over
     copy_identity: list = field(default_factory=list)  # replica: [size, mtime_ns, ino] per disk at the last commit
+    points: list = field(default_factory=list)  # replica: retained older recovery points [{seq, time, consistency}]
+    last_consistency: str = "crash"  # replica: consistency of the latest point
 
     def to_json(self) -> dict:
         d = asdict(self)

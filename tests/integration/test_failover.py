@@ -4,6 +4,7 @@ unplanned failover, and test failover beside running replication (both listeners
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -75,9 +76,15 @@ def test_unplanned_failover_stop_and_complete(pair, tmp_path):
     assert file_digest(copy) == file_digest(image)
 
     replica.json("failover", "start", "u")
-    scribble(copy, 5, seed=4)  # the failed-over VM wrote to its disk
-    r = replica.cli("failover", "stop", "u", check=False)
-    assert r.returncode == 1 and "changed since the failover" in r.stderr
+    scribble(copy, 5, seed=4)  # the failed-over VM wrote to its disk, then the failover is cancelled:
+    assert replica.json("failover", "stop", "u")["state"] == "Replicating"
+    r = primary.cli("replication", "sync", "u", "--wait", check=False)  # the copy changed: resync, by itself
+    assert r.returncode == 1 and "modified outside replicad" in r.stderr
+    wait_for(lambda: primary.json("replication", "get", "u")["state"] == "Replicating", 60, "the resync")
+    wait_applied(primary, replica, "u")
+    assert file_digest(copy) == file_digest(image)
+
+    replica.json("failover", "start", "u")
     got = replica.json("failover", "complete", "u")
     assert got["state"] == "FailedOver"
     r = replica.cli("failover", "start", "u", "--recovery-point", "999", check=False)
@@ -221,3 +228,40 @@ def test_reverse_after_an_unplanned_failover_resyncs_the_old_primary(pair, tmp_p
     assert file_digest(image) == file_digest(copy)  # the failed-over copy won, by the operator's reverse
     done = v1.events("resync.done")
     assert done and done[-1]["differing_bytes"] <= 50 * 4096  # not a full copy
+
+
+def test_recovery_history_keeps_points_that_failover_can_use(pair, tmp_path):
+    primary, replica = pair
+    image, copy = replicated(primary, replica, "h", tmp_path, 16 * MiB, 4, frequency=3600,
+                             recovery_history=3, recovery_point_interval=1)
+    state = {1: file_digest(image)}
+    for seq in range(2, 7):
+        time.sleep(1.1)  # recovery points are at least one interval (1 s here) apart
+        scribble(image, 30, seed=100 + seq)
+        assert primary.json("replication", "sync", "h", "--wait")["seq"] == seq
+        state[seq] = file_digest(image)
+    wait_applied(primary, replica, "h")
+    points = replica.json("replication", "recovery-points", "h")
+    assert [p["id"] for p in points] == ["3", "4", "5", "6"]  # three older points and the latest
+    assert points[-1]["size"] == 0 and all(p["size"] > 0 for p in points[:-1])
+    vm_id = primary.json("vm", "get", "h")["id"]
+    undo = copy.parent.parent / "undo"
+    assert sorted(int(p.name[:12]) for p in undo.iterdir()) == [4, 5, 6]  # the chain above the oldest point
+    assert vm_id in str(copy)
+
+    test = replica.json("failover", "start", "h", "--as-test", "--recovery-point", "4")
+    assert file_digest(Path(test["disks"][0]["path"])) == state[4]
+    assert file_digest(copy) == state[6]  # the replica itself is untouched
+    replica.json("failover", "stop", "h")
+    r = replica.cli("failover", "start", "h", "--recovery-point", "2", check=False)
+    assert r.returncode == 2 and "not available" in r.stderr
+
+    got = replica.json("failover", "start", "h", "--recovery-point", "3")  # unplanned, to an older point
+    assert got["state"] == "FailedOverWaitingCompletion"
+    assert file_digest(copy) == state[3]
+    replica.json("failover", "stop", "h")  # cancelled: replication heals the copy by a resync
+    scribble(image, 5, seed=1)
+    primary.cli("replication", "sync", "h", "--wait", check=False)
+    wait_for(lambda: primary.json("replication", "get", "h")["state"] == "Replicating", 60, "the resync")
+    wait_applied(primary, replica, "h")
+    assert file_digest(copy) == file_digest(image)

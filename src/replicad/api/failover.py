@@ -13,6 +13,7 @@ from .. import log as logmod
 from .. import reverse
 from ..errors import Conflict, ReplicadError, UsageError
 from ..model import VM, Disk, ReplicationMode, ReplicationState as S, VMState
+from ..replica import points
 from ..replica.failover import TEST_SUFFIX, identities, make_test_copy, remove_test_copy
 from ..replica.layout import VMDir
 from .context import Host, actor, body, host_of
@@ -52,37 +53,57 @@ async def start(request):
     except TimeoutError:
         raise ReplicadError(f"acknowledged logs of {vm.name} are still being applied; try again") from None
     rel = host.catalog.relationship(vm.id)
-    if point is not None and str(point) != str(rel.applied_seq):
-        raise UsageError(f"recovery point {point} is not available: only the latest point ({rel.applied_seq}) "
-                         "is kept in this version")
+    target = _point(rel, point)
     if doc.get("as_test"):
-        return await _start_test(request, host, vm, rel)
+        return await _start_test(request, host, vm, rel, target)
     if rel.state not in (S.REPLICATING, S.ERROR, S.SUSPENDED):
         raise Conflict(f"{vm.name} cannot fail over in state {rel.state.value}")
     disks = [Path(d.path) for d in vm.disks]
-    planned = rel.prepared_seq > 0 and rel.prepared_seq == rel.applied_seq
-    rel.failover = {"point": rel.applied_seq, "planned": planned,
-                    "disks": await asyncio.to_thread(identities, disks)}
+    planned = rel.prepared_seq > 0 and rel.prepared_seq == rel.applied_seq and target == rel.applied_seq
+    if target != rel.applied_seq:  # roll the copy back, in place, to the chosen point
+        vmdir = VMDir.of(rel.storage, vm.id)
+        async with host.replica.apply_lock(vm.id):
+            await asyncio.to_thread(lambda: points.roll_back(points.chain(vmdir, rel, target), disks))
+        log.warning("failover.rolled_back", vm=vm.name, point=target, latest=rel.applied_seq,
+                    reason="the operator chose an older recovery point")
+    rel.failover = {"point": target, "planned": planned, "disks": await asyncio.to_thread(identities, disks)}
     rel.state = S.FAILED_OVER_WAITING
     host.catalog.put_relationship(rel)
-    host.catalog.audit(actor(request), "failover.started", f"{vm.name} to point {rel.applied_seq} "
+    host.catalog.audit(actor(request), "failover.started", f"{vm.name} to point {target} "
                        f"({'planned' if planned else 'unplanned'})")
-    log.warning("failover.started", vm=vm.name, point=rel.applied_seq, planned=planned,
+    log.warning("failover.started", vm=vm.name, point=target, planned=planned,
                 reason="the operator failed over; the VM can be started here")
     return web.json_response(rel_json(host, rel, vm.name))
 
 
-async def _start_test(request, host: Host, vm: VM, rel) -> web.Response:
+def _point(rel, point) -> int:
+    """The recovery point to use: the latest by default, or one that is kept."""
+    ids = [p["seq"] for p in points.available(rel)]
+    if point is None:
+        return rel.applied_seq
+    if not str(point).isdigit() or int(point) not in ids:
+        raise UsageError(f"recovery point {point} is not available; kept points: {', '.join(map(str, ids))}",
+                         hint="see `replicad replication recovery-points`")
+    return int(point)
+
+
+async def _start_test(request, host: Host, vm: VM, rel, target: int) -> web.Response:
     if _test_vm(host, vm) is not None:
         raise Conflict(f"a test failover of {vm.name} is already running", hint=f"`replicad failover stop {vm.name}`")
     vmdir = VMDir.of(rel.storage, vm.id)
-    async with host.replica.apply_lock(vm.id):  # the copy is taken at a committed point
-        copies, how = await asyncio.to_thread(make_test_copy, [Path(d.path) for d in vm.disks], vmdir.root / "test")
+
+    def copy_at_point():
+        copies, how = make_test_copy([Path(d.path) for d in vm.disks], vmdir.root / "test")
+        if target != rel.applied_seq:
+            points.roll_back(points.chain(vmdir, rel, target), copies)
+        return copies, how
+    async with host.replica.apply_lock(vm.id):  # the copy is taken at a committed point, chain intact
+        copies, how = await asyncio.to_thread(copy_at_point)
     test = VM(id=str(uuid.uuid4()), name=vm.name + TEST_SUFFIX, mode=ReplicationMode.TEST_REPLICA,
               disks=[Disk(str(p), d.size, d.format) for p, d in zip(copies, vm.disks)])
     host.catalog.put_vm(test)
-    host.catalog.audit(actor(request), "failover.test_started", f"{test.name} at point {rel.applied_seq} ({how})")
-    log.info("failover.test_started", vm=vm.name, test_vm=test.name, point=rel.applied_seq, copy=how,
+    host.catalog.audit(actor(request), "failover.test_started", f"{test.name} at point {target} ({how})")
+    log.info("failover.test_started", vm=vm.name, test_vm=test.name, point=target, copy=how,
              reason="replication goes on into the replica; the test VM runs on its own copy")
     return web.json_response(vm_json(host, test))
 
@@ -101,15 +122,13 @@ async def stop(request):
         raise Conflict(f"no failover of {vm.name} to stop here (state {rel.state.value})")
     if vm.state == VMState.RUNNING:
         raise Conflict(f"{vm.name} is running here; stop it before cancelling the failover")
-    now = await asyncio.to_thread(identities, [Path(d.path) for d in vm.disks])
-    if now != rel.failover.get("disks"):
-        raise Conflict(f"the disks of {vm.name} changed since the failover; cancelling would need a "
-                       "resynchronization, not available in this version",
-                       hint=f"complete the failover (`replicad failover complete {vm.name}`)")
+    changed = await asyncio.to_thread(identities, [Path(d.path) for d in vm.disks]) != rel.copy_identity
     rel.state, rel.failover = S.REPLICATING, {}
     host.catalog.put_relationship(rel)
     host.catalog.audit(actor(request), "failover.cancelled", vm.name)
-    log.info("failover.cancelled", vm=vm.name, reason="back to replicating at the latest point")
+    log.info("failover.cancelled", vm=vm.name,
+             reason="back to replicating; the copy changed since its last point (older point or writes), so the "
+             "next cycle resynchronizes it" if changed else "back to replicating at the latest point")
     return web.json_response(rel_json(host, rel, vm.name))
 
 
@@ -119,7 +138,9 @@ async def complete(request):
     if rel.role != "replica" or rel.state != S.FAILED_OVER_WAITING:
         raise Conflict(f"{vm.name} has no failover waiting for completion (state {rel.state.value})")
     rel.state = S.FAILED_OVER
+    rel.points = []  # the failover is committed: the other recovery points are dropped
     host.catalog.put_relationship(rel)
+    await asyncio.to_thread(points.drop_undo, VMDir.of(rel.storage, vm.id), rel.applied_seq)
     host.catalog.audit(actor(request), "failover.completed", vm.name)
     log.warning("failover.completed", vm=vm.name, reason="failover committed; other recovery points dropped")
     return web.json_response(rel_json(host, rel, vm.name))
@@ -138,9 +159,12 @@ async def recovery_points(request):
         raise Conflict(f"recovery points are kept on the replica server; {vm.name} is a primary here")
     if rel.applied_seq == 0:
         return web.json_response([])
-    size = sum(d.size for d in vm.disks)
-    return web.json_response([{"id": str(rel.applied_seq), "time": rel.last_replication_time,
-                               "consistency": "crash", "size": size}])
+    vmdir = VMDir.of(rel.storage, vm.id)
+
+    def listing():
+        return [{"id": str(p["seq"]), "time": p["time"], "consistency": p["consistency"],
+                 "size": points.undo_bytes(vmdir, rel, p["seq"])} for p in points.available(rel)]
+    return web.json_response(await asyncio.to_thread(listing))
 
 
 def routes(app: web.Application) -> None:

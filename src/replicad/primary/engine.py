@@ -254,6 +254,7 @@ class PrimaryEngine:
                                  frequency=rel.frequency)
         producer.mac_key = conv.mac_key
         producer.replica_maps = replica_maps
+        producer.history = (rel.recovery_history, rel.recovery_point_interval)
         producer.primary_ports = self.ports
         prepared = producer.prepared = vm_id in self._prepare and not initial
         self._prepare.discard(vm_id)

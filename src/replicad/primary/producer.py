@@ -57,6 +57,7 @@ class CycleProducer:
         self.prepared = False                     # the final log before a planned failover
         self.primary_ports: tuple[int, int] = (0, 0)
         self.replica_maps: list[Path] | None = None  # resync: the replica's own digests as the baseline
+        self.history: tuple[int, int] = (0, 3600)
         self._readers: list[DigestMapReader | None] = []
         self._opened: tuple[list[DiskScan], Header] | None = None
 
@@ -97,7 +98,8 @@ class CycleProducer:
         header = Header(self.vm.id, self.vm.name, self.epoch, self.seq, self.base_seq, self.kind, self.time,
                         Consistency.CRASH.value,
                         tuple(DiskInfo(i, p.name, ident.size) for i, (p, ident) in enumerate(zip(paths, idents))),
-                        self.frequency, prepared=self.prepared, primary_ports=self.primary_ports)
+                        self.frequency, prepared=self.prepared, primary_ports=self.primary_ports,
+                        history=self.history)
         return scans, header
 
     def batches(self) -> Iterator[bytes]:

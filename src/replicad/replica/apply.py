@@ -157,8 +157,8 @@ def write_point(vmdir: VMDir, seq: int, disk_paths: list[Path], *,
 
 
 def discard(vmdir: VMDir, seq: int) -> None:
-    """Step 4: the point is committed; its undo log and staged log are no longer needed."""
-    vmdir.undo_log(seq).unlink(missing_ok=True)
+    """Step 4: the point is committed; its staged log is no longer needed (its undo log is
+    kept or dropped by recovery-point retention, replica/points.py)."""
     vmdir.log(seq).unlink(missing_ok=True)
 
 

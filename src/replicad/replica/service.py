@@ -19,6 +19,7 @@ from ..model import VM, Disk, Relationship, ReplicationMode, ReplicationState
 from ..monitoring import roll as roll_interval
 from ..wire import MAX_HEADER, Header, LogDecoder
 from ..tracking.scan import digest_disks
+from . import points
 from .apply import discard, rollback, write_point
 from .failover import identities
 from .layout import VMDir
@@ -79,18 +80,19 @@ class ReplicaService:
 
     @staticmethod
     def _recover_files(rel: Relationship) -> None:
-        """Drop what a crash left behind: half-received logs (the primary resends them) and
-        the staged and undo logs of points already committed."""
+        """Drop what a crash left behind: half-received logs (the primary resends them), the
+        staged logs of committed points, and undo logs below the oldest kept recovery point."""
         vmdir = VMDir.of(rel.storage, rel.vm_id)
-        for folder in (vmdir.logs, vmdir.undo):
+        undo_floor = rel.points[0]["seq"] if rel.points else rel.applied_seq
+        for folder, floor in ((vmdir.logs, rel.applied_seq), (vmdir.undo, undo_floor)):
             if not folder.exists():
                 continue
             for p in folder.iterdir():
                 seq = int(p.name[:12]) if p.name[:12].isdigit() else None
-                if p.name.endswith(".part") or seq is None or seq <= rel.applied_seq:
+                if p.name.endswith(".part") or seq is None or seq <= floor:
                     p.unlink()
                     log.info("replica.recover.dropped", vm=rel.vm_id, file=f"{folder.name}/{p.name}",
-                             reason="interrupted receipt" if p.name.endswith(".part") else "point already committed")
+                             reason="interrupted write" if p.name.endswith(".part") else "no longer needed")
 
     async def stop(self) -> None:
         for t in self._tasks.values():
@@ -311,9 +313,10 @@ class ReplicaService:
                         header = await asyncio.to_thread(write_point, vmdir, seq, disks, fault=self._fault)
                         # the commit runs here, on the loop: no other writer of this row can
                         # interleave (a receipt may be recording the next ack right now)
-                        self._commit(vm_id, header)
+                        floor = self._commit(vm_id, header)
                         self._fault("after-commit")
                         await asyncio.to_thread(discard, vmdir, seq)
+                        await asyncio.to_thread(points.drop_undo, vmdir, floor)
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:  # noqa: BLE001 — one VM's failure never stops the daemon
@@ -346,11 +349,15 @@ class ReplicaService:
         except OSError as e:
             log.error("apply.rollback_failed", cycle=seq, reason=e.strerror)
 
-    def _commit(self, vm_id: str, header: Header) -> None:
-        """Step 3 of the apply: point ``header.seq`` is now the copy's committed state."""
+    def _commit(self, vm_id: str, header: Header) -> int:
+        """Step 3 of the apply: point ``header.seq`` is now the copy's committed state.
+        Returns the undo-log floor of recovery-point retention."""
         rel = self.catalog.relationship(vm_id)
         s = ServerSettings.load(self.catalog, self.state_dir)
         roll_interval(rel, s.monitoring_start_time, s.monitoring_interval)
+        previous = ({"seq": rel.applied_seq, "time": rel.last_replication_time, "consistency": rel.last_consistency}
+                    if rel.applied_seq and rel.last_replication_time and header.kind != "initial" else None)
+        rel.recovery_history, rel.recovery_point_interval = header.history
         rel.applied_seq = header.seq
         rel.error = None
         rel.last_replication_time = utcnow()
@@ -361,7 +368,12 @@ class ReplicaService:
         for d, info in zip(vm.disks, header.disks):
             d.size = info.size
         rel.copy_identity = identities([Path(d.path) for d in vm.disks])  # a few stat() calls
+        rel.last_consistency = header.consistency
+        if header.kind != "delta":
+            rel.points = []  # an initial copy or a resync starts a new chain
+        floor = points.retain(rel, previous, rel.recovery_history, rel.recovery_point_interval)
         self.catalog.put_vm_and_relationship(vm, rel)
+        return floor
 
     async def drained(self, vm_id: str, timeout: float) -> None:
         """Wait until every acknowledged log of the VM is applied (or raise after ``timeout``)."""

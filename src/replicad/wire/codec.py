@@ -78,6 +78,7 @@ class Header:
     mac: str | None = None  # MAC_ALG when every item carries a MAC
     prepared: bool = False  # the last log before a planned failover (`failover start --prepare`)
     primary_ports: tuple[int, int] = (0, 0)  # the primary's token and TLS ports, for `reverse`
+    history: tuple[int, int] = (0, 3600)  # recovery history (points) and recovery-point interval (s)
     version: int = VERSION
 
     def to_json(self) -> bytes:
@@ -89,6 +90,7 @@ class Header:
             **({"mac": self.mac} if self.mac else {}),
             **({"prepared": True} if self.prepared else {}),
             **({"primary_ports": list(self.primary_ports)} if any(self.primary_ports) else {}),
+            **({"history": list(self.history)} if self.history[0] else {}),
         }, separators=(",", ":")).encode()
 
     @classmethod
@@ -146,8 +148,13 @@ class Header:
         if (not isinstance(prepared, bool) or not isinstance(ports, list) or len(ports) != 2
                 or not all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p <= 65535 for p in ports)):
             raise WireError("change-log header: bad prepared flag or primary ports")
+        history = doc.get("history", [0, 3600])
+        if (not isinstance(history, list) or len(history) != 2 or not all(isinstance(h, int) and not isinstance(h, bool)
+                                                                             for h in history)
+                or not 0 <= history[0] <= 24 or not 1 <= history[1] <= 7 * 86400):
+            raise WireError("change-log header: bad recovery history")
         return cls(vm_id, vm_name, epoch, seq, base_seq, kind, time_, consistency, tuple(disks), frequency, mac,
-                   prepared, (ports[0], ports[1]))
+                   prepared, (ports[0], ports[1]), (history[0], history[1]))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,67 @@
+"""Recovery points on the replica (SPEC §3.4 `--recovery-history`, `--recovery-point-interval`).
+
+The latest committed point is the copy itself. Older points are kept as a chain of undo
+logs: undo log k turns point k back into point k-1, so any retained point p is the copy
+with undo logs latest..p+1 applied in reverse order. Retention keeps at most N older
+points, at least one interval apart; every undo log above the oldest retained point is
+kept (the chain must be whole), everything at or below it is deleted. The point the next
+cycle builds on is the latest, which is never pruned."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+
+from ..model import Relationship
+from .apply import apply_records
+from .layout import VMDir
+
+
+def _t(ts: str) -> float:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+
+
+def retain(rel: Relationship, previous: dict | None, history: int, interval: int) -> int:
+    """Update ``rel.points`` after a commit (``previous`` was the latest point before it).
+    Returns the floor: undo logs at or below it are no longer needed."""
+    points = list(rel.points) if history else []
+    if history and previous is not None and previous["seq"] > 0:
+        if not points or _t(previous["time"]) - _t(points[-1]["time"]) >= interval:
+            points.append(previous)
+    points = points[-history:] if history else []
+    rel.points = points
+    return points[0]["seq"] if points else rel.applied_seq
+
+
+def drop_undo(vmdir: VMDir, floor: int) -> None:
+    """Delete the undo logs at or below ``floor`` (they lead past the oldest kept point)."""
+    if not vmdir.undo.exists():
+        return
+    for p in vmdir.undo.iterdir():
+        if p.name[:12].isdigit() and int(p.name[:12]) <= floor and not p.name.endswith(".part"):
+            p.unlink(missing_ok=True)
+
+
+def available(rel: Relationship) -> list[dict]:
+    latest = {"seq": rel.applied_seq, "time": rel.last_replication_time, "consistency": rel.last_consistency}
+    return list(rel.points) + [latest]
+
+
+def chain(vmdir: VMDir, rel: Relationship, point: int) -> list[Path]:
+    """The undo logs that take the latest point back to ``point`` (newest first)."""
+    logs = [vmdir.undo_log(s) for s in range(rel.applied_seq, point, -1)]
+    missing = [p.name for p in logs if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"undo logs missing for recovery point {point}: {', '.join(missing[:3])}")
+    return logs
+
+
+def undo_bytes(vmdir: VMDir, rel: Relationship, point: int) -> int:
+    return sum(os.stat(p).st_size for p in chain(vmdir, rel, point))
+
+
+def roll_back(logs: list[Path], disks: list[Path]) -> None:
+    """Apply undo logs newest first: the disks end at the chosen (older) point."""
+    for undo in logs:
+        apply_records(undo, disks)
