@@ -160,6 +160,7 @@ class Relationship:
     copy_identity: list = field(default_factory=list)  # replica: [size, mtime_ns, ino] per disk at the last commit
     points: list = field(default_factory=list)  # replica: retained older recovery points [{seq, time, consistency}]
     last_consistency: str = "crash"  # replica: consistency of the latest point
+    awaiting_import: str | None = None  # primary: the folder an initial copy was exported to
 
     def to_json(self) -> dict:
         d = asdict(self)

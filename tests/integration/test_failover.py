@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from .harness import file_digest, replica_disk, wait_applied, wait_for
-from .images import scribble
-from .test_replication import replicated
+from .images import make_sparse_image, scribble
+from .test_replication import enable, replicated
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20
@@ -265,3 +265,28 @@ def test_recovery_history_keeps_points_that_failover_can_use(pair, tmp_path):
     wait_for(lambda: primary.json("replication", "get", "h")["state"] == "Replicating", 60, "the resync")
     wait_applied(primary, replica, "h")
     assert file_digest(copy) == file_digest(image)
+
+
+def test_out_of_band_initial_replication_then_only_differences(pair, tmp_path):
+    primary, replica = pair
+    image = tmp_path / "oob.img"
+    make_sparse_image(image, 32 * MiB, data_pieces=8)
+    enable(primary, replica, "oob", image, frequency=3600)
+    media = tmp_path / "usb-disk"
+    r = primary.json("replication", "start-initial", "oob", "--export", str(media))
+    assert r["kind"] == "export" and Path(r["file"]).exists() and r["data_bytes"] == 8 * (256 << 10)
+    got = primary.json("replication", "get", "oob")
+    assert got["state"] == "WaitingForStartResynchronize" and "import" in got["error"]
+    scribble(image, 40, seed=21)  # the VM runs on while the media travel
+    assert replica.json("vm", "list") == []  # nothing went over the network
+
+    got = replica.json("replication", "import-initial", "oob", "--path", str(media))
+    assert got["mode"] == "Replica" and got["primary_server"] == primary.fqdn
+    wait_for(lambda: replica.json("replication", "get", "oob")["applied_sequence"] == 1, 30, "the import")
+    res = primary.json("replication", "resync", "oob", "--wait")  # (it would also start by itself)
+    assert res["kind"] == "resync" and res["data_bytes"] <= 40 * 4096
+    wait_applied(primary, replica, "oob")
+    assert file_digest(replica_disk(replica, "oob")) == file_digest(image)
+    assert primary.json("replication", "get", "oob")["state"] == "Replicating"
+    r = replica.cli("replication", "import-initial", "oob", "--path", str(tmp_path / "nothing"), check=False)
+    assert r.returncode == 2 and "holds no exported copy" in r.stderr

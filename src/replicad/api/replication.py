@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import secrets
 from datetime import datetime, timezone
+from pathlib import Path
 
 from aiohttp import web
 
@@ -15,6 +17,8 @@ from ..errors import Conflict, NotFound, ReplicadError, UsageError
 from ..health import compute as compute_health
 from ..model import Relationship, ReplicationMode, ReplicationState as S, Stats, valid_fqdn
 from ..primary.baseline import Baselines
+from ..primary.export import export_initial
+from ..primary.producer import CycleProducer, Progress
 from .context import Host, actor, body, host_of
 from .vms import get_vm
 
@@ -186,10 +190,10 @@ async def start_initial(request):
     host = host_of(request)
     vm, rel = _rel(host, request.match_info["vm"], role="primary")
     doc = await body(request)
-    if doc.get("export"):
-        raise UsageError("--export (out-of-band initial replication) is not available yet in this version")
     if rel.state not in (S.READY_FOR_INITIAL, S.WAITING_FOR_INITIAL, S.ERROR) or rel.seq > 0:
         raise Conflict(f"initial replication of {vm.name} is not pending (state {rel.state.value})")
+    if doc.get("export"):
+        return await _export(request, host, vm, rel, str(doc["export"]))
     at = doc.get("at")
     if at:
         try:
@@ -212,6 +216,54 @@ async def start_initial(request):
     return web.json_response(rel_json(host, rel, vm.name))
 
 
+async def _export(request, host: Host, vm, rel: Relationship, folder: str) -> web.StreamResponse:
+    path = Path(folder)
+    if not path.is_absolute():
+        raise UsageError(f"--export needs an absolute folder, got {folder!r}")
+    await host.primary.forget(vm.id)  # no network cycle while the copy is written
+    epoch = secrets.token_hex(8)
+    progress = Progress(kind="initial", seq=1, changed=asyncio.Event())
+    host.primary.progress[vm.id] = progress
+    producer = CycleProducer(vm, Baselines(host.config.state_dir, vm.id), seq=1, base_seq=0, epoch=epoch,
+                             kind="initial", time=utcnow(), compress=rel.compression, progress=progress,
+                             frequency=rel.frequency)
+    producer.history = (rel.recovery_history, rel.recovery_point_interval)
+
+    async def run() -> dict:
+        try:
+            await asyncio.to_thread(producer.open)
+            meta = await asyncio.to_thread(export_initial, producer, path, host.config.host)
+        except OSError as e:
+            raise ReplicadError(f"cannot export to {path}: {e.strerror}") from None
+        finally:
+            progress.done = True
+            progress.changed.set()
+        r = host.catalog.relationship(vm.id)
+        r.state, r.epoch = S.WAITING_FOR_RESYNC, epoch
+        r.awaiting_import = str(path)
+        r.error = f"waiting for the replica to import the initial copy exported to {path} (`replication import-initial`)"
+        r.stats.initial_replication_size = 0
+        host.catalog.put_relationship(r)
+        host.catalog.audit(actor(request), "replication.exported", f"{vm.name} -> {path}")
+        log.info("replication.exported", vm=vm.name, folder=str(path), bytes=meta["bytes"],
+                 reason="initial copy on media; the first network cycle will ship only what changed since")
+        host.primary.ensure(vm.id)
+        return {"vm": vm.name, "kind": "export", "seq": 1, "bytes_sent": 0, "data_bytes": meta["data_bytes"],
+                "seconds": 0, "consistency": "crash", "file": str(path / f"{vm.name}.rlog")}
+    return await _wait_stream(request, host, vm.id, asyncio.ensure_future(run()))
+
+
+async def import_initial(request):
+    host = host_of(request)
+    doc = await body(request)
+    name = request.match_info["vm"]
+    folder = Path(str(doc.get("path", "")))
+    if not folder.is_absolute():
+        raise UsageError("--path needs an absolute folder")
+    vm, rel = await host.replica.import_initial(name, folder, actor(request))
+    return web.json_response(rel_json(host, rel, vm.name))
+
+
 async def sync(request):
     host = host_of(request)
     vm, rel = _rel(host, request.match_info["vm"], role="primary")
@@ -230,8 +282,8 @@ async def resync(request):
     host = host_of(request)
     vm, rel = _rel(host, request.match_info["vm"], role="primary")
     doc = await body(request)
-    if rel.seq == 0 or rel.state not in (S.REPLICATING, S.ERROR, S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING,
-                                         S.SUSPENDED):
+    if (rel.seq == 0 and not rel.awaiting_import) or rel.state not in (
+            S.REPLICATING, S.ERROR, S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING, S.SUSPENDED):
         raise Conflict(f"{vm.name} cannot be resynchronized in state {rel.state.value}")
     rel.state = S.RESYNCHRONIZING
     host.catalog.put_relationship(rel)
@@ -342,6 +394,7 @@ def routes(app: web.Application) -> None:
     app.router.add_patch("/v1/replications/{vm}", set_replication)
     app.router.add_delete("/v1/replications/{vm}", remove)
     app.router.add_post("/v1/replications/{vm}/start-initial", start_initial)
+    app.router.add_post("/v1/replications/{vm}/import-initial", import_initial)
     app.router.add_post("/v1/replications/{vm}/sync", sync)
     app.router.add_post("/v1/replications/{vm}/resync", resync)
     app.router.add_get("/v1/replications/{vm}/measure", measure)

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from ..errors import ReplicadError
-from .common import api, bool_text, global_options, managed, show
+from .common import abs_path, api, bool_text, global_options, managed, show
 
 REPL_COLUMNS = ("vm", "mode", "state", "health", "frequency", "primary_server", "replica_server", "replica_port", "auth")
 MEASURE_COLUMNS = ("vm", "state", "health", "last_replication_time", "initial_replication_size", "average_size",
@@ -117,8 +117,11 @@ def get(vm):
 @managed
 def start_initial(vm, at, export, wait):
     """Start initial replication (sparse-aware: holes and zero blocks are not sent)."""
-    body = {k: v for k, v in {"at": at, "export": export, "wait": wait}.items() if v}
-    if wait and not at:
+    body = {k: v for k, v in {"at": at, "export": abs_path(export), "wait": wait}.items() if v}
+    if export:
+        show(wait_with_progress(api().stream("POST", rpath(vm, "start-initial"), body), vm),
+             RESULT_COLUMNS + ("file",))
+    elif wait and not at:
         show(wait_with_progress(api().stream("POST", rpath(vm, "start-initial"), body), vm), RESULT_COLUMNS)
     else:
         show(api().call("POST", rpath(vm, "start-initial"), body), REPL_COLUMNS)
@@ -129,8 +132,9 @@ def start_initial(vm, at, export, wait):
 @click.option("--path", required=True, metavar="DIR")
 @managed
 def import_initial(vm, path):
-    """Load an initial copy shipped on media (on the replica)."""
-    raise ReplicadError("out-of-band initial replication (import-initial) is not available in this version yet")
+    """Load an initial copy shipped on media (on the replica); the primary's first network
+    cycle is then a resync that ships only what changed since the export."""
+    show(api().call("POST", rpath(vm, "import-initial"), {"path": abs_path(path)}), REPL_COLUMNS)
 
 
 @replication.command("sync")

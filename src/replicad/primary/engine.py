@@ -187,6 +187,9 @@ class PrimaryEngine:
         if isinstance(e, ResyncRequired) or (isinstance(e, PeerError) and e.code == "resync"):
             rel.state = S.WAITING_FOR_RESYNC
             rel.error = f"resynchronization required: {e}"
+            if rel.awaiting_import:
+                rel.error = (f"waiting for the replica to import the initial copy exported to {rel.awaiting_import} "
+                             f"(`replication import-initial` there); until then: {e}")
             log.error("cycle.resync_required", vm=vm_id, reason=str(e),
                       result="a resync starts at the next attempt: only differing blocks are sent")
         elif isinstance(e, ReplicadError):
@@ -278,6 +281,7 @@ class PrimaryEngine:
         self.roll_stats(rel)
         if resync:
             rel.epoch = producer.epoch
+            rel.awaiting_import = None
             log.warning("resync.done", vm=vm.name, peer=rel.replica_server, differing_bytes=producer.data_bytes,
                         sent=progress.sent, reason="the replica's copy differed from the primary's disks in these "
                         "blocks; they now hold the primary's content")

@@ -4,6 +4,7 @@ acknowledge, and apply them in sequence (one applier task per replica VM)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 from collections.abc import AsyncIterator, Callable
@@ -13,14 +14,14 @@ from pathlib import Path
 from .. import log as logmod
 from ..auth.authorize import Grant, authorize
 from ..catalog import Catalog, utcnow
-from ..errors import Conflict, Refused, ResyncRequired, StorageError, WireError
-from ..fsutil import durable_rename, fsync_dir
-from ..model import VM, Disk, Relationship, ReplicationMode, ReplicationState
+from ..errors import Conflict, Refused, ResyncRequired, StorageError, UsageError, WireError
+from ..fsutil import durable_rename, fsync_dir, fsync_file
+from ..model import VM, Disk, Relationship, ReplicationMode, ReplicationState, valid_fqdn
 from ..monitoring import roll as roll_interval
 from ..wire import MAX_HEADER, Header, LogDecoder
 from ..tracking.scan import digest_disks
 from . import points
-from .apply import discard, rollback, write_point
+from .apply import discard, read_log, rollback, write_point
 from .failover import identities
 from .layout import VMDir
 from .settings import ServerSettings
@@ -407,6 +408,49 @@ class ReplicaService:
         return {"applied_seq": rel.applied_seq, "epoch": rel.epoch,
                 "sizes": [m.stat().st_size for m in maps]}, maps
 
+    async def import_initial(self, name: str, folder: Path, actor: str) -> tuple[VM, Relationship]:
+        """`import-initial`: load an exported initial copy from media as if it had arrived
+        from its primary; authorization entries decide storage and trust group as usual."""
+        try:
+            meta = json.loads((folder / f"{name}.json").read_text())
+            primary, vm_id = str(meta["primary"]).lower(), str(meta["vm_id"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"{folder} holds no exported copy of {name} ({e})") from None
+        if not valid_fqdn(primary) or meta.get("vm_name") != name:
+            raise UsageError(f"{folder / (name + '.json')} does not describe {name}")
+        s = ServerSettings.load(self.catalog, self.state_dir)
+        grant = authorize(primary, enabled=s.enabled, allow_any=s.allowed_from_any_server,
+                          default_storage=Path(s.default_storage), entries=self.catalog.entries())
+        src = folder / f"{name}.rlog"
+        try:
+            header = await asyncio.to_thread(_verify_log, src)
+        except OSError as e:
+            raise UsageError(f"cannot read {src}: {e.strerror}") from None
+        if header.vm_id != vm_id or header.vm_name != name or header.kind != "initial":
+            raise WireError(f"{src} is not the initial copy of {name}")
+        rel = self.catalog.relationship(vm_id)
+        if self.catalog.vm_by_id(vm_id) is not None and (rel is None or rel.role != "replica"):
+            raise Conflict(f"VM {name} exists on this host and is not a replica")
+        if rel is not None and rel.trust_group != grant.trust_group:
+            raise Refused(f"VM {name} was created here under another trust group")
+        other = self.catalog.vm_by_name(name)
+        if other is not None and other.id != vm_id:
+            raise Conflict(f"a different VM named {name} already exists on this replica server")
+        async with self._locks.setdefault(vm_id, asyncio.Lock()):
+            if rel is not None:
+                await self._reset_for_initial(rel)
+            vmdir = VMDir.of(grant.storage, vm_id)
+            await asyncio.to_thread(_stage_copy, src, vmdir, header.seq)
+            rel = self._create_replica(grant, header, Path(grant.storage), rel)
+            rel.seq, rel.epoch = header.seq, header.epoch
+            self.catalog.put_relationship(rel)
+        self.catalog.audit(actor, "replica.imported", f"{name} ({vm_id}) from {src}")
+        log.info("replica.imported", vm=name, primary=primary, folder=str(folder),
+                 reason="the primary's first network cycle will be a resync shipping only what changed")
+        self._ensure_applier(vm_id)
+        self._wake[vm_id].set()
+        return self.catalog.vm_by_id(vm_id), rel
+
     def start_vm(self, vm_id: str) -> None:
         """Start applying for a VM that just became a replica here (reverse)."""
         self._ensure_applier(vm_id)
@@ -434,3 +478,20 @@ class ReplicaService:
         shutil.rmtree(VMDir.of(storage, vm_id).root, ignore_errors=True)
         if storage.exists():
             fsync_dir(storage)
+
+
+def _verify_log(path: Path) -> Header:
+    """Decode a whole log from media (checksums, digest, bounds); returns its header."""
+    header = None
+    for item in read_log(path):
+        if header is None:
+            header = item
+    return header
+
+
+def _stage_copy(src: Path, vmdir: VMDir, seq: int) -> None:
+    vmdir.create()
+    part = vmdir.log_part(seq)
+    shutil.copyfile(src, part)
+    fsync_file(part)
+    durable_rename(part, vmdir.log(seq))
