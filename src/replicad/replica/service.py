@@ -175,24 +175,19 @@ class ReplicaService:
             storage = Path(grant.storage)
             if rel is not None:
                 await self._reset_for_initial(rel)
-        elif header.kind == "resync":
-            if rel is None:
-                raise ResyncRequired(f"this replica server has no copy of VM {header.vm_name}")
-            if header.base_seq != rel.applied_seq or rel.applied_seq != rel.seq:
-                raise ResyncRequired(f"resync log builds on point {header.base_seq}; this copy is at "
-                                     f"{rel.applied_seq} (acknowledged {rel.seq})")
-            if [d.name for d in header.disks] != [Path(d.path).name for d in vm.disks]:
-                raise ResyncRequired("the VM's disk set changed")
-            storage = Path(rel.storage)
         else:
             if rel is None:
                 raise ResyncRequired(f"this replica server has no copy of VM {header.vm_name}")
-            if header.epoch != rel.epoch or header.base_seq != rel.seq:
-                raise ResyncRequired(f"log {seq} builds on {header.epoch}/{header.base_seq}, the replica has "
-                                     f"{rel.epoch}/{rel.seq}")
             if [d.name for d in header.disks] != [Path(d.path).name for d in vm.disks]:
                 raise ResyncRequired("the VM's disk set changed")
-            if rel.copy_identity and rel.applied_seq == rel.seq:
+            if header.kind == "resync":  # builds on whatever this copy holds, in any epoch
+                if header.base_seq != rel.applied_seq or rel.applied_seq != rel.seq:
+                    raise ResyncRequired(f"resync log builds on point {header.base_seq}; this copy is at "
+                                         f"{rel.applied_seq} (acknowledged {rel.seq})")
+            elif header.epoch != rel.epoch or header.base_seq != rel.seq:
+                raise ResyncRequired(f"log {seq} builds on {header.epoch}/{header.base_seq}, the replica has "
+                                     f"{rel.epoch}/{rel.seq}")
+            elif rel.copy_identity and rel.applied_seq == rel.seq:
                 now = await asyncio.to_thread(identities, [Path(d.path) for d in vm.disks])
                 if now != rel.copy_identity:
                     raise ResyncRequired(f"the replica copy of {header.vm_name} was modified outside replicad "
