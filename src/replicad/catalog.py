@@ -12,11 +12,11 @@ import json
 import sqlite3
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 from .auth.authorize import AuthorizationEntry
 from .model import VM, Relationship
+from .times import utcnow
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -28,10 +28,6 @@ CREATE TABLE IF NOT EXISTS replay (nonce TEXT PRIMARY KEY, expires REAL NOT NULL
 CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL,
                                   actor TEXT NOT NULL, action TEXT NOT NULL, detail TEXT NOT NULL);
 """
-
-
-def utcnow() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 class Catalog:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from .model import Health, Relationship, ReplicationState as S
+from .times import parse_time
 
 LAG_WARNING = 3600  # seconds since the last successful cycle
 MISSED_WARNING = 0.20
@@ -16,7 +17,7 @@ MISSED_WARNING = 0.20
 def _age(ts: str | None, now: datetime) -> float | None:
     if not ts:
         return None
-    return (now - datetime.fromisoformat(ts.replace("Z", "+00:00"))).total_seconds()
+    return (now - parse_time(ts)).total_seconds()
 
 
 def compute(rel: Relationship, now: datetime | None = None) -> tuple[Health, list[str]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 from .model import Relationship, Stats
+from .times import format_time, parse_time
 
 
 def interval_start(now: datetime, start_hhmm: str, interval: int) -> datetime:
@@ -21,20 +22,12 @@ def interval_start(now: datetime, start_hhmm: str, interval: int) -> datetime:
     return anchor + timedelta(seconds=interval * int(elapsed // interval))
 
 
-def _parse(ts: str) -> datetime:
-    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
-
-
-def _fmt(t: datetime) -> str:
-    return t.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def roll(rel: Relationship, start_hhmm: str, interval: int, now: datetime | None = None) -> bool:
     """Start a new statistics interval when the current one is over. True when it rolled."""
     now = now or datetime.now(timezone.utc)
     begin = interval_start(now, start_hhmm, interval)
-    if rel.stats.monitoring_start and _parse(rel.stats.monitoring_start) >= begin:
+    if rel.stats.monitoring_start and parse_time(rel.stats.monitoring_start) >= begin:
         return False
-    rel.stats = Stats(monitoring_start=_fmt(max(begin, now - timedelta(seconds=interval))),
+    rel.stats = Stats(monitoring_start=format_time(max(begin, now - timedelta(seconds=interval))),
                       initial_replication_size=rel.stats.initial_replication_size)
     return True

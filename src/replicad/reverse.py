@@ -18,9 +18,9 @@ from pathlib import Path
 
 from . import log as logmod
 from .api.context import Host
-from .catalog import utcnow
+from .times import utcnow
 from .errors import Conflict, Refused, UsageError
-from .model import ReplicationMode, ReplicationState as S, Stats, VMState
+from .model import Relationship, ReplicationMode, ReplicationState as S, Stats, VMState
 from .primary.baseline import Baselines
 from .replica.failover import build_baseline
 from .replica.layout import VMDir
@@ -54,7 +54,7 @@ async def start(host: Host, vm_name: str, actor: str) -> tuple:
                     reason="unplanned failover: the first cycle compares both copies block by block; blocks the "
                     "old primary changed after the last replicated point are replaced, by the operator's reverse")
     await host.replica.stop_vm(vm.id)
-    new = type(rel)(vm_id=vm.id, role="primary", state=S.REPLICATING if planned else S.RESYNCHRONIZING,
+    new = Relationship(vm_id=vm.id, role="primary", state=S.REPLICATING if planned else S.RESYNCHRONIZING,
                     primary_server=host.config.host,
                     replica_server=old_primary, replica_port=port, auth=rel.auth, frequency=rel.frequency or 300,
                     recovery_history=rel.recovery_history, recovery_point_interval=rel.recovery_point_interval,
@@ -102,7 +102,7 @@ async def accept(host: Host, principal: str, auth: str, vm_id: str, doc: dict) -
     await asyncio.to_thread(Baselines(host.config.state_dir, vm.id).drop_all)
     vmdir = VMDir.of(grant.storage, vm.id)
     await asyncio.to_thread(vmdir.create)  # staged and undo logs; the disks stay where they are
-    new = type(rel)(vm_id=vm.id, role="replica", state=S.REPLICATING, primary_server=principal,
+    new = Relationship(vm_id=vm.id, role="replica", state=S.REPLICATING, primary_server=principal,
                     trust_group=grant.trust_group, storage=str(grant.storage), epoch=epoch, seq=seq,
                     applied_seq=seq, auth=auth, frequency=rel.frequency, last_replication_time=utcnow(),
                     stats=Stats(monitoring_start=utcnow()))

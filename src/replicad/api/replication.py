@@ -6,13 +6,12 @@ import asyncio
 import json
 import re
 import secrets
-from datetime import datetime, timezone
 from pathlib import Path
 
 from aiohttp import web
 
 from .. import log as logmod
-from ..catalog import utcnow
+from ..times import format_time, parse_time, utcnow
 from ..errors import Conflict, NotFound, ReplicadError, UsageError
 from ..health import compute as compute_health
 from ..model import Relationship, ReplicationMode, ReplicationState as S, Stats, valid_fqdn
@@ -197,12 +196,9 @@ async def start_initial(request):
     at = doc.get("at")
     if at:
         try:
-            when = datetime.fromisoformat(str(at).replace("Z", "+00:00"))
+            rel.start_at = format_time(parse_time(str(at)))
         except ValueError:
             raise UsageError(f"--at expects an ISO 8601 time, got {at!r}") from None
-        if when.tzinfo is None:
-            when = when.astimezone()
-        rel.start_at = when.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
         rel.state = S.WAITING_FOR_INITIAL
     else:
         rel.start_at = None

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import UsageError
+from ..fsutil import write_atomic
 from ..model import valid_fqdn
-from .token import _write_secret
 
 CA_DAYS = 3650
 LEAF_DAYS = 825
@@ -43,9 +43,8 @@ def init_ca(out: Path, name: str = "replicad CA") -> tuple[Path, Path]:
                                          crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256()))
-    out.mkdir(parents=True, exist_ok=True)
-    _write_secret(key_path, _key_pem(key))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_atomic(key_path, _key_pem(key), 0o600)
+    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
 
 
@@ -77,8 +76,7 @@ def issue(ca_dir: Path, hosts: list[str], out: Path) -> tuple[Path, Path]:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))
-    out.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = out / f"{hosts[0]}.pem", out / f"{hosts[0]}.key"
-    _write_secret(key_path, _key_pem(key))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_atomic(key_path, _key_pem(key), 0o600)
+    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path

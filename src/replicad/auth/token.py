@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ..errors import AuthenticationFailed, ConfigError, UsageError
+from ..fsutil import write_atomic
 from ..model import valid_fqdn
 
 TICKET_LIFETIME = 300  # seconds, like a Kerberos service ticket kept short
@@ -50,17 +50,6 @@ def _assertion_message(realm: str, host: str, pub: bytes) -> bytes:
     return b"replicad-host-v1\n" + realm.encode() + b"\n" + host.encode() + b"\n" + pub
 
 
-def _write_secret(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def realm_init(name: str, out: Path) -> tuple[Path, Path]:
     """Create DIR/realm.key (0600) and DIR/realm.pub. Refuses to overwrite a realm."""
     if not valid_fqdn(name):
@@ -71,8 +60,9 @@ def realm_init(name: str, out: Path) -> tuple[Path, Path]:
     key = Ed25519PrivateKey.generate()
     priv = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                              serialization.NoEncryption())
-    _write_secret(key_path, json.dumps({"realm": name.lower(), "key": _b64(priv)}).encode() + b"\n")
-    pub_path.write_text(json.dumps({"realm": name.lower(), "public_key": _b64(_raw_pub(key.public_key()))}) + "\n")
+    write_atomic(key_path, json.dumps({"realm": name.lower(), "key": _b64(priv)}).encode() + b"\n", 0o600)
+    write_atomic(pub_path, (json.dumps({"realm": name.lower(), "public_key": _b64(_raw_pub(key.public_key()))})
+                            + "\n").encode())
     return key_path, pub_path
 
 
@@ -150,8 +140,8 @@ def realm_issue(realm_dir: Path, host: str, out: Path) -> Path:
     assertion = realm_key.sign(_assertion_message(realm, host, pub))
     priv = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                              serialization.NoEncryption())
-    _write_secret(out, json.dumps({"realm": realm, "host": host, "key": _b64(priv),
-                                   "assertion": _b64(assertion)}).encode() + b"\n")
+    write_atomic(out, json.dumps({"realm": realm, "host": host, "key": _b64(priv),
+                                  "assertion": _b64(assertion)}).encode() + b"\n", 0o600)
     return out
 
 

@@ -8,7 +8,6 @@ Folders ending in ``.tmp`` are cycles that never finished and are dropped."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -78,6 +77,3 @@ class Baselines:
         if self.root.exists():
             for p in self.root.glob("*.tmp"):
                 shutil.rmtree(p, ignore_errors=True)
-
-    def has(self, seq: int) -> bool:
-        return self.dir(seq).is_dir() and os.access(self.dir(seq), os.R_OK)

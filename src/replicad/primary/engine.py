@@ -15,12 +15,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import log as logmod
-from ..catalog import Catalog, utcnow
+from ..catalog import Catalog
 from ..errors import PeerError, ReplicadError, ResyncRequired
 from ..health import compute as compute_health
 from ..model import Relationship, ReplicationState as S
 from ..monitoring import roll as roll_interval
 from ..replica.settings import ServerSettings
+from ..times import parse_time, utcnow
 from ..transport.client import Conversation, PeerClient
 from .baseline import Baselines
 from .producer import CycleProducer, Progress, stream_batches
@@ -324,4 +325,4 @@ class PrimaryEngine:
 def _seconds_until(ts: str | None) -> float:
     if not ts:
         return 0.0
-    return (datetime.fromisoformat(ts.replace("Z", "+00:00")) - datetime.now(timezone.utc)).total_seconds()
+    return (parse_time(ts) - datetime.now(timezone.utc)).total_seconds()

@@ -44,8 +44,3 @@ class VMDir:
     def create(self) -> None:
         for d in (self.root, self.disks, self.logs, self.undo):
             make_private_dir(d)
-
-    def staged_seqs(self) -> list[int]:
-        if not self.logs.exists():
-            return []
-        return sorted(int(p.name[:12]) for p in self.logs.glob("*.log") if p.name[:12].isdigit())

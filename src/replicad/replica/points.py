@@ -10,16 +10,12 @@ cycle builds on is the latest, which is never pruned."""
 from __future__ import annotations
 
 import os
-from datetime import datetime
 from pathlib import Path
 
 from ..model import Relationship
+from ..times import parse_time
 from .apply import apply_records
 from .layout import VMDir
-
-
-def _t(ts: str) -> float:
-    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
 def retain(rel: Relationship, previous: dict | None, history: int, interval: int) -> int:
@@ -27,7 +23,7 @@ def retain(rel: Relationship, previous: dict | None, history: int, interval: int
     Returns the floor: undo logs at or below it are no longer needed."""
     points = list(rel.points) if history else []
     if history and previous is not None and previous["seq"] > 0:
-        if not points or _t(previous["time"]) - _t(points[-1]["time"]) >= interval:
+        if not points or (parse_time(previous["time"]) - parse_time(points[-1]["time"])).total_seconds() >= interval:
             points.append(previous)
     points = points[-history:] if history else []
     rel.points = points

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .. import log as logmod
 from ..auth.authorize import Grant, authorize
-from ..catalog import Catalog, utcnow
+from ..catalog import Catalog
+from ..times import utcnow
 from ..errors import Conflict, Refused, ResyncRequired, StorageError, UsageError, WireError
 from ..fsutil import durable_rename, fsync_dir, fsync_file
 from ..model import VM, Disk, Relationship, ReplicationMode, ReplicationState, valid_fqdn
@@ -39,8 +40,10 @@ class Staging:
     decoder: LogDecoder
     fd: int
 
-    def write(self, data: bytes) -> None:
-        self.decoder.feed(data)  # raises WireError on the first bad byte
+    def write(self, data: bytes, *, decoded: bool = False) -> None:
+        """Verify (unless the decoder already saw these bytes) and append to the staged file."""
+        if not decoded:
+            self.decoder.feed(data)  # raises WireError on the first bad byte
         view = memoryview(data)
         while view:
             n = os.write(self.fd, view)
@@ -199,7 +202,7 @@ class ReplicaService:
         try:
             staging = await asyncio.to_thread(self._open_staging, vmdir, seq, dec)
             try:
-                await asyncio.to_thread(self._write_raw, staging, bytes(head_bytes))
+                await asyncio.to_thread(staging.write, bytes(head_bytes), decoded=True)
                 batch = bytearray()
                 async for chunk in chunks:
                     batch += chunk
@@ -244,14 +247,6 @@ class ReplicaService:
         part = vmdir.log_part(seq)
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         return Staging(part, dec, fd)
-
-    @staticmethod
-    def _write_raw(staging: Staging, data: bytes) -> None:
-        """The header bytes were already decoded; only write them."""
-        view = memoryview(data)
-        while view:
-            n = os.write(staging.fd, view)
-            view = view[n:]
 
     async def _reset_for_initial(self, rel: Relationship) -> None:
         """A restarted initial replication: the old chain is dead; drop its staged and undo

@@ -201,15 +201,21 @@ async def put_log(request: web.Request) -> web.Response:
     return web.json_response(ack)
 
 
+async def _body(request: web.Request, limit: int) -> bytes:
+    """A small request body: bounded, and on the token listener equal to the hash its MAC covers."""
+    raw = await request.content.read(limit + 1)
+    if len(raw) > limit:
+        raise UsageError("request body too large")
+    sess: Session | None = request.get(SESSION)
+    if sess is not None and hashlib.sha256(raw).hexdigest() != request.headers.get(BODY_HASH_HEADER, ""):
+        raise AuthenticationFailed("the request body does not match its authenticated hash")
+    return raw
+
+
 async def reverse(request: web.Request) -> web.Response:
     """The new primary asks this host (the old, prepared primary) to become its replica."""
     ctx = request.app[CTX_KEY]
-    raw = await request.content.read(4097)
-    sess: Session | None = request.get(SESSION)
-    if len(raw) > 4096:
-        raise UsageError("reverse request too large")
-    if sess is not None and hashlib.sha256(raw).hexdigest() != request.headers.get(BODY_HASH_HEADER, ""):
-        raise AuthenticationFailed("the request body does not match its authenticated hash")
+    raw = await _body(request, 4096)
     try:
         doc = json.loads(raw)
     except ValueError:
@@ -226,12 +232,8 @@ async def manage(request: web.Request) -> web.StreamResponse:
     if principal not in ctx.admins:
         ctx.catalog.audit(principal, "manage.refused", f"{request.method} {request.path}")
         raise Refused(f"{principal} is not a management admin of {ctx.host} (management.admins)")
-    body = await request.content.read(MAX_MANAGE_BODY + 1)
-    if len(body) > MAX_MANAGE_BODY:
-        raise UsageError("management request body too large")
+    body = await _body(request, MAX_MANAGE_BODY)
     sess: Session | None = request.get(SESSION)
-    if sess is not None and hashlib.sha256(body).hexdigest() != request.headers.get(BODY_HASH_HEADER, ""):
-        raise AuthenticationFailed("the request body does not match its authenticated hash")
     path = "/v1/" + request.match_info["path"] + (f"?{request.query_string}" if request.query_string else "")
     log.info("manage.request", peer=principal, method=request.method, path=path)
     conn = aiohttp.UnixConnector(path=str(ctx.management_socket))

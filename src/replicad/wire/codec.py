@@ -20,6 +20,7 @@ the index stops reordering, dropping or splicing items.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -192,7 +193,7 @@ class LogEncoder:
 
     def __init__(self, header: Header, *, compress: bool = True, level: int = 1, mac_key: bytes | None = None):
         if mac_key is not None:
-            header = Header(**{**header.__dict__, "mac": MAC_ALG})
+            header = dataclasses.replace(header, mac=MAC_ALG)
         self.header = header
         self._mac_key = mac_key
         self._items = 0
