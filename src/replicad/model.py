@@ -76,6 +76,7 @@ def valid_fqdn(name: str) -> bool:
 # --- records persisted in the catalog and served by the API -------------------------------
 
 from dataclasses import asdict, dataclass, field, fields  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 
 def _from_dict(cls, doc: dict):
@@ -99,6 +100,11 @@ class VM:
     disks: list[Disk] = field(default_factory=list)
     config_file: str | None = None
     hooks: dict[str, str] = field(default_factory=dict)
+    hook_timeout: int = 300  # seconds any hook may run before its process group is killed
+
+    def files(self) -> list[Path]:
+        """Every file replicated for this VM: its disks, then its configuration file if any."""
+        return [Path(d.path) for d in self.disks] + ([Path(self.config_file)] if self.config_file else [])
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -38,7 +38,7 @@ async def start(host: Host, vm_name: str, actor: str) -> tuple:
                        hint="`replicad failover start` here first")
     planned = bool(rel.failover.get("planned"))
     point = int(rel.failover["point"])
-    disks = [Path(d.path) for d in vm.disks]
+    disks = vm.files()
     old_primary = rel.primary_server
     port = rel.primary_ports[1 if rel.auth == "certificate" else 0] or (443 if rel.auth == "certificate" else 80)
     epoch = secrets.token_hex(8)

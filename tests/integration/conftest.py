@@ -12,7 +12,14 @@ def cluster(tmp_path, request):
 
 
 @pytest.fixture
-def pair(cluster):
+def token_cluster(tmp_path):
+    """One listener only: for what the listener cannot change (capture, file sets, chains)."""
+    c = Cluster(tmp_path, auth="token")
+    yield c
+    c.shutdown()
+
+
+def article_pair(cluster):
     """vmhost2 (primary of contoso2) replicating to vmhost1, as the article sets it up."""
     v1, v2 = cluster["vmhost1"], cluster["vmhost2"]
     v1.start()
@@ -20,3 +27,13 @@ def pair(cluster):
     v1.cli("server", "set", "--enabled", "true", "--auth", cluster.auth, "--allow-any-server", "false")
     v1.cli("auth-entry", "add", "--primary", "*.contoso.com", "--trust-group", "Production")
     return v2, v1
+
+
+@pytest.fixture
+def pair(cluster):
+    return article_pair(cluster)
+
+
+@pytest.fixture
+def token_pair(token_cluster):
+    return article_pair(token_cluster)

@@ -7,7 +7,9 @@ import shutil
 import pytest
 
 from replicad.tracking.digestmap import BLOCK, DigestMapReader
-from replicad.tracking.scan import DataChange, DiskScan, Resize, ZeroChange
+from replicad.tracking import scan as scan_mod
+from replicad.tracking.digestmap import FileIdentity
+from replicad.tracking.scan import DataChange, DiskScan, Resize, ZeroChange, racy_guard
 
 
 def scan(img, old_map, new_map):
@@ -90,13 +92,33 @@ def test_scattered_4k_writes_stay_small(image, tmp_path):
     assert s.changed_bytes == 80 * BLOCK
 
 
-def test_unchanged_file_is_not_read(image, tmp_path):
+def test_unchanged_file_is_not_read(image, tmp_path, monkeypatch):
+    monkeypatch.setattr(scan_mod, "RACY_NS", 0)  # as if the file were last written long ago
     scan(image, None, tmp_path / "m0")
     s, ch = scan(image, tmp_path / "m0", tmp_path / "m1")
     assert (s.skipped, s.read_bytes, ch) == (True, 0, [])
     os.utime(image)  # touched but same content: read, nothing sent
     s, ch = scan(image, tmp_path / "m1", tmp_path / "m2")
     assert (s.skipped, ch) == (False, []) and s.read_bytes > 0
+
+
+def test_recently_written_file_is_read_again(image, tmp_path):
+    """A file written within a timestamp tick of its scan could change again without its
+    mtime moving: its identity is recorded so that the next scan cannot skip it."""
+    scan(image, None, tmp_path / "m0")
+    s, ch = scan(image, tmp_path / "m0", tmp_path / "m1")
+    assert (s.skipped, ch) == (False, []) and s.read_bytes > 0
+    m = DigestMapReader.open(tmp_path / "m1")
+    assert m.identity.ctime_ns == 0
+    m.close()
+
+
+def test_racy_guard_only_touches_recent_identities():
+    now = 10**19
+    old = FileIdentity(1, now - 3 * 10**9, now - 3 * 10**9, 7, 8)
+    assert racy_guard(old, now) == old
+    fresh = FileIdentity(1, now - 10**9, now - 3 * 10**9, 7, 8)
+    assert racy_guard(fresh, now).ctime_ns == 0 and racy_guard(fresh, now).mtime_ns == fresh.mtime_ns
 
 
 def test_damaged_map_reads_as_missing(image, tmp_path):

@@ -217,3 +217,25 @@ def test_mac_required_and_staged_logs_read_without_key():
     staged = encode_mac([("data", 1, 10, b"abc")])
     items = LogDecoder().feed(staged)  # re-reading a staged log: MACs skipped, checksums kept
     assert items[1].data == b"abc" and isinstance(items[-1], Trailer)
+
+
+def test_fuzzy_flag_travels_in_the_trailer_and_unknown_flags_are_refused():
+    enc = LogEncoder(HEADER, compress=False)
+    raw = enc.start() + enc.data(0, 0, b"x" * 4096) + enc.finish(fuzzy=True)
+    items = decode(raw)
+    assert isinstance(items[-1], Trailer) and items[-1].fuzzy
+    assert not decode(encode([])[0])[-1].fuzzy
+    # flags sit after the counts: byte 17 of the trailer; an unknown bit is refused
+    bad = bytearray(raw)
+    bad[-16 - 1] |= 0x80
+    with pytest.raises(WireError, match="unknown flags"):
+        decode(bytes(bad))
+
+
+def test_config_flag_needs_a_disk_besides_the_config_file():
+    import dataclasses
+    h = dataclasses.replace(HEADER, config=True)
+    assert Header.from_json(h.to_json()).config
+    one = dataclasses.replace(HEADER, disks=HEADER.disks[:1], config=True)
+    with pytest.raises(WireError, match="config"):
+        Header.from_json(one.to_json())

@@ -58,7 +58,7 @@ async def start(request):
         return await _start_test(request, host, vm, rel, target)
     if rel.state not in (S.REPLICATING, S.ERROR, S.SUSPENDED):
         raise Conflict(f"{vm.name} cannot fail over in state {rel.state.value}")
-    disks = [Path(d.path) for d in vm.disks]
+    disks = vm.files()
     planned = rel.prepared_seq > 0 and rel.prepared_seq == rel.applied_seq and target == rel.applied_seq
     if target != rel.applied_seq:  # roll the copy back, in place, to the chosen point
         vmdir = VMDir.of(rel.storage, vm.id)
@@ -93,14 +93,15 @@ async def _start_test(request, host: Host, vm: VM, rel, target: int) -> web.Resp
     vmdir = VMDir.of(rel.storage, vm.id)
 
     def copy_at_point():
-        copies, how = make_test_copy([Path(d.path) for d in vm.disks], vmdir.root / "test")
+        copies, how = make_test_copy(vm.files(), vmdir.root / "test")
         if target != rel.applied_seq:
             points.roll_back(points.chain(vmdir, rel, target), copies)
         return copies, how
     async with host.replica.apply_lock(vm.id):  # the copy is taken at a committed point, chain intact
         copies, how = await asyncio.to_thread(copy_at_point)
     test = VM(id=str(uuid.uuid4()), name=vm.name + TEST_SUFFIX, mode=ReplicationMode.TEST_REPLICA,
-              disks=[Disk(str(p), d.size, d.format) for p, d in zip(copies, vm.disks)])
+              disks=[Disk(str(p), d.size, d.format) for p, d in zip(copies, vm.disks)],
+              config_file=str(copies[-1]) if vm.config_file else None)
     host.catalog.put_vm(test)
     host.catalog.audit(actor(request), "failover.test_started", f"{test.name} at point {target} ({how})")
     log.info("failover.test_started", vm=vm.name, test_vm=test.name, point=target, copy=how,
@@ -122,7 +123,7 @@ async def stop(request):
         raise Conflict(f"no failover of {vm.name} to stop here (state {rel.state.value})")
     if vm.state == VMState.RUNNING:
         raise Conflict(f"{vm.name} is running here; stop it before cancelling the failover")
-    changed = await asyncio.to_thread(identities, [Path(d.path) for d in vm.disks]) != rel.copy_identity
+    changed = await asyncio.to_thread(identities, vm.files()) != rel.copy_identity
     rel.state, rel.failover = S.REPLICATING, {}
     host.catalog.put_relationship(rel)
     host.catalog.audit(actor(request), "failover.cancelled", vm.name)

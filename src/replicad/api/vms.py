@@ -9,23 +9,16 @@ from pathlib import Path
 
 from aiohttp import web
 
+from .. import hooks
 from .. import log as logmod
 from ..errors import Conflict, NotFound, Refused, ReplicadError, UsageError
 from ..health import compute as compute_health
+from ..images import ImageError, backing_chain, disk_format
 from ..model import VM, Disk, ReplicationMode, ReplicationState, VMState, valid_disk_name, valid_vm_name
 from .context import Host, actor, body, host_of
 
 log = logmod.get("replicad.vms")
 HOOKS = ("on_start", "on_stop", "pre_snapshot", "post_snapshot")
-HOOK_TIMEOUT = 300
-
-
-def disk_format(path: Path) -> str:
-    try:
-        with open(path, "rb") as f:
-            return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
-    except OSError:
-        return "raw"
 
 
 def vm_json(host: Host, vm: VM) -> dict:
@@ -34,7 +27,7 @@ def vm_json(host: Host, vm: VM) -> dict:
     return {"name": vm.name, "id": vm.id, "state": vm.state.value, "replication_mode": vm.mode.value,
             "replication_state": rel.state.value if rel else "NotApplicable", "replication_health": health,
             "disks": [{"path": d.path, "size": d.size, "format": d.format} for d in vm.disks],
-            "config_file": vm.config_file, "hooks": vm.hooks}
+            "config_file": vm.config_file, "hooks": vm.hooks, "hook_timeout": vm.hook_timeout}
 
 
 def get_vm(host: Host, name: str) -> VM:
@@ -69,30 +62,54 @@ async def add_vm(request):
     paths = doc.get("disks")
     if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
         raise UsageError("at least one --disk PATH is required")
-    disks, seen = [], set()
+    disks, seen, warnings = [], set(), []
+
+    async def register(path: Path, what: str) -> None:
+        try:
+            st = await asyncio.to_thread(os.stat, path)
+        except OSError as e:
+            raise UsageError(f"{what} {path}: {e.strerror}") from None
+        if not path.is_file():
+            raise UsageError(f"{what} {path} is not a regular file")
+        if not valid_disk_name(path.name):
+            raise UsageError(f"{what} file name {path.name!r}: use letters, digits, '.', '_', '-'")
+        if path.name in seen:
+            raise UsageError(f"two files named {path.name}: replica copies are named after the file")
+        seen.add(path.name)
+        disks.append(Disk(str(path), st.st_size, await asyncio.to_thread(disk_format, path)))
+
     for p in paths:
         path = Path(p)
         if not path.is_absolute():
             raise UsageError(f"disk path must be absolute: {p}")
+        await register(path, "disk")
         try:
-            st = await asyncio.to_thread(os.stat, path)
-        except OSError as e:
-            raise UsageError(f"disk {p}: {e.strerror}") from None
-        if not path.is_file():
-            raise UsageError(f"disk {p} is not a regular file")
-        if not valid_disk_name(path.name):
-            raise UsageError(f"disk file name {path.name!r}: use letters, digits, '.', '_', '-'")
-        if path.name in seen:
-            raise UsageError(f"two disks named {path.name}: replica copies are named after the file")
-        seen.add(path.name)
-        disks.append(Disk(str(path), st.st_size, await asyncio.to_thread(disk_format, path)))
+            chain = await asyncio.to_thread(backing_chain, path)
+        except (ImageError, OSError) as e:
+            raise UsageError(str(e)) from None
+        child = path
+        for b in chain:  # the differencing disk's parents travel with it
+            if str(b.path) not in {d.path for d in disks}:
+                await register(b.path, f"backing file of {child.name}:")
+            if b.name != b.path.name:
+                warnings.append(f"{child.name} names its backing file as {b.name!r}; on the replica every file "
+                                f"sits in one folder, so after a failover run `qemu-img rebase -u -b {b.path.name} "
+                                f"-F qcow2` on {child.name}'s copy (or create it with a relative name)")
+            child = b.path
     cfg = doc.get("config_file")
-    if cfg is not None and (not isinstance(cfg, str) or not Path(cfg).is_absolute() or not Path(cfg).is_file()):
-        raise UsageError(f"--config-file must be an existing file: {cfg}")
+    if cfg is not None:
+        if not isinstance(cfg, str) or not Path(cfg).is_absolute() or not Path(cfg).is_file():
+            raise UsageError(f"--config-file must be an existing file given by an absolute path: {cfg}")
+        if Path(cfg).name in seen:
+            raise UsageError(f"the configuration file and a disk are both named {Path(cfg).name}")
+        if not valid_disk_name(Path(cfg).name):
+            raise UsageError(f"config file name {Path(cfg).name!r}: use letters, digits, '.', '_', '-'")
     vm = VM(id=str(uuid.uuid4()), name=name, disks=disks, config_file=cfg)
     host.catalog.put_vm(vm)
-    log.info("vm.added", vm=name, id=vm.id, disks=len(disks))
-    return web.json_response(vm_json(host, vm))
+    log.info("vm.added", vm=name, id=vm.id, disks=len(disks), config_file=cfg)
+    for w in warnings:
+        log.warning("vm.backing_name", vm=name, reason=w)
+    return web.json_response({**vm_json(host, vm), **({"warnings": warnings} if warnings else {})})
 
 
 async def set_vm(request):
@@ -108,28 +125,14 @@ async def set_vm(request):
                 vm.hooks[k] = v
             else:
                 raise UsageError(f"--{k.replace('_', '-')} expects a command")
+    if "hook_timeout" in doc:
+        t = doc["hook_timeout"]
+        if not isinstance(t, int) or isinstance(t, bool) or not 1 <= t <= 3600:
+            raise UsageError("--hook-timeout expects whole seconds between 1 and 3600")
+        vm.hook_timeout = t
     host.catalog.put_vm(vm)
     log.info("vm.changed", vm=vm.name, hooks=sorted(vm.hooks))
     return web.json_response(vm_json(host, vm))
-
-
-async def run_hook(vm: VM, hook: str) -> None:
-    cmd = vm.hooks.get(hook)
-    if not cmd:
-        return
-    env = dict(os.environ, REPLICAD_VM=vm.name, REPLICAD_VM_ID=vm.id,
-               REPLICAD_DISKS=":".join(d.path for d in vm.disks))
-    proc = await asyncio.create_subprocess_shell(cmd, env=env, stdout=asyncio.subprocess.PIPE,
-                                                 stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), HOOK_TIMEOUT)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise ReplicadError(f"{hook} hook of {vm.name} timed out after {HOOK_TIMEOUT}s") from None
-    if proc.returncode != 0:
-        tail = out.decode(errors="replace").strip().splitlines()[-1:] if out else []
-        raise ReplicadError(f"{hook} hook of {vm.name} exited {proc.returncode}" + (f": {tail[0]}" if tail else ""))
 
 
 async def start_vm(request):
@@ -140,7 +143,7 @@ async def start_vm(request):
     if vm.mode in (ReplicationMode.REPLICA, ReplicationMode.EXTENDED_REPLICA) and not failed_over:
         raise Refused(f"{vm.name} is a replica VM and cannot be started",
                       hint="fail over first: `replicad failover start`")
-    await run_hook(vm, "on_start")
+    await asyncio.to_thread(hooks.run, vm, "on_start")
     vm.state = VMState.RUNNING
     host.catalog.put_vm(vm)
     log.info("vm.started", vm=vm.name)
@@ -150,7 +153,7 @@ async def start_vm(request):
 async def stop_vm(request):
     host = host_of(request)
     vm = get_vm(host, request.match_info["name"])
-    await run_hook(vm, "on_stop")
+    await asyncio.to_thread(hooks.run, vm, "on_stop")
     vm.state = VMState.OFF
     host.catalog.put_vm(vm)
     log.info("vm.stopped", vm=vm.name)

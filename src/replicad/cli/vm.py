@@ -29,12 +29,18 @@ def vm():
 def vm_add(name, disks, config_file):
     """Register a VM on this host.
 
+    A qcow2 disk brings its backing chain: the parents are registered (and replicated)
+    with it. The configuration file, if given, is replicated whenever it changes.
+
     \b
     Example:
       replicad vm add contoso2 --disk /var/lib/libvirt/images/contoso2.img
     """
-    show(api().call("POST", "/v1/vms", {"name": name, "disks": [abs_path(d) for d in disks],
-                                        "config_file": abs_path(config_file)}), VM_COLUMNS)
+    out = api().call("POST", "/v1/vms", {"name": name, "disks": [abs_path(d) for d in disks],
+                                         "config_file": abs_path(config_file)})
+    for w in out.pop("warnings", []):
+        click.echo(f"warning: {w}", err=True)
+    show(out, VM_COLUMNS)
 
 
 @vm.command("list")
@@ -58,11 +64,26 @@ def vm_get(name):
 @click.option("--on-stop", metavar="CMD", help="Command `vm stop` runs.")
 @click.option("--pre-snapshot", metavar="CMD", help="Freeze command before a capture.")
 @click.option("--post-snapshot", metavar="CMD", help="Thaw command after a capture (always runs).")
+@click.option("--hook-timeout", type=int, metavar="SECONDS",
+              help="How long any hook may run before it is killed (default 300).")
 @managed
-def vm_set(name, on_start, on_stop, pre_snapshot, post_snapshot):
-    """Set a VM's host-local hooks ('' removes one)."""
+def vm_set(name, on_start, on_stop, pre_snapshot, post_snapshot, hook_timeout):
+    """Set a VM's host-local hooks ('' removes one).
+
+    \b
+    The snapshot pair runs around each cycle's capture: --pre-snapshot freezes the
+    application (e.g. `virsh domfsfreeze`), --post-snapshot thaws it and always runs,
+    also when the freeze failed or timed out. A cycle whose freeze succeeded gives an
+    `application`-consistent recovery point; otherwise it is `crash` (or `fuzzy`).
+
+    \b
+    Example:
+      replicad vm set contoso2 --pre-snapshot 'virsh domfsfreeze contoso2' \\
+                               --post-snapshot 'virsh domfsthaw contoso2' --hook-timeout 30
+    """
     body = {k: v for k, v in {"on_start": on_start, "on_stop": on_stop, "pre_snapshot": pre_snapshot,
-                              "post_snapshot": post_snapshot}.items() if v is not None}
+                              "post_snapshot": post_snapshot, "hook_timeout": hook_timeout}.items()
+            if v is not None}
     show(api().call("PATCH", vm_path(name), body), VM_COLUMNS)
 
 

@@ -274,6 +274,9 @@ class PrimaryEngine:
         finally:
             progress.done = True
             progress.changed.set()
+            await asyncio.to_thread(producer.thaw)  # post-snapshot always runs, whatever happened
+            for w in producer.warnings:
+                bound.warning("capture.warning", reason=w)
         if ack.get("acked_seq") != seq:
             raise ReplicadError(f"replica acknowledged {ack.get('acked_seq')!r}, expected {seq}")
         seconds = time.monotonic() - t0
@@ -316,9 +319,10 @@ class PrimaryEngine:
         await asyncio.to_thread(baselines.keep_only, seq)
         outcome = CycleOutcome(vm=vm.name, seq=seq, kind=kind, bytes_sent=progress.sent,
                                data_bytes=producer.data_bytes, seconds=round(seconds, 3),
-                               consistency="fuzzy" if producer.fuzzy else "crash")
+                               consistency=producer.consistency, capture=producer.captured,
+                               **({"warnings": producer.warnings} if producer.warnings else {}))
         bound.info("cycle.done", kind=kind, bytes=progress.sent, data_bytes=producer.data_bytes,
-                   seconds=round(seconds, 3), fuzzy=producer.fuzzy)
+                   seconds=round(seconds, 3), consistency=producer.consistency, capture=producer.captured)
         return outcome
 
 

@@ -7,13 +7,15 @@ memory stays at one read chunk plus one output batch."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import hooks
 from ..errors import ReplicadError, ResyncRequired
 from ..model import VM, Consistency
-from ..tracking.digestmap import DigestMapReader
+from ..tracking.digestmap import DigestMapReader, FileIdentity
 from ..tracking.scan import DataChange, DiskScan, Resize, ZeroChange
 from ..wire import DiskInfo, Header, LogEncoder
 from .baseline import Baselines
@@ -58,6 +60,11 @@ class CycleProducer:
         self.primary_ports: tuple[int, int] = (0, 0)
         self.replica_maps: list[Path] | None = None  # resync: the replica's own digests as the baseline
         self.history: tuple[int, int] = (0, 3600)
+        self.capture = True        # reflink point-in-time capture where the filesystem can
+        self.consistency = Consistency.CRASH.value
+        self.captured = "none"     # "reflink": every changed file was read from a clone; else "live"
+        self.warnings: list[str] = []
+        self._frozen = False       # the pre-snapshot hook ran and the post-snapshot one has not
         self._readers: list[DigestMapReader | None] = []
         self._opened: tuple[list[DiskScan], Header] | None = None
 
@@ -71,7 +78,7 @@ class CycleProducer:
         return self._opened[1]
 
     def _open(self) -> tuple[list[DiskScan], Header]:
-        paths = [Path(d.path) for d in self.vm.disks]
+        paths = self.vm.files()
         if self.kind == "initial":
             self._readers = [None] * len(paths)
         elif self.replica_maps is not None:
@@ -86,20 +93,35 @@ class CycleProducer:
                                      hint="run `replicad replication resync`")
             self._readers = readers
         tmp = self.baselines.begin(self.seq)
-        scans = [DiskScan(p, r, tmp / Baselines.map_name(i)) for i, (p, r) in enumerate(zip(paths, self._readers))]
+        scans = [DiskScan(p, r, tmp / Baselines.map_name(i), capture=self.capture)
+                 for i, (p, r) in enumerate(zip(paths, self._readers))]
+        frozen = self._freeze()
         try:
             idents = [s.open() for s in scans]
         except OSError as e:
             for s in scans:
                 s.close()
+            self.thaw()
             raise ReplicadError(f"cannot open disk {e.filename}: {e.strerror}") from None
+        unchanged = [s.old is not None and s.old.identity == i for s, i in zip(scans, idents)]
+        point_in_time = all(s.captured or u for s, u in zip(scans, unchanged))
+        self.captured = "reflink" if any(s.captured for s in scans) and point_in_time else \
+            "none" if all(unchanged) else "live"
+        if point_in_time:
+            self.thaw()  # every file is captured: the application runs on while we read
+        if frozen:
+            self.consistency = Consistency.APPLICATION.value
+        elif point_in_time and sum(not u for u in unchanged) > 1 and self._moved_during_capture(scans):
+            self.consistency = Consistency.FUZZY.value
+            self.warnings.append("a disk was written while the disks were captured one after another; "
+                                 "set --pre-snapshot/--post-snapshot hooks for a consistent set")
         self.progress.total = sum(
             i.size for s, i in zip(scans, idents) if not (s.old is not None and s.old.identity == i))
         header = Header(self.vm.id, self.vm.name, self.epoch, self.seq, self.base_seq, self.kind, self.time,
-                        Consistency.CRASH.value,
+                        self.consistency,
                         tuple(DiskInfo(i, p.name, ident.size) for i, (p, ident) in enumerate(zip(paths, idents))),
                         self.frequency, prepared=self.prepared, primary_ports=self.primary_ports,
-                        history=self.history)
+                        history=self.history, config=bool(self.vm.config_file))
         return scans, header
 
     def batches(self) -> Iterator[bytes]:
@@ -123,10 +145,13 @@ class CycleProducer:
                         out.clear()
                 self.progress.scanned += scan.read_bytes - last
                 self.fuzzy |= scan.fuzzy
+            self.thaw()
+            if self.fuzzy:
+                self.consistency = Consistency.FUZZY.value
             self.data_bytes = enc.data_bytes
             # the maps become durable before the trailer can be acknowledged (baseline.py)
             self.baselines.seal(self.seq)
-            out += enc.finish()
+            out += enc.finish(fuzzy=self.fuzzy)
             yield bytes(out)
         finally:
             for s in scans:
@@ -134,6 +159,39 @@ class CycleProducer:
             for r in self._readers:
                 if r is not None:
                     r.close()
+            self.thaw()
+
+    def _freeze(self) -> bool:
+        """Run the pre-snapshot hook; a failure is a warning and a crash-consistent point."""
+        if not self.vm.hooks.get("pre_snapshot"):
+            return False
+        self._frozen = True  # the post hook runs even when the freeze failed half-way
+        try:
+            return hooks.run(self.vm, "pre_snapshot")
+        except hooks.HookError as e:
+            self.warnings.append(f"{e}; this point is not application-consistent")
+            return False
+
+    def thaw(self) -> None:
+        """Run the post-snapshot hook once, if the pre-snapshot hook was started. Idempotent."""
+        if not self._frozen:
+            return
+        self._frozen = False
+        try:
+            hooks.run(self.vm, "post_snapshot")
+        except hooks.HookError as e:
+            self.warnings.append(f"{e}; check that the application is not left frozen")
+
+    @staticmethod
+    def _moved_during_capture(scans: list[DiskScan]) -> bool:
+        """Whether a captured file changed between its own capture and the last one."""
+        for s in scans:
+            try:
+                if s.captured and FileIdentity.of(os.stat(s.path)) != s.identity:
+                    return True
+            except OSError:
+                return True
+        return False
 
 
 async def stream_batches(producer: CycleProducer, *, bandwidth_limit: int = 0) -> AsyncIterator[bytes]:

@@ -16,6 +16,7 @@ Blocking code: runs in worker threads."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,13 +24,13 @@ from pathlib import Path
 from ..fsutil import durable_rename, fsync_dir, punch_hole
 from ..tracking.scan import data_regions
 from ..wire import (MAX_RECORD, RECORD_DATA, RECORD_RESIZE, RECORD_ZERO, DiskInfo, Header, LogDecoder,
-                    LogEncoder, Record)
+                    LogEncoder, Record, Trailer)
 from .layout import VMDir
 
 READ_CHUNK = 1 << 20
 
 
-def read_log(path: Path) -> Iterator[Header | Record]:
+def read_log(path: Path) -> Iterator[Header | Record | Trailer]:
     """Decode a staged log, verifying every checksum and the whole-log digest."""
     dec = LogDecoder()
     with open(path, "rb") as f:
@@ -37,9 +38,7 @@ def read_log(path: Path) -> Iterator[Header | Record]:
             chunk = f.read(READ_CHUNK)
             if not chunk:
                 break
-            for item in dec.feed(chunk):
-                if isinstance(item, (Header, Record)):
-                    yield item
+            yield from dec.feed(chunk)
     dec.close()
 
 
@@ -111,7 +110,8 @@ def write_undo(vmdir: VMDir, log_path: Path, disk_paths: list[Path]) -> Path:
 def apply_records(log_path: Path, disk_paths: list[Path], *, fresh: bool = False) -> Header:
     """Write every record of a verified log into the disks and fsync them. Idempotent.
 
-    ``fresh``: an initial copy — the disks are recreated empty and sparse first."""
+    ``fresh``: an initial copy — the disks are recreated empty and sparse first. The header
+    returned carries the point's final consistency (``fuzzy`` when the trailer says so)."""
     header = read_header(log_path)
     if len(header.disks) != len(disk_paths):
         raise ValueError("log and replica disagree on the number of disks")
@@ -122,6 +122,8 @@ def apply_records(log_path: Path, disk_paths: list[Path], *, fresh: bool = False
             if fresh or os.fstat(fd).st_size != d.size:
                 os.ftruncate(fd, d.size)
         for item in read_log(log_path):
+            if isinstance(item, Trailer) and item.fuzzy:
+                header = dataclasses.replace(header, consistency="fuzzy")
             if not isinstance(item, Record):
                 continue
             fd = fds[item.disk]
@@ -151,7 +153,7 @@ def write_point(vmdir: VMDir, seq: int, disk_paths: list[Path], *,
         vmdir.undo_log(seq).with_name(vmdir.undo_log(seq).name + ".part").unlink(missing_ok=True)
         write_undo(vmdir, log_path, disk_paths)
     fault("after-undo")
-    apply_records(log_path, disk_paths, fresh=fresh)
+    header = apply_records(log_path, disk_paths, fresh=fresh)
     fault("after-data")
     return header
 

@@ -15,9 +15,8 @@ from pathlib import Path
 from ..fsutil import fsync_dir
 from ..primary.baseline import Baselines
 from ..tracking.digestmap import FileIdentity
-from ..tracking.scan import data_regions, digest_disks
+from ..tracking.scan import FICLONE, data_regions, digest_disks
 
-FICLONE = 0x40049409  # ioctl: share the source's extents (btrfs, XFS, bcachefs)
 COPY_CHUNK = 4 << 20
 TEST_SUFFIX = " - Test"
 

@@ -20,6 +20,7 @@ from ..fsutil import durable_rename, fsync_dir, fsync_file
 from ..model import VM, Disk, Relationship, ReplicationMode, ReplicationState, valid_fqdn
 from ..monitoring import roll as roll_interval
 from ..wire import MAX_HEADER, Header, LogDecoder
+from ..images import disk_format
 from ..tracking.scan import digest_disks
 from . import points
 from .apply import discard, read_log, rollback, write_point
@@ -181,7 +182,7 @@ class ReplicaService:
         else:
             if rel is None:
                 raise ResyncRequired(f"this replica server has no copy of VM {header.vm_name}")
-            if [d.name for d in header.disks] != [Path(d.path).name for d in vm.disks]:
+            if [d.name for d in header.disks] != [p.name for p in vm.files()] or header.config != bool(vm.config_file):
                 raise ResyncRequired("the VM's disk set changed")
             if header.kind == "resync":  # builds on whatever this copy holds, in any epoch
                 if header.base_seq != rel.applied_seq or rel.applied_seq != rel.seq:
@@ -191,7 +192,7 @@ class ReplicaService:
                 raise ResyncRequired(f"log {seq} builds on {header.epoch}/{header.base_seq}, the replica has "
                                      f"{rel.epoch}/{rel.seq}")
             elif rel.copy_identity and rel.applied_seq == rel.seq:
-                now = await asyncio.to_thread(identities, [Path(d.path) for d in vm.disks])
+                now = await asyncio.to_thread(identities, vm.files())
                 if now != rel.copy_identity:
                     raise ResyncRequired(f"the replica copy of {header.vm_name} was modified outside replicad "
                                          "since its last point")
@@ -260,8 +261,10 @@ class ReplicaService:
     def _create_replica(self, grant: Grant, header: Header, storage: Path, old: Relationship | None) -> Relationship:
         """Record the replica VM of a verified initial log (or reset it for a new epoch)."""
         vmdir = VMDir.of(storage, header.vm_id)
+        disks = header.disks[:-1] if header.config else header.disks
         vm = VM(id=header.vm_id, name=header.vm_name, mode=ReplicationMode.REPLICA,
-                disks=[Disk(str(vmdir.disk(d.name)), d.size, "raw") for d in header.disks])
+                disks=[Disk(str(vmdir.disk(d.name)), d.size, "raw") for d in disks],
+                config_file=str(vmdir.disk(header.disks[-1].name)) if header.config else None)
         rel = Relationship(vm_id=header.vm_id, role="replica", state=ReplicationState.INITIAL_IN_PROGRESS,
                            primary_server=grant.principal, trust_group=grant.trust_group, storage=str(storage),
                            epoch=header.epoch, seq=0, applied_seq=0)
@@ -297,7 +300,7 @@ class ReplicaService:
                     break
                 seq = rel.applied_seq + 1
                 vmdir = VMDir.of(rel.storage, vm_id)
-                disks = [Path(d.path) for d in vm.disks]
+                disks = vm.files()
                 bound = log.bind(vm=vm.name, cycle=seq)
                 try:
                     async with self._apply_locks.setdefault(vm_id, asyncio.Lock()):
@@ -358,7 +361,8 @@ class ReplicaService:
         vm = self.catalog.vm_by_id(vm_id)
         for d, info in zip(vm.disks, header.disks):
             d.size = info.size
-        rel.copy_identity = identities([Path(d.path) for d in vm.disks])  # a few stat() calls
+            d.format = disk_format(Path(d.path))
+        rel.copy_identity = identities(vm.files())  # a few stat() calls
         rel.last_consistency = header.consistency
         if header.kind != "delta":
             rel.points = []  # an initial copy or a resync starts a new chain
@@ -392,7 +396,7 @@ class ReplicaService:
         folder = VMDir.of(rel.storage, vm_id).root / "resync"
         async with self.apply_lock(vm_id):
             rel = self.catalog.relationship(vm_id)
-            maps = await asyncio.to_thread(digest_disks, [Path(d.path) for d in vm.disks], folder)
+            maps = await asyncio.to_thread(digest_disks, vm.files(), folder)
         log.info("resync.digests", vm=vm.name, peer=principal, point=rel.applied_seq,
                  reason="the primary compares these with its disks and ships only what differs")
         return {"applied_seq": rel.applied_seq, "epoch": rel.epoch,

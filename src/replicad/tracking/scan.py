@@ -8,8 +8,11 @@ mtime, ctime, inode) are not read at all. Runs in a worker thread, never on the 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import fcntl
 import os
+import time
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +22,7 @@ import xxhash
 
 from .digestmap import BLOCK, DigestMapReader, DigestMapWriter, FileIdentity, zero_digest
 
+FICLONE = 0x40049409         # ioctl: share the source's extents (btrfs, XFS, bcachefs)
 CHUNK = 4 * 1024 * 1024      # read size: large enough for sequential speed, small for memory
 MAX_EXTENT = 1024 * 1024     # changed blocks are merged into extents of at most this size
 _ZERO_BLOCK = bytes(BLOCK)
@@ -42,6 +46,49 @@ class Resize:
 
 
 Change = DataChange | ZeroChange | Resize
+
+
+RACY_NS = 2_000_000_000  # coarsest file timestamp granularity we guard against (ext4 small inodes: 1 s)
+_NOT_CLONABLE = (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EISDIR, errno.EPERM)
+
+
+def racy_guard(ident: FileIdentity, opened_ns: int) -> FileIdentity:
+    """The identity to record in a new map. A file modified within one timestamp tick of
+    the moment its identity was taken may be written again without its mtime moving (git's
+    "racily clean" problem): such an identity is recorded with ctime 0, so the next cycle
+    cannot take the file as unchanged and reads it again."""
+    if max(ident.mtime_ns, ident.ctime_ns) >= opened_ns - RACY_NS:
+        return dataclasses.replace(ident, ctime_ns=0)
+    return ident
+
+
+def reflink_snapshot(fd: int, folder: Path) -> int | None:
+    """A read-only fd on a reflink clone of ``fd`` made in ``folder`` (same filesystem), or
+    None where the filesystem cannot clone. The clone is an O_TMPFILE (or unlinked at once):
+    it never has a name a crash could leave behind."""
+    try:
+        out = os.open(folder, os.O_TMPFILE | os.O_RDWR, 0o600)
+        named = None
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            return None
+        named = folder / f".replicad-capture-{os.getpid()}-{fd}"
+        try:
+            out = os.open(named, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        except OSError:
+            return None
+    try:
+        fcntl.ioctl(out, FICLONE, fd)
+    except OSError as e:
+        os.close(out)
+        if named is not None:
+            named.unlink(missing_ok=True)
+        if e.errno in _NOT_CLONABLE:
+            return None
+        raise
+    if named is not None:
+        named.unlink(missing_ok=True)
+    return out
 
 
 def data_regions(fd: int, size: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, int]]:
@@ -78,21 +125,31 @@ class DiskScan:
     identity seen *before* reading: if the file changed while it was read, the next scan
     sees a different identity and reads again, and ``fuzzy`` is set."""
 
-    def __init__(self, path: Path, old: DigestMapReader | None, new_map: Path):
+    def __init__(self, path: Path, old: DigestMapReader | None, new_map: Path, *, capture: bool = False):
         self.path = path
         self.old = old
         self.new_map = new_map
+        self.capture = capture  # try a reflink clone and read that: a point-in-time copy
+        self.captured = False   # a clone is what is read
         self.skipped = False
         self.fuzzy = False
         self.changed_bytes = 0
         self.read_bytes = 0
         self.identity: FileIdentity | None = None
+        self._opened_ns = 0
         self._fd = -1
 
     def open(self) -> FileIdentity:
-        """Open the disk and take its identity; the log header is built from it."""
+        """Open the disk and take its identity (the log header is built from it); with
+        ``capture``, clone it right after, so the clone is never older than the identity."""
+        self._opened_ns = time.time_ns()
         self._fd = os.open(self.path, os.O_RDONLY)
         self.identity = FileIdentity.of(os.fstat(self._fd))
+        if self.capture and not (self.old is not None and self.old.identity == self.identity):
+            clone = reflink_snapshot(self._fd, self.path.parent)
+            if clone is not None:
+                os.close(self._fd)
+                self._fd, self.captured = clone, True
         return self.identity
 
     def close(self) -> None:
@@ -109,7 +166,7 @@ class DiskScan:
                 self.skipped = True
                 os.link(self.old.path, self.new_map)
                 return
-            writer = DigestMapWriter(self.new_map, ident)
+            writer = DigestMapWriter(self.new_map, racy_guard(ident, self._opened_ns))
             try:
                 old_size = self.old.identity.size if self.old else ident.size
                 if old_size != ident.size:
@@ -119,7 +176,7 @@ class DiskScan:
             except BaseException:
                 writer.abort()
                 raise
-            if FileIdentity.of(os.fstat(fd)) != ident:
+            if not self.captured and FileIdentity.of(os.fstat(fd)) != ident:
                 self.fuzzy = True
         finally:
             self.close()

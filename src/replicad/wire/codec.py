@@ -5,11 +5,13 @@ Layout (little endian)::
     header  := "RPLG" u16 version  u32 json_len  json            (json_len <= MAX_HEADER)
     record  := u8 kind  u8 flags  u16 disk  u64 offset  u32 length  u32 payload_len
                u64 checksum  payload[payload_len]
-    trailer := u8 0xFF  u64 records  u64 data_bytes  16 bytes digest
+    trailer := u8 0xFF  u64 records  u64 data_bytes  u8 flags  16 bytes digest
 
 ``checksum`` is xxh3-64 over the record's first 20 bytes (kind..length) followed by the
 uncompressed data, so a flipped bit in an offset is caught as surely as one in the data.
-``digest`` is xxh3-128 over every byte before the trailer (MACs excluded). Every length is
+``digest`` is xxh3-128 over every byte before the trailer (MACs excluded). Trailer flag 1
+(``fuzzy``): a file changed while it was read, so the point is not crash-consistent; only
+known once everything was read, hence in the trailer, not the header. Every length is
 checked against its bound before anything is allocated; the decoder holds at most one record.
 
 With ``"mac": "blake2b-128"`` in the header (the token transport), every item — header,
@@ -49,7 +51,8 @@ FLAG_ZSTD = 1
 _PREAMBLE = struct.Struct("<4sHI")
 _RECORD = struct.Struct("<BBHQIIQ")
 _RECORD_SUM = struct.Struct("<BBHQI")  # the part the checksum covers
-_TRAILER = struct.Struct("<BQQ16s")
+_TRAILER = struct.Struct("<BQQB16s")
+TRAILER_FUZZY = 1
 MAC_ALG = "blake2b-128"
 MAC_LEN = 16
 _MAC_PERSON = b"replicad-log-v1"
@@ -80,6 +83,7 @@ class Header:
     prepared: bool = False  # the last log before a planned failover (`failover start --prepare`)
     primary_ports: tuple[int, int] = (0, 0)  # the primary's token and TLS ports, for `reverse`
     history: tuple[int, int] = (0, 3600)  # recovery history (points) and recovery-point interval (s)
+    config: bool = False  # the last entry of ``disks`` is the VM's configuration file
     version: int = VERSION
 
     def to_json(self) -> bytes:
@@ -92,6 +96,7 @@ class Header:
             **({"prepared": True} if self.prepared else {}),
             **({"primary_ports": list(self.primary_ports)} if any(self.primary_ports) else {}),
             **({"history": list(self.history)} if self.history[0] else {}),
+            **({"config": True} if self.config else {}),
         }, separators=(",", ":")).encode()
 
     @classmethod
@@ -154,8 +159,11 @@ class Header:
                                                                              for h in history)
                 or not 0 <= history[0] <= 24 or not 1 <= history[1] <= 7 * 86400):
             raise WireError("change-log header: bad recovery history")
+        config = doc.get("config", False)
+        if not isinstance(config, bool) or (config and len(disks) < 2):
+            raise WireError("change-log header: bad config flag")
         return cls(vm_id, vm_name, epoch, seq, base_seq, kind, time_, consistency, tuple(disks), frequency, mac,
-                   prepared, (ports[0], ports[1]), (history[0], history[1]))
+                   prepared, (ports[0], ports[1]), (history[0], history[1]), config)
 
 
 @dataclass(frozen=True)
@@ -172,6 +180,7 @@ class Trailer:
     records: int
     data_bytes: int
     digest: bytes
+    fuzzy: bool = False
 
 
 def item_mac(key: bytes, index: int, item: bytes | memoryview) -> bytes:
@@ -246,8 +255,9 @@ class LogEncoder:
         return self._out(_RECORD.pack(RECORD_RESIZE, 0, disk, size, 0, 0,
                                       _record_checksum(RECORD_RESIZE, 0, disk, size, 0)))
 
-    def finish(self) -> bytes:
-        return self._mac(_TRAILER.pack(RECORD_TRAILER, self.records, self.data_bytes, self._digest.digest()))
+    def finish(self, *, fuzzy: bool = False) -> bytes:
+        flags = TRAILER_FUZZY if fuzzy else 0
+        return self._mac(_TRAILER.pack(RECORD_TRAILER, self.records, self.data_bytes, flags, self._digest.digest()))
 
 
 class LogDecoder:
@@ -349,13 +359,15 @@ class LogDecoder:
                 return None
             raw = self._take(_TRAILER.size)
             self._check_mac(raw)
-            _, records, data_bytes, digest = _TRAILER.unpack(raw)
+            _, records, data_bytes, flags, digest = _TRAILER.unpack(raw)
+            if flags & ~TRAILER_FUZZY:
+                raise WireError(f"change-log trailer: unknown flags {flags:#x}")
             if records != self.records or data_bytes != self.data_bytes:
                 raise WireError(f"change-log trailer counts {records} records/{data_bytes} bytes, "
                                 f"received {self.records}/{self.data_bytes}")
             if digest != self._digest.digest():
                 raise WireError("change-log digest mismatch")
-            self.trailer = Trailer(records, data_bytes, digest)
+            self.trailer = Trailer(records, data_bytes, digest, bool(flags & TRAILER_FUZZY))
             return self.trailer
         if self._avail() < _RECORD.size:
             return None

@@ -1,0 +1,80 @@
+"""What a disk-image file is: raw or qcow2, and a qcow2 image's backing chain.
+
+A qcow2 differencing disk (the article's .avhdx) is useless without its parents, so
+`vm add` registers the whole chain. Only the fixed part of the qcow2 header is read
+(https://qemu-project.gitlab.io/qemu/interop/qcow2.html): magic, version, and the offset
+and length of the backing file name. The file is never trusted: lengths are bounded and a
+chain that loops or runs deeper than ``MAX_CHAIN`` is refused."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+QCOW2_MAGIC = b"QFI\xfb"
+_HEAD = struct.Struct(">4sIQI")  # magic, version, backing_file_offset, backing_file_size
+MAX_NAME = 1023                  # qemu's own limit for a backing file name
+MAX_CHAIN = 64
+
+
+class ImageError(ValueError):
+    """A disk image whose header cannot be used; the message names the file."""
+
+
+def disk_format(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            return "qcow2" if f.read(4) == QCOW2_MAGIC else "raw"
+    except OSError:
+        return "raw"
+
+
+@dataclass(frozen=True)
+class Backing:
+    name: str   # as written in the child's header
+    path: Path  # resolved on this host
+
+
+def backing_of(path: Path) -> Backing | None:
+    """The backing file named in a qcow2 header, or None (raw image, or qcow2 without one)."""
+    with open(path, "rb") as f:
+        head = f.read(_HEAD.size)
+        if len(head) < _HEAD.size or head[:4] != QCOW2_MAGIC:
+            return None
+        _, version, offset, size = _HEAD.unpack(head)
+        if version not in (2, 3):
+            raise ImageError(f"{path}: qcow2 version {version} is not supported")
+        if offset == 0 or size == 0:
+            return None
+        if size > MAX_NAME or offset > 1 << 20:
+            raise ImageError(f"{path}: qcow2 backing file name out of bounds")
+        f.seek(offset)
+        raw = f.read(size)
+    if len(raw) != size:
+        raise ImageError(f"{path}: qcow2 header truncated")
+    try:
+        name = raw.decode()
+    except UnicodeDecodeError:
+        raise ImageError(f"{path}: qcow2 backing file name is not UTF-8") from None
+    if name.startswith("json:") or "://" in name or "\0" in name:
+        raise ImageError(f"{path}: backing file {name!r} is not a local file")
+    parent = Path(name)
+    return Backing(name, parent if parent.is_absolute() else path.parent / parent)
+
+
+def backing_chain(path: Path) -> list[Backing]:
+    """Every ancestor of ``path``, nearest first."""
+    chain: list[Backing] = []
+    seen = {path.resolve()}
+    current = path
+    while (b := backing_of(current)) is not None:
+        resolved = b.path.resolve()
+        if resolved in seen:
+            raise ImageError(f"{path}: the backing chain loops at {b.path}")
+        if len(chain) >= MAX_CHAIN:
+            raise ImageError(f"{path}: backing chain deeper than {MAX_CHAIN}")
+        seen.add(resolved)
+        chain.append(b)
+        current = b.path
+    return chain
