@@ -167,6 +167,9 @@ class Relationship:
     points: list = field(default_factory=list)  # replica: retained older recovery points [{seq, time, consistency}]
     last_consistency: str = "crash"  # replica: consistency of the latest point
     awaiting_import: str | None = None  # primary: the folder an initial copy was exported to
+    seed: bool = False                  # primary: the first cycle adopts a copy already in the replica's storage
+    resync_hold: str | None = None      # primary: an automatic resync would lose the replica's changes
+    discard_ok: bool = False            # replica: the operator cancelled a failover; its writes may be overwritten
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -196,20 +196,61 @@ def test_resync_after_a_lost_baseline_ships_only_what_differs(pair, tmp_path):
     assert file_digest(copy) == file_digest(image)
 
 
-def test_a_modified_replica_copy_is_detected_and_resynced_by_itself(pair, tmp_path):
+def test_a_modified_replica_copy_is_reported_and_kept_until_the_operator_resyncs(pair, tmp_path):
     primary, replica = pair
     image, copy = replicated(primary, replica, "m", tmp_path, 32 * MiB, 8, frequency=3600)
     scribble(copy, 25, seed=9)  # someone wrote to the replica copy
+    modified = file_digest(copy)
     scribble(image, 5, seed=10)
     r = primary.cli("replication", "sync", "m", "--wait", check=False)
     assert r.returncode == 1 and "modified outside replicad" in r.stderr
-    # no operator command: the next attempt resynchronizes (backoff of a second or two)
-    wait_for(lambda: primary.json("replication", "get", "m")["state"] == "Replicating", 60, "the automatic resync")
-    assert any(e.get("vm") == "m" for e in primary.events("resync.done"))
-    done = [e for e in primary.events("resync.done")][-1]
-    assert done["differing_bytes"] <= 30 * 4096
+    # the next attempt compares digests, sees that the replica moved, and waits for the operator
+    held = wait_for(lambda: primary.events("resync.held"), 60, "the divergence report")[-1]
+    assert "since point 1 (25 blocks of 4 KiB changed there)" in held["reason"]
+    got = primary.json("replication", "get", "m")
+    assert (got["state"], got["health"]) == ("WaitingForStartResynchronize", "Critical")
+    assert "replication resync" in got["error"] and "fail over on the replica" in got["error"]
+    assert file_digest(copy) == modified  # nothing of the replica's data was overwritten
+    r = primary.cli("replication", "sync", "m", "--wait", check=False)
+    assert r.returncode == 1
+
+    res = primary.json("replication", "resync", "m", "--wait")  # the operator's command
+    assert res["kind"] == "resync" and res["data_bytes"] <= 30 * 4096
+    d = res["divergence"]
+    assert d["replica_moved"] == 25 and d["primary_moved"] == 5 and d["both_moved"] == 0 and d["differing"] == 30
     wait_applied(primary, replica, "m")
     assert file_digest(copy) == file_digest(image)
+    assert primary.json("replication", "get", "m")["state"] == "Replicating"
+
+
+def test_seeding_from_a_copy_already_in_the_replica_s_storage(pair, tmp_path):
+    primary, replica = pair
+    image = tmp_path / "seeded.img"
+    make_sparse_image(image, 32 * MiB, data_pieces=8)
+    enable(primary, replica, "seeded", image, frequency=3600)
+    r = primary.cli("replication", "start-initial", "seeded", "--use-existing", "--wait", check=False)
+    storage = Path(replica.json("server", "get")["default_storage"])
+    assert r.returncode == 1 and f"no existing copy of seeded in {storage / 'seeded'}" in r.stderr
+    assert replica.json("vm", "list") == []
+
+    (storage / "seeded").mkdir(parents=True)
+    shutil.copyfile(image, storage / "seeded" / "seeded.img")  # e.g. a restored backup, a week old
+    scribble(image, 12, seed=21)
+    # the primary retries by itself (backoff) until the copy is there
+    wait_for(lambda: primary.json("replication", "get", "seeded")["state"] == "Replicating", 90, "the seed")
+    done = primary.events("resync.done")[-1]
+    assert 0 < done["differing_bytes"] <= 12 * 4096  # not a full copy
+    assert 0 < done["differing"] <= 12 and done["replica_moved"] is None
+    wait_applied(primary, replica, "seeded")
+    doc = replica.json("vm", "get", "seeded")
+    assert doc["replication_mode"] == "Replica" and not (storage / "seeded").exists()
+    assert file_digest(Path(doc["disks"][0]["path"])) == file_digest(image)
+    m = primary.json("replication", "measure", "seeded")
+    assert 0 < m["initial_replication_size"] < 1 * MiB
+    scribble(image, 3, seed=22)
+    assert primary.json("replication", "sync", "seeded", "--wait")["kind"] == "delta"
+    wait_applied(primary, replica, "seeded")
+    assert file_digest(Path(doc["disks"][0]["path"])) == file_digest(image)
 
 
 def test_reverse_after_an_unplanned_failover_resyncs_the_old_primary(pair, tmp_path):

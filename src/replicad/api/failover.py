@@ -125,6 +125,7 @@ async def stop(request):
         raise Conflict(f"{vm.name} is running here; stop it before cancelling the failover")
     changed = await asyncio.to_thread(identities, vm.files()) != rel.copy_identity
     rel.state, rel.failover = S.REPLICATING, {}
+    rel.discard_ok = changed  # cancelling is the operator's word: what the failed-over VM wrote is dropped
     host.catalog.put_relationship(rel)
     host.catalog.audit(actor(request), "failover.cancelled", vm.name)
     log.info("failover.cancelled", vm=vm.name,

@@ -191,6 +191,19 @@ async def start_initial(request):
     doc = await body(request)
     if rel.state not in (S.READY_FOR_INITIAL, S.WAITING_FOR_INITIAL, S.ERROR) or rel.seq > 0:
         raise Conflict(f"initial replication of {vm.name} is not pending (state {rel.state.value})")
+    if doc.get("use_existing"):
+        if doc.get("export") or doc.get("at"):
+            raise UsageError("--use-existing cannot be combined with --export or --at")
+        rel.seed, rel.state, rel.error, rel.start_at = True, S.WAITING_FOR_RESYNC, None, None
+        host.catalog.put_relationship(rel)
+        host.catalog.audit(actor(request), "replication.seed_requested", vm.name)
+        log.info("replication.seed_requested", vm=vm.name, peer=rel.replica_server,
+                 reason="the replica adopts the copy in <storage>/<vm name>/ and only differences are sent")
+        fut = host.primary.request_cycle(vm.id)
+        if doc.get("wait"):
+            return await _wait_stream(request, host, vm.id, fut)
+        fut.add_done_callback(lambda f: f.exception())
+        return web.json_response(rel_json(host, rel, vm.name))
     if doc.get("export"):
         return await _export(request, host, vm, rel, str(doc["export"]))
     at = doc.get("at")
@@ -278,9 +291,13 @@ async def resync(request):
     host = host_of(request)
     vm, rel = _rel(host, request.match_info["vm"], role="primary")
     doc = await body(request)
-    if (rel.seq == 0 and not rel.awaiting_import) or rel.state not in (
+    if (rel.seq == 0 and not rel.awaiting_import and not rel.seed) or rel.state not in (
             S.REPLICATING, S.ERROR, S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING, S.SUSPENDED):
         raise Conflict(f"{vm.name} cannot be resynchronized in state {rel.state.value}")
+    if rel.resync_hold:
+        log.warning("replication.resync_overrides", vm=vm.name, reason=rel.resync_hold,
+                    result="the operator chose the primary's copy; the replica's own changes will be overwritten")
+    rel.resync_hold = None
     rel.state = S.RESYNCHRONIZING
     host.catalog.put_relationship(rel)
     host.catalog.audit(actor(request), "replication.resync", vm.name)

@@ -113,11 +113,25 @@ def get(vm):
 @click.argument("vm")
 @click.option("--at", metavar="ISO8601", help="Start at this time instead of now.")
 @click.option("--export", metavar="DIR", help="Write the initial copy to a folder (media) instead of the network.")
+@click.option("--use-existing", is_flag=True,
+              help="Seed from a copy already in the replica's storage (<storage>/<VM>/): only differences are sent.")
 @click.option("--wait", is_flag=True, help="Show progress and return when the copy is done.")
 @managed
-def start_initial(vm, at, export, wait):
-    """Start initial replication (sparse-aware: holes and zero blocks are not sent)."""
-    body = {k: v for k, v in {"at": at, "export": abs_path(export), "wait": wait}.items() if v}
+def start_initial(vm, at, export, use_existing, wait):
+    """Start initial replication (sparse-aware: holes and zero blocks are not sent).
+
+    \b
+    Three ways to make the first copy:
+      replicad replication start-initial contoso2 --wait            # over the network
+      replicad replication start-initial contoso2 --export /media/usb
+                                  # to media; then `import-initial` on the replica
+      replicad replication start-initial contoso2 --use-existing --wait
+                                  # the replica already holds a copy (a restored backup, an
+                                  # old clone) in <storage>/contoso2/ with the same file
+                                  # names: it is adopted and only differing blocks are sent
+    """
+    body = {k: v for k, v in {"at": at, "export": abs_path(export), "use_existing": use_existing,
+                              "wait": wait}.items() if v}
     if export:
         show(wait_with_progress(api().stream("POST", rpath(vm, "start-initial"), body), vm),
              RESULT_COLUMNS + ("file",))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +23,7 @@ from ..model import Relationship, ReplicationState as S
 from ..monitoring import roll as roll_interval
 from ..replica.settings import ServerSettings
 from ..times import parse_time, utcnow
+from ..tracking.divergence import compare, replica_moved
 from ..transport.client import Conversation, PeerClient
 from .baseline import Baselines
 from .producer import CycleProducer, Progress, stream_batches
@@ -30,6 +32,10 @@ log = logmod.get("replicad.primary")
 BACKOFF_START, BACKOFF_MAX = 1.0, 60.0
 RUNNING_STATES = {S.WAITING_FOR_INITIAL, S.INITIAL_IN_PROGRESS, S.REPLICATING, S.ERROR, S.WAITING_FOR_RESYNC,
                   S.RESYNCHRONIZING}
+
+
+class ResyncHeld(ResyncRequired):
+    """A resync would overwrite changes made on the replica: it waits for the operator."""
 
 
 class CycleOutcome(dict):
@@ -122,7 +128,7 @@ class PrimaryEngine:
             if rel is None or rel.role != "primary":
                 return
             has_waiters = bool(self._waiters.get(vm_id))
-            if rel.state not in RUNNING_STATES:
+            if rel.state not in RUNNING_STATES or (rel.state == S.WAITING_FOR_RESYNC and rel.resync_hold):
                 self._fail_waiters(vm_id, ReplicadError(f"replication of this VM is {rel.state.value}"))
                 await self._sleep_until(vm_id, None)
                 continue
@@ -185,7 +191,11 @@ class PrimaryEngine:
         rel.stats.errors += 1
         if rel.seq > 0:
             rel.stats.missed_count += 1
-        if isinstance(e, ResyncRequired) or (isinstance(e, PeerError) and e.code == "resync"):
+        if isinstance(e, ResyncHeld):
+            rel.state = S.WAITING_FOR_RESYNC
+            rel.resync_hold = rel.error = f"resynchronization required: {e}"
+            log.error("resync.held", vm=vm_id, reason=str(e), hint=e.hint)
+        elif isinstance(e, ResyncRequired) or (isinstance(e, PeerError) and e.code == "resync"):
             rel.state = S.WAITING_FOR_RESYNC
             rel.error = f"resynchronization required: {e}"
             if rel.awaiting_import:
@@ -203,6 +213,24 @@ class PrimaryEngine:
             rel.state = S.ERROR
             log.exception("cycle.crashed", vm=vm_id, reason=rel.error)
         self._save(rel)
+
+    @staticmethod
+    def _common_point(baselines: Baselines, rel: Relationship, meta: dict, folder: Path, n: int) -> list[Path] | None:
+        """Keep the primary's maps of the replica's applied point, if this primary still has
+        them: the common point both copies started from, to tell which side moved."""
+        seq = meta.get("applied_seq")
+        if meta.get("epoch") != rel.epoch or not isinstance(seq, int) or not baselines.dir(seq).is_dir():
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        out = []
+        for i in range(n):
+            src = baselines.dir(seq) / Baselines.map_name(i)
+            if not src.exists():
+                return None
+            dst = folder / Baselines.map_name(i)
+            shutil.copyfile(src, dst)
+            out.append(dst)
+        return out
 
     # one cycle ------------------------------------------------------------------------------
     async def _reconcile_pending(self, rel: Relationship, baselines: Baselines, conv: Conversation) -> Relationship:
@@ -229,17 +257,38 @@ class PrimaryEngine:
         rel = self.catalog.relationship(vm_id)
         vm = self.catalog.vm_by_id(vm_id)
         baselines = Baselines(self.state_dir, vm_id)
-        initial = rel.seq == 0 and rel.state not in (S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING)
-        resync = not initial and rel.state in (S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING)
-        replica_maps = None
+        initial = rel.seq == 0 and not rel.seed and rel.state not in (S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING)
+        resync = rel.seed or (not initial and rel.state in (S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING))
+        replica_maps = base_maps = None
+        work = self.state_dir / "resync" / vm_id
         if resync:
+            # automatic: the engine decided after a failed cycle; the operator's `resync`,
+            # `reverse`, an import or a seed set Resynchronizing (or their own flag) instead
+            automatic = rel.state == S.WAITING_FOR_RESYNC and not rel.awaiting_import and not rel.seed
             if rel.state == S.WAITING_FOR_RESYNC:
                 log.warning("resync.started", vm=vm.name, peer=rel.replica_server,
                             reason=rel.error or "requested by the operator")
             rel.state = S.RESYNCHRONIZING
             self._save(rel)
+            if rel.seed:
+                adopted = await conv.seed(vm_id, {"vm_name": vm.name, "files": [p.name for p in vm.files()],
+                                                  "config": bool(vm.config_file)})
+                log.info("seed.adopted", vm=vm.name, peer=rel.replica_server, found=adopted.get("found"),
+                         reason="the replica adopted the copy already in its storage; only differences will be sent")
+            await asyncio.to_thread(shutil.rmtree, work, True)
+            meta, replica_maps = await conv.fetch_digests(vm_id, work / "replica")
+            base_maps = await asyncio.to_thread(self._common_point, baselines, rel, meta, work / "base",
+                                                len(vm.files()))
+            if automatic and meta.get("modified") and not meta.get("discard_ok"):
+                moved = await asyncio.to_thread(replica_moved, replica_maps, base_maps) if base_maps else None
+                raise ResyncHeld(
+                    f"the replica copy was modified outside replicad since point {meta.get('applied_seq')} "
+                    + (f"({moved} blocks of 4 KiB changed there)" if moved is not None else
+                       "(how many blocks is unknown: this primary no longer has that point's digests)")
+                    + "; a resync would overwrite those changes, so it waits for the operator",
+                    hint="`replicad replication resync` makes the copy the primary's again (the replica's changes "
+                         "are lost); to keep them, fail over on the replica instead")
             await asyncio.to_thread(baselines.drop_all)
-            meta, replica_maps = await conv.fetch_digests(vm_id, baselines.root / "replica-digests")
             rel.seq = int(meta["applied_seq"])
             rel.epoch = secrets.token_hex(8)
         elif initial:
@@ -283,12 +332,27 @@ class PrimaryEngine:
         # the replica holds log `seq` durably: now, and only now, the baseline advances
         rel = self.catalog.relationship(vm_id)
         self.roll_stats(rel)
+        divergence = None
         if resync:
+            seeded = rel.seed
             rel.epoch = producer.epoch
             rel.awaiting_import = None
+            rel.seed = False
+            rel.resync_hold = None
+            if seeded:
+                rel.stats.initial_replication_size = progress.sent
+            now_maps = [baselines.dir(seq) / Baselines.map_name(i) for i in range(len(replica_maps))]
+            d = await asyncio.to_thread(compare, replica_maps, now_maps, base_maps)
+            divergence = d.to_json() if d else None
+            if d is not None and base_maps is None:  # which side moved is unknown without the common point
+                divergence = {"differing": d.differing, "primary_moved": None, "replica_moved": None,
+                              "both_moved": None}
+            await asyncio.to_thread(shutil.rmtree, work, True)
             log.warning("resync.done", vm=vm.name, peer=rel.replica_server, differing_bytes=producer.data_bytes,
-                        sent=progress.sent, reason="the replica's copy differed from the primary's disks in these "
-                        "blocks; they now hold the primary's content")
+                        sent=progress.sent, **(divergence or {}),
+                        reason="the replica's copy differed from the primary's disks in these blocks (counts of "
+                        "4 KiB blocks: *_moved say which side changed since the common point, None when unknown); "
+                        "the copy now holds the primary's content")
         rel.seq = seq
         rel.error = None
         rel.last_replication_time = utcnow()
@@ -320,6 +384,7 @@ class PrimaryEngine:
         outcome = CycleOutcome(vm=vm.name, seq=seq, kind=kind, bytes_sent=progress.sent,
                                data_bytes=producer.data_bytes, seconds=round(seconds, 3),
                                consistency=producer.consistency, capture=producer.captured,
+                               **({"divergence": divergence} if divergence else {}),
                                **({"warnings": producer.warnings} if producer.warnings else {}))
         bound.info("cycle.done", kind=kind, bytes=progress.sent, data_bytes=producer.data_bytes,
                    seconds=round(seconds, 3), consistency=producer.consistency, capture=producer.captured)

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import shutil
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,8 @@ from ..catalog import Catalog
 from ..times import utcnow
 from ..errors import Conflict, Refused, ResyncRequired, StorageError, UsageError, WireError
 from ..fsutil import durable_rename, fsync_dir, fsync_file
-from ..model import VM, Disk, Relationship, ReplicationMode, ReplicationState, valid_fqdn
+from ..model import (VM, Disk, Relationship, ReplicationMode, ReplicationState, valid_disk_name, valid_fqdn,
+                     valid_vm_name)
 from ..monitoring import roll as roll_interval
 from ..wire import MAX_HEADER, Header, LogDecoder
 from ..images import disk_format
@@ -260,21 +262,66 @@ class ReplicaService:
 
     def _create_replica(self, grant: Grant, header: Header, storage: Path, old: Relationship | None) -> Relationship:
         """Record the replica VM of a verified initial log (or reset it for a new epoch)."""
-        vmdir = VMDir.of(storage, header.vm_id)
-        disks = header.disks[:-1] if header.config else header.disks
-        vm = VM(id=header.vm_id, name=header.vm_name, mode=ReplicationMode.REPLICA,
-                disks=[Disk(str(vmdir.disk(d.name)), d.size, "raw") for d in disks],
-                config_file=str(vmdir.disk(header.disks[-1].name)) if header.config else None)
-        rel = Relationship(vm_id=header.vm_id, role="replica", state=ReplicationState.INITIAL_IN_PROGRESS,
+        return self._register(grant, header.vm_id, header.vm_name, [(d.name, d.size) for d in header.disks],
+                              header.config, storage, header.epoch, old, how="initial log")
+
+    def _register(self, grant: Grant, vm_id: str, name: str, files: list[tuple[str, int]], config: bool,
+                  storage: Path, epoch: str, old: Relationship | None, *, how: str) -> Relationship:
+        vmdir = VMDir.of(storage, vm_id)
+        disks = files[:-1] if config else files
+        vm = VM(id=vm_id, name=name, mode=ReplicationMode.REPLICA,
+                disks=[Disk(str(vmdir.disk(n)), size, "raw") for n, size in disks],
+                config_file=str(vmdir.disk(files[-1][0])) if config else None)
+        rel = Relationship(vm_id=vm_id, role="replica", state=ReplicationState.INITIAL_IN_PROGRESS,
                            primary_server=grant.principal, trust_group=grant.trust_group, storage=str(storage),
-                           epoch=header.epoch, seq=0, applied_seq=0)
+                           epoch=epoch, seq=0, applied_seq=0)
         if old is not None:
             rel.stats = old.stats
         self.catalog.put_vm_and_relationship(vm, rel)
-        self.catalog.audit(grant.principal, "replica.created", f"{header.vm_name} ({header.vm_id}) in {storage}")
-        log.info("replica.vm_created", vm=header.vm_name, peer=grant.principal, storage=str(vmdir.root),
-                 trust_group=grant.trust_group)
+        self.catalog.audit(grant.principal, "replica.created", f"{name} ({vm_id}) in {storage} from {how}")
+        log.info("replica.vm_created", vm=name, peer=grant.principal, storage=str(vmdir.root),
+                 trust_group=grant.trust_group, source=how)
         return rel
+
+    async def seed(self, principal: str, auth: str, vm_id: str, doc: dict) -> dict:
+        """Adopt a copy already in this server's storage as the replica of a primary's VM
+        (`start-initial --use-existing`): the files in ``<storage>/<vm name>/`` named like the
+        VM's files become the replica copy, at point 0; the primary then resyncs against
+        their digests. Only storage the primary's authorization entry grants is looked at."""
+        grant = self.grant_for(principal, auth)
+        name, files, config = doc.get("vm_name"), doc.get("files"), doc.get("config", False)
+        if (not isinstance(name, str) or not valid_vm_name(name) or not isinstance(files, list)
+                or not 0 < len(files) <= 64 or not all(isinstance(f, str) and valid_disk_name(f) for f in files)
+                or len(set(files)) != len(files) or not isinstance(config, bool) or (config and len(files) < 2)):
+            raise UsageError("malformed seed request")
+        try:
+            uuid.UUID(vm_id)
+        except ValueError:
+            raise UsageError("malformed VM id") from None
+        storage = Path(grant.storage)
+        async with self._locks.setdefault(vm_id, asyncio.Lock()):
+            rel = self.catalog.relationship(vm_id)
+            if rel is not None:
+                if rel.role == "replica" and rel.trust_group == grant.trust_group and rel.applied_seq == 0 \
+                        and rel.primary_server == grant.principal:
+                    return {"vm_id": vm_id, "found": None, "adopted": "already"}  # a retried request
+                raise Conflict(f"this replica server already has VM {name} ({vm_id})")
+            other = self.catalog.vm_by_name(name)
+            if other is not None:
+                raise Conflict(f"a VM named {name} already exists on this replica server")
+            source = storage / name
+            vmdir = VMDir.of(storage, vm_id)
+            found = await asyncio.to_thread(_adopt_files, source, vmdir, files)
+            if not found:
+                raise Conflict(f"no existing copy of {name} in {source} on {grant.principal}'s storage",
+                               hint=f"put the copy's files ({', '.join(files)}) in {source} on the replica "
+                                    "server, or start a normal initial replication")
+            sizes = [vmdir.disk(f).stat().st_size for f in files]
+            self._register(grant, vm_id, name, list(zip(files, sizes)), config, storage, "", None,
+                           how=f"existing copy {source}")
+        log.info("replica.seeded", vm=name, peer=principal, found=found, created_empty=len(files) - len(found),
+                 reason="the primary's first cycle compares digests and ships only the blocks that differ")
+        return {"vm_id": vm_id, "found": found}
 
     def status(self, principal: str, auth: str, vm_id: str) -> dict:
         grant = self.grant_for(principal, auth)
@@ -366,6 +413,7 @@ class ReplicaService:
         rel.last_consistency = header.consistency
         if header.kind != "delta":
             rel.points = []  # an initial copy or a resync starts a new chain
+            rel.discard_ok = False
         floor = points.retain(rel, previous, rel.recovery_history, rel.recovery_point_interval)
         self.catalog.put_vm_and_relationship(vm, rel)
         return floor
@@ -397,10 +445,14 @@ class ReplicaService:
         async with self.apply_lock(vm_id):
             rel = self.catalog.relationship(vm_id)
             maps = await asyncio.to_thread(digest_disks, vm.files(), folder)
-        log.info("resync.digests", vm=vm.name, peer=principal, point=rel.applied_seq,
+            now = await asyncio.to_thread(identities, vm.files())
+        # written outside replicad since the last point (a hand edit, a restore, a cancelled
+        # failover's writes): the primary's automatic resync waits for the operator then
+        modified = bool(rel.copy_identity) and now != rel.copy_identity
+        log.info("resync.digests", vm=vm.name, peer=principal, point=rel.applied_seq, modified=modified,
                  reason="the primary compares these with its disks and ships only what differs")
-        return {"applied_seq": rel.applied_seq, "epoch": rel.epoch,
-                "sizes": [m.stat().st_size for m in maps]}, maps
+        return {"applied_seq": rel.applied_seq, "epoch": rel.epoch, "modified": modified,
+                "discard_ok": rel.discard_ok, "sizes": [m.stat().st_size for m in maps]}, maps
 
     async def import_initial(self, name: str, folder: Path, actor: str) -> tuple[VM, Relationship]:
         """`import-initial`: load an exported initial copy from media as if it had arrived
@@ -472,6 +524,32 @@ class ReplicaService:
         shutil.rmtree(VMDir.of(storage, vm_id).root, ignore_errors=True)
         if storage.exists():
             fsync_dir(storage)
+
+
+def _adopt_files(source: Path, vmdir: VMDir, files: list[str]) -> list[str]:
+    """Move the seed's files into the VM's folder (a rename: same filesystem, no copy); a
+    file the seed lacks starts empty and is sent whole. Returns the names found (also those
+    an earlier, interrupted adoption already moved). Symlinks are never followed out."""
+    if source.is_symlink() or (source.exists() and not source.is_dir()):
+        return []
+    have = [f for f in files if (source / f).is_file() and not (source / f).is_symlink()]
+    moved = [f for f in files if vmdir.disk(f).is_file()]
+    if not have and not moved:
+        return []
+    vmdir.create()
+    for f in files:
+        if f in have:
+            os.rename(source / f, vmdir.disk(f))
+        elif not vmdir.disk(f).exists():
+            os.close(os.open(vmdir.disk(f), os.O_WRONLY | os.O_CREAT, 0o600))
+    fsync_dir(vmdir.disks)
+    if source.exists():
+        fsync_dir(source)
+        try:
+            source.rmdir()  # only when the seed folder is now empty
+        except OSError:
+            pass
+    return sorted(set(have) | set(moved))
 
 
 def _verify_log(path: Path) -> Header:

@@ -235,5 +235,8 @@ class Conversation:
                             transient=True)
         return meta, files
 
+    async def seed(self, vm_id: str, doc: dict) -> dict:
+        return await self.request("POST", f"/v1/replicas/{vm_id}/seed", data=json.dumps(doc).encode())
+
     async def push_log(self, vm_id: str, seq: int, body: AsyncIterator[bytes]) -> dict:
         return await self.request("PUT", f"/v1/replicas/{vm_id}/logs/{seq}", data=body)

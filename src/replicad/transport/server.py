@@ -225,6 +225,19 @@ async def reverse(request: web.Request) -> web.Response:
     return web.json_response(await ctx.on_reverse(request[PRINCIPAL], ctx.mode, _vm_id(request), doc))
 
 
+async def seed(request: web.Request) -> web.Response:
+    """The primary asks this replica server to adopt a copy already in its storage."""
+    ctx = request.app[CTX_KEY]
+    raw = await _body(request, 16384)
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise UsageError("seed request is not JSON") from None
+    if not isinstance(doc, dict):
+        raise UsageError("malformed seed request")
+    return web.json_response(await ctx.service.seed(request[PRINCIPAL], ctx.mode, _vm_id(request), doc))
+
+
 async def manage(request: web.Request) -> web.StreamResponse:
     """Remote management: an admin's request, relayed to this host's management socket."""
     ctx = request.app[CTX_KEY]
@@ -266,6 +279,7 @@ def create_peer_app(ctx: PeerContext) -> web.Application:
     app.router.add_get("/v1/replicas/{vm_id}", status)
     app.router.add_put("/v1/replicas/{vm_id}/logs/{seq:[0-9]{1,18}}", put_log)
     app.router.add_post("/v1/replicas/{vm_id}/reverse", reverse)
+    app.router.add_post("/v1/replicas/{vm_id}/seed", seed)
     app.router.add_get("/v1/replicas/{vm_id}/digests", digests)
     app.router.add_route("*", "/v1/manage/{path:.*}", manage)
     return app
