@@ -75,6 +75,16 @@ def valid_fqdn(name: str) -> bool:
 
 # --- records persisted in the catalog and served by the API -------------------------------
 
+import uuid as _uuid  # noqa: E402
+
+_EXTENDED_NS = _uuid.UUID("6f1d3c1e-5a0b-4c55-9a8e-0e7d2b8f4a11")
+
+
+def extended_id(vm_id: str) -> str:
+    """The id under which a replica VM's extended replication runs (and is known on the
+    third host): stable, so a restart or a retried enable finds the same relationship."""
+    return str(_uuid.uuid5(_EXTENDED_NS, vm_id))
+
 from dataclasses import asdict, dataclass, field, fields  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -170,6 +180,8 @@ class Relationship:
     seed: bool = False                  # primary: the first cycle adopts a copy already in the replica's storage
     resync_hold: str | None = None      # primary: an automatic resync would lose the replica's changes
     discard_ok: bool = False            # replica: the operator cancelled a failover; its writes may be overwritten
+    source_vm: str | None = None        # extended (on a replica server): the replica VM whose copy is forwarded
+    extended: bool = False              # replica: this copy is fed by a replica server (mode ExtendedReplica)
 
     def to_json(self) -> dict:
         d = asdict(self)

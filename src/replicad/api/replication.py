@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import secrets
@@ -14,7 +15,7 @@ from .. import log as logmod
 from ..times import format_time, parse_time, utcnow
 from ..errors import Conflict, NotFound, ReplicadError, UsageError
 from ..health import compute as compute_health
-from ..model import Relationship, ReplicationMode, ReplicationState as S, Stats, valid_fqdn
+from ..model import Relationship, ReplicationMode, ReplicationState as S, Stats, extended_id, valid_fqdn
 from ..primary.baseline import Baselines
 from ..primary.export import export_initial
 from ..primary.producer import CycleProducer, Progress
@@ -81,7 +82,8 @@ def apply_options(rel: Relationship, doc: dict, host: Host) -> None:
 
 def rel_json(host: Host, rel: Relationship, name: str) -> dict:
     health, reasons = compute_health(rel)
-    mode = ReplicationMode.PRIMARY if rel.role == "primary" else ReplicationMode.REPLICA
+    mode = ReplicationMode.PRIMARY if rel.role == "primary" else \
+        ReplicationMode.EXTENDED_REPLICA if rel.extended else ReplicationMode.REPLICA
     replica_port = rel.replica_port
     if rel.role == "replica":
         replica_port = host.config.listen.token.port if host.config.listen.token else None
@@ -92,29 +94,51 @@ def rel_json(host: Host, rel: Relationship, name: str) -> dict:
             "recovery_history": rel.recovery_history, "recovery_point_interval": rel.recovery_point_interval,
             "compression": rel.compression, "last_replication_time": rel.last_replication_time,
             "error": rel.error, "bandwidth_limit": rel.bandwidth_limit,
-            "sequence": rel.seq, "applied_sequence": rel.applied_seq if rel.role == "replica" else rel.seq}
+            "sequence": rel.seq, "applied_sequence": rel.applied_seq if rel.role == "replica" else rel.seq,
+            "relationship": "Extended" if rel.source_vm else "Simple"}
 
 
-def _rel(host: Host, name: str, *, role: str | None = None) -> tuple:
+def _rel(host: Host, name: str, *, role: str | None = None, extended: bool = False) -> tuple:
+    """The VM and the relationship a command addresses. On a replica server a VM can have
+    two: its own (role replica) and the extended one forwarding its copy to a third host,
+    addressed with ``extended`` or by a command that only a primary runs. The VM returned
+    then carries the extended relationship's id (its files are still the replica copy)."""
     vm = get_vm(host, name)
     rel = host.catalog.relationship(vm.id)
     if rel is None:
         raise NotFound(f"replication is not enabled for {name}", hint=f"`replicad replication enable {name} ...`")
+    if extended or (role == "primary" and rel.role == "replica"):
+        ext = host.catalog.relationship(extended_id(vm.id))
+        if ext is None:
+            raise (NotFound if extended else Conflict)(
+                f"{name} is a replica here and has no extended replication",
+                hint=f"`replicad replication enable {name} --replica-server THIRD-HOST` forwards its copy")
+        return dataclasses.replace(vm, id=ext.vm_id), ext
     if role and rel.role != role:
         raise Conflict(f"{name} is a {rel.role} here; this command runs on the {role}")
     return vm, rel
+
+
+def _target(request, *, role: str | None = None) -> tuple:
+    return _rel(host_of(request), request.match_info["vm"], role=role,
+                extended=request.query.get("extended") in ("1", "true"))
 
 
 async def enable(request):
     host = host_of(request)
     doc = await body(request)
     vm = get_vm(host, request.match_info["vm"])
-    if host.catalog.relationship(vm.id) is not None:
-        raise Conflict(f"replication is already enabled for {vm.name}")
+    own = host.catalog.relationship(vm.id)
+    extended = own is not None and own.role == "replica"  # a replica server forwarding its copy
+    if (own is not None and not extended) or (extended and host.catalog.relationship(extended_id(vm.id))):
+        raise Conflict(f"{'extended ' if extended else ''}replication is already enabled for {vm.name}")
     if "replica_server" not in doc:
         raise UsageError("--replica-server is required")
-    rel = Relationship(vm_id=vm.id, role="primary", primary_server=host.config.host,
-                       stats=Stats(monitoring_start=utcnow()))
+    if extended and str(doc["replica_server"]).lower() == own.primary_server:
+        raise UsageError(f"{own.primary_server} is this copy's primary; extended replication goes to a third host")
+    rel = Relationship(vm_id=extended_id(vm.id) if extended else vm.id, role="primary",
+                       primary_server=host.config.host, stats=Stats(monitoring_start=utcnow()),
+                       source_vm=vm.id if extended else None)
     if "auth" not in doc and host.config.realm is None and host.config.listen.tls is not None:
         doc = {**doc, "auth": "certificate"}  # the only way this host can authenticate
     apply_options(rel, doc, host)
@@ -122,17 +146,21 @@ async def enable(request):
         rel.replica_port = 443 if rel.auth == "certificate" else 80
     if rel.replica_server == host.config.host:
         raise UsageError("a VM cannot replicate to its own host")
-    vm.mode = ReplicationMode.PRIMARY
-    host.catalog.put_vm_and_relationship(vm, rel)
-    host.catalog.audit(actor(request), "replication.enable", f"{vm.name} -> {rel.replica_server}:{rel.replica_port}")
+    if extended:
+        host.catalog.put_relationship(rel)  # the VM stays a replica here
+    else:
+        vm.mode = ReplicationMode.PRIMARY
+        host.catalog.put_vm_and_relationship(vm, rel)
+    host.catalog.audit(actor(request), "replication.enable", f"{vm.name} -> {rel.replica_server}:{rel.replica_port}"
+                       + (" (extended)" if extended else ""))
     log.info("replication.enabled", vm=vm.name, replica=rel.replica_server, port=rel.replica_port,
-             frequency=rel.frequency)
+             frequency=rel.frequency, relationship="Extended" if extended else "Simple")
     return web.json_response(rel_json(host, rel, vm.name))
 
 
 async def set_replication(request):
     host = host_of(request)
-    vm, rel = _rel(host, request.match_info["vm"], role="primary")
+    vm, rel = _target(request, role="primary")
     doc = await body(request)
     if "replica_server" in doc and rel.seq > 0 and str(doc["replica_server"]).lower() != rel.replica_server:
         raise Conflict("the replica server cannot change once replication has started",
@@ -148,13 +176,13 @@ async def get_replication(request):
     host = host_of(request)
     name = request.match_info.get("vm")
     if name:
-        vm, rel = _rel(host, name)
+        vm, rel = _target(request)
         return web.json_response(rel_json(host, rel, vm.name))
     out = []
     for vm in host.catalog.vms():
-        rel = host.catalog.relationship(vm.id)
-        if rel is not None:
-            out.append(rel_json(host, rel, vm.name))
+        for rel in (host.catalog.relationship(vm.id), host.catalog.relationship(extended_id(vm.id))):
+            if rel is not None:
+                out.append(rel_json(host, rel, vm.name))
     return web.json_response(out)
 
 
@@ -187,7 +215,7 @@ async def _wait_stream(request, host: Host, vm_id: str, fut: asyncio.Future) -> 
 
 async def start_initial(request):
     host = host_of(request)
-    vm, rel = _rel(host, request.match_info["vm"], role="primary")
+    vm, rel = _target(request, role="primary")
     doc = await body(request)
     if rel.state not in (S.READY_FOR_INITIAL, S.WAITING_FOR_INITIAL, S.ERROR) or rel.seq > 0:
         raise Conflict(f"initial replication of {vm.name} is not pending (state {rel.state.value})")
@@ -275,7 +303,7 @@ async def import_initial(request):
 
 async def sync(request):
     host = host_of(request)
-    vm, rel = _rel(host, request.match_info["vm"], role="primary")
+    vm, rel = _target(request, role="primary")
     doc = await body(request)
     if rel.state not in (S.REPLICATING, S.ERROR) or rel.seq == 0:
         raise Conflict(f"{vm.name} is {rel.state.value}; sync needs an established replication",
@@ -289,7 +317,7 @@ async def sync(request):
 
 async def resync(request):
     host = host_of(request)
-    vm, rel = _rel(host, request.match_info["vm"], role="primary")
+    vm, rel = _target(request, role="primary")
     doc = await body(request)
     if (rel.seq == 0 and not rel.awaiting_import and not rel.seed) or rel.state not in (
             S.REPLICATING, S.ERROR, S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING, S.SUSPENDED):
@@ -327,7 +355,7 @@ def measure_json(host: Host, rel: Relationship, name: str) -> dict:
 
 async def measure(request):
     host = host_of(request)
-    vm, rel = _rel(host, request.match_info["vm"])
+    vm, rel = _target(request)
     host.primary.roll_stats(rel)
     host.catalog.put_relationship(rel)
     return web.json_response(measure_json(host, rel, vm.name))
@@ -335,7 +363,7 @@ async def measure(request):
 
 async def reset_stats(request):
     host = host_of(request)
-    vm, rel = _rel(host, request.match_info["vm"])
+    vm, rel = _target(request)
     rel.stats = Stats(monitoring_start=utcnow(), initial_replication_size=rel.stats.initial_replication_size)
     host.catalog.put_relationship(rel)
     log.info("replication.stats_reset", vm=vm.name)
@@ -344,7 +372,7 @@ async def reset_stats(request):
 
 async def suspend(request):
     host = host_of(request)
-    vm, rel = _rel(host, request.match_info["vm"])
+    vm, rel = _target(request)
     if rel.state == S.SUSPENDED:
         return web.json_response(rel_json(host, rel, vm.name))
     if rel.state not in (S.REPLICATING, S.ERROR, S.INITIAL_IN_PROGRESS, S.WAITING_FOR_INITIAL):
@@ -357,7 +385,7 @@ async def suspend(request):
 
 async def resume(request):
     host = host_of(request)
-    vm, rel = _rel(host, request.match_info["vm"])
+    vm, rel = _target(request)
     if rel.state != S.SUSPENDED:
         raise Conflict(f"replication of {vm.name} is not suspended (state {rel.state.value})")
     if rel.role == "primary":
@@ -373,13 +401,17 @@ async def resume(request):
 
 async def remove(request):
     host = host_of(request)
-    vm, rel = _rel(host, request.match_info["vm"])
+    vm, rel = _target(request)
+    if rel.role == "replica" and host.catalog.relationship(extended_id(vm.id)) is not None:
+        raise Conflict(f"{vm.name}'s copy is forwarded by extended replication; remove that first",
+                       hint=f"`replicad replication remove {vm.name} --extended`")
     if rel.role == "primary":
         await host.primary.forget(vm.id)
         await asyncio.to_thread(Baselines(host.config.state_dir, vm.id).drop_all)
     host.catalog.remove_relationship(vm.id)
-    vm.mode = ReplicationMode.NONE
-    host.catalog.put_vm(vm)
+    if not rel.source_vm:  # removing extended replication leaves the replica VM as it is
+        vm.mode = ReplicationMode.NONE
+        host.catalog.put_vm(vm)
     host.catalog.audit(actor(request), "replication.remove", f"{vm.name} ({rel.role})")
     log.info("replication.removed", vm=vm.name, role=rel.role)
     return web.json_response({"removed": vm.name})

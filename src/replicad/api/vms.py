@@ -14,7 +14,8 @@ from .. import log as logmod
 from ..errors import Conflict, NotFound, Refused, ReplicadError, UsageError
 from ..health import compute as compute_health
 from ..images import ImageError, backing_chain, disk_format
-from ..model import VM, Disk, ReplicationMode, ReplicationState, VMState, valid_disk_name, valid_vm_name
+from ..model import (VM, Disk, ReplicationMode, ReplicationState, VMState, extended_id, valid_disk_name,
+                     valid_vm_name)
 from .context import Host, actor, body, host_of
 
 log = logmod.get("replicad.vms")
@@ -169,6 +170,9 @@ async def remove_vm(request):
     if rel is not None and rel.role == "primary":
         raise Conflict(f"{vm.name} is replicated; remove replication first",
                        hint=f"`replicad replication remove {vm.name}`")
+    if host.catalog.relationship(extended_id(vm.id)) is not None:
+        raise Conflict(f"{vm.name}'s copy is forwarded by extended replication; remove that first",
+                       hint=f"`replicad replication remove {vm.name} --extended`")
     if rel is not None and rel.role == "replica":
         await host.replica.remove(vm.id)
         host.catalog.audit(actor(request), "replica.removed", f"{vm.name} ({vm.id})")

@@ -18,8 +18,13 @@ MEASURE_COLUMNS = ("vm", "state", "health", "last_replication_time", "initial_re
 RESULT_COLUMNS = ("vm", "kind", "seq", "bytes_sent", "data_bytes", "seconds", "consistency")
 
 
-def rpath(vm: str, verb: str = "") -> str:
-    return "/v1/replications/" + quote(vm, safe="") + (f"/{verb}" if verb else "")
+def rpath(vm: str, verb: str = "", *, extended: bool = False) -> str:
+    return "/v1/replications/" + quote(vm, safe="") + (f"/{verb}" if verb else "") + ("?extended=1" if extended else "")
+
+
+def extended_option(f):
+    return click.option("--extended", is_flag=True,
+                        help="On a replica server: the extended replication forwarding this copy.")(f)
 
 
 def _options(f):
@@ -104,9 +109,10 @@ def set_(vm, **kw):
 @replication.command("get")
 @click.argument("vm", required=False)
 @managed
-def get(vm):
+@extended_option
+def get(vm, extended):
     """Show replication settings and state (all VMs without an argument)."""
-    show(api().call("GET", rpath(vm) if vm else "/v1/replications"), REPL_COLUMNS)
+    show(api().call("GET", rpath(vm, extended=extended) if vm else "/v1/replications"), REPL_COLUMNS)
 
 
 @replication.command("start-initial")
@@ -166,33 +172,37 @@ def sync(vm, wait):
 @replication.command("measure")
 @click.argument("vm")
 @managed
-def measure(vm):
+@extended_option
+def measure(vm, extended):
     """Statistics and health of the current monitoring interval (Measure-VMReplication)."""
-    show(api().call("GET", rpath(vm, "measure")), MEASURE_COLUMNS)
+    show(api().call("GET", rpath(vm, "measure", extended=extended)), MEASURE_COLUMNS)
 
 
 @replication.command("reset-stats")
 @click.argument("vm")
 @managed
-def reset_stats(vm):
+@extended_option
+def reset_stats(vm, extended):
     """Start a new monitoring interval (a Warning from missed cycles clears)."""
-    show(api().call("POST", rpath(vm, "reset-stats")), MEASURE_COLUMNS)
+    show(api().call("POST", rpath(vm, "reset-stats", extended=extended)), MEASURE_COLUMNS)
 
 
 @replication.command("suspend")
 @click.argument("vm")
 @managed
-def suspend(vm):
+@extended_option
+def suspend(vm, extended):
     """Pause replication (changes keep being tracked)."""
-    show(api().call("POST", rpath(vm, "suspend")), REPL_COLUMNS)
+    show(api().call("POST", rpath(vm, "suspend", extended=extended)), REPL_COLUMNS)
 
 
 @replication.command("resume")
 @click.argument("vm")
 @managed
-def resume(vm):
+@extended_option
+def resume(vm, extended):
     """Resume replication; the merged changes ship in one cycle."""
-    show(api().call("POST", rpath(vm, "resume")), REPL_COLUMNS)
+    show(api().call("POST", rpath(vm, "resume", extended=extended)), REPL_COLUMNS)
 
 
 @replication.command("resync")
@@ -219,9 +229,10 @@ def reverse(vm):
 @replication.command("remove")
 @click.argument("vm")
 @managed
-def remove(vm):
+@extended_option
+def remove(vm, extended):
     """Remove replication of a VM on this host (the VM and its files stay)."""
-    show(api().call("DELETE", rpath(vm)))
+    show(api().call("DELETE", rpath(vm, extended=extended)))
 
 
 @replication.command("recovery-points")

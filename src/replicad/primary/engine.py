@@ -9,8 +9,10 @@ VM ``Error`` with its reason and retries: the loop never dies, other VMs never n
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import shutil
+from collections.abc import Callable
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,7 +21,7 @@ from .. import log as logmod
 from ..catalog import Catalog
 from ..errors import PeerError, ReplicadError, ResyncRequired
 from ..health import compute as compute_health
-from ..model import Relationship, ReplicationState as S
+from ..model import VM, Relationship, ReplicationState as S
 from ..monitoring import roll as roll_interval
 from ..replica.settings import ServerSettings
 from ..times import parse_time, utcnow
@@ -45,6 +47,9 @@ class CycleOutcome(dict):
 class PrimaryEngine:
     def __init__(self, catalog: Catalog, state_dir: Path, client: PeerClient, ports: tuple[int, int] = (0, 0)):
         self.ports = ports  # this host's token and TLS listener ports, told to the replica for `reverse`
+        # extended replication: the lock that keeps a replica copy at a committed point while
+        # it is captured (ReplicaService.apply_lock, wired by the daemon)
+        self.source_lock: Callable[[str], asyncio.Lock] | None = None
         self._prepare: set[str] = set()
         self.catalog = catalog
         self.state_dir = state_dir
@@ -253,9 +258,30 @@ class PrimaryEngine:
         async with self.client.conversation(rel.replica_server, rel.replica_port, rel.auth) as conv:
             return await self._cycle_in(vm_id, conv)
 
+    def vm_of(self, rel: Relationship) -> VM | None:
+        """The VM a relationship replicates; for extended replication, the replica VM seen
+        under the relationship's own id (its files are this host's replica copy)."""
+        if not rel.source_vm:
+            return self.catalog.vm_by_id(rel.vm_id)
+        vm = self.catalog.vm_by_id(rel.source_vm)
+        return dataclasses.replace(vm, id=rel.vm_id) if vm is not None else None
+
+    def _source_ready(self, rel: Relationship) -> None:
+        src = self.catalog.relationship(rel.source_vm)
+        if src is None or src.role != "replica":
+            raise ReplicadError("the replica VM this extended replication forwards is gone")
+        if src.applied_seq == 0:
+            e = ReplicadError("the replica copy has no committed point yet; extended replication waits for it")
+            e.transient = True
+            raise e
+
     async def _cycle_in(self, vm_id: str, conv: Conversation) -> CycleOutcome:
         rel = self.catalog.relationship(vm_id)
-        vm = self.catalog.vm_by_id(vm_id)
+        vm = self.vm_of(rel)
+        if vm is None:
+            raise ReplicadError("the VM of this replication is gone")
+        if rel.source_vm:
+            self._source_ready(rel)
         baselines = Baselines(self.state_dir, vm_id)
         initial = rel.seq == 0 and not rel.seed and rel.state not in (S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING)
         resync = rel.seed or (not initial and rel.state in (S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING))
@@ -309,18 +335,29 @@ class PrimaryEngine:
         producer.replica_maps = replica_maps
         producer.history = (rel.recovery_history, rel.recovery_point_interval)
         producer.primary_ports = self.ports
+        producer.extended = bool(rel.source_vm)
         prepared = producer.prepared = vm_id in self._prepare and not initial
         self._prepare.discard(vm_id)
         bound = log.bind(vm=vm.name, peer=rel.replica_server, cycle=seq)
         t0 = time.monotonic()
+        # a forwarded replica copy is read at a committed point: no apply runs while it is
+        # captured (only the clone, where the filesystem can clone; the whole read otherwise)
+        lock = self.source_lock(rel.source_vm) if rel.source_vm and self.source_lock else None
         try:
+            if lock is not None:
+                await lock.acquire()
             header = await asyncio.to_thread(producer.open)
+            if lock is not None and producer.point_in_time:
+                lock.release()
+                lock = None
             ack = await conv.push_log(vm_id, seq, stream_batches(producer, bandwidth_limit=rel.bandwidth_limit))
         except ReplicadError:
             if producer.error is not None:
                 raise producer.error from None
             raise
         finally:
+            if lock is not None:
+                lock.release()
             progress.done = True
             progress.changed.set()
             await asyncio.to_thread(producer.thaw)  # post-snapshot always runs, whatever happened
@@ -375,11 +412,11 @@ class PrimaryEngine:
             st.maximum_latency = max(st.maximum_latency, seconds)
             st.missed_count += int(seconds // rel.frequency)  # ticks that passed while this cycle ran
         self._save(rel)
-        vm = self.catalog.vm_by_id(vm_id)
-        if vm is not None:  # sizes as shipped, so `vm get` follows a growing disk
-            for d, info in zip(vm.disks, header.disks):
+        own = self.catalog.vm_by_id(vm_id)  # None for extended replication: the replica's VM is not ours
+        if own is not None:  # sizes as shipped, so `vm get` follows a growing disk
+            for d, info in zip(own.disks, header.disks):
                 d.size = info.size
-            self.catalog.put_vm(vm)
+            self.catalog.put_vm(own)
         await asyncio.to_thread(baselines.keep_only, seq)
         outcome = CycleOutcome(vm=vm.name, seq=seq, kind=kind, bytes_sent=progress.sent,
                                data_bytes=producer.data_bytes, seconds=round(seconds, 3),

@@ -60,10 +60,12 @@ class CycleProducer:
         self.primary_ports: tuple[int, int] = (0, 0)
         self.replica_maps: list[Path] | None = None  # resync: the replica's own digests as the baseline
         self.history: tuple[int, int] = (0, 3600)
+        self.extended = False      # forwarding a replica copy to a third host
         self.capture = True        # reflink point-in-time capture where the filesystem can
         self.consistency = Consistency.CRASH.value
         self.captured = "none"     # "reflink": every changed file was read from a clone; else "live"
         self.warnings: list[str] = []
+        self.point_in_time = False  # every changed file is read from a clone
         self._frozen = False       # the pre-snapshot hook ran and the post-snapshot one has not
         self._readers: list[DigestMapReader | None] = []
         self._opened: tuple[list[DiskScan], Header] | None = None
@@ -104,7 +106,7 @@ class CycleProducer:
             self.thaw()
             raise ReplicadError(f"cannot open disk {e.filename}: {e.strerror}") from None
         unchanged = [s.old is not None and s.old.identity == i for s, i in zip(scans, idents)]
-        point_in_time = all(s.captured or u for s, u in zip(scans, unchanged))
+        point_in_time = self.point_in_time = all(s.captured or u for s, u in zip(scans, unchanged))
         self.captured = "reflink" if any(s.captured for s in scans) and point_in_time else \
             "none" if all(unchanged) else "live"
         if point_in_time:
@@ -121,7 +123,7 @@ class CycleProducer:
                         self.consistency,
                         tuple(DiskInfo(i, p.name, ident.size) for i, (p, ident) in enumerate(zip(paths, idents))),
                         self.frequency, prepared=self.prepared, primary_ports=self.primary_ports,
-                        history=self.history, config=bool(self.vm.config_file))
+                        history=self.history, config=bool(self.vm.config_file), extended=self.extended)
         return scans, header
 
     def batches(self) -> Iterator[bytes]:

@@ -263,18 +263,20 @@ class ReplicaService:
     def _create_replica(self, grant: Grant, header: Header, storage: Path, old: Relationship | None) -> Relationship:
         """Record the replica VM of a verified initial log (or reset it for a new epoch)."""
         return self._register(grant, header.vm_id, header.vm_name, [(d.name, d.size) for d in header.disks],
-                              header.config, storage, header.epoch, old, how="initial log")
+                              header.config, storage, header.epoch, old, how="initial log", extended=header.extended)
 
     def _register(self, grant: Grant, vm_id: str, name: str, files: list[tuple[str, int]], config: bool,
-                  storage: Path, epoch: str, old: Relationship | None, *, how: str) -> Relationship:
+                  storage: Path, epoch: str, old: Relationship | None, *, how: str,
+                  extended: bool = False) -> Relationship:
         vmdir = VMDir.of(storage, vm_id)
         disks = files[:-1] if config else files
-        vm = VM(id=vm_id, name=name, mode=ReplicationMode.REPLICA,
+        mode = ReplicationMode.EXTENDED_REPLICA if extended else ReplicationMode.REPLICA
+        vm = VM(id=vm_id, name=name, mode=mode,
                 disks=[Disk(str(vmdir.disk(n)), size, "raw") for n, size in disks],
                 config_file=str(vmdir.disk(files[-1][0])) if config else None)
         rel = Relationship(vm_id=vm_id, role="replica", state=ReplicationState.INITIAL_IN_PROGRESS,
                            primary_server=grant.principal, trust_group=grant.trust_group, storage=str(storage),
-                           epoch=epoch, seq=0, applied_seq=0)
+                           epoch=epoch, seq=0, applied_seq=0, extended=extended)
         if old is not None:
             rel.stats = old.stats
         self.catalog.put_vm_and_relationship(vm, rel)

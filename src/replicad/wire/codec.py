@@ -84,6 +84,7 @@ class Header:
     primary_ports: tuple[int, int] = (0, 0)  # the primary's token and TLS ports, for `reverse`
     history: tuple[int, int] = (0, 3600)  # recovery history (points) and recovery-point interval (s)
     config: bool = False  # the last entry of ``disks`` is the VM's configuration file
+    extended: bool = False  # sent by a replica server forwarding its copy (extended replication)
     version: int = VERSION
 
     def to_json(self) -> bytes:
@@ -97,6 +98,7 @@ class Header:
             **({"primary_ports": list(self.primary_ports)} if any(self.primary_ports) else {}),
             **({"history": list(self.history)} if self.history[0] else {}),
             **({"config": True} if self.config else {}),
+            **({"extended": True} if self.extended else {}),
         }, separators=(",", ":")).encode()
 
     @classmethod
@@ -162,8 +164,11 @@ class Header:
         config = doc.get("config", False)
         if not isinstance(config, bool) or (config and len(disks) < 2):
             raise WireError("change-log header: bad config flag")
+        extended = doc.get("extended", False)
+        if not isinstance(extended, bool):
+            raise WireError("change-log header: bad extended flag")
         return cls(vm_id, vm_name, epoch, seq, base_seq, kind, time_, consistency, tuple(disks), frequency, mac,
-                   prepared, (ports[0], ports[1]), (history[0], history[1]), config)
+                   prepared, (ports[0], ports[1]), (history[0], history[1]), config, extended)
 
 
 @dataclass(frozen=True)
