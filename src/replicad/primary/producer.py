@@ -20,7 +20,7 @@ from ..tracking.scan import DataChange, DiskScan, Resize, ZeroChange
 from ..wire import DiskInfo, Header, LogEncoder
 from .baseline import Baselines
 
-BATCH = 1 << 20
+BATCH = 4 << 20
 
 
 @dataclass
@@ -135,7 +135,7 @@ class CycleProducer:
                 last = 0
                 for ch in scan.changes():
                     if isinstance(ch, DataChange):
-                        out += enc.data(i, ch.offset, ch.data)
+                        enc.data_into(out, i, ch.offset, ch.data)
                     elif isinstance(ch, ZeroChange):
                         out += enc.zero(i, ch.offset, ch.length)
                     elif isinstance(ch, Resize):
@@ -143,8 +143,8 @@ class CycleProducer:
                     if len(out) >= BATCH:
                         self.progress.scanned += scan.read_bytes - last
                         last = scan.read_bytes
-                        yield bytes(out)
-                        out.clear()
+                        yield out  # handed over whole: a fresh buffer continues, no copy
+                        out = bytearray()
                 self.progress.scanned += scan.read_bytes - last
                 self.fuzzy |= scan.fuzzy
             self.thaw()

@@ -107,6 +107,15 @@ def write_undo(vmdir: VMDir, log_path: Path, disk_paths: list[Path]) -> Path:
             os.close(fd)
 
 
+def apply_record(fd: int, item: Record) -> None:
+    if item.kind == RECORD_DATA:
+        os.pwrite(fd, item.data, item.offset)
+    elif item.kind == RECORD_ZERO:
+        punch_hole(fd, item.offset, item.length)
+    elif item.kind == RECORD_RESIZE:
+        os.ftruncate(fd, item.offset)
+
+
 def apply_records(log_path: Path, disk_paths: list[Path], *, fresh: bool = False) -> Header:
     """Write every record of a verified log into the disks and fsync them. Idempotent.
 
@@ -124,15 +133,8 @@ def apply_records(log_path: Path, disk_paths: list[Path], *, fresh: bool = False
         for item in read_log(log_path):
             if isinstance(item, Trailer) and item.fuzzy:
                 header = dataclasses.replace(header, consistency="fuzzy")
-            if not isinstance(item, Record):
-                continue
-            fd = fds[item.disk]
-            if item.kind == RECORD_DATA:
-                os.pwrite(fd, item.data, item.offset)
-            elif item.kind == RECORD_ZERO:
-                punch_hole(fd, item.offset, item.length)
-            elif item.kind == RECORD_RESIZE:
-                os.ftruncate(fd, item.offset)
+            if isinstance(item, Record):
+                apply_record(fds[item.disk], item)
         for fd in fds:
             os.fsync(fd)
     finally:

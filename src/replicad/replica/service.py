@@ -4,6 +4,7 @@ acknowledge, and apply them in sequence (one applier task per replica VM)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -21,17 +22,17 @@ from ..fsutil import durable_rename, fsync_dir, fsync_file
 from ..model import (VM, Disk, Relationship, ReplicationMode, ReplicationState, valid_disk_name, valid_fqdn,
                      valid_vm_name)
 from ..monitoring import roll as roll_interval
-from ..wire import MAX_HEADER, Header, LogDecoder
+from ..wire import MAX_HEADER, Header, LogDecoder, Record
 from ..images import disk_format
 from ..tracking.scan import digest_disks
 from . import points
-from .apply import discard, read_log, rollback, write_point
+from .apply import apply_record, discard, read_log, rollback, write_point
 from .failover import identities
 from .layout import VMDir
 from .settings import ServerSettings
 
 log = logmod.get("replicad.replica")
-STAGE_BATCH = 1 << 20
+STAGE_BATCH = 4 << 20
 APPLY_RETRY_MAX = 60.0
 
 
@@ -43,14 +44,15 @@ class Staging:
     decoder: LogDecoder
     fd: int
 
-    def write(self, data: bytes, *, decoded: bool = False) -> None:
+    def write(self, data: bytes | list[bytes], *, decoded: bool = False) -> None:
         """Verify (unless the decoder already saw these bytes) and append to the staged file."""
-        if not decoded:
-            self.decoder.feed(data)  # raises WireError on the first bad byte
-        view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
+        for piece in data if isinstance(data, list) else [data]:
+            if not decoded:
+                self.decoder.feed(piece)  # raises WireError on the first bad byte
+            view = memoryview(piece)
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
 
     def finish(self, final: Path) -> None:
         self.decoder.close()
@@ -64,6 +66,57 @@ class Staging:
             os.close(self.fd)
             self.fd = -1
         self.part.unlink(missing_ok=True)
+
+
+@dataclass
+class DirectInitial:
+    """An initial log written straight into a copy that has no committed point yet.
+
+    Staging it first would write every byte twice (log, then copy) and read it back once;
+    with no earlier point to protect, the records go to the disks as they are verified and
+    the copy is committed when the trailer verifies and the disks are fsynced. A crash or a
+    refused log leaves a copy that was never committed: the primary starts over."""
+
+    decoder: LogDecoder
+    fds: list[int]
+    folder: Path
+
+    @classmethod
+    def open(cls, vmdir: VMDir, header: Header, decoder: LogDecoder) -> "DirectInitial":
+        vmdir.create()
+        fds = []
+        try:
+            for d in header.disks:
+                fd = os.open(vmdir.disk(d.name), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+                fds.append(fd)
+                os.ftruncate(fd, d.size)  # sparse: holes and zero blocks are never written
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return cls(decoder, fds, vmdir.disks)
+
+    def apply(self, items) -> None:
+        for item in items:
+            if isinstance(item, Record):
+                apply_record(self.fds[item.disk], item)
+
+    def write(self, data: bytes | list[bytes], *, decoded: bool = False) -> None:
+        if not decoded:
+            for piece in data if isinstance(data, list) else [data]:
+                self.apply(self.decoder.feed(piece))
+
+    def finish(self, final: Path) -> None:
+        self.decoder.close()
+        for fd in self.fds:
+            os.fsync(fd)
+        self.abort()
+        fsync_dir(self.folder)
+
+    def abort(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
 
 
 class ReplicaService:
@@ -139,21 +192,23 @@ class ReplicaService:
                 raise
 
     async def _read_header(self, chunks: AsyncIterator[bytes],
-                           mac_key: bytes | None) -> tuple[Header, LogDecoder, bytearray]:
+                           mac_key: bytes | None) -> tuple[Header, LogDecoder, bytearray, list]:
+        """The header, the decoder, the bytes read so far and the items decoded after the header."""
         dec = LogDecoder(mac_key=mac_key, require_mac=mac_key is not None)
         buf = bytearray()
         async for chunk in chunks:
             buf += chunk
-            for item in dec.feed(chunk):
+            items = dec.feed(chunk)
+            for i, item in enumerate(items):
                 if isinstance(item, Header):
-                    return item, dec, buf
+                    return item, dec, buf, items[i + 1:]
             if len(buf) > MAX_HEADER + 64 and dec.header is None:
                 raise WireError("change-log header too large")
         raise WireError("change log truncated before its header")
 
     async def _receive_locked(self, grant: Grant, auth: str, vm_id: str, seq: int, chunks: AsyncIterator[bytes],
                               mac_key: bytes | None) -> dict:
-        header, dec, head_bytes = await self._read_header(chunks, mac_key)
+        header, dec, head_bytes, first_items = await self._read_header(chunks, mac_key)
         if header.vm_id != vm_id or header.seq != seq:
             raise WireError("change-log header does not match the request")
         vm = self.catalog.vm_by_id(vm_id)
@@ -202,21 +257,38 @@ class ReplicaService:
         vmdir = VMDir.of(storage, vm_id)
         fresh_dir = not vmdir.root.exists()
         received = len(head_bytes)
+        direct = header.kind == "initial" and (rel is None or rel.applied_seq == 0)
         try:
-            staging = await asyncio.to_thread(self._open_staging, vmdir, seq, dec)
+            if direct:
+                staging = await asyncio.to_thread(DirectInitial.open, vmdir, header, dec)
+                await asyncio.to_thread(staging.apply, first_items)
+            else:
+                staging = await asyncio.to_thread(self._open_staging, vmdir, seq, dec)
+            # receiving and verifying+writing overlap: one batch is written in a worker thread
+            # while the next one arrives (both cores work, the socket never waits on the disk)
+            pending: asyncio.Future | None = None
             try:
                 await asyncio.to_thread(staging.write, bytes(head_bytes), decoded=True)
-                batch = bytearray()
+                batch: list[bytes] = []  # the chunks as received: never copied into one buffer
+                size = 0
                 async for chunk in chunks:
-                    batch += chunk
+                    batch.append(chunk)
+                    size += len(chunk)
                     received += len(chunk)
-                    if len(batch) >= STAGE_BATCH:
-                        await asyncio.to_thread(staging.write, bytes(batch))
-                        batch.clear()
+                    if size >= STAGE_BATCH:
+                        if pending is not None:
+                            await pending
+                        pending = asyncio.ensure_future(asyncio.to_thread(staging.write, batch))
+                        batch, size = [], 0
+                if pending is not None:
+                    await pending
+                    pending = None
                 if batch:
-                    await asyncio.to_thread(staging.write, bytes(batch))
+                    await asyncio.to_thread(staging.write, batch)
                 await asyncio.to_thread(staging.finish, vmdir.log(seq))
             except BaseException:
+                if pending is not None:  # never close the file under a write still running
+                    await asyncio.gather(pending, return_exceptions=True)
                 await asyncio.to_thread(staging.abort)
                 raise
         except BaseException as e:
@@ -227,6 +299,21 @@ class ReplicaService:
             raise
         if header.kind == "initial":
             rel = self._create_replica(grant, header, storage, rel)
+        if direct:  # already in the copy: commit it now (the applier has nothing to do)
+            rel = self.catalog.relationship(vm_id)
+            rel.seq = seq
+            rel.auth = auth
+            rel.frequency = header.frequency or rel.frequency
+            rel.primary_ports = list(header.primary_ports) if any(header.primary_ports) else rel.primary_ports
+            self.catalog.put_relationship(rel)
+            final = dataclasses.replace(header, consistency="fuzzy") if dec.trailer.fuzzy else header
+            await asyncio.to_thread(points.drop_undo, vmdir, self._commit(vm_id, final))
+            bound.info("log.acknowledged", bytes=received, records=dec.records, base=0, applied="while received")
+            bound.info("log.applied", kind=header.kind, point=header.time, consistency=final.consistency)
+            cond = self._applied.setdefault(vm_id, asyncio.Condition())
+            async with cond:
+                cond.notify_all()
+            return {"acked_seq": seq, "applied_seq": seq, "bytes": received}
         rel = self.catalog.relationship(vm_id)
         rel.seq = seq
         rel.epoch = header.epoch  # a resync starts the primary's new epoch here

@@ -258,6 +258,14 @@ class DiskScan:
         if new == old:
             return
         zd = zero_digest(BLOCK)
+        if zd not in new and zd not in old and all(map(int.__ne__, new, old)):
+            # every block changed and none is zero (an initial copy of data, a rewrite):
+            # whole extents, without a per-block loop
+            for a in range(0, n, MAX_EXTENT):
+                b = min(a + MAX_EXTENT, n)
+                self.changed_bytes += b - a
+                yield DataChange(pos + a, mv[a:b])
+            return
         run_start = None  # data run in block indexes relative to the chunk
         for i in range(len(new) + 1):
             dirty = i < len(new) and new[i] != old[i]

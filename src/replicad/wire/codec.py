@@ -9,28 +9,34 @@ Layout (little endian)::
 
 ``checksum`` is xxh3-64 over the record's first 20 bytes (kind..length) followed by the
 uncompressed data, so a flipped bit in an offset is caught as surely as one in the data.
-``digest`` is xxh3-128 over every byte before the trailer (MACs excluded). Trailer flag 1
+``digest`` is xxh3-128 over every byte before the trailer (MACs excluded), then the
+trailer's flags byte. Trailer flag 1
 (``fuzzy``): a file changed while it was read, so the point is not crash-consistent; only
 known once everything was read, hence in the trailer, not the header. Every length is
 checked against its bound before anything is allocated; the decoder holds at most one record.
 
-With ``"mac": "blake2b-128"`` in the header (the token transport), every item — header,
-each record, trailer — is followed by a 16-byte keyed BLAKE2b of (u64 item index, item
-bytes) under the session key: unlike the checksums, an attacker cannot recompute these, and
-the index stops reordering, dropping or splicing items.
+With ``"mac": "poly1305"`` in the header (the token transport), every item — header, each
+record, trailer — is followed by a 16-byte Poly1305 tag of the item bytes under a one-time
+key: the first 32 bytes of the ChaCha20 block (session key, counter = item index, nonce =
+the header's random 8-byte ``mac_nonce``), as RFC 8439 derives Poly1305 keys. Unlike the
+checksums, an attacker cannot recompute these; the index stops reordering, dropping or
+splicing items, and the per-log nonce keeps one-time keys one-time. (Poly1305 runs at
+~10 GB/s here, BLAKE2b at ~1 GB/s: the MAC was the largest cost of a cycle.)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import hmac
 import json
+import secrets
 import struct
 from dataclasses import dataclass
 
 import xxhash
 import zstandard
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 from ..errors import WireError
 from ..model import valid_disk_name, valid_vm_name
@@ -39,6 +45,7 @@ MAGIC = b"RPLG"
 VERSION = 1
 MAX_HEADER = 64 * 1024
 MAX_RECORD = 4 * 1024 * 1024
+PROBE = 64 * 1024  # compression probe
 MAX_DISKS = 64
 MAX_DISK_SIZE = 1 << 50  # 1 PiB
 
@@ -53,9 +60,9 @@ _RECORD = struct.Struct("<BBHQIIQ")
 _RECORD_SUM = struct.Struct("<BBHQI")  # the part the checksum covers
 _TRAILER = struct.Struct("<BQQB16s")
 TRAILER_FUZZY = 1
-MAC_ALG = "blake2b-128"
+MAC_ALG = "poly1305"
 MAC_LEN = 16
-_MAC_PERSON = b"replicad-log-v1"
+_OTK_ZEROS = bytes(32)
 # zstd's worst case for MAX_RECORD bytes is a little above it; anything larger is hostile.
 _MAX_PAYLOAD = MAX_RECORD + (MAX_RECORD >> 7) + 1024
 
@@ -80,6 +87,7 @@ class Header:
     disks: tuple[DiskInfo, ...] = ()
     frequency: int = 0  # the primary's cycle frequency, so the replica can judge lag
     mac: str | None = None  # MAC_ALG when every item carries a MAC
+    mac_nonce: str = ""     # 16 hex digits, random per log: one-time MAC keys never repeat
     prepared: bool = False  # the last log before a planned failover (`failover start --prepare`)
     primary_ports: tuple[int, int] = (0, 0)  # the primary's token and TLS ports, for `reverse`
     history: tuple[int, int] = (0, 3600)  # recovery history (points) and recovery-point interval (s)
@@ -93,7 +101,7 @@ class Header:
             "base_seq": self.base_seq, "kind": self.kind, "time": self.time,
             "consistency": self.consistency, "frequency": self.frequency,
             "disks": [{"index": d.index, "name": d.name, "size": d.size} for d in self.disks],
-            **({"mac": self.mac} if self.mac else {}),
+            **({"mac": self.mac, "mac_nonce": self.mac_nonce} if self.mac else {}),
             **({"prepared": True} if self.prepared else {}),
             **({"primary_ports": list(self.primary_ports)} if any(self.primary_ports) else {}),
             **({"history": list(self.history)} if self.history[0] else {}),
@@ -167,8 +175,13 @@ class Header:
         extended = doc.get("extended", False)
         if not isinstance(extended, bool):
             raise WireError("change-log header: bad extended flag")
-        return cls(vm_id, vm_name, epoch, seq, base_seq, kind, time_, consistency, tuple(disks), frequency, mac,
-                   prepared, (ports[0], ports[1]), (history[0], history[1]), config, extended)
+        mac_nonce = doc.get("mac_nonce", "")
+        if mac is not None and not (isinstance(mac_nonce, str) and len(mac_nonce) == 16
+                                    and all(c in "0123456789abcdef" for c in mac_nonce)):
+            raise WireError("change-log header: bad MAC nonce")
+        return cls(vm_id, vm_name, epoch, seq, base_seq, kind, time_, consistency, tuple(disks), frequency,
+                   mac=mac, mac_nonce=mac_nonce if mac else "", prepared=prepared, primary_ports=(ports[0], ports[1]),
+                   history=(history[0], history[1]), config=config, extended=extended)
 
 
 @dataclass(frozen=True)
@@ -188,11 +201,10 @@ class Trailer:
     fuzzy: bool = False
 
 
-def item_mac(key: bytes, index: int, item: bytes | memoryview) -> bytes:
-    h = hashlib.blake2b(key=key, digest_size=MAC_LEN, person=_MAC_PERSON)
-    h.update(struct.pack("<Q", index))
-    h.update(item)
-    return h.digest()
+def item_mac(key: bytes, nonce: bytes, index: int, item: bytes | memoryview) -> bytes:
+    """Poly1305 of ``item`` under the one-time key for (session key, log nonce, index)."""
+    chacha = Cipher(algorithms.ChaCha20(key, struct.pack("<Q", index) + nonce), mode=None).encryptor()
+    return Poly1305.generate_tag(chacha.update(_OTK_ZEROS), item)
 
 
 def _record_checksum(kind: int, flags: int, disk: int, offset: int, length: int, data: bytes | memoryview = b"") -> int:
@@ -207,9 +219,10 @@ class LogEncoder:
 
     def __init__(self, header: Header, *, compress: bool = True, level: int = 1, mac_key: bytes | None = None):
         if mac_key is not None:
-            header = dataclasses.replace(header, mac=MAC_ALG)
+            header = dataclasses.replace(header, mac=MAC_ALG, mac_nonce=secrets.token_hex(8))
         self.header = header
         self._mac_key = mac_key
+        self._nonce = bytes.fromhex(header.mac_nonce) if mac_key is not None else b""
         self._items = 0
         self._digest = xxhash.xxh3_128()
         self._zstd = zstandard.ZstdCompressor(level=level) if compress else None
@@ -223,9 +236,25 @@ class LogEncoder:
     def _mac(self, b: bytes) -> bytes:
         if self._mac_key is None:
             return b
-        m = item_mac(self._mac_key, self._items, b)
+        m = item_mac(self._mac_key, self._nonce, self._items, b)
         self._items += 1
         return b + m
+
+    def _emit(self, out: bytearray, head: bytes, payload: bytes | memoryview) -> None:
+        """Append one item (fixed header + payload, then its MAC) to ``out`` without
+        building it first: one copy of the payload, into the batch being sent."""
+        start = len(out)
+        out += head
+        out += payload
+        item = memoryview(out)[start:]
+        self._digest.update(item)
+        if self._mac_key is not None:
+            m = item_mac(self._mac_key, self._nonce, self._items, item)
+            item.release()
+            self._items += 1
+            out += m
+        else:
+            item.release()
 
     def start(self) -> bytes:
         raw = self.header.to_json()
@@ -234,19 +263,27 @@ class LogEncoder:
         return self._out(_PREAMBLE.pack(MAGIC, VERSION, len(raw)) + raw)
 
     def data(self, disk: int, offset: int, data: bytes | memoryview) -> bytes:
+        out = bytearray()
+        self.data_into(out, disk, offset, data)
+        return bytes(out)
+
+    def data_into(self, out: bytearray, disk: int, offset: int, data: bytes | memoryview) -> None:
+        """Append a data record to ``out``. Compression is tried on a 64 KiB probe first:
+        incompressible data (most of a real image's changed blocks) costs no full attempt."""
         length = len(data)
         if not 0 < length <= MAX_RECORD:
             raise WireError(f"record length {length} out of bounds")
         flags = 0
         payload = data
         if self._zstd is not None:
-            c = self._zstd.compress(data)
-            if len(c) < length - (length >> 5):  # keep only a real saving
-                flags, payload = FLAG_ZSTD, c
+            if length <= 2 * PROBE or len(self._zstd.compress(data[:PROBE])) < PROBE - (PROBE >> 5):
+                c = self._zstd.compress(data)
+                if len(c) < length - (length >> 5):  # keep only a real saving
+                    flags, payload = FLAG_ZSTD, c
         checksum = _record_checksum(RECORD_DATA, 0, disk, offset, length, data)
         self.records += 1
         self.data_bytes += length
-        return self._out(_RECORD.pack(RECORD_DATA, flags, disk, offset, length, len(payload), checksum) + bytes(payload))
+        self._emit(out, _RECORD.pack(RECORD_DATA, flags, disk, offset, length, len(payload), checksum), payload)
 
     def zero(self, disk: int, offset: int, length: int) -> bytes:
         if not 0 < length <= 2**32 - 1:
@@ -262,6 +299,7 @@ class LogEncoder:
 
     def finish(self, *, fuzzy: bool = False) -> bytes:
         flags = TRAILER_FUZZY if fuzzy else 0
+        self._digest.update(bytes([flags]))  # the digest covers the trailer's flags too
         return self._mac(_TRAILER.pack(RECORD_TRAILER, self.records, self.data_bytes, flags, self._digest.digest()))
 
 
@@ -313,7 +351,8 @@ class LogDecoder:
         return len(self._buf) - self._pos
 
     def _take(self, n: int) -> bytes:
-        b = bytes(self._buf[self._pos:self._pos + n])
+        with memoryview(self._buf) as view:  # one copy out of the buffer, not two
+            b = bytes(view[self._pos:self._pos + n])
         self._pos += n
         self.consumed += n
         return b
@@ -327,7 +366,8 @@ class LogDecoder:
         if not self._maclen:
             return
         got = self._take(MAC_LEN)
-        if self._mac_key is not None and not hmac.compare_digest(got, item_mac(self._mac_key, self._items, item)):
+        if self._mac_key is not None and not hmac.compare_digest(
+                got, item_mac(self._mac_key, self._nonce, self._items, item)):
             raise WireError(f"MAC mismatch on change-log item {self._items}: altered in flight")
         self._items += 1
 
@@ -354,6 +394,7 @@ class LogDecoder:
                 return None
             self._take(len(raw))
             self.header = header
+            self._nonce = bytes.fromhex(header.mac_nonce)
             self._digest.update(raw)
             self._check_mac(raw)
             return self.header
@@ -370,6 +411,7 @@ class LogDecoder:
             if records != self.records or data_bytes != self.data_bytes:
                 raise WireError(f"change-log trailer counts {records} records/{data_bytes} bytes, "
                                 f"received {self.records}/{self.data_bytes}")
+            self._digest.update(bytes([flags]))
             if digest != self._digest.digest():
                 raise WireError("change-log digest mismatch")
             self.trailer = Trailer(records, data_bytes, digest, bool(flags & TRAILER_FUZZY))
@@ -400,7 +442,7 @@ class LogDecoder:
         self._digest.update(raw)
         data = None
         if kind == RECORD_DATA:
-            payload = raw[_RECORD.size:]
+            payload = memoryview(raw)[_RECORD.size:]
             if flags & FLAG_ZSTD:
                 try:
                     data = self._dctx.decompress(payload, max_output_size=length)
