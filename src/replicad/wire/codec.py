@@ -31,6 +31,7 @@ import hmac
 import json
 import secrets
 import struct
+from collections import deque
 from dataclasses import dataclass
 
 import xxhash
@@ -315,8 +316,10 @@ class LogDecoder:
         self._mac_key = mac_key
         self._require_mac = require_mac
         self._items = 0
-        self._buf = bytearray()
-        self._pos = 0
+        # received chunks, never merged: an item is sliced out of its chunk (no copy) and
+        # only an item that straddles chunks is joined (one copy of that item)
+        self._q: deque[memoryview] = deque()
+        self._size = 0
         self._digest = xxhash.xxh3_128()
         self._dctx = zstandard.ZstdDecompressor()
         self.header: Header | None = None
@@ -329,33 +332,62 @@ class LogDecoder:
     def feed(self, data: bytes | memoryview) -> list:
         if self.trailer is not None and data:
             raise WireError("bytes after the change-log trailer")
-        self._buf += data
+        if data:
+            # keep our own immutable reference: callers may reuse their buffer
+            self._q.append(memoryview(data if isinstance(data, bytes) else bytes(data)))
+            self._size += len(data)
         out = []
         while True:
             item = self._next()
             if item is None:
                 break
             out.append(item)
-        if self._pos > (1 << 20) or self._pos == len(self._buf):
-            del self._buf[:self._pos]
-            self._pos = 0
         return out
 
     def close(self) -> None:
         if self.trailer is None:
             raise WireError("change log truncated: no trailer")
-        if self._pos != len(self._buf):
+        if self._size:
             raise WireError("bytes after the change-log trailer")
 
     def _avail(self) -> int:
-        return len(self._buf) - self._pos
+        return self._size
 
-    def _take(self, n: int) -> bytes:
-        with memoryview(self._buf) as view:  # one copy out of the buffer, not two
-            b = bytes(view[self._pos:self._pos + n])
-        self._pos += n
+    def _peek(self, n: int) -> bytes:
+        """The next ``n`` buffered bytes (the caller checked they are there), not consumed."""
+        first = self._q[0]
+        if len(first) >= n:
+            return bytes(first[:n])
+        parts, need = [], n
+        for c in self._q:
+            parts.append(c[:need])
+            need -= len(parts[-1])
+            if not need:
+                break
+        return b"".join(parts)
+
+    def _take(self, n: int) -> bytes | memoryview:
+        """Consume ``n`` buffered bytes: a slice of the chunk holding them, or one join."""
+        self._size -= n
         self.consumed += n
-        return b
+        first = self._q[0]
+        if len(first) >= n:
+            if len(first) == n:
+                self._q.popleft()
+            else:
+                self._q[0] = first[n:]
+            return first[:n]
+        parts, need = [], n
+        while need:
+            c = self._q[0]
+            if len(c) <= need:
+                parts.append(self._q.popleft())
+                need -= len(c)
+            else:
+                parts.append(c[:need])
+                self._q[0] = c[need:]
+                need = 0
+        return b"".join(parts)
 
     @property
     def _maclen(self) -> int:
@@ -377,7 +409,7 @@ class LogDecoder:
         if self.header is None:
             if self._avail() < _PREAMBLE.size:
                 return None
-            magic, version, hlen = _PREAMBLE.unpack_from(self._buf, self._pos)
+            magic, version, hlen = _PREAMBLE.unpack(self._peek(_PREAMBLE.size))
             if magic != MAGIC:
                 raise WireError("not a change log (bad magic)")
             if version != VERSION:
@@ -386,7 +418,7 @@ class LogDecoder:
                 raise WireError(f"change-log header of {hlen} bytes exceeds {MAX_HEADER}")
             if self._avail() < _PREAMBLE.size + hlen:
                 return None
-            raw = bytes(self._buf[self._pos:self._pos + _PREAMBLE.size + hlen])
+            raw = self._peek(_PREAMBLE.size + hlen)
             header = Header.from_json(raw[_PREAMBLE.size:])
             if self._require_mac and not header.mac:
                 raise WireError("this transport requires MACs on change-log items")
@@ -400,7 +432,7 @@ class LogDecoder:
             return self.header
         if self._avail() < 1:
             return None
-        if self._buf[self._pos] == RECORD_TRAILER:
+        if self._q[0][0] == RECORD_TRAILER:
             if self._avail() < _TRAILER.size + self._maclen:
                 return None
             raw = self._take(_TRAILER.size)
@@ -418,7 +450,7 @@ class LogDecoder:
             return self.trailer
         if self._avail() < _RECORD.size:
             return None
-        kind, flags, disk, offset, length, plen, checksum = _RECORD.unpack_from(self._buf, self._pos)
+        kind, flags, disk, offset, length, plen, checksum = _RECORD.unpack(self._peek(_RECORD.size))
         disks = self.header.disks
         if kind not in (RECORD_DATA, RECORD_ZERO, RECORD_RESIZE) or flags & ~FLAG_ZSTD:
             raise WireError(f"unknown record kind {kind} or flags {flags}")
