@@ -12,7 +12,6 @@ import click
 from .. import config as configmod
 from ..errors import UsageError
 from .client import ApiClient
-from .remote import RemoteClient
 from .render import render
 
 FALLBACK_SOCKET = "/run/replicad/replicad.sock"
@@ -53,6 +52,7 @@ def output_format() -> str:
 def api() -> ApiClient | RemoteClient:
     if _meta("computer_name"):
         path = _meta("config") or os.environ.get("REPLICAD_CONFIG") or configmod.DEFAULT_PATH
+        from .remote import RemoteClient  # lazy: TLS and token machinery only for -C
         return RemoteClient(_meta("computer_name"), configmod.load(path))
     if _meta("socket"):
         return ApiClient(_meta("socket"))

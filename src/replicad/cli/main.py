@@ -12,9 +12,6 @@ import click
 
 from .. import __version__
 from .. import config as configmod
-from ..auth import certs as certsmod
-from ..auth import token
-from ..demo import run_demo
 from ..errors import ReplicadError
 from .common import api, global_options, managed, show
 from .replication import REPL_COLUMNS, RESULT_COLUMNS, replication, wait_with_progress
@@ -70,6 +67,7 @@ def realm():
 @click.option("--out", required=True, type=click.Path(file_okay=False), metavar="DIR")
 def realm_init(name, out):
     """Create a realm: DIR/realm.key (secret, 0600) and DIR/realm.pub."""
+    from ..auth import token  # lazy: cryptography's x509 costs a CLI call ~40 ms
     key, pub = token.realm_init(name, Path(out))
     click.echo(f"realm {name.lower()}: {key} (keep secret), {pub} (give to every host)")
 
@@ -80,6 +78,7 @@ def realm_init(name, out):
 @click.option("--out", required=True, type=click.Path(dir_okay=False), metavar="FILE")
 def realm_issue(realm_dir, host, out):
     """Issue one host's credential FILE (0600): its own key pair, signed by the realm."""
+    from ..auth import token
     click.echo(f"credential for {host.lower()}: {token.realm_issue(Path(realm_dir), host, Path(out))}")
 
 
@@ -93,6 +92,7 @@ def certs():
 @click.option("--name", default="replicad CA", show_default=True)
 def certs_init_ca(out, name):
     """Create a CA: DIR/ca.pem and DIR/ca.key (0600)."""
+    from ..auth import certs as certsmod
     cert, key = certsmod.init_ca(Path(out), name)
     click.echo(f"CA {name!r}: {cert}, {key} (keep secret)")
 
@@ -103,6 +103,7 @@ def certs_init_ca(out, name):
 @click.option("--out", required=True, type=click.Path(file_okay=False), metavar="DIR")
 def certs_issue(ca_dir, hosts, out):
     """Issue DIR/FQDN.pem + DIR/FQDN.key (SANs = every --host), for TLS server and client."""
+    from ..auth import certs as certsmod
     cert, key = certsmod.issue(Path(ca_dir), list(hosts), Path(out))
     click.echo(f"certificate for {', '.join(hosts)}: {cert}, {key}")
 
@@ -175,6 +176,7 @@ def apply_cmd(file, diff):
 @click.option("--keep-running", is_flag=True, help="Leave the three hosts running at the end.")
 def demo_cmd(workdir, keep_running):
     """The article's story on three local hosts (no root, no network)."""
+    from ..demo import run_demo
     sys.exit(run_demo(workdir, keep_running))
 
 

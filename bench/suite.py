@@ -1,0 +1,511 @@
+"""`make bench`: replicad measured side by side with rsync and with this machine's limits.
+
+Every case runs both daemons as real processes on 127.0.0.x and an rsync daemon on
+127.0.0.9, in one run, so ratios hold on a noisy machine. Each case repeats (3 by default);
+the table gives medians and the spread (min–max), the targets of issue 5 are checked from
+the medians, and everything lands in bench/results/latest.json.
+
+    .venv/bin/python bench/suite.py [--reps N] [--size-gib G] [--only CASE,...] [--many-seconds S]
+
+Cases: limits, initial (token and TLS vs rsync -W), delta1 and delta10 (vs rsync --inplace
+--no-whole-file -B4096), idle, sparse16 (16 GiB image, 1 GiB of data: time and peak RSS),
+many (50 VMs x 64 MiB at a 5 s frequency)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.integration.harness import Cluster, Host, file_digest, wait_applied, wait_for  # noqa: E402
+
+GiB, MiB, BLOCK = 1 << 30, 1 << 20, 4096
+RSYNC_ADDR = "127.0.0.9"
+RACY_S = 2.1  # replicad re-reads a file written in the last 2 s (scan.racy_guard): an idle disk is older
+
+
+# --- images ---------------------------------------------------------------------------------
+
+def make_image(path: Path, size: int, seed: int = 1) -> int:
+    """60% random data, 40% zeros (allocated), in 1 MiB stripes; returns the data bytes."""
+    rnd = random.Random(seed)
+    data = 0
+    with open(path, "wb") as f:
+        for i in range(size // MiB):
+            if i % 5 < 3:
+                f.write(rnd.randbytes(MiB))
+                data += MiB
+            else:
+                f.write(bytes(MiB))
+        os.fsync(f.fileno())
+    return data
+
+
+def make_sparse(path: Path, size: int, data: int, seed: int = 2) -> int:
+    """A sparse image of ``size`` with ``data`` bytes of random data in 1 MiB pieces spread evenly."""
+    rnd = random.Random(seed)
+    pieces = data // MiB
+    step = size // pieces
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for i in range(pieces):
+            f.seek(i * step)
+            f.write(rnd.randbytes(MiB))
+        os.fsync(f.fileno())
+    return pieces * MiB
+
+
+def scribble(path: Path, fraction: float, seed: int) -> int:
+    """Rewrite ``fraction`` of the 4 KiB blocks at random, as a guest would."""
+    rnd = random.Random(seed)
+    blocks = path.stat().st_size // BLOCK
+    n = int(blocks * fraction)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for b in rnd.sample(range(blocks), n):
+            os.pwrite(fd, rnd.randbytes(BLOCK), b * BLOCK)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return n
+
+
+def settle(path: Path) -> None:
+    """Wait until the file was last written more than RACY_S ago (an idle disk)."""
+    wait_for(lambda: time.time() - path.stat().st_mtime > RACY_S, 10, f"{path.name} to be idle", interval=0.1)
+
+
+# --- processes ------------------------------------------------------------------------------
+
+def proc_cpu(pid: int) -> float:
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return -1.0
+
+
+class Rsync:
+    """An rsync daemon on loopback, the way an operator would copy images without replicad."""
+
+    def __init__(self, root: Path):
+        if not shutil.which("rsync"):
+            raise SystemExit("bench: rsync is not installed (apt-get install rsync); `make bench` installs it as root")
+        self.dst = root / "rsync-dst"
+        self.dst.mkdir()
+        with socket.socket() as s:
+            s.bind((RSYNC_ADDR, 0))
+            self.port = s.getsockname()[1]
+        conf = root / "rsyncd.conf"
+        conf.write_text(f"use chroot = no\npid file = {root}/rsyncd.pid\n[bench]\npath = {self.dst}\n"
+                        f"read only = false\nuid = {os.getuid()}\ngid = {os.getgid()}\n")
+        self.proc = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={conf}",
+                                      f"--address={RSYNC_ADDR}", f"--port={self.port}"])
+        wait_for(self._up, 10, "the rsync daemon")
+
+    def _up(self) -> bool:
+        try:
+            socket.create_connection((RSYNC_ADDR, self.port), 0.2).close()
+            return True
+        except OSError:
+            return False
+
+    def run(self, src: Path, *opts: str) -> dict:
+        t = time.monotonic()
+        r = subprocess.run(["rsync", "--stats", *opts, str(src), f"rsync://{RSYNC_ADDR}:{self.port}/bench/"],
+                           capture_output=True, text=True, check=True)
+        seconds = time.monotonic() - t
+        sent = int(re.search(r"Total bytes sent: ([\d,]+)", r.stdout).group(1).replace(",", ""))
+        return {"seconds": round(seconds, 3), "bytes": sent}
+
+    def copy(self, src: Path) -> dict:
+        (self.dst / src.name).unlink(missing_ok=True)
+        return self.run(src, "--whole-file", "--ignore-times")
+
+    def delta(self, src: Path) -> dict:
+        return self.run(src, "--inplace", "--no-whole-file", "-B4096", "--ignore-times")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def start_pair(root: Path, auth: str = "token") -> tuple[Host, Host, Cluster]:
+    root.mkdir(parents=True)
+    c = Cluster(root, names=("vmhost1", "vmhost2"), auth=auth)
+    replica, primary = c["vmhost1"], c["vmhost2"]
+    for h in (replica, primary):
+        h.write_config(log={"format": "json", "level": "info"})
+        h.start()
+    replica.cli("server", "set", "--enabled", "true", "--auth", "both")
+    return primary, replica, c
+
+
+def enable(primary: Host, replica: Host, vm: str, image: Path, auth: str = "token", frequency: int = 3600) -> None:
+    port = replica.tls_port if auth == "certificate" else replica.port
+    primary.cli("vm", "add", vm, "--disk", str(image))
+    primary.cli("replication", "enable", vm, "--replica-server", replica.fqdn, "--replica-port", str(port),
+                "--auth", auth, "--frequency", str(frequency))
+
+
+def timed(host: Host, *args: str) -> tuple[dict, float]:
+    t = time.monotonic()
+    r = host.json(*args)
+    return r, time.monotonic() - t
+
+
+def drop(primary: Host, replica: Host, vm: str) -> None:
+    primary.cli("replication", "remove", vm)
+    primary.cli("vm", "remove", vm)
+    replica.cli("vm", "remove", vm)  # deletes the replica copy
+
+
+def stats(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
+            "max": round(max(values), 3), "runs": [round(v, 3) for v in values]}
+
+
+# --- cases ----------------------------------------------------------------------------------
+
+def case_limits(work: Path, image: Path) -> dict:
+    """What the machine can do: page-cache reads, hashing, durable writes."""
+    import xxhash
+    buf = bytearray(4 * MiB)
+    t = time.monotonic()
+    with open(image, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+    read = image.stat().st_size / (time.monotonic() - t)
+    data = os.urandom(64 * MiB)
+    t = time.monotonic()
+    for _ in range(8):
+        xxhash.xxh3_64_intdigest(data)
+    hashing = 8 * len(data) / (time.monotonic() - t)
+    out = work / "limits.tmp"
+    t = time.monotonic()
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    for _ in range(16):
+        os.write(fd, data[:32 * MiB])
+    os.fsync(fd)
+    os.close(fd)
+    write = 512 * MiB / (time.monotonic() - t)
+    out.unlink()
+    return {"page_cache_read_GBps": round(read / 1e9, 2), "xxh3_GBps": round(hashing / 1e9, 2),
+            "write_fsync_GBps": round(write / 1e9, 2), "cpus": os.cpu_count(),
+            "kernel": platform.release(), "python": platform.python_version()}
+
+
+def case_initial(work: Path, image: Path, data: int, reps: int, rsync: Rsync) -> dict:
+    out = {}
+    for auth in ("token", "certificate"):
+        primary, replica, c = start_pair(work / f"initial-{auth}", auth)
+        try:
+            runs, rs = [], []
+            for rep in range(reps):
+                vm = f"init{rep}"
+                enable(primary, replica, vm, image, auth)
+                os.sync()
+                order = ("replicad", "rsync") if rep % 2 == 0 else ("rsync", "replicad")
+                for who in order:
+                    if who == "rsync":
+                        if auth == "token":  # one rsync series serves both listeners
+                            rs.append(rsync.copy(image))
+                            (rsync.dst / image.name).unlink()
+                        continue
+                    r, wall = timed(primary, "replication", "start-initial", vm, "--wait")
+                    t = time.monotonic()
+                    wait_applied(primary, replica, vm, timeout=600)
+                    applied = wall + time.monotonic() - t
+                    copy = Path(replica.json("vm", "get", vm)["disks"][0]["path"])
+                    if rep == 0:
+                        assert file_digest(copy) == file_digest(image), "replica copy differs"
+                    runs.append({"wall": wall, "cycle": r["seconds"], "applied": applied, "bytes": r["bytes_sent"],
+                                 "data_bytes": r["data_bytes"]})
+                    os.sync()
+                drop(primary, replica, vm)
+            out[auth] = {"wall_s": stats([r["wall"] for r in runs]), "cycle_s": stats([r["cycle"] for r in runs]),
+                         "applied_s": stats([r["applied"] for r in runs]),
+                         "bytes_sent": runs[0]["bytes"], "data_bytes": data,
+                         "data_GBps": round(data / statistics.median(r["wall"] for r in runs) / 1e9, 3),
+                         "peak_rss_MiB": {"primary": peak_rss_mib(primary.proc.pid),
+                                          "replica": peak_rss_mib(replica.proc.pid)}}
+            if rs:
+                out["rsync"] = {"seconds": stats([r["seconds"] for r in rs]), "bytes_sent": rs[0]["bytes"]}
+        finally:
+            c.shutdown()
+    return out
+
+
+def case_deltas(work: Path, image: Path, reps: int, rsync: Rsync) -> dict:
+    primary, replica, c = start_pair(work / "delta")
+    out = {}
+    try:
+        enable(primary, replica, "delta", image)
+        primary.json("replication", "start-initial", "delta", "--wait")
+        wait_applied(primary, replica, "delta", timeout=600)
+        rsync.copy(image)  # rsync's destination starts from the same image
+        copy = Path(replica.json("vm", "get", "delta")["disks"][0]["path"])
+        for name, fraction in (("delta1", 0.01), ("delta10", 0.10)):
+            runs, rs = [], []
+            for rep in range(reps):
+                n = scribble(image, fraction, seed=100 * rep + int(fraction * 1000))
+                os.sync()
+                order = ("replicad", "rsync") if rep % 2 == 0 else ("rsync", "replicad")
+                for who in order:
+                    if who == "rsync":
+                        rs.append(rsync.delta(image))
+                        continue
+                    r, wall = timed(primary, "replication", "sync", "delta", "--wait")
+                    t = time.monotonic()
+                    wait_applied(primary, replica, "delta", timeout=600)
+                    runs.append({"wall": wall, "cycle": r["seconds"], "applied": wall + time.monotonic() - t,
+                                 "bytes": r["bytes_sent"], "data_bytes": r["data_bytes"], "writes": n})
+            assert file_digest(copy) == file_digest(image), "replica copy differs"
+            out[name] = {"writes": runs[0]["writes"], "wall_s": stats([r["wall"] for r in runs]),
+                         "cycle_s": stats([r["cycle"] for r in runs]),
+                         "applied_s": stats([r["applied"] for r in runs]),
+                         "bytes_sent": stats([r["bytes"] for r in runs]),
+                         "rsync": {"seconds": stats([r["seconds"] for r in rs]),
+                                   "bytes_sent": stats([r["bytes"] for r in rs])}}
+        runs = []
+        for _ in range(reps):
+            settle(image)
+            r, wall = timed(primary, "replication", "sync", "delta", "--wait")
+            runs.append((r["seconds"], wall, r["bytes_sent"]))
+        out["idle"] = {"cycle_s": stats([r[0] for r in runs]), "wall_s": stats([r[1] for r in runs]),
+                       "bytes_sent": runs[0][2]}
+        out["peak_rss_MiB"] = {"primary": peak_rss_mib(primary.proc.pid), "replica": peak_rss_mib(replica.proc.pid)}
+    finally:
+        c.shutdown()
+    return out
+
+
+def case_sparse16(work: Path) -> dict:
+    image = work / "sparse16.img"
+    data = make_sparse(image, 16 * GiB, GiB)
+    primary, replica, c = start_pair(work / "sparse16")
+    try:
+        enable(primary, replica, "big", image)
+        os.sync()
+        r, wall = timed(primary, "replication", "start-initial", "big", "--wait")
+        wait_applied(primary, replica, "big", timeout=900)
+        return {"image": "16 GiB sparse, 1 GiB of data", "wall_s": round(wall, 3), "cycle_s": r["seconds"],
+                "bytes_sent": r["bytes_sent"], "data_bytes": data,
+                "peak_rss_MiB": {"primary": peak_rss_mib(primary.proc.pid),
+                                 "replica": peak_rss_mib(replica.proc.pid)}}
+    finally:
+        c.shutdown()
+        image.unlink()
+
+
+def case_many(work: Path, seconds: int, vms: int = 50, size: int = 64 * MiB, frequency: int = 5) -> dict:
+    primary, replica, c = start_pair(work / "many")
+    images = []
+    stop = threading.Event()
+    try:
+        for i in range(vms):
+            img = work / f"many{i:02d}.img"
+            make_sparse(img, size, 8 * MiB, seed=i)
+            images.append(img)
+            enable(primary, replica, f"vm{i:02d}", img, frequency=frequency)
+        for i in range(vms):
+            primary.cli("replication", "start-initial", f"vm{i:02d}")
+        wait_for(lambda: all(r["state"] == "Replicating" for r in primary.json("replication", "get")), 300,
+                 "every initial copy")
+        for i in range(vms):
+            primary.cli("replication", "reset-stats", f"vm{i:02d}")
+
+        def guest_writes():  # every VM's guest writes a little, all the time
+            rnd = random.Random(7)
+            while not stop.is_set():
+                for img in images:
+                    fd = os.open(img, os.O_WRONLY)
+                    os.pwrite(fd, rnd.randbytes(BLOCK), rnd.randrange(size // BLOCK) * BLOCK)
+                    os.close(fd)
+                stop.wait(0.5)
+        writer = threading.Thread(target=guest_writes, daemon=True)
+        cpu0 = [proc_cpu(h.proc.pid) for h in (primary, replica)]
+        t0 = time.monotonic()
+        writer.start()
+        stop.wait(seconds)
+        stop.set()
+        writer.join()
+        elapsed = time.monotonic() - t0
+        cpu = [proc_cpu(h.proc.pid) - c0 for h, c0 in zip((primary, replica), cpu0)]
+        measures = [primary.json("replication", "measure", f"vm{i:02d}") for i in range(vms)]
+        cycles = sum(m["successful_count"] for m in measures)
+        expected = vms * int(elapsed // frequency)
+        return {"vms": vms, "frequency_s": frequency, "seconds": round(elapsed, 1), "cycles": cycles,
+                "expected_cycles": expected, "missed": sum(m["missed_count"] for m in measures),
+                "errors": sum(m["errors"] for m in measures),
+                "cpu_cores_used": {"primary": round(cpu[0] / elapsed, 3), "replica": round(cpu[1] / elapsed, 3),
+                                   "together": round(sum(cpu) / elapsed, 3)},
+                "cpu_ms_per_cycle": round(1000 * sum(cpu) / max(cycles, 1), 2),
+                "peak_rss_MiB": {"primary": peak_rss_mib(primary.proc.pid),
+                                 "replica": peak_rss_mib(replica.proc.pid)}}
+    finally:
+        stop.set()
+        c.shutdown()
+        for img in images:
+            img.unlink(missing_ok=True)
+
+
+# --- targets and report ---------------------------------------------------------------------
+
+def targets(res: dict) -> list[dict]:
+    out = []
+
+    def check(name: str, value, limit, ok: bool) -> None:
+        out.append({"target": name, "value": value, "limit": limit, "ok": bool(ok)})
+    if "delta1" in res:
+        d = res["delta1"]
+        ratio = d["wall_s"]["median"] / d["rsync"]["seconds"]["median"]
+        check("delta 1%: time vs rsync -B4096", round(ratio, 3), "<= 0.25", ratio <= 0.25)
+        b = d["bytes_sent"]["median"] / d["rsync"]["bytes_sent"]["median"]
+        check("delta 1%: bytes vs rsync -B4096", round(b, 3), "<= 1.5", b <= 1.5)
+    if "delta10" in res:
+        d = res["delta10"]
+        ratio = d["wall_s"]["median"] / d["rsync"]["seconds"]["median"]
+        check("delta 10%: time vs rsync -B4096", round(ratio, 3), "<= 0.25", ratio <= 0.25)
+    if "initial" in res:
+        i = res["initial"]
+        ratio = i["token"]["wall_s"]["median"] / i["rsync"]["seconds"]["median"]
+        check("initial (token): time vs rsync -W", round(ratio, 3), "<= 0.667", ratio <= 2 / 3)
+        check("initial: bytes on the wire vs image data", round(i["token"]["bytes_sent"] / i["token"]["data_bytes"], 4),
+              "<= 1 (+ log framing)", i["token"]["bytes_sent"] <= i["token"]["data_bytes"] * 1.001 + 65536)
+        check("initial (TLS): image data rate GB/s", i["certificate"]["data_GBps"], ">= 0.45",
+              i["certificate"]["data_GBps"] >= 0.45)
+    if "idle" in res:
+        v = res["idle"]["cycle_s"]["median"]
+        check("idle cycle: seconds", v, "<= 0.05", v <= 0.05)
+    rss = []
+    for key in ("initial", "delta", "sparse16", "many"):
+        node = res.get(key)
+        if not node:
+            continue
+        for sub in ([node] + [v for v in node.values() if isinstance(v, dict)]):
+            if isinstance(sub, dict) and "peak_rss_MiB" in sub:
+                rss += list(sub["peak_rss_MiB"].values())
+    if rss:
+        check("peak RSS per daemon, MiB", max(rss), "<= 150", max(rss) <= 150)
+    if "many" in res:
+        m = res["many"]
+        check("50 VMs: missed cycles", m["missed"], "== 0", m["missed"] == 0 and m["errors"] == 0)
+        check("50 VMs: cycles done vs ticks", f"{m['cycles']}/{m['expected_cycles']}", ">= ticks - 1 per VM",
+              m["cycles"] >= m["expected_cycles"] - m["vms"])
+        check("50 VMs: both daemons, cores", m["cpu_cores_used"]["together"], "< 1.0",
+              m["cpu_cores_used"]["together"] < 1.0)
+    return out
+
+
+def table(res: dict, checks: list[dict]) -> str:
+    lines = []
+
+    def row(case, ours, theirs="", ratio=""):
+        lines.append(f"  {case:<38} {ours:<30} {theirs:<26} {ratio}")
+
+    def med(s):
+        return f"{s['median']:.3f} s ({s['min']:.2f}–{s['max']:.2f})"
+    lines.append(f"  {'case':<38} {'replicad':<30} {'rsync':<26} ratio")
+    if "initial" in res:
+        i = res["initial"]
+        for auth in ("token", "certificate"):
+            row(f"initial copy, {auth}", med(i[auth]["wall_s"]), med(i["rsync"]["seconds"]),
+                f"{i[auth]['wall_s']['median'] / i['rsync']['seconds']['median']:.2f}")
+        row("  bytes on the wire", f"{i['token']['bytes_sent'] / MiB:.0f} MiB", f"{i['rsync']['bytes_sent'] / MiB:.0f} MiB")
+        row("  applied on the replica (token)", med(i["token"]["applied_s"]))
+    for key, label in (("delta1", "delta cycle, 1% of blocks"), ("delta10", "delta cycle, 10% of blocks")):
+        if key in res:
+            d = res[key]
+            row(label, med(d["wall_s"]), med(d["rsync"]["seconds"]),
+                f"{d['wall_s']['median'] / d['rsync']['seconds']['median']:.2f}")
+            row("  bytes on the wire", f"{d['bytes_sent']['median'] / MiB:.1f} MiB",
+                f"{d['rsync']['bytes_sent']['median'] / MiB:.1f} MiB",
+                f"{d['bytes_sent']['median'] / d['rsync']['bytes_sent']['median']:.2f}")
+    if "idle" in res:
+        row("idle cycle (daemon)", med(res["idle"]["cycle_s"]))
+        row("idle cycle (CLI wall)", med(res["idle"]["wall_s"]))
+    if "sparse16" in res:
+        s = res["sparse16"]
+        row("16 GiB sparse, 1 GiB data", f"{s['wall_s']:.2f} s, RSS {max(s['peak_rss_MiB'].values())} MiB")
+    if "many" in res:
+        m = res["many"]
+        row("50 VMs x 64 MiB, every 5 s", f"{m['cycles']}/{m['expected_cycles']} cycles, {m['missed']} missed",
+            f"{m['cpu_cores_used']['together']} cores, {m['cpu_ms_per_cycle']} ms CPU/cycle")
+    lines.append("")
+    for c in checks:
+        lines.append(f"  [{'PASS' if c['ok'] else 'FAIL'}] {c['target']}: {c['value']} (target {c['limit']})")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--size-gib", type=float, default=2.0)
+    ap.add_argument("--only", default="limits,initial,deltas,sparse16,many")
+    ap.add_argument("--many-seconds", type=int, default=60)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
+    ap.add_argument("--workdir", default=None, help="where images go (default: a new folder in /var/tmp)")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    work = Path(tempfile.mkdtemp(prefix="replicad-bench-", dir=args.workdir or "/var/tmp"))
+    res: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reps": args.reps}
+    rsync = None
+    try:
+        image = work / "disk.img"
+        size = int(args.size_gib * GiB)
+        data = make_image(image, size)
+        res["image"] = {"size": size, "data_bytes": data, "layout": "60% random / 40% zeros, 1 MiB stripes"}
+        if "limits" in only:
+            res["limits"] = case_limits(work, image)
+            print("limits:", res["limits"], flush=True)
+        if only & {"initial", "deltas"}:
+            rsync = Rsync(work)
+        if "initial" in only:
+            res["initial"] = case_initial(work, image, data, args.reps, rsync)
+            print("initial:", json.dumps(res["initial"]), flush=True)
+        if "deltas" in only:
+            d = case_deltas(work, image, args.reps, rsync)
+            res.update({k: d[k] for k in ("delta1", "delta10", "idle")})
+            res["delta"] = {"peak_rss_MiB": d["peak_rss_MiB"]}
+            print("deltas:", json.dumps(d), flush=True)
+        if "sparse16" in only:
+            res["sparse16"] = case_sparse16(work)
+            print("sparse16:", json.dumps(res["sparse16"]), flush=True)
+        if "many" in only:
+            res["many"] = case_many(work, args.many_seconds)
+            print("many:", json.dumps(res["many"]), flush=True)
+    finally:
+        if rsync is not None:
+            rsync.close()
+        shutil.rmtree(work, ignore_errors=True)
+    checks = targets(res)
+    res["targets"] = checks
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print("\n" + table(res, checks))
+    print(f"\nresults: {out}")
+    return 0 if all(c["ok"] for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
