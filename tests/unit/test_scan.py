@@ -139,3 +139,18 @@ def test_holes_are_not_read(tmp_path):
     s, ch = scan(img, None, tmp_path / "m")
     assert s.read_bytes < 8 << 20  # one data region, not the whole GiB
     assert [(c.offset, len(c.data)) for c in ch] == [(512 << 20, BLOCK)]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_differing_finds_exactly_the_changed_digests(seed):
+    from array import array
+
+    from replicad.tracking.scan import differing
+    rnd = random.Random(seed)
+    n = rnd.choice([1, 7, 8, 9, 1024, 1000])
+    old = array("Q", (rnd.getrandbits(64) for _ in range(n)))
+    new = array("Q", old)
+    changed = sorted(rnd.sample(range(n), rnd.randrange(0, n + 1) if n < 20 else rnd.randrange(0, 40)))
+    for i in changed:
+        new[i] ^= 1 << rnd.randrange(64)
+    assert list(differing(new, old)) == changed
