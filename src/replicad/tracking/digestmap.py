@@ -1,9 +1,13 @@
 """The persisted digest map of one disk: xxh3-64 of every fixed-size block, plus the
 file's identity (size, mtime, ctime, inode) at the time it was read.
 
-File layout: a 64-byte header then one little-endian u64 per block. Maps are written
-next to their final place and made durable before they count (see primary/baseline.py);
-they are read in slices, never loaded whole, so memory does not grow with the image."""
+File layout (version 2): a 64-byte header, one little-endian u64 per 4 KiB block, then one
+u64 per 64 KiB super-block (the xxh3-64 of those 64 KiB). A scan hashes super-blocks first
+and hashes the 4 KiB blocks only inside super-blocks that changed: an image with scattered
+writes costs one hash call per 64 KiB where nothing changed instead of sixteen. Maps are
+written next to their final place and made durable before they count (see
+primary/baseline.py); they are read in slices, never loaded whole, so memory does not grow
+with the image. A version-1 map (no super-blocks) still reads; its scan hashes every block."""
 
 from __future__ import annotations
 
@@ -17,9 +21,11 @@ from pathlib import Path
 import xxhash
 
 BLOCK = 4096
+SUPER = 16                  # blocks per super-block
+SUPER_BYTES = SUPER * BLOCK
 _HEADER = struct.Struct("<4sHIQqqQQ14x")
 MAGIC = b"RPDM"
-VERSION = 1
+VERSION = 2
 assert _HEADER.size == 64
 
 
@@ -52,12 +58,13 @@ class DigestMapReader:
             self._f.close()
             raise ValueError(f"{path}: truncated digest map")
         magic, version, block, size, mtime, ctime, ino, dev = _HEADER.unpack(raw)
-        if magic != MAGIC or version != VERSION or block != BLOCK:
+        if magic != MAGIC or version not in (1, VERSION) or block != BLOCK:
             self._f.close()
             raise ValueError(f"{path}: not a digest map of this version")
         self.identity = FileIdentity(size, mtime, ctime, ino, dev)
         self.blocks = -(-size // BLOCK)
-        if os.fstat(self._f.fileno()).st_size != _HEADER.size + 8 * self.blocks:
+        self.supers = -(-self.blocks // SUPER) if version >= 2 else 0
+        if os.fstat(self._f.fileno()).st_size != _HEADER.size + 8 * (self.blocks + self.supers):
             self._f.close()
             raise ValueError(f"{path}: digest map has the wrong length")
 
@@ -78,6 +85,14 @@ class DigestMapReader:
             out.frombytes(raw)
         return out
 
+    def super_slice(self, first: int, count: int) -> array:
+        """Digests of super-blocks [first, first+count) (shorter past the end; empty for v1)."""
+        out = array("Q")
+        have = max(0, min(count, self.supers - first))
+        if have:
+            out.frombytes(os.pread(self._f.fileno(), 8 * have, _HEADER.size + 8 * (self.blocks + first)))
+        return out
+
     def close(self) -> None:
         self._f.close()
 
@@ -90,17 +105,31 @@ class DigestMapWriter:
         self._f = open(path, "wb")
         self._f.write(_HEADER.pack(MAGIC, VERSION, BLOCK, identity.size, identity.mtime_ns,
                                    identity.ctime_ns, identity.ino, identity.dev))
+        # super-block digests go after the blocks: kept aside until commit (1/16 of the map)
+        self._supers_path = path.with_name(path.name + ".super")
+        self._s = open(self._supers_path, "w+b")
         self.blocks = 0
 
     def append(self, digests: array) -> None:
         self._f.write(digests.tobytes())
         self.blocks += len(digests)
 
+    def append_super(self, digests: array) -> None:
+        self._s.write(digests.tobytes())
+
     def commit(self) -> None:
+        self._s.flush()
+        self._s.seek(0)
+        while chunk := self._s.read(1 << 20):
+            self._f.write(chunk)
+        self._s.close()
+        self._supers_path.unlink()
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
 
     def abort(self) -> None:
         self._f.close()
+        self._s.close()
         self.path.unlink(missing_ok=True)
+        self._supers_path.unlink(missing_ok=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import xxhash
 
-from .digestmap import BLOCK, DigestMapReader, DigestMapWriter, FileIdentity, zero_digest
+from .digestmap import BLOCK, SUPER, SUPER_BYTES, DigestMapReader, DigestMapWriter, FileIdentity, zero_digest
 
 FICLONE = 0x40049409         # ioctl: share the source's extents (btrfs, XFS, bcachefs)
 CHUNK = 4 * 1024 * 1024      # read size: large enough for sequential speed, small for memory
@@ -200,6 +200,15 @@ class DiskScan:
             out[-1] = zero_digest(size - (end - 1) * BLOCK)
         return out
 
+    @staticmethod
+    def _super_zeros(first: int, end: int, size: int) -> array:
+        """Super-block digests of an all-zero range of blocks [first, end) (super-aligned)."""
+        k0, k1 = first // SUPER, -(-end // SUPER)
+        out = array("Q", [zero_digest(SUPER_BYTES)]) * (k1 - k0)
+        if k1 > k0 and k1 * SUPER_BYTES > size:  # a short last super-block
+            out[-1] = zero_digest(size - (k1 - 1) * SUPER_BYTES)
+        return out
+
     def _walk(self, fd: int, size: int, writer: DigestMapWriter) -> Iterator[Change]:
         nblocks = -(-size // BLOCK)
         buf = bytearray(CHUNK)
@@ -207,6 +216,12 @@ class DiskScan:
         pos_block = 0
         regions = list(data_regions(fd, size)) + [(size, size)]
         for start, end in regions:
+            # whole super-blocks only: a little hole read as zeros costs less than a
+            # super-block digest that cannot be compared
+            start = max(start // SUPER_BYTES * SUPER_BYTES, pos_block * BLOCK)
+            end = min(size, -(-end // SUPER_BYTES) * SUPER_BYTES)
+            if end <= start and start < size:
+                continue
             # the hole before this region: its blocks are zeros now
             hole_end = start // BLOCK if start < size else nblocks
             if hole_end > pos_block:
@@ -230,6 +245,7 @@ class DiskScan:
             new = self._zeros(a, b, size)
             old = self._old_digests(a, b - a, size)
             writer.append(new)
+            writer.append_super(self._super_zeros(a, b, size))
             if new == old:
                 continue
             run = None
@@ -251,9 +267,23 @@ class DiskScan:
     def _chunk(self, mv: memoryview, pos: int, size: int, writer: DigestMapWriter) -> Iterator[Change]:
         first = pos // BLOCK
         n = len(mv)
+        nblk = -(-n // BLOCK)
         h = xxhash.xxh3_64_intdigest
-        new = array("Q", (h(mv[i:i + BLOCK]) for i in range(0, n, BLOCK)))
-        old = self._old_digests(first, len(new), size)
+        supers = array("Q", (h(mv[i:i + SUPER_BYTES]) for i in range(0, n, SUPER_BYTES)))
+        old = self._old_digests(first, nblk, size)
+        old_supers = self.old.super_slice(first // SUPER, len(supers)) if self.old is not None else array("Q")
+        writer.append_super(supers)
+        if old_supers == supers:  # nothing changed in this chunk: the old block digests stand
+            writer.append(old)
+            return
+        new = array("Q")
+        for k, sd in enumerate(supers):
+            a = k * SUPER
+            b = min(a + SUPER, nblk)
+            if k < len(old_supers) and old_supers[k] == sd:
+                new.extend(old[a:b])  # this super-block did not change
+            else:
+                new.extend(h(mv[i * BLOCK:(i + 1) * BLOCK]) for i in range(a, b))
         writer.append(new)
         if new == old:
             return
