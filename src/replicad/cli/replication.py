@@ -6,8 +6,6 @@ import sys
 from urllib.parse import quote
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from ..errors import ReplicadError
 from .common import abs_path, api, bool_text, global_options, managed, show
@@ -50,14 +48,19 @@ def _body(**kw) -> dict:
 
 def wait_with_progress(lines, label: str) -> dict:
     """Follow an NDJSON operation; a progress bar on stderr when it is a terminal."""
-    console = Console(stderr=True)
     bar = None
+    console = None
+    if sys.stderr.isatty():  # rich only where a bar is drawn: scripts pay no import for it
+        from rich.console import Console
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+        console = Console(stderr=True)
     task = None
     try:
         for line in lines:
             if "progress" in line:
                 p = line["progress"]
-                if console.is_terminal and bar is None:
+                if console is not None and console.is_terminal and bar is None:
                     bar = Progress(TextColumn(f"[bold]{label}[/] {{task.description}}"), BarColumn(), DownloadColumn(),
                                    TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=False)
                     bar.start()
