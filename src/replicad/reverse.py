@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from pathlib import Path
 
 from . import log as logmod
 from .api.context import Host

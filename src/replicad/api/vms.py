@@ -11,7 +11,7 @@ from aiohttp import web
 
 from .. import hooks
 from .. import log as logmod
-from ..errors import Conflict, NotFound, Refused, ReplicadError, UsageError
+from ..errors import Conflict, NotFound, Refused, UsageError
 from ..health import compute as compute_health
 from ..images import ImageError, backing_chain, disk_format
 from ..model import (VM, Disk, ReplicationMode, ReplicationState, VMState, extended_id, valid_disk_name,

@@ -49,7 +49,7 @@ def output_format() -> str:
     return _meta("output") or "table"
 
 
-def api() -> ApiClient | RemoteClient:
+def api() -> ApiClient:  # or a RemoteClient (-C), imported only then
     if _meta("computer_name"):
         path = _meta("config") or os.environ.get("REPLICAD_CONFIG") or configmod.DEFAULT_PATH
         from .remote import RemoteClient  # lazy: TLS and token machinery only for -C

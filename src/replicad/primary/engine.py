@@ -28,7 +28,7 @@ from ..times import parse_time, utcnow
 from ..tracking.divergence import compare, replica_moved
 from ..transport.client import Conversation, PeerClient
 from .baseline import Baselines
-from .producer import CycleProducer, Progress, stream_batches
+from .producer import CycleProducer, Progress
 
 log = logmod.get("replicad.primary")
 BACKOFF_START, BACKOFF_MAX = 1.0, 60.0
@@ -350,7 +350,7 @@ class PrimaryEngine:
             if lock is not None and producer.point_in_time:
                 lock.release()
                 lock = None
-            ack = await conv.push_log(vm_id, seq, stream_batches(producer, bandwidth_limit=rel.bandwidth_limit))
+            ack = await conv.push_producer(vm_id, seq, producer, bandwidth_limit=rel.bandwidth_limit)
         except ReplicadError:
             if producer.error is not None:
                 raise producer.error from None

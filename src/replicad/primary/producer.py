@@ -1,14 +1,14 @@
 """Builds one cycle's change log from the disks: scan → encode → byte batches.
 
-``batches()`` is a plain generator run step by step in worker threads (see
-``stream_batches``), so reading, hashing and compressing never block the event loop and
-memory stays at one read chunk plus one output batch."""
+``batches()`` is a plain generator run by the worker thread that also writes its batches to
+the socket (transport/bulk.py), so reading, hashing and compressing never block the event
+loop and memory stays at one read chunk plus one output batch."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from ..model import VM, Consistency
 from ..tracking.digestmap import DigestMapReader, FileIdentity
 from ..tracking.scan import DataChange, DiskScan, Resize, ZeroChange
 from ..wire import DiskInfo, Header, LogEncoder
+from .errors import local_error
 from .baseline import Baselines
 
 BATCH = 4 << 20
@@ -34,14 +35,6 @@ class Progress:
     sent: int = 0       # log bytes handed to the transport
     done: bool = False
     changed: asyncio.Event | None = field(default=None, repr=False)
-
-
-def local_error(e: OSError) -> ReplicadError:
-    """A local I/O failure while building a log (disk unreadable, state_dir full)."""
-    where = f" {e.filename}" if e.filename else ""
-    err = ReplicadError(f"local I/O error{where}: {e.strerror or e}")
-    err.transient = True
-    return err
 
 
 class CycleProducer:
@@ -194,40 +187,3 @@ class CycleProducer:
             except OSError:
                 return True
         return False
-
-
-async def stream_batches(producer: CycleProducer, *, bandwidth_limit: int = 0) -> AsyncIterator[bytes]:
-    """Run the producer in worker threads one step ahead of the sender."""
-    loop = asyncio.get_running_loop()
-    it = producer.batches()
-    sentinel = object()
-    fut = loop.run_in_executor(None, next, it, sentinel)
-    started = loop.time()
-    try:
-        while True:
-            try:
-                chunk = await fut
-            except OSError as e:
-                producer.error = local_error(e)  # the transport wraps it; the engine reports this
-                raise producer.error from None
-            except Exception as e:  # not CancelledError: aiohttp cancels the writer on an early answer
-                producer.error = e
-                raise
-            if chunk is sentinel:
-                return
-            fut = loop.run_in_executor(None, next, it, sentinel)
-            producer.progress.sent += len(chunk)
-            if producer.progress.changed is not None:
-                producer.progress.changed.set()
-            yield chunk
-            if bandwidth_limit:
-                # pace to the configured rate: how long these bytes should have taken so far
-                ahead = producer.progress.sent / bandwidth_limit - (loop.time() - started)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
-    finally:
-        try:
-            await fut
-        except BaseException:  # noqa: BLE001 — the first error was already raised to the sender
-            pass
-        await loop.run_in_executor(None, it.close)

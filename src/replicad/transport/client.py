@@ -24,6 +24,8 @@ from ..auth.session import (BODY_HASH_HEADER, MAC_HEADER, SIGNATURE_HEADER, Clie
                             verify_response)
 from ..auth.token import SCHEME, Credential, RealmPublic
 from ..errors import AuthenticationFailed, PeerError, PeerUnreachable
+from ..primary.errors import local_error
+from . import bulk
 
 CONNECT_TIMEOUT = 10
 READ_TIMEOUT = 300
@@ -89,6 +91,10 @@ class PeerClient:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+    def address(self, server: str) -> str:
+        """Where to dial ``server``: the config's resolve map first, else the name itself."""
+        return self._resolve.get(server.lower(), server)
 
     def conversation(self, server: str, port: int, auth: str) -> "Conversation":
         return Conversation(self, server.lower(), port, auth)
@@ -156,18 +162,20 @@ class Conversation:
         raise PeerError(f"{self.server} answered {status}: {msg}", status=status,
                         transient=status >= 500 or status == 429, code=str(doc.get("code", ""))[:32])
 
-    async def request(self, method: str, path: str, *, data=None) -> dict:
-        """One authenticated request; in token mode the answer's MAC must verify."""
-        headers = {}
+    def _prepare(self, method: str, path: str, small: bytes | None) -> tuple[dict, int]:
+        """Headers of one request (the session MAC in token mode) and the counter it used."""
+        headers: dict[str, str] = {}
         counter = 0
-        small = data if isinstance(data, (bytes, bytearray)) else None  # a JSON body, hashed into the MAC
         if small is not None:
             headers["Content-Type"] = "application/json"
         if self.session is not None:
             headers["Authorization"], counter = self.session.authorization(method, path, small)
             if small is not None:
                 headers[BODY_HASH_HEADER] = body_hash(small)
-        status, body, rh = await self._send(method, path, data, headers)
+        return headers, counter
+
+    def _finish(self, status: int, body: bytes, rh: dict, counter: int) -> dict:
+        """Check an answer (its MAC in token mode) and return its JSON document."""
         if self.session is not None:
             if status == 401 and MAC_HEADER not in rh:
                 self._raise(status, body)  # refused before the session was checked
@@ -182,6 +190,50 @@ class Conversation:
         except ValueError:
             raise PeerError(f"{self.server} answered something that is not JSON", status=status, transient=True) from None
         return doc if isinstance(doc, dict) else {}
+
+    async def request(self, method: str, path: str, *, data=None) -> dict:
+        """One authenticated request; in token mode the answer's MAC must verify."""
+        small = data if isinstance(data, (bytes, bytearray)) else None  # a JSON body, hashed into the MAC
+        headers, counter = self._prepare(method, path, small)
+        status, body, rh = await self._send(method, path, data, headers)
+        return self._finish(status, body, rh, counter)
+
+    async def push_producer(self, vm_id: str, seq: int, producer, *, bandwidth_limit: int = 0) -> dict:
+        """Send one cycle's log, produced and written to the socket by one worker thread
+        (transport/bulk.py); the answer is checked like any other."""
+        path = f"/v1/replicas/{vm_id}/logs/{seq}"
+        headers, counter = self._prepare("PUT", path, None)
+        headers.update({"User-Agent": f"replicad/{__version__}", "X-Replicad-Protocol": str(PROTOCOL_VERSION)})
+        tls = self.client.tls if self.auth == "certificate" else None
+        target = bulk.Target(self.server, self.port, self.client.address(self.server),
+                             tls=tls.client if tls else None, pins=tls.pins if tls else {},
+                             connect_timeout=CONNECT_TIMEOUT, io_timeout=READ_TIMEOUT)
+        loop = asyncio.get_running_loop()
+        progress = producer.progress
+        channel = bulk.Channel()
+
+        def on_sent(n: int) -> None:
+            progress.sent += n
+            if progress.changed is not None:
+                loop.call_soon_threadsafe(progress.changed.set)
+
+        def run() -> tuple[int, bytes, dict]:
+            it = producer.batches()
+            try:
+                return bulk.push(target, path, headers, it, channel, on_sent=on_sent, bandwidth_limit=bandwidth_limit)
+            finally:
+                it.close()  # the producer's cleanup (files, thaw hook) runs in its own thread
+        fut = loop.run_in_executor(None, run)
+        try:
+            status, body, rh = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            channel.abort()
+            await asyncio.gather(fut, return_exceptions=True)
+            raise
+        except bulk.ProducerFailed as e:
+            producer.error = local_error(e.error) if isinstance(e.error, OSError) else e.error
+            raise producer.error from None
+        return self._finish(status, body, rh, counter)
 
     async def hello(self) -> dict:
         if self.session is not None:
