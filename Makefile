@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test unit integration clean
+.PHONY: demo test unit integration bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/integration
+
+# Not part of `make test`: replicad against rsync and this machine's limits (bench/suite.py,
+# docs/performance.md). rsync is installed when missing and we are root.
+bench: $(STAMP)
+	@command -v rsync >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q rsync >/dev/null; } \
+		|| { echo "make bench needs rsync (apt-get install rsync)"; exit 2; }
+	$(BIN)/python bench/suite.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
