@@ -26,7 +26,8 @@ from ..wire import MAX_HEADER, Header, LogDecoder, Record
 from ..images import disk_format
 from ..tracking.scan import digest_disks
 from . import points
-from .apply import apply_record, discard, read_log, rollback, write_point
+from .apply import discard, read_log, rollback, write_point
+from .copywriter import CopyWriter
 from .failover import identities
 from .layout import VMDir
 from .settings import ServerSettings
@@ -78,28 +79,26 @@ class DirectInitial:
     refused log leaves a copy that was never committed: the primary starts over."""
 
     decoder: LogDecoder
-    fds: list[int]
+    writers: list[CopyWriter]
     folder: Path
 
     @classmethod
     def open(cls, vmdir: VMDir, header: Header, decoder: LogDecoder) -> "DirectInitial":
         vmdir.create()
-        fds = []
+        writers: list[CopyWriter] = []
         try:
             for d in header.disks:
-                fd = os.open(vmdir.disk(d.name), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-                fds.append(fd)
-                os.ftruncate(fd, d.size)  # sparse: holes and zero blocks are never written
+                writers.append(CopyWriter(vmdir.disk(d.name), d.size))
         except BaseException:
-            for fd in fds:
-                os.close(fd)
+            for w in writers:
+                w.close()
             raise
-        return cls(decoder, fds, vmdir.disks)
+        return cls(decoder, writers, vmdir.disks)
 
     def apply(self, items) -> None:
         for item in items:
             if isinstance(item, Record):
-                apply_record(self.fds[item.disk], item)
+                self.writers[item.disk].record(item)
 
     def write(self, data: bytes | list[bytes], *, decoded: bool = False) -> None:
         if not decoded:
@@ -108,15 +107,15 @@ class DirectInitial:
 
     def finish(self, final: Path) -> None:
         self.decoder.close()
-        for fd in self.fds:
-            os.fsync(fd)
+        for w in self.writers:
+            w.sync()
         self.abort()
         fsync_dir(self.folder)
 
     def abort(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
+        for w in self.writers:
+            w.close()
+        self.writers = []
 
 
 class ReplicaService:
