@@ -85,6 +85,10 @@ class ResyncRequired(ReplicadError):
     http_status = 409
 
 
+class ResumeRefused(Conflict):
+    """A resumed initial copy that does not match the replica's durable progress."""
+
+
 class StorageError(ReplicadError):
     """Local storage failed (disk full, I/O error)."""
 

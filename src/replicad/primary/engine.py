@@ -25,6 +25,7 @@ from ..model import VM, Relationship, ReplicationState as S
 from ..monitoring import roll as roll_interval
 from ..replica.settings import ServerSettings
 from ..times import parse_time, utcnow
+from ..tracking.digestmap import SUPER_BYTES
 from ..tracking.divergence import compare, replica_moved
 from ..transport.client import Conversation, PeerClient
 from .baseline import Baselines
@@ -144,7 +145,9 @@ class PrimaryEngine:
                     continue
             elif (rel.state in (S.REPLICATING, S.ERROR, S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING) and not has_waiters
                   and last_start is not None):
-                wait = rel.frequency if rel.error is None else min(backoff, rel.frequency)
+                # a needed resync (e.g. after a resumed initial copy) does not wait a whole frequency
+                wait = (rel.frequency if rel.error is None and rel.state != S.WAITING_FOR_RESYNC
+                        else min(backoff, rel.frequency))
                 deadline = last_start + wait
                 if time.monotonic() < deadline:
                     await self._sleep_until(vm_id, deadline)
@@ -220,6 +223,19 @@ class PrimaryEngine:
         self._save(rel)
 
     @staticmethod
+    async def _resume_point(rel: Relationship, conv: Conversation) -> tuple[int, int] | None:
+        """Where an interrupted initial copy of this epoch can continue: the replica's durable
+        progress for this peer, rounded down to a super-block. None: start over."""
+        st = await conv.replica_status(rel.vm_id)
+        p = st.get("initial_progress")
+        if not isinstance(p, dict) or p.get("epoch") != rel.epoch or p.get("seq") != rel.seq + 1:
+            return None
+        disk, offset = p.get("disk"), p.get("offset")
+        if not (isinstance(disk, int) and isinstance(offset, int) and disk >= 0 and offset >= 0):
+            return None
+        return disk, offset // SUPER_BYTES * SUPER_BYTES
+
+    @staticmethod
     def _common_point(baselines: Baselines, rel: Relationship, meta: dict, folder: Path, n: int) -> list[Path] | None:
         """Keep the primary's maps of the replica's applied point, if this primary still has
         them: the common point both copies started from, to tell which side moved."""
@@ -286,6 +302,7 @@ class PrimaryEngine:
         initial = rel.seq == 0 and not rel.seed and rel.state not in (S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING)
         resync = rel.seed or (not initial and rel.state in (S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING))
         replica_maps = base_maps = None
+        resume: tuple[int, int] | None = None
         work = self.state_dir / "resync" / vm_id
         if resync:
             # automatic: the engine decided after a failed cycle; the operator's `resync`,
@@ -318,7 +335,9 @@ class PrimaryEngine:
             rel.seq = int(meta["applied_seq"])
             rel.epoch = secrets.token_hex(8)
         elif initial:
-            rel.epoch = secrets.token_hex(8)
+            resume = await self._resume_point(rel, conv) if rel.epoch and rel.state == S.INITIAL_IN_PROGRESS else None
+            if resume is None:
+                rel.epoch = secrets.token_hex(8)
             rel.state = S.INITIAL_IN_PROGRESS
             self._save(rel)
             await asyncio.to_thread(baselines.drop_all)
@@ -336,6 +355,7 @@ class PrimaryEngine:
         producer.history = (rel.recovery_history, rel.recovery_point_interval)
         producer.primary_ports = self.ports
         producer.extended = bool(rel.source_vm)
+        producer.resume = resume
         prepared = producer.prepared = vm_id in self._prepare and not initial
         self._prepare.discard(vm_id)
         bound = log.bind(vm=vm.name, peer=rel.replica_server, cycle=seq)
@@ -395,6 +415,12 @@ class PrimaryEngine:
         rel.last_replication_time = utcnow()
         if rel.state in (S.INITIAL_IN_PROGRESS, S.ERROR, S.WAITING_FOR_INITIAL, S.RESYNCHRONIZING):
             rel.state = S.REPLICATING
+        if resume is not None:
+            # the copy holds blocks read at two times: compare both copies once, now
+            rel.state = S.WAITING_FOR_RESYNC
+            log.info("initial.resumed", vm=vm.name, peer=rel.replica_server, disk=resume[0], offset=resume[1],
+                     sent=progress.sent, reason="an interrupted initial copy was continued from the replica's "
+                     "durable offset; a resync follows at once to make the copy consistent")
         if prepared:
             rel.state = S.PREPARED_FOR_FAILOVER
             self.catalog.audit("local", "failover.prepared", f"{vm.name}: final cycle {seq} acknowledged")

@@ -54,6 +54,7 @@ class CycleProducer:
         self.replica_maps: list[Path] | None = None  # resync: the replica's own digests as the baseline
         self.history: tuple[int, int] = (0, 3600)
         self.extended = False      # forwarding a replica copy to a third host
+        self.resume: tuple[int, int] | None = None  # initial: continue at (disk, offset) of an interrupted copy
         self.capture = True        # reflink point-in-time capture where the filesystem can
         self.consistency = Consistency.CRASH.value
         self.captured = "none"     # "reflink": every changed file was read from a clone; else "live"
@@ -88,7 +89,11 @@ class CycleProducer:
                                      hint="run `replicad replication resync`")
             self._readers = readers
         tmp = self.baselines.begin(self.seq)
-        scans = [DiskScan(p, r, tmp / Baselines.map_name(i), capture=self.capture)
+        def start(i: int) -> int:
+            if self.resume is None or i > self.resume[0]:
+                return 0
+            return self.resume[1] if i == self.resume[0] else 1 << 62  # earlier disks: delivered whole
+        scans = [DiskScan(p, r, tmp / Baselines.map_name(i), capture=self.capture, start=start(i))
                  for i, (p, r) in enumerate(zip(paths, self._readers))]
         frozen = self._freeze()
         try:
@@ -104,7 +109,9 @@ class CycleProducer:
             "none" if all(unchanged) else "live"
         if point_in_time:
             self.thaw()  # every file is captured: the application runs on while we read
-        if frozen:
+        if self.resume is not None:  # two capture times in one copy; the resync that follows fixes it
+            self.consistency = Consistency.FUZZY.value
+        elif frozen:
             self.consistency = Consistency.APPLICATION.value
         elif point_in_time and sum(not u for u in unchanged) > 1 and self._moved_during_capture(scans):
             self.consistency = Consistency.FUZZY.value
@@ -116,7 +123,8 @@ class CycleProducer:
                         self.consistency,
                         tuple(DiskInfo(i, p.name, ident.size) for i, (p, ident) in enumerate(zip(paths, idents))),
                         self.frequency, prepared=self.prepared, primary_ports=self.primary_ports,
-                        history=self.history, config=bool(self.vm.config_file), extended=self.extended)
+                        history=self.history, config=bool(self.vm.config_file), extended=self.extended,
+                        resume=self.resume)
         return scans, header
 
     def batches(self) -> Iterator[bytes]:

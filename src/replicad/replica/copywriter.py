@@ -24,8 +24,8 @@ ALIGN = 4096
 
 
 class CopyWriter:
-    def __init__(self, path: os.PathLike, size: int):
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    def __init__(self, path: os.PathLike, size: int, *, truncate: bool = True):
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | (os.O_TRUNC if truncate else 0), 0o600)
         try:
             os.ftruncate(self.fd, size)  # sparse: holes and zero blocks are never written
             try:

@@ -17,8 +17,8 @@ from .. import log as logmod
 from ..auth.authorize import Grant, authorize
 from ..catalog import Catalog
 from ..times import utcnow
-from ..errors import Conflict, Refused, ResyncRequired, StorageError, UsageError, WireError
-from ..fsutil import durable_rename, fsync_dir, fsync_file
+from ..errors import Conflict, Refused, ResumeRefused, ResyncRequired, StorageError, UsageError, WireError
+from ..fsutil import durable_rename, fsync_dir, fsync_file, write_atomic
 from ..model import (VM, Disk, Relationship, ReplicationMode, ReplicationState, valid_disk_name, valid_fqdn,
                      valid_vm_name)
 from ..monitoring import roll as roll_interval
@@ -34,6 +34,8 @@ from .settings import ServerSettings
 
 log = logmod.get("replicad.replica")
 STAGE_BATCH = 4 << 20
+PROGRESS_FILE = "initial.progress"  # durable progress of an initial copy being received
+PROGRESS_EVERY = 32 << 20           # bytes between progress points: at most this much is resent
 APPLY_RETRY_MAX = 60.0
 
 
@@ -81,24 +83,45 @@ class DirectInitial:
     decoder: LogDecoder
     writers: list[CopyWriter]
     folder: Path
+    progress_path: Path | None = None  # where durable progress is recorded, for a resume
+    progress_meta: dict | None = None  # what binds it: epoch, seq, the peer
+    _at: tuple[int, int] = (0, 0)      # end of the last record applied: (disk, offset)
+    _unsynced: int = 0
 
     @classmethod
-    def open(cls, vmdir: VMDir, header: Header, decoder: LogDecoder) -> "DirectInitial":
+    def open(cls, vmdir: VMDir, header: Header, decoder: LogDecoder, meta: dict) -> "DirectInitial":
         vmdir.create()
+        if header.resume is None:  # a new attempt: an older attempt's progress means nothing now
+            (vmdir.root / PROGRESS_FILE).unlink(missing_ok=True)
         writers: list[CopyWriter] = []
         try:
             for d in header.disks:
-                writers.append(CopyWriter(vmdir.disk(d.name), d.size))
+                # a resume keeps what the interrupted attempt made durable
+                writers.append(CopyWriter(vmdir.disk(d.name), d.size, truncate=header.resume is None))
         except BaseException:
             for w in writers:
                 w.close()
             raise
-        return cls(decoder, writers, vmdir.disks)
+        return cls(decoder, writers, vmdir.disks, vmdir.root / PROGRESS_FILE, meta, header.resume or (0, 0))
 
     def apply(self, items) -> None:
         for item in items:
             if isinstance(item, Record):
                 self.writers[item.disk].record(item)
+                self._at = (item.disk, item.offset + item.length)
+                self._unsynced += item.length
+        if self._unsynced >= PROGRESS_EVERY and self.progress_path is not None:
+            self._record_progress()
+
+    def _record_progress(self) -> None:
+        """Make everything so far durable, then say so: a broken connection resumes here."""
+        for w in self.writers:
+            w.sync()
+        fsync_dir(self.folder)
+        disk, offset = self._at
+        write_atomic(self.progress_path, json.dumps({**self.progress_meta, "disk": disk, "offset": offset}).encode(),
+                     0o600)
+        self._unsynced = 0
 
     def write(self, data: bytes | list[bytes], *, decoded: bool = False) -> None:
         if not decoded:
@@ -257,9 +280,19 @@ class ReplicaService:
         fresh_dir = not vmdir.root.exists()
         received = len(head_bytes)
         direct = header.kind == "initial" and (rel is None or rel.applied_seq == 0)
+        meta = {"epoch": header.epoch, "seq": seq, "peer": grant.principal}
+        if header.resume is not None:
+            got = await asyncio.to_thread(read_progress, vmdir.root / PROGRESS_FILE)
+            if (not direct or got is None or {k: got.get(k) for k in meta} != meta
+                    or tuple(header.resume) > (got["disk"], got["offset"])):
+                bound.warning("initial.resume_refused", resume=list(header.resume), progress=got,
+                              reason="no durable progress of this peer, epoch and log reaches that point")
+                raise ResumeRefused(f"this replica server holds no resumable initial copy of {header.vm_name} "
+                                    f"from {grant.principal} up to {list(header.resume)}",
+                                    hint="the primary starts the initial copy over")
         try:
             if direct:
-                staging = await asyncio.to_thread(DirectInitial.open, vmdir, header, dec)
+                staging = await asyncio.to_thread(DirectInitial.open, vmdir, header, dec, meta)
                 await asyncio.to_thread(staging.apply, first_items)
             else:
                 staging = await asyncio.to_thread(self._open_staging, vmdir, seq, dec)
@@ -291,8 +324,13 @@ class ReplicaService:
                 await asyncio.to_thread(staging.abort)
                 raise
         except BaseException as e:
-            if fresh_dir:  # nothing of a refused first log stays behind
+            resumable = direct and (vmdir.root / PROGRESS_FILE).exists()
+            if fresh_dir and not resumable:  # nothing of a refused first log stays behind
                 await asyncio.to_thread(shutil.rmtree, vmdir.root, True)
+            elif resumable:
+                bound.info("initial.interrupted", progress=await asyncio.to_thread(read_progress,
+                                                                                   vmdir.root / PROGRESS_FILE),
+                           reason="what was made durable stays; the primary's next attempt resumes there")
             if isinstance(e, OSError):
                 raise StorageError(f"replica storage error while staging log {seq}: {e.strerror}") from None
             raise
@@ -307,6 +345,7 @@ class ReplicaService:
             self.catalog.put_relationship(rel)
             final = dataclasses.replace(header, consistency="fuzzy") if dec.trailer.fuzzy else header
             await asyncio.to_thread(points.drop_undo, vmdir, self._commit(vm_id, final))
+            (vmdir.root / PROGRESS_FILE).unlink(missing_ok=True)
             bound.info("log.acknowledged", bytes=received, records=dec.records, base=0, applied="while received")
             bound.info("log.applied", kind=header.kind, point=header.time, consistency=final.consistency)
             cond = self._applied.setdefault(vm_id, asyncio.Condition())
@@ -414,12 +453,18 @@ class ReplicaService:
     def status(self, principal: str, auth: str, vm_id: str) -> dict:
         grant = self.grant_for(principal, auth)
         rel = self.catalog.relationship(vm_id)
-        if rel is None or rel.role != "replica":
-            return {"vm_id": vm_id, "exists": False}
-        if rel.trust_group != grant.trust_group:
+        if rel is not None and rel.role == "replica" and rel.trust_group != grant.trust_group:
             raise Refused(f"{principal} may not read VM {vm_id}, created under another trust group")
-        return {"vm_id": vm_id, "exists": True, "epoch": rel.epoch, "acked_seq": rel.seq,
-                "applied_seq": rel.applied_seq, "state": rel.state.value}
+        out: dict = {"vm_id": vm_id, "exists": False}
+        if rel is not None and rel.role == "replica":
+            out = {"vm_id": vm_id, "exists": True, "epoch": rel.epoch, "acked_seq": rel.seq,
+                   "applied_seq": rel.applied_seq, "state": rel.state.value}
+        if rel is None or (rel.role == "replica" and rel.applied_seq == 0):
+            vmdir = VMDir.of(Path(rel.storage) if rel else Path(grant.storage), vm_id)
+            got = read_progress(vmdir.root / PROGRESS_FILE)
+            if got is not None and got.get("peer") == principal:  # only the peer that sent it
+                out["initial_progress"] = {k: got[k] for k in ("epoch", "seq", "disk", "offset")}
+        return out
 
     # applying -------------------------------------------------------------------------------
     async def _applier(self, vm_id: str) -> None:
@@ -612,6 +657,17 @@ class ReplicaService:
         shutil.rmtree(VMDir.of(storage, vm_id).root, ignore_errors=True)
         if storage.exists():
             fsync_dir(storage)
+
+
+def read_progress(path: Path) -> dict | None:
+    """An initial copy's durable progress, or None (absent or unreadable: start over)."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    ok = (isinstance(doc, dict) and isinstance(doc.get("epoch"), str) and isinstance(doc.get("peer"), str)
+          and all(isinstance(doc.get(k), int) and not isinstance(doc.get(k), bool) for k in ("seq", "disk", "offset")))
+    return doc if ok else None
 
 
 def _adopt_files(source: Path, vmdir: VMDir, files: list[str]) -> list[str]:

@@ -125,7 +125,9 @@ class DiskScan:
     identity seen *before* reading: if the file changed while it was read, the next scan
     sees a different identity and reads again, and ``fuzzy`` is set."""
 
-    def __init__(self, path: Path, old: DigestMapReader | None, new_map: Path, *, capture: bool = False):
+    def __init__(self, path: Path, old: DigestMapReader | None, new_map: Path, *, capture: bool = False,
+                 start: int = 0):
+        self.start = start  # resume an interrupted initial copy here (super-block aligned)
         self.path = path
         self.old = old
         self.new_map = new_map
@@ -214,7 +216,12 @@ class DiskScan:
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         pos_block = 0
-        regions = list(data_regions(fd, size)) + [(size, size)]
+        if self.start:  # what an interrupted initial copy already delivered is not read again;
+            # its digests are placeholders: a resync follows a resumed copy (engine.py)
+            pos_block = min(nblocks, self.start // BLOCK)
+            writer.append(self._zeros(0, pos_block, size))
+            writer.append_super(self._super_zeros(0, pos_block, size))
+        regions = list(data_regions(fd, size, pos_block * BLOCK)) + [(size, size)]
         for start, end in regions:
             # whole super-blocks only: a little hole read as zeros costs less than a
             # super-block digest that cannot be compared

@@ -94,6 +94,7 @@ class Header:
     history: tuple[int, int] = (0, 3600)  # recovery history (points) and recovery-point interval (s)
     config: bool = False  # the last entry of ``disks`` is the VM's configuration file
     extended: bool = False  # sent by a replica server forwarding its copy (extended replication)
+    resume: tuple[int, int] | None = None  # initial only: continues an interrupted copy at (disk, offset)
     version: int = VERSION
 
     def to_json(self) -> bytes:
@@ -108,6 +109,7 @@ class Header:
             **({"history": list(self.history)} if self.history[0] else {}),
             **({"config": True} if self.config else {}),
             **({"extended": True} if self.extended else {}),
+            **({"resume": list(self.resume)} if self.resume else {}),
         }, separators=(",", ":")).encode()
 
     @classmethod
@@ -176,13 +178,21 @@ class Header:
         extended = doc.get("extended", False)
         if not isinstance(extended, bool):
             raise WireError("change-log header: bad extended flag")
+        resume = doc.get("resume")
+        if resume is not None:
+            if (kind != "initial" or not isinstance(resume, list) or len(resume) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) for v in resume)
+                    or not 0 <= resume[0] < len(disks) or not 0 <= resume[1] <= disks[resume[0]].size
+                    or resume[1] % 4096):
+                raise WireError("change-log header: bad resume point")
+            resume = (resume[0], resume[1])
         mac_nonce = doc.get("mac_nonce", "")
         if mac is not None and not (isinstance(mac_nonce, str) and len(mac_nonce) == 16
                                     and all(c in "0123456789abcdef" for c in mac_nonce)):
             raise WireError("change-log header: bad MAC nonce")
         return cls(vm_id, vm_name, epoch, seq, base_seq, kind, time_, consistency, tuple(disks), frequency,
                    mac=mac, mac_nonce=mac_nonce if mac else "", prepared=prepared, primary_ports=(ports[0], ports[1]),
-                   history=(history[0], history[1]), config=config, extended=extended)
+                   history=(history[0], history[1]), config=config, extended=extended, resume=resume)
 
 
 @dataclass(frozen=True)
