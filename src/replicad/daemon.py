@@ -71,8 +71,9 @@ class Daemon:
         catalog = Catalog(cfg.state_dir / "catalog.sqlite")
         client = PeerClient(credential, realm, self._tls, cfg.resolve)
         ports = (cfg.listen.token.port if cfg.listen.token else 0, cfg.listen.tls.port if cfg.listen.tls else 0)
-        primary = PrimaryEngine(catalog, cfg.state_dir, client, ports)
-        replica = ReplicaService(catalog, cfg.state_dir, fault_hook())
+        fault = fault_hook()
+        primary = PrimaryEngine(catalog, cfg.state_dir, client, ports, fault)
+        replica = ReplicaService(catalog, cfg.state_dir, fault)
         primary.source_lock = replica.apply_lock  # extended replication reads copies at committed points
         return Host(config=cfg, catalog=catalog, primary=primary, replica=replica, client=client)
 

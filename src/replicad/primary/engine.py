@@ -46,7 +46,9 @@ class CycleOutcome(dict):
 
 
 class PrimaryEngine:
-    def __init__(self, catalog: Catalog, state_dir: Path, client: PeerClient, ports: tuple[int, int] = (0, 0)):
+    def __init__(self, catalog: Catalog, state_dir: Path, client: PeerClient, ports: tuple[int, int] = (0, 0),
+                 fault: Callable[[str], None] = lambda phase: None):
+        self._fault = fault  # test-only crash points (daemon.fault_hook)
         self.ports = ports  # this host's token and TLS listener ports, told to the replica for `reverse`
         # extended replication: the lock that keeps a replica copy at a committed point while
         # it is captured (ReplicaService.apply_lock, wired by the daemon)
@@ -356,6 +358,7 @@ class PrimaryEngine:
         producer.primary_ports = self.ports
         producer.extended = bool(rel.source_vm)
         producer.resume = resume
+        producer.fault = self._fault
         prepared = producer.prepared = vm_id in self._prepare and not initial
         self._prepare.discard(vm_id)
         bound = log.bind(vm=vm.name, peer=rel.replica_server, cycle=seq)
@@ -385,6 +388,7 @@ class PrimaryEngine:
                 bound.warning("capture.warning", reason=w)
         if ack.get("acked_seq") != seq:
             raise ReplicadError(f"replica acknowledged {ack.get('acked_seq')!r}, expected {seq}")
+        self._fault("primary-after-ack")  # acknowledged, not yet recorded: the pending baseline
         seconds = time.monotonic() - t0
         # the replica holds log `seq` durably: now, and only now, the baseline advances
         rel = self.catalog.relationship(vm_id)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +54,7 @@ class CycleProducer:
         self.replica_maps: list[Path] | None = None  # resync: the replica's own digests as the baseline
         self.history: tuple[int, int] = (0, 3600)
         self.extended = False      # forwarding a replica copy to a third host
+        self.fault: Callable[[str], None] = lambda phase: None  # test-only crash points
         self.resume: tuple[int, int] | None = None  # initial: continue at (disk, offset) of an interrupted copy
         self.capture = True        # reflink point-in-time capture where the filesystem can
         self.consistency = Consistency.CRASH.value
@@ -144,8 +145,10 @@ class CycleProducer:
                     if len(out) >= BATCH:
                         self.progress.scanned += scan.read_bytes - last
                         last = scan.read_bytes
+                        self.fault("primary-mid-scan")
                         yield out  # handed over whole: a fresh buffer continues, no copy
                         out = bytearray()
+                        self.fault("primary-mid-send")
                 self.progress.scanned += scan.read_bytes - last
                 self.fuzzy |= scan.fuzzy
             self.thaw()
