@@ -4,59 +4,24 @@ first PUT request body (client → server) or of its answer body (server → cli
 from __future__ import annotations
 
 import asyncio
-import threading
+
+from tests.threaded_proxy import ThreadedProxy
 
 
-class FlipProxy:
+class FlipProxy(ThreadedProxy):
     def __init__(self, listen: tuple[str, int], target: tuple[str, int]):
-        self.listen, self.target = listen, target
+        super().__init__(listen, target)
         self.flip_request_at: int | None = None   # body offset of a PUT request to corrupt, once
         self.flip_answer_at: int | None = None    # body offset of a PUT's answer to corrupt, once
         self.flipped = 0
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "FlipProxy":
-        self._thread.start()
-        assert self._ready.wait(10), "proxy did not start"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._main())
-        self._loop.close()
-
-    async def _main(self) -> None:
-        self._stop = asyncio.Event()
-        self._tasks: set[asyncio.Task] = set()
-        server = await asyncio.start_server(self._client, *self.listen, reuse_address=True)
-        self._ready.set()
-        await self._stop.wait()
-        server.close()
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await server.wait_closed()
-
-    async def _client(self, cr, cw) -> None:
-        task = asyncio.current_task()
-        self._tasks.add(task)
-        try:
-            await self._relay(cr, cw)
-        finally:
-            self._tasks.discard(task)
-
-    async def _relay(self, cr, cw) -> None:
+    async def relay(self, cr, cw) -> None:
         try:
             sr, sw = await asyncio.open_connection(*self.target)
         except OSError:
             cw.close()
             return
+        self.track(sw)
         state = {"puts": 0, "answers": 0}
         await asyncio.gather(self._pipe(cr, sw, "request", state), self._pipe(sr, cw, "answer", state),
                              return_exceptions=True)

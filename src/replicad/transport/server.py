@@ -212,15 +212,22 @@ async def _body(request: web.Request, limit: int) -> bytes:
     return raw
 
 
+async def _json_object(request: web.Request, limit: int, what: str) -> dict:
+    """A small authenticated JSON object from the request body (a clear 400 otherwise)."""
+    try:
+        doc = json.loads(await _body(request, limit))
+    except ValueError:
+        raise UsageError(f"{what} request is not JSON") from None
+    if not isinstance(doc, dict):
+        raise UsageError(f"malformed {what} request")
+    return doc
+
+
 async def reverse(request: web.Request) -> web.Response:
     """The new primary asks this host (the old, prepared primary) to become its replica."""
     ctx = request.app[CTX_KEY]
-    raw = await _body(request, 4096)
-    try:
-        doc = json.loads(raw)
-    except ValueError:
-        raise UsageError("reverse request is not JSON") from None
-    if not isinstance(doc, dict) or ctx.on_reverse is None:
+    doc = await _json_object(request, 4096, "reverse")
+    if ctx.on_reverse is None:
         raise UsageError("malformed reverse request")
     return web.json_response(await ctx.on_reverse(request[PRINCIPAL], ctx.mode, _vm_id(request), doc))
 
@@ -228,13 +235,7 @@ async def reverse(request: web.Request) -> web.Response:
 async def seed(request: web.Request) -> web.Response:
     """The primary asks this replica server to adopt a copy already in its storage."""
     ctx = request.app[CTX_KEY]
-    raw = await _body(request, 16384)
-    try:
-        doc = json.loads(raw)
-    except ValueError:
-        raise UsageError("seed request is not JSON") from None
-    if not isinstance(doc, dict):
-        raise UsageError("malformed seed request")
+    doc = await _json_object(request, 16384, "seed")
     return web.json_response(await ctx.service.seed(request[PRINCIPAL], ctx.mode, _vm_id(request), doc))
 
 
