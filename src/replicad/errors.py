@@ -89,6 +89,13 @@ class ResumeRefused(Conflict):
     """A resumed initial copy that does not match the replica's durable progress."""
 
 
+class TransferStalled(ReplicadError):
+    """A peer went silent in the middle of a request (idle timeout): worth another attempt."""
+
+    transient = True
+    http_status = 408
+
+
 class StorageError(ReplicadError):
     """Local storage failed (disk full, I/O error)."""
 

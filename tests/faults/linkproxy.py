@@ -1,6 +1,7 @@
 """A TCP proxy that breaks links on purpose: it forwards a port, counts the bytes each way,
-can cut every connection once a number of bytes went through, and can refuse connections
-(a link that is down)."""
+can cut every connection once a number of bytes went through, refuse connections (a link
+that is down), add latency to every chunk it forwards, and stall once for a while (a link
+that hangs without breaking)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ class LinkProxy(ThreadedProxy):
         self.cut_after: int | None = None  # cut the connection carrying byte N (once)
         self.cuts = 0
         self.down = False          # refuse new connections
+        self.latency = 0.0         # seconds added to every chunk forwarded, both ways
+        self.stall_after: int | None = None  # once this many bytes went up, hang...
+        self.stall_seconds = 0.0   # ...this long before forwarding more
+        self.stalls = 0
 
     async def relay(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         if self.down:
@@ -38,6 +43,12 @@ class LinkProxy(ThreadedProxy):
                             self.cut_after = None
                             self.cuts += 1
                             return
+                        if self.stall_after is not None and self.up_bytes >= self.stall_after:
+                            self.stall_after = None
+                            self.stalls += 1
+                            await asyncio.sleep(self.stall_seconds)
+                    if self.latency:
+                        await asyncio.sleep(self.latency)
                     w.write(data)
                     await w.drain()
             except (ConnectionError, OSError):

@@ -337,7 +337,8 @@ class PrimaryEngine:
             rel.seq = int(meta["applied_seq"])
             rel.epoch = secrets.token_hex(8)
         elif initial:
-            resume = await self._resume_point(rel, conv) if rel.epoch and rel.state == S.INITIAL_IN_PROGRESS else None
+            # an earlier attempt of this initial copy (its epoch is set, nothing acknowledged yet)
+            resume = await self._resume_point(rel, conv) if rel.epoch and rel.seq == 0 else None
             if resume is None:
                 rel.epoch = secrets.token_hex(8)
             rel.state = S.INITIAL_IN_PROGRESS

@@ -15,6 +15,7 @@ next send. Pacing for ``--bandwidth-limit`` sleeps in this thread, never on the 
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
 import threading
@@ -173,15 +174,18 @@ def push(t: Target, path: str, headers: dict[str, str], batches: Iterator[bytes]
         sent, started = 0, time.monotonic()
         try:
             sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
-            while True:
+            while True:  # ends with the last batch (then the terminating chunk) or an early answer
                 if channel.cancel.is_set():
                     raise PeerUnreachable("the transfer was cancelled")
                 try:
                     batch = next(batches)
                 except StopIteration:
+                    sock.sendall(b"0\r\n\r\n")  # the terminating chunk
                     break
                 except Exception as e:  # noqa: BLE001 — the producer's own failure
                     raise ProducerFailed(e) from e
+                if select.select([sock], [], [], 0)[0]:
+                    break  # the replica answered before the end: it refused the log; read why
                 sock.sendall(b"%x\r\n" % len(batch))
                 sock.sendall(batch)
                 sock.sendall(b"\r\n")
@@ -191,7 +195,6 @@ def push(t: Target, path: str, headers: dict[str, str], batches: Iterator[bytes]
                     ahead = sent / bandwidth_limit - (time.monotonic() - started)
                     if ahead > 0:
                         channel.cancel.wait(ahead)
-            sock.sendall(b"0\r\n\r\n")
         except (ProducerFailed, PeerUnreachable):
             raise
         except OSError as e:

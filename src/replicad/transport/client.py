@@ -160,7 +160,7 @@ class Conversation:
         doc = doc if isinstance(doc, dict) else {}
         msg = str(doc.get("error") or f"HTTP {status}")[:500]
         raise PeerError(f"{self.server} answered {status}: {msg}", status=status,
-                        transient=status >= 500 or status == 429, code=str(doc.get("code", ""))[:32])
+                        transient=status >= 500 or status in (408, 429), code=str(doc.get("code", ""))[:32])
 
     def _prepare(self, method: str, path: str, small: bytes | None) -> tuple[dict, int]:
         """Headers of one request (the session MAC in token mode) and the counter it used."""

@@ -29,7 +29,7 @@ from ..auth import tls as tlsmod
 from ..auth.session import BODY_HASH_HEADER, MAC_HEADER, SIGNATURE_HEADER, Session, SessionStore
 from ..auth.token import MAX_SKEW, SCHEME, RealmPublic, verify_ticket
 from ..catalog import Catalog
-from ..errors import AuthenticationFailed, Refused, ReplicadError, ResyncRequired, UsageError
+from ..errors import AuthenticationFailed, Refused, ReplicadError, ResyncRequired, TransferStalled, UsageError
 from ..replica.service import ReplicaService
 
 log = logmod.get("replicad.peer")
@@ -116,6 +116,9 @@ async def peer_middleware(request: web.Request, handler):
             log.warning("peer.refused", peer=principal, peer_ip=request.remote, path=request.path,
                         listener=ctx.mode, reason=str(e))
             resp = _error(e)
+            if request.method == "PUT" and not request.content.at_eof():
+                # the rest of a refused log is not wanted: close instead of reading it all
+                resp.force_close()
     sess: Session | None = request.get(SESSION)
     if sess is not None and isinstance(resp, web.Response) and not resp.prepared:
         resp.headers[MAC_HEADER] = sess.response_mac(request[COUNTER], resp.status, resp.body or b"")
@@ -191,7 +194,7 @@ async def put_log(request: web.Request) -> web.Response:
                 async with asyncio.timeout(ctx.idle_timeout):
                     data = await request.content.readany()
             except TimeoutError:
-                raise ReplicadError(f"no data for {ctx.idle_timeout:.0f}s: the transfer stalled") from None
+                raise TransferStalled(f"no data for {ctx.idle_timeout:.0f}s: the transfer stalled") from None
             if not data:
                 return
             yield data
