@@ -104,8 +104,23 @@ def _connect(t: Target, channel: Channel) -> socket.socket:
     return sock
 
 
-def _read_answer(sock: socket.socket, server: str) -> tuple[int, bytes, CIMultiDict]:
-    buf = bytearray()
+def _early_answer(sock: socket.socket, io_timeout: float) -> bytes | None:
+    """Bytes of an answer the replica sent before the log ended (it refused it), or None.
+    Readable is not enough on TLS: 1.3 session tickets arrive after the handshake and carry
+    no application data, so a non-blocking read decides."""
+    if not select.select([sock], [], [], 0)[0]:
+        return None
+    sock.setblocking(False)
+    try:
+        return sock.recv(65536)
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+        return None
+    finally:
+        sock.settimeout(io_timeout)
+
+
+def _read_answer(sock: socket.socket, server: str, first: bytes = b"") -> tuple[int, bytes, CIMultiDict]:
+    buf = bytearray(first)
     while b"\r\n\r\n" not in buf:
         got = sock.recv(65536)
         if not got:
@@ -184,8 +199,9 @@ def push(t: Target, path: str, headers: dict[str, str], batches: Iterator[bytes]
                     break
                 except Exception as e:  # noqa: BLE001 — the producer's own failure
                     raise ProducerFailed(e) from e
-                if select.select([sock], [], [], 0)[0]:
-                    break  # the replica answered before the end: it refused the log; read why
+                early = _early_answer(sock, t.io_timeout)
+                if early is not None:
+                    return _read_answer(sock, t.server, early)  # it refused the log: read why
                 sock.sendall(b"%x\r\n" % len(batch))
                 sock.sendall(batch)
                 sock.sendall(b"\r\n")
