@@ -3,12 +3,11 @@ and Critical health, the previous point intact and nothing half-written, and rep
 recovers by itself once space is freed."""
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import file_digest, wait_applied, wait_for
+from tests.integration.harness import file_digest, mounted, wait_applied, wait_for
 from tests.integration.images import make_sparse_image, scribble
 
 pytestmark = pytest.mark.integration
@@ -20,13 +19,8 @@ def small_fs(tmp_path):
     """A 48 MiB tmpfs: replica storage that fills up."""
     if os.geteuid() != 0:
         pytest.skip("needs root to mount a small tmpfs")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs here: {r.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with mounted(tmp_path / "small", "-t", "tmpfs", "-o", "size=48m", "tmpfs") as mnt:
+        yield mnt
 
 
 def test_replica_storage_full_then_freed(token_pair, tmp_path, small_fs):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 import xxhash
 
@@ -28,6 +31,20 @@ def wait_for(cond, timeout: float = 30.0, what: str = "condition", interval: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def mounted(mnt: Path, *mount_args: str):
+    """A filesystem mounted at ``mnt`` for one test (``mount *mount_args mnt``), unmounted
+    after; the test skips with the reason when this machine cannot mount it."""
+    mnt.mkdir()
+    r = subprocess.run(["mount", *mount_args, str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount {' '.join(mount_args)} here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def free_port(addr: str) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import file_digest, wait_applied, wait_for
+from .harness import file_digest, mounted, wait_applied, wait_for
 from .images import make_sparse_image, scribble
 from .test_replication import replicated
 
@@ -93,13 +93,9 @@ def xfs(tmp_path):
     backing, mnt = tmp_path / "xfs.img", tmp_path / "xfs"
     with open(backing, "wb") as f:
         f.truncate(512 * MiB)
-    mnt.mkdir()
     subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(backing)], check=True, capture_output=True)
-    r = subprocess.run(["mount", "-o", "loop", str(backing), str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a loop device here: {r.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with mounted(mnt, "-o", "loop", str(backing)):
+        yield mnt
 
 
 def test_reflink_capture_is_point_in_time(token_pair, tmp_path, xfs):
