@@ -4,10 +4,17 @@ Single source of truth for server settings, authorization entries, VMs, relation
 (with their statistics) and the audit log. Every write is one transaction: a crash leaves
 either the old or the new row. Calls are short and thread-safe (one lock); callers on the
 event loop use them directly for small writes, the apply path calls them from its worker
-thread."""
+thread.
+
+A write that SQLite cannot make (the state dir's disk is full, an I/O error) rolls back
+and raises StateWriteFailed, one line naming the database. A relationship that could not
+be written is kept in memory (``relationship()`` returns it) until a later write of it
+succeeds: status stays honest about the failure that filled the disk, and the durable row
+is still the last one written whole."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -15,6 +22,7 @@ import time
 from pathlib import Path
 
 from .auth.authorize import AuthorizationEntry
+from .errors import ReplicadError
 from .model import VM, Relationship
 from .times import utcnow
 
@@ -30,9 +38,18 @@ CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEX
 """
 
 
+class StateWriteFailed(ReplicadError):
+    """The state database could not be written; nothing of that write was kept."""
+
+    transient = True
+    http_status = 503
+
+
 class Catalog:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._unsaved: dict[str, Relationship] = {}
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
         with self._lock:
@@ -44,10 +61,26 @@ class Catalog:
         with self._lock:
             self._db.close()
 
-    def _write(self, sql: str, args: tuple = ()) -> int:
+    @contextlib.contextmanager
+    def _tx(self):
+        """One transaction under the lock; an SQLite failure rolls back and becomes
+        StateWriteFailed (an IntegrityError is the caller's to handle)."""
         with self._lock:
-            cur = self._db.execute(sql, args)
-            return cur.rowcount
+            try:
+                self._db.execute("BEGIN")
+                yield self._db
+                self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                if isinstance(e, sqlite3.IntegrityError):
+                    raise
+                raise StateWriteFailed(f"cannot write the state database {self.path}: {e}") from None
+
+    def _write(self, sql: str, args: tuple = ()) -> int:
+        with self._tx() as db:
+            return db.execute(sql, args).rowcount
 
     def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
@@ -91,51 +124,57 @@ class Catalog:
                     (vm.id, vm.name, json.dumps(vm.to_json())))
 
     def remove_vm(self, vm_id: str) -> None:
-        with self._lock:
-            self._db.execute("BEGIN")
-            self._db.execute("DELETE FROM relationships WHERE vm_id=?", (vm_id,))
-            self._db.execute("DELETE FROM vms WHERE id=?", (vm_id,))
-            self._db.execute("COMMIT")
+        with self._tx() as db:
+            db.execute("DELETE FROM relationships WHERE vm_id=?", (vm_id,))
+            db.execute("DELETE FROM vms WHERE id=?", (vm_id,))
+        self._unsaved.pop(vm_id, None)
 
     # relationships ----------------------------------------------------------------------
     def relationships(self) -> list[Relationship]:
-        return [Relationship.from_json(json.loads(r[0])) for r in self._read("SELECT doc FROM relationships")]
+        out = [Relationship.from_json(json.loads(r[0])) for r in self._read("SELECT doc FROM relationships")]
+        return [self._latest(r) for r in out]
 
     def relationship(self, vm_id: str) -> Relationship | None:
         rows = self._read("SELECT doc FROM relationships WHERE vm_id=?", (vm_id,))
-        return Relationship.from_json(json.loads(rows[0][0])) if rows else None
+        return self._latest(Relationship.from_json(json.loads(rows[0][0]))) if rows else None
+
+    def _latest(self, rel: Relationship) -> Relationship:
+        unsaved = self._unsaved.get(rel.vm_id)
+        return Relationship.from_json(unsaved.to_json()) if unsaved is not None else rel
 
     def put_relationship(self, rel: Relationship) -> None:
-        self._write("INSERT INTO relationships VALUES(?, ?) ON CONFLICT(vm_id) DO UPDATE SET doc=excluded.doc",
-                    (rel.vm_id, json.dumps(rel.to_json())))
+        try:
+            self._write("INSERT INTO relationships VALUES(?, ?) ON CONFLICT(vm_id) DO UPDATE SET doc=excluded.doc",
+                        (rel.vm_id, json.dumps(rel.to_json())))
+        except StateWriteFailed:
+            self._unsaved[rel.vm_id] = Relationship.from_json(rel.to_json())
+            raise
+        self._unsaved.pop(rel.vm_id, None)
 
     def put_vm_and_relationship(self, vm: VM, rel: Relationship) -> None:
         """Both rows in one transaction (a replica VM is created with its relationship)."""
-        with self._lock:
-            self._db.execute("BEGIN")
-            self._db.execute("INSERT INTO vms VALUES(?, ?, ?) ON CONFLICT(id) DO UPDATE SET name=excluded.name, "
-                             "doc=excluded.doc", (vm.id, vm.name, json.dumps(vm.to_json())))
-            self._db.execute("INSERT INTO relationships VALUES(?, ?) ON CONFLICT(vm_id) DO UPDATE SET doc=excluded.doc",
-                             (rel.vm_id, json.dumps(rel.to_json())))
-            self._db.execute("COMMIT")
+        with self._tx() as db:
+            db.execute("INSERT INTO vms VALUES(?, ?, ?) ON CONFLICT(id) DO UPDATE SET name=excluded.name, "
+                       "doc=excluded.doc", (vm.id, vm.name, json.dumps(vm.to_json())))
+            db.execute("INSERT INTO relationships VALUES(?, ?) ON CONFLICT(vm_id) DO UPDATE SET doc=excluded.doc",
+                       (rel.vm_id, json.dumps(rel.to_json())))
+        self._unsaved.pop(rel.vm_id, None)
 
     def remove_relationship(self, vm_id: str) -> None:
         self._write("DELETE FROM relationships WHERE vm_id=?", (vm_id,))
+        self._unsaved.pop(vm_id, None)
 
     # replay cache -----------------------------------------------------------------------
     def remember_nonce(self, nonce: str, expires: float) -> bool:
         """Record a ticket nonce until ``expires``; False if it was already seen (a replay).
         Durable, so a ticket replayed after a restart is refused as well."""
-        with self._lock:
-            self._db.execute("BEGIN")
-            self._db.execute("DELETE FROM replay WHERE expires < ?", (time.time(),))
-            try:
-                self._db.execute("INSERT INTO replay(nonce, expires) VALUES(?, ?)", (nonce, expires))
-            except sqlite3.IntegrityError:
-                self._db.execute("ROLLBACK")
-                return False
-            self._db.execute("COMMIT")
-            return True
+        try:
+            with self._tx() as db:
+                db.execute("DELETE FROM replay WHERE expires < ?", (time.time(),))
+                db.execute("INSERT INTO replay(nonce, expires) VALUES(?, ?)", (nonce, expires))
+        except sqlite3.IntegrityError:
+            return False
+        return True
 
     # audit ------------------------------------------------------------------------------
     def audit(self, actor: str, action: str, detail: str) -> None:

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import log as logmod
-from ..catalog import Catalog
+from ..catalog import Catalog, StateWriteFailed
 from ..errors import PeerError, ReplicadError, ResyncRequired
 from ..health import compute as compute_health
 from ..model import VM, Relationship, ReplicationState as S
@@ -110,12 +110,15 @@ class PrimaryEngine:
 
     # the loop -------------------------------------------------------------------------------
     def _save(self, rel: Relationship) -> None:
-        self.catalog.put_relationship(rel)
-        health, reasons = compute_health(rel)
-        if self._health.get(rel.vm_id) != health.value:
-            if rel.vm_id in self._health or health.value != "Normal":
-                log.warning("health.changed", vm=rel.vm_id, health=health.value, reason="; ".join(reasons) or "ok")
-            self._health[rel.vm_id] = health.value
+        try:
+            self.catalog.put_relationship(rel)  # kept in memory when it cannot be written (catalog.py)
+        finally:
+            health, reasons = compute_health(rel)
+            if self._health.get(rel.vm_id) != health.value:
+                if rel.vm_id in self._health or health.value != "Normal":
+                    log.warning("health.changed", vm=rel.vm_id, health=health.value,
+                                reason="; ".join(reasons) or "ok")
+                self._health[rel.vm_id] = health.value
 
     async def _sleep_until(self, vm_id: str, deadline: float | None) -> None:
         wake = self._wake[vm_id]
@@ -222,7 +225,11 @@ class PrimaryEngine:
             rel.error = f"internal error: {type(e).__name__}: {e}"
             rel.state = S.ERROR
             log.exception("cycle.crashed", vm=vm_id, reason=rel.error)
-        self._save(rel)
+        try:
+            self._save(rel)
+        except StateWriteFailed as w:  # the state dir is full too: status shows it from memory
+            log.error("state.write_failed", vm=vm_id, reason=str(w),
+                      result="the failure is kept in memory; the supervisor retries")
 
     @staticmethod
     async def _resume_point(rel: Relationship, conv: Conversation) -> tuple[int, int] | None:
