@@ -71,6 +71,7 @@ class Host:
     cluster: "Cluster"
     proc: subprocess.Popen | None = None
     env: dict = field(default_factory=dict)
+    wrap: list = field(default_factory=list)  # a command prefix, e.g. ["ip", "netns", "exec", NS]
 
     @property
     def fqdn(self) -> str:
@@ -108,7 +109,7 @@ class Host:
         if not self.config.exists():
             self.write_config()
         logf = open(self.log, "a")
-        self.proc = subprocess.Popen([str(BIN), "daemon", "--config", str(self.config)], stdout=logf,
+        self.proc = subprocess.Popen([*self.wrap, str(BIN), "daemon", "--config", str(self.config)], stdout=logf,
                                      stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         logf.close()
         start = self.log.stat().st_size if self.log.exists() else 0

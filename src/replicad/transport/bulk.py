@@ -30,6 +30,22 @@ from ..errors import AuthenticationFailed, PeerError, PeerUnreachable
 
 MAX_ANSWER = 1 << 20
 SNDBUF = 4 << 20
+# A link that dies silently (a cable, a firewall dropping packets) sends no reset: without
+# these, a blocked send waits io_timeout (minutes) and a wait for the answer as long. Data
+# left unacknowledged this long ends the connection (TCP_USER_TIMEOUT), and an idle wait
+# for the answer is probed (keepalive): either way the cycle fails in well under a minute,
+# is retried with backoff, and an initial copy resumes from the replica's durable offset.
+LINK_TIMEOUT_MS = 30_000
+KEEPALIVE = (10, 5, 3)  # idle seconds before probing, seconds between probes, probes
+
+
+def watch_link(sock: socket.socket) -> socket.socket:
+    """Give a peer connection the link-loss bounds above (also used for aiohttp's sockets)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, LINK_TIMEOUT_MS)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in zip((socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT), KEEPALIVE):
+        sock.setsockopt(socket.IPPROTO_TCP, opt, value)
+    return sock
 
 
 class ProducerFailed(Exception):
@@ -82,6 +98,7 @@ def _connect(t: Target, channel: Channel) -> socket.socket:
         raise PeerUnreachable(f"cannot reach {t.server}:{t.port}: {e.strerror or e}") from None
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+    watch_link(raw)
     raw.settimeout(t.io_timeout)
     sock = raw
     if t.tls is not None:

@@ -49,6 +49,17 @@ class _Resolver(aiohttp.abc.AbstractResolver):
         await self._default.close()
 
 
+def _link_socket(addr_info) -> socket.socket:
+    """aiohttp's connections to peers, with the same link-loss bounds as the bulk sender."""
+    family, type_, proto = addr_info[0], addr_info[1], addr_info[2]
+    sock = socket.socket(family, type_, proto)
+    try:
+        return bulk.watch_link(sock)
+    except OSError:
+        sock.close()
+        raise
+
+
 class _PinningConnector(aiohttp.TCPConnector):
     """Checks a TLS server's pinned thumbprint right after the handshake, before any byte
     of the request is sent (the hook aiohttp's own connectors override)."""
@@ -81,7 +92,8 @@ class PeerClient:
 
     def http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            conn = _PinningConnector(self.tls, resolver=_Resolver(self._resolve), limit=64, keepalive_timeout=15)
+            conn = _PinningConnector(self.tls, resolver=_Resolver(self._resolve), limit=64, keepalive_timeout=15,
+                                     socket_factory=_link_socket)
             self._session = aiohttp.ClientSession(
                 connector=conn, timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT,
                                                               sock_read=READ_TIMEOUT),
