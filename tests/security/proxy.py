@@ -1,5 +1,6 @@
 """A fault-injecting TCP proxy for tests: forwards a port, and can flip one byte of the
-first PUT request body (client → server) or of its answer body (server → client)."""
+first PUT request body (client → server) or of its answer body (server → client), or, for
+TLS where HTTP cannot be seen, the byte at an absolute offset of a client → server stream."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ class FlipProxy(ThreadedProxy):
         super().__init__(listen, target)
         self.flip_request_at: int | None = None   # body offset of a PUT request to corrupt, once
         self.flip_answer_at: int | None = None    # body offset of a PUT's answer to corrupt, once
+        self.flip_stream_at: int | None = None    # offset in a client → server stream, once
         self.flipped = 0
 
     async def relay(self, cr, cw) -> None:
@@ -46,6 +48,11 @@ class FlipProxy(ThreadedProxy):
                         break
                     body_start = search = base + e + 4
                     state["puts" if direction == "request" else "answers"] += 1
+                raw = self.flip_stream_at if direction == "request" else None
+                if raw is not None and pos0 <= raw < pos0 + len(data):
+                    data[raw - pos0] ^= 0x01
+                    self.flipped += 1
+                    self.flip_stream_at = None
                 at = self.flip_request_at if direction == "request" else self.flip_answer_at
                 if body_start is not None and at is not None and pos0 <= body_start + at < pos0 + len(data):
                     data[body_start + at - pos0] ^= 0x01

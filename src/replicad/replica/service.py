@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import shutil
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ from .. import log as logmod
 from ..auth.authorize import Grant, authorize
 from ..catalog import Catalog
 from ..times import utcnow
-from ..errors import Conflict, Refused, ResumeRefused, ResyncRequired, StorageError, UsageError, WireError
+from ..errors import (Conflict, Refused, ResumeRefused, ResyncRequired, StorageError, TransferStalled, UsageError,
+                      WireError)
 from ..fsutil import durable_rename, fsync_dir, fsync_file, write_atomic
 from ..model import (VM, Disk, Relationship, ReplicationMode, ReplicationState, valid_disk_name, valid_fqdn,
                      valid_vm_name)
@@ -331,6 +333,12 @@ class ReplicaService:
                 bound.info("initial.interrupted", progress=await asyncio.to_thread(read_progress,
                                                                                    vmdir.root / PROGRESS_FILE),
                            reason="what was made durable stays; the primary's next attempt resumes there")
+            if isinstance(e, ssl.SSLError):  # a record that failed TLS's own MAC: bytes changed in transit
+                raise WireError(f"log {seq} was corrupted in transit: TLS refused a record "
+                                f"({e.reason or e}); nothing of it is kept") from None
+            if isinstance(e, ConnectionError):
+                raise TransferStalled(f"the connection was lost while log {seq} arrived; "
+                                      "nothing of it is kept") from None
             if isinstance(e, OSError):
                 raise StorageError(f"replica storage error while staging log {seq}: {e.strerror}") from None
             raise
