@@ -319,10 +319,22 @@ def case_sparse16(work: Path) -> dict:
         image.unlink()
 
 
+def proc_sample(pid: int) -> dict:
+    """What a leak would grow: resident memory, threads, open descriptors."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {"rss_MiB": round(int(status["VmRSS"].split()[0]) / 1024, 1), "threads": int(status["Threads"]),
+            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+
+
 def case_many(work: Path, seconds: int, vms: int = 50, size: int = 64 * MiB, frequency: int = 5) -> dict:
+    """A soak (issue 6, scenario 8): every VM's guest writes all the time; half way through,
+    one VM's disk disappears. Every cycle is accounted for, that VM alone goes Critical,
+    memory, threads and descriptors stay flat, and every other copy ends identical to its
+    own image (no cross-talk)."""
     primary, replica, c = start_pair(work / "many")
     images = []
     stop = threading.Event()
+    broken = vms // 2
     try:
         for i in range(vms):
             img = work / f"many{i:02d}.img"
@@ -336,10 +348,12 @@ def case_many(work: Path, seconds: int, vms: int = 50, size: int = 64 * MiB, fre
         for i in range(vms):
             primary.cli("replication", "reset-stats", f"vm{i:02d}")
 
+        live = [img for i, img in enumerate(images) if i != broken]
+
         def guest_writes():  # every VM's guest writes a little, all the time
             rnd = random.Random(7)
             while not stop.is_set():
-                for img in images:
+                for img in live:
                     fd = os.open(img, os.O_WRONLY)
                     os.pwrite(fd, rnd.randbytes(BLOCK), rnd.randrange(size // BLOCK) * BLOCK)
                     os.close(fd)
@@ -348,17 +362,36 @@ def case_many(work: Path, seconds: int, vms: int = 50, size: int = 64 * MiB, fre
         cpu0 = [proc_cpu(h.proc.pid) for h in (primary, replica)]
         t0 = time.monotonic()
         writer.start()
-        stop.wait(seconds)
+        stop.wait(seconds / 3)  # warmed up: the reference for leaks
+        early = [proc_sample(h.proc.pid) for h in (primary, replica)]
+        stop.wait(seconds / 6)
+        images[broken].unlink()  # a VM's disk disappears
+        stop.wait(seconds / 2)
+        late = [proc_sample(h.proc.pid) for h in (primary, replica)]
         stop.set()
         writer.join()
         elapsed = time.monotonic() - t0
         cpu = [proc_cpu(h.proc.pid) - c0 for h, c0 in zip((primary, replica), cpu0)]
-        measures = [primary.json("replication", "measure", f"vm{i:02d}") for i in range(vms)]
-        cycles = sum(m["successful_count"] for m in measures)
-        expected = vms * int(elapsed // frequency)
+        measures = {i: primary.json("replication", "measure", f"vm{i:02d}") for i in range(vms)}
+        others = [m for i, m in measures.items() if i != broken]
+        cycles = sum(m["successful_count"] for m in others)
+        expected = (vms - 1) * int(elapsed // frequency)
+        bad = primary.json("replication", "get", f"vm{broken:02d}")
+        identical = 0
+        for i, img in enumerate(images):  # no cross-talk: each copy is its own image
+            if i == broken:
+                continue
+            vm = f"vm{i:02d}"
+            primary.json("replication", "sync", vm, "--wait")
+            wait_applied(primary, replica, vm, timeout=120)
+            copy = Path(replica.json("vm", "get", vm)["disks"][0]["path"])
+            identical += file_digest(copy) == file_digest(img)
         return {"vms": vms, "frequency_s": frequency, "seconds": round(elapsed, 1), "cycles": cycles,
-                "expected_cycles": expected, "missed": sum(m["missed_count"] for m in measures),
-                "errors": sum(m["errors"] for m in measures),
+                "expected_cycles": expected, "missed": sum(m["missed_count"] for m in others),
+                "errors": sum(m["errors"] for m in others),
+                "broken_vm": {"health": bad["health"], "error": bad["error"]},
+                "identical_copies": f"{identical}/{vms - 1}",
+                "leaks": {"primary": {"early": early[0], "late": late[0]}, "replica": {"early": early[1], "late": late[1]}},
                 "cpu_cores_used": {"primary": round(cpu[0] / elapsed, 3), "replica": round(cpu[1] / elapsed, 3),
                                    "together": round(sum(cpu) / elapsed, 3)},
                 "cpu_ms_per_cycle": round(1000 * sum(cpu) / max(cycles, 1), 2),
@@ -416,6 +449,14 @@ def targets(res: dict) -> list[dict]:
               m["cycles"] >= m["expected_cycles"] - m["vms"])
         check("50 VMs: both daemons, cores", m["cpu_cores_used"]["together"], "< 1.0",
               m["cpu_cores_used"]["together"] < 1.0)
+        check("50 VMs: the VM whose disk vanished", m["broken_vm"]["health"], "Critical, alone",
+              m["broken_vm"]["health"] == "Critical")
+        check("50 VMs: copies identical to their own image", m["identical_copies"], "all",
+              m["identical_copies"] == f"{m['vms'] - 1}/{m['vms'] - 1}")
+        grew = {who: {k: v["late"][k] - v["early"][k] for k in ("rss_MiB", "threads", "fds")}
+                for who, v in m["leaks"].items()}
+        flat = all(g["threads"] <= 2 and g["fds"] <= 4 and g["rss_MiB"] <= 10 for g in grew.values())
+        check("50 VMs: growth from 1/3 to the end (RSS MiB, threads, fds)", grew, "<= 10, 2, 4", flat)
     return out
 
 
@@ -464,7 +505,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--size-gib", type=float, default=2.0)
     ap.add_argument("--only", default="limits,initial,deltas,sparse16,many")
-    ap.add_argument("--many-seconds", type=int, default=60)
+    ap.add_argument("--many-seconds", type=int, default=180)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
     ap.add_argument("--workdir", default=None, help="where images go (default: a new folder in /var/tmp)")
     args = ap.parse_args()

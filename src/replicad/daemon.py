@@ -16,7 +16,7 @@ from aiohttp import web
 
 from . import __version__
 from . import log as logmod
-from . import reverse
+from . import metrics, reverse
 from .api.app import create_app
 from .api.context import Host
 from .auth.session import SessionStore
@@ -25,6 +25,7 @@ from .auth.token import Credential, RealmPublic
 from .catalog import Catalog
 from .config import Config
 from .errors import ConfigError
+from .notify import Notifier
 from .primary.engine import PrimaryEngine
 from .replica.service import ReplicaService
 from .transport.client import PeerClient
@@ -51,6 +52,7 @@ class Daemon:
         self.config = config
         self._stop = asyncio.Event()
         self._runners: list[web.AppRunner] = []
+        self.notifier = Notifier()
 
     def _build(self) -> Host:
         cfg = self.config
@@ -109,15 +111,19 @@ class Daemon:
 
     def _reload(self) -> None:
         """SIGHUP: reload TLS certificate, key and CA; keep the old ones if the new are bad."""
-        if self._tls is None:
-            log.info("daemon.reload", reason="SIGHUP: no TLS material to reload")
-            return
+        self.notifier.reloading()
         try:
-            self._tls.reload()
-        except ConfigError as e:
-            log.error("daemon.reload_failed", reason=str(e), result="keeping the previous certificates")
-            return
-        log.info("daemon.reloaded", reason="SIGHUP: TLS certificate, key and CA reloaded; new connections use them")
+            if self._tls is None:
+                log.info("daemon.reload", reason="SIGHUP: no TLS material to reload")
+                return
+            try:
+                self._tls.reload()
+            except ConfigError as e:
+                log.error("daemon.reload_failed", reason=str(e), result="keeping the previous certificates")
+                return
+            log.info("daemon.reloaded", reason="SIGHUP: TLS certificate, key and CA reloaded; new connections use them")
+        finally:
+            self.notifier.ready("reloaded")
 
     async def run(self) -> int:
         host = self._build()
@@ -140,15 +146,21 @@ class Daemon:
                 ctx = PeerContext(mode="certificate", tls=self._tls, idle_timeout=tls.idle_timeout, **common)
                 await self._serve_tcp(create_peer_app(ctx), tls.address, tls.port, "tls", tls.idle_timeout,
                                       self._tls.listening)
-            if cfg.listen.metrics is not None:
-                log.warning("daemon.listener_not_served", listener="metrics",
-                            reason="listen.metrics is configured but this version has no metrics endpoint yet")
+            m = cfg.listen.metrics
+            if m is not None:
+                await self._serve_tcp(metrics.create_app(host.catalog, host.primary.pending_bytes), m.address, m.port,
+                                      "metrics", 60.0)
             await host.primary.start()
             log.info("daemon.ready", host=cfg.host, version=__version__, socket=str(cfg.management.socket),
                      token=f"{token.address}:{token.port}" if token else None,
-                     tls=f"{tls.address}:{tls.port}" if tls else None)
+                     tls=f"{tls.address}:{tls.port}" if tls else None,
+                     metrics=f"{m.address}:{m.port}" if m else None)
+            self.notifier.ready(f"serving {len(host.catalog.relationships())} relationships")
+            watchdog = asyncio.create_task(self.notifier.watchdog(), name="watchdog")
             await self._stop.wait()
             log.info("daemon.stopping", reason="signal received: draining")
+            self.notifier.stopping()
+            watchdog.cancel()
         finally:
             await host.primary.stop()
             await host.replica.stop()

@@ -340,8 +340,7 @@ async def resync(request):
 def measure_json(host: Host, rel: Relationship, name: str) -> dict:
     health, reasons = compute_health(rel)
     st = rel.stats
-    prog = host.primary.progress.get(rel.vm_id)
-    pending = 0 if prog is None or prog.done else max(0, prog.total - prog.scanned)
+    pending = host.primary.pending_bytes(rel.vm_id)
     return {"vm": name, "state": rel.state.value, "health": health.value, "health_reasons": reasons,
             "last_replication_time": rel.last_replication_time,
             "initial_replication_size": st.initial_replication_size,

@@ -17,7 +17,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .. import log as logmod
+from .. import log as logmod, metrics
 from ..catalog import Catalog, StateWriteFailed
 from ..errors import PeerError, ReplicadError, ResyncRequired
 from ..health import compute as compute_health
@@ -76,6 +76,11 @@ class PrimaryEngine:
             t.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         self._tasks.clear()
+
+    def pending_bytes(self, vm_id: str) -> int:
+        """What the running cycle of this VM has still to read (0 when none runs)."""
+        prog = self.progress.get(vm_id)
+        return 0 if prog is None or prog.done else max(0, prog.total - prog.scanned)
 
     def ensure(self, vm_id: str) -> None:
         if vm_id not in self._tasks or self._tasks[vm_id].done():
@@ -204,6 +209,8 @@ class PrimaryEngine:
         rel.stats.errors += 1
         if rel.seq > 0:
             rel.stats.missed_count += 1
+        vm = self.catalog.vm_by_id(vm_id)
+        metrics.recorder.cycle_failed(vm.name if vm else vm_id, missed=rel.seq > 0)
         if isinstance(e, ResyncHeld):
             rel.state = S.WAITING_FOR_RESYNC
             rel.resync_hold = rel.error = f"resynchronization required: {e}"
@@ -463,6 +470,8 @@ class PrimaryEngine:
                                **({"warnings": producer.warnings} if producer.warnings else {}))
         bound.info("cycle.done", kind=kind, bytes=progress.sent, data_bytes=producer.data_bytes,
                    seconds=round(seconds, 3), consistency=producer.consistency, capture=producer.captured)
+        metrics.recorder.cycle_done(vm.name, kind, progress.sent, seconds,
+                                    0 if initial else int(seconds // rel.frequency))
         return outcome
 
 

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import log as logmod
+from .. import log as logmod, metrics
 from ..auth.authorize import Grant, authorize
 from ..catalog import Catalog
 from ..times import utcnow
@@ -355,6 +355,7 @@ class ReplicaService:
             await asyncio.to_thread(points.drop_undo, vmdir, self._commit(vm_id, final))
             (vmdir.root / PROGRESS_FILE).unlink(missing_ok=True)
             bound.info("log.acknowledged", bytes=received, records=dec.records, base=0, applied="while received")
+            metrics.recorder.log_received(header.vm_name, received)
             bound.info("log.applied", kind=header.kind, point=header.time, consistency=final.consistency)
             cond = self._applied.setdefault(vm_id, asyncio.Condition())
             async with cond:
@@ -373,6 +374,7 @@ class ReplicaService:
                        "can start once it is applied")
         self.catalog.put_relationship(rel)
         bound.info("log.acknowledged", bytes=received, records=dec.records, base=header.base_seq)
+        metrics.recorder.log_received(header.vm_name, received)
         self._ensure_applier(vm_id)
         self._wake[vm_id].set()
         return {"acked_seq": seq, "applied_seq": rel.applied_seq, "bytes": received}
