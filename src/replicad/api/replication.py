@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import re
 import secrets
 from pathlib import Path
 
@@ -21,20 +20,9 @@ from ..primary.export import export_initial
 from ..primary.producer import CycleProducer, Progress
 from .context import Host, actor, body, host_of
 from .vms import get_vm
+from ..units import parse_rate
 
 log = logmod.get("replicad.replication")
-_RATE = re.compile(r"^(\d+(?:\.\d+)?)\s*(|b|kb|mb|gb|kib|mib|gib|kbit|mbit|gbit)$", re.I)
-_RATE_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
-               "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8}
-
-
-def parse_rate(text) -> int:
-    m = _RATE.match(str(text).strip())
-    if not m:
-        raise UsageError(f"invalid --bandwidth-limit {text!r} (examples: 40MB, 512KB, 300Mbit, 1000000)")
-    return int(float(m.group(1)) * _RATE_UNITS[m.group(2).lower()])
-
-
 def _int(doc: dict, key: str, lo: int, hi: int) -> int:
     v = doc[key]
     try:
@@ -77,7 +65,7 @@ def apply_options(rel: Relationship, doc: dict, host: Host) -> None:
             raise UsageError(f"--compression expects true or false, got {v!r}")
         rel.compression = v
     if "bandwidth_limit" in doc:
-        rel.bandwidth_limit = 0 if doc["bandwidth_limit"] in (None, "", 0, "0") else parse_rate(doc["bandwidth_limit"])
+        rel.bandwidth_limit = parse_rate(doc["bandwidth_limit"])
 
 
 def rel_json(host: Host, rel: Relationship, name: str) -> dict:

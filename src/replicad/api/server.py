@@ -12,7 +12,8 @@ from ..auth.authorize import DEFAULT_TRUST_GROUP, AuthorizationEntry
 from ..errors import Conflict, NotFound, UsageError
 from ..fsutil import make_private_dir
 from ..model import AuthType, valid_fqdn
-from ..replica.settings import ServerSettings, format_duration, parse_duration, validate_hhmm
+from ..replica.settings import ServerSettings, validate_hhmm
+from ..units import format_duration, parse_duration
 from .context import actor, body, host_of
 
 log = logmod.get("replicad.server")

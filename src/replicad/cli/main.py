@@ -13,7 +13,7 @@ import click
 from .. import __version__
 from .. import config as configmod
 from ..errors import ReplicadError
-from .common import api, global_options, managed, show
+from .common import api, global_options, managed, output_format, show
 from .replication import REPL_COLUMNS, RESULT_COLUMNS, replication, wait_with_progress
 from .server import auth_entry, server
 from .vm import VM_COLUMNS, vm
@@ -114,10 +114,6 @@ def failover():
     """Planned, unplanned and test failover (Start/Stop/Complete-VMFailover)."""
 
 
-def _not_yet(what: str):
-    raise ReplicadError(f"{what} is not available in this version yet")
-
-
 @failover.command("start")
 @click.argument("vm_name")
 @click.option("--prepare", is_flag=True, help="On the primary (VM stopped): ship every last change.")
@@ -167,8 +163,35 @@ def failover_complete(vm_name):
 @click.option("--diff", is_flag=True, help="Show what would change; change nothing.")
 @managed
 def apply_cmd(file, diff):
-    """Apply a declarative setup (server, auth_entries, vms, replications)."""
-    _not_yet("declarative setup (apply)")
+    """Apply a declarative setup (server, auth_entries, vms, replications).
+
+    Compares FILE with what the host has, then makes only the differences, through the
+    same API as the commands: a second apply changes nothing and says so. Nothing the
+    file does not mention is removed. The document's format: docs/operations.md.
+
+    \b
+    Examples:
+      replicad apply -f vmhost2.yaml --diff     # show the plan, change nothing
+      replicad apply -f vmhost2.yaml
+    """
+    from .apply import load, plan
+    doc = load(file)
+    client = api()
+    changes = plan(client, doc).changes
+    if not diff:
+        for c in changes:
+            client.call(c.method, c.path, c.body)
+    if output_format() == "json":
+        show({"file": file, "applied": not diff, "changes": [c.text for c in changes]})
+        return
+    for c in changes:
+        click.echo(c.text)
+    if not changes:
+        click.echo(f"nothing to change: this host already matches {file}")
+    elif diff:
+        click.echo(f"{len(changes)} change(s) would be made (--diff: nothing was changed)")
+    else:
+        click.echo(f"{len(changes)} change(s) made")
 
 
 @cli.command("demo")

@@ -10,23 +10,6 @@ from ..catalog import Catalog
 from ..errors import UsageError
 from ..model import AuthType
 
-_DURATION = re.compile(r"^(\d+)([smhd]?)$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> int:
-    m = _DURATION.match(str(text).strip())
-    if not m or int(m.group(1)) <= 0:
-        raise UsageError(f"invalid duration {text!r} (examples: 30m, 12h, 1d, 3600)")
-    return int(m.group(1)) * _UNITS[m.group(2)]
-
-
-def format_duration(seconds: int) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
 
 @dataclass(frozen=True)
 class ServerSettings:
