@@ -16,7 +16,7 @@ from aiohttp import web
 
 from . import __version__
 from . import log as logmod
-from . import metrics, reverse
+from . import events, metrics, reverse
 from .api.app import create_app
 from .api.context import Host
 from .auth.session import SessionStore
@@ -128,6 +128,7 @@ class Daemon:
     async def run(self) -> int:
         host = self._build()
         loop = asyncio.get_running_loop()
+        events.bus.attach(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)

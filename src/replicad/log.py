@@ -7,6 +7,8 @@ import sys
 
 import structlog
 
+from . import events
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -18,6 +20,7 @@ def setup(fmt: str = "console", level: str = "info") -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            events.bus.processor,  # `replicad events` (events.py)
             structlog.processors.format_exc_info,
             renderer,
         ],

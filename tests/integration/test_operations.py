@@ -4,6 +4,8 @@ notify protocol, against real daemon processes."""
 import json
 import signal
 import socket
+import subprocess
+import threading
 import time
 import urllib.request
 
@@ -11,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import article_pair
-from .harness import Cluster, free_port
+from .harness import BIN, Cluster, free_port, wait_for
 from .test_replication import replicated
 
 pytestmark = pytest.mark.integration
@@ -142,3 +144,35 @@ def test_sd_notify_ready_watchdog_reload_stopping(tmp_path, notify_socket):
     host.proc.send_signal(signal.SIGTERM)
     n.wait("STOPPING")
     assert host.proc.wait(15) == 0
+
+
+def test_events_show_state_changes_and_follow_new_ones(tmp_path):
+    c = Cluster(tmp_path / "c", names=("vmhost1", "vmhost2"))
+    try:
+        primary, replica = article_pair(c)
+        replicated(primary, replica, "ev", tmp_path, 8 * MiB, 2, frequency=3600)
+        lines = [json.loads(x) for x in primary.cli("events", "--vm", "ev", "-o", "json").stdout.splitlines()]
+        assert [e["event"] for e in lines if e["event"] == "cycle.done"] == ["cycle.done"]
+        assert all(e["vm"] == "ev" for e in lines) and any(e["event"] == "replication.enabled" for e in lines)
+        table = primary.cli("events").stdout
+        assert "cycle.done" in table and "kind=initial" in table
+
+        follow = subprocess.Popen([str(BIN), "events", "--follow", "--vm", "ev", "-o", "json", "--config",
+                                   str(primary.config)], stdout=subprocess.PIPE, text=True)
+        try:
+            seen = []
+            reader = threading.Thread(target=lambda: seen.extend(json.loads(x) for x in follow.stdout), daemon=True)
+            reader.start()
+            wait_for(lambda: any(e["event"] == "cycle.done" for e in seen), 10, "the replayed events")
+            primary.cli("replication", "suspend", "ev")  # state changes arrive as they happen
+            wait_for(lambda: any(e["event"] == "replication.suspended" for e in seen), 10, "the suspension")
+            assert follow.poll() is None  # still following
+        finally:
+            follow.terminate()
+            follow.wait(10)
+            reader.join(10)
+            follow.stdout.close()
+        r = primary.cli("events", "-C", replica.fqdn, check=False)
+        assert r.returncode == 2 and "on the host itself" in r.stderr
+    finally:
+        c.shutdown()

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from .. import log as logmod
 from ..errors import ReplicadError
-from . import failover, replication, server, vms
+from . import events, failover, replication, server, vms
 from .context import HOST_KEY, MAX_BODY, Host
 
 log = logmod.get("replicad.api")
@@ -37,4 +37,5 @@ def create_app(host: Host) -> web.Application:
     vms.routes(app)
     replication.routes(app)
     failover.routes(app)
+    events.routes(app)
     return app

@@ -49,6 +49,11 @@ def output_format() -> str:
     return _meta("output") or "table"
 
 
+def remote_target() -> str | None:
+    """The -C HOST[:PORT] given, if any."""
+    return _meta("computer_name")
+
+
 def api() -> ApiClient:  # or a RemoteClient (-C), imported only then
     if _meta("computer_name"):
         path = _meta("config") or os.environ.get("REPLICAD_CONFIG") or configmod.DEFAULT_PATH

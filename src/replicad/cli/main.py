@@ -4,6 +4,7 @@ traceback."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from urllib.parse import quote
@@ -12,7 +13,7 @@ import click
 
 from .. import __version__
 from .. import config as configmod
-from ..errors import ReplicadError
+from ..errors import ReplicadError, UsageError
 from .common import api, global_options, managed, output_format, show
 from .replication import REPL_COLUMNS, RESULT_COLUMNS, replication, wait_with_progress
 from .server import auth_entry, server
@@ -192,6 +193,34 @@ def apply_cmd(file, diff):
         click.echo(f"{len(changes)} change(s) would be made (--diff: nothing was changed)")
     else:
         click.echo(f"{len(changes)} change(s) made")
+
+
+@cli.command("events")
+@click.option("-f", "--follow", is_flag=True, help="Keep watching: print each new event as it happens.")
+@click.option("--vm", "vm_name", metavar="NAME", help="Only this VM's events.")
+@managed
+def events_cmd(follow, vm_name):
+    """Recent state changes (cycles, failures, health, failovers); --follow to watch.
+
+    The daemon keeps its last 500 such events; the full record is its log.
+
+    \b
+    Examples:
+      replicad events --vm contoso2
+      replicad events --follow
+    """
+    from urllib.parse import urlencode
+    from .common import remote_target
+    from .render import event_line
+    if remote_target():
+        raise UsageError("events is shown on the host itself (for example: ssh vmhost2 replicad events)")
+    query = urlencode({k: v for k, v in {"follow": "true" if follow else None, "vm": vm_name}.items() if v})
+    as_json = output_format() == "json"
+    try:
+        for e in api().stream("GET", "/v1/events" + (f"?{query}" if query else "")):
+            click.echo(json.dumps(e) if as_json else event_line(e))
+    except KeyboardInterrupt:
+        pass
 
 
 @cli.command("demo")

@@ -41,3 +41,13 @@ def render(data, fmt: str, columns: Sequence[str] = ()) -> None:
     click.echo("  ".join("-" * w for w in widths))
     for r in cells:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+EVENT_SKIP = ("event", "timestamp", "level", "vm", "vm_id")
+
+
+def event_line(e: dict) -> str:
+    """One event for a terminal: time, VM, what happened, then its details."""
+    when = str(e.get("timestamp", ""))[:19].replace("T", " ")
+    details = " ".join(f"{k}={v}" for k, v in e.items() if k not in EVENT_SKIP and v is not None)
+    return f"{when}  {str(e.get('vm', '-')):<16} {e.get('event', ''):<24} {details}".rstrip()

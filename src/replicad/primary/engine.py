@@ -68,7 +68,7 @@ class PrimaryEngine:
             if rel.role == "primary":
                 Baselines(self.state_dir, rel.vm_id).drop_unsealed()
                 self.ensure(rel.vm_id)
-                log.info("relationship.resumed", vm=rel.vm_id, state=rel.state.value,
+                log.info("relationship.resumed", vm=self._name(rel.vm_id), vm_id=rel.vm_id, state=rel.state.value,
                          reason="restored from the catalog at start")
 
     async def stop(self) -> None:
@@ -76,6 +76,11 @@ class PrimaryEngine:
             t.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         self._tasks.clear()
+
+    def _name(self, vm_id: str) -> str:
+        """The VM's name for log lines and metrics (its id if it has none here)."""
+        vm = self.catalog.vm_by_id(vm_id)
+        return vm.name if vm is not None else vm_id
 
     def pending_bytes(self, vm_id: str) -> int:
         """What the running cycle of this VM has still to read (0 when none runs)."""
@@ -121,7 +126,7 @@ class PrimaryEngine:
             health, reasons = compute_health(rel)
             if self._health.get(rel.vm_id) != health.value:
                 if rel.vm_id in self._health or health.value != "Normal":
-                    log.warning("health.changed", vm=rel.vm_id, health=health.value,
+                    log.warning("health.changed", vm=self._name(rel.vm_id), vm_id=rel.vm_id, health=health.value,
                                 reason="; ".join(reasons) or "ok")
                 self._health[rel.vm_id] = health.value
 
@@ -198,8 +203,8 @@ class PrimaryEngine:
         """Start a new monitoring interval when the current one is over (monitoring.py)."""
         s = ServerSettings.load(self.catalog, self.state_dir)
         if roll_interval(rel, s.monitoring_start_time, s.monitoring_interval):
-            log.info("stats.interval_started", vm=rel.vm_id, start=rel.stats.monitoring_start,
-                     reason="a new monitoring interval began")
+            log.info("stats.interval_started", vm=self._name(rel.vm_id), vm_id=rel.vm_id,
+                     start=rel.stats.monitoring_start, reason="a new monitoring interval began")
 
     def _failed(self, vm_id: str, e: Exception, seconds: float) -> None:
         rel = self.catalog.relationship(vm_id)
@@ -209,33 +214,33 @@ class PrimaryEngine:
         rel.stats.errors += 1
         if rel.seq > 0:
             rel.stats.missed_count += 1
-        vm = self.catalog.vm_by_id(vm_id)
-        metrics.recorder.cycle_failed(vm.name if vm else vm_id, missed=rel.seq > 0)
+        name = self._name(vm_id)
+        metrics.recorder.cycle_failed(name, missed=rel.seq > 0)
         if isinstance(e, ResyncHeld):
             rel.state = S.WAITING_FOR_RESYNC
             rel.resync_hold = rel.error = f"resynchronization required: {e}"
-            log.error("resync.held", vm=vm_id, reason=str(e), hint=e.hint)
+            log.error("resync.held", vm=name, vm_id=vm_id, reason=str(e), hint=e.hint)
         elif isinstance(e, ResyncRequired) or (isinstance(e, PeerError) and e.code == "resync"):
             rel.state = S.WAITING_FOR_RESYNC
             rel.error = f"resynchronization required: {e}"
             if rel.awaiting_import:
                 rel.error = (f"waiting for the replica to import the initial copy exported to {rel.awaiting_import} "
                              f"(`replication import-initial` there); until then: {e}")
-            log.error("cycle.resync_required", vm=vm_id, reason=str(e),
+            log.error("cycle.resync_required", vm=name, vm_id=vm_id, reason=str(e),
                       result="a resync starts at the next attempt: only differing blocks are sent")
         elif isinstance(e, ReplicadError):
             rel.error = str(e)
             if not e.transient:
                 rel.state = S.ERROR
-            log.error("cycle.failed", vm=vm_id, reason=str(e), transient=e.transient, seconds=round(seconds, 3))
+            log.error("cycle.failed", vm=name, vm_id=vm_id, reason=str(e), transient=e.transient, seconds=round(seconds, 3))
         else:
             rel.error = f"internal error: {type(e).__name__}: {e}"
             rel.state = S.ERROR
-            log.exception("cycle.crashed", vm=vm_id, reason=rel.error)
+            log.exception("cycle.crashed", vm=name, vm_id=vm_id, reason=rel.error)
         try:
             self._save(rel)
         except StateWriteFailed as w:  # the state dir is full too: status shows it from memory
-            log.error("state.write_failed", vm=vm_id, reason=str(w),
+            log.error("state.write_failed", vm=name, vm_id=vm_id, reason=str(w),
                       result="the failure is kept in memory; the supervisor retries")
 
     @staticmethod
@@ -278,7 +283,7 @@ class PrimaryEngine:
         st = await conv.replica_status(rel.vm_id)
         top = pending[-1]
         if st.get("exists") and st.get("epoch") == rel.epoch and st.get("acked_seq") == top:
-            log.info("baseline.promoted", vm=rel.vm_id, seq=top,
+            log.info("baseline.promoted", vm=self._name(rel.vm_id), vm_id=rel.vm_id, seq=top,
                      reason="the replica acknowledged this cycle before the primary could record it")
             rel.seq = top
             self._save(rel)

@@ -1,0 +1,69 @@
+"""State changes for terminals: `replicad events [--follow]` (issue 7).
+
+The daemon's log already says everything, one JSON line per decision; this keeps the lines
+an operator watches (cycles, failures, health and state changes, failovers) in a ring of the
+last 500 and hands them to followers as they happen. It is fed by a structlog processor, so
+there is one place where events are named: the log call. Followers are asyncio queues on the
+daemon's loop; a line logged from a worker thread reaches them through the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+
+WATCHED_PREFIXES = ("cycle.", "health.", "replication.", "failover.", "resync.", "relationship.", "state.",
+                    "initial.", "daemon.ready", "daemon.stopping", "log.applied", "log.rejected", "vm.added",
+                    "vm.removed", "baseline.promoted")
+KEEP = 500
+FOLLOWER_QUEUE = 1000  # a follower that falls this far behind loses lines (told so), never blocks the daemon
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self.recent: collections.deque[dict] = collections.deque(maxlen=KEEP)
+        self._followers: set[asyncio.Queue] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def publish(self, event: dict) -> None:
+        with self._lock:
+            self.recent.append(event)
+        loop = self._loop
+        if loop is None or not self._followers:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._deliver(event)
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(self._deliver, event)
+
+    def _deliver(self, event: dict) -> None:
+        for q in list(self._followers):
+            if q.full():
+                continue  # that follower sees a gap; the daemon does not wait for it
+            q.put_nowait(event)
+
+    def follow(self) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue(FOLLOWER_QUEUE)
+        self._followers.add(q)
+        return q
+
+    def unfollow(self, q: asyncio.Queue) -> None:
+        self._followers.discard(q)
+
+    def processor(self, logger, method_name: str, event_dict: dict) -> dict:
+        """structlog processor: copy a watched event (after the timestamp is added)."""
+        name = event_dict.get("event", "")
+        if isinstance(name, str) and name.startswith(WATCHED_PREFIXES):
+            self.publish({k: v for k, v in event_dict.items() if k != "exc_info"})
+        return event_dict
+
+
+bus = EventBus()  # one per process: the daemon's
