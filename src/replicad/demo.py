@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -271,11 +272,14 @@ def run_demo(workdir: str | None, keep_running: bool) -> int:
             click.echo(f"\nThe hosts keep running. Talk to them with, for example:\n"
                        f"  replicad vm list --config {root}/vmhost1/replicad.yaml\n"
                        f"  replicad replication measure contoso2 --config {root}/vmhost2/replicad.yaml\n"
-                       f"Logs: {root}/vmhost*/daemon.log. Press Ctrl-C to stop them.")
-            try:
-                signal.pause()
-            except KeyboardInterrupt:
-                pass
+                       f"Logs: {root}/vmhost*/daemon.log. Press Ctrl-C (or send SIGTERM) to stop them.",
+                       err=False)
+            sys.stdout.flush()
+            stop = threading.Event()
+            for sig in (signal.SIGINT, signal.SIGTERM):  # either way the hosts are stopped cleanly
+                signal.signal(sig, lambda *_: stop.set())
+            stop.wait()
+            click.echo("stopping the hosts")
         return rc
     finally:
         demo.stop_hosts()

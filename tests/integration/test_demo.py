@@ -29,3 +29,33 @@ def test_demo_runs_and_copies_are_identical(tmp_path):
     assert "Traceback" not in r.stderr
     r = subprocess.run([str(BIN), "demo", "--workdir", str(tmp_path / "demo")], capture_output=True, text=True)
     assert r.returncode == 1 and "is not empty" in r.stderr
+
+
+def test_demo_keep_running_leaves_the_hosts_up_until_sigterm(tmp_path):
+    work = tmp_path / "demo"
+    demo = subprocess.Popen([str(BIN), "demo", "--workdir", str(work), "--keep-running"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in demo.stdout:  # the story, then the instructions
+            if "Press Ctrl-C" in line:
+                break
+        else:
+            raise AssertionError(f"the demo ended without keeping the hosts: {demo.stderr.read()[-2000:]}")
+        for host in ("vmhost1", "vmhost2", "vmhost3"):
+            r = subprocess.run([str(BIN), "vm", "list", "-o", "json", "--config", str(work / host / "replicad.yaml")],
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, r.stderr
+        assert '"contoso2"' in subprocess.run([str(BIN), "replication", "get", "-o", "json", "--config",
+                                               str(work / "vmhost1" / "replicad.yaml")],
+                                              capture_output=True, text=True, timeout=30).stdout
+        demo.terminate()
+        assert demo.wait(60) == 0
+        r = subprocess.run([str(BIN), "vm", "list", "--config", str(work / "vmhost1" / "replicad.yaml")],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 3  # the hosts were stopped with the demo
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        demo.stdout.close()
+        demo.stderr.close()
