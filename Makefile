@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test unit integration bench clean
+.PHONY: demo test unit integration bench compose-demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ bench: $(STAMP)
 	@command -v rsync >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q rsync >/dev/null; } \
 		|| { echo "make bench needs rsync (apt-get install rsync)"; exit 2; }
 	$(BIN)/python bench/suite.py
+
+# The article's story in three containers (docker-compose.yml, docker/compose_demo.py);
+# skips with the reason where `docker info` does not answer.
+compose-demo: $(STAMP)
+	$(BIN)/python docker/compose_demo.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
