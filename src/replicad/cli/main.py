@@ -14,6 +14,7 @@ import click
 from .. import __version__
 from .. import config as configmod
 from ..errors import ReplicadError, UsageError
+from . import examples
 from .common import api, global_options, managed, output_format, show
 from .replication import REPL_COLUMNS, RESULT_COLUMNS, replication, wait_with_progress
 from .server import auth_entry, server
@@ -236,6 +237,7 @@ cli.add_command(server)
 cli.add_command(auth_entry)
 cli.add_command(vm)
 cli.add_command(replication)
+examples.attach(cli)
 
 
 def main() -> None:

@@ -242,7 +242,7 @@ def remove(vm, extended):
 @click.argument("vm")
 @managed
 def recovery_points(vm):
-    """List a replica VM's recovery points (this version keeps the latest)."""
+    """List a replica VM's recovery points (id, time, consistency, size), newest first; on the replica."""
     show(api().call("GET", rpath(vm, "recovery-points")), ("id", "time", "consistency", "size"))
 
 

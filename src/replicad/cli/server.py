@@ -90,5 +90,5 @@ def entry_set(primary, storage, trust_group):
 @click.option("--primary", required=True, metavar="PATTERN")
 @managed
 def entry_remove(primary):
-    """Remove an entry."""
+    """Remove an authorization entry: that primary may no longer replicate here (unless another entry matches)."""
     show(api().call("DELETE", "/v1/auth-entries", {"primary": primary}))

@@ -54,7 +54,7 @@ def vm_list():
 @click.argument("name")
 @managed
 def vm_get(name):
-    """Show one VM."""
+    """Show one VM: its disks (on a replica, where its copies are), mode, replication state and health."""
     show(api().call("GET", vm_path(name)), VM_COLUMNS)
 
 
