@@ -1,5 +1,5 @@
 """The apply path against a simple model (issue 6, scenario 9): random change logs, staged
-through the verifying decoder in random chunkings, some with a flipped byte, applied with a
+through the verifying decoder in random chunkings, some with a flipped byte or cut short, applied with a
 crash at a random phase. At every step the copy equals the model at a committed sequence:
 a corrupt log changes nothing, a crashed apply rolls forward to the next point from the
 staged log and its undo log, or back to the previous point from the undo log alone."""
@@ -26,7 +26,7 @@ VM_ID = "0f0e0d0c-0000-4000-8000-00000000abcd"
 write = st.tuples(st.integers(0, SIZE // BLOCK - 1), st.sampled_from(["data", "zero"]), st.integers(1, 255),
                   st.integers(1, 4))  # block, kind, byte value, length in blocks
 step = st.tuples(st.lists(write, min_size=1, max_size=6), st.sampled_from([None, "after-undo", "after-data"]),
-                 st.booleans(), st.integers(1, 3000), st.integers(0, 10**9))
+                 st.sampled_from([None, "flip", "truncate"]), st.integers(1, 3000), st.integers(0, 10**9))
 
 
 class Crash(Exception):
@@ -87,20 +87,23 @@ def run_steps(base: Path, steps) -> None:
     disk = vmdir.disk("d.img")
     disk.write_bytes(bytes(SIZE))
     model = [bytes(SIZE)]
-    for writes, crash, flip, chunk, where in steps:
+    for writes, crash, damage, chunk, where in steps:
         seq = len(model)
         raw, new = make_log(seq, model[-1], writes)
-        if flip:
-            bad = bytearray(raw)
+        if damage:
             rnd = random.Random(where)
-            bad[rnd.randrange(len(bad))] ^= 1 << rnd.randrange(8)
+            bad = bytearray(raw)
+            if damage == "flip":
+                bad[rnd.randrange(len(bad))] ^= 1 << rnd.randrange(8)
+            else:  # the connection broke: the log ends anywhere before its last byte
+                del bad[rnd.randrange(len(bad)):]
             try:
                 stage(vmdir, seq, bytes(bad), chunk)
             except WireError:
                 assert not vmdir.log(seq).exists() and not vmdir.log_part(seq).exists()
-                assert disk.read_bytes() == model[-1]  # a corrupt log changes nothing
+                assert disk.read_bytes() == model[-1]  # a corrupt or cut log changes nothing
                 continue
-            raise AssertionError("a flipped byte went unnoticed")
+            raise AssertionError(f"a damaged log ({damage}) went unnoticed")
         stage(vmdir, seq, raw, chunk)
         if crash is not None:
             try:
