@@ -3,6 +3,7 @@ container stopped in the middle of a delta and started again; it must end with i
 copies. Runs where a Docker engine answers (it builds its base image locally when no
 registry can be reached); skips with the reason otherwise."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,13 @@ def _engine() -> str | None:
     if not shutil.which("docker") or not shutil.which("docker-compose"):
         return "docker or docker-compose is not installed"
     r = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=30)
-    return None if r.returncode == 0 else "`docker info` does not answer (no Docker engine here)"
+    if r.returncode != 0:
+        return "`docker info` does not answer (no Docker engine here)"
+    have_base = any(subprocess.run(["docker", "image", "inspect", i], capture_output=True).returncode == 0
+                    for i in (os.environ.get("BASE_IMAGE", "python:3.11-slim"), "replicad-base:bookworm"))
+    if not have_base and os.geteuid() != 0:
+        return "no base image here, and building one (debootstrap) needs root"
+    return None
 
 
 def test_compose_demo_ends_with_identical_copies():
