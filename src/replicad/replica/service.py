@@ -352,7 +352,8 @@ class ReplicaService:
             rel.primary_ports = list(header.primary_ports) if any(header.primary_ports) else rel.primary_ports
             self.catalog.put_relationship(rel)
             final = dataclasses.replace(header, consistency="fuzzy") if dec.trailer.fuzzy else header
-            await asyncio.to_thread(points.drop_undo, vmdir, self._commit(vm_id, final))
+            facts = await asyncio.to_thread(self._copy_facts, vm_id)
+            await asyncio.to_thread(points.drop_undo, vmdir, self._commit(vm_id, final, facts))
             (vmdir.root / PROGRESS_FILE).unlink(missing_ok=True)
             bound.info("log.acknowledged", bytes=received, records=dec.records, base=0, applied="while received")
             metrics.recorder.log_received(header.vm_name, received)
@@ -497,7 +498,8 @@ class ReplicaService:
                         header = await asyncio.to_thread(write_point, vmdir, seq, disks, fault=self._fault)
                         # the commit runs here, on the loop: no other writer of this row can
                         # interleave (a receipt may be recording the next ack right now)
-                        floor = self._commit(vm_id, header)
+                        facts = await asyncio.to_thread(self._copy_facts, vm_id)
+                        floor = self._commit(vm_id, header, facts)
                         self._fault("after-commit")
                         await asyncio.to_thread(discard, vmdir, seq)
                         await asyncio.to_thread(points.drop_undo, vmdir, floor)
@@ -533,9 +535,16 @@ class ReplicaService:
         except OSError as e:
             log.error("apply.rollback_failed", cycle=seq, reason=e.strerror)
 
-    def _commit(self, vm_id: str, header: Header) -> int:
+    def _copy_facts(self, vm_id: str) -> tuple[list[str], list]:
+        """What the commit records about the copy's files (formats, identities): file reads,
+        done in a worker thread before the commit (the apply lock keeps them still)."""
+        vm = self.catalog.vm_by_id(vm_id)
+        return [disk_format(Path(d.path)) for d in vm.disks], identities(vm.files())
+
+    def _commit(self, vm_id: str, header: Header, facts: tuple[list[str], list]) -> int:
         """Step 3 of the apply: point ``header.seq`` is now the copy's committed state.
-        Returns the undo-log floor of recovery-point retention."""
+        Returns the undo-log floor of recovery-point retention. Runs on the loop: no other
+        writer of this row can interleave; ``facts`` come from ``_copy_facts``."""
         rel = self.catalog.relationship(vm_id)
         s = ServerSettings.load(self.catalog, self.state_dir)
         roll_interval(rel, s.monitoring_start_time, s.monitoring_interval)
@@ -549,10 +558,10 @@ class ReplicaService:
             rel.state = ReplicationState.REPLICATING
         rel.stats.successful_count += 1
         vm = self.catalog.vm_by_id(vm_id)
-        for d, info in zip(vm.disks, header.disks):
+        formats, rel.copy_identity = facts
+        for d, info, fmt in zip(vm.disks, header.disks, formats):
             d.size = info.size
-            d.format = disk_format(Path(d.path))
-        rel.copy_identity = identities(vm.files())  # a few stat() calls
+            d.format = fmt
         rel.last_consistency = header.consistency
         if header.kind != "delta":
             rel.points = []  # an initial copy or a resync starts a new chain

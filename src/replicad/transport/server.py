@@ -155,7 +155,9 @@ async def hello(request: web.Request) -> web.Response:
 
 async def status(request: web.Request) -> web.Response:
     ctx = request.app[CTX_KEY]
-    return web.json_response(ctx.service.status(request[PRINCIPAL], ctx.mode, _vm_id(request)))
+    # a thread: status may read the small progress file of an interrupted initial copy
+    return web.json_response(await asyncio.to_thread(ctx.service.status, request[PRINCIPAL], ctx.mode,
+                                                     _vm_id(request)))
 
 
 async def digests(request: web.Request) -> web.StreamResponse:
