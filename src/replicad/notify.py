@@ -37,8 +37,8 @@ class Notifier:
         if not self._addr:
             return False
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-                s.sendto("\n".join(fields).encode(), self._addr)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as s:
+                s.sendto("\n".join(fields).encode(), self._addr)  # never blocks the loop
             return True
         except OSError as e:
             if not self._warned:  # once: a broken socket must not flood the log
