@@ -16,13 +16,14 @@ WATCHED_PREFIXES = ("cycle.", "health.", "replication.", "failover.", "resync.",
                     "initial.", "daemon.ready", "daemon.stopping", "log.applied", "log.rejected", "vm.added",
                     "vm.removed", "baseline.promoted")
 KEEP = 500
-FOLLOWER_QUEUE = 1000  # a follower that falls this far behind loses lines (told so), never blocks the daemon
+FOLLOWER_QUEUE = 1000  # a follower this far behind loses lines (and is told how many); the daemon never waits
 
 
 class EventBus:
     def __init__(self) -> None:
         self.recent: collections.deque[dict] = collections.deque(maxlen=KEEP)
         self._followers: set[asyncio.Queue] = set()
+        self._dropped: dict[asyncio.Queue, int] = {}  # lines a slow follower missed, said when it catches up
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
 
@@ -46,8 +47,13 @@ class EventBus:
 
     def _deliver(self, event: dict) -> None:
         for q in list(self._followers):
-            if q.full():
-                continue  # that follower sees a gap; the daemon does not wait for it
+            if q.qsize() >= q.maxsize - 1:  # keep a slot for the gap notice
+                self._dropped[q] = self._dropped.get(q, 0) + 1
+                continue
+            missed = self._dropped.pop(q, 0)
+            if missed:
+                q.put_nowait({"event": "events.dropped", "count": missed,
+                              "reason": "this follower fell behind; the daemon's log has every line"})
             q.put_nowait(event)
 
     def follow(self) -> asyncio.Queue:
@@ -57,6 +63,7 @@ class EventBus:
 
     def unfollow(self, q: asyncio.Queue) -> None:
         self._followers.discard(q)
+        self._dropped.pop(q, None)
 
     def processor(self, logger, method_name: str, event_dict: dict) -> dict:
         """structlog processor: copy a watched event (after the timestamp is added)."""

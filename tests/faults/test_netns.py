@@ -106,7 +106,7 @@ def test_link_down_longer_than_two_cycles_heals_with_one_merged_delta(link, tmp_
     scribble(image, 100, seed=41)
     wait_for(lambda: primary.json("replication", "measure", "ns")["missed_count"] >= 2, 90, "two missed cycles")
     got = primary.json("replication", "get", "ns")
-    assert got["health"] == "Critical" and "unreachable" in got["error"] or "cannot reach" in got["error"], got
+    assert got["health"] == "Critical" and ("unreachable" in got["error"] or "cannot reach" in got["error"]), got
     scribble(image, 100, seed=42)  # the guest goes on writing while the link is down
     done_before = len(primary.events("cycle.done"))
 

@@ -159,6 +159,12 @@ def _show(v) -> str:
     return "''" if v == "" else str(v)
 
 
+def _diff(current: dict, want: dict) -> tuple[dict, str]:
+    """The wanted values that differ from the current ones, and how a plan line says it."""
+    changed = {k: v for k, v in want.items() if current.get(k) != v}
+    return changed, ", ".join(f"{k} {_show(current.get(k))} → {_show(v)}" for k, v in changed.items())
+
+
 def plan(api, doc: dict) -> Plan:
     p = Plan()
     _plan_server(api, doc["server"], p)
@@ -178,10 +184,9 @@ def _plan_server(api, want: dict, p: Plan) -> None:
                "monitoring_start_time": have["monitoring_start_time"]}
     if "monitoring_interval" in want:
         want = {**want, "monitoring_interval": format_duration(parse_duration(str(want["monitoring_interval"])))}
-    body = {k: v for k, v in want.items() if current.get(k) != v}
+    body, said = _diff(current, want)
     if body:
-        p.add("~ server: " + ", ".join(f"{k} {_show(current.get(k))} → {_show(v)}" for k, v in body.items()),
-              "PATCH", "/v1/server", body)
+        p.add(f"~ server: {said}", "PATCH", "/v1/server", body)
 
 
 def _plan_entries(api, want: list[dict], p: Plan) -> None:
@@ -193,11 +198,9 @@ def _plan_entries(api, want: list[dict], p: Plan) -> None:
             p.add(f"+ auth-entry {e['primary']}" + (f" ({extra})" if extra else ""), "POST", "/v1/auth-entries",
                   {"primary": e["primary"], "storage": e.get("storage"), "trust_group": e.get("trust_group")})
             continue
-        diff = {k: e[k] for k in ("storage", "trust_group") if k in e and cur.get(k) != e[k]}
+        diff, said = _diff(cur, {k: e[k] for k in ("storage", "trust_group") if k in e})
         if diff:
-            p.add(f"~ auth-entry {e['primary']}: " + ", ".join(f"{k} {_show(cur.get(k))} → {_show(v)}"
-                                                               for k, v in diff.items()),
-                  "PATCH", "/v1/auth-entries", {"primary": e["primary"], **diff})
+            p.add(f"~ auth-entry {e['primary']}: {said}", "PATCH", "/v1/auth-entries", {"primary": e["primary"], **diff})
 
 
 def _plan_vms(api, want: list[dict], p: Plan) -> dict[str, dict]:
@@ -224,10 +227,9 @@ def _plan_vms(api, want: list[dict], p: Plan) -> dict[str, dict]:
             raise Conflict(f"vms: {name} exists with config_file {cur.get('config_file')}; apply cannot "
                              "change it in place")
         current = {**{k: (cur.get("hooks") or {}).get(k, "") for k in HOOKS}, "hook_timeout": cur.get("hook_timeout")}
-        diff = {k: val for k, val in hooks.items() if current.get(k) != val}
+        diff, said = _diff(current, hooks)
         if diff:
-            p.add(f"~ vm {name}: " + ", ".join(f"{k} {_show(current.get(k))} → {_show(val)}" for k, val in diff.items()),
-                  "PATCH", path, diff)
+            p.add(f"~ vm {name}: {said}", "PATCH", path, diff)
     return have
 
 
@@ -250,9 +252,8 @@ def _plan_replications(api, want: list[dict], vms: dict, p: Plan) -> None:
         if cur["mode"] != "Primary":
             raise Conflict(f"replications: {vm} is a {cur['mode']} relationship on this host; apply enables "
                              "replication of the VMs this host runs")
-        diff = {k: v for k, v in settings.items() if cur.get(k) != v}
+        diff, said = _diff(cur, settings)
         if diff:
-            p.add(f"~ replication {vm}: " + ", ".join(f"{k} {_show(cur.get(k))} → {_show(v)}" for k, v in diff.items()),
-                  "PATCH", path, diff)
+            p.add(f"~ replication {vm}: {said}", "PATCH", path, diff)
         if r.get("start_initial") and cur["state"] == "ReadyForInitialReplication":
             p.add(f"+ initial replication of {vm} (started now)", "POST", path + "/start-initial", {})

@@ -452,6 +452,7 @@ class PrimaryEngine:
                      "can fail over to exactly this state")
         st = rel.stats
         st.successful_count += 1
+        late = 0 if initial else int(seconds // rel.frequency)  # ticks that passed while this cycle ran
         if initial:
             st.initial_replication_size = progress.sent
         else:
@@ -460,7 +461,7 @@ class PrimaryEngine:
             st.maximum_size = max(st.maximum_size, progress.sent)
             st.latency_total += seconds
             st.maximum_latency = max(st.maximum_latency, seconds)
-            st.missed_count += int(seconds // rel.frequency)  # ticks that passed while this cycle ran
+            st.missed_count += late
         self._save(rel)
         own = self.catalog.vm_by_id(vm_id)  # None for extended replication: the replica's VM is not ours
         if own is not None:  # sizes as shipped, so `vm get` follows a growing disk
@@ -475,8 +476,7 @@ class PrimaryEngine:
                                **({"warnings": producer.warnings} if producer.warnings else {}))
         bound.info("cycle.done", kind=kind, bytes=progress.sent, data_bytes=producer.data_bytes,
                    seconds=round(seconds, 3), consistency=producer.consistency, capture=producer.captured)
-        metrics.recorder.cycle_done(vm.name, kind, progress.sent, seconds,
-                                    0 if initial else int(seconds // rel.frequency))
+        metrics.recorder.cycle_done(vm.name, kind, progress.sent, seconds, late)
         return outcome
 
 
