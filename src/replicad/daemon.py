@@ -137,6 +137,7 @@ class Daemon:
             await self._serve_socket(create_app(host))
             cfg = self.config
             common = dict(service=host.replica, catalog=host.catalog, host=cfg.host, admins=cfg.management.admins,
+                          drain_timeout=DRAIN_TIMEOUT,
                           management_socket=cfg.management.socket, on_reverse=functools.partial(reverse.accept, host))
             token, tls = cfg.listen.token, cfg.listen.tls
             if token is not None:

@@ -80,6 +80,9 @@ def test_initial_then_three_deltas_byte_identical(pair, tmp_path):
     assert [(v["name"], v["replication_mode"], v["replication_state"]) for v in vms] == \
         [("contoso2", "Replica", "Replicating")]
     assert vms[0]["disks"][0]["path"] == str(copy)
+    # port 80 takes logs on the upgraded raw connection (transport/raw.py); TLS through aiohttp
+    want = "raw" if replica.cluster.auth == "token" else "http"
+    assert [a["connection"] for a in replica.events("log.acknowledged")] == [want] * 4
 
 
 def test_idle_cycle_reads_nothing_and_sends_a_header(pair, tmp_path):

@@ -1,5 +1,6 @@
 """A fault-injecting TCP proxy for tests: forwards a port, and can flip one byte of the
-first PUT request body (client → server) or of its answer body (server → client), or, for
+first PUT request body (client → server; on an upgraded log, the bytes after the request's
+head) or of its answer body (server → client; a 101 is not the answer), or, for
 TLS where HTTP cannot be seen, the byte at an absolute offset of a client → server stream."""
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ class FlipProxy(ThreadedProxy):
                     e = buf.find(b"\r\n\r\n", m) if m >= 0 else -1
                     if e < 0:
                         break
-                    body_start = search = base + e + 4
+                    search = base + e + 4
+                    if buf[m:m + 12] == b"HTTP/1.1 101":  # the upgraded log's go-ahead, not its answer
+                        continue
+                    body_start = search
                     state["puts" if direction == "request" else "answers"] += 1
                 raw = self.flip_stream_at if direction == "request" else None
                 if raw is not None and pos0 <= raw < pos0 + len(data):

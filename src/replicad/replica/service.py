@@ -33,6 +33,7 @@ from .copywriter import CopyWriter
 from .failover import identities
 from .layout import VMDir
 from .settings import ServerSettings
+from ..transport.raw import RawLog
 
 log = logmod.get("replicad.replica")
 STAGE_BATCH = 4 << 20
@@ -58,6 +59,14 @@ class Staging:
             while view:
                 n = os.write(self.fd, view)
                 view = view[n:]
+
+    def pull(self, source: RawLog) -> None:
+        """Receive the rest of the log from a raw connection, up to its trailer."""
+        while self.decoder.trailer is None:
+            piece = source.recv(STAGE_BATCH)
+            if not piece:
+                raise ConnectionResetError("the primary closed the connection in the middle of the log")
+            self.write(piece)
 
     def finish(self, final: Path) -> None:
         self.decoder.close()
@@ -110,25 +119,51 @@ class DirectInitial:
         for item in items:
             if isinstance(item, Record):
                 self.writers[item.disk].record(item)
-                self._at = (item.disk, item.offset + item.length)
-                self._unsynced += item.length
-        if self._unsynced >= PROGRESS_EVERY and self.progress_path is not None:
-            self._record_progress()
+                self._advance(item)
 
     def _record_progress(self) -> None:
-        """Make everything so far durable, then say so: a broken connection resumes here."""
-        for w in self.writers:
-            w.sync()
-        fsync_dir(self.folder)
+        """Make everything so far durable, then say so: a broken connection resumes here.
+        The fsync and the note run in the writer's thread after the writes they cover,
+        while receiving goes on (replica/copywriter.py)."""
         disk, offset = self._at
-        write_atomic(self.progress_path, json.dumps({**self.progress_meta, "disk": disk, "offset": offset}).encode(),
-                     0o600)
+        doc = json.dumps({**self.progress_meta, "disk": disk, "offset": offset}).encode()
+        for i, w in enumerate(self.writers):
+            if i != disk:
+                w.sync()  # earlier disks are complete (the log goes disk by disk)
+
+        def durable() -> None:
+            fsync_dir(self.folder)
+            write_atomic(self.progress_path, doc, 0o600)
+        self.writers[disk].checkpoint(durable)
         self._unsynced = 0
 
     def write(self, data: bytes | list[bytes], *, decoded: bool = False) -> None:
         if not decoded:
             for piece in data if isinstance(data, list) else [data]:
                 self.apply(self.decoder.feed(piece))
+
+    def pull(self, source: RawLog) -> None:
+        """Receive the rest of the log from a raw connection: each data record is read from
+        the socket straight into its disk's write buffer (wire/codec.py ``pull``)."""
+        slot: dict = {"view": None, "direct": False}
+
+        def place(disk: int, offset: int, length: int) -> memoryview:
+            view = self.writers[disk].slot(offset, length)
+            slot.update(view=view if view is not None else memoryview(bytearray(length)), direct=view is not None)
+            return slot["view"]
+        for item in self.decoder.pull(source.read_into, place):
+            if isinstance(item, Record) and slot["direct"] and item.data is slot["view"]:
+                slot["view"] = None
+                self.writers[item.disk].filled(item.length)  # verified, and in the buffer already
+                self._advance(item)
+            else:
+                self.apply([item])
+
+    def _advance(self, item: Record) -> None:
+        self._at = (item.disk, item.offset + item.length)
+        self._unsynced += item.length
+        if self._unsynced >= PROGRESS_EVERY and self.progress_path is not None:
+            self._record_progress()
 
     def finish(self, final: Path) -> None:
         self.decoder.close()
@@ -198,9 +233,10 @@ class ReplicaService:
                          default_storage=Path(s.default_storage), entries=self.catalog.entries())
 
     async def receive(self, principal: str, auth: str, vm_id: str, seq: int,
-                      chunks: AsyncIterator[bytes], *, mac_key: bytes | None = None) -> dict:
-        """Stage one change log from ``chunks``; returns the acknowledgement. With ``mac_key``
-        (token transport) every item's MAC must verify against the session key."""
+                      chunks: AsyncIterator[bytes] | RawLog, *, mac_key: bytes | None = None) -> dict:
+        """Stage one change log from ``chunks`` (an HTTP body's chunks, or a raw connection:
+        transport/raw.py); returns the acknowledgement. With ``mac_key`` (token transport)
+        every item's MAC must verify against the session key."""
         grant = self.grant_for(principal, auth)
         lock = self._locks.setdefault(vm_id, asyncio.Lock())
         async with lock:
@@ -230,9 +266,16 @@ class ReplicaService:
                 raise WireError("change-log header too large")
         raise WireError("change log truncated before its header")
 
-    async def _receive_locked(self, grant: Grant, auth: str, vm_id: str, seq: int, chunks: AsyncIterator[bytes],
-                              mac_key: bytes | None) -> dict:
-        header, dec, head_bytes, first_items = await self._read_header(chunks, mac_key)
+    async def _receive_locked(self, grant: Grant, auth: str, vm_id: str, seq: int,
+                              chunks: AsyncIterator[bytes] | RawLog, mac_key: bytes | None) -> dict:
+        raw = chunks if isinstance(chunks, RawLog) else None
+        connection = "raw" if raw is not None else "http"  # for the log: which receive path ran
+        if raw is not None:
+            dec = LogDecoder(mac_key=mac_key, require_mac=mac_key is not None)
+            header, head_bytes = await raw.run(raw.read_header, dec)
+            first_items: list = []
+        else:
+            header, dec, head_bytes, first_items = await self._read_header(chunks, mac_key)
         if header.vm_id != vm_id or header.seq != seq:
             raise WireError("change-log header does not match the request")
         vm = self.catalog.vm_by_id(vm_id)
@@ -298,31 +341,15 @@ class ReplicaService:
                 await asyncio.to_thread(staging.apply, first_items)
             else:
                 staging = await asyncio.to_thread(self._open_staging, vmdir, seq, dec)
-            # receiving and verifying+writing overlap: one batch is written in a worker thread
-            # while the next one arrives (both cores work, the socket never waits on the disk)
-            pending: asyncio.Future | None = None
             try:
                 await asyncio.to_thread(staging.write, bytes(head_bytes), decoded=True)
-                batch: list[bytes] = []  # the chunks as received: never copied into one buffer
-                size = 0
-                async for chunk in chunks:
-                    batch.append(chunk)
-                    size += len(chunk)
-                    received += len(chunk)
-                    if size >= STAGE_BATCH:
-                        if pending is not None:
-                            await pending
-                        pending = asyncio.ensure_future(asyncio.to_thread(staging.write, batch))
-                        batch, size = [], 0
-                if pending is not None:
-                    await pending
-                    pending = None
-                if batch:
-                    await asyncio.to_thread(staging.write, batch)
+                if raw is not None:  # read and written by one worker thread, straight from the socket
+                    await raw.run(staging.pull, raw)
+                    received = raw.received
+                else:
+                    received += await self._pump(chunks, staging)
                 await asyncio.to_thread(staging.finish, vmdir.log(seq))
             except BaseException:
-                if pending is not None:  # never close the file under a write still running
-                    await asyncio.gather(pending, return_exceptions=True)
                 await asyncio.to_thread(staging.abort)
                 raise
         except BaseException as e:
@@ -355,7 +382,8 @@ class ReplicaService:
             facts = await asyncio.to_thread(self._copy_facts, vm_id)
             await asyncio.to_thread(points.drop_undo, vmdir, self._commit(vm_id, final, facts))
             (vmdir.root / PROGRESS_FILE).unlink(missing_ok=True)
-            bound.info("log.acknowledged", bytes=received, records=dec.records, base=0, applied="while received")
+            bound.info("log.acknowledged", bytes=received, records=dec.records, base=0, applied="while received",
+                       connection=connection)
             metrics.recorder.log_received(header.vm_name, received)
             bound.info("log.applied", kind=header.kind, point=header.time, consistency=final.consistency)
             cond = self._applied.setdefault(vm_id, asyncio.Condition())
@@ -374,11 +402,41 @@ class ReplicaService:
             bound.info("failover.primary_prepared", reason="the primary shipped its final log; a planned failover "
                        "can start once it is applied")
         self.catalog.put_relationship(rel)
-        bound.info("log.acknowledged", bytes=received, records=dec.records, base=header.base_seq)
+        bound.info("log.acknowledged", bytes=received, records=dec.records, base=header.base_seq,
+                   connection=connection)
         metrics.recorder.log_received(header.vm_name, received)
         self._ensure_applier(vm_id)
         self._wake[vm_id].set()
         return {"acked_seq": seq, "applied_seq": rel.applied_seq, "bytes": received}
+
+    @staticmethod
+    async def _pump(chunks: AsyncIterator[bytes], staging: Staging | DirectInitial) -> int:
+        """Feed an HTTP body to ``staging``; returns the bytes received. Receiving and
+        verifying+writing overlap: one batch is written in a worker thread while the next
+        arrives (both cores work, the socket never waits on the disk)."""
+        pending: asyncio.Future | None = None
+        received = 0
+        try:
+            batch: list[bytes] = []  # the chunks as received: never copied into one buffer
+            size = 0
+            async for chunk in chunks:
+                batch.append(chunk)
+                size += len(chunk)
+                received += len(chunk)
+                if size >= STAGE_BATCH:
+                    if pending is not None:
+                        await pending
+                    pending = asyncio.ensure_future(asyncio.to_thread(staging.write, batch))
+                    batch, size = [], 0
+            if pending is not None:
+                await pending
+                pending = None
+            if batch:
+                await asyncio.to_thread(staging.write, batch)
+        finally:
+            if pending is not None:  # never close the file under a write still running
+                await asyncio.gather(pending, return_exceptions=True)
+        return received
 
     @staticmethod
     def _open_staging(vmdir: VMDir, seq: int, dec: LogDecoder) -> Staging:

@@ -195,33 +195,45 @@ def _dechunk(sock: socket.socket, buf: bytearray, server: str) -> bytearray:
 
 
 def push(t: Target, path: str, headers: dict[str, str], batches: Iterator[bytes], channel: Channel, *,
-         on_sent: Callable[[int], None] = lambda n: None, bandwidth_limit: int = 0) -> tuple[int, bytes, dict]:
+         on_sent: Callable[[int], None] = lambda n: None, bandwidth_limit: int = 0,
+         upgrade: str | None = None) -> tuple[int, bytes, dict]:
     """PUT ``path`` with the batches as a chunked body; returns (status, body, headers).
+    With ``upgrade`` (the replica's token listener offers it: transport/raw.py) the PUT has
+    no body: once the replica answers 101 the batches follow as they are, unframed.
     Raises ProducerFailed when ``batches`` raised, PeerUnreachable when the network failed."""
     sock = _connect(t, channel)
     try:
-        head = [f"PUT {path} HTTP/1.1", f"Host: {t.server}:{t.port}", "Transfer-Encoding: chunked",
-                "Content-Type: application/octet-stream", "Connection: close"]
+        head = [f"PUT {path} HTTP/1.1", f"Host: {t.server}:{t.port}", "Content-Type: application/octet-stream"]
+        head += ["Connection: Upgrade", f"Upgrade: {upgrade}"] if upgrade else \
+            ["Transfer-Encoding: chunked", "Connection: close"]
         head += [f"{k}: {v}" for k, v in headers.items()]
         sent, started = 0, time.monotonic()
         try:
             sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+            if upgrade:
+                status, body, rh = _read_answer(sock, t.server)
+                if status != 101:
+                    return status, body, rh  # refused before the log (authentication, protocol)
             while True:  # ends with the last batch (then the terminating chunk) or an early answer
                 if channel.cancel.is_set():
                     raise PeerUnreachable("the transfer was cancelled")
                 try:
                     batch = next(batches)
                 except StopIteration:
-                    sock.sendall(b"0\r\n\r\n")  # the terminating chunk
+                    if not upgrade:
+                        sock.sendall(b"0\r\n\r\n")  # the terminating chunk
                     break
                 except Exception as e:  # noqa: BLE001 — the producer's own failure
                     raise ProducerFailed(e) from e
                 early = _early_answer(sock, t.io_timeout)
                 if early is not None:
                     return _read_answer(sock, t.server, early)  # it refused the log: read why
-                sock.sendall(b"%x\r\n" % len(batch))
-                sock.sendall(batch)
-                sock.sendall(b"\r\n")
+                if upgrade:
+                    sock.sendall(batch)
+                else:
+                    sock.sendall(b"%x\r\n" % len(batch))
+                    sock.sendall(batch)
+                    sock.sendall(b"\r\n")
                 sent += len(batch)
                 on_sent(len(batch))
                 if bandwidth_limit:  # pace to the configured rate

@@ -25,7 +25,7 @@ from ..auth.session import (BODY_HASH_HEADER, MAC_HEADER, SIGNATURE_HEADER, Clie
 from ..auth.token import SCHEME, Credential, RealmPublic
 from ..errors import AuthenticationFailed, PeerError, PeerUnreachable
 from ..primary.errors import local_error
-from . import bulk
+from . import bulk, raw
 
 CONNECT_TIMEOUT = 10
 READ_TIMEOUT = 300
@@ -223,6 +223,9 @@ class Conversation:
         loop = asyncio.get_running_loop()
         progress = producer.progress
         channel = bulk.Channel()
+        # the token listener takes the log on the raw connection when it says it can
+        offers = (self.session.info.get("capabilities") or []) if self.session is not None else []
+        upgrade = raw.UPGRADE if raw.CAPABILITY in offers else None
 
         def on_sent(n: int) -> None:
             progress.sent += n
@@ -232,7 +235,8 @@ class Conversation:
         def run() -> tuple[int, bytes, dict]:
             it = producer.batches()
             try:
-                return bulk.push(target, path, headers, it, channel, on_sent=on_sent, bandwidth_limit=bandwidth_limit)
+                return bulk.push(target, path, headers, it, channel, on_sent=on_sent, bandwidth_limit=bandwidth_limit,
+                                 upgrade=upgrade)
             finally:
                 it.close()  # the producer's cleanup (files, thaw hook) runs in its own thread
         fut = loop.run_in_executor(None, run)

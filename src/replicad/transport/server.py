@@ -17,7 +17,8 @@ import hmac
 import json
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 
 import aiohttp
@@ -31,6 +32,7 @@ from ..auth.token import MAX_SKEW, SCHEME, RealmPublic, verify_ticket
 from ..catalog import Catalog
 from ..errors import AuthenticationFailed, Refused, ReplicadError, ResyncRequired, TransferStalled, UsageError
 from ..replica.service import ReplicaService
+from . import raw
 
 log = logmod.get("replicad.peer")
 PRINCIPAL = "replicad.principal"
@@ -54,14 +56,19 @@ class PeerContext:
     tls: tlsmod.TlsMaterial | None = None
     on_reverse: Callable[[str, str, str, dict], Awaitable[dict]] | None = None  # reverse.accept, bound
     idle_timeout: float = 60.0  # seconds without a byte of a request body before it is dropped
+    drain_timeout: float = 5.0  # on stop: how long a log being received may still run
+    raw_logs: set = field(default_factory=set)  # the upgraded connections being read (transport/raw.py)
 
 
 CTX_KEY = web.AppKey("peer", PeerContext)
 
 
+def _error_doc(e: ReplicadError) -> dict:
+    return {"error": str(e), "code": "resync" if isinstance(e, ResyncRequired) else type(e).__name__.lower()}
+
+
 def _error(e: ReplicadError) -> web.Response:
-    code = "resync" if isinstance(e, ResyncRequired) else type(e).__name__.lower()
-    return web.json_response({"error": str(e), "code": code}, status=e.http_status)
+    return web.json_response(_error_doc(e), status=e.http_status)
 
 
 def _unauthenticated(request: web.Request, reason: str, mode: str) -> web.Response:
@@ -140,7 +147,7 @@ def _hello_info(ctx: PeerContext, principal: str) -> dict:
         authorized, reason, trust_group = False, str(e), None
     return {"host": ctx.host, "protocol": PROTOCOL_VERSION, "version": __version__, "principal": principal,
             "authorized": authorized, "reason": reason, "trust_group": trust_group,
-            "capabilities": ["zstd", "resize", "zero"] + (["mac"] if ctx.mode == "token" else [])}
+            "capabilities": ["zstd", "resize", "zero"] + (["mac", raw.CAPABILITY] if ctx.mode == "token" else [])}
 
 
 async def open_session(request: web.Request) -> web.Response:
@@ -184,11 +191,13 @@ async def digests(request: web.Request) -> web.StreamResponse:
     return out
 
 
-async def put_log(request: web.Request) -> web.Response:
+async def put_log(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX_KEY]
     vm_id = _vm_id(request)
     seq = int(request.match_info["seq"])
     sess: Session | None = request.get(SESSION)
+    if ctx.mode == "token" and request.headers.get("Upgrade", "").lower() == raw.UPGRADE:
+        return await _put_log_raw(request, ctx, vm_id, seq, sess)
 
     async def chunks():
         while True:
@@ -204,6 +213,50 @@ async def put_log(request: web.Request) -> web.Response:
     ack = await ctx.service.receive(request[PRINCIPAL], ctx.mode, vm_id, seq, chunks(),
                                     mac_key=sess.key if sess else None)
     return web.json_response(ack)
+
+
+async def _put_log_raw(request: web.Request, ctx: PeerContext, vm_id: str, seq: int,
+                       sess: Session | None) -> web.StreamResponse:
+    """The log on the upgraded connection (transport/raw.py); the answer is written there."""
+    transport = request.transport
+    if transport is None:
+        raise TransferStalled("the primary closed the connection")
+    if request.body_exists:
+        raise UsageError("an upgraded log request has no body: the log follows the 101")
+    transport.pause_reading()  # the log's bytes are ours to read, not aiohttp's
+    rawlog = raw.RawLog.from_transport(transport, ctx.idle_timeout)
+    ctx.raw_logs.add(rawlog)
+    try:
+        resp = web.StreamResponse(status=101, headers={"Connection": "Upgrade", "Upgrade": raw.UPGRADE})
+        resp.force_close()
+        await resp.prepare(request)
+        if transport.get_write_buffer_size():  # 101 not yet in the kernel: the raw answer could overtake it
+            raise TransferStalled("the primary does not read its connection")
+        try:
+            doc, status = await ctx.service.receive(request[PRINCIPAL], ctx.mode, vm_id, seq, rawlog,
+                                                    mac_key=sess.key if sess else None), 200
+        except ReplicadError as e:
+            log.warning("peer.refused", peer=request[PRINCIPAL], peer_ip=request.remote, path=request.path,
+                        listener=ctx.mode, reason=str(e))
+            doc, status = _error_doc(e), e.http_status
+        body = json.dumps(doc).encode()
+        headers = {MAC_HEADER: sess.response_mac(request[COUNTER], status, body)} if sess else {}
+        await asyncio.to_thread(rawlog.answer, status, HTTPStatus(status).phrase, body, headers)
+        return resp
+    finally:
+        ctx.raw_logs.discard(rawlog)
+        rawlog.close()
+
+
+async def _drain_raw_logs(app: web.Application) -> None:
+    """On stop, aiohttp lets requests run for the drain time and then cancels the reading of
+    their bodies; an upgraded log is read by our thread, so it is ended here the same way."""
+    ctx = app[CTX_KEY]
+
+    def end() -> None:
+        for r in list(ctx.raw_logs):
+            r.abort()
+    asyncio.get_running_loop().call_later(ctx.drain_timeout, end)
 
 
 async def _body(request: web.Request, limit: int) -> bytes:
@@ -279,6 +332,7 @@ async def manage(request: web.Request) -> web.StreamResponse:
 def create_peer_app(ctx: PeerContext) -> web.Application:
     app = web.Application(middlewares=[peer_middleware], client_max_size=MAX_MANAGE_BODY)
     app[CTX_KEY] = ctx
+    app.on_shutdown.append(_drain_raw_logs)
     if ctx.mode == "token":
         app.router.add_post("/v1/session", open_session)
     app.router.add_get("/v1/hello", hello)

@@ -32,6 +32,7 @@ import json
 import secrets
 import struct
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import xxhash
@@ -57,6 +58,7 @@ RECORD_TRAILER = 0xFF
 FLAG_ZSTD = 1
 
 _PREAMBLE = struct.Struct("<4sHI")
+PREAMBLE_SIZE = _PREAMBLE.size
 _RECORD = struct.Struct("<BBHQIIQ")
 _RECORD_SUM = struct.Struct("<BBHQI")  # the part the checksum covers
 _TRAILER = struct.Struct("<BQQB16s")
@@ -212,10 +214,21 @@ class Trailer:
     fuzzy: bool = False
 
 
-def item_mac(key: bytes, nonce: bytes, index: int, item: bytes | memoryview) -> bytes:
-    """Poly1305 of ``item`` under the one-time key for (session key, log nonce, index)."""
+def header_size(preamble: bytes) -> int:
+    """The length of the header JSON a log's preamble announces (checked by the decoder)."""
+    return _PREAMBLE.unpack(preamble[:PREAMBLE_SIZE])[2]
+
+
+def item_mac(key: bytes, nonce: bytes, index: int, item: bytes | memoryview, *more: bytes | memoryview) -> bytes:
+    """Poly1305 of ``item`` (then ``more``, as if joined) under the one-time key for
+    (session key, log nonce, index)."""
     chacha = Cipher(algorithms.ChaCha20(key, struct.pack("<Q", index) + nonce), mode=None).encryptor()
-    return Poly1305.generate_tag(chacha.update(_OTK_ZEROS), item)
+    if not more:
+        return Poly1305.generate_tag(chacha.update(_OTK_ZEROS), item)
+    p = Poly1305(chacha.update(_OTK_ZEROS))
+    for part in (item, *more):
+        p.update(part)
+    return p.finalize()
 
 
 def _record_checksum(kind: int, flags: int, disk: int, offset: int, length: int, data: bytes | memoryview = b"") -> int:
@@ -461,22 +474,7 @@ class LogDecoder:
         if self._avail() < _RECORD.size:
             return None
         kind, flags, disk, offset, length, plen, checksum = _RECORD.unpack(self._peek(_RECORD.size))
-        disks = self.header.disks
-        if kind not in (RECORD_DATA, RECORD_ZERO, RECORD_RESIZE) or flags & ~FLAG_ZSTD:
-            raise WireError(f"unknown record kind {kind} or flags {flags}")
-        if disk >= len(disks):
-            raise WireError(f"record names disk {disk}, the log has {len(disks)}")
-        size = disks[disk].size
-        if kind == RECORD_DATA:
-            if not 0 < length <= MAX_RECORD or plen > _MAX_PAYLOAD or (not flags and plen != length):
-                raise WireError(f"record length {length}/{plen} out of bounds")
-        elif plen or flags:
-            raise WireError("zero/resize record with a payload")
-        if kind == RECORD_RESIZE:
-            if length or offset != size:
-                raise WireError("resize record does not match the header's disk size")
-        elif offset + length > size:
-            raise WireError(f"record [{offset}, +{length}) beyond the end of disk {disk} ({size})")
+        self._check_head(kind, flags, disk, offset, length, plen)
         if self._avail() < _RECORD.size + plen + self._maclen:
             return None
         raw = self._take(_RECORD.size + plen)
@@ -499,3 +497,67 @@ class LogDecoder:
             raise WireError(f"record checksum mismatch (disk {disk} offset {offset})")
         self.records += 1
         return Record(kind, disk, offset, length, data)
+
+    def _check_head(self, kind: int, flags: int, disk: int, offset: int, length: int, plen: int) -> None:
+        """Bounds of a record's fixed header, checked before any of its payload is taken."""
+        disks = self.header.disks
+        if kind not in (RECORD_DATA, RECORD_ZERO, RECORD_RESIZE) or flags & ~FLAG_ZSTD:
+            raise WireError(f"unknown record kind {kind} or flags {flags}")
+        if disk >= len(disks):
+            raise WireError(f"record names disk {disk}, the log has {len(disks)}")
+        size = disks[disk].size
+        if kind == RECORD_DATA:
+            if not 0 < length <= MAX_RECORD or plen > _MAX_PAYLOAD or (not flags and plen != length):
+                raise WireError(f"record length {length}/{plen} out of bounds")
+        elif plen or flags:
+            raise WireError("zero/resize record with a payload")
+        if kind == RECORD_RESIZE:
+            if length or offset != size:
+                raise WireError("resize record does not match the header's disk size")
+        elif offset + length > size:
+            raise WireError(f"record [{offset}, +{length}) beyond the end of disk {disk} ({size})")
+
+    def pull(self, read_into: Callable[[memoryview], None],
+             place: Callable[[int, int, int], memoryview]) -> Iterator:
+        """Decode the rest of a log whose header was fed, reading exactly each item's bytes
+        with ``read_into`` (it fills the whole view or raises). The payload of an
+        uncompressed data record is read straight into ``place(disk, offset, length)`` —
+        the caller's write buffer — and yielded as a Record whose ``data`` is that view,
+        after its MAC and checksum verified; every other item goes through ``feed``. One
+        copy of the data (the kernel's), where ``feed`` takes four on the way to a disk."""
+        if self.header is None or self._size:
+            raise ValueError("pull() continues a decoder that holds the header and nothing more")
+        head = bytearray(_RECORD.size)
+        hv = memoryview(head)
+        while self.trailer is None:
+            read_into(hv[:1])
+            if head[0] == RECORD_TRAILER:
+                rest = bytearray(_TRAILER.size - 1 + self._maclen)
+                read_into(memoryview(rest))
+                yield from self.feed(bytes(hv[:1]) + rest)
+                continue
+            read_into(hv[1:])
+            kind, flags, disk, offset, length, plen, checksum = _RECORD.unpack(head)
+            self._check_head(kind, flags, disk, offset, length, plen)
+            if kind != RECORD_DATA or flags:
+                rest = bytearray(plen + self._maclen)
+                read_into(memoryview(rest))
+                yield from self.feed(bytes(head) + rest)
+                continue
+            data = place(disk, offset, length)
+            read_into(data)
+            if self._maclen:
+                tag = bytearray(MAC_LEN)
+                read_into(memoryview(tag))
+                if self._mac_key is not None and not hmac.compare_digest(
+                        tag, item_mac(self._mac_key, self._nonce, self._items, head, data)):
+                    raise WireError(f"MAC mismatch on change-log item {self._items}: altered in flight")
+                self._items += 1
+            self._digest.update(head)
+            self._digest.update(data)
+            self.consumed += _RECORD.size + length + self._maclen
+            if self._verify and _record_checksum(kind, flags, disk, offset, length, data) != checksum:
+                raise WireError(f"record checksum mismatch (disk {disk} offset {offset})")
+            self.data_bytes += length
+            self.records += 1
+            yield Record(kind, disk, offset, length, data)
