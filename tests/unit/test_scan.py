@@ -141,16 +141,63 @@ def test_holes_are_not_read(tmp_path):
     assert [(c.offset, len(c.data)) for c in ch] == [(512 << 20, BLOCK)]
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_differing_finds_exactly_the_changed_digests(seed):
-    from array import array
-
-    from replicad.tracking.scan import differing
+@pytest.mark.parametrize("seed", range(12))
+def test_changed_blocks_come_out_as_exact_runs(tmp_path, seed):
+    """Random rewrites, zeroed runs and single zero blocks, next to each other and across
+    chunk edges: the delta rebuilds the file, carries exactly the changed blocks, and
+    merges neighbours into runs (data extents at most MAX_EXTENT)."""
     rnd = random.Random(seed)
-    n = rnd.choice([1, 7, 8, 9, 1024, 1000])
-    old = array("Q", (rnd.getrandbits(64) for _ in range(n)))
-    new = array("Q", old)
-    changed = sorted(rnd.sample(range(n), rnd.randrange(0, n + 1) if n < 20 else rnd.randrange(0, 40)))
-    for i in changed:
-        new[i] ^= 1 << rnd.randrange(64)
-    assert list(differing(new, old)) == changed
+    size = 3 * scan_mod.CHUNK + rnd.choice([0, 1000, BLOCK])  # a short last block, sometimes
+    img, base = tmp_path / "disk.img", tmp_path / "base.img"
+    img.write_bytes(rnd.randbytes(size))
+    shutil.copy(img, base)
+    scan(img, None, tmp_path / "m1")
+    changed = set()
+    with open(img, "r+b") as f:
+        for _ in range(rnd.randrange(1, 30)):
+            first = rnd.randrange(0, size // BLOCK)
+            count = rnd.choice([1, 1, 2, 17, 300, 1100])
+            blocks = range(first, min(first + count, size // BLOCK))
+            f.seek(first * BLOCK)
+            f.write(bytes(len(blocks) * BLOCK) if rnd.random() < 0.5 else rnd.randbytes(len(blocks) * BLOCK))
+            changed.update(blocks)
+    s, changes = scan(img, tmp_path / "m1", tmp_path / "m2")
+    apply(changes, base, size)
+    assert base.read_bytes() == img.read_bytes()
+    covered = set()
+    for c in changes:
+        length = len(c.data) if isinstance(c, DataChange) else c.length
+        assert c.offset % BLOCK == 0 and length <= (scan_mod.MAX_EXTENT if isinstance(c, DataChange) else 1 << 40)
+        covered.update(range(c.offset // BLOCK, -(-(c.offset + length) // BLOCK)))
+    # only blocks that were written, and of those only the ones whose content changed (a block
+    # that was zero and was zeroed again is not sent)
+    assert covered <= changed
+    assert s.changed_bytes <= len(changed) * BLOCK
+    # neighbours of the same kind are one change, up to the extent limit
+    for x, y in zip(changes, changes[1:]):
+        if isinstance(x, ZeroChange) and isinstance(y, ZeroChange):
+            assert x.offset + x.length < y.offset or x.offset // scan_mod.CHUNK != y.offset // scan_mod.CHUNK
+
+
+def test_a_data_block_with_the_zero_blocks_digest_is_sent_as_data(tmp_path, monkeypatch):
+    """Digests are not identities: a changed block whose digest matches the zero block's is
+    compared with zeros before it is sent as a zero record."""
+    import xxhash
+    img, base = tmp_path / "disk.img", tmp_path / "base.img"
+    img.write_bytes(os.urandom(4 << 20))
+    shutil.copy(img, base)
+    scan(img, None, tmp_path / "m1")
+    pattern = b"\x5a" * BLOCK
+    with open(img, "r+b") as f:
+        for b in (3, 4, 9):
+            f.seek(b * BLOCK)
+            f.write(pattern)
+        f.seek(20 * BLOCK)
+        f.write(bytes(2 * BLOCK))
+    real = scan_mod.zero_digest
+    monkeypatch.setattr(scan_mod, "zero_digest",
+                        lambda n: xxhash.xxh3_64_intdigest(pattern) if n == BLOCK else real(n))
+    s, changes = scan(img, tmp_path / "m1", tmp_path / "m2")
+    apply(changes, base, 4 << 20)
+    assert base.read_bytes() == img.read_bytes()
+    assert {(c.offset // BLOCK, type(c).__name__) for c in changes} >= {(3, "DataChange"), (9, "DataChange")}

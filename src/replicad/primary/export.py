@@ -23,8 +23,8 @@ def export_initial(producer: CycleProducer, folder: Path, primary: str) -> dict:
     part = folder / f"{name}.rlog.part"
     with open(part, "wb") as f:
         for batch in producer.batches():
-            f.write(batch)
-            producer.progress.sent += len(batch)
+            f.writelines(batch)
+            producer.progress.sent += sum(len(b) for b in batch)
         f.flush()
         os.fsync(f.fileno())
     durable_rename(part, folder / f"{name}.rlog")

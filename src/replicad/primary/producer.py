@@ -2,7 +2,7 @@
 
 ``batches()`` is a plain generator run by the worker thread that also writes its batches to
 the socket (transport/bulk.py), so reading, hashing and compressing never block the event
-loop and memory stays at one read chunk plus one output batch."""
+loop and memory stays at one read chunk (a batch's data are views of it, never copied)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .. import hooks
 from ..errors import ReplicadError, ResyncRequired
 from ..model import VM, Consistency
 from ..tracking.digestmap import DigestMapReader, FileIdentity
-from ..tracking.scan import DataChange, DiskScan, Resize, ZeroChange
+from ..tracking.scan import CHUNK_DONE, DataChange, DiskScan, Resize, ZeroChange
 from ..wire import DiskInfo, Header, LogEncoder
 from .errors import local_error
 from .baseline import Baselines
@@ -128,26 +128,32 @@ class CycleProducer:
                         resume=self.resume)
         return scans, header
 
-    def batches(self) -> Iterator[bytes]:
+    def batches(self) -> Iterator[list[bytes | memoryview]]:
+        """The log as batches of buffers to send in order (``sendmsg``: no copy of the data).
+        A batch may hold views of the scan's read buffer, so it is handed over before the
+        scan reads its next chunk; it must be sent (or written) before the next is asked for."""
         scans, header = self._opened or self._open()
         try:
             enc = LogEncoder(header, compress=self.compress, mac_key=self.mac_key)
-            out = bytearray(enc.start())
+            out: list[bytes | memoryview] = [enc.start()]
+            size = 0
             for i, scan in enumerate(scans):
                 last = 0
-                for ch in scan.changes():
+                for ch in scan.changes(boundaries=True):
                     if isinstance(ch, DataChange):
-                        enc.data_into(out, i, ch.offset, ch.data)
-                    elif isinstance(ch, ZeroChange):
-                        out += enc.zero(i, ch.offset, ch.length)
-                    elif isinstance(ch, Resize):
-                        out += enc.resize(i, ch.size)
-                    if len(out) >= BATCH:
+                        parts = enc.data_parts(i, ch.offset, ch.data)
+                        out += parts
+                        size += sum(len(p) for p in parts)
+                    elif isinstance(ch, (ZeroChange, Resize)):
+                        out.append(enc.zero(i, ch.offset, ch.length) if isinstance(ch, ZeroChange)
+                                   else enc.resize(i, ch.size))
+                        size += len(out[-1])
+                    if size >= BATCH or (ch is CHUNK_DONE and size):
                         self.progress.scanned += scan.read_bytes - last
                         last = scan.read_bytes
                         self.fault("primary-mid-scan")
-                        yield out  # handed over whole: a fresh buffer continues, no copy
-                        out = bytearray()
+                        yield out  # views of the read buffer: sent before the scan reads on
+                        out, size = [], 0
                         self.fault("primary-mid-send")
                 self.progress.scanned += scan.read_bytes - last
                 self.fuzzy |= scan.fuzzy
@@ -157,8 +163,8 @@ class CycleProducer:
             self.data_bytes = enc.data_bytes
             # the maps become durable before the trailer can be acknowledged (baseline.py)
             self.baselines.seal(self.seq)
-            out += enc.finish(fuzzy=self.fuzzy)
-            yield bytes(out)
+            out.append(enc.finish(fuzzy=self.fuzzy))
+            yield out
         finally:
             for s in scans:
                 s.close()

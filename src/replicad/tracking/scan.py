@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import operator
 import os
+import re
 import time
 from array import array
 from collections.abc import Iterator
@@ -25,7 +27,10 @@ from .digestmap import BLOCK, SUPER, SUPER_BYTES, DigestMapReader, DigestMapWrit
 FICLONE = 0x40049409         # ioctl: share the source's extents (btrfs, XFS, bcachefs)
 CHUNK = 4 * 1024 * 1024      # read size: large enough for sequential speed, small for memory
 MAX_EXTENT = 1024 * 1024     # changed blocks are merged into extents of at most this size
-_ZERO_BLOCK = bytes(BLOCK)
+_ZERO_CHUNK = bytes(CHUNK)  # startswith(view) is a memcmp; a view == bytes compares item by item
+_BLOCK_SLICES = [slice(i, i + BLOCK) for i in range(0, CHUNK, BLOCK)]
+_SUPER_SLICES = [slice(i, i + SUPER_BYTES) for i in range(0, CHUNK, SUPER_BYTES)]
+_RUNS = re.compile(rb"\x01+|\x02+")
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,14 @@ class Resize:
 
 
 Change = DataChange | ZeroChange | Resize
+
+
+class ChunkDone:
+    """Yielded by ``changes(boundaries=True)`` after each chunk read: the DataChange views
+    handed out so far are about to be overwritten by the next read."""
+
+
+CHUNK_DONE = ChunkDone()
 
 
 RACY_NS = 2_000_000_000  # coarsest file timestamp granularity we guard against (ext4 small inodes: 1 s)
@@ -159,7 +172,7 @@ class DiskScan:
             os.close(self._fd)
             self._fd = -1
 
-    def changes(self) -> Iterator[Change]:
+    def changes(self, *, boundaries: bool = False) -> Iterator[Change | ChunkDone]:
         if getattr(self, "_fd", -1) < 0:
             self.open()
         fd, ident = self._fd, self.identity
@@ -173,7 +186,7 @@ class DiskScan:
                 old_size = self.old.identity.size if self.old else ident.size
                 if old_size != ident.size:
                     yield Resize(ident.size)
-                yield from self._walk(fd, ident.size, writer)
+                yield from self._walk(fd, ident.size, writer, boundaries)
                 writer.commit()
             except BaseException:
                 writer.abort()
@@ -211,7 +224,7 @@ class DiskScan:
             out[-1] = zero_digest(size - (k1 - 1) * SUPER_BYTES)
         return out
 
-    def _walk(self, fd: int, size: int, writer: DigestMapWriter) -> Iterator[Change]:
+    def _walk(self, fd: int, size: int, writer: DigestMapWriter, boundaries: bool = False) -> Iterator[Change]:
         nblocks = -(-size // BLOCK)
         buf = bytearray(CHUNK)
         view = memoryview(buf)
@@ -242,6 +255,8 @@ class DiskScan:
                     self.fuzzy = True
                 self.read_bytes += n
                 yield from self._chunk(view[:n], pos, size, writer)
+                if boundaries:
+                    yield CHUNK_DONE
                 pos += n
             pos_block = max(pos_block, -(-end // BLOCK))
 
@@ -276,7 +291,8 @@ class DiskScan:
         n = len(mv)
         nblk = -(-n // BLOCK)
         h = xxhash.xxh3_64_intdigest
-        supers = array("Q", (h(mv[i:i + SUPER_BYTES]) for i in range(0, n, SUPER_BYTES)))
+        # map() over prepared slices: the per-block loop runs in C, not a Python frame per block
+        supers = array("Q", map(h, map(mv.__getitem__, _SUPER_SLICES[:-(-n // SUPER_BYTES)])))
         old = self._old_digests(first, nblk, size)
         old_supers = self.old.super_slice(first // SUPER, len(supers)) if self.old is not None else array("Q")
         writer.append_super(supers)
@@ -290,63 +306,31 @@ class DiskScan:
             if k < len(old_supers) and old_supers[k] == sd:
                 new.extend(old[a:b])  # this super-block did not change
             else:
-                new.extend(h(mv[i * BLOCK:(i + 1) * BLOCK]) for i in range(a, b))
+                new.extend(map(h, map(mv.__getitem__, _BLOCK_SLICES[a:b])))
         writer.append(new)
         if new == old:
             return
         zd = zero_digest(BLOCK)
-        if zd not in new and zd not in old and all(map(int.__ne__, new, old)):
-            # every block changed and none is zero (an initial copy of data, a rewrite):
-            # whole extents, without a per-block loop
-            for a in range(0, n, MAX_EXTENT):
-                b = min(a + MAX_EXTENT, n)
-                self.changed_bytes += b - a
-                yield DataChange(pos + a, mv[a:b])
-            return
-        run_start = run_end = -1  # a data run, in block indexes relative to the chunk
-        for i in differing(new, old):
-            if new[i] == zd and mv[i * BLOCK:(i + 1) * BLOCK] == _ZERO_BLOCK:
-                if run_start >= 0:
-                    yield self._data(mv, pos, run_start, run_end, n)
-                    run_start = -1
-                off = pos + i * BLOCK
-                length = min(BLOCK, size - off)
-                self.changed_bytes += length
-                yield ZeroChange(off, length)
-                continue
-            if run_start >= 0 and (i != run_end or (i - run_start) * BLOCK >= MAX_EXTENT):
-                yield self._data(mv, pos, run_start, run_end, n)
-                run_start = -1
-            if run_start < 0:
-                run_start = i
-            run_end = i + 1
-        if run_start >= 0:
-            yield self._data(mv, pos, run_start, run_end, n)
+        # each block's state, one byte: 0 unchanged, 1 changed (data), 2 changed to the zero
+        # block's digest; runs of 1s and of 2s are then found by a regex, in C
+        changed = bytes(map(int.__ne__, new, old))
+        state = bytes(map(operator.add, changed, map(operator.and_, changed, map(zd.__eq__, new))))
+        for m in _RUNS.finditer(state):
+            a, b = m.span()
+            if state[a] == 1:
+                for c in range(a, b, MAX_EXTENT // BLOCK):
+                    yield self._data(mv, pos, c, min(b, c + MAX_EXTENT // BLOCK), n)
+            elif _ZERO_CHUNK.startswith(mv[a * BLOCK:b * BLOCK]):  # all zeros: a memcmp, no copy
+                self.changed_bytes += (b - a) * BLOCK
+                yield ZeroChange(pos + a * BLOCK, (b - a) * BLOCK)
+            else:  # a data block whose digest is the zero block's: sent as the data it is
+                for c in range(a, b, MAX_EXTENT // BLOCK):
+                    yield self._data(mv, pos, c, min(b, c + MAX_EXTENT // BLOCK), n)
 
     def _data(self, mv: memoryview, pos: int, first: int, end: int, n: int) -> DataChange:
         a, b = first * BLOCK, min(end * BLOCK, n)
         self.changed_bytes += b - a
         return DataChange(pos + a, mv[a:b])
-
-
-def differing(new: array, old: array) -> Iterator[int]:
-    """Indexes where two equally long digest arrays differ, in order. Halves that compare
-    equal (one memcmp) are skipped whole, so a chunk with a few changed blocks costs a few
-    dozen comparisons, not a Python step per block."""
-    nb, ob = new.tobytes(), old.tobytes()
-    stack = [(0, len(new))]
-    while stack:
-        a, b = stack.pop()
-        if nb[a * 8:b * 8] == ob[a * 8:b * 8]:
-            continue
-        if b - a <= 8:
-            for i in range(a, b):
-                if new[i] != old[i]:
-                    yield i
-            continue
-        mid = (a + b) // 2
-        stack.append((mid, b))  # popped after the left half: indexes come out in order
-        stack.append((a, mid))
 
 
 def digest_disks(disks: list[Path], folder: Path, name=lambda i: f"disk{i}.map") -> list[Path]:

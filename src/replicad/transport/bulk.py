@@ -29,6 +29,7 @@ from ..auth import tls as tlsmod
 from ..errors import AuthenticationFailed, PeerError, PeerUnreachable
 
 MAX_ANSWER = 1 << 20
+_IOV_MAX = 1024  # buffers per sendmsg (Linux's UIO_MAXIOV)
 SNDBUF = 4 << 20
 # A link that dies silently (a cable, a firewall dropping packets) sends no reset: without
 # these, a blocked send waits io_timeout (minutes) and a wait for the answer as long. Data
@@ -194,7 +195,25 @@ def _dechunk(sock: socket.socket, buf: bytearray, server: str) -> bytearray:
             raise PeerError(f"{server} sent an oversized answer", status=0, transient=True)
 
 
-def push(t: Target, path: str, headers: dict[str, str], batches: Iterator[bytes], channel: Channel, *,
+def _send_all(sock: socket.socket, buffers: list) -> None:
+    """Send the buffers in order: gathered by one ``sendmsg`` per round on a plain socket
+    (the payloads are views of the producer's read buffer: never copied in user space),
+    joined first on TLS (an SSL socket writes one buffer at a time)."""
+    if isinstance(sock, ssl.SSLSocket):
+        sock.sendall(b"".join(buffers))
+        return
+    views = [memoryview(b) for b in buffers if len(b)]
+    i = 0
+    while i < len(views):
+        n = sock.sendmsg(views[i:i + _IOV_MAX])
+        while i < len(views) and n >= len(views[i]):
+            n -= len(views[i])
+            i += 1
+        if n:
+            views[i] = views[i][n:]
+
+
+def push(t: Target, path: str, headers: dict[str, str], batches: Iterator[list], channel: Channel, *,
          on_sent: Callable[[int], None] = lambda n: None, bandwidth_limit: int = 0,
          upgrade: str | None = None) -> tuple[int, bytes, dict]:
     """PUT ``path`` with the batches as a chunked body; returns (status, body, headers).
@@ -228,14 +247,12 @@ def push(t: Target, path: str, headers: dict[str, str], batches: Iterator[bytes]
                 early = _early_answer(sock, t.io_timeout)
                 if early is not None:
                     return _read_answer(sock, t.server, early)  # it refused the log: read why
-                if upgrade:
-                    sock.sendall(batch)
-                else:
-                    sock.sendall(b"%x\r\n" % len(batch))
-                    sock.sendall(batch)
-                    sock.sendall(b"\r\n")
-                sent += len(batch)
-                on_sent(len(batch))
+                n = sum(len(b) for b in batch)
+                if not upgrade:
+                    batch = [b"%x\r\n" % n, *batch, b"\r\n"]
+                _send_all(sock, batch)
+                sent += n
+                on_sent(n)
                 if bandwidth_limit:  # pace to the configured rate
                     ahead = sent / bandwidth_limit - (time.monotonic() - started)
                     if ahead > 0:

@@ -219,15 +219,31 @@ def header_size(preamble: bytes) -> int:
     return _PREAMBLE.unpack(preamble[:PREAMBLE_SIZE])[2]
 
 
-def item_mac(key: bytes, nonce: bytes, index: int, item: bytes | memoryview, *more: bytes | memoryview) -> bytes:
-    """Poly1305 of ``item`` (then ``more``, as if joined) under the one-time key for
+def item_mac(key: bytes, nonce: bytes, index: int, item: bytes | memoryview,
+             rest: bytes | memoryview = b"") -> bytes:
+    """Poly1305 of ``item`` then ``rest`` (as if joined) under the one-time key for
     (session key, log nonce, index)."""
     chacha = Cipher(algorithms.ChaCha20(key, struct.pack("<Q", index) + nonce), mode=None).encryptor()
-    if not more:
-        return Poly1305.generate_tag(chacha.update(_OTK_ZEROS), item)
-    p = Poly1305(chacha.update(_OTK_ZEROS))
-    for part in (item, *more):
-        p.update(part)
+    return _poly1305(chacha.update(_OTK_ZEROS), item, rest)
+
+
+def _poly1305(otk: bytes, head: bytes | memoryview, body: bytes | memoryview) -> bytes:
+    """Poly1305 of head‖body, fed so that the long call is fast. OpenSSL's AVX-512
+    Poly1305 takes its wide (8-block) path only when a call's whole blocks number 0–3
+    modulo 8; otherwise it runs at half speed (measured here: 140 vs 70 µs per MiB, and on
+    the replica the 28-byte record header in front of a 1 MiB payload always missed it).
+    So a few bytes of the body join the head in a first short call to make the long
+    call's count fit; elsewhere this costs one extra short call."""
+    if not body:
+        head, body = b"", head
+    k = (-len(head)) % 16  # completes the head's last block
+    n = (len(body) - k) // 16
+    if n % 8 >= 4:
+        k += 16 * (n % 8 - 3)
+    p = Poly1305(otk)
+    if head or k:
+        p.update(bytes(head) + bytes(body[:k]))
+    p.update(body[k:] if k else body)
     return p.finalize()
 
 
@@ -286,14 +302,30 @@ class LogEncoder:
             raise WireError("change-log header too large")
         return self._out(_PREAMBLE.pack(MAGIC, VERSION, len(raw)) + raw)
 
+    def data_parts(self, disk: int, offset: int, data: bytes | memoryview) -> list[bytes | memoryview]:
+        """A data record as the buffers to send one after the other: its fixed header, the
+        payload (``data`` itself when not compressed: no copy) and its MAC."""
+        head, payload = self._data_record(disk, offset, data)
+        self._digest.update(head)
+        self._digest.update(payload)
+        if self._mac_key is None:
+            return [head, payload]
+        m = item_mac(self._mac_key, self._nonce, self._items, head, payload)
+        self._items += 1
+        return [head, payload, m]
+
     def data(self, disk: int, offset: int, data: bytes | memoryview) -> bytes:
         out = bytearray()
         self.data_into(out, disk, offset, data)
         return bytes(out)
 
     def data_into(self, out: bytearray, disk: int, offset: int, data: bytes | memoryview) -> None:
-        """Append a data record to ``out``. Compression is tried on a 64 KiB probe first:
-        incompressible data (most of a real image's changed blocks) costs no full attempt."""
+        """Append a data record to ``out``."""
+        self._emit(out, *self._data_record(disk, offset, data))
+
+    def _data_record(self, disk: int, offset: int, data: bytes | memoryview) -> tuple[bytes, bytes | memoryview]:
+        """A data record's fixed header and payload. Compression is tried on a 64 KiB probe
+        first: incompressible data (most of a real image's changed blocks) costs no full attempt."""
         length = len(data)
         if not 0 < length <= MAX_RECORD:
             raise WireError(f"record length {length} out of bounds")
@@ -307,7 +339,7 @@ class LogEncoder:
         checksum = _record_checksum(RECORD_DATA, 0, disk, offset, length, data)
         self.records += 1
         self.data_bytes += length
-        self._emit(out, _RECORD.pack(RECORD_DATA, flags, disk, offset, length, len(payload), checksum), payload)
+        return _RECORD.pack(RECORD_DATA, flags, disk, offset, length, len(payload), checksum), payload
 
     def zero(self, disk: int, offset: int, length: int) -> bytes:
         if not 0 < length <= 2**32 - 1:
