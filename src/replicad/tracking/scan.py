@@ -300,6 +300,7 @@ class DiskScan:
             writer.append(old)
             return
         new = array("Q")
+        moved = []  # the super-blocks that changed
         for k, sd in enumerate(supers):
             a = k * SUPER
             b = min(a + SUPER, nblk)
@@ -307,14 +308,19 @@ class DiskScan:
                 new.extend(old[a:b])  # this super-block did not change
             else:
                 new.extend(map(h, map(mv.__getitem__, _BLOCK_SLICES[a:b])))
+                moved.append((a, b))
         writer.append(new)
         if new == old:
             return
-        zd = zero_digest(BLOCK)
         # each block's state, one byte: 0 unchanged, 1 changed (data), 2 changed to the zero
         # block's digest; runs of 1s and of 2s are then found by a regex, in C
-        changed = bytes(map(int.__ne__, new, old))
-        state = bytes(map(operator.add, changed, map(operator.and_, changed, map(zd.__eq__, new))))
+        zd = zero_digest(BLOCK)
+        if 2 * len(moved) > len(supers):  # most of the chunk (an initial copy): one pass
+            state = _states(new, old, zd)
+        else:  # scattered writes: only the super-blocks that changed
+            state = bytearray(nblk)
+            for a, b in moved:
+                state[a:b] = _states(new[a:b], old[a:b], zd)
         for m in _RUNS.finditer(state):
             a, b = m.span()
             if state[a] == 1:
@@ -331,6 +337,12 @@ class DiskScan:
         a, b = first * BLOCK, min(end * BLOCK, n)
         self.changed_bytes += b - a
         return DataChange(pos + a, mv[a:b])
+
+
+def _states(new: array, old: array, zd: int) -> bytes:
+    """Per block: 0 same digest, 1 changed, 2 changed to ``zd`` (the zero block's digest)."""
+    changed = bytes(map(int.__ne__, new, old))
+    return bytes(map(operator.add, changed, map(operator.and_, changed, map(zd.__eq__, new))))
 
 
 def digest_disks(disks: list[Path], folder: Path, name=lambda i: f"disk{i}.map") -> list[Path]:
