@@ -3,6 +3,7 @@ oversized and truncated frames, protocol versions, slow clients."""
 
 import asyncio
 import json
+import os
 import socket
 import struct
 import time
@@ -11,6 +12,8 @@ import pytest
 
 from replicad.auth.tls import TlsMaterial
 from replicad.auth.token import Credential, RealmPublic
+from replicad import PROTOCOL_VERSION
+from replicad.transport import bulk, raw
 from replicad.transport.client import PeerClient
 from replicad.wire import DiskInfo, Header, LogEncoder
 
@@ -24,9 +27,18 @@ MiB = 1 << 20
 
 @pytest.fixture(params=["token", "certificate"])
 def three(tmp_path, request):
+    yield from _three(tmp_path, request.param)
+
+
+@pytest.fixture
+def three_token(tmp_path):
+    yield from _three(tmp_path, "token")
+
+
+def _three(tmp_path, auth):
     """vmhost1 replica server: vmhost2 in trust group Finance, vmhost3 in Engineering.
     vmhost2 replicates `ledger` to it; vmhost3 is the attacker."""
-    c = Cluster(tmp_path, auth=request.param)
+    c = Cluster(tmp_path, auth=auth)
     v1, v2, v3 = c["vmhost1"], c["vmhost2"], c["vmhost3"]
     v1.write_config()
     doc = json.loads(v1.config.read_text())
@@ -203,4 +215,76 @@ def test_a_stalled_body_is_dropped_and_leaves_nothing(three):
     e = forge(c, v1, stall)
     assert e is not None
     wait_for(lambda: any("stalled" in ev.get("reason", "") for ev in v1.events("peer.refused")), 10, "the stall")
+    assert snapshot(v1) == before
+
+
+# --- the token listener's upgraded log connection (transport/raw.py) ----------------------
+def raw_push(conv, vm_id: str, seq: int, data: bytes, *, pause_after: int | None = None, pause: float = 0.0):
+    """PUT a log on the upgraded connection, as the primary's sender does (bulk.push)."""
+    path = f"/v1/replicas/{vm_id}/logs/{seq}"
+    headers, counter = conv._prepare("PUT", path, None)
+    headers["X-Replicad-Protocol"] = str(PROTOCOL_VERSION)
+    target = bulk.Target(conv.server, conv.port, conv.client.address(conv.server))
+
+    def batches():
+        cut = len(data) if pause_after is None else pause_after
+        yield [data[:cut]]
+        if cut < len(data):
+            time.sleep(pause)
+            yield [data[cut:]]
+
+    async def go():
+        status, answer, rh = await asyncio.to_thread(bulk.push, target, path, headers, batches(), bulk.Channel(),
+                                                     upgrade=raw.UPGRADE)
+        return conv._finish(status, answer, rh, counter)
+    return go()
+
+
+@pytest.mark.parametrize("case", ["huge-header", "huge-record", "truncated", "garbage", "altered", "stalled"])
+def test_forged_logs_on_the_upgraded_connection_are_refused(three_token, case):
+    """The raw receiver reads item by item from the socket: every bound, MAC and timeout the
+    chunked path enforces holds there too, and nothing of a refused log stays."""
+    c, v1, _, _ = three_token
+    before = snapshot(v1)
+
+    def send(conv):
+        h = Header(NEW_ID, "web", "5" * 16, 1, 0, "initial", "t", "crash", (DiskInfo(0, "disk.img", 8 * MiB),))
+        # random data: not compressed, so its records are received straight into the write buffer
+        good = log_bytes(h, conv, [(0, os.urandom(300000)), (1 << 20, os.urandom(5000))])
+        if case == "huge-header":
+            return raw_push(conv, NEW_ID, 1, struct.pack("<4sHI", b"RPLG", 1, 1 << 30) + b"{" * 1000)
+        if case == "huge-record":
+            enc = LogEncoder(h, mac_key=conv.mac_key)
+            return raw_push(conv, NEW_ID, 1, enc.start() + struct.pack("<BBHQIIQ", 1, 0, 0, 0, 1 << 31, 1 << 31, 0))
+        if case == "truncated":
+            return raw_push(conv, NEW_ID, 1, good[:-40])
+        if case == "garbage":
+            return raw_push(conv, NEW_ID, 1, b"\x00GARBAGE" * 1000)
+        if case == "altered":
+            bad = bytearray(good)
+            bad[len(good) // 2] ^= 1  # inside the first record's payload
+            return raw_push(conv, NEW_ID, 1, bytes(bad))
+        return raw_push(conv, NEW_ID, 1, good, pause_after=100000, pause=5)  # quiet past the 2 s idle timeout
+    e = forge(c, v1, send)
+    # a log cut short while the connection stays open is a stall, like a silent one
+    expected = {"truncated": "408", "stalled": "408", "altered": "MAC mismatch"}.get(case, "400")
+    assert expected in str(e), e
+    if case == "stalled":
+        assert any("stalled" in ev.get("reason", "") for ev in v1.events("peer.refused"))
+    assert snapshot(v1) == before
+    assert [v["name"] for v in v1.json("vm", "list")] == ["ledger"]
+
+
+def test_an_upgraded_log_request_with_a_body_is_refused(three_token):
+    c, v1, _, _ = three_token
+    before = snapshot(v1)
+
+    async def send(conv):
+        path = f"/v1/replicas/{NEW_ID}/logs/1"
+        headers, counter = conv._prepare("PUT", path, None)
+        headers.update({"Connection": "Upgrade", "Upgrade": raw.UPGRADE})
+        status, answer, rh = await conv._send("PUT", path, b"RPLG" + b"x" * 100, headers)
+        return conv._finish(status, answer, rh, counter)
+    e = forge(c, v1, send)
+    assert "400" in str(e) and "no body" in str(e), e
     assert snapshot(v1) == before
