@@ -190,7 +190,9 @@ def story() -> None:
 
     print("# a delta at 4 MB/s, and vmhost1's container stopped in the middle of it, then started again")
     on("vmhost2", "replication", "set", "contoso2", "--bandwidth-limit", "4MB")
-    guest_writes(image, 6000, seed=2)  # ~24 MB: six seconds at 4 MB/s
+    # ~57 MB: about fifteen seconds at 4 MB/s, so the log is still arriving when the stopped
+    # replica's 5 s drain ends (a log that can finish within the drain is let finish)
+    guest_writes(image, 16000, seed=2)
     on("vmhost2", "replication", "sync", "contoso2")  # starts the cycle, does not wait
     time.sleep(2)  # the moment of the fault, not a wait for a condition
     compose("stop", "vmhost1")
