@@ -274,9 +274,10 @@ def pull_all(raw: bytes, *, key=None):
     def place(disk, offset, length):
         placed.append((disk, offset, length))
         return memoryview(bytearray(length))
-    for item in dec.pull(s.read_into, place):
-        if isinstance(item, Record) and item.data is not None:
-            item = Record(item.kind, item.disk, item.offset, item.length, bytes(item.data))
+
+    def got(r):  # a placed record, verified: in log order with the others
+        items.append(Record(r.kind, r.disk, r.offset, r.length, bytes(r.data)))
+    for item in dec.pull(s.read_into, place, got):
         items.append(item)
     dec.close()
     assert s.pos == len(raw)  # read exactly the log, not a byte past its trailer
@@ -310,4 +311,5 @@ def test_pull_checks_a_record_header_before_asking_for_a_place():
     dec.feed(LogEncoder(HEADER).start())
     s = Stream(_forge((RECORD_DATA, 0, 0, SIZE - 4, 10, 10)) + b"x" * 10)
     with pytest.raises(WireError, match="beyond the end"):
-        list(dec.pull(s.read_into, lambda *a: pytest.fail("a place was asked for a hostile record")))
+        list(dec.pull(s.read_into, lambda *a: pytest.fail("a place was asked for a hostile record"),
+                      lambda r: pytest.fail("a hostile record was placed")))

@@ -55,6 +55,7 @@ class CopyWriter:
         self._last: Future | None = None          # the last task queued
         self._failed: BaseException | None = None
         self._thread: ThreadPoolExecutor | None = None
+        self._scratch: tuple[int, memoryview] = (0, memoryview(b""))  # slot() without O_DIRECT
 
     def record(self, item: Record) -> None:
         if item.kind != RECORD_DATA or not self.direct:
@@ -70,11 +71,13 @@ class CopyWriter:
             offset += n
             data = data[n:]
 
-    def slot(self, offset: int, n: int) -> memoryview | None:
+    def slot(self, offset: int, n: int) -> memoryview:
         """The buffer space where the ``n`` bytes at ``offset`` go (``n`` <= COMBINE); call
-        ``filled(n)`` once they are there and verified. None without O_DIRECT."""
+        ``filled(n)`` once they are there and verified. Without O_DIRECT, a scratch buffer
+        that ``filled`` writes through the ordinary descriptor."""
         if not self.direct:
-            return None
+            self._scratch = (offset, memoryview(bytearray(n)))
+            return self._scratch[1]
         if self._len and (offset != self._start + self._len or self._len + n > COMBINE):
             self.flush()
         if not self._len:
@@ -83,6 +86,12 @@ class CopyWriter:
         return memoryview(self._bufs[self._cur])[self._len:self._len + n]
 
     def filled(self, n: int) -> None:
+        if not self.direct:
+            offset, view = self._scratch
+            done = 0
+            while done < n:
+                done += os.pwrite(self.fd, view[done:n], offset + done)
+            return
         self._len += n
         if self._len == COMBINE:
             self.flush()

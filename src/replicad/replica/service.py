@@ -145,19 +145,11 @@ class DirectInitial:
     def pull(self, source: RawLog) -> None:
         """Receive the rest of the log from a raw connection: each data record is read from
         the socket straight into its disk's write buffer (wire/codec.py ``pull``)."""
-        slot: dict = {"view": None, "direct": False}
-
-        def place(disk: int, offset: int, length: int) -> memoryview:
-            view = self.writers[disk].slot(offset, length)
-            slot.update(view=view if view is not None else memoryview(bytearray(length)), direct=view is not None)
-            return slot["view"]
-        for item in self.decoder.pull(source.read_into, place):
-            if isinstance(item, Record) and slot["direct"] and item.data is slot["view"]:
-                slot["view"] = None
-                self.writers[item.disk].filled(item.length)  # verified, and in the buffer already
-                self._advance(item)
-            else:
-                self.apply([item])
+        def placed(item: Record) -> None:
+            self.writers[item.disk].filled(item.length)  # verified, and in the buffer already
+            self._advance(item)
+        for item in self.decoder.pull(source.read_into, lambda d, o, n: self.writers[d].slot(o, n), placed):
+            self.apply([item])
 
     def _advance(self, item: Record) -> None:
         self._at = (item.disk, item.offset + item.length)

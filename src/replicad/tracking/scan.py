@@ -323,15 +323,14 @@ class DiskScan:
                 state[a:b] = _states(new[a:b], old[a:b], zd)
         for m in _RUNS.finditer(state):
             a, b = m.span()
-            if state[a] == 1:
-                for c in range(a, b, MAX_EXTENT // BLOCK):
-                    yield self._data(mv, pos, c, min(b, c + MAX_EXTENT // BLOCK), n)
-            elif _ZERO_CHUNK.startswith(mv[a * BLOCK:b * BLOCK]):  # all zeros: a memcmp, no copy
+            # a run with the zero block's digest is compared with zeros (a memcmp, no copy):
+            # a data block whose digest collides is sent as the data it is
+            if state[a] == 2 and _ZERO_CHUNK.startswith(mv[a * BLOCK:b * BLOCK]):
                 self.changed_bytes += (b - a) * BLOCK
                 yield ZeroChange(pos + a * BLOCK, (b - a) * BLOCK)
-            else:  # a data block whose digest is the zero block's: sent as the data it is
-                for c in range(a, b, MAX_EXTENT // BLOCK):
-                    yield self._data(mv, pos, c, min(b, c + MAX_EXTENT // BLOCK), n)
+                continue
+            for c in range(a, b, MAX_EXTENT // BLOCK):
+                yield self._data(mv, pos, c, min(b, c + MAX_EXTENT // BLOCK), n)
 
     def _data(self, mv: memoryview, pos: int, first: int, end: int, n: int) -> DataChange:
         a, b = first * BLOCK, min(end * BLOCK, n)

@@ -280,22 +280,6 @@ class LogEncoder:
         self._items += 1
         return b + m
 
-    def _emit(self, out: bytearray, head: bytes, payload: bytes | memoryview) -> None:
-        """Append one item (fixed header + payload, then its MAC) to ``out`` without
-        building it first: one copy of the payload, into the batch being sent."""
-        start = len(out)
-        out += head
-        out += payload
-        item = memoryview(out)[start:]
-        self._digest.update(item)
-        if self._mac_key is not None:
-            m = item_mac(self._mac_key, self._nonce, self._items, item)
-            item.release()
-            self._items += 1
-            out += m
-        else:
-            item.release()
-
     def start(self) -> bytes:
         raw = self.header.to_json()
         if len(raw) > MAX_HEADER:
@@ -315,13 +299,7 @@ class LogEncoder:
         return [head, payload, m]
 
     def data(self, disk: int, offset: int, data: bytes | memoryview) -> bytes:
-        out = bytearray()
-        self.data_into(out, disk, offset, data)
-        return bytes(out)
-
-    def data_into(self, out: bytearray, disk: int, offset: int, data: bytes | memoryview) -> None:
-        """Append a data record to ``out``."""
-        self._emit(out, *self._data_record(disk, offset, data))
+        return b"".join(self.data_parts(disk, offset, data))
 
     def _data_record(self, disk: int, offset: int, data: bytes | memoryview) -> tuple[bytes, bytes | memoryview]:
         """A data record's fixed header and payload. Compression is tried on a 64 KiB probe
@@ -549,14 +527,14 @@ class LogDecoder:
         elif offset + length > size:
             raise WireError(f"record [{offset}, +{length}) beyond the end of disk {disk} ({size})")
 
-    def pull(self, read_into: Callable[[memoryview], None],
-             place: Callable[[int, int, int], memoryview]) -> Iterator:
+    def pull(self, read_into: Callable[[memoryview], None], place: Callable[[int, int, int], memoryview],
+             placed: Callable[[Record], None]) -> Iterator:
         """Decode the rest of a log whose header was fed, reading exactly each item's bytes
         with ``read_into`` (it fills the whole view or raises). The payload of an
         uncompressed data record is read straight into ``place(disk, offset, length)`` —
-        the caller's write buffer — and yielded as a Record whose ``data`` is that view,
-        after its MAC and checksum verified; every other item goes through ``feed``. One
-        copy of the data (the kernel's), where ``feed`` takes four on the way to a disk."""
+        the caller's write buffer — and handed to ``placed`` once its MAC and checksum
+        verified; every other item goes through ``feed`` and is yielded. One copy of the
+        data (the kernel's), where ``feed`` takes four on the way to a disk."""
         if self.header is None or self._size:
             raise ValueError("pull() continues a decoder that holds the header and nothing more")
         head = bytearray(_RECORD.size)
@@ -592,4 +570,4 @@ class LogDecoder:
                 raise WireError(f"record checksum mismatch (disk {disk} offset {offset})")
             self.data_bytes += length
             self.records += 1
-            yield Record(kind, disk, offset, length, data)
+            placed(Record(kind, disk, offset, length, data))
