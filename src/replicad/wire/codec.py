@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 from ..errors import WireError
 from ..model import valid_disk_name, valid_vm_name
+from .compression import decompress_record, decompressor
 
 MAGIC = b"RPLG"
 VERSION = 1
@@ -354,7 +355,7 @@ class LogDecoder:
         self._q: deque[memoryview] = deque()
         self._size = 0
         self._digest = xxhash.xxh3_128()
-        self._dctx = zstandard.ZstdDecompressor()
+        self._dctx = decompressor()
         self.header: Header | None = None
         self.trailer: Trailer | None = None
         self.records = 0
@@ -494,12 +495,7 @@ class LogDecoder:
         if kind == RECORD_DATA:
             payload = memoryview(raw)[_RECORD.size:]
             if flags & FLAG_ZSTD:
-                try:
-                    data = self._dctx.decompress(payload, max_output_size=length)
-                except zstandard.ZstdError as e:
-                    raise WireError(f"record does not decompress: {e}") from None
-                if len(data) != length:
-                    raise WireError("record decompresses to the wrong length")
+                data = decompress_record(self._dctx, payload, length)  # bounded: wire/compression.py
             else:
                 data = payload
             self.data_bytes += length
