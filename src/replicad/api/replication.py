@@ -16,7 +16,7 @@ from ..errors import Conflict, NotFound, ReplicadError, UsageError
 from ..health import compute as compute_health
 from ..model import Relationship, ReplicationMode, ReplicationState as S, Stats, extended_id, valid_fqdn
 from ..primary.baseline import Baselines
-from ..primary.export import export_initial
+from ..primary.export import check_target, export_initial
 from ..primary.producer import CycleProducer, Progress
 from .context import Host, actor, body, host_of
 from .vms import get_vm
@@ -220,8 +220,10 @@ async def start_initial(request):
             return await _wait_stream(request, host, vm.id, fut)
         fut.add_done_callback(lambda f: f.exception())
         return web.json_response(rel_json(host, rel, vm.name))
+    if doc.get("force") and not doc.get("export"):
+        raise UsageError("--force only applies to --export")
     if doc.get("export"):
-        return await _export(request, host, vm, rel, str(doc["export"]))
+        return await _export(request, host, vm, rel, str(doc["export"]), force=doc.get("force") is True)
     at = doc.get("at")
     if at:
         try:
@@ -241,10 +243,11 @@ async def start_initial(request):
     return web.json_response(rel_json(host, rel, vm.name))
 
 
-async def _export(request, host: Host, vm, rel: Relationship, folder: str) -> web.StreamResponse:
+async def _export(request, host: Host, vm, rel: Relationship, folder: str, *, force: bool) -> web.StreamResponse:
     path = Path(folder)
     if not path.is_absolute():
         raise UsageError(f"--export needs an absolute folder, got {folder!r}")
+    await asyncio.to_thread(check_target, path, vm.name, force=force)  # before anything changes
     await host.primary.forget(vm.id)  # no network cycle while the copy is written
     epoch = secrets.token_hex(8)
     progress = Progress(kind="initial", seq=1, changed=asyncio.Event())
@@ -257,7 +260,7 @@ async def _export(request, host: Host, vm, rel: Relationship, folder: str) -> we
     async def run() -> dict:
         try:
             await asyncio.to_thread(producer.open)
-            meta = await asyncio.to_thread(export_initial, producer, path, host.config.host)
+            meta = await asyncio.to_thread(export_initial, producer, path, host.config.host, force=force)
         except OSError as e:
             raise ReplicadError(f"cannot export to {path}: {e.strerror}") from None
         finally:

@@ -124,9 +124,10 @@ def get(vm, extended):
 @click.option("--export", metavar="DIR", help="Write the initial copy to a folder (media) instead of the network.")
 @click.option("--use-existing", is_flag=True,
               help="Seed from a copy already in the replica's storage (<storage>/<VM>/): only differences are sent.")
+@click.option("--force", is_flag=True, help="With --export: replace export files already in DIR.")
 @click.option("--wait", is_flag=True, help="Show progress and return when the copy is done.")
 @managed
-def start_initial(vm, at, export, use_existing, wait):
+def start_initial(vm, at, export, use_existing, force, wait):
     """Start initial replication (sparse-aware: holes and zero blocks are not sent).
 
     \b
@@ -134,13 +135,14 @@ def start_initial(vm, at, export, use_existing, wait):
       replicad replication start-initial contoso2 --wait            # over the network
       replicad replication start-initial contoso2 --export /media/usb
                                   # to media; then `import-initial` on the replica
+                                  # (files 0600; one already there: refused, --force)
       replicad replication start-initial contoso2 --use-existing --wait
                                   # the replica already holds a copy (a restored backup, an
                                   # old clone) in <storage>/contoso2/ with the same file
                                   # names: it is adopted and only differing blocks are sent
     """
     body = {k: v for k, v in {"at": at, "export": abs_path(export), "use_existing": use_existing,
-                              "wait": wait}.items() if v}
+                              "force": force, "wait": wait}.items() if v}
     if export:
         show(wait_with_progress(api().stream("POST", rpath(vm, "start-initial"), body), vm),
              RESULT_COLUMNS + ("file",))
