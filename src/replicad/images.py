@@ -4,10 +4,15 @@ A qcow2 differencing disk (the article's .avhdx) is useless without its parents,
 `vm add` registers the whole chain. Only the fixed part of the qcow2 header is read
 (https://qemu-project.gitlab.io/qemu/interop/qcow2.html): magic, version, and the offset
 and length of the backing file name. The file is never trusted: lengths are bounded and a
-chain that loops or runs deeper than ``MAX_CHAIN`` is refused."""
+chain that loops or runs deeper than ``MAX_CHAIN`` is refused. Nor is the name it gives:
+whoever writes an image's header could name /etc/shadow, so a parent must resolve (links
+followed) to a regular file under the image's own folder or a folder the operator allowed
+(`vm add --allow-backing DIR`), checked before the parent is opened."""
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +25,14 @@ MAX_CHAIN = 64
 
 class ImageError(ValueError):
     """A disk image whose header cannot be used; the message names the file."""
+
+
+class BackingRefused(ImageError):
+    """A backing file outside the folders a chain may use, or not a regular file."""
+
+    def __init__(self, child: Path, backing: Path, why: str):
+        super().__init__(f"{child.name}'s backing file {backing} {why}")
+        self.backing = backing
 
 
 def disk_format(path: Path) -> str:
@@ -63,18 +76,31 @@ def backing_of(path: Path) -> Backing | None:
     return Backing(name, parent if parent.is_absolute() else path.parent / parent)
 
 
-def backing_chain(path: Path) -> list[Backing]:
-    """Every ancestor of ``path``, nearest first."""
+def backing_chain(path: Path, allowed: tuple[Path, ...] = ()) -> list[Backing]:
+    """Every ancestor of ``path``, nearest first, each resolved (no link, no ``..``) to a
+    regular file under ``path``'s folder or one of ``allowed`` (absolute folders).
+    Raises BackingRefused for any other, before opening it; ImageError for a bad header."""
+    roots = [path.parent.resolve(), *(a.resolve() for a in allowed)]
     chain: list[Backing] = []
     seen = {path.resolve()}
     current = path
     while (b := backing_of(current)) is not None:
         resolved = b.path.resolve()
+        if not any(resolved.is_relative_to(r) for r in roots):
+            raise BackingRefused(current, resolved, f"is outside {path.parent} (allow its folder with "
+                                 "`vm add --allow-backing DIR` if it is meant)")
+        try:
+            mode = os.stat(resolved).st_mode
+        except FileNotFoundError:
+            raise ImageError(f"{current.name}'s backing file {b.path}: No such file or directory") from None
+        if not stat.S_ISREG(mode):
+            raise BackingRefused(current, resolved, "is not a regular file (--allow-backing takes folders of "
+                                 "image files)")
         if resolved in seen:
             raise ImageError(f"{path}: the backing chain loops at {b.path}")
         if len(chain) >= MAX_CHAIN:
             raise ImageError(f"{path}: backing chain deeper than {MAX_CHAIN}")
         seen.add(resolved)
-        chain.append(b)
-        current = b.path
+        chain.append(Backing(b.name, resolved))
+        current = resolved
     return chain

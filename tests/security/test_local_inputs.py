@@ -112,3 +112,63 @@ def test_export_refuses_an_existing_file_unless_forced(primary, tmp_path, existi
     assert digest(secret) == before
     st = os.lstat(media / "ledger.rlog")
     assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_size > 1000
+
+
+# --- item 11: qcow2 backing chains --------------------------------------------------------
+def qcow2_child(path: Path, backing: str) -> Path:
+    """A qcow2 v3 header naming ``backing`` as its backing file (the fields replicad reads)."""
+    name = backing.encode()
+    head = b"QFI\xfb" + (3).to_bytes(4, "big") + (512).to_bytes(8, "big") + len(name).to_bytes(4, "big")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(head.ljust(512, b"\0") + name)
+    return path
+
+
+@pytest.mark.parametrize("case", ["absolute", "relative", "symlink", "next-folder", "device"])
+def test_a_backing_file_outside_the_image_folder_is_refused(primary, tmp_path, case):
+    """A qcow2 header is the image owner's to write: it must not make the daemon register
+    (and ship to another host) a file the operator did not mean: /etc/shadow by name, by a
+    relative path, through a symlink in the image's folder, a parent in a folder next to
+    it, a device. Refused before that file is opened, naming it; no VM registered."""
+    images = tmp_path / "images"
+    images.mkdir()
+    outside = tmp_path / "other" / "base.qcow2"
+    qcow2_child(outside, "")  # a harmless-looking parent, but not under images/ nor allowed
+    target = {"absolute": "/etc/shadow", "relative": "../../../../../../../etc/shadow", "symlink": "base.qcow2",
+              "next-folder": str(outside), "device": "/dev/zero"}[case]
+    if case == "symlink":
+        (images / "base.qcow2").symlink_to("/etc/shadow")
+    child = qcow2_child(images / "evil.qcow2", target)
+    resolved = {"absolute": "/etc/shadow", "relative": "/etc/shadow", "symlink": "/etc/shadow",
+                "next-folder": str(outside), "device": "/dev/zero"}[case]
+
+    r = primary.cli("vm", "add", "evil", "--disk", str(child), check=False)
+    assert r.returncode == 1, (r.returncode, r.stderr, r.stdout)
+    assert r.stderr.startswith("error: ") and resolved in r.stderr and "--allow-backing" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert primary.json("vm", "list") == []
+    refusals = [e for e in primary.events("vm.backing_refused") if e.get("vm") == "evil"]
+    assert refusals and resolved in refusals[-1]["backing_file"]
+
+
+def test_allowed_backing_folders(primary, tmp_path):
+    """Parents under the image's own folder (at any depth) are taken as before; a parent
+    elsewhere only with `vm add --allow-backing DIR` — which never extends to a symlink
+    leading out of DIR."""
+    images, golden = tmp_path / "images", tmp_path / "golden"
+    base = qcow2_child(golden / "base.qcow2", "")
+    mid = qcow2_child(images / "layers" / "mid.qcow2", str(base))
+    top = qcow2_child(images / "web.qcow2", "layers/mid.qcow2")
+
+    r = primary.cli("vm", "add", "web", "--disk", str(top), check=False)
+    assert r.returncode == 1 and str(base) in r.stderr, r.stderr
+    added = primary.json("vm", "add", "web", "--disk", str(top), "--allow-backing", str(golden))
+    assert [d["path"] for d in added["disks"]] == [str(top), str(mid), str(base)]
+
+    (golden / "escape.qcow2").symlink_to("/etc/shadow")
+    sneaky = qcow2_child(images / "sneaky.qcow2", str(golden / "escape.qcow2"))
+    r = primary.cli("vm", "add", "sneaky", "--disk", str(sneaky), "--allow-backing", str(golden), check=False)
+    assert r.returncode == 1 and "/etc/shadow" in r.stderr, r.stderr
+    r = primary.cli("vm", "add", "bad", "--disk", str(top), "--allow-backing", "relative/dir", check=False)
+    assert r.returncode == 2 and "--allow-backing" in r.stderr, r.stderr
+    assert [v["name"] for v in primary.json("vm", "list")] == ["web"]

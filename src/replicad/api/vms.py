@@ -13,7 +13,7 @@ from .. import hooks
 from .. import log as logmod
 from ..errors import Conflict, NotFound, Refused, UsageError
 from ..health import compute as compute_health
-from ..images import ImageError, backing_chain, disk_format
+from ..images import BackingRefused, ImageError, backing_chain, disk_format
 from ..model import (VM, Disk, ReplicationMode, ReplicationState, VMState, extended_id, valid_disk_name,
                      valid_vm_name)
 from .context import Host, actor, body, host_of
@@ -63,6 +63,7 @@ async def add_vm(request):
     paths = doc.get("disks")
     if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
         raise UsageError("at least one --disk PATH is required")
+    allowed = _allowed_backing(doc.get("allow_backing") or [])
     disks, seen, warnings = [], set(), []
 
     async def register(path: Path, what: str) -> None:
@@ -85,7 +86,10 @@ async def add_vm(request):
             raise UsageError(f"disk path must be absolute: {p}")
         await register(path, "disk")
         try:
-            chain = await asyncio.to_thread(backing_chain, path)
+            chain = await asyncio.to_thread(backing_chain, path, allowed)
+        except BackingRefused as e:
+            log.warning("vm.backing_refused", vm=name, disk=str(path), backing_file=str(e.backing), reason=str(e))
+            raise Refused(str(e)) from None
         except (ImageError, OSError) as e:
             raise UsageError(str(e)) from None
         child = path
@@ -111,6 +115,16 @@ async def add_vm(request):
     for w in warnings:
         log.warning("vm.backing_name", vm=name, reason=w)
     return web.json_response({**vm_json(host, vm), **({"warnings": warnings} if warnings else {})})
+
+
+def _allowed_backing(folders) -> tuple[Path, ...]:
+    """The folders `vm add --allow-backing` names: absolute paths of existing folders."""
+    if not isinstance(folders, list) or not all(isinstance(f, str) for f in folders):
+        raise UsageError("--allow-backing expects folders")
+    for f in folders:
+        if not Path(f).is_absolute() or not Path(f).is_dir():
+            raise UsageError(f"--allow-backing needs an existing folder given by an absolute path: {f}")
+    return tuple(Path(f) for f in folders)
 
 
 async def set_vm(request):

@@ -16,6 +16,7 @@ the same API as the commands, idempotently.
       - name: contoso2
         disks: [/var/lib/libvirt/images/contoso2.img]
         config_file: /etc/libvirt/qemu/contoso2.xml
+        allow_backing: [/srv/golden-images]  # vm add --allow-backing (qcow2 parents)
         pre_snapshot: virsh domfsfreeze contoso2
         post_snapshot: virsh domfsthaw contoso2
         hook_timeout: 30
@@ -47,7 +48,7 @@ from ..units import format_duration, parse_duration, parse_rate
 SERVER_KEYS = {"enabled": bool, "auth": str, "allow_any_server": bool, "default_storage": str,
                "monitoring_interval": (str, int), "monitoring_start_time": str}
 ENTRY_KEYS = {"primary": str, "storage": str, "trust_group": str}
-VM_KEYS = {"name": str, "disks": list, "config_file": str, "on_start": str, "on_stop": str,
+VM_KEYS = {"name": str, "disks": list, "config_file": str, "allow_backing": list, "on_start": str, "on_stop": str,
            "pre_snapshot": str, "post_snapshot": str, "hook_timeout": int}
 HOOKS = ("on_start", "on_stop", "pre_snapshot", "post_snapshot")
 REPL_KEYS = {"vm": str, "replica_server": str, "replica_port": int, "auth": str, "frequency": int,
@@ -110,6 +111,10 @@ def load(path: str) -> dict:
         v["disks"] = [str(base / d) for d in disks if isinstance(d, str)]
         if v.get("config_file"):
             v["config_file"] = str(base / v["config_file"])
+        if "allow_backing" in v:
+            if not all(isinstance(d, str) and d for d in v["allow_backing"]):
+                errors.append(f"vms[{i}].allow_backing: a list of folders")
+            v["allow_backing"] = [str(base / d) for d in v["allow_backing"] if isinstance(d, str)]
     for kind, key in (("auth_entries", "primary"), ("vms", "name"), ("replications", "vm")):
         seen = set()
         for i, item in enumerate(out[kind]):
@@ -212,7 +217,8 @@ def _plan_vms(api, want: list[dict], p: Plan) -> dict[str, dict]:
         path = "/v1/vms/" + quote(name, safe="")
         if cur is None:
             p.add(f"+ vm {name} ({', '.join(v['disks'])})", "POST", "/v1/vms",
-                  {"name": name, "disks": v["disks"], "config_file": v.get("config_file")})
+                  {"name": name, "disks": v["disks"], "config_file": v.get("config_file"),
+                   "allow_backing": v.get("allow_backing", [])})
             if hooks:
                 p.add(f"~ vm {name}: hooks " + ", ".join(hooks), "PATCH", path, hooks)
             continue

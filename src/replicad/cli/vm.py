@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.parse import quote
 
 import click
@@ -25,22 +26,34 @@ def vm():
 @click.argument("name")
 @click.option("--disk", "disks", multiple=True, required=True, metavar="PATH", help="A disk image (repeatable).")
 @click.option("--config-file", metavar="PATH", help="The VM's configuration file (e.g. libvirt XML).")
+@click.option("--allow-backing", "allow_backing", multiple=True, metavar="DIR",
+              help="A folder qcow2 backing files may come from, besides each disk's own (repeatable).")
 @managed
-def vm_add(name, disks, config_file):
+def vm_add(name, disks, config_file, allow_backing):
     """Register a VM on this host.
 
     A qcow2 disk brings its backing chain: the parents are registered (and replicated)
-    with it. The configuration file, if given, is replicated whenever it changes.
+    with it. A parent must be a regular file under the disk's own folder or a folder
+    given with --allow-backing (symlinks are followed, then checked); any other is
+    refused. The configuration file, if given, is replicated whenever it changes.
 
     \b
-    Example:
+    Examples:
       replicad vm add contoso2 --disk /var/lib/libvirt/images/contoso2.img
+      replicad vm add web --disk /var/lib/libvirt/images/web.qcow2 --allow-backing /srv/golden-images
     """
     out = api().call("POST", "/v1/vms", {"name": name, "disks": [abs_path(d) for d in disks],
-                                         "config_file": abs_path(config_file)})
+                                         "config_file": abs_path(config_file),
+                                         "allow_backing": [_abs_dir(d) for d in allow_backing]})
     for w in out.pop("warnings", []):
         click.echo(f"warning: {w}", err=True)
     show(out, VM_COLUMNS)
+
+
+def _abs_dir(d: str) -> str:
+    """An --allow-backing folder as given, made absolute (not resolved: the daemon resolves
+    it and every backing file the same way)."""
+    return str(Path(d).expanduser().absolute())
 
 
 @vm.command("list")
