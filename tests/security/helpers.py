@@ -5,22 +5,92 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import os
 import socket
+import sqlite3
 import ssl
+import stat
 from pathlib import Path
 
 from ..integration.harness import Cluster, Host
 
 
-def snapshot(host: Host) -> dict:
-    """Every file under the host's state dir except the catalog's own files, with content
-    digests, plus what the catalog says about VMs and relationships."""
-    root = host.root / "state"
-    files = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and not p.name.startswith("catalog.sqlite") and not p.name.endswith(".sock"):
-            files[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return {"files": files, "vms": host.json("vm", "list"), "replications": host.json("replication", "get")}
+def _catalog_rows(db_path: Path) -> dict:
+    """The rows that say what a host holds and allows (read-only; the daemon keeps running).
+    Left out: the replay cache and the audit log, which a refused request may rightly grow."""
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        return {table: sorted(db.execute(f"SELECT * FROM {table}").fetchall())
+                for table in ("settings", "auth_entries", "vms", "relationships")}
+    finally:
+        db.close()
+
+
+def _tree(root: Path, skip=lambda p: False) -> dict:
+    """Every entry under ``root`` (folders, files, symlinks — never followed): its kind,
+    mode, and for a file its size and SHA-256."""
+    out: dict[str, tuple] = {}
+    if not root.exists() and not root.is_symlink():
+        return out
+    for p in sorted([root, *root.rglob("*")]):
+        if skip(p):
+            continue
+        st = p.lstat()
+        rel = str(p.relative_to(root)) if p != root else "."
+        if stat.S_ISLNK(st.st_mode):
+            out[rel] = ("symlink", os.readlink(p))
+        elif stat.S_ISDIR(st.st_mode):
+            out[rel] = ("dir", stat.S_IMODE(st.st_mode))
+        elif stat.S_ISREG(st.st_mode):
+            out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_size, _sha256(p))
+        else:
+            out[rel] = ("other", stat.S_IFMT(st.st_mode))
+    return out
+
+
+def _sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def snapshot(host: Host, *extra: Path) -> dict:
+    """What an attack must not change on ``host``: the catalog's rows (settings, entries,
+    VMs, relationships), every entry of its state dir (but the catalog's own files and the
+    socket), of every storage folder it knows (the default one, the entries', the
+    relationships'), every file of every VM (a primary's own disks live outside any storage
+    folder), and of ``extra`` paths. Compare two snapshots with ``==``; for a readable
+    failure, ``assert_unchanged(before, snapshot(host))``."""
+    state = host.root / "state"
+    rows = _catalog_rows(state / "catalog.sqlite")
+    storages = {str(state / "replicas")}
+    for key, value in rows["settings"]:
+        if key == "server" and json.loads(value).get("default_storage"):
+            storages.add(json.loads(value)["default_storage"])
+    storages |= {storage for _, storage, _ in rows["auth_entries"]}
+    storages |= {json.loads(doc)["storage"] for _, doc in rows["relationships"] if json.loads(doc).get("storage")}
+    vm_files = set()
+    for _, _, doc in rows["vms"]:
+        vm = json.loads(doc)
+        vm_files |= {d["path"] for d in vm["disks"]} | ({vm["config_file"]} if vm.get("config_file") else set())
+    skip_state = lambda p: p.name.startswith("catalog.sqlite") or p.name.endswith(".sock")  # noqa: E731
+    return {"catalog": rows, "state": _tree(state, skip_state),
+            "storage": {s: _tree(Path(s)) for s in sorted(storages)},
+            "vm_files": {f: _tree(Path(f)) for f in sorted(vm_files)},
+            "extra": {str(p): _tree(p) for p in extra}}
+
+
+def assert_unchanged(before: dict, after: dict) -> None:
+    """Fail naming exactly what changed between two snapshots."""
+    changes = []
+    for part in before.keys() | after.keys():
+        b, a = before.get(part, {}), after.get(part, {})
+        for key in sorted(b.keys() | a.keys(), key=str):
+            if b.get(key) != a.get(key):
+                changes.append(f"{part}[{key}]: {b.get(key)!r} -> {a.get(key)!r}")
+    assert not changes, "state changed:\n" + "\n".join(changes[:40])
 
 
 def tls_context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
