@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import http.client
 import json
 import os
+import select
 import socket
 import sqlite3
 import ssl
 import stat
+import struct
+import time
 from pathlib import Path
 
-from ..integration.harness import Cluster, Host
+from replicad import PROTOCOL_VERSION
+from replicad.auth.tls import TlsMaterial
+from replicad.auth.token import Credential, RealmPublic
+from replicad.transport import bulk, raw
+from replicad.transport.client import PeerClient
+from replicad.wire import Header, LogEncoder
+
+from ..integration.harness import Cluster, Host, wait_applied
+from ..integration.images import make_sparse_image
+
+MiB = 1 << 20
 
 
 def _catalog_rows(db_path: Path) -> dict:
@@ -93,6 +107,33 @@ def assert_unchanged(before: dict, after: dict) -> None:
     assert not changes, "state changed:\n" + "\n".join(changes[:40])
 
 
+def three_hosts(tmp_path, auth: str, **listener):
+    """vmhost1 a replica server (``--auth both``, idle timeout 2 s and ``listener`` keys on
+    both listeners): vmhost2 in trust group Finance replicates `ledger` to it; vmhost3, in
+    Engineering, is the attacker. Yields (cluster, vmhost1, vmhost2, vmhost3)."""
+    c = Cluster(tmp_path, auth=auth)
+    v1, v2, v3 = c["vmhost1"], c["vmhost2"], c["vmhost3"]
+    v1.write_config()
+    doc = json.loads(v1.config.read_text())
+    for kind in ("token", "tls"):
+        doc["listen"][kind].update({"idle_timeout": 2, **listener})
+    v1.config.write_text(json.dumps(doc))
+    for h in (v1, v2):
+        h.start()
+    v1.cli("server", "set", "--enabled", "true", "--auth", "both", "--allow-any-server", "false")
+    v1.cli("auth-entry", "add", "--primary", v2.fqdn, "--trust-group", "Finance")
+    v1.cli("auth-entry", "add", "--primary", v3.fqdn, "--trust-group", "Engineering")
+    image = tmp_path / "ledger.img"
+    make_sparse_image(image, 4 * MiB, data_pieces=1)
+    v2.cli("vm", "add", "ledger", "--disk", str(image))
+    v2.cli("replication", "enable", "ledger", "--replica-server", v1.fqdn, "--replica-port", str(v1.peer_port),
+           "--auth", c.auth)
+    v2.json("replication", "start-initial", "ledger", "--wait")
+    wait_applied(v2, v1, "ledger")
+    yield c, v1, v2, v3
+    c.shutdown()
+
+
 def tls_context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(ca))
     if cert is not None:
@@ -158,3 +199,161 @@ def replica_pair(tmp_path, auth: str):
     v1.cli("server", "set", "--enabled", "true", "--auth", auth, "--allow-any-server", "false")
     v1.cli("auth-entry", "add", "--primary", "*.contoso.com", "--trust-group", "Production")
     return c
+
+
+# --- an authenticated attacker (a real host's credential and certificate) ---------------------
+def attacker(c, host) -> PeerClient:
+    t = host.root / "certs"
+    tls = TlsMaterial(t / f"{host.fqdn}.pem", t / f"{host.fqdn}.key", c.root / "ca" / "ca.pem", {})
+    return PeerClient(Credential.load(host.root / f"{host.fqdn}.cred"), RealmPublic.load(c.root / "realm" / "realm.pub"),
+                      tls, {h.fqdn: h.addr for h in c.hosts.values()})
+
+
+def forge(c, target, fn):
+    """Run ``fn(conversation)`` as vmhost3 against ``target``; return the error it raised."""
+    async def go():
+        client = attacker(c, c["vmhost3"])
+        try:
+            async with client.conversation(target.fqdn, target.peer_port, c.auth) as conv:
+                return await fn(conv)
+        finally:
+            # the attacker's own upload task may still be asleep (stall test): end it first
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in others:
+                t.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+            await client.close()
+            await asyncio.sleep(0.25)  # TLS transports finish closing on the loop (aiohttp's advice)
+    try:
+        asyncio.run(go())
+    except Exception as e:  # noqa: BLE001 — the refusal is what we want to see
+        return e
+    raise AssertionError("the forged request was accepted")
+
+
+def log_bytes(header: Header, conv, records=()) -> bytes:
+    enc = LogEncoder(header, mac_key=conv.mac_key)
+    out = enc.start()
+    for off, data in records:
+        out += enc.data(0, off, data)
+    return out + enc.finish()
+
+
+def body(data: bytes):
+    async def gen():
+        yield data
+    return gen()
+
+
+def raw_push(conv, vm_id: str, seq: int, data: bytes, *, pause_after: int | None = None, pause: float = 0.0):
+    """PUT a log on the upgraded connection, as the primary's sender does (bulk.push)."""
+    path = f"/v1/replicas/{vm_id}/logs/{seq}"
+    headers, counter = conv._prepare("PUT", path, None)
+    headers["X-Replicad-Protocol"] = str(PROTOCOL_VERSION)
+    target = bulk.Target(conv.server, conv.port, conv.client.address(conv.server))
+
+    def batches():
+        cut = len(data) if pause_after is None else pause_after
+        yield [data[:cut]]
+        if cut < len(data):
+            time.sleep(pause)
+            yield [data[cut:]]
+
+    async def go():
+        status, answer, rh = await asyncio.to_thread(bulk.push, target, path, headers, batches(), bulk.Channel(),
+                                                     upgrade=raw.UPGRADE)
+        return conv._finish(status, answer, rh, counter)
+    return go()
+
+
+# --- a log request by hand: its head, then the log's bytes as slowly as the attacker likes --
+class LogPut:
+    """``PUT /v1/replicas/<vm_id>/logs/<seq>`` from ``who`` to ``target`` on the cluster's
+    listener, written by hand: on the token listener an upgraded request (the log follows a
+    101), on the TLS listener a chunked body. ``send`` writes log bytes in the listener's
+    framing; ``answer`` reads the replica's answer (status, JSON), skipping the 101."""
+
+    def __init__(self, c: Cluster, who: Host, target: Host, vm_id: str, seq: int):
+        self.mode = c.auth
+        path = f"/v1/replicas/{vm_id}/logs/{seq}"
+        headers = {"X-Replicad-Protocol": str(PROTOCOL_VERSION), "Host": f"{target.fqdn}:{target.peer_port}"}
+        if self.mode == "token":
+            async def session_headers():
+                client = attacker(c, who)
+                try:
+                    async with client.conversation(target.fqdn, target.peer_port, "token") as conv:
+                        return conv._prepare("PUT", path, None)[0]
+                finally:
+                    await client.close()
+            headers.update(asyncio.run(session_headers()))
+            headers.update({"Connection": "Upgrade", "Upgrade": raw.UPGRADE})
+        else:
+            headers["Transfer-Encoding"] = "chunked"
+        sock = socket.create_connection((target.addr, target.peer_port), timeout=10)
+        if self.mode == "certificate":
+            certs = who.root / "certs"
+            ctx = tls_context(c.root / "ca" / "ca.pem", certs / f"{who.fqdn}.pem", certs / f"{who.fqdn}.key")
+            sock = ctx.wrap_socket(sock, server_hostname=target.fqdn)
+        self.sock = sock
+        self._buf = b""
+        head = f"PUT {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        sock.sendall(head.encode())
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data if self.mode == "token" else b"%x\r\n%s\r\n" % (len(data), data))
+
+    def answer(self, timeout: float = 10.0) -> tuple[int, dict]:
+        """The replica's answer, or (0, {}) if it closed without one; 101 is skipped."""
+        self.sock.settimeout(timeout)
+        while True:
+            while b"\r\n\r\n" not in self._buf:
+                got = self.sock.recv(65536)
+                if not got:
+                    return 0, {}
+                self._buf += got
+            head, _, rest = self._buf.partition(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            if status == 101:
+                self._buf = rest
+                continue
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            while len(rest) < length:
+                got = self.sock.recv(65536)
+                if not got:
+                    break
+                rest += got
+            try:
+                return status, json.loads(rest[:length])
+            except ValueError:
+                return status, {"raw": rest[:200].decode(errors="replace")}
+
+    def readable(self) -> bool:
+        """The replica has said something (or closed) since: an answer is waiting."""
+        if self._buf or (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
+            return True
+        return bool(select.select([self.sock], [], [], 0)[0])
+
+    def upgraded(self, timeout: float = 10.0) -> bool:
+        """Token listener: wait for the replica's go-ahead (101); False if it answered otherwise."""
+        self.sock.settimeout(timeout)
+        while b"\r\n\r\n" not in self._buf:
+            got = self.sock.recv(65536)
+            if not got:
+                return False
+            self._buf += got
+        if self._buf.startswith(b"HTTP/1.1 101"):
+            self._buf = self._buf.partition(b"\r\n\r\n")[2]
+            return True
+        return False
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def header_preamble(header_len: int) -> bytes:
+    """The first bytes of a change log announcing a header of ``header_len`` bytes."""
+    return struct.pack("<4sHI", b"RPLG", 1, header_len)

@@ -2,7 +2,6 @@
 oversized and truncated frames, protocol versions, slow clients."""
 
 import asyncio
-import json
 import os
 import socket
 import struct
@@ -10,100 +9,15 @@ import time
 
 import pytest
 
-from replicad.auth.tls import TlsMaterial
-from replicad.auth.token import Credential, RealmPublic
-from replicad import PROTOCOL_VERSION
-from replicad.transport import bulk, raw
-from replicad.transport.client import PeerClient
+from replicad.transport import raw
 from replicad.wire import DiskInfo, Header, LogEncoder
 
-from ..integration.harness import Cluster, replica_disk, wait_applied, wait_for
-from ..integration.images import make_sparse_image
-from .helpers import assert_unchanged, snapshot
+from ..integration.harness import replica_disk, wait_for
+from .helpers import assert_unchanged, body, forge, log_bytes, raw_push, snapshot
+from .helpers import three_hosts as _three  # noqa: F401 — other security tests import it from here
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20
-
-
-@pytest.fixture(params=["token", "certificate"])
-def three(tmp_path, request):
-    yield from _three(tmp_path, request.param)
-
-
-@pytest.fixture
-def three_token(tmp_path):
-    yield from _three(tmp_path, "token")
-
-
-def _three(tmp_path, auth):
-    """vmhost1 replica server: vmhost2 in trust group Finance, vmhost3 in Engineering.
-    vmhost2 replicates `ledger` to it; vmhost3 is the attacker."""
-    c = Cluster(tmp_path, auth=auth)
-    v1, v2, v3 = c["vmhost1"], c["vmhost2"], c["vmhost3"]
-    v1.write_config()
-    doc = json.loads(v1.config.read_text())
-    doc["listen"]["token"]["idle_timeout"] = 2
-    doc["listen"]["tls"]["idle_timeout"] = 2
-    v1.config.write_text(json.dumps(doc))
-    for h in (v1, v2):
-        h.start()
-    v1.cli("server", "set", "--enabled", "true", "--auth", "both", "--allow-any-server", "false")
-    v1.cli("auth-entry", "add", "--primary", v2.fqdn, "--trust-group", "Finance")
-    v1.cli("auth-entry", "add", "--primary", v3.fqdn, "--trust-group", "Engineering")
-    image = tmp_path / "ledger.img"
-    make_sparse_image(image, 4 * MiB, data_pieces=1)
-    v2.cli("vm", "add", "ledger", "--disk", str(image))
-    v2.cli("replication", "enable", "ledger", "--replica-server", v1.fqdn, "--replica-port", str(v1.peer_port),
-           "--auth", c.auth)
-    v2.json("replication", "start-initial", "ledger", "--wait")
-    wait_applied(v2, v1, "ledger")
-    yield c, v1, v2, v3
-    c.shutdown()
-
-
-def attacker(c, host) -> PeerClient:
-    t = host.root / "certs"
-    tls = TlsMaterial(t / f"{host.fqdn}.pem", t / f"{host.fqdn}.key", c.root / "ca" / "ca.pem", {})
-    return PeerClient(Credential.load(host.root / f"{host.fqdn}.cred"), RealmPublic.load(c.root / "realm" / "realm.pub"),
-                      tls, {h.fqdn: h.addr for h in c.hosts.values()})
-
-
-def forge(c, target, fn):
-    """Run ``fn(conversation)`` as vmhost3 against ``target``; return the error it raised."""
-    async def go():
-        client = attacker(c, c["vmhost3"])
-        try:
-            async with client.conversation(target.fqdn, target.peer_port, c.auth) as conv:
-                return await fn(conv)
-        finally:
-            # the attacker's own upload task may still be asleep (stall test): end it first
-            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in others:
-                t.cancel()
-            await asyncio.gather(*others, return_exceptions=True)
-            await client.close()
-            await asyncio.sleep(0.25)  # TLS transports finish closing on the loop (aiohttp's advice)
-    try:
-        asyncio.run(go())
-    except Exception as e:  # noqa: BLE001 — the refusal is what we want to see
-        return e
-    raise AssertionError("the forged request was accepted")
-
-
-def log_bytes(header: Header, conv, records=()) -> bytes:
-    enc = LogEncoder(header, mac_key=conv.mac_key)
-    out = enc.start()
-    for off, data in records:
-        out += enc.data(0, off, data)
-    return out + enc.finish()
-
-
-def body(data: bytes):
-    async def gen():
-        yield data
-    return gen()
-
-
 def test_trust_groups_cannot_be_crossed_with_a_guessed_vm_id(three):
     c, v1, v2, v3 = three
     vm_id = v2.json("vm", "get", "ledger")["id"]
@@ -219,27 +133,6 @@ def test_a_stalled_body_is_dropped_and_leaves_nothing(three):
 
 
 # --- the token listener's upgraded log connection (transport/raw.py) ----------------------
-def raw_push(conv, vm_id: str, seq: int, data: bytes, *, pause_after: int | None = None, pause: float = 0.0):
-    """PUT a log on the upgraded connection, as the primary's sender does (bulk.push)."""
-    path = f"/v1/replicas/{vm_id}/logs/{seq}"
-    headers, counter = conv._prepare("PUT", path, None)
-    headers["X-Replicad-Protocol"] = str(PROTOCOL_VERSION)
-    target = bulk.Target(conv.server, conv.port, conv.client.address(conv.server))
-
-    def batches():
-        cut = len(data) if pause_after is None else pause_after
-        yield [data[:cut]]
-        if cut < len(data):
-            time.sleep(pause)
-            yield [data[cut:]]
-
-    async def go():
-        status, answer, rh = await asyncio.to_thread(bulk.push, target, path, headers, batches(), bulk.Channel(),
-                                                     upgrade=raw.UPGRADE)
-        return conv._finish(status, answer, rh, counter)
-    return go()
-
-
 @pytest.mark.parametrize("case", ["huge-header", "huge-record", "truncated", "garbage", "altered", "stalled"])
 def test_forged_logs_on_the_upgraded_connection_are_refused(three_token, case):
     """The raw receiver reads item by item from the socket: every bound, MAC and timeout the

@@ -28,6 +28,7 @@ from ..wire import MAX_HEADER, Header, LogDecoder, Record
 from ..images import disk_format
 from ..tracking.scan import digest_disks
 from . import points
+from .admission import Admission
 from .apply import discard, read_log, rollback, write_point
 from .copywriter import CopyWriter
 from .failover import identities
@@ -180,6 +181,7 @@ class ReplicaService:
         self._applied: dict[str, asyncio.Condition] = {}  # notified after every commit
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task] = {}
+        self.admission = Admission(catalog, state_dir)
 
     # lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -218,30 +220,42 @@ class ReplicaService:
 
     # receiving ------------------------------------------------------------------------------
     def grant_for(self, principal: str, auth: str) -> Grant:
-        s = ServerSettings.load(self.catalog, self.state_dir)
-        if s.enabled and not s.accepts(auth):
-            raise Refused(f"{principal} refused: this replica server does not accept {auth} authentication")
-        return authorize(principal, enabled=s.enabled, allow_any=s.allowed_from_any_server,
-                         default_storage=Path(s.default_storage), entries=self.catalog.entries())
+        return self.admission.grant(principal, auth)
 
-    async def receive(self, principal: str, auth: str, vm_id: str, seq: int,
+    def admit(self, principal: str, auth: str, vm_id: str) -> Grant:
+        """Whether ``principal`` may send a log for ``vm_id`` (replica/admission.py)."""
+        return self.admission.log_request(principal, auth, vm_id)
+
+    async def receive(self, grant: Grant, auth: str, vm_id: str, seq: int,
                       chunks: AsyncIterator[bytes] | RawLog, *, mac_key: bytes | None = None) -> dict:
         """Stage one change log from ``chunks`` (an HTTP body's chunks, or a raw connection:
-        transport/raw.py); returns the acknowledgement. With ``mac_key`` (token transport)
-        every item's MAC must verify against the session key."""
-        grant = self.grant_for(principal, auth)
+        transport/raw.py) for a peer ``admit`` let in; returns the acknowledgement. With
+        ``mac_key`` (token transport) every item's MAC must verify against the session key.
+        The header is read before the VM's lock is taken: a slow header holds nothing."""
+        principal = grant.principal
         lock = self._locks.setdefault(vm_id, asyncio.Lock())
-        async with lock:
+        try:
             try:
-                return await self._receive_locked(grant, auth, vm_id, seq, chunks, mac_key)
-            except WireError as e:
-                rel = self.catalog.relationship(vm_id)
-                if rel is not None and rel.trust_group == grant.trust_group:
-                    rel.stats.errors += 1
-                    self.catalog.put_relationship(rel)
-                log.warning("log.rejected", vm_id=vm_id, peer=principal, cycle=seq, reason=str(e),
-                            result="nothing of this log is kept or applied")
-                raise
+                if isinstance(chunks, RawLog):
+                    dec = LogDecoder(mac_key=mac_key, require_mac=mac_key is not None)
+                    header, head_bytes = await chunks.run(chunks.read_header, dec)
+                    first_items: list = []
+                else:
+                    header, dec, head_bytes, first_items = await self._read_header(chunks, mac_key)
+            except ConnectionError:
+                raise TransferStalled(f"the connection was lost before log {seq}'s header arrived; "
+                                      "nothing of it is kept") from None
+            async with lock:
+                return await self._receive_locked(grant, auth, vm_id, seq, chunks, header, dec, head_bytes,
+                                                  first_items)
+        except WireError as e:
+            rel = self.catalog.relationship(vm_id)
+            if rel is not None and rel.trust_group == grant.trust_group:
+                rel.stats.errors += 1
+                self.catalog.put_relationship(rel)
+            log.warning("log.rejected", vm_id=vm_id, peer=principal, cycle=seq, reason=str(e),
+                        result="nothing of this log is kept or applied")
+            raise
 
     async def _read_header(self, chunks: AsyncIterator[bytes],
                            mac_key: bytes | None) -> tuple[Header, LogDecoder, bytearray, list]:
@@ -259,15 +273,10 @@ class ReplicaService:
         raise WireError("change log truncated before its header")
 
     async def _receive_locked(self, grant: Grant, auth: str, vm_id: str, seq: int,
-                              chunks: AsyncIterator[bytes] | RawLog, mac_key: bytes | None) -> dict:
+                              chunks: AsyncIterator[bytes] | RawLog, header: Header, dec: LogDecoder,
+                              head_bytes: bytes | bytearray, first_items: list) -> dict:
         raw = chunks if isinstance(chunks, RawLog) else None
         connection = "raw" if raw is not None else "http"  # for the log: which receive path ran
-        if raw is not None:
-            dec = LogDecoder(mac_key=mac_key, require_mac=mac_key is not None)
-            header, head_bytes = await raw.run(raw.read_header, dec)
-            first_items: list = []
-        else:
-            header, dec, head_bytes, first_items = await self._read_header(chunks, mac_key)
         if header.vm_id != vm_id or header.seq != seq:
             raise WireError("change-log header does not match the request")
         vm = self.catalog.vm_by_id(vm_id)

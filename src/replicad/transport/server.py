@@ -23,14 +23,17 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from .. import PROTOCOL_VERSION, __version__
 from .. import log as logmod
 from ..auth import tls as tlsmod
+from ..auth.authorize import Grant
 from ..auth.session import BODY_HASH_HEADER, MAC_HEADER, SIGNATURE_HEADER, Session, SessionStore
 from ..auth.token import MAX_SKEW, SCHEME, RealmPublic, verify_ticket
 from ..catalog import Catalog
-from ..errors import AuthenticationFailed, Refused, ReplicadError, ResyncRequired, TransferStalled, UsageError
+from ..errors import (AuthenticationFailed, Refused, ReplicadError, ResyncRequired, TransferStalled, UsageError,
+                      WireError)
 from ..replica.service import ReplicaService
 from . import raw
 
@@ -196,8 +199,10 @@ async def put_log(request: web.Request) -> web.StreamResponse:
     vm_id = _vm_id(request)
     seq = int(request.match_info["seq"])
     sess: Session | None = request.get(SESSION)
+    # who may send this log, from the request alone: before any lock, before any byte of it
+    grant = ctx.service.admit(request[PRINCIPAL], ctx.mode, vm_id)
     if ctx.mode == "token" and request.headers.get("Upgrade", "").lower() == raw.UPGRADE:
-        return await _put_log_raw(request, ctx, vm_id, seq, sess)
+        return await _put_log_raw(request, ctx, grant, vm_id, seq, sess)
 
     async def chunks():
         while True:
@@ -206,16 +211,17 @@ async def put_log(request: web.Request) -> web.StreamResponse:
                     data = await request.content.readany()
             except TimeoutError:
                 raise TransferStalled(f"no data for {ctx.idle_timeout:.0f}s: the transfer stalled") from None
+            except RequestPayloadError as e:  # aiohttp could not parse the chunked framing
+                raise WireError(f"malformed request body: {e}") from None
             if not data:
                 return
             yield data
 
-    ack = await ctx.service.receive(request[PRINCIPAL], ctx.mode, vm_id, seq, chunks(),
-                                    mac_key=sess.key if sess else None)
+    ack = await ctx.service.receive(grant, ctx.mode, vm_id, seq, chunks(), mac_key=sess.key if sess else None)
     return web.json_response(ack)
 
 
-async def _put_log_raw(request: web.Request, ctx: PeerContext, vm_id: str, seq: int,
+async def _put_log_raw(request: web.Request, ctx: PeerContext, grant: Grant, vm_id: str, seq: int,
                        sess: Session | None) -> web.StreamResponse:
     """The log on the upgraded connection (transport/raw.py); the answer is written there."""
     transport = request.transport
@@ -233,7 +239,7 @@ async def _put_log_raw(request: web.Request, ctx: PeerContext, vm_id: str, seq: 
         if transport.get_write_buffer_size():  # 101 not yet in the kernel: the raw answer could overtake it
             raise TransferStalled("the primary does not read its connection")
         try:
-            doc, status = await ctx.service.receive(request[PRINCIPAL], ctx.mode, vm_id, seq, rawlog,
+            doc, status = await ctx.service.receive(grant, ctx.mode, vm_id, seq, rawlog,
                                                     mac_key=sess.key if sess else None), 200
         except ReplicadError as e:
             log.warning("peer.refused", peer=request[PRINCIPAL], peer_ip=request.remote, path=request.path,

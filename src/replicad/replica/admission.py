@@ -1,0 +1,48 @@
+"""Who may send what to this replica server, decided before anything is spent on it.
+
+A change log's request is judged from the request alone — the authenticated principal,
+the listener's auth type, the VM id in the URL — before any VM lock is taken and before
+any byte of the log is read (docs/security.md, "Authorization"): a peer that will be
+refused never holds a lock, a thread or a file. The same checks run again under the VM's
+lock against the log's header (replica/service.py), since the catalog may change between."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import log as logmod
+from ..auth.authorize import Grant, authorize
+from ..catalog import Catalog
+from ..errors import Conflict, Refused
+from .settings import ServerSettings
+
+log = logmod.get("replicad.replica")
+
+
+class Admission:
+    def __init__(self, catalog: Catalog, state_dir: Path):
+        self.catalog = catalog
+        self.state_dir = state_dir
+
+    def grant(self, principal: str, auth: str) -> Grant:
+        """What ``principal`` may do here over ``auth``: storage and trust group (raises Refused)."""
+        s = ServerSettings.load(self.catalog, self.state_dir)
+        if s.enabled and not s.accepts(auth):
+            raise Refused(f"{principal} refused: this replica server does not accept {auth} authentication")
+        return authorize(principal, enabled=s.enabled, allow_any=s.allowed_from_any_server,
+                         default_storage=Path(s.default_storage), entries=self.catalog.entries())
+
+    def log_request(self, principal: str, auth: str, vm_id: str) -> Grant:
+        """May ``principal`` send a log for ``vm_id`` at all? Raises Refused (not authorized;
+        the VM was created under another trust group) or Conflict (the id is one of this
+        host's own VMs)."""
+        grant = self.grant(principal, auth)
+        rel = self.catalog.relationship(vm_id)
+        if rel is not None and rel.role == "replica" and rel.trust_group != grant.trust_group:
+            log.warning("replica.refused", vm_id=vm_id, peer=principal, reason="trust group mismatch",
+                        vm_group=rel.trust_group, peer_group=grant.trust_group)
+            raise Refused(f"{principal} (trust group {grant.trust_group}) may not write to VM {vm_id}, "
+                          "created under another trust group")
+        if (rel is None or rel.role != "replica") and self.catalog.vm_by_id(vm_id) is not None:
+            raise Conflict(f"VM {vm_id} exists on this host and is not a replica")
+        return grant
