@@ -10,7 +10,6 @@ import asyncio
 import functools
 import os
 import signal
-import stat
 
 from aiohttp import web
 
@@ -26,6 +25,7 @@ from .catalog import Catalog
 from .config import Config
 from .errors import ConfigError
 from .notify import Notifier
+from .ownership import ManagementSocket, StateDirLock
 from .primary.engine import PrimaryEngine
 from .replica.service import ReplicaService
 from .transport.client import PeerClient
@@ -53,10 +53,16 @@ class Daemon:
         self._stop = asyncio.Event()
         self._runners: list[web.AppRunner] = []
         self.notifier = Notifier()
+        self._lock = StateDirLock(config.state_dir)
+        self._socket = ManagementSocket(config.management.socket)
+        self._socket_runner: web.AppRunner | None = None
+        self._socket_site: web.UnixSite | None = None
+        self._restoring: asyncio.Task | None = None
 
     def _build(self) -> Host:
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock.acquire()  # before anything in the state dir is read or written
         credential = realm = None
         if cfg.realm is not None:
             credential = Credential.load(cfg.realm.credential)
@@ -80,21 +86,40 @@ class Daemon:
         return Host(config=cfg, catalog=catalog, primary=primary, replica=replica, client=client)
 
     async def _serve_socket(self, app: web.Application) -> None:
-        sock = self.config.management.socket
-        sock.parent.mkdir(parents=True, exist_ok=True)
-        if sock.exists() or sock.is_symlink():
-            if not stat.S_ISSOCK(os.lstat(sock).st_mode):
-                raise ConfigError(f"management.socket: {sock} exists and is not a socket")
-            sock.unlink()
+        self._socket.claim()
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=DRAIN_TIMEOUT)
         await runner.setup()
+        self._socket_runner = runner
+        self._runners.append(runner)
+        await self._bind_socket()
+
+    async def _bind_socket(self) -> None:
         old = os.umask(0o117)  # the socket is created 0660 at most
         try:
-            await web.UnixSite(runner, str(sock)).start()
+            site = web.UnixSite(self._socket_runner, str(self._socket.path))
+            await site.start()
         finally:
             os.umask(old)
-        os.chmod(sock, 0o660)
-        self._runners.append(runner)
+        self._socket.bound()
+        self._socket_site = site
+
+    async def _restore_socket(self) -> None:
+        """SIGHUP with the socket path gone (deleted by hand, by a tmpfiles cleaner, by another
+        process): serve the management API on a new socket there."""
+        if not self._socket.missing():
+            if not self._socket.ours():
+                log.warning("daemon.socket_not_ours", socket=str(self._socket.path),
+                            reason="another file is at the management socket's path; it is left alone")
+            return
+        try:
+            if self._socket_site is not None:
+                await self._socket_site.stop()  # its listening socket has no path any more
+            await self._bind_socket()
+        except OSError as e:
+            log.error("daemon.socket_restore_failed", socket=str(self._socket.path), reason=e.strerror)
+            return
+        log.info("daemon.socket_restored", socket=str(self._socket.path),
+                 reason="SIGHUP: the management socket was missing; a new one serves the API")
 
     async def _serve_tcp(self, app: web.Application, address: str, port: int, what: str, idle: float,
                          ssl_context=None) -> None:
@@ -106,12 +131,16 @@ class Daemon:
             await web.TCPSite(runner, address, port, reuse_address=True, ssl_context=ssl_context).start()
         except OSError as e:
             await runner.cleanup()
-            raise ConfigError(f"listen.{what}: cannot listen on {address}:{port}: {e.strerror}") from None
+            reason = os.strerror(e.errno).lower() if e.errno else str(e)  # not aiohttp's message with a tuple in it
+            raise ConfigError(f"listen.{what}: cannot listen on {address}:{port}: {reason}") from None
         self._runners.append(runner)
 
     def _reload(self) -> None:
-        """SIGHUP: reload TLS certificate, key and CA; keep the old ones if the new are bad."""
+        """SIGHUP: reload TLS certificate, key and CA; keep the old ones if the new are bad;
+        put back a management socket that was deleted."""
         self.notifier.reloading()
+        if self._socket_runner is not None:
+            self._restoring = asyncio.get_running_loop().create_task(self._restore_socket(), name="restore-socket")
         try:
             if self._tls is None:
                 log.info("daemon.reload", reason="SIGHUP: no TLS material to reload")
@@ -162,6 +191,7 @@ class Daemon:
             await self._stop.wait()
             log.info("daemon.stopping", reason="signal received: draining")
             self.notifier.stopping()
+            events.bus.close()  # `events --follow` streams end now, not at the drain's end
             watchdog.cancel()
         finally:
             await host.primary.stop()
@@ -170,10 +200,8 @@ class Daemon:
                 await r.cleanup()
             await host.client.close()
             host.catalog.close()
-            try:
-                self.config.management.socket.unlink()
-            except OSError:
-                pass
+            self._socket.remove()  # only if it is still the socket this daemon bound
+            self._lock.release()
         log.info("daemon.stopped")
         return 0
 

@@ -17,6 +17,7 @@ WATCHED_PREFIXES = ("cycle.", "health.", "replication.", "failover.", "resync.",
                     "vm.removed", "baseline.promoted")
 KEEP = 500
 FOLLOWER_QUEUE = 1000  # a follower this far behind loses lines (and is told how many); the daemon never waits
+END = {"event": "events.end", "reason": "the daemon is stopping"}  # the last thing a follower gets
 
 
 class EventBus:
@@ -26,6 +27,7 @@ class EventBus:
         self._dropped: dict[asyncio.Queue, int] = {}  # lines a slow follower missed, said when it catches up
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
+        self.closed = False
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -58,8 +60,21 @@ class EventBus:
 
     def follow(self) -> asyncio.Queue:
         q: asyncio.Queue = asyncio.Queue(FOLLOWER_QUEUE)
-        self._followers.add(q)
+        if self.closed:
+            q.put_nowait(END)
+        else:
+            self._followers.add(q)
         return q
+
+    def close(self) -> None:
+        """The daemon is stopping: every follower gets ``END`` after what it has queued, so
+        its stream ends now instead of holding the stop for the whole drain. Runs on the loop."""
+        self.closed = True
+        for q in list(self._followers):
+            if q.full():
+                q.get_nowait()  # a follower this far behind loses one more line, not the end
+            q.put_nowait(END)
+        self._followers.clear()
 
     def unfollow(self, q: asyncio.Queue) -> None:
         self._followers.discard(q)

@@ -1,5 +1,6 @@
 """GET /v1/events: the recent state changes as NDJSON, then (``follow=true``) each new one
-as it happens, until the client goes away. ``vm=NAME`` keeps one VM's lines."""
+as it happens, until the client goes away or the daemon stops (an ``events.end`` line).
+``vm=NAME`` keeps one VM's lines."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 
 from aiohttp import web
 
-from ..events import bus
+from ..events import END, bus
 
 HEARTBEAT = 15.0  # an empty line now and then: a dead client is noticed, proxies keep the stream
 
@@ -36,6 +37,9 @@ async def events(request: web.Request) -> web.StreamResponse:
             except TimeoutError:
                 await resp.write(b"\n")
                 continue
+            if e is END:
+                await resp.write(_line(e))
+                break
             if keep(e) and id(e) not in replayed:
                 await resp.write(_line(e))
         await resp.write_eof()

@@ -219,6 +219,9 @@ def events_cmd(follow, vm_name):
     as_json = output_format() == "json"
     try:
         for e in api().stream("GET", "/v1/events" + (f"?{query}" if query else "")):
+            if e.get("event") == "events.end":
+                click.echo(f"events: {e.get('reason', 'the daemon ended the stream')}; no more events", err=True)
+                break
             click.echo(json.dumps(e) if as_json else event_line(e))
     except KeyboardInterrupt:
         pass
