@@ -68,13 +68,19 @@ def apply_options(rel: Relationship, doc: dict, host: Host) -> None:
         rel.bandwidth_limit = parse_rate(doc["bandwidth_limit"])
 
 
+def default_port(auth: str) -> int:
+    """The port of a mode's listener unless the operator says otherwise (SPEC §3.4)."""
+    return 443 if auth == "certificate" else 80
+
+
 def rel_json(host: Host, rel: Relationship, name: str) -> dict:
     health, reasons = compute_health(rel)
     mode = ReplicationMode.PRIMARY if rel.role == "primary" else \
         ReplicationMode.EXTENDED_REPLICA if rel.extended else ReplicationMode.REPLICA
     replica_port = rel.replica_port
-    if rel.role == "replica":
-        replica_port = host.config.listen.token.port if host.config.listen.token else None
+    if rel.role == "replica":  # the listener the primary's logs arrive on (its mode is recorded per log)
+        listen = host.config.listen.tls if rel.auth == "certificate" else host.config.listen.token
+        replica_port = listen.port if listen else None
     return {"vm": name, "mode": mode.value, "state": rel.state.value, "health": health.value,
             "health_reasons": reasons, "primary_server": rel.primary_server,
             "replica_server": rel.replica_server if rel.role == "primary" else host.config.host,
@@ -131,7 +137,7 @@ async def enable(request):
         doc = {**doc, "auth": "certificate"}  # the only way this host can authenticate
     apply_options(rel, doc, host)
     if "replica_port" not in doc:
-        rel.replica_port = 443 if rel.auth == "certificate" else 80
+        rel.replica_port = default_port(rel.auth)
     if rel.replica_server == host.config.host:
         raise UsageError("a VM cannot replicate to its own host")
     if extended:
@@ -153,7 +159,10 @@ async def set_replication(request):
     if "replica_server" in doc and rel.seq > 0 and str(doc["replica_server"]).lower() != rel.replica_server:
         raise Conflict("the replica server cannot change once replication has started",
                        hint="remove replication and enable it again")
+    old_auth = rel.auth
     apply_options(rel, doc, host)
+    if rel.auth != old_auth and "replica_port" not in doc:
+        rel.replica_port = default_port(rel.auth)  # the other listener, as `enable` would choose it
     host.catalog.put_relationship(rel)
     log.info("replication.changed", vm=vm.name, changes=sorted(doc))
     host.primary.kick(vm.id)  # a new frequency takes effect now
@@ -416,7 +425,7 @@ async def test_connection(request):
     auth = doc.get("auth", "token")
     if auth not in ("token", "certificate"):
         raise UsageError(f"--auth expects token or certificate, got {auth!r}")
-    port = _int(doc, "replica_port", 1, 65535) if "replica_port" in doc else (443 if auth == "certificate" else 80)
+    port = _int(doc, "replica_port", 1, 65535) if "replica_port" in doc else default_port(auth)
     async with host.client.conversation(server, port, auth) as conv:
         hello = await conv.hello()
     return web.json_response({"replica_server": server, "replica_port": port, "auth": auth, **hello})

@@ -28,8 +28,9 @@ def extended_option(f):
 def _options(f):
     opts = [
         click.option("--replica-server", metavar="FQDN", help="The replica server's name."),
-        click.option("--replica-port", type=int, help="Its port (80 for token, 443 for certificate)."),
-        click.option("--auth", type=click.Choice(["token", "certificate"]), help="Authentication type."),
+        click.option("--replica-port", type=int, help="Its port (default 80 for token, 443 for certificate)."),
+        click.option("--auth", type=click.Choice(["token", "certificate"]),
+                     help="Authentication type; a new one without --replica-port moves to its default port."),
         click.option("--frequency", type=int, metavar="SECONDS", help="Cycle frequency: 30, 300, 900 or any ≥ 1."),
         click.option("--recovery-history", type=int, metavar="N", help="Additional recovery points (0-24)."),
         click.option("--recovery-point-interval", type=int, metavar="SECONDS"),

@@ -25,7 +25,7 @@ from ..auth.session import (BODY_HASH_HEADER, MAC_HEADER, SIGNATURE_HEADER, Clie
 from ..auth.token import SCHEME, Credential, RealmPublic
 from ..errors import AuthenticationFailed, PeerError, PeerUnreachable
 from ..primary.errors import local_error
-from . import bulk, raw
+from . import bulk, listener, raw
 
 CONNECT_TIMEOUT = 10
 READ_TIMEOUT = 300
@@ -157,12 +157,25 @@ class Conversation:
             raise PeerError(f"TLS: the certificate of {self.server} was refused: {e.certificate_error}", status=0,
                             transient=False) from None
         except aiohttp.ClientConnectorError as e:
+            if isinstance(e, aiohttp.ClientSSLError):
+                await self.wrong_listener()
             raise PeerUnreachable(f"cannot reach {self.server}:{self.port}: {e.os_error.strerror or e}") from None
         except AuthenticationFailed as e:
             raise PeerError(f"TLS: {e}", status=0, transient=False) from None
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as e:
+            if isinstance(e, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientSSLError,
+                              ConnectionError)):
+                await self.wrong_listener()
             raise PeerUnreachable(f"connection to {self.server}:{self.port} failed: {type(e).__name__} {e}".strip()
                                   ) from None
+
+    async def wrong_listener(self) -> None:
+        """After a failed connection: raise the error that says the port is the other mode's
+        listener, if it is (transport/listener.py); return otherwise."""
+        err = await asyncio.to_thread(listener.mismatch, self.server, self.port, self.auth,
+                                      self.client.address(self.server))
+        if err is not None:
+            raise err
 
     def _raise(self, status: int, body: bytes) -> None:
         try:
@@ -249,6 +262,10 @@ class Conversation:
         except bulk.ProducerFailed as e:
             producer.error = local_error(e.error) if isinstance(e.error, OSError) else e.error
             raise producer.error from None
+        except PeerUnreachable:
+            if progress.sent == 0:  # failed at the handshake: perhaps the other listener
+                await self.wrong_listener()
+            raise
         return self._finish(status, body, rh, counter)
 
     async def hello(self) -> dict:
