@@ -81,7 +81,7 @@ class Daemon:
         ports = (cfg.listen.token.port if cfg.listen.token else 0, cfg.listen.tls.port if cfg.listen.tls else 0)
         fault = fault_hook()
         primary = PrimaryEngine(catalog, cfg.state_dir, client, ports, fault)
-        replica = ReplicaService(catalog, cfg.state_dir, fault)
+        replica = ReplicaService(catalog, cfg.state_dir, fault, host=cfg.host)
         primary.source_lock = replica.apply_lock  # extended replication reads copies at committed points
         return Host(config=cfg, catalog=catalog, primary=primary, replica=replica, client=client)
 

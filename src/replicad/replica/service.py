@@ -27,7 +27,7 @@ from ..monitoring import roll as roll_interval
 from ..wire import MAX_HEADER, Header, LogDecoder, Record
 from ..images import disk_format
 from ..tracking.scan import digest_disks
-from . import points
+from . import missing, points
 from .admission import Admission
 from .apply import discard, read_log, rollback, write_point
 from .copywriter import CopyWriter
@@ -172,9 +172,10 @@ class DirectInitial:
 
 
 class ReplicaService:
-    def __init__(self, catalog: Catalog, state_dir: Path, fault: Callable[[str], None]):
+    def __init__(self, catalog: Catalog, state_dir: Path, fault: Callable[[str], None], host: str = ""):
         self.catalog = catalog
         self.state_dir = state_dir
+        self.host = host  # this replica server's name, for messages a primary shows
         self._fault = fault
         self._locks: dict[str, asyncio.Lock] = {}        # one receipt at a time per VM
         self._apply_locks: dict[str, asyncio.Lock] = {}  # held while a log is being applied
@@ -189,6 +190,7 @@ class ReplicaService:
         for rel in self.catalog.relationships():
             if rel.role == "replica":
                 await asyncio.to_thread(self._recover_files, rel)
+                await self._check_copy(rel.vm_id)
                 self._ensure_applier(rel.vm_id)
 
     @staticmethod
@@ -309,6 +311,8 @@ class ReplicaService:
                 raise ResyncRequired(f"this replica server has no copy of VM {header.vm_name}")
             if [d.name for d in header.disks] != [p.name for p in vm.files()] or header.config != bool(vm.config_file):
                 raise ResyncRequired("the VM's disk set changed")
+            if gone := await self._check_copy(vm_id, peer=grant.principal):
+                raise ResyncRequired(missing.message(vm, gone, self.host))
             if header.kind == "resync":  # builds on whatever this copy holds, in any epoch
                 if header.base_seq != rel.applied_seq or rel.applied_seq != rel.seq:
                     raise ResyncRequired(f"resync log builds on point {header.base_seq}; this copy is at "
@@ -552,6 +556,8 @@ class ReplicaService:
                 vmdir = VMDir.of(rel.storage, vm_id)
                 disks = vm.files()
                 bound = log.bind(vm=vm.name, cycle=seq)
+                if await self._check_copy(vm_id):
+                    break  # nothing applies to a missing file: the primary's resync recreates it
                 try:
                     async with self._apply_locks.setdefault(vm_id, asyncio.Lock()):
                         header = await asyncio.to_thread(write_point, vmdir, seq, disks, fault=self._fault)
@@ -651,6 +657,9 @@ class ReplicaService:
             raise Refused(f"{principal} may not read VM {vm_id}, created under another trust group")
         if rel.state in (ReplicationState.FAILED_OVER_WAITING, ReplicationState.FAILED_OVER):
             raise Conflict(f"{vm.name} has failed over on this replica server")
+        gone = await asyncio.to_thread(missing.missing_files, vm)
+        if gone:
+            await self._recreate_missing(vm, gone, principal)
         await self.drained(vm_id, 600)
         folder = VMDir.of(rel.storage, vm_id).root / "resync"
         async with self.apply_lock(vm_id):
@@ -658,8 +667,9 @@ class ReplicaService:
             maps = await asyncio.to_thread(digest_disks, vm.files(), folder)
             now = await asyncio.to_thread(identities, vm.files())
         # written outside replicad since the last point (a hand edit, a restore, a cancelled
-        # failover's writes): the primary's automatic resync waits for the operator then
-        modified = bool(rel.copy_identity) and now != rel.copy_identity
+        # failover's writes): the primary's automatic resync waits for the operator then; a
+        # file that was missing held nothing to keep
+        modified = bool(rel.copy_identity) and not missing.unmodified(rel.copy_identity, now, gone)
         log.info("resync.digests", vm=vm.name, peer=principal, point=rel.applied_seq, modified=modified,
                  reason="the primary compares these with its disks and ships only what differs")
         return {"applied_seq": rel.applied_seq, "epoch": rel.epoch, "modified": modified,
@@ -707,6 +717,43 @@ class ReplicaService:
         self._ensure_applier(vm_id)
         self._wake[vm_id].set()
         return self.catalog.vm_by_id(vm_id), rel
+
+    async def _check_copy(self, vm_id: str, peer: str | None = None) -> list[int]:
+        """The indexes of the replica copy's files that are gone; when there are any, the
+        relationship's error (health Critical) and a log line name each file."""
+        vm = self.catalog.vm_by_id(vm_id)
+        gone = await asyncio.to_thread(missing.missing_files, vm) if vm is not None else []
+        if not gone:
+            return []
+        paths = [str(vm.files()[i]) for i in gone]
+        for i, path in zip(gone, paths):
+            log.error("replica.copy_missing", vm=vm.name, vm_id=vm_id, peer=peer, file=path,
+                      disk=missing.describe(vm, i), result="nothing is applied to this copy until the primary's "
+                      "resync recreates the file from its own disk (automatic at its next cycle)")
+        rel = self.catalog.relationship(vm_id)
+        rel.error = f"{missing.message(vm, gone, self.host)}: {', '.join(paths)}; a resync from the primary recreates it"
+        self.catalog.put_relationship(rel)
+        return gone
+
+    async def _recreate_missing(self, vm: VM, gone: list[int], principal: str) -> None:
+        """Before a resync's digests: the logs acknowledged but not applied can never apply
+        (their file is gone) and the resync supersedes them; the missing files come back
+        empty at their committed size, so their digests differ from the primary's wherever
+        it has data."""
+        async with self.apply_lock(vm.id):
+            rel = self.catalog.relationship(vm.id)
+            vmdir = VMDir.of(rel.storage, vm.id)
+            for seq in range(rel.applied_seq + 1, rel.seq + 1):
+                await asyncio.to_thread(vmdir.log(seq).unlink, missing_ok=True)
+            rel.seq = rel.applied_seq
+            self.catalog.put_relationship(rel)
+            try:
+                made = await asyncio.to_thread(missing.recreate, vm, gone)
+            except OSError as e:
+                raise StorageError(f"cannot recreate {e.filename}: {e.strerror}") from None
+        for p in made:
+            log.warning("replica.copy_recreated", vm=vm.name, peer=principal, file=str(p),
+                        reason="the file was missing; it is empty now and the resync fills it from the primary")
 
     def start_vm(self, vm_id: str) -> None:
         """Start applying for a VM that just became a replica here (reverse)."""
