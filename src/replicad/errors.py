@@ -62,6 +62,12 @@ class PeerUnreachable(ReplicadError):
     http_status = 502
 
 
+def no_such_host(name: str, reason: str) -> PeerUnreachable:
+    """A peer's name that does not resolve (``reason``: the resolver's words)."""
+    return PeerUnreachable(f"no such host: {name} ({reason.lower()})",
+                           hint="add it to DNS or /etc/hosts, or map it to an address in the config's `resolve`")
+
+
 class PeerError(ReplicadError):
     """The peer answered with an error; ``transient`` follows its status."""
 

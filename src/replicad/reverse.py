@@ -63,7 +63,9 @@ async def start(host: Host, vm_name: str, actor: str) -> tuple:
     host.catalog.put_vm_and_relationship(vm, new)
     host.catalog.audit(actor, "replication.reversed", f"{vm.name}: now primary, replicating to {old_primary}")
     log.info("replication.reversed", vm=vm.name, replica=old_primary, point=point,
-             reason="planned failover completed by reverse; the next cycle ships only what changed here")
+             reason="planned failover completed by reverse; the next cycle ships only what changed here" if planned
+             else "unplanned failover completed by reverse; the first cycle compares both copies and ships what "
+             "differs")
     host.primary.ensure(vm.id)
     return vm, new
 

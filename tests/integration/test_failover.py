@@ -264,6 +264,7 @@ def test_reverse_after_an_unplanned_failover_resyncs_the_old_primary(pair, tmp_p
     got = v1.json("replication", "reverse", "w")
     assert (got["mode"], got["replica_server"]) == ("Primary", v2.fqdn)
     assert got["state"] == "Resynchronizing"  # the first reverse cycle compares both copies
+    assert v1.events("replication.reversed")[-1]["reason"].startswith("unplanned failover completed by reverse")
     wait_for(lambda: v1.json("replication", "get", "w")["state"] == "Replicating", 60, "the first reverse cycle")
     wait_applied(v1, v2, "w")
     assert file_digest(image) == file_digest(copy)  # the failed-over copy won, by the operator's reverse

@@ -88,7 +88,7 @@ def test_management_input_is_validated(pair, tmp_path):
         (("auth-entry", "add", "--primary", "*.contoso.com"), 1, "already exists"),
         (("auth-entry", "remove", "--primary", "nobody.contoso.com"), 1, "no authorization entry"),
         (("auth-entry", "add", "--primary", "x.contoso.com", "--trust-group", "a/b"), 2, "--trust-group"),
-        (("vm", "add", "v", "--disk", "/nonexistent.img"), 2, "No such file"),
+        (("vm", "add", "v", "--disk", "/nonexistent.img"), 1, "No such file"),  # a failure, not usage
         (("replication", "get", "nothing"), 1, "no VM named"),
     ]:
         r = replica.cli(*args, check=False)

@@ -43,11 +43,13 @@ def apply_options(rel: Relationship, doc: dict, host: Host) -> None:
     if "auth" in doc:
         if doc["auth"] not in ("token", "certificate"):
             raise UsageError(f"--auth expects token or certificate, got {doc['auth']!r}")
+        # refusals, not usage errors: the command is right, this host lacks the material (exit 1)
         if doc["auth"] == "certificate" and host.config.listen.tls is None:
-            raise UsageError("certificate authentication needs this host's certificate",
-                             hint="configure listen.tls (cert, key, ca) in the host config")
+            raise Conflict(f"certificate authentication needs a certificate for {host.config.host}",
+                           hint="configure listen.tls in the host config and restart the daemon")
         if doc["auth"] == "token" and host.config.realm is None:
-            raise UsageError("token authentication needs this host's realm credential", hint="configure realm")
+            raise Conflict(f"token authentication needs a realm credential for {host.config.host}",
+                           hint="configure realm in the host config and restart the daemon")
         rel.auth = doc["auth"]
     if "replica_port" in doc:
         rel.replica_port = _int(doc, "replica_port", 1, 65535)

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from .. import log as logmod
 from ..auth.authorize import DEFAULT_TRUST_GROUP, AuthorizationEntry
-from ..errors import Conflict, NotFound, UsageError
+from ..errors import Conflict, NotFound, ReplicadError, UsageError
 from ..fsutil import make_private_dir
 from ..model import AuthType, valid_fqdn
 from ..replica.settings import ServerSettings, validate_hhmm
@@ -45,7 +45,7 @@ def _storage(path: str) -> str:
     try:
         make_private_dir(p)
     except OSError as e:
-        raise UsageError(f"cannot create storage folder {p}: {e.strerror}") from None
+        raise ReplicadError(f"cannot create storage folder {p}: {e.strerror}") from None
     return str(p)
 
 

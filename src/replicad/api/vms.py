@@ -11,7 +11,7 @@ from aiohttp import web
 
 from .. import hooks
 from .. import log as logmod
-from ..errors import Conflict, NotFound, Refused, UsageError
+from ..errors import Conflict, NotFound, Refused, ReplicadError, UsageError
 from ..health import compute as compute_health
 from ..images import BackingRefused, ImageError, backing_chain, disk_format
 from ..model import (VM, Disk, ReplicationMode, ReplicationState, VMState, extended_id, valid_disk_name,
@@ -67,12 +67,15 @@ async def add_vm(request):
     disks, seen, warnings = [], set(), []
 
     async def register(path: Path, what: str) -> None:
+        # a file that is missing or wrong is a failed request (exit 1), not a usage error
         try:
             st = await asyncio.to_thread(os.stat, path)
+        except FileNotFoundError as e:
+            raise NotFound(f"{what} {path}: {e.strerror}") from None
         except OSError as e:
-            raise UsageError(f"{what} {path}: {e.strerror}") from None
+            raise ReplicadError(f"{what} {path}: {e.strerror}") from None
         if not path.is_file():
-            raise UsageError(f"{what} {path} is not a regular file")
+            raise ReplicadError(f"{what} {path} is not a regular file")
         if not valid_disk_name(path.name):
             raise UsageError(f"{what} file name {path.name!r}: use letters, digits, '.', '_', '-'")
         if path.name in seen:
@@ -91,7 +94,7 @@ async def add_vm(request):
             log.warning("vm.backing_refused", vm=name, disk=str(path), backing_file=str(e.backing), reason=str(e))
             raise Refused(str(e)) from None
         except (ImageError, OSError) as e:
-            raise UsageError(str(e)) from None
+            raise ReplicadError(str(e)) from None
         child = path
         for b in chain:  # the differencing disk's parents travel with it
             if str(b.path) not in {d.path for d in disks}:
@@ -187,12 +190,20 @@ async def remove_vm(request):
     if host.catalog.relationship(extended_id(vm.id)) is not None:
         raise Conflict(f"{vm.name}'s copy is forwarded by extended replication; remove that first",
                        hint=f"`replicad replication remove {vm.name} --extended`")
-    if rel is not None and rel.role == "replica":
+    files = [str(p) for p in vm.files()]
+    deleted = rel is not None and rel.role == "replica"
+    if deleted:
         await host.replica.remove(vm.id)
         host.catalog.audit(actor(request), "replica.removed", f"{vm.name} ({vm.id})")
     host.catalog.remove_vm(vm.id)
-    log.info("vm.removed", vm=vm.name, replica_copy_deleted=rel is not None)
-    return web.json_response({"removed": vm.name})
+    # say what became of the files: a replica copy is deleted with its VM; anything else
+    # (a primary's disks, a copy whose replication was removed first) stays where it is
+    if deleted:
+        said = f"{vm.name} removed; its replica copy was deleted ({', '.join(files)})"
+    else:
+        said = f"{vm.name} removed from replicad; its files stay where they are: {', '.join(files)}"
+    log.info("vm.removed", vm=vm.name, files_deleted=deleted, files=files)
+    return web.json_response({"removed": vm.name, "files": files, "files_deleted": deleted, "message": said})
 
 
 def routes(app: web.Application) -> None:

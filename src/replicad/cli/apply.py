@@ -44,6 +44,7 @@ import yaml
 
 from ..errors import ConfigError, Conflict
 from ..units import format_duration, parse_duration, parse_rate
+from .render import plain
 
 SERVER_KEYS = {"enabled": bool, "auth": str, "allow_any_server": bool, "default_storage": str,
                "monitoring_interval": (str, int), "monitoring_start_time": str}
@@ -161,7 +162,8 @@ def _items(node, where: str, keys: dict, required: tuple, errors: list[str]) -> 
 # --- the plan -------------------------------------------------------------------------------
 
 def _show(v) -> str:
-    return "''" if v == "" else str(v)
+    """A value in a plan line, written as on the command line (true/false, not True/False)."""
+    return "''" if v == "" else "(none)" if v is None else plain(v)
 
 
 def _diff(current: dict, want: dict) -> tuple[dict, str]:
@@ -250,7 +252,7 @@ def _plan_replications(api, want: list[dict], vms: dict, p: Plan) -> None:
         cur = have.get(vm)
         if cur is None:
             p.add(f"+ replication {vm} → {r['replica_server']}"
-                  + "".join(f", {k}={v}" for k, v in settings.items() if k != "replica_server"),
+                  + "".join(f", {k}={_show(v)}" for k, v in settings.items() if k != "replica_server"),
                   "POST", path, settings)
             if r.get("start_initial"):
                 p.add(f"+ initial replication of {vm} (started now)", "POST", path + "/start-initial", {})

@@ -76,6 +76,9 @@ class RemoteClient:
                 raise ReplicadError(f"TLS: the certificate of {self.name} was refused: {e.verify_message}") from None
             raise DaemonUnreachable(f"cannot reach {self.name}:{self.port}: {e}") from None
             raise ReplicadError(f"TLS: the certificate of {self.name} was refused: {e.verify_message}") from None
+        except socket.gaierror as e:
+            raise DaemonUnreachable(f"no such host: {self.name} ({(e.strerror or str(e)).lower()})",
+                                    hint="add it to DNS or /etc/hosts, or map it in the config's `resolve`") from None
         except (OSError, ssl.SSLError) as e:
             raise DaemonUnreachable(f"cannot reach {self.name}:{self.port}: {getattr(e, 'strerror', None) or e}") from None
         if self._ctx is not None and self._pins:

@@ -10,16 +10,20 @@ from collections.abc import Sequence
 import click
 
 
-def _cell(v) -> str:
+def _cell(v, sep: str = ", ") -> str:
+    """A value as the CLI writes it: true/false like its flags, lists joined, never a repr."""
     if v is None:
         return ""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, list):
-        return ", ".join(_cell(x.get("path", x)) if isinstance(x, dict) else _cell(x) for x in v)
+        return sep.join(_cell(x.get("path", x)) if isinstance(x, dict) else _cell(x) for x in v)
     if isinstance(v, dict):
-        return ", ".join(f"{k}={_cell(x)}" for k, x in v.items())
+        return sep.join(f"{k}={_cell(x)}" for k, x in v.items())
     return str(v)
+
+
+plain = _cell
 
 
 def render(data, fmt: str, columns: Sequence[str] = ()) -> None:
@@ -49,5 +53,5 @@ EVENT_SKIP = ("event", "timestamp", "level", "vm", "vm_id")
 def event_line(e: dict) -> str:
     """One event for a terminal: time, VM, what happened, then its details."""
     when = str(e.get("timestamp", ""))[:19].replace("T", " ")
-    details = " ".join(f"{k}={v}" for k, v in e.items() if k not in EVENT_SKIP and v is not None)
+    details = " ".join(f"{k}={_cell(v, ',')}" for k, v in e.items() if k not in EVENT_SKIP and v is not None)
     return f"{when}  {str(e.get('vm', '-')):<16} {e.get('event', ''):<24} {details}".rstrip()

@@ -7,7 +7,7 @@ from urllib.parse import quote
 
 import click
 
-from .common import abs_path, api, global_options, managed, show
+from .common import abs_path, api, global_options, managed, output_format, show
 
 VM_COLUMNS = ("name", "state", "replication_mode", "replication_state", "replication_health")
 
@@ -120,5 +120,11 @@ def vm_stop(name):
 @click.argument("name")
 @managed
 def vm_remove(name):
-    """Forget a VM (on a replica host this deletes the replica copy)."""
-    show(api().call("DELETE", vm_path(name)))
+    """Forget a VM. A replica VM's copy is deleted with it; any other VM's files (a
+    primary's disks, or a copy whose replication was removed first) stay where they are.
+    The output says which."""
+    doc = api().call("DELETE", vm_path(name))
+    if output_format() == "table":
+        click.echo(doc.get("message") or f"{doc['removed']} removed")
+    else:
+        show(doc)

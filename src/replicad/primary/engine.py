@@ -429,11 +429,13 @@ class PrimaryEngine:
                 divergence = {"differing": d.differing, "primary_moved": None, "replica_moved": None,
                               "both_moved": None}
             await asyncio.to_thread(shutil.rmtree, work, True)
+            differing = (divergence or {}).get("differing", 0)
             log.warning("resync.done", vm=vm.name, peer=rel.replica_server, differing_bytes=producer.data_bytes,
                         sent=progress.sent, **(divergence or {}),
-                        reason="the replica's copy differed from the primary's disks in these blocks (counts of "
-                        "4 KiB blocks: *_moved say which side changed since the common point, None when unknown); "
-                        "the copy now holds the primary's content")
+                        reason=(f"the replica's copy differed from the primary's disks in {differing} blocks of 4 KiB "
+                                "(*_moved: which side changed them since the common point, absent when unknown); "
+                                "the copy now holds the primary's content") if differing or producer.data_bytes
+                        else "both copies were already identical: no block differed, no data was sent")
         rel.seq = seq
         rel.error = None
         rel.last_replication_time = utcnow()

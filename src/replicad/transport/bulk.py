@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from multidict import CIMultiDict
 
 from ..auth import tls as tlsmod
-from ..errors import AuthenticationFailed, PeerError, PeerUnreachable
+from ..errors import AuthenticationFailed, PeerError, PeerUnreachable, no_such_host
 
 MAX_ANSWER = 1 << 20
 _IOV_MAX = 1024  # buffers per sendmsg (Linux's UIO_MAXIOV)
@@ -95,6 +95,8 @@ class Channel:
 def _connect(t: Target, channel: Channel) -> socket.socket:
     try:
         raw = socket.create_connection((t.address, t.port), timeout=t.connect_timeout)
+    except socket.gaierror as e:
+        raise no_such_host(t.server, e.strerror or str(e)) from None
     except OSError as e:
         raise PeerUnreachable(f"cannot reach {t.server}:{t.port}: {e.strerror or e}") from None
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -23,7 +23,7 @@ from ..auth import tls as tlsmod
 from ..auth.session import (BODY_HASH_HEADER, MAC_HEADER, SIGNATURE_HEADER, ClientHandshake, Session, body_hash,
                             verify_response)
 from ..auth.token import SCHEME, Credential, RealmPublic
-from ..errors import AuthenticationFailed, PeerError, PeerUnreachable
+from ..errors import AuthenticationFailed, PeerError, PeerUnreachable, no_such_host
 from ..primary.errors import local_error
 from . import bulk, listener, raw
 
@@ -156,6 +156,8 @@ class Conversation:
         except aiohttp.ClientConnectorCertificateError as e:
             raise PeerError(f"TLS: the certificate of {self.server} was refused: {e.certificate_error}", status=0,
                             transient=False) from None
+        except aiohttp.ClientConnectorDNSError as e:
+            raise no_such_host(self.server, e.os_error.strerror or str(e.os_error)) from None
         except aiohttp.ClientConnectorError as e:
             if isinstance(e, aiohttp.ClientSSLError):
                 await self.wrong_listener()
