@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow unit integration bench compose-demo clean
+.PHONY: demo test test-slow unit integration bench compose-demo dist clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,5 +42,12 @@ bench: $(STAMP)
 compose-demo: $(STAMP)
 	$(BIN)/python docker/compose_demo.py
 
+# A wheel to install on hosts without this repository (README, quick start):
+# copy it over, then /opt/replicad/bin/pip install ./replicad-*.whl there.
+DIST ?= dist
+dist: $(BIN)/python
+	$(BIN)/pip wheel -q --no-deps -w $(DIST) .
+	@ls $(DIST)/replicad-*.whl
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) build dist src/*.egg-info

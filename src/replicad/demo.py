@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -261,11 +262,13 @@ def run_demo(workdir: str | None, keep_running: bool) -> int:
             raise click.ClickException(f"{root} is not empty; give an empty or new folder")
     else:
         root = Path(tempfile.mkdtemp(prefix="replicad-demo-"))
+    temporary = not workdir
     for h in HOSTS:
         (root / h).mkdir(exist_ok=True)
     os.chdir(root)
     click.echo(f"replicad demo in {root}")
     demo = Demo(root)
+    rc = 1
     try:
         rc = demo.story()
         if keep_running:
@@ -283,3 +286,18 @@ def run_demo(workdir: str | None, keep_running: bool) -> int:
         return rc
     finally:
         demo.stop_hosts()
+        _leave(root, temporary, rc == 0)
+
+
+def _leave(root: Path, temporary: bool, ok: bool) -> None:
+    """Say what becomes of the demo's files (hundreds of MB of images and copies): a temp dir
+    is removed after a good run; a --workdir, or the files of a run that failed, stay."""
+    size = sum(p.stat().st_blocks * 512 for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+    if temporary and ok:
+        os.chdir("/")
+        shutil.rmtree(root, ignore_errors=True)
+        click.echo(f"removed the demo's files ({size / MiB:.0f} MiB in {root}); `--workdir DIR` keeps them", err=True)
+    else:
+        click.echo(f"the demo's files stay in {root} ({size / MiB:.0f} MiB"
+                   + (", with the hosts' logs in vmhost*/daemon.log" if not ok else "") + f"): rm -rf {root}",
+                   err=True)

@@ -1,5 +1,6 @@
 """`replicad demo` runs the article's story end to end and says the copies are identical."""
 
+import os
 import subprocess
 
 import pytest
@@ -10,9 +11,12 @@ pytestmark = pytest.mark.integration
 
 
 def test_demo_runs_and_copies_are_identical(tmp_path):
-    r = subprocess.run([str(BIN), "demo", "--workdir", str(tmp_path / "demo")], capture_output=True, text=True,
-                       timeout=180)
+    temp = tmp_path / "tmp"  # no --workdir: the demo makes a temp dir, and says it removes it
+    temp.mkdir()
+    r = subprocess.run([str(BIN), "demo"], capture_output=True, text=True, timeout=180,
+                       env={**os.environ, "TMPDIR": str(temp)})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert list(temp.iterdir()) == [] and "removed the demo's files (" in r.stderr, r.stderr[-2000:]
     out = r.stdout
     for expected in ("$ replicad server set --enabled true --auth token --allow-any-server false   # on vmhost2",
                      "--auth certificate   # on vmhost2",
@@ -27,6 +31,8 @@ def test_demo_runs_and_copies_are_identical(tmp_path):
         assert expected in out, expected
     assert "copies" in out and "identical" in out.split("copies")[-1]
     assert "Traceback" not in r.stderr
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "something").write_text("x")
     r = subprocess.run([str(BIN), "demo", "--workdir", str(tmp_path / "demo")], capture_output=True, text=True)
     assert r.returncode == 1 and "is not empty" in r.stderr
 
