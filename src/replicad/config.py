@@ -1,7 +1,10 @@
-"""The host bootstrap config (SPEC §2): typed, frozen, strictly loaded.
+"""The host bootstrap config: typed, frozen, strictly loaded.
 
 Every error names its YAML path; all errors are collected and reported at once.
-Relative paths are resolved against the config file's folder."""
+Relative paths are resolved against the config file's folder. Only ``host`` is required:
+every path has a default derived from it, beside the config file (``<host>.cred``,
+``realm.pub``, ``certs/<host>.pem``, ``certs/<host>.key``, ``certs/ca.pem``), so a host's
+name is written once. A config with no listener is a client-only config, for ``-C``."""
 
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from .errors import ConfigError
 from .model import valid_fqdn
 
 DEFAULT_PATH = "/etc/replicad/replicad.yaml"
+DEFAULT_STATE_DIR = Path("/var/lib/replicad")
+DEFAULT_SOCKET = Path("/run/replicad/replicad.sock")  # with state_dir set: <state_dir>/replicad.sock
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,17 @@ class TlsListener:
     ca: Path
     pins: dict[str, str] = field(default_factory=dict)  # host name -> SHA-256 of its certificate
     idle_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """This host's certificate when it connects out without a TLS listener of its own (an
+    admin's workstation using ``-C``): the same files as ``listen.tls``."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    pins: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -78,6 +94,13 @@ class Config:
     resolve: dict[str, str] = field(default_factory=dict)
     log: Log = Log()
     path: Path | None = None
+    certificate: Certificate | None = None
+
+    @property
+    def client_tls(self) -> TlsListener | Certificate | None:
+        """The certificate this host presents when it connects to a peer: its TLS listener's,
+        else the ``certificate`` section's."""
+        return self.listen.tls or self.certificate
 
 
 class _Reader:
@@ -177,11 +200,12 @@ def load(path: str | os.PathLike | None = None, *, check_files: bool = True) -> 
 
 def parse(doc: Any, *, base: Path, source: Path | None = None, check_files: bool = True) -> Config:
     r = _Reader(base)
-    top = r.mapping(doc, "", {"host", "state_dir", "listen", "realm", "management", "resolve", "log"},
-                    {"host", "state_dir", "management"})
+    top = r.mapping(doc, "", {"host", "state_dir", "listen", "realm", "certificate", "management", "resolve", "log"},
+                    {"host"})
     host = r.string(top, "host", "")
     if host is not None and not valid_fqdn(host):
         r.err("host", f"not a valid host name: {host!r}")
+    name = host.lower() if host is not None and valid_fqdn(host) else "HOST"  # default file names
     state_dir = r.fspath(top, "state_dir", "")
 
     listen = Listen()
@@ -193,28 +217,11 @@ def parse(doc: Any, *, base: Path, source: Path | None = None, check_files: bool
             token = TokenListener(r.address(t, "address", "listen.token", "0.0.0.0"),
                                   r.port(t, "port", "listen.token", 80), r.seconds(t, "idle_timeout", "listen.token"))
         if "tls" in ln:
-            t = r.mapping(ln["tls"], "listen.tls", {"address", "port", "cert", "key", "ca", "pins", "idle_timeout"},
-                          {"cert", "key", "ca"})
-            pins: dict[str, str] = {}
-            if "pins" in t:
-                if not isinstance(t["pins"], dict):
-                    r.err("listen.tls.pins", f"expected a mapping of host name to SHA-256, got {_kind(t['pins'])}")
-                else:
-                    for name, pin in t["pins"].items():
-                        hexpin = str(pin).replace(":", "").lower()
-                        if not (isinstance(name, str) and valid_fqdn(name)):
-                            r.err(f"listen.tls.pins.{name}", "not a valid host name")
-                        elif len(hexpin) != 64 or any(c not in "0123456789abcdef" for c in hexpin):
-                            r.err(f"listen.tls.pins.{name}", "expected a SHA-256 thumbprint (64 hex digits)")
-                        else:
-                            pins[name.lower()] = hexpin
+            t = r.mapping(ln["tls"], "listen.tls", {"address", "port", "cert", "key", "ca", "pins", "idle_timeout"})
+            cert, key, ca, pins = _certificate(r, t, "listen.tls", name, check_files)
             tls = TlsListener(r.address(t, "address", "listen.tls", "0.0.0.0"),
-                              r.port(t, "port", "listen.tls", 443),
-                              r.fspath(t, "cert", "listen.tls"), r.fspath(t, "key", "listen.tls"),
-                              r.fspath(t, "ca", "listen.tls"), pins, r.seconds(t, "idle_timeout", "listen.tls"))
-            if check_files:
-                for k in ("cert", "key", "ca"):
-                    r.readable(getattr(tls, k), f"listen.tls.{k}")
+                              r.port(t, "port", "listen.tls", 443), cert, key, ca, pins,
+                              r.seconds(t, "idle_timeout", "listen.tls"))
         if "metrics" in ln:
             t = r.mapping(ln["metrics"], "listen.metrics", {"address", "port"})
             metrics = MetricsListener(r.address(t, "address", "listen.metrics", "127.0.0.1"),
@@ -222,14 +229,18 @@ def parse(doc: Any, *, base: Path, source: Path | None = None, check_files: bool
         listen = Listen(token, tls, metrics)
 
     realm = None
-    if "realm" in top:
-        rl = r.mapping(top["realm"], "realm", {"credential", "public_key"}, {"credential", "public_key"})
-        realm = Realm(r.fspath(rl, "credential", "realm"), r.fspath(rl, "public_key", "realm"))
+    if "realm" in top or listen.token is not None:  # token auth needs a realm credential: by default beside us
+        rl = r.mapping(top.get("realm", {}), "realm", {"credential", "public_key"})
+        realm = Realm(r.fspath(rl, "credential", "realm", base / f"{name}.cred"),
+                      r.fspath(rl, "public_key", "realm", base / "realm.pub"))
         if check_files:
             r.readable(realm.credential, "realm.credential")
             r.readable(realm.public_key, "realm.public_key")
-    if listen.token is not None and "realm" not in top:
-        r.err("realm", "required when listen.token is set (token auth needs a realm credential)")
+
+    certificate = None
+    if "certificate" in top:
+        c = r.mapping(top["certificate"], "certificate", {"cert", "key", "ca", "pins"})
+        certificate = Certificate(*_certificate(r, c, "certificate", name, check_files))
 
     mg = r.mapping(top.get("management", {}), "management", {"socket", "admins"})
     admins: tuple[str, ...] = ()
@@ -239,8 +250,10 @@ def parse(doc: Any, *, base: Path, source: Path | None = None, check_files: bool
         else:
             admins = tuple(a.lower() for a in mg["admins"])
     sock = r.fspath(mg, "socket", "management", None)
-    if sock is None and state_dir is not None:
-        sock = state_dir / "replicad.sock"
+    if sock is None:
+        sock = DEFAULT_SOCKET if "state_dir" not in top else state_dir / "replicad.sock" if state_dir else None
+    if state_dir is None and "state_dir" not in top:
+        state_dir = DEFAULT_STATE_DIR
     management = Management(sock, admins)
 
     resolve: dict[str, str] = {}
@@ -275,4 +288,30 @@ def parse(doc: Any, *, base: Path, source: Path | None = None, check_files: bool
         prefix = f"{source}: " if source else ""
         raise ConfigError("\n".join(prefix + e for e in r.errors))
     return Config(host=host.lower(), state_dir=state_dir, listen=listen, management=management,
-                  realm=realm, resolve=resolve, log=log, path=source)
+                  realm=realm, resolve=resolve, log=log, path=source, certificate=certificate)
+
+
+def _certificate(r: _Reader, t: dict, path: str, name: str, check_files: bool):
+    """cert, key, ca (defaults: certs/<host>.pem, certs/<host>.key, certs/ca.pem beside the
+    config) and pins of a ``listen.tls`` or ``certificate`` section."""
+    certs = r.base / "certs"
+    cert = r.fspath(t, "cert", path, certs / f"{name}.pem")
+    key = r.fspath(t, "key", path, certs / f"{name}.key")
+    ca = r.fspath(t, "ca", path, certs / "ca.pem")
+    pins: dict[str, str] = {}
+    if "pins" in t:
+        if not isinstance(t["pins"], dict):
+            r.err(f"{path}.pins", f"expected a mapping of host name to SHA-256, got {_kind(t['pins'])}")
+        else:
+            for peer, pin in t["pins"].items():
+                hexpin = str(pin).replace(":", "").lower()
+                if not (isinstance(peer, str) and valid_fqdn(peer)):
+                    r.err(f"{path}.pins.{peer}", "not a valid host name")
+                elif len(hexpin) != 64 or any(c not in "0123456789abcdef" for c in hexpin):
+                    r.err(f"{path}.pins.{peer}", "expected a SHA-256 thumbprint (64 hex digits)")
+                else:
+                    pins[peer.lower()] = hexpin
+    if check_files:
+        for k, p in (("cert", cert), ("key", key), ("ca", ca)):
+            r.readable(p, f"{path}.{k}")
+    return cert, key, ca, pins

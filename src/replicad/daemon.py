@@ -73,8 +73,8 @@ class Daemon:
                 raise ConfigError(f"realm.credential: from realm {credential.realm}, public key is {realm.name}")
         self._realm, self._credential = realm, credential
         self._tls = None
-        if cfg.listen.tls is not None:
-            t = cfg.listen.tls
+        if cfg.client_tls is not None:  # the TLS listener's certificate, or `certificate:` to connect out
+            t = cfg.client_tls
             self._tls = TlsMaterial(t.cert, t.key, t.ca, t.pins)
         catalog = Catalog(cfg.state_dir / "catalog.sqlite")
         client = PeerClient(credential, realm, self._tls, cfg.resolve)

@@ -19,6 +19,7 @@ from pathlib import Path
 from .errors import ConfigError
 
 LOCK_FILE = "daemon.lock"
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, the last one a NUL
 
 
 class StateDirLock:
@@ -63,7 +64,13 @@ class ManagementSocket:
     def claim(self) -> None:
         """Make the path free for ``bind``: a stale socket (nobody listening) is removed; a
         live one, or anything that is not a socket, is refused with ConfigError (exit 2)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if len(os.fsencode(self.path)) > MAX_SOCKET_PATH:
+            raise ConfigError(f"management.socket: {self.path} is too long for a unix socket "
+                              f"({MAX_SOCKET_PATH} bytes at most)", hint="choose a shorter path")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"management.socket: cannot create {self.path.parent}: {e.strerror}") from None
         try:
             st = os.lstat(self.path)
         except FileNotFoundError:

@@ -29,8 +29,14 @@ def test_first_hour_messages(token_cluster, tmp_path):
     v3.write_config()
     doc = json.loads(v3.config.read_text())
     del doc["listen"]["tls"]
+    doc["resolve"][v1.fqdn] = v3.addr  # a sample's resolve map copied as it was: vmhost1 leads to vmhost3
     v3.config.write_text(json.dumps(doc))
     v3.start()
+    r = v3.cli("replication", "test-connection", "--replica-server", v1.fqdn, "--replica-port", str(v3.port),
+               check=False)
+    assert r.returncode == 1, r.stderr
+    assert (f"ticket of {v3.fqdn} is for {v1.fqdn}, but this host is {v3.fqdn} (dialled {v3.addr}:{v3.port}, "
+            f"{v1.fqdn}'s address in the config's resolve map)") in r.stderr, r.stderr
     image = tmp_path / "v.img"
     make_sparse_image(image, 4 * MiB, data_pieces=1)
     v3.cli("vm", "add", "v", "--disk", str(image))

@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +82,35 @@ def test_remote_wait_streams_a_verified_result(any_cluster, tmp_path):
     r = remote(mgmt, v2, "replication", "start-initial", "r", "--wait", "-o", "json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["kind"] == "initial"
+
+
+def test_a_client_only_config_manages_over_443_and_a_wrong_port_is_named(tmp_path):
+    """config/admin.yaml as shipped (host and a certificate, nothing a daemon needs) is all
+    -C takes; over the TLS listener it works, and a token identity sent to that listener is
+    told which listener it reached, not "Remote end closed connection" (issue 15, item 7)."""
+    from ..integration.harness import Cluster
+    c = Cluster(tmp_path, names=("vmhost1",))
+    v1 = c["vmhost1"]
+    try:
+        v1.start()
+        admin = tmp_path / "admin"
+        (admin / "certs").mkdir(parents=True)
+        run("certs", "issue", "--ca", str(tmp_path / "ca"), "--host", f"mgmt.{DOMAIN}", "--out", str(admin / "certs"))
+        (admin / "certs" / "ca.pem").write_bytes((tmp_path / "ca" / "ca.pem").read_bytes())
+        shipped = (Path(__file__).resolve().parents[2] / "config" / "admin.yaml").read_text()
+        (admin / "admin.yaml").write_text(shipped + f"resolve: {{{v1.fqdn}: {v1.addr}}}\n")
+        r = subprocess.run([str(BIN), "vm", "list", "-o", "json", "-C", f"{v1.fqdn}:{v1.tls_port}",
+                            "--config", str(admin / "admin.yaml")], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and json.loads(r.stdout) == [], r.stderr
+
+        run("realm", "issue", "--realm", str(tmp_path / "realm"), "--host", f"mgmt.{DOMAIN}",
+            "--out", str(admin / f"mgmt.{DOMAIN}.cred"))
+        (admin / "realm.pub").write_bytes((tmp_path / "realm" / "realm.pub").read_bytes())
+        (admin / "token.yaml").write_text(f"host: mgmt.{DOMAIN}\nrealm: {{}}\nresolve: {{{v1.fqdn}: {v1.addr}}}\n")
+        r = subprocess.run([str(BIN), "vm", "list", "-C", f"{v1.fqdn}:{v1.tls_port}", "--config",
+                            str(admin / "token.yaml")], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1, r.stderr
+        assert f"port {v1.tls_port} of {v1.fqdn} answers TLS: it is the certificate listener" in r.stderr, r.stderr
+        assert "Remote end closed" not in r.stderr
+    finally:
+        c.shutdown()

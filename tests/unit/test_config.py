@@ -72,3 +72,33 @@ def test_cli_exits_2_with_one_line_per_error(args, tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: {bad}: colour: unknown key"
     assert "Traceback" not in r.stderr
+
+
+def test_only_host_is_required_and_paths_derive_from_it(tmp_path):
+    """A host's name is written once: every file it needs has a default named after it,
+    beside the config (issue 15: the name appeared in four places)."""
+    p = tmp_path / "replicad.yaml"
+    p.write_text("host: VMhost1.contoso.com\nlisten:\n  token: {}\n  tls: {}\n")
+    cfg = config.load(p, check_files=False)
+    assert cfg.state_dir == config.DEFAULT_STATE_DIR and cfg.management.socket == config.DEFAULT_SOCKET
+    assert cfg.realm.credential == tmp_path / "vmhost1.contoso.com.cred"
+    assert cfg.realm.public_key == tmp_path / "realm.pub"
+    t = cfg.listen.tls
+    assert (t.port, t.cert, t.key, t.ca) == (443, tmp_path / "certs" / "vmhost1.contoso.com.pem",
+                                             tmp_path / "certs" / "vmhost1.contoso.com.key", tmp_path / "certs" / "ca.pem")
+    assert cfg.listen.token.port == 80 and cfg.client_tls == t
+    with pytest.raises(ConfigError, match=f"realm.credential: cannot read {tmp_path}/vmhost1.contoso.com.cred"):
+        config.load(p)  # a default that is not there is named like a path that was written
+
+
+def test_a_client_only_config_is_enough_for_minus_c():
+    cfg = config.load(ROOT / "config" / "admin.yaml", check_files=False)
+    assert cfg.host == "mgmt.contoso.com" and cfg.listen.token is None and cfg.listen.tls is None
+    assert cfg.client_tls.cert == ROOT / "config" / "certs" / "mgmt.contoso.com.pem"
+    assert cfg.realm is None
+
+
+def test_the_samples_name_no_loopback_address_and_no_missing_document():
+    for path in SAMPLES:
+        text = path.read_text()
+        assert "127.0.0.1: " not in text.replace("address: 127.0.0.1", "") and "SPEC" not in text, path

@@ -38,9 +38,11 @@ def test_the_unit_says_what_the_daemon_needs():
     assert d["ExecStart"] == [f"{PROGRAM} daemon --config /etc/replicad/replicad.yaml"]
     assert d["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert "WatchdogSec" in d
-    # the shipped config puts its socket and state where the unit gives them
-    cfg = (ROOT / "config" / "replicad.yaml").read_text()
-    assert "socket: /run/replicad/replicad.sock" in cfg and "state_dir: /var/lib/replicad" in cfg
+    # the shipped configs put socket and state where the unit gives them (by default)
+    from replicad import config
+    for sample in ("token.yaml", "certificate.yaml", "reference.yaml"):
+        cfg = config.load(ROOT / "config" / sample, check_files=False)
+        assert cfg.state_dir == Path("/var/lib/replicad") and cfg.management.socket == Path("/run/replicad/replicad.sock")
 
 
 @needs_systemd

@@ -44,7 +44,7 @@ def apply_options(rel: Relationship, doc: dict, host: Host) -> None:
         if doc["auth"] not in ("token", "certificate"):
             raise UsageError(f"--auth expects token or certificate, got {doc['auth']!r}")
         # refusals, not usage errors: the command is right, this host lacks the material (exit 1)
-        if doc["auth"] == "certificate" and host.config.listen.tls is None:
+        if doc["auth"] == "certificate" and host.config.client_tls is None:
             raise Conflict(f"certificate authentication needs a certificate for {host.config.host}",
                            hint="configure listen.tls in the host config and restart the daemon")
         if doc["auth"] == "token" and host.config.realm is None:
@@ -135,7 +135,7 @@ async def enable(request):
     rel = Relationship(vm_id=extended_id(vm.id) if extended else vm.id, role="primary",
                        primary_server=host.config.host, stats=Stats(monitoring_start=utcnow()),
                        source_vm=vm.id if extended else None)
-    if "auth" not in doc and host.config.realm is None and host.config.listen.tls is not None:
+    if "auth" not in doc and host.config.realm is None and host.config.client_tls is not None:
         doc = {**doc, "auth": "certificate"}  # the only way this host can authenticate
     apply_options(rel, doc, host)
     if "replica_port" not in doc:

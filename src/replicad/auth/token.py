@@ -197,7 +197,7 @@ def verify_ticket(token: str, realm: RealmPublic, audience: str, *, now: float |
     except InvalidSignature:
         raise AuthenticationFailed(f"ticket signature of {client} does not verify") from None
     if aud != audience.lower():
-        raise AuthenticationFailed(f"ticket of {client} is for {aud[:253]}, not this host")
+        raise AuthenticationFailed(f"ticket of {client} is for {aud[:253]}, but this host is {audience.lower()}")
     if exp - iat > TICKET_LIFETIME or exp < iat:
         raise AuthenticationFailed(f"ticket of {client} has a lifetime over {TICKET_LIFETIME}s")
     if iat > now + MAX_SKEW:

@@ -1,7 +1,8 @@
 """`-C HOST[:PORT]`: the management API of a remote host, relayed by its peer listener.
 
-The caller authenticates as the host its ``--config`` describes: over TLS with that host's
-certificate when the config has ``listen.tls`` (port 443 by default), otherwise over the
+The caller authenticates as the host its ``--config`` describes (a client-only config such
+as config/admin.yaml is enough): over TLS with its certificate when the config has one
+(``certificate:`` or ``listen.tls``; port 443 by default), otherwise over the
 token listener with its realm credential (port 80), in a session whose requests and
 answers are MAC'd. If an explicit port answers in plain HTTP, it is a token listener and
 the realm credential is used there. The remote host allows only principals in its ``management.admins``."""
@@ -22,6 +23,7 @@ from ..auth.session import BODY_HASH_HEADER, MAC_HEADER, SIGNATURE_HEADER, Clien
 from ..auth.token import SCHEME, Credential, RealmPublic
 from ..config import Config
 from ..errors import AuthenticationFailed, DaemonUnreachable, ReplicadError
+from ..transport import listener
 from .client import api_error
 
 TIMEOUT = 30
@@ -47,10 +49,11 @@ class RemoteClient:
         name, _, port = target.partition(":")
         self.name = name.lower()
         self.config = config
-        self.tls = config.listen.tls
+        self.tls = config.client_tls
         self.mode = "certificate" if self.tls is not None else "token"
         if self.mode == "token" and config.realm is None:
-            raise ReplicadError("-C needs a certificate (listen.tls) or a realm credential in --config")
+            raise ReplicadError("-C needs a certificate (`certificate:` or listen.tls) or a realm credential "
+                                "(`realm:`) in --config", hint="see config/admin.yaml")
         try:
             self.port = int(port) if port else (443 if self.mode == "certificate" else 80)
         except ValueError:
@@ -74,6 +77,7 @@ class RemoteClient:
                 return self._open(timeout)
             if isinstance(e, ssl.SSLCertVerificationError):
                 raise ReplicadError(f"TLS: the certificate of {self.name} was refused: {e.verify_message}") from None
+            self._wrong_listener()
             raise DaemonUnreachable(f"cannot reach {self.name}:{self.port}: {e}") from None
             raise ReplicadError(f"TLS: the certificate of {self.name} was refused: {e.verify_message}") from None
         except socket.gaierror as e:
@@ -89,6 +93,13 @@ class RemoteClient:
                 raise ReplicadError(f"TLS: {e}") from None
         return conn
 
+    def _wrong_listener(self) -> None:
+        """After a failed connection: say so if the port is the other mode's listener."""
+        err = listener.mismatch(self.name, self.port, self.mode, self.addr)
+        if err is not None:
+            raise ReplicadError(str(err), hint="-C HOST:PORT with that port, or the matching section in --config "
+                                "(see config/admin.yaml)")
+
     def _handshake(self) -> None:
         cred = Credential.load(Path(self.config.realm.credential))
         realm = RealmPublic.load(Path(self.config.realm.public_key))
@@ -100,6 +111,7 @@ class RemoteClient:
             resp = conn.getresponse()
             body = resp.read()
         except (OSError, http.client.HTTPException) as e:
+            self._wrong_listener()
             raise DaemonUnreachable(f"{self.name}:{self.port} did not answer: {e}") from None
         finally:
             conn.close()

@@ -719,41 +719,23 @@ class ReplicaService:
         return self.catalog.vm_by_id(vm_id), rel
 
     async def _check_copy(self, vm_id: str, peer: str | None = None) -> list[int]:
-        """The indexes of the replica copy's files that are gone; when there are any, the
-        relationship's error (health Critical) and a log line name each file."""
+        """The indexes of the copy's files that are gone, each named in the log and in the
+        relationship's error (replica/missing.py)."""
         vm = self.catalog.vm_by_id(vm_id)
         gone = await asyncio.to_thread(missing.missing_files, vm) if vm is not None else []
-        if not gone:
-            return []
-        paths = [str(vm.files()[i]) for i in gone]
-        for i, path in zip(gone, paths):
-            log.error("replica.copy_missing", vm=vm.name, vm_id=vm_id, peer=peer, file=path,
-                      disk=missing.describe(vm, i), result="nothing is applied to this copy until the primary's "
-                      "resync recreates the file from its own disk (automatic at its next cycle)")
-        rel = self.catalog.relationship(vm_id)
-        rel.error = f"{missing.message(vm, gone, self.host)}: {', '.join(paths)}; a resync from the primary recreates it"
-        self.catalog.put_relationship(rel)
+        if gone:  # recorded on the loop: no other writer of the row can interleave
+            missing.record(self.catalog, vm, gone, self.host, peer)
         return gone
 
     async def _recreate_missing(self, vm: VM, gone: list[int], principal: str) -> None:
-        """Before a resync's digests: the logs acknowledged but not applied can never apply
-        (their file is gone) and the resync supersedes them; the missing files come back
-        empty at their committed size, so their digests differ from the primary's wherever
-        it has data."""
+        """Before a resync's digests: the logs received but not applied can never apply (their
+        file is gone) and the resync supersedes them; the files come back empty."""
         async with self.apply_lock(vm.id):
             rel = self.catalog.relationship(vm.id)
-            vmdir = VMDir.of(rel.storage, vm.id)
-            for seq in range(rel.applied_seq + 1, rel.seq + 1):
-                await asyncio.to_thread(vmdir.log(seq).unlink, missing_ok=True)
+            await asyncio.to_thread(missing.drop_logs, VMDir.of(rel.storage, vm.id), rel.applied_seq, rel.seq)
             rel.seq = rel.applied_seq
             self.catalog.put_relationship(rel)
-            try:
-                made = await asyncio.to_thread(missing.recreate, vm, gone)
-            except OSError as e:
-                raise StorageError(f"cannot recreate {e.filename}: {e.strerror}") from None
-        for p in made:
-            log.warning("replica.copy_recreated", vm=vm.name, peer=principal, file=str(p),
-                        reason="the file was missing; it is empty now and the resync fills it from the primary")
+            await asyncio.to_thread(missing.recreate, vm, gone, principal)
 
     def start_vm(self, vm_id: str) -> None:
         """Start applying for a VM that just became a replica here (reverse)."""

@@ -186,6 +186,10 @@ class Conversation:
             doc = {}
         doc = doc if isinstance(doc, dict) else {}
         msg = str(doc.get("error") or f"HTTP {status}")[:500]
+        if status == 401:  # often the wrong host: say where this name led
+            addr = self.client.address(self.server)
+            msg += (f" (dialled {addr}:{self.port}, {self.server}'s address in the config's resolve map)"
+                    if addr != self.server else f" (dialled {self.server}:{self.port})")
         raise PeerError(f"{self.server} answered {status}: {msg}", status=status,
                         transient=status >= 500 or status in (408, 429), code=str(doc.get("code", ""))[:32])
 
