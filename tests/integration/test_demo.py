@@ -1,7 +1,10 @@
 """`replicad demo` runs the article's story end to end and says the copies are identical."""
 
 import os
+import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -11,12 +14,17 @@ pytestmark = pytest.mark.integration
 
 
 def test_demo_runs_and_copies_are_identical(tmp_path):
-    temp = tmp_path / "tmp"  # no --workdir: the demo makes a temp dir, and says it removes it
-    temp.mkdir()
-    r = subprocess.run([str(BIN), "demo"], capture_output=True, text=True, timeout=180,
-                       env={**os.environ, "TMPDIR": str(temp)})
+    # no --workdir: the demo makes a temp dir, and says it removes it (a short TMPDIR: the
+    # hosts' sockets live in it, and a unix socket's path has 107 bytes at most)
+    temp = Path(tempfile.mkdtemp(prefix="rdemo"))
+    try:
+        r = subprocess.run([str(BIN), "demo"], capture_output=True, text=True, timeout=180,
+                           env={**os.environ, "TMPDIR": str(temp)})
+        left = list(temp.iterdir())
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert list(temp.iterdir()) == [] and "removed the demo's files (" in r.stderr, r.stderr[-2000:]
+    assert left == [] and "removed the demo's files (" in r.stderr, r.stderr[-2000:]
     out = r.stdout
     for expected in ("$ replicad server set --enabled true --auth token --allow-any-server false   # on vmhost2",
                      "--auth certificate   # on vmhost2",

@@ -59,7 +59,8 @@ def _abs_dir(d: str) -> str:
 @vm.command("list")
 @managed
 def vm_list():
-    """List VMs (on a replica: replica VMs with the local paths of their copies)."""
+    """List VMs: name, state, mode, replication (-o list adds every field: the disks' paths,
+    on a replica server where the copies are)."""
     show(api().call("GET", "/v1/vms"), VM_COLUMNS)
 
 
