@@ -37,3 +37,13 @@ def pair(cluster):
 @pytest.fixture
 def token_pair(token_cluster):
     return article_pair(token_cluster)
+
+
+@pytest.fixture
+def two_host_pair(tmp_path):
+    """The article's pair over tokens, with no third host to make (a few seconds less)."""
+    c = Cluster(tmp_path, names=("vmhost1", "vmhost2"), auth="token")
+    try:
+        yield article_pair(c)
+    finally:
+        c.shutdown()

@@ -11,8 +11,8 @@ pytestmark = pytest.mark.integration
 MiB = 1 << 20
 
 
-def test_switching_mode_moves_the_port_and_a_mismatch_names_the_listener(token_pair, tmp_path):
-    primary, replica = token_pair
+def test_switching_mode_moves_the_port_and_a_mismatch_names_the_listener(two_host_pair, tmp_path):
+    primary, replica = two_host_pair
     replica.cli("server", "set", "--auth", "both")
     image = tmp_path / "ap.img"
     make_sparse_image(image, 4 * MiB, data_pieces=1)

@@ -14,8 +14,8 @@ pytestmark = pytest.mark.integration
 MiB = 1 << 20
 
 
-def test_a_deleted_copy_is_named_and_recreated_sending_only_that_disk(token_pair, tmp_path):
-    primary, replica = token_pair
+def test_a_deleted_copy_is_named_and_recreated_sending_only_that_disk(two_host_pair, tmp_path):
+    primary, replica = two_host_pair
     a, b = tmp_path / "a.img", tmp_path / "b.img"
     make_sparse_image(a, 8 * MiB, data_pieces=2, seed=1)
     b_data = make_sparse_image(b, 8 * MiB, data_pieces=4, seed=2)  # pieces on block boundaries
