@@ -110,7 +110,8 @@ class ApiClient:
         except (FileNotFoundError, ConnectionRefusedError) as e:
             sock.close()
             raise DaemonUnreachable(f"cannot reach the replicad daemon at {self.socket_path}: {e.strerror}",
-                                    hint="is `replicad daemon` running? use --config or --socket") from None
+                                    hint="is `replicad daemon` running? use --config or --socket, "
+                                         "or -C HOST for a remote host") from None
         except PermissionError:
             sock.close()
             raise DaemonUnreachable(f"permission denied on {self.socket_path}",
