@@ -7,6 +7,7 @@ import subprocess
 import zipfile
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +41,8 @@ def test_make_dist_builds_a_wheel_without_warnings(tmp_path):
     metadata: setuptools warned three times per install about the license table."""
     r = subprocess.run(["make", "-s", "-C", str(ROOT), "dist", f"DIST={tmp_path}"], capture_output=True, text=True,
                        timeout=300)
+    if r.returncode and ("No matching distribution" in r.stderr or "Could not find a version" in r.stderr):
+        pytest.skip(f"the build backend cannot be fetched here: {r.stderr.strip().splitlines()[-1]}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "deprecated" not in (r.stdout + r.stderr).lower(), r.stderr[-3000:]
     [wheel] = tmp_path.glob("replicad-*-py3-none-any.whl")
