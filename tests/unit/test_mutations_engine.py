@@ -1,0 +1,89 @@
+"""The primary's baseline advances only on the replica's word for exactly this cycle
+(docs/design.md §4, invariant 2), which single-line mutations of primary/engine.py and
+primary/baseline.py once weakened unnoticed (issue 16, item 8): an answer acknowledging
+another sequence is refused, and a sealed cycle the replica did not acknowledge (refused,
+another epoch, no copy) is never promoted as the baseline.
+
+The engine runs in process on a real catalog, real disk files and real digest maps; only
+the replica's answers are injected (``Replica`` stands where the conversation with the
+replica server is: it takes the log the producer makes, and answers as told)."""
+
+import asyncio
+import os
+
+import pytest
+
+from replicad.catalog import Catalog
+from replicad.errors import ReplicadError
+from replicad.model import VM, Disk, Relationship, ReplicationState as S
+from replicad.primary.baseline import Baselines
+from replicad.primary.engine import PrimaryEngine
+
+VM_ID = "0f0e0d0c-0000-4000-8000-00000000e001"
+
+
+class Replica:
+    """The replica server's side of a conversation, answering what the test chose."""
+
+    mac_key = None
+
+    def __init__(self, *, acked=lambda seq: seq, status=None):
+        self.acked, self.status, self.received = acked, status or {}, []
+
+    async def push_producer(self, vm_id, seq, producer, *, bandwidth_limit=0):
+        def receive():
+            it = producer.batches()
+            try:
+                for batch in it:
+                    self.received.append(sum(len(b) for b in batch))
+            finally:
+                it.close()
+        await asyncio.to_thread(receive)
+        return {"acked_seq": self.acked(seq), "applied_seq": 0, "bytes": sum(self.received)}
+
+    async def replica_status(self, vm_id):
+        return self.status
+
+
+@pytest.fixture
+def primary(tmp_path):
+    disk = tmp_path / "web.img"
+    disk.write_bytes(os.urandom(1 << 20))
+    catalog = Catalog(tmp_path / "state" / "catalog.db")
+    catalog.put_vm_and_relationship(VM(VM_ID, "web", disks=[Disk(str(disk), 1 << 20)]),
+                                    Relationship(VM_ID, "primary", state=S.READY_FOR_INITIAL,
+                                                 replica_server="vmhost2.contoso.com"))
+    engine = PrimaryEngine(catalog, tmp_path / "state", client=None)
+    yield engine, catalog, Baselines(tmp_path / "state", VM_ID)
+    catalog.close()
+
+
+def test_an_answer_acknowledging_another_sequence_is_refused(primary):
+    engine, catalog, baselines = primary
+    with pytest.raises(ReplicadError, match="replica acknowledged 0, expected 1"):
+        asyncio.run(engine._cycle_in(VM_ID, Replica(acked=lambda seq: seq - 1)))
+    assert catalog.relationship(VM_ID).seq == 0  # the baseline did not advance
+    assert baselines.sealed() == [1]             # sealed, pending: the next cycle asks the replica
+    # the same cycle with the right answer does advance it (the stand-in replica is sound)
+    asyncio.run(engine._cycle_in(VM_ID, Replica()))
+    assert catalog.relationship(VM_ID).seq == 1 and baselines.sealed() == [1]
+
+
+@pytest.mark.parametrize("case", ["refused", "other-epoch", "no-copy", "acknowledged"])
+def test_a_sealed_cycle_is_promoted_only_when_the_replica_acknowledged_it(primary, case):
+    engine, catalog, baselines = primary
+    asyncio.run(engine._cycle_in(VM_ID, Replica()))  # baseline 1, acknowledged
+    rel = catalog.relationship(VM_ID)
+    with open(engine.vm_of(rel).disks[0].path, "r+b") as f:
+        f.write(os.urandom(4096))
+    with pytest.raises(ReplicadError):  # cycle 2 is sealed, then its answer goes astray
+        asyncio.run(engine._cycle_in(VM_ID, Replica(acked=lambda seq: None)))
+    assert baselines.sealed() == [1, 2]
+    status = {"refused": {"exists": True, "epoch": rel.epoch, "acked_seq": 1},
+              "other-epoch": {"exists": True, "epoch": "0" * 16, "acked_seq": 2},
+              "no-copy": {"exists": False, "epoch": rel.epoch, "acked_seq": 2},
+              "acknowledged": {"exists": True, "epoch": rel.epoch, "acked_seq": 2}}[case]
+    rel = asyncio.run(engine._reconcile_pending(catalog.relationship(VM_ID), baselines, Replica(status=status)))
+    expected = 2 if case == "acknowledged" else 1
+    assert rel.seq == catalog.relationship(VM_ID).seq == expected
+    assert baselines.sealed() == [expected]  # the other cycle's maps are gone: never a base again
