@@ -22,6 +22,7 @@ from replicad.auth.token import Credential, RealmPublic
 from replicad.transport import bulk, raw
 from replicad.transport.client import PeerClient
 from replicad.wire import Header, LogEncoder
+from replicad.wire.codec import item_mac
 
 from ..integration.harness import Cluster, Host, wait_applied
 from ..integration.images import make_sparse_image
@@ -236,6 +237,27 @@ def log_bytes(header: Header, conv, records=()) -> bytes:
     out = enc.start()
     for off, data in records:
         out += enc.data(0, off, data)
+    return out + enc.finish()
+
+
+def bad_checksum_log(header: Header, conv, records, *, bad: int) -> bytes:
+    """A log whose record ``bad`` carries a wrong checksum while its MAC and the log's
+    digest match the bytes sent: what a faulty or hostile authenticated peer can send, and
+    what only the record checksum catches."""
+    enc = LogEncoder(header, compress=False, mac_key=conv.mac_key)
+    out = enc.start()
+    for i, (off, data) in enumerate(records):
+        if i != bad:
+            out += enc.data(0, off, data)
+            continue
+        head, payload = enc._data_record(0, off, data)
+        head = head[:-8] + struct.pack("<Q", struct.unpack_from("<Q", head, len(head) - 8)[0] ^ 1)
+        enc._digest.update(head)
+        enc._digest.update(payload)
+        out += head + bytes(payload)
+        if enc._mac_key is not None:
+            out += item_mac(enc._mac_key, enc._nonce, enc._items, head, payload)
+            enc._items += 1
     return out + enc.finish()
 
 

@@ -13,12 +13,12 @@ from replicad.transport import raw
 from replicad.wire import DiskInfo, Header, LogEncoder
 
 from ..integration.harness import replica_disk, wait_for
-from .helpers import assert_unchanged, body, forge, log_bytes, raw_push, snapshot
+from .helpers import assert_unchanged, bad_checksum_log, body, forge, log_bytes, raw_push, snapshot
 from .helpers import three_hosts as _three  # noqa: F401 — other security tests import it from here
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20
-def test_trust_groups_cannot_be_crossed_with_a_guessed_vm_id(three):
+def test_trust_groups_cannot_be_crossed_with_a_guessed_vm_id(three, tmp_path):
     c, v1, v2, v3 = three
     vm_id = v2.json("vm", "get", "ledger")["id"]
     rel = v1.json("replication", "get", "ledger")
@@ -27,6 +27,11 @@ def test_trust_groups_cannot_be_crossed_with_a_guessed_vm_id(three):
 
     e = forge(c, v1, lambda conv: conv.replica_status(vm_id))
     assert "403" in str(e) and "another trust group" in str(e)
+    # the copy's block digests (a resync's first request) tell what the copy holds
+    stolen = tmp_path / "stolen"
+    e = forge(c, v1, lambda conv: conv.fetch_digests(vm_id, stolen))
+    assert "403" in str(e) and "another trust group" in str(e), e
+    assert not stolen.exists() or not any(stolen.iterdir())
 
     def delta(conv):
         h = Header(vm_id, "ledger", "0" * 16, rel["sequence"] + 1, rel["sequence"], "delta", "t", "crash",
@@ -42,7 +47,7 @@ def test_trust_groups_cannot_be_crossed_with_a_guessed_vm_id(three):
     assert "403" in str(e)
     assert_unchanged(before, snapshot(v1))
     refusals = [ev for ev in v1.events("peer.refused") if ev.get("peer") == v3.fqdn]
-    assert len(refusals) == 3
+    assert len(refusals) == 4
 
 
 NEW_ID = "0f0e0d0c-0000-4000-8000-0000000000aa"
@@ -69,7 +74,7 @@ def test_path_tricks_in_a_log_are_refused(three, case):
     assert_unchanged(before, snapshot(v1))
 
 
-@pytest.mark.parametrize("case", ["huge-header", "huge-record", "truncated", "garbage"])
+@pytest.mark.parametrize("case", ["huge-header", "huge-record", "truncated", "garbage", "bad-checksum"])
 def test_oversized_and_truncated_frames_are_refused(three, case):
     c, v1, _, _ = three
     before = snapshot(v1)
@@ -83,11 +88,15 @@ def test_oversized_and_truncated_frames_are_refused(three, case):
             raw = enc.start() + struct.pack("<BBHQIIQ", 1, 0, 0, 0, 1 << 31, 1 << 31, 0) + b"x" * 1000
         elif case == "truncated":
             raw = log_bytes(h, conv, [(0, b"t" * 100000)])[:-40]
+        elif case == "bad-checksum":  # MACs and digest right: only the record checksum is wrong
+            raw = bad_checksum_log(h, conv, [(0, b"c" * 100000), (4 * MiB, b"d" * 100000)], bad=0)
         else:
             raw = b"\x00GARBAGE" * 1000
         return conv.push_log(NEW_ID, 1, body(raw))
     e = forge(c, v1, send)
     assert "400" in str(e), e
+    if case == "bad-checksum":  # refused by the record itself, not later by the digest
+        assert "record checksum mismatch" in str(e), e
     assert_unchanged(before, snapshot(v1))
     assert v1.json("vm", "list")[0]["name"] == "ledger" and len(v1.json("vm", "list")) == 1
 
@@ -133,7 +142,8 @@ def test_a_stalled_body_is_dropped_and_leaves_nothing(three):
 
 
 # --- the token listener's upgraded log connection (transport/raw.py) ----------------------
-@pytest.mark.parametrize("case", ["huge-header", "huge-record", "truncated", "garbage", "altered", "stalled"])
+@pytest.mark.parametrize("case", ["huge-header", "huge-record", "truncated", "garbage", "altered", "stalled",
+                                  "bad-checksum"])
 def test_forged_logs_on_the_upgraded_connection_are_refused(three_token, case):
     """The raw receiver reads item by item from the socket: every bound, MAC and timeout the
     chunked path enforces holds there too, and nothing of a refused log stays."""
@@ -153,6 +163,9 @@ def test_forged_logs_on_the_upgraded_connection_are_refused(three_token, case):
             return raw_push(conv, NEW_ID, 1, good[:-40])
         if case == "garbage":
             return raw_push(conv, NEW_ID, 1, b"\x00GARBAGE" * 1000)
+        if case == "bad-checksum":  # MACs and digest right: only the record checksum is wrong
+            return raw_push(conv, NEW_ID, 1, bad_checksum_log(h, conv, [(0, os.urandom(300000)),
+                                                                         (1 << 20, os.urandom(5000))], bad=0))
         if case == "altered":
             bad = bytearray(good)
             bad[len(good) // 2] ^= 1  # inside the first record's payload
@@ -160,7 +173,8 @@ def test_forged_logs_on_the_upgraded_connection_are_refused(three_token, case):
         return raw_push(conv, NEW_ID, 1, good, pause_after=100000, pause=5)  # quiet past the 2 s idle timeout
     e = forge(c, v1, send)
     # a log cut short while the connection stays open is a stall, like a silent one
-    expected = {"truncated": "408", "stalled": "408", "altered": "MAC mismatch"}.get(case, "400")
+    expected = {"truncated": "408", "stalled": "408", "altered": "MAC mismatch",
+                "bad-checksum": "record checksum mismatch"}.get(case, "400")
     assert expected in str(e), e
     if case == "stalled":
         assert any("stalled" in ev.get("reason", "") for ev in v1.events("peer.refused"))
