@@ -261,6 +261,21 @@ def bad_checksum_log(header: Header, conv, records, *, bad: int) -> bytes:
     return out + enc.finish()
 
 
+def padded_header(header: Header, conv, size: int) -> bytes:
+    """A log's preamble and a well-formed header JSON of exactly ``size`` bytes (an unknown
+    key pads it), with its MAC when the conversation has a key."""
+    doc = json.loads(header.to_json())
+    nonce = os.urandom(8)
+    if conv.mac_key is not None:
+        doc.update(mac="poly1305", mac_nonce=nonce.hex())
+    doc["pad"] = ""
+    doc["pad"] = "x" * (size - len(json.dumps(doc, separators=(",", ":"))))
+    raw = json.dumps(doc, separators=(",", ":")).encode()
+    assert len(raw) == size
+    item = struct.pack("<4sHI", b"RPLG", 1, size) + raw
+    return item + (item_mac(conv.mac_key, nonce, 0, item) if conv.mac_key is not None else b"")
+
+
 def body(data: bytes):
     async def gen():
         yield data

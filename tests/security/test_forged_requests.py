@@ -10,10 +10,10 @@ import time
 import pytest
 
 from replicad.transport import raw
-from replicad.wire import DiskInfo, Header, LogEncoder
+from replicad.wire import MAX_HEADER, DiskInfo, Header, LogEncoder
 
 from ..integration.harness import replica_disk, wait_for
-from .helpers import assert_unchanged, bad_checksum_log, body, forge, log_bytes, raw_push, snapshot
+from .helpers import assert_unchanged, bad_checksum_log, body, forge, log_bytes, padded_header, raw_push, snapshot
 from .helpers import three_hosts as _three  # noqa: F401 — other security tests import it from here
 
 pytestmark = pytest.mark.integration
@@ -143,7 +143,7 @@ def test_a_stalled_body_is_dropped_and_leaves_nothing(three):
 
 # --- the token listener's upgraded log connection (transport/raw.py) ----------------------
 @pytest.mark.parametrize("case", ["huge-header", "huge-record", "truncated", "garbage", "altered", "stalled",
-                                  "bad-checksum"])
+                                  "bad-checksum", "header-one-over"])
 def test_forged_logs_on_the_upgraded_connection_are_refused(three_token, case):
     """The raw receiver reads item by item from the socket: every bound, MAC and timeout the
     chunked path enforces holds there too, and nothing of a refused log stays."""
@@ -163,6 +163,8 @@ def test_forged_logs_on_the_upgraded_connection_are_refused(three_token, case):
             return raw_push(conv, NEW_ID, 1, good[:-40])
         if case == "garbage":
             return raw_push(conv, NEW_ID, 1, b"\x00GARBAGE" * 1000)
+        if case == "header-one-over":  # a well-formed header, MAC included, one byte over MAX_HEADER
+            return raw_push(conv, NEW_ID, 1, padded_header(h, conv, MAX_HEADER + 1))
         if case == "bad-checksum":  # MACs and digest right: only the record checksum is wrong
             return raw_push(conv, NEW_ID, 1, bad_checksum_log(h, conv, [(0, os.urandom(300000)),
                                                                          (1 << 20, os.urandom(5000))], bad=0))
@@ -174,7 +176,7 @@ def test_forged_logs_on_the_upgraded_connection_are_refused(three_token, case):
     e = forge(c, v1, send)
     # a log cut short while the connection stays open is a stall, like a silent one
     expected = {"truncated": "408", "stalled": "408", "altered": "MAC mismatch",
-                "bad-checksum": "record checksum mismatch"}.get(case, "400")
+                "bad-checksum": "record checksum mismatch", "header-one-over": "exceeds"}.get(case, "400")
     assert expected in str(e), e
     if case == "stalled":
         assert any("stalled" in ev.get("reason", "") for ev in v1.events("peer.refused"))

@@ -192,3 +192,14 @@ def test_header_bounds_are_exact(case):
     raw = json.dumps(past).encode()
     with pytest.raises(WireError, match=reason):
         LogDecoder().feed(_log_with_header_json(raw))
+
+
+def test_the_zstd_window_bound_is_exact():
+    from replicad.wire.compression import MAX_WINDOW
+    from tests.security.frames import hostile_log
+    window_log = MAX_WINDOW.bit_length() - 1
+    assert 1 << window_log == MAX_WINDOW
+    items = LogDecoder().feed(hostile_log(HEADER, content_size=256, window_log=window_log))
+    assert items[1].data == bytes(256)
+    with pytest.raises(WireError, match="window"):
+        LogDecoder().feed(hostile_log(HEADER, content_size=256, window_log=window_log + 1))
