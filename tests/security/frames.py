@@ -8,6 +8,7 @@ import struct
 import zstandard
 
 from replicad.wire import Header, LogEncoder
+from replicad.wire.codec import item_mac
 
 
 def zstd_frame(data: bytes, *, content_size: int | None, window_log: int = 10, extra: bytes = b"") -> bytes:
@@ -38,3 +39,18 @@ def hostile_log(header: Header, *, key: bytes | None = None, data: bytes = bytes
     enc = LogEncoder(header, mac_key=key)
     enc._zstd = HostileCompressor(**frame)
     return enc.start() + enc.data(0, 0, data) + enc.finish()
+
+
+def bad_checksum_record(enc: LogEncoder, disk: int, offset: int, data: bytes) -> bytes:
+    """A data record whose checksum field is wrong, with the log's digest and MAC kept
+    right over the bytes actually sent: what a faulty or hostile authenticated peer can
+    send, and what only the record checksum catches."""
+    head, payload = enc._data_record(disk, offset, data)
+    head = head[:-8] + struct.pack("<Q", struct.unpack_from("<Q", head, len(head) - 8)[0] ^ 1)
+    enc._digest.update(head)
+    enc._digest.update(payload)
+    if enc._mac_key is None:
+        return head + bytes(payload)
+    mac = item_mac(enc._mac_key, enc._nonce, enc._items, head, payload)
+    enc._items += 1
+    return head + bytes(payload) + mac

@@ -26,6 +26,7 @@ from replicad.wire.codec import item_mac
 
 from ..integration.harness import Cluster, Host, wait_applied
 from ..integration.images import make_sparse_image
+from .frames import bad_checksum_record
 
 MiB = 1 << 20
 
@@ -241,23 +242,12 @@ def log_bytes(header: Header, conv, records=()) -> bytes:
 
 
 def bad_checksum_log(header: Header, conv, records, *, bad: int) -> bytes:
-    """A log whose record ``bad`` carries a wrong checksum while its MAC and the log's
-    digest match the bytes sent: what a faulty or hostile authenticated peer can send, and
-    what only the record checksum catches."""
+    """A log of data records on disk 0 whose record ``bad`` has a wrong checksum, MACs and
+    digest right (frames.bad_checksum_record)."""
     enc = LogEncoder(header, compress=False, mac_key=conv.mac_key)
     out = enc.start()
     for i, (off, data) in enumerate(records):
-        if i != bad:
-            out += enc.data(0, off, data)
-            continue
-        head, payload = enc._data_record(0, off, data)
-        head = head[:-8] + struct.pack("<Q", struct.unpack_from("<Q", head, len(head) - 8)[0] ^ 1)
-        enc._digest.update(head)
-        enc._digest.update(payload)
-        out += head + bytes(payload)
-        if enc._mac_key is not None:
-            out += item_mac(enc._mac_key, enc._nonce, enc._items, head, payload)
-            enc._items += 1
+        out += bad_checksum_record(enc, 0, off, data) if i == bad else enc.data(0, off, data)
     return out + enc.finish()
 
 

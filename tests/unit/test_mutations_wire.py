@@ -16,26 +16,12 @@ import pytest
 from replicad.errors import WireError
 from replicad.wire import MAX_HEADER, MAX_RECORD, RECORD_DATA, DiskInfo, Header, LogDecoder, LogEncoder, Record
 from replicad.wire import codec
+from tests.security.frames import bad_checksum_record, hostile_log
 
 SIZE = 16 << 20
 HEADER = Header("0f0e0d0c-0000-4000-8000-000000000001", "contoso2", "abc123", 7, 6, "delta",
                 "2026-11-26T00:00:00Z", "crash", (DiskInfo(0, "a.img", SIZE),))
 KEY = bytes(range(32))
-
-
-def bad_checksum_record(enc: LogEncoder, disk: int, offset: int, data: bytes) -> bytes:
-    """A data record whose checksum field is wrong, with the log's digest and MAC kept
-    right over the bytes actually sent (what a careless or hostile peer can produce)."""
-    head, payload = enc._data_record(disk, offset, data)
-    checksum = struct.unpack_from("<Q", head, len(head) - 8)[0]
-    head = head[:-8] + struct.pack("<Q", checksum ^ 1)
-    enc._digest.update(head)
-    enc._digest.update(payload)
-    if enc._mac_key is None:
-        return head + bytes(payload)
-    mac = codec.item_mac(enc._mac_key, enc._nonce, enc._items, head, payload)
-    enc._items += 1
-    return head + bytes(payload) + mac
 
 
 def forged_log(key: bytes | None) -> tuple[bytes, int]:
@@ -196,7 +182,6 @@ def test_header_bounds_are_exact(case):
 
 def test_the_zstd_window_bound_is_exact():
     from replicad.wire.compression import MAX_WINDOW
-    from tests.security.frames import hostile_log
     window_log = MAX_WINDOW.bit_length() - 1
     assert 1 << window_log == MAX_WINDOW
     items = LogDecoder().feed(hostile_log(HEADER, content_size=256, window_log=window_log))
