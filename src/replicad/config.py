@@ -29,6 +29,7 @@ class TokenListener:
     address: str
     port: int
     idle_timeout: float = 60.0  # a peer silent this long (headers or body) is disconnected
+    header_timeout: float = 10.0  # a change log's whole header must arrive within this
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class TlsListener:
     ca: Path
     pins: dict[str, str] = field(default_factory=dict)  # host name -> SHA-256 of its certificate
     idle_timeout: float = 60.0
+    header_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -213,15 +215,18 @@ def parse(doc: Any, *, base: Path, source: Path | None = None, check_files: bool
         ln = r.mapping(top["listen"], "listen", {"token", "tls", "metrics"})
         token = tls = metrics = None
         if "token" in ln:
-            t = r.mapping(ln["token"], "listen.token", {"address", "port", "idle_timeout"})
+            t = r.mapping(ln["token"], "listen.token", {"address", "port", "idle_timeout", "header_timeout"})
             token = TokenListener(r.address(t, "address", "listen.token", "0.0.0.0"),
-                                  r.port(t, "port", "listen.token", 80), r.seconds(t, "idle_timeout", "listen.token"))
+                                  r.port(t, "port", "listen.token", 80), r.seconds(t, "idle_timeout", "listen.token"),
+                                  r.seconds(t, "header_timeout", "listen.token", 10.0))
         if "tls" in ln:
-            t = r.mapping(ln["tls"], "listen.tls", {"address", "port", "cert", "key", "ca", "pins", "idle_timeout"})
+            t = r.mapping(ln["tls"], "listen.tls",
+                          {"address", "port", "cert", "key", "ca", "pins", "idle_timeout", "header_timeout"})
             cert, key, ca, pins = _certificate(r, t, "listen.tls", name, check_files)
             tls = TlsListener(r.address(t, "address", "listen.tls", "0.0.0.0"),
                               r.port(t, "port", "listen.tls", 443), cert, key, ca, pins,
-                              r.seconds(t, "idle_timeout", "listen.tls"))
+                              r.seconds(t, "idle_timeout", "listen.tls"),
+                              r.seconds(t, "header_timeout", "listen.tls", 10.0))
         if "metrics" in ln:
             t = r.mapping(ln["metrics"], "listen.metrics", {"address", "port"})
             metrics = MetricsListener(r.address(t, "address", "listen.metrics", "127.0.0.1"),

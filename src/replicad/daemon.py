@@ -171,10 +171,11 @@ class Daemon:
             token, tls = cfg.listen.token, cfg.listen.tls
             if token is not None:
                 ctx = PeerContext(mode="token", realm=self._realm, sessions=SessionStore(self._credential),
-                                  idle_timeout=token.idle_timeout, **common)
+                                  idle_timeout=token.idle_timeout, header_timeout=token.header_timeout, **common)
                 await self._serve_tcp(create_peer_app(ctx), token.address, token.port, "token", token.idle_timeout)
             if tls is not None:
-                ctx = PeerContext(mode="certificate", tls=self._tls, idle_timeout=tls.idle_timeout, **common)
+                ctx = PeerContext(mode="certificate", tls=self._tls, idle_timeout=tls.idle_timeout,
+                                  header_timeout=tls.header_timeout, **common)
                 await self._serve_tcp(create_peer_app(ctx), tls.address, tls.port, "tls", tls.idle_timeout,
                                       self._tls.listening)
             m = cfg.listen.metrics

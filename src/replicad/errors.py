@@ -102,6 +102,13 @@ class TransferStalled(ReplicadError):
     http_status = 408
 
 
+class Busy(ReplicadError):
+    """The peer already uses what it may use of this host at once (429): try again soon."""
+
+    transient = True
+    http_status = 429
+
+
 class StorageError(ReplicadError):
     """Local storage failed (disk full, I/O error)."""
 

@@ -72,15 +72,18 @@ def _sha256(p: Path) -> str:
     return h.hexdigest()
 
 
-def snapshot(host: Host, *extra: Path) -> dict:
+def snapshot(host: Host, *extra: Path, leave_out: tuple[str, ...] = ()) -> dict:
     """What an attack must not change on ``host``: the catalog's rows (settings, entries,
     VMs, relationships), every entry of its state dir (but the catalog's own files and the
     socket), of every storage folder it knows (the default one, the entries', the
     relationships'), every file of every VM (a primary's own disks live outside any storage
-    folder), and of ``extra`` paths. Compare two snapshots with ``==``; for a readable
-    failure, ``assert_unchanged(before, snapshot(host))``."""
+    folder), and of ``extra`` paths; ``leave_out``: ids of VMs a legitimate peer changes
+    meanwhile (their rows, folders and files are not compared). Compare two snapshots with
+    ``==``; for a readable failure, ``assert_unchanged(before, snapshot(host))``."""
     state = host.root / "state"
     rows = _catalog_rows(state / "catalog.sqlite")
+    rows["vms"] = [r for r in rows["vms"] if r[0] not in leave_out]
+    rows["relationships"] = [r for r in rows["relationships"] if r[0] not in leave_out]
     storages = {str(state / "replicas")}
     for key, value in rows["settings"]:
         if key == "server" and json.loads(value).get("default_storage"):
@@ -93,7 +96,8 @@ def snapshot(host: Host, *extra: Path) -> dict:
         vm_files |= {d["path"] for d in vm["disks"]} | ({vm["config_file"]} if vm.get("config_file") else set())
     skip_state = lambda p: p.name.startswith("catalog.sqlite") or p.name.endswith(".sock")  # noqa: E731
     return {"catalog": rows, "state": _tree(state, skip_state),
-            "storage": {s: _tree(Path(s)) for s in sorted(storages)},
+            "storage": {s: {k: v for k, v in _tree(Path(s)).items() if k.split("/")[0] not in leave_out}
+                        for s in sorted(storages)},
             "vm_files": {f: _tree(Path(f)) for f in sorted(vm_files)},
             "extra": {str(p): _tree(p) for p in extra}}
 
@@ -323,6 +327,7 @@ class LogPut:
             sock = ctx.wrap_socket(sock, server_hostname=target.fqdn)
         self.sock = sock
         self._buf = b""
+        self._eof = False
         head = f"PUT {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
         sock.sendall(head.encode())
 
@@ -334,7 +339,7 @@ class LogPut:
         self.sock.settimeout(timeout)
         while True:
             while b"\r\n\r\n" not in self._buf:
-                got = self.sock.recv(65536)
+                got = b"" if self._eof else self.sock.recv(65536)
                 if not got:
                     return 0, {}
                 self._buf += got
@@ -356,10 +361,25 @@ class LogPut:
                 return status, {"raw": rest[:200].decode(errors="replace")}
 
     def readable(self) -> bool:
-        """The replica has said something (or closed) since: an answer is waiting."""
-        if self._buf or (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
+        """The replica has said something (or closed) since: an answer is waiting. A read
+        decides, not select: TLS 1.3 session tickets make a socket readable with no data."""
+        if self._buf:
             return True
-        return bool(select.select([self.sock], [], [], 0)[0])
+        if not (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()) and \
+                not select.select([self.sock], [], [], 0)[0]:
+            return False
+        self.sock.setblocking(False)
+        try:
+            got = self.sock.recv(65536)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+            return False
+        except OSError:
+            return True  # reset: answer() says so
+        finally:
+            self.sock.settimeout(10)
+        self._buf += got
+        self._eof = not got
+        return True
 
     def upgraded(self, timeout: float = 10.0) -> bool:
         """Token listener: wait for the replica's go-ahead (101); False if it answered otherwise."""

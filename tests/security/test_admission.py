@@ -6,11 +6,14 @@ to it, vmhost3 (Engineering) is the attacker (conftest.py)."""
 
 import threading
 import time
+import uuid
 
 import pytest
 
+from replicad.transport.client import LOGS_PER_REPLICA
+
 from ..integration.harness import wait_for
-from .helpers import LogPut, assert_unchanged, header_preamble, snapshot
+from .helpers import LogPut, assert_unchanged, header_preamble, snapshot, three_hosts
 
 pytestmark = pytest.mark.integration
 NEW_ID = "0f0e0d0c-0000-4000-8000-0000000000cc"
@@ -96,3 +99,53 @@ def test_a_dropped_log_connection_is_logged_with_its_peer_not_a_traceback(three)
     text = v1.log.read_text()
     assert "Traceback" not in text and "Error handling request" not in text, text[-3000:]
     assert_unchanged(before, snapshot(v1))
+
+
+@pytest.fixture(params=["token", "certificate"])
+def three_quick(tmp_path, request):
+    """The three hosts, vmhost1's header deadline at 3 s (10 s by default)."""
+    yield from three_hosts(tmp_path, request.param, header_timeout=3)
+
+
+def test_trickled_log_headers_starve_no_other_peer(three_quick):
+    """Eight connections of one authorized primary announcing 60,000-byte headers, one byte
+    at a time, took every thread of the default pool (6 on 2 cores): another primary's
+    one-second cycle took 45 s. Now a peer gets at most LOGS_PER_REPLICA logs at once (429
+    beyond), a header must be whole within the listener's header_timeout (408), headers
+    are read on the event loop (no thread held), and vmhost2's cycles keep their pace."""
+    c, v1, v2, v3 = three_quick
+    ledger = v2.json("vm", "get", "ledger")["id"]
+    before = snapshot(v1, leave_out=(ledger,))
+    stop = threading.Event()
+    answers: list[tuple[int, float]] = []  # (status, seconds the connection lasted)
+    opened: list[LogPut] = []
+
+    def siege() -> None:  # eight connections at all times, each reopened when it ends
+        while not stop.is_set():
+            put = LogPut(c, v3, v1, str(uuid.uuid4()), 1)
+            opened.append(put)
+            t = Trickle(put, every=0.5, until=30)
+            t.run()
+            answers.append(((t.answer or (0, {}))[0], t.ended))
+    threads = [threading.Thread(target=siege, daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(opened) >= 8, 20, "the siege to be under way")
+    took = []
+    for _ in range(3):
+        t0 = time.monotonic()
+        v2.json("replication", "sync", "ledger", "--wait")
+        took.append(time.monotonic() - t0)
+    stop.set()
+    for t in threads:
+        t.join(40)
+    assert max(took) < 5, f"vmhost2's cycles took {took} under the siege"
+    statuses = [a for a, _ in answers]
+    assert 429 in statuses and 408 in statuses, answers
+    assert set(statuses) <= {408, 429}, answers
+    # an admitted header is cut at its deadline (3 s), not kept alive by each trickled byte
+    assert all(seconds < 3 + 2.5 for status, seconds in answers if status == 408), answers
+    refusals = [ev for ev in v1.events("peer.refused") if ev.get("peer") == v3.fqdn]
+    assert any("header_timeout" in ev["reason"] for ev in refusals), refusals[-3:]
+    assert any(f"already sends {LOGS_PER_REPLICA}" in ev["reason"] for ev in refusals), refusals[-3:]
+    assert_unchanged(before, snapshot(v1, leave_out=(ledger,)))

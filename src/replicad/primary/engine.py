@@ -17,7 +17,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .. import log as logmod, metrics
+from .. import log as logmod, metrics, workers
 from ..catalog import Catalog, StateWriteFailed
 from ..errors import PeerError, ReplicadError, ResyncRequired
 from ..health import compute as compute_health
@@ -389,7 +389,7 @@ class PrimaryEngine:
         try:
             if lock is not None:
                 await lock.acquire()
-            header = await asyncio.to_thread(producer.open)
+            header = await workers.SEND.run(producer.open)
             if lock is not None and producer.point_in_time:
                 lock.release()
                 lock = None
@@ -403,7 +403,7 @@ class PrimaryEngine:
                 lock.release()
             progress.done = True
             progress.changed.set()
-            await asyncio.to_thread(producer.thaw)  # post-snapshot always runs, whatever happened
+            await workers.SEND.run(producer.thaw)  # post-snapshot always runs, whatever happened
             for w in producer.warnings:
                 bound.warning("capture.warning", reason=w)
         if ack.get("acked_seq") != seq:

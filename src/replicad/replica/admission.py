@@ -13,16 +13,45 @@ from pathlib import Path
 from .. import log as logmod
 from ..auth.authorize import Grant, authorize
 from ..catalog import Catalog
-from ..errors import Conflict, Refused
+from ..errors import Busy, Conflict, Refused
+from ..transport.client import LOGS_PER_REPLICA
 from .settings import ServerSettings
 
 log = logmod.get("replicad.replica")
 
 
+class LogSlot:
+    """One of a principal's concurrent logs; ``release`` is idempotent."""
+
+    def __init__(self, counts: dict[str, int], principal: str):
+        self._counts, self.principal = counts, principal
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._counts[self.principal] -= 1
+            if not self._counts[self.principal]:
+                del self._counts[self.principal]
+
+
 class Admission:
-    def __init__(self, catalog: Catalog, state_dir: Path):
+    def __init__(self, catalog: Catalog, state_dir: Path, logs_per_peer: int = LOGS_PER_REPLICA):
         self.catalog = catalog
         self.state_dir = state_dir
+        self.logs_per_peer = logs_per_peer
+        self._logs: dict[str, int] = {}  # principal -> logs being received now, both listeners
+
+    def log_slot(self, principal: str) -> LogSlot:
+        """A slot for one more log from ``principal``, or Busy (429) when it already sends
+        ``logs_per_peer`` — the primary's own sender never sends more at once to one
+        replica server (transport/client.py), so only a misbehaving peer meets this. The
+        caller releases the slot before it answers."""
+        if self._logs.get(principal, 0) >= self.logs_per_peer:
+            raise Busy(f"{principal} already sends {self.logs_per_peer} change logs to this replica server; "
+                       "try again when one is done")
+        self._logs[principal] = self._logs.get(principal, 0) + 1
+        return LogSlot(self._logs, principal)
 
     def grant(self, principal: str, auth: str) -> Grant:
         """What ``principal`` may do here over ``auth``: storage and trust group (raises Refused)."""

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import log as logmod, metrics
+from .. import log as logmod, metrics, workers
 from ..auth.authorize import Grant, authorize
 from ..catalog import Catalog
 from ..times import utcnow
@@ -41,6 +41,7 @@ STAGE_BATCH = 4 << 20
 PROGRESS_FILE = "initial.progress"  # durable progress of an initial copy being received
 PROGRESS_EVERY = 32 << 20           # bytes between progress points: at most this much is resent
 APPLY_RETRY_MAX = 60.0
+HEADER_TIMEOUT = 10.0  # seconds for a log's whole header (listen.*.header_timeout)
 
 
 @dataclass
@@ -229,21 +230,27 @@ class ReplicaService:
         return self.admission.log_request(principal, auth, vm_id)
 
     async def receive(self, grant: Grant, auth: str, vm_id: str, seq: int,
-                      chunks: AsyncIterator[bytes] | RawLog, *, mac_key: bytes | None = None) -> dict:
+                      chunks: AsyncIterator[bytes] | RawLog, *, mac_key: bytes | None = None,
+                      header_timeout: float = HEADER_TIMEOUT) -> dict:
         """Stage one change log from ``chunks`` (an HTTP body's chunks, or a raw connection:
         transport/raw.py) for a peer ``admit`` let in; returns the acknowledgement. With
         ``mac_key`` (token transport) every item's MAC must verify against the session key.
-        The header is read before the VM's lock is taken: a slow header holds nothing."""
+        The header is read on the event loop within ``header_timeout`` seconds overall, and
+        before the VM's lock is taken: a slow header holds no lock and no thread."""
         principal = grant.principal
         lock = self._locks.setdefault(vm_id, asyncio.Lock())
         try:
             try:
-                if isinstance(chunks, RawLog):
-                    dec = LogDecoder(mac_key=mac_key, require_mac=mac_key is not None)
-                    header, head_bytes = await chunks.run(chunks.read_header, dec)
-                    first_items: list = []
-                else:
-                    header, dec, head_bytes, first_items = await self._read_header(chunks, mac_key)
+                async with asyncio.timeout(header_timeout):
+                    if isinstance(chunks, RawLog):
+                        dec = LogDecoder(mac_key=mac_key, require_mac=mac_key is not None)
+                        header, head_bytes = await chunks.read_header(dec)
+                        first_items: list = []
+                    else:
+                        header, dec, head_bytes, first_items = await self._read_header(chunks, mac_key)
+            except TimeoutError:
+                raise TransferStalled(f"the header of log {seq} was not complete within {header_timeout:g}s "
+                                      "(the listener's header_timeout): the transfer stalled") from None
             except ConnectionError:
                 raise TransferStalled(f"the connection was lost before log {seq}'s header arrived; "
                                       "nothing of it is kept") from None
@@ -321,7 +328,7 @@ class ReplicaService:
                 raise ResyncRequired(f"log {seq} builds on {header.epoch}/{header.base_seq}, the replica has "
                                      f"{rel.epoch}/{rel.seq}")
             elif rel.copy_identity and rel.applied_seq == rel.seq:
-                now = await asyncio.to_thread(identities, vm.files())
+                now = await workers.RECEIVE.run(identities, vm.files())
                 if now != rel.copy_identity:
                     raise ResyncRequired(f"the replica copy of {header.vm_name} was modified outside replicad "
                                          "since its last point")
@@ -332,7 +339,7 @@ class ReplicaService:
         direct = header.kind == "initial" and (rel is None or rel.applied_seq == 0)
         meta = {"epoch": header.epoch, "seq": seq, "peer": grant.principal}
         if header.resume is not None:
-            got = await asyncio.to_thread(read_progress, vmdir.root / PROGRESS_FILE)
+            got = await workers.RECEIVE.run(read_progress, vmdir.root / PROGRESS_FILE)
             if (not direct or got is None or {k: got.get(k) for k in meta} != meta
                     or tuple(header.resume) > (got["disk"], got["offset"])):
                 bound.warning("initial.resume_refused", resume=list(header.resume), progress=got,
@@ -342,27 +349,27 @@ class ReplicaService:
                                     hint="the primary starts the initial copy over")
         try:
             if direct:
-                staging = await asyncio.to_thread(DirectInitial.open, vmdir, header, dec, meta)
-                await asyncio.to_thread(staging.apply, first_items)
+                staging = await workers.RECEIVE.run(DirectInitial.open, vmdir, header, dec, meta)
+                await workers.RECEIVE.run(staging.apply, first_items)
             else:
-                staging = await asyncio.to_thread(self._open_staging, vmdir, seq, dec)
+                staging = await workers.RECEIVE.run(self._open_staging, vmdir, seq, dec)
             try:
-                await asyncio.to_thread(staging.write, bytes(head_bytes), decoded=True)
+                await workers.RECEIVE.run(staging.write, bytes(head_bytes), decoded=True)
                 if raw is not None:  # read and written by one worker thread, straight from the socket
                     await raw.run(staging.pull, raw)
                     received = raw.received
                 else:
                     received += await self._pump(chunks, staging)
-                await asyncio.to_thread(staging.finish, vmdir.log(seq))
+                await workers.RECEIVE.run(staging.finish, vmdir.log(seq))
             except BaseException:
-                await asyncio.to_thread(staging.abort)
+                await workers.RECEIVE.run(staging.abort)
                 raise
         except BaseException as e:
             resumable = direct and (vmdir.root / PROGRESS_FILE).exists()
             if fresh_dir and not resumable:  # nothing of a refused first log stays behind
-                await asyncio.to_thread(shutil.rmtree, vmdir.root, True)
+                await workers.RECEIVE.run(shutil.rmtree, vmdir.root, True)
             elif resumable:
-                bound.info("initial.interrupted", progress=await asyncio.to_thread(read_progress,
+                bound.info("initial.interrupted", progress=await workers.RECEIVE.run(read_progress,
                                                                                    vmdir.root / PROGRESS_FILE),
                            reason="what was made durable stays; the primary's next attempt resumes there")
             if isinstance(e, ssl.SSLError):  # a record that failed TLS's own MAC: bytes changed in transit
@@ -384,8 +391,8 @@ class ReplicaService:
             rel.primary_ports = list(header.primary_ports) if any(header.primary_ports) else rel.primary_ports
             self.catalog.put_relationship(rel)
             final = dataclasses.replace(header, consistency="fuzzy") if dec.trailer.fuzzy else header
-            facts = await asyncio.to_thread(self._copy_facts, vm_id)
-            await asyncio.to_thread(points.drop_undo, vmdir, self._commit(vm_id, final, facts))
+            facts = await workers.RECEIVE.run(self._copy_facts, vm_id)
+            await workers.RECEIVE.run(points.drop_undo, vmdir, self._commit(vm_id, final, facts))
             (vmdir.root / PROGRESS_FILE).unlink(missing_ok=True)
             bound.info("log.acknowledged", bytes=received, records=dec.records, base=0, applied="while received",
                        connection=connection)
@@ -431,13 +438,13 @@ class ReplicaService:
                 if size >= STAGE_BATCH:
                     if pending is not None:
                         await pending
-                    pending = asyncio.ensure_future(asyncio.to_thread(staging.write, batch))
+                    pending = asyncio.ensure_future(workers.RECEIVE.run(staging.write, batch))
                     batch, size = [], 0
             if pending is not None:
                 await pending
                 pending = None
             if batch:
-                await asyncio.to_thread(staging.write, batch)
+                await workers.RECEIVE.run(staging.write, batch)
         finally:
             if pending is not None:  # never close the file under a write still running
                 await asyncio.gather(pending, return_exceptions=True)
@@ -455,7 +462,7 @@ class ReplicaService:
         logs, never under the feet of an apply in progress."""
         old = VMDir.of(rel.storage, rel.vm_id)
         async with self._apply_locks.setdefault(rel.vm_id, asyncio.Lock()):
-            await asyncio.to_thread(lambda: [shutil.rmtree(p, ignore_errors=True) for p in (old.logs, old.undo)])
+            await workers.RECEIVE.run(lambda: [shutil.rmtree(p, ignore_errors=True) for p in (old.logs, old.undo)])
         rel.applied_seq = rel.seq = 0
         self.catalog.put_relationship(rel)
 
@@ -560,20 +567,20 @@ class ReplicaService:
                     break  # nothing applies to a missing file: the primary's resync recreates it
                 try:
                     async with self._apply_locks.setdefault(vm_id, asyncio.Lock()):
-                        header = await asyncio.to_thread(write_point, vmdir, seq, disks, fault=self._fault)
+                        header = await workers.APPLY.run(write_point, vmdir, seq, disks, fault=self._fault)
                         # the commit runs here, on the loop: no other writer of this row can
                         # interleave (a receipt may be recording the next ack right now)
-                        facts = await asyncio.to_thread(self._copy_facts, vm_id)
+                        facts = await workers.APPLY.run(self._copy_facts, vm_id)
                         floor = self._commit(vm_id, header, facts)
                         self._fault("after-commit")
-                        await asyncio.to_thread(discard, vmdir, seq)
-                        await asyncio.to_thread(points.drop_undo, vmdir, floor)
+                        await workers.APPLY.run(discard, vmdir, seq)
+                        await workers.APPLY.run(points.drop_undo, vmdir, floor)
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:  # noqa: BLE001 — one VM's failure never stops the daemon
                     reason = e.strerror if isinstance(e, OSError) else str(e)
                     bound.error("apply.failed", reason=reason, retry_in=delay)
-                    await asyncio.to_thread(self._rollback_quietly, vmdir, seq, disks)
+                    await workers.APPLY.run(self._rollback_quietly, vmdir, seq, disks)
                     rel = self.catalog.relationship(vm_id)
                     if rel is not None:
                         rel.error = f"applying log {seq} failed: {reason}"
@@ -664,8 +671,8 @@ class ReplicaService:
         folder = VMDir.of(rel.storage, vm_id).root / "resync"
         async with self.apply_lock(vm_id):
             rel = self.catalog.relationship(vm_id)
-            maps = await asyncio.to_thread(digest_disks, vm.files(), folder)
-            now = await asyncio.to_thread(identities, vm.files())
+            maps = await workers.DIGESTS.run(digest_disks, vm.files(), folder)
+            now = await workers.DIGESTS.run(identities, vm.files())
         # written outside replicad since the last point (a hand edit, a restore, a cancelled
         # failover's writes): the primary's automatic resync waits for the operator then; a
         # file that was missing held nothing to keep

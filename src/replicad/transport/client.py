@@ -18,7 +18,7 @@ from pathlib import Path
 
 import aiohttp
 
-from .. import PROTOCOL_VERSION, __version__
+from .. import PROTOCOL_VERSION, __version__, workers
 from ..auth import tls as tlsmod
 from ..auth.session import (BODY_HASH_HEADER, MAC_HEADER, SIGNATURE_HEADER, ClientHandshake, Session, body_hash,
                             verify_response)
@@ -29,6 +29,9 @@ from . import bulk, listener, raw
 
 CONNECT_TIMEOUT = 10
 READ_TIMEOUT = 300
+# Change logs one host sends to one replica server at once; the replica server takes no
+# more than this from one principal (replica/admission.py), so a primary never meets it.
+LOGS_PER_REPLICA = 4
 
 
 class _Resolver(aiohttp.abc.AbstractResolver):
@@ -89,6 +92,11 @@ class PeerClient:
         self.tls = tls
         self._resolve = resolve
         self._session: aiohttp.ClientSession | None = None
+        self._log_slots: dict[str, asyncio.Semaphore] = {}  # replica server -> logs in flight
+
+    def log_slot(self, server: str) -> asyncio.Semaphore:
+        """Held while a log is sent to ``server``: at most LOGS_PER_REPLICA at once."""
+        return self._log_slots.setdefault(server.lower(), asyncio.Semaphore(LOGS_PER_REPLICA))
 
     def http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -258,20 +266,21 @@ class Conversation:
                                  upgrade=upgrade)
             finally:
                 it.close()  # the producer's cleanup (files, thaw hook) runs in its own thread
-        fut = loop.run_in_executor(None, run)
-        try:
-            status, body, rh = await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            channel.abort()
-            await asyncio.gather(fut, return_exceptions=True)
-            raise
-        except bulk.ProducerFailed as e:
-            producer.error = local_error(e.error) if isinstance(e.error, OSError) else e.error
-            raise producer.error from None
-        except PeerUnreachable:
-            if progress.sent == 0:  # failed at the handshake: perhaps the other listener
-                await self.wrong_listener()
-            raise
+        async with self.client.log_slot(self.server):
+            fut = asyncio.ensure_future(workers.SEND.run(run))
+            try:
+                status, body, rh = await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                channel.abort()
+                await asyncio.gather(fut, return_exceptions=True)
+                raise
+            except bulk.ProducerFailed as e:
+                producer.error = local_error(e.error) if isinstance(e.error, OSError) else e.error
+                raise producer.error from None
+            except PeerUnreachable:
+                if progress.sent == 0:  # failed at the handshake: perhaps the other listener
+                    await self.wrong_listener()
+                raise
         return self._finish(status, body, rh, counter)
 
     async def hello(self) -> dict:

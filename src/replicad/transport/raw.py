@@ -26,6 +26,7 @@ import socket
 from collections.abc import Callable
 from typing import TypeVar
 
+from .. import workers
 from ..errors import TransferStalled, WireError
 from ..wire import Header, LogDecoder
 from ..wire.codec import MAC_LEN, PREAMBLE_SIZE, header_size
@@ -75,24 +76,43 @@ class RawLog:
         self.received += len(got)
         return got
 
-    def read_header(self, dec: LogDecoder) -> tuple[Header, bytes]:
+    async def read_header(self, dec: LogDecoder) -> tuple[Header, bytes]:
         """Read exactly the log's header (and its MAC): the decoder holds nothing more, so
-        ``LogDecoder.pull`` can go on from here."""
-        pre = bytearray(PREAMBLE_SIZE)
-        self.read_into(memoryview(pre))
-        dec.feed(bytes(pre))  # checks the magic, the version and the header's length bound
-        got = bytearray(header_size(pre))
-        self.read_into(memoryview(got))
-        raw = bytes(pre) + bytes(got)
-        items = dec.feed(bytes(got))
-        if not items:  # the header's MAC follows it
-            tag = bytearray(MAC_LEN)
-            self.read_into(memoryview(tag))
-            raw += bytes(tag)
-            items = dec.feed(bytes(tag))
+        ``LogDecoder.pull`` can go on from here. Read on the event loop, not in a thread: a
+        peer that trickles its header holds no thread (the caller bounds it with the
+        listener's header deadline; each read with the idle timeout)."""
+        loop = asyncio.get_running_loop()
+        self.sock.setblocking(False)
+        try:
+            pre = await self._recv_exactly(loop, PREAMBLE_SIZE)
+            dec.feed(pre)  # checks the magic, the version and the header's length bound
+            got = await self._recv_exactly(loop, header_size(pre))
+            raw = pre + got
+            items = dec.feed(got)
+            if not items:  # the header's MAC follows it
+                tag = await self._recv_exactly(loop, MAC_LEN)
+                raw += tag
+                items = dec.feed(tag)
+        finally:
+            self.sock.settimeout(self.idle_timeout)  # the rest is read by a worker thread
         if not items or not isinstance(items[0], Header):
             raise WireError("change log truncated before its header")
         return items[0], raw
+
+    async def _recv_exactly(self, loop: asyncio.AbstractEventLoop, n: int) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        while view:
+            try:
+                async with asyncio.timeout(self.idle_timeout):
+                    got = await loop.sock_recv_into(self.sock, view)
+            except TimeoutError:
+                raise TransferStalled(f"no data for {self.idle_timeout:.0f}s: the transfer stalled") from None
+            if not got:
+                raise ConnectionResetError("the primary closed the connection in the middle of the log")
+            self.received += got
+            view = view[got:]
+        return bytes(buf)
 
     # the answer -----------------------------------------------------------------------------
     def answer(self, status: int, reason: str, body: bytes, headers: dict[str, str]) -> None:
@@ -116,7 +136,7 @@ class RawLog:
     async def run(self, fn: Callable[..., T], *args) -> T:
         """``fn`` in a worker thread; if the caller is cancelled (the daemon stops), the
         socket is shut down so the thread ends now, and it is waited for."""
-        fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        fut = asyncio.ensure_future(workers.RECEIVE.run(fn, *args))
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:

@@ -25,7 +25,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from .. import PROTOCOL_VERSION, __version__
+from .. import PROTOCOL_VERSION, __version__, workers
 from .. import log as logmod
 from ..auth import tls as tlsmod
 from ..auth.authorize import Grant
@@ -34,6 +34,7 @@ from ..auth.token import MAX_SKEW, SCHEME, RealmPublic, verify_ticket
 from ..catalog import Catalog
 from ..errors import (AuthenticationFailed, Refused, ReplicadError, ResyncRequired, TransferStalled, UsageError,
                       WireError)
+from ..replica.admission import LogSlot
 from ..replica.service import ReplicaService
 from . import raw
 
@@ -59,6 +60,7 @@ class PeerContext:
     tls: tlsmod.TlsMaterial | None = None
     on_reverse: Callable[[str, str, str, dict], Awaitable[dict]] | None = None  # reverse.accept, bound
     idle_timeout: float = 60.0  # seconds without a byte of a request body before it is dropped
+    header_timeout: float = 10.0  # seconds for a change log's whole header
     drain_timeout: float = 5.0  # on stop: how long a log being received may still run
     raw_logs: set = field(default_factory=set)  # the upgraded connections being read (transport/raw.py)
 
@@ -187,7 +189,7 @@ async def digests(request: web.Request) -> web.StreamResponse:
     await send((json.dumps(meta) + "\n").encode())
     for m in maps:
         with open(m, "rb") as f:
-            while chunk := await asyncio.to_thread(f.read, 1 << 20):
+            while chunk := await workers.DIGESTS.run(f.read, 1 << 20):
                 await send(chunk)
     await out.write(mac.digest())
     await out.write_eof()
@@ -201,28 +203,33 @@ async def put_log(request: web.Request) -> web.StreamResponse:
     sess: Session | None = request.get(SESSION)
     # who may send this log, from the request alone: before any lock, before any byte of it
     grant = ctx.service.admit(request[PRINCIPAL], ctx.mode, vm_id)
-    if ctx.mode == "token" and request.headers.get("Upgrade", "").lower() == raw.UPGRADE:
-        return await _put_log_raw(request, ctx, grant, vm_id, seq, sess)
+    slot = ctx.service.admission.log_slot(grant.principal)  # a few at once per peer (429 beyond)
+    try:
+        if ctx.mode == "token" and request.headers.get("Upgrade", "").lower() == raw.UPGRADE:
+            return await _put_log_raw(request, ctx, grant, vm_id, seq, sess, slot)
 
-    async def chunks():
-        while True:
-            try:
-                async with asyncio.timeout(ctx.idle_timeout):
-                    data = await request.content.readany()
-            except TimeoutError:
-                raise TransferStalled(f"no data for {ctx.idle_timeout:.0f}s: the transfer stalled") from None
-            except RequestPayloadError as e:  # aiohttp could not parse the chunked framing
-                raise WireError(f"malformed request body: {e}") from None
-            if not data:
-                return
-            yield data
+        async def chunks():
+            while True:
+                try:
+                    async with asyncio.timeout(ctx.idle_timeout):
+                        data = await request.content.readany()
+                except TimeoutError:
+                    raise TransferStalled(f"no data for {ctx.idle_timeout:.0f}s: the transfer stalled") from None
+                except RequestPayloadError as e:  # aiohttp could not parse the chunked framing
+                    raise WireError(f"malformed request body: {e}") from None
+                if not data:
+                    return
+                yield data
 
-    ack = await ctx.service.receive(grant, ctx.mode, vm_id, seq, chunks(), mac_key=sess.key if sess else None)
+        ack = await ctx.service.receive(grant, ctx.mode, vm_id, seq, chunks(), mac_key=sess.key if sess else None,
+                                        header_timeout=ctx.header_timeout)
+    finally:
+        slot.release()  # before the answer goes out: the primary may start its next log at once
     return web.json_response(ack)
 
 
 async def _put_log_raw(request: web.Request, ctx: PeerContext, grant: Grant, vm_id: str, seq: int,
-                       sess: Session | None) -> web.StreamResponse:
+                       sess: Session | None, slot: LogSlot) -> web.StreamResponse:
     """The log on the upgraded connection (transport/raw.py); the answer is written there."""
     transport = request.transport
     if transport is None:
@@ -240,14 +247,16 @@ async def _put_log_raw(request: web.Request, ctx: PeerContext, grant: Grant, vm_
             raise TransferStalled("the primary does not read its connection")
         try:
             doc, status = await ctx.service.receive(grant, ctx.mode, vm_id, seq, rawlog,
-                                                    mac_key=sess.key if sess else None), 200
+                                                    mac_key=sess.key if sess else None,
+                                                    header_timeout=ctx.header_timeout), 200
         except ReplicadError as e:
             log.warning("peer.refused", peer=request[PRINCIPAL], peer_ip=request.remote, path=request.path,
                         listener=ctx.mode, reason=str(e))
             doc, status = _error_doc(e), e.http_status
         body = json.dumps(doc).encode()
         headers = {MAC_HEADER: sess.response_mac(request[COUNTER], status, body)} if sess else {}
-        await asyncio.to_thread(rawlog.answer, status, HTTPStatus(status).phrase, body, headers)
+        slot.release()  # before the answer: the primary may start its next log at once
+        await workers.RECEIVE.run(rawlog.answer, status, HTTPStatus(status).phrase, body, headers)
         return resp
     finally:
         ctx.raw_logs.discard(rawlog)
