@@ -36,7 +36,7 @@ def test_the_article_setup_applied_idempotently(hosts, tmp_path):
         "auth_entries": [{"primary": "*.contoso.com", "storage": "replicas", "trust_group": "Production"}]})
 
     dry = replica.cli("apply", "-f", replica_doc, "--diff").stdout
-    assert "~ server: enabled False → True" in dry and "+ auth-entry *.contoso.com" in dry
+    assert "~ server: enabled false → true" in dry and "+ auth-entry *.contoso.com" in dry
     assert "nothing was changed" in dry
     assert replica.json("server", "get")["enabled"] is False and replica.json("auth-entry", "list") == []
 
