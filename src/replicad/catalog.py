@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .auth.authorize import AuthorizationEntry
 from .errors import ReplicadError
-from .model import VM, Relationship
+from .model import VM, Relationship, printable
 from .times import utcnow
 
 SCHEMA = """
@@ -178,5 +178,7 @@ class Catalog:
 
     # audit ------------------------------------------------------------------------------
     def audit(self, actor: str, action: str, detail: str) -> None:
+        """One audit row; control and non-ASCII characters are stored escaped (an actor or
+        a detail may carry a peer's words: `replicad audit` prints them as they are)."""
         self._write("INSERT INTO audit(time, actor, action, detail) VALUES(?, ?, ?, ?)",
-                    (utcnow(), actor, action, detail))
+                    (utcnow(), printable(actor), action, printable(detail)))

@@ -8,8 +8,19 @@ import sys
 import structlog
 
 from . import events
+from .model import printable
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def escape_controls(logger, method: str, event_dict: dict) -> dict:
+    """Console lines print values as they are: a peer's name or reason with a newline or a
+    terminal escape in it would forge a line of its own. Escape them (JSON escapes by
+    itself); a traceback keeps its lines."""
+    for key, value in event_dict.items():
+        if isinstance(value, str) and key != "exception" and not value.isprintable():
+            event_dict[key] = printable(value)
+    return event_dict
 
 
 def setup(fmt: str = "console", level: str = "info") -> None:
@@ -22,6 +33,7 @@ def setup(fmt: str = "console", level: str = "info") -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             events.bus.processor,  # `replicad events` (events.py)
             structlog.processors.format_exc_info,
+            *([] if fmt == "json" else [escape_controls]),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),

@@ -55,22 +55,61 @@ class Consistency(str, Enum):
     FUZZY = "fuzzy"
 
 
-VM_NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
+# Matched whole (fullmatch): with ``match`` and ``$``, a trailing newline passed.
+VM_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 # Disk file names as they travel on the wire: a plain file name, never a path.
-DISK_NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
-FQDN_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+DISK_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+HOST_LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 def valid_vm_name(name: str) -> bool:
-    return bool(VM_NAME_RE.match(name))
+    return bool(VM_NAME_RE.fullmatch(name))
 
 
 def valid_disk_name(name: str) -> bool:
-    return bool(DISK_NAME_RE.match(name))
+    return bool(DISK_NAME_RE.fullmatch(name))
+
+
+def host_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a host name replicad accepts — as a principal, a replica server,
+    a realm — or None. A host name is ASCII letters, digits and inner hyphens in
+    dot-separated labels of 1 to 63 characters, at most 253 in all: no wildcard, no
+    trailing dot, nothing else. An internationalized name is accepted in its A-label
+    (``xn--``) form only and never decoded: what is checked is what is shown. Case is
+    not judged here; callers lower-case a valid name."""
+    if not name:
+        return "it is empty"
+    if len(name) > 253:
+        return f"it is {len(name)} characters long (at most 253)"
+    if not name.isascii():
+        return "it is not ASCII (an internationalized name is written in its xn-- form)"
+    if "*" in name:
+        return "it is a wildcard"
+    if name.endswith("."):
+        return "it ends with a dot"
+    for label in name.split("."):
+        if not HOST_LABEL_RE.fullmatch(label):
+            return f"label '{shown(label)}' is not 1-63 letters, digits and inner hyphens"
+    return None
 
 
 def valid_fqdn(name: str) -> bool:
-    return bool(FQDN_RE.match(name))
+    return isinstance(name, str) and host_name_problem(name) is None
+
+
+def printable(text: str) -> str:
+    """``text`` with every control (non-printable) character escaped (``\\x0a``,
+    ``\\x1b``): what an untrusted name may look like in a log line, a message or the
+    audit table — one line, no terminal escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
+                   for c in text)
+
+
+def shown(text: str, limit: int = 64) -> str:
+    """``printable(text)`` cut to ``limit`` characters of the original (with "…")."""
+    return printable(text[:limit]) + ("…" if len(text) > limit else "")
 
 
 # --- records persisted in the catalog and served by the API -------------------------------

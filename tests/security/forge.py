@@ -21,7 +21,9 @@ def issue(ca_dir: Path, out: Path, *, sans: list[str], cn: str | None = None, da
          .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn or sans[0])]))
          .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
          .not_valid_before(now + dt.timedelta(days=days_from)).not_valid_after(now + dt.timedelta(days=days_to))
-         .add_extension(x509.SubjectAlternativeName([x509.DNSName(s) for s in sans]), critical=False)
+         # names as given, unchecked: a careless (or hostile) CA signs whatever it is asked
+         .add_extension(x509.SubjectAlternativeName([x509.DNSName._init_without_validation(s) for s in sans]),
+                        critical=False)
          .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
          .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
                                       data_encipherment=False, key_agreement=True, key_cert_sign=False,

@@ -18,6 +18,7 @@ import ssl
 from pathlib import Path
 
 from ..errors import AuthenticationFailed, ConfigError
+from ..model import host_name_problem, shown
 
 
 def _base(purpose: ssl.Purpose, cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
@@ -55,17 +56,23 @@ def normalize_pin(pin: str) -> str:
 
 
 def identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> tuple[str, str]:
-    """(principal, thumbprint) of a verified peer: its first DNS subjectAltName."""
+    """(principal, thumbprint) of a verified peer: its first DNS subjectAltName, which must
+    be a host name (``model.host_name_problem``: no wildcard, no trailing dot, no path, no
+    control character, ≤ 253 characters), lower-cased; else AuthenticationFailed naming it
+    escaped and why. A CA that signs such a name does not make it a principal."""
     if ssl_object is None:
         raise AuthenticationFailed("not a TLS connection")
     cert = ssl_object.getpeercert()
     der = ssl_object.getpeercert(binary_form=True)
     if not cert or not der:
         raise AuthenticationFailed("no client certificate")
-    names = [v.lower() for k, v in cert.get("subjectAltName", ()) if k == "DNS"]
+    names = [v for k, v in cert.get("subjectAltName", ()) if k == "DNS"]
     if not names:
         raise AuthenticationFailed("certificate has no DNS subjectAltName")
-    return names[0], thumbprint(der)
+    problem = host_name_problem(names[0])
+    if problem is not None:
+        raise AuthenticationFailed(f"the certificate's identity '{shown(names[0])}' is not a host name: {problem}")
+    return names[0].lower(), thumbprint(der)
 
 
 def check_pin(pins: dict[str, str], name: str, thumb: str) -> None:
