@@ -32,10 +32,19 @@ CREATE TABLE IF NOT EXISTS auth_entries (primary_pattern TEXT PRIMARY KEY, stora
                                          trust_group TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS vms (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS relationships (vm_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS replay (nonce TEXT PRIMARY KEY, expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS replay (nonce TEXT PRIMARY KEY, expires REAL NOT NULL, boot TEXT NOT NULL DEFAULT '',
+                                   expires_mono REAL NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL,
                                   actor TEXT NOT NULL, action TEXT NOT NULL, detail TEXT NOT NULL);
 """
+
+
+def _boot_id() -> str:
+    """This boot's id: monotonic times compare only within one boot."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 class StateWriteFailed(ReplicadError):
@@ -56,6 +65,10 @@ class Catalog:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(replay)")}
+            if "expires_mono" not in columns:  # a catalog from before the replay cache knew two clocks
+                self._db.execute("ALTER TABLE replay ADD COLUMN boot TEXT NOT NULL DEFAULT ''")
+                self._db.execute("ALTER TABLE replay ADD COLUMN expires_mono REAL NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -166,12 +179,20 @@ class Catalog:
 
     # replay cache -----------------------------------------------------------------------
     def remember_nonce(self, nonce: str, expires: float) -> bool:
-        """Record a ticket nonce until ``expires``; False if it was already seen (a replay).
-        Durable, so a ticket replayed after a restart is refused as well."""
+        """Record a ticket nonce until ``expires`` (wall clock); False if it was already seen
+        (a replay). Durable, so a ticket replayed after a restart is refused as well.
+
+        A nonce is forgotten only once *both* clocks say it expired: the wall clock, and
+        the monotonic clock of the boot it was recorded in (the validity left at the time,
+        counted from then). A wall clock stepped forward (a bad NTP source, an operator)
+        would otherwise purge the cache, and once stepped back every ticket seen in the
+        last minutes could be replayed; a step backwards only keeps nonces longer."""
+        now, mono, boot = time.time(), time.monotonic(), _boot_id()
         try:
             with self._tx() as db:
-                db.execute("DELETE FROM replay WHERE expires < ?", (time.time(),))
-                db.execute("INSERT INTO replay(nonce, expires) VALUES(?, ?)", (nonce, expires))
+                db.execute("DELETE FROM replay WHERE expires < ? AND (boot != ? OR expires_mono < ?)", (now, boot, mono))
+                db.execute("INSERT INTO replay(nonce, expires, boot, expires_mono) VALUES(?, ?, ?, ?)",
+                           (nonce, expires, boot, mono + max(0.0, expires - now)))
         except sqlite3.IntegrityError:
             return False
         return True

@@ -30,6 +30,7 @@ class TokenListener:
     port: int
     idle_timeout: float = 60.0  # a peer silent this long (headers or body) is disconnected
     header_timeout: float = 10.0  # a change log's whole header must arrive within this
+    session_timeout: float = 300.0  # a session ends this long after its last request ended
 
 
 @dataclass(frozen=True)
@@ -215,10 +216,12 @@ def parse(doc: Any, *, base: Path, source: Path | None = None, check_files: bool
         ln = r.mapping(top["listen"], "listen", {"token", "tls", "metrics"})
         token = tls = metrics = None
         if "token" in ln:
-            t = r.mapping(ln["token"], "listen.token", {"address", "port", "idle_timeout", "header_timeout"})
+            t = r.mapping(ln["token"], "listen.token",
+                          {"address", "port", "idle_timeout", "header_timeout", "session_timeout"})
             token = TokenListener(r.address(t, "address", "listen.token", "0.0.0.0"),
                                   r.port(t, "port", "listen.token", 80), r.seconds(t, "idle_timeout", "listen.token"),
-                                  r.seconds(t, "header_timeout", "listen.token", 10.0))
+                                  r.seconds(t, "header_timeout", "listen.token", 10.0),
+                                  r.seconds(t, "session_timeout", "listen.token", 300.0))
         if "tls" in ln:
             t = r.mapping(ln["tls"], "listen.tls",
                           {"address", "port", "cert", "key", "ca", "pins", "idle_timeout", "header_timeout"})

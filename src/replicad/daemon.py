@@ -170,7 +170,7 @@ class Daemon:
                           management_socket=cfg.management.socket, on_reverse=functools.partial(reverse.accept, host))
             token, tls = cfg.listen.token, cfg.listen.tls
             if token is not None:
-                ctx = PeerContext(mode="token", realm=self._realm, sessions=SessionStore(self._credential),
+                ctx = PeerContext(mode="token", realm=self._realm, sessions=SessionStore(self._credential, token.session_timeout),
                                   idle_timeout=token.idle_timeout, header_timeout=token.header_timeout, **common)
                 await self._serve_tcp(create_peer_app(ctx), token.address, token.port, "token", token.idle_timeout)
             if tls is not None:

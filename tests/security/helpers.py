@@ -113,16 +113,18 @@ def assert_unchanged(before: dict, after: dict) -> None:
     assert not changes, "state changed:\n" + "\n".join(changes[:40])
 
 
-def three_hosts(tmp_path, auth: str, **listener):
+def three_hosts(tmp_path, auth: str, *, token: dict | None = None, **listener):
     """vmhost1 a replica server (``--auth both``, idle timeout 2 s and ``listener`` keys on
-    both listeners): vmhost2 in trust group Finance replicates `ledger` to it; vmhost3, in
-    Engineering, is the attacker. Yields (cluster, vmhost1, vmhost2, vmhost3)."""
+    both listeners, ``token`` keys on the token listener only): vmhost2 in trust group
+    Finance replicates `ledger` to it; vmhost3, in Engineering, is the attacker. Yields
+    (cluster, vmhost1, vmhost2, vmhost3)."""
     c = Cluster(tmp_path, auth=auth)
     v1, v2, v3 = c["vmhost1"], c["vmhost2"], c["vmhost3"]
     v1.write_config()
     doc = json.loads(v1.config.read_text())
     for kind in ("token", "tls"):
         doc["listen"][kind].update({"idle_timeout": 2, **listener})
+    doc["listen"]["token"].update(token or {})
     v1.config.write_text(json.dumps(doc))
     for h in (v1, v2):
         h.start()
@@ -313,7 +315,9 @@ class LogPut:
                 client = attacker(c, who)
                 try:
                     async with client.conversation(target.fqdn, target.peer_port, "token") as conv:
-                        return conv._prepare("PUT", path, None)[0]
+                        headers = conv._prepare("PUT", path, None)[0]
+                        conv.session = None  # not ended here: the request below is made in it
+                        return headers
                 finally:
                     await client.close()
             headers.update(asyncio.run(session_headers()))

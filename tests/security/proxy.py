@@ -6,6 +6,7 @@ TLS where HTTP cannot be seen, the byte at an absolute offset of a client → se
 from __future__ import annotations
 
 import asyncio
+import threading
 
 from tests.threaded_proxy import ThreadedProxy
 
@@ -73,3 +74,65 @@ class FlipProxy(ThreadedProxy):
                 await w.drain()
         finally:
             w.close()
+
+
+class FloodProxy(ThreadedProxy):
+    """A man in the middle that relays every request until one whose first line contains
+    ``marker`` (once armed), then answers that one itself: ``head`` (a 200 announcing
+    ``Content-Length: announce``) and ``prefix``, then garbage as fast as the client takes
+    it, up to ``limit`` bytes. ``flooded`` is how many bytes the client accepted before it
+    hung up."""
+
+    def __init__(self, listen: tuple[str, int], target: tuple[str, int]):
+        super().__init__(listen, target)
+        self.marker: bytes | None = None
+        self.prefix = b""
+        self.announce = 1 << 40
+        self.limit = 800 << 20
+        self.flooded = 0
+        self.hung_up = threading.Event()
+
+    async def relay(self, cr, cw) -> None:
+        try:
+            sr, sw = await asyncio.open_connection(*self.target)
+        except OSError:
+            cw.close()
+            return
+        self.track(sw)
+        answers = asyncio.ensure_future(self._pipe(sr, cw))
+        try:
+            while data := await cr.read(65536):
+                if self.marker is not None and self.marker in data.split(b"\r\n", 1)[0]:
+                    self.marker = None
+                    answers.cancel()
+                    await self._flood(cw)
+                    return
+                sw.write(data)
+                await sw.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            answers.cancel()
+            sw.close()
+            cw.close()
+
+    @staticmethod
+    async def _pipe(r, w) -> None:
+        try:
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        except ConnectionError:
+            pass
+
+    async def _flood(self, cw) -> None:
+        cw.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                 b"Content-Length: %d\r\n\r\n" % self.announce + self.prefix)
+        junk = bytes(range(256)) * 4096  # 1 MiB
+        try:
+            while self.flooded < self.limit:
+                cw.write(junk)
+                await cw.drain()
+                self.flooded += len(junk)
+        except (ConnectionError, OSError):
+            self.hung_up.set()

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from replicad.tracking.digestmap import map_bytes
 from replicad.transport import raw
 from replicad.wire import MAX_HEADER, DiskInfo, Header, LogEncoder
 
@@ -29,7 +30,7 @@ def test_trust_groups_cannot_be_crossed_with_a_guessed_vm_id(three, tmp_path):
     assert "403" in str(e) and "another trust group" in str(e)
     # the copy's block digests (a resync's first request) tell what the copy holds
     stolen = tmp_path / "stolen"
-    e = forge(c, v1, lambda conv: conv.fetch_digests(vm_id, stolen))
+    e = forge(c, v1, lambda conv: conv.fetch_digests(vm_id, stolen, [map_bytes(copy.stat().st_size)]))
     assert "403" in str(e) and "another trust group" in str(e), e
     assert not stolen.exists() or not any(stolen.iterdir())
 

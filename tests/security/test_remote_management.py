@@ -30,7 +30,10 @@ def manager(cluster, name: str, mode: str) -> Host:
 
 
 def remote(caller: Host, target: Host, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN), *args, "-C", f"{target.fqdn}:{target.peer_port}", "--config", str(caller.config)],
+    """``replicad ARGS -C target`` from ``caller``, in the cluster's mode, said explicitly
+    (a config with both a certificate and a realm credential means certificate mode)."""
+    return subprocess.run([str(BIN), *args, "-C", f"{target.fqdn}:{target.peer_port}", "--remote-auth",
+                           target.cluster.auth, "--config", str(caller.config)],
                           capture_output=True, text=True, timeout=60)
 
 
@@ -62,7 +65,10 @@ def test_non_admin_is_refused_and_nothing_changes(any_cluster):
     before = v1.json("server", "get")
     r = remote(v2, v1, "server", "set", "--enabled", "true")  # vmhost2 is a host, not an admin
     assert r.returncode == 1
-    assert "vmhost2.contoso.com is not a management admin of vmhost1.contoso.com" in r.stderr
+    # on port 80 a host no entry and no admin list names gets no session at all (issue 13 item 4)
+    expected = ("vmhost2.contoso.com gets no session on vmhost1.contoso.com" if any_cluster.auth == "token" else
+                "vmhost2.contoso.com is not a management admin of vmhost1.contoso.com")
+    assert expected in r.stderr, r.stderr
     assert v1.json("server", "get") == before
     assert any(e.get("peer") == "vmhost2.contoso.com" for e in v1.events("peer.refused"))
 
@@ -114,3 +120,51 @@ def test_a_client_only_config_manages_over_443_and_a_wrong_port_is_named(tmp_pat
         assert "Remote end closed" not in r.stderr
     finally:
         c.shutdown()
+
+
+def dual_manager(cluster) -> Host:
+    """An admin workstation whose config has both a certificate (listen.tls) and a realm
+    credential: certificate mode is what it says, token mode only when asked for."""
+    h = manager(cluster, "mgmt", "certificate")
+    run("realm", "issue", "--realm", str(cluster.root / "realm"), "--host", h.fqdn, "--out", str(h.root / "c.cred"))
+    doc = json.loads(h.config.read_text())
+    doc["realm"] = {"credential": "c.cred", "public_key": "../realm/realm.pub"}
+    h.config.write_text(json.dumps(doc))
+    return h
+
+
+@pytest.fixture
+def token_cluster(tmp_path):
+    from ..integration.harness import Cluster
+    c = Cluster(tmp_path, names=("vmhost1",), auth="token")
+    yield c
+    c.shutdown()
+
+
+def test_c_never_falls_back_from_tls_to_clear_text(token_cluster):
+    """A box answering plain HTTP on the TLS port (here a relay to the token listener) made
+    `-C` fall back to token mode without a word and print the VM list through it — the
+    management answers in clear text. Now the mode is what the config (or an explicit
+    --remote-auth) says, and a mismatch is an error naming both."""
+    from .proxy import FlipProxy
+    from ..integration.harness import free_port
+    v1 = token_cluster["vmhost1"]
+    v1.start()
+    mgmt = dual_manager(token_cluster)
+    port = free_port("127.0.0.1")
+    with FlipProxy(("127.0.0.1", port), (v1.addr, v1.port)):  # plain HTTP where TLS was expected
+        r = subprocess.run([str(BIN), "vm", "list", "-o", "json", "-C", f"{v1.fqdn}:{port}",
+                            "--config", str(mgmt.config)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
+        assert "plain HTTP" in r.stderr and "certificate" in r.stderr and "--remote-auth token" in r.stderr, r.stderr
+        assert not [ev for ev in v1.events("manage.request") if ev.get("peer") == mgmt.fqdn]
+        # the operator's explicit word: token mode, over the same relay
+        r = subprocess.run([str(BIN), "vm", "list", "-o", "json", "--remote-auth", "token",
+                            "-C", f"{v1.fqdn}:{port}", "--config", str(mgmt.config)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and json.loads(r.stdout) == [], r.stderr
+    # and token mode asked of a TLS listener is refused naming both too
+    r = subprocess.run([str(BIN), "vm", "list", "--remote-auth", "token", "-C", f"{v1.fqdn}:{v1.tls_port}",
+                        "--config", str(mgmt.config)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "TLS" in r.stderr and "--remote-auth certificate" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

@@ -13,7 +13,7 @@ from replicad.auth import session as session_mod
 from replicad.auth.session import SessionStore
 from replicad.auth.token import (MAX_SKEW, MAX_TICKET_LEN, TICKET_LIFETIME, Credential, RealmPublic, Ticket, _b64,
                                  realm_init, realm_issue, verify_ticket)
-from replicad.errors import AuthenticationFailed
+from replicad.errors import AuthenticationFailed, Busy
 
 NOW = 1_800_000_000
 AUD = "vmhost2.contoso.com"
@@ -105,11 +105,20 @@ def test_session_header_counter_digits_bound_is_exact(realm):
 
 
 def test_open_sessions_are_bounded_exactly(realm, monkeypatch):
+    """Per principal, then for the server: the same comparisons, fewer handshakes."""
     _, cred, server = realm
-    monkeypatch.setattr(session_mod, "MAX_SESSIONS", 8)  # the same comparison, fewer handshakes
+    monkeypatch.setattr(session_mod, "MAX_SESSIONS", 8)
+    monkeypatch.setattr(session_mod, "SESSIONS_PER_PEER", 5)
     store = SessionStore(server)
     ticket = Ticket(cred.host, AUD, NOW, 4_000_000_000, "n" * 32, bytes(range(32)))
-    for _ in range(8):
+    for _ in range(5):
+        store.room_for(cred.host)
         store.accept(ticket, {})
-    with pytest.raises(AuthenticationFailed, match="too many open sessions"):
-        store.accept(ticket, {})
+    with pytest.raises(Busy, match=f"{cred.host} has 5 open sessions"):
+        store.room_for(cred.host)
+    other = Ticket("vmhost3.contoso.com", AUD, NOW, 4_000_000_000, "m" * 32, bytes(range(32)))
+    for _ in range(3):
+        store.room_for(other.client)
+        store.accept(other, {})
+    with pytest.raises(Busy, match="too many open sessions"):
+        store.room_for(other.client)

@@ -28,14 +28,16 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives import serialization
 from cryptography.exceptions import InvalidSignature
 
-from ..errors import AuthenticationFailed
+from ..errors import AuthenticationFailed, Busy
 from .token import Credential, RealmPublic, Ticket, _b64, _unb64, verify_host_key
 
 SCHEME = "ReplicadSession"
 SIGNATURE_HEADER = "X-Replicad-Signature"
 MAC_HEADER = "X-Replicad-MAC"
 BODY_HASH_HEADER = "X-Replicad-Body-SHA256"
-MAX_SESSIONS = 4096
+MAX_SESSIONS = 4096      # open sessions of a server, all principals together
+SESSIONS_PER_PEER = 64   # of one principal; a host's own client keeps well below (transport/client.py)
+SESSION_TIMEOUT = 300.0  # seconds a session lives after its last request ended (listen.token.session_timeout)
 
 
 def _raw(pub: X25519PublicKey) -> bytes:
@@ -60,13 +62,23 @@ class Session:
     expires: float
     counter: int = 0
     info: dict = field(default_factory=dict)  # the server's hello: authorized, trust group …
+    # server side: requests running now, and when it ends if none runs (time.monotonic)
+    active: int = 0
+    idle_until: float = 0.0
+
+    def alive(self, now: float) -> bool:
+        return self.active > 0 or now < self.idle_until
 
     def request_mac(self, method: str, path: str, counter: int, body_sha: str) -> str:
         msg = f"req|{self.id}|{method.upper()}|{path}|{counter}|{body_sha}".encode()
         return hmac.new(self.key, msg, hashlib.sha256).hexdigest()[:32]
 
     def response_mac(self, counter: int, status: int, body: bytes) -> str:
-        msg = f"resp|{self.id}|{counter}|{status}|{body_hash(body)}".encode()
+        return self.response_mac_hashed(counter, status, body_hash(body))
+
+    def response_mac_hashed(self, counter: int, status: int, body_sha: str) -> str:
+        """The answer's MAC from the SHA-256 of its body (a stream hashed as it came)."""
+        msg = f"resp|{self.id}|{counter}|{status}|{body_sha}".encode()
         return hmac.new(self.key, msg, hashlib.sha256).hexdigest()[:32]
 
     def authorization(self, method: str, path: str, body: bytes | None) -> tuple[str, int]:
@@ -120,33 +132,53 @@ class ClientHandshake:
 
 # server side ----------------------------------------------------------------------------
 class SessionStore:
-    """Open sessions of this server: bounded, expiring with their ticket."""
+    """Open sessions of this server, on its own clock: a session lives ``timeout`` seconds
+    after its last request ended (never while one runs), whatever its ticket said — a
+    ticket dated into the future no longer buys a longer session. At most
+    SESSIONS_PER_PEER per principal and MAX_SESSIONS in all; clients end theirs (``end``).
+    Who may open one at all is the caller's decision (transport/server.py)."""
 
-    def __init__(self, credential: Credential):
+    def __init__(self, credential: Credential, timeout: float = SESSION_TIMEOUT):
         self.credential = credential
+        self.timeout = timeout
         self._sessions: dict[str, Session] = {}
 
+    def _purge(self) -> None:
+        now = time.monotonic()
+        for sid in [s for s, v in self._sessions.items() if not v.alive(now)]:
+            del self._sessions[sid]
+
+    def room_for(self, principal: str) -> None:
+        """Raise Busy (429) when ``principal`` — or the server — has no room for one more."""
+        self._purge()
+        held = sum(1 for v in self._sessions.values() if v.client == principal)
+        if held >= SESSIONS_PER_PEER:
+            raise Busy(f"{principal} has {SESSIONS_PER_PEER} open sessions on this server; a client ends each "
+                       f"session after its conversation, others end {self.timeout:g}s after their last request")
+        if len(self._sessions) >= MAX_SESSIONS:
+            raise Busy("too many open sessions on this server; try again later")
+
     def accept(self, ticket: Ticket, info: dict) -> tuple[bytes, str]:
-        """Open a session for a verified ticket; returns (answer body, its signature)."""
+        """Open a session for a verified ticket (after ``room_for``); returns (answer body,
+        its signature)."""
         if ticket.eph is None:
             raise AuthenticationFailed("the ticket carries no session key share")
-        now = time.time()
-        for sid in [s for s, v in self._sessions.items() if v.expires < now]:
-            del self._sessions[sid]
-        if len(self._sessions) >= MAX_SESSIONS:
-            raise AuthenticationFailed("too many open sessions; try again later")
         eph = X25519PrivateKey.generate()
         nonce = secrets.token_hex(16)
         sid = secrets.token_hex(16)
         server = self.credential.host
-        key = derive_key(eph.exchange(X25519PublicKey.from_public_bytes(ticket.eph)), ticket.nonce, nonce,
-                         ticket.client, server)
-        expires = float(ticket.expires)
-        self._sessions[sid] = Session(sid, key, ticket.client, server, expires)
+        try:
+            shared = eph.exchange(X25519PublicKey.from_public_bytes(ticket.eph))
+        except ValueError:  # a low-order point: no shared secret
+            raise AuthenticationFailed("the ticket's session key share is not usable") from None
+        key = derive_key(shared, ticket.nonce, nonce, ticket.client, server)
+        sess = Session(sid, key, ticket.client, server, time.time() + self.timeout)
+        sess.idle_until = time.monotonic() + self.timeout
+        self._sessions[sid] = sess
         body = json.dumps({"v": 1, "session": sid, "server": server, "client": ticket.client,
                            "client_nonce": ticket.nonce, "nonce": nonce, "eph": _b64(_raw(eph.public_key())),
                            "pub": _b64(self.credential.public_bytes), "assertion": _b64(self.credential.assertion),
-                           "expires": expires, "principal": ticket.client, **info},
+                           "expires": sess.expires, "principal": ticket.client, **info},
                           separators=(",", ":")).encode()
         return body, _b64(self.credential.sign(body))
 
@@ -156,7 +188,7 @@ class SessionStore:
         if len(parts) != 4 or parts[0] != SCHEME or not parts[2].isdigit() or len(parts[2]) > 18:
             raise AuthenticationFailed("malformed session header")
         sess = self._sessions.get(parts[1])
-        if sess is None or sess.expires < time.time():
+        if sess is None or not sess.alive(time.monotonic()):
             raise AuthenticationFailed("unknown or expired session")
         counter = int(parts[2])
         if not hmac.compare_digest(sess.request_mac(method, path, counter, body_sha), parts[3]):
@@ -165,6 +197,19 @@ class SessionStore:
             raise AuthenticationFailed(f"replayed request from {sess.client} (counter {counter})")
         sess.counter = counter
         return sess, counter
+
+    def begin(self, sess: Session) -> None:
+        """A request of ``sess`` runs: it does not expire meanwhile."""
+        sess.active += 1
+
+    def done(self, sess: Session) -> None:
+        """A request of ``sess`` ended: its idle time starts over."""
+        sess.active -= 1
+        sess.idle_until = time.monotonic() + self.timeout
+
+    def end(self, sess: Session) -> bool:
+        """The client ends its session; False if it was already gone."""
+        return self._sessions.pop(sess.id, None) is not None
 
 
 def verify_response(sess: Session, counter: int, status: int, body: bytes, mac: str | None) -> None:

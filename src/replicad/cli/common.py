@@ -33,6 +33,9 @@ def global_options(f):
                      help="Talk to the daemon on this local socket."),
         click.option("-C", "--computer-name", "computer_name", expose_value=False, callback=_store,
                      metavar="HOST[:PORT]", help="Manage a remote host (must list you in management.admins)."),
+        click.option("--remote-auth", "remote_auth", type=click.Choice(["token", "certificate"]), expose_value=False,
+                     callback=_store, help="With -C: how to authenticate (default: certificate when the config has "
+                                           "one, else token). Never changed behind your back."),
         click.option("-o", "--output", "output", type=click.Choice(["table", "list", "json"]), expose_value=False,
                      callback=_store, help="Output format: table (default), list (every field) or json."),
     ]
@@ -58,7 +61,9 @@ def api() -> ApiClient:  # or a RemoteClient (-C), imported only then
     if _meta("computer_name"):
         path = _meta("config") or os.environ.get("REPLICAD_CONFIG") or configmod.DEFAULT_PATH
         from .remote import RemoteClient  # lazy: TLS and token machinery only for -C
-        return RemoteClient(_meta("computer_name"), configmod.load(path))
+        return RemoteClient(_meta("computer_name"), configmod.load(path), _meta("remote_auth"))
+    if _meta("remote_auth"):
+        raise UsageError("--remote-auth applies to -C HOST[:PORT] only")
     if _meta("socket"):
         return ApiClient(_meta("socket"))
     path = _meta("config") or os.environ.get("REPLICAD_CONFIG")

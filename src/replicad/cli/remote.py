@@ -4,12 +4,16 @@ The caller authenticates as the host its ``--config`` describes (a client-only c
 as config/admin.yaml is enough): over TLS with its certificate when the config has one
 (``certificate:`` or ``listen.tls``; port 443 by default), otherwise over the
 token listener with its realm credential (port 80), in a session whose requests and
-answers are MAC'd. If an explicit port answers in plain HTTP, it is a token listener and
-the realm credential is used there. The remote host allows only principals in its ``management.admins``."""
+answers are MAC'd; ``--remote-auth token|certificate`` says which explicitly. The mode is
+never changed behind the caller's back: a port that answers in plain HTTP where TLS was
+expected (or the reverse) is an error naming both — falling back would hand the
+management answers to whoever answered, in clear text. The remote host allows only
+principals in its ``management.admins``."""
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import http.client
 import json
 import socket
@@ -22,11 +26,14 @@ from ..auth import tls as tlsmod
 from ..auth.session import BODY_HASH_HEADER, MAC_HEADER, SIGNATURE_HEADER, ClientHandshake, Session, verify_response
 from ..auth.token import SCHEME, Credential, RealmPublic
 from ..config import Config
-from ..errors import AuthenticationFailed, DaemonUnreachable, ReplicadError
+from ..errors import AuthenticationFailed, DaemonUnreachable, ReplicadError, UsageError
 from ..transport import listener
 from .client import api_error
 
 TIMEOUT = 30
+ANSWER_MAX = 16 << 20     # a management answer (a listing of thousands of VMs fits)
+LINE_MAX = 1 << 20        # one line of a streamed answer (--wait)
+SESSION_ANSWER = 16 << 10  # the signed session answer
 
 
 class _Conn(http.client.HTTPSConnection):
@@ -45,13 +52,21 @@ class _Conn(http.client.HTTPSConnection):
 
 
 class RemoteClient:
-    def __init__(self, target: str, config: Config):
+    def __init__(self, target: str, config: Config, mode: str | None = None):
         name, _, port = target.partition(":")
         self.name = name.lower()
         self.config = config
         self.tls = config.client_tls
-        self.mode = "certificate" if self.tls is not None else "token"
+        self.mode = mode or ("certificate" if self.tls is not None else "token")
+        self.why = "--remote-auth" if mode else ("the certificate in --config" if self.tls is not None else
+                                                  "--config has a realm credential and no certificate")
+        if self.mode == "certificate" and self.tls is None:
+            raise UsageError("--remote-auth certificate needs a certificate (`certificate:` or listen.tls) in --config",
+                             hint="see config/admin.yaml")
         if self.mode == "token" and config.realm is None:
+            if mode is not None:
+                raise UsageError("--remote-auth token needs a realm credential (`realm:`) in --config",
+                                 hint="see config/admin.yaml")
             raise ReplicadError("-C needs a certificate (`certificate:` or listen.tls) or a realm credential "
                                 "(`realm:`) in --config", hint="see config/admin.yaml")
         try:
@@ -62,7 +77,7 @@ class RemoteClient:
         self.session: Session | None = None
         self._ctx: ssl.SSLContext | None = None
         self._pins: dict[str, str] = {}
-        if self.tls is not None:
+        if self.mode == "certificate":
             self._ctx = tlsmod.client_context(self.tls.cert, self.tls.key, self.tls.ca)
             self._pins = {k: tlsmod.normalize_pin(v) for k, v in self.tls.pins.items()}
 
@@ -71,15 +86,17 @@ class RemoteClient:
         try:
             conn.connect()
         except ssl.SSLError as e:
-            if e.reason == "WRONG_VERSION_NUMBER" and self.config.realm is not None:
-                # the port speaks plain HTTP: it is the token listener; use the realm credential
-                self.mode, self._ctx = "token", None
-                return self._open(timeout)
+            if e.reason == "WRONG_VERSION_NUMBER":
+                # plain HTTP where TLS was expected: never fall back to clear text by itself
+                raise ReplicadError(
+                    f"{self.name}:{self.port} answered in plain HTTP, but this call uses certificate (TLS) "
+                    f"authentication ({self.why}); refusing to fall back to token mode in clear text",
+                    hint="if that port is the token listener and clear text is what you want, say so: "
+                         "--remote-auth token") from None
             if isinstance(e, ssl.SSLCertVerificationError):
                 raise ReplicadError(f"TLS: the certificate of {self.name} was refused: {e.verify_message}") from None
             self._wrong_listener()
             raise DaemonUnreachable(f"cannot reach {self.name}:{self.port}: {e}") from None
-            raise ReplicadError(f"TLS: the certificate of {self.name} was refused: {e.verify_message}") from None
         except socket.gaierror as e:
             raise DaemonUnreachable(f"no such host: {self.name} ({(e.strerror or str(e)).lower()})",
                                     hint="add it to DNS or /etc/hosts, or map it in the config's `resolve`") from None
@@ -97,8 +114,10 @@ class RemoteClient:
         """After a failed connection: say so if the port is the other mode's listener."""
         err = listener.mismatch(self.name, self.port, self.mode, self.addr)
         if err is not None:
-            raise ReplicadError(str(err), hint="-C HOST:PORT with that port, or the matching section in --config "
-                                "(see config/admin.yaml)")
+            other = "token" if self.mode == "certificate" else "certificate"
+            raise ReplicadError(f"{err} (this call uses {self.mode} authentication: {self.why})",
+                                hint=f"-C HOST:PORT with that port, or --remote-auth {other} with a matching section in "
+                                     "--config (see config/admin.yaml)")
 
     def _handshake(self) -> None:
         cred = Credential.load(Path(self.config.realm.credential))
@@ -109,7 +128,7 @@ class RemoteClient:
             conn.request("POST", "/v1/session", headers={"Authorization": f"{SCHEME} {hs.ticket}",
                                                           "X-Replicad-Protocol": str(PROTOCOL_VERSION)})
             resp = conn.getresponse()
-            body = resp.read()
+            body = self._read(resp, SESSION_ANSWER)
         except (OSError, http.client.HTTPException) as e:
             self._wrong_listener()
             raise DaemonUnreachable(f"{self.name}:{self.port} did not answer: {e}") from None
@@ -123,8 +142,6 @@ class RemoteClient:
             raise ReplicadError(f"{self.name} failed mutual authentication: {e}") from None
 
     def _send(self, method: str, path: str, body: dict | None, timeout: float | None):
-        if self.mode == "certificate" and self.session is None:
-            self._open(TIMEOUT).close()  # settles the listener kind (see _open)
         if self.mode == "token" and self.session is None:
             self._handshake()
         remote = "/v1/manage/" + path.removeprefix("/v1/")
@@ -142,6 +159,19 @@ class RemoteClient:
             conn.close()
             raise DaemonUnreachable(f"{self.name}:{self.port} did not answer: {e}") from None
 
+    def _read(self, resp: http.client.HTTPResponse, limit: int) -> bytes:
+        """An answer's body, at most ``limit`` bytes: whoever answers does not decide how
+        much this process holds."""
+        raw = resp.read(limit + 1)
+        if len(raw) > limit:
+            raise ReplicadError(f"{self.name} sent an answer over {limit} bytes")
+        return raw
+
+    def _verify_hashed(self, counter: int, status: int, body_sha: str, mac: str | None) -> None:
+        if self.session is not None and not (isinstance(mac, str) and hmac.compare_digest(
+                self.session.response_mac_hashed(counter, status, body_sha), mac)):
+            raise ReplicadError(f"the answer of {self.session.server} is not authenticated (MAC mismatch)")
+
     def _verify(self, counter: int, status: int, body: bytes, mac: str | None) -> None:
         if self.session is None:
             return
@@ -150,14 +180,35 @@ class RemoteClient:
         except AuthenticationFailed as e:
             raise ReplicadError(str(e)) from None
 
-    def call(self, method: str, path: str, body: dict | None = None):
-        conn, resp, counter = self._send(method, path, body, TIMEOUT)
+    def _end(self) -> None:
+        """End the session of this call (the server would forget it after its
+        session_timeout; a client that is done says so)."""
+        sess, self.session = self.session, None
+        if sess is None:
+            return
+        headers = {"X-Replicad-Protocol": str(PROTOCOL_VERSION), BODY_HASH_HEADER: hashlib.sha256(b"").hexdigest()}
+        headers["Authorization"], _ = sess.authorization("DELETE", "/v1/session", b"")
         try:
-            raw = resp.read()
+            conn = self._open(TIMEOUT)
+            try:
+                conn.request("DELETE", "/v1/session", headers=headers)
+                conn.getresponse().read()
+            finally:
+                conn.close()
+        except (OSError, http.client.HTTPException, ReplicadError):
+            pass
+
+    def call(self, method: str, path: str, body: dict | None = None):
+        try:
+            conn, resp, counter = self._send(method, path, body, TIMEOUT)
+            try:
+                raw = self._read(resp, ANSWER_MAX)
+            finally:
+                conn.close()
+            if not (resp.status == 401 and resp.getheader(MAC_HEADER) is None):
+                self._verify(counter, resp.status, raw, resp.getheader(MAC_HEADER))
         finally:
-            conn.close()
-        if not (resp.status == 401 and resp.getheader(MAC_HEADER) is None):
-            self._verify(counter, resp.status, raw, resp.getheader(MAC_HEADER))
+            self._end()
         if resp.status >= 400:
             raise api_error(resp.status, raw)
         return json.loads(raw) if raw else None
@@ -166,24 +217,26 @@ class RemoteClient:
         conn, resp, counter = self._send(method, path, body, None)
         try:
             if resp.status >= 400 or not resp.getheader("Content-Type", "").startswith("application/x-ndjson"):
-                raw = resp.read()
+                raw = self._read(resp, ANSWER_MAX)
                 self._verify(counter, resp.status, raw, resp.getheader(MAC_HEADER))
                 if resp.status >= 400:
                     raise api_error(resp.status, raw)
                 yield {"result": json.loads(raw or b"null")}
                 return
-            seen = bytearray()
+            seen = hashlib.sha256()  # the MAC covers every line before it: hashed as they come, not kept
             final = None
-            for line in resp:
+            while line := resp.readline(LINE_MAX + 1):
+                if len(line) > LINE_MAX:
+                    raise ReplicadError(f"{self.name} sent a line over {LINE_MAX} bytes")
                 if not line.strip():
                     continue
                 doc = json.loads(line)
                 if self.session is not None and "mac" in doc:
-                    self._verify(counter, resp.status, bytes(seen), doc["mac"])
+                    self._verify_hashed(counter, resp.status, seen.hexdigest(), doc["mac"])
                     if final is not None:
                         yield final
                     return
-                seen += line
+                seen.update(line)
                 if "progress" in doc:
                     yield doc  # display only; results are trusted after the MAC
                 else:
@@ -194,3 +247,4 @@ class RemoteClient:
                 raise ReplicadError(f"the answer of {self.name} ended without its MAC")
         finally:
             conn.close()
+            self._end()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import secrets
 import shutil
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from ..model import VM, Relationship, ReplicationState as S
 from ..monitoring import roll as roll_interval
 from ..replica.settings import ServerSettings
 from ..times import parse_time, utcnow
-from ..tracking.digestmap import SUPER_BYTES
+from ..tracking.digestmap import SUPER_BYTES, map_bytes
 from ..tracking.divergence import compare, replica_moved
 from ..transport.client import Conversation, PeerClient
 from .baseline import Baselines
@@ -340,7 +341,12 @@ class PrimaryEngine:
                 log.info("seed.adopted", vm=vm.name, peer=rel.replica_server, found=adopted.get("found"),
                          reason="the replica adopted the copy already in its storage; only differences will be sent")
             await asyncio.to_thread(shutil.rmtree, work, True)
-            meta, replica_maps = await conv.fetch_digests(vm_id, work / "replica")
+            limits = await asyncio.to_thread(digest_limits, vm)
+            try:
+                meta, replica_maps = await conv.fetch_digests(vm_id, work / "replica", limits)
+            except Exception:
+                await asyncio.to_thread(shutil.rmtree, work, True)  # nothing of a failed answer stays
+                raise
             base_maps = await asyncio.to_thread(self._common_point, baselines, rel, meta, work / "base",
                                                 len(vm.files()))
             if automatic and meta.get("modified") and not meta.get("discard_ok"):
@@ -480,6 +486,22 @@ class PrimaryEngine:
                    seconds=round(seconds, 3), consistency=producer.consistency, capture=producer.captured)
         metrics.recorder.cycle_done(vm.name, kind, progress.sent, seconds, late)
         return outcome
+
+
+def digest_limits(vm: VM) -> list[int]:
+    """The most digest-map bytes a replica may send for each of the VM's files: its copy is
+    at most as large as the larger of what this primary has now and what it last shipped
+    (at least 1 GiB's worth, a couple of MiB). A larger copy was changed outside replicad;
+    its digests were not asked for and are refused (transport/client.py)."""
+    out = []
+    for i, path in enumerate(vm.files()):
+        shipped = vm.disks[i].size if i < len(vm.disks) else 0
+        try:
+            now = os.stat(path).st_size
+        except OSError:
+            now = 0
+        out.append(map_bytes(max(now, shipped, 1 << 30)))
+    return out
 
 
 def _seconds_until(ts: str | None) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import log as logmod
-from ..auth.authorize import Grant, authorize
+from ..auth.authorize import Grant, authorize, best_entry
 from ..catalog import Catalog
 from ..errors import Busy, Conflict, Refused
 from ..transport.client import LOGS_PER_REPLICA
@@ -60,6 +60,12 @@ class Admission:
             raise Refused(f"{principal} refused: this replica server does not accept {auth} authentication")
         return authorize(principal, enabled=s.enabled, allow_any=s.allowed_from_any_server,
                          default_storage=Path(s.default_storage), entries=self.catalog.entries())
+
+    def names(self, principal: str) -> bool:
+        """Whether an authorization entry — or `allowed_from_any_server` on an enabled
+        server — names ``principal``: a host this server has a use for."""
+        s = ServerSettings.load(self.catalog, self.state_dir)
+        return (s.enabled and s.allowed_from_any_server) or best_entry(self.catalog.entries(), principal) is not None
 
     def log_request(self, principal: str, auth: str, vm_id: str) -> Grant:
         """May ``principal`` send a log for ``vm_id`` at all? Raises Refused (not authorized;

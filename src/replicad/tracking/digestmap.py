@@ -29,6 +29,12 @@ VERSION = 2
 assert _HEADER.size == 64
 
 
+def map_bytes(size: int) -> int:
+    """The length of the (version 2) digest map of a file of ``size`` bytes."""
+    blocks = -(-size // BLOCK)
+    return _HEADER.size + 8 * (blocks + -(-blocks // SUPER))
+
+
 @lru_cache(maxsize=8)
 def zero_digest(length: int) -> int:
     return xxhash.xxh3_64_intdigest(bytes(length))

@@ -162,7 +162,10 @@ def _read_answer(sock: socket.socket, server: str, first: bytes = b"") -> tuple[
     if headers.get("Transfer-Encoding", "").lower() == "chunked":
         body = _dechunk(sock, body, server)
     else:
-        length = int(headers.get("Content-Length", "0") or 0)
+        try:
+            length = int(headers.get("Content-Length", "0") or 0)
+        except ValueError:
+            raise PeerError(f"{server} answered with a malformed Content-Length", status=0, transient=True) from None
         if length > MAX_ANSWER:
             raise PeerError(f"{server} sent an oversized answer", status=0, transient=True)
         while len(body) < length:
@@ -181,8 +184,15 @@ def _dechunk(sock: socket.socket, buf: bytearray, server: str) -> bytearray:
             if not got:
                 raise PeerUnreachable(f"{server} closed the connection in the middle of its answer")
             buf += got
+            if len(buf) > MAX_ANSWER:
+                raise PeerError(f"{server} sent an oversized answer", status=0, transient=True)
         size_line, _, rest = bytes(buf).partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
+        try:
+            size = int(size_line.split(b";")[0][:16], 16)
+        except ValueError:
+            raise PeerError(f"{server} sent a malformed chunked answer", status=0, transient=True) from None
+        if len(out) + size > MAX_ANSWER:  # before reading it: the peer does not decide what we hold
+            raise PeerError(f"{server} sent an oversized answer", status=0, transient=True)
         buf = bytearray(rest)
         while len(buf) < size + 2:
             got = sock.recv(65536)

@@ -9,7 +9,6 @@ Errors are sorted into transient (unreachable, 5xx: retry) and permanent (401/40
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import json
 import socket
@@ -23,15 +22,37 @@ from ..auth import tls as tlsmod
 from ..auth.session import (BODY_HASH_HEADER, MAC_HEADER, SIGNATURE_HEADER, ClientHandshake, Session, body_hash,
                             verify_response)
 from ..auth.token import SCHEME, Credential, RealmPublic
-from ..errors import AuthenticationFailed, PeerError, PeerUnreachable, no_such_host
+from ..errors import AuthenticationFailed, PeerError, PeerUnreachable, ReplicadError, no_such_host
 from ..primary.errors import local_error
 from . import bulk, listener, raw
+from . import digests as digestframe
 
 CONNECT_TIMEOUT = 10
 READ_TIMEOUT = 300
+MAX_ANSWER = bulk.MAX_ANSWER  # a JSON answer (status, hello, seed, reverse, a log's acknowledgement)
+SESSION_ANSWER = 16 << 10     # the signed session answer: a few hundred bytes
 # Change logs one host sends to one replica server at once; the replica server takes no
 # more than this from one principal (replica/admission.py), so a primary never meets it.
 LOGS_PER_REPLICA = 4
+# Conversations (each a token-mode session) with one replica server at once: well below
+# the sessions a server grants one principal (auth/session.py SESSIONS_PER_PEER), so a
+# primary with hundreds of VMs never meets that cap either; other cycles wait their turn.
+CONVERSATIONS_PER_REPLICA = 16
+END_TIMEOUT = 5  # seconds to end a session; the server forgets it by itself anyway
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, limit: int, server: str) -> bytes:
+    """An answer's body, or PeerError as soon as it passes ``limit`` bytes: a peer (or
+    whoever is in the middle) decides how much it sends, not how much we keep."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise PeerError(f"{server} announced a {resp.content_length}-byte answer (at most {limit} expected)",
+                        status=resp.status, transient=True)
+    body = bytearray()
+    while chunk := await resp.content.read(65536):
+        body += chunk
+        if len(body) > limit:
+            raise PeerError(f"{server} sent an answer over {limit} bytes", status=resp.status, transient=True)
+    return bytes(body)
 
 
 class _Resolver(aiohttp.abc.AbstractResolver):
@@ -93,6 +114,7 @@ class PeerClient:
         self._resolve = resolve
         self._session: aiohttp.ClientSession | None = None
         self._log_slots: dict[str, asyncio.Semaphore] = {}  # replica server -> logs in flight
+        self._conversations: dict[str, asyncio.Semaphore] = {}  # replica server -> conversations
 
     def log_slot(self, server: str) -> asyncio.Semaphore:
         """Held while a log is sent to ``server``: at most LOGS_PER_REPLICA at once."""
@@ -119,6 +141,9 @@ class PeerClient:
     def conversation(self, server: str, port: int, auth: str) -> "Conversation":
         return Conversation(self, server.lower(), port, auth)
 
+    def conversation_slot(self, server: str) -> asyncio.Semaphore:
+        return self._conversations.setdefault(server.lower(), asyncio.Semaphore(CONVERSATIONS_PER_REPLICA))
+
 
 class Conversation:
     def __init__(self, client: PeerClient, server: str, port: int, auth: str):
@@ -130,37 +155,58 @@ class Conversation:
         return self.session.key if self.session else None
 
     async def __aenter__(self) -> "Conversation":
+        await self.client.conversation_slot(self.server).acquire()
+        try:
+            await self._open()
+        except BaseException:
+            self.client.conversation_slot(self.server).release()
+            raise
+        return self
+
+    async def _open(self) -> None:
         if self.auth == "certificate":
             if self.client.tls is None:
                 raise PeerError("certificate authentication needs this host's certificate (config `listen.tls`)",
                                 status=0, transient=False)
-            return self
+            return
         c = self.client
         if c.credential is None or c.realm is None:
             raise PeerError("token authentication needs this host's realm credential (config `realm`)",
                             status=0, transient=False)
         hs = ClientHandshake.begin(c.credential, self.server)
         status, body, headers = await self._send("POST", "/v1/session", None,
-                                                 {"Authorization": f"{SCHEME} {hs.ticket}"})
+                                                 {"Authorization": f"{SCHEME} {hs.ticket}"}, SESSION_ANSWER)
         if status != 200:
             self._raise(status, body)
         try:
             self.session = hs.finish(c.realm, body, headers.get(SIGNATURE_HEADER, ""))
         except AuthenticationFailed as e:
             raise PeerError(f"{self.server} failed mutual authentication: {e}", status=0, transient=False) from None
-        return self
 
-    async def __aexit__(self, *exc) -> None:
-        self.session = None
+    async def __aexit__(self, exc_type, *exc) -> None:
+        try:
+            # the client ends its session; not when cancelled (the daemon stops, the cycle
+            # was cut): the server forgets it after its session_timeout by itself
+            if self.session is not None and exc_type is not asyncio.CancelledError:
+                try:
+                    async with asyncio.timeout(END_TIMEOUT):
+                        await self.request("DELETE", "/v1/session")
+                except (ReplicadError, TimeoutError):
+                    pass
+        finally:
+            self.session = None
+            self.client.conversation_slot(self.server).release()
 
-    async def _send(self, method: str, path: str, data, headers: dict) -> tuple[int, bytes, dict]:
+    async def _send(self, method: str, path: str, data, headers: dict,
+                    limit: int = MAX_ANSWER) -> tuple[int, bytes, dict]:
+        """One request; the answer's body is read up to ``limit`` bytes, never more."""
         scheme = "https" if self.auth == "certificate" else "http"
         ssl_ctx = self.client.tls.client if self.auth == "certificate" else None
         url = f"{scheme}://{self.server}:{self.port}{path}"
         try:
             async with self.client.http().request(method, url, data=data, headers=headers,
                                                   ssl=ssl_ctx if ssl_ctx is not None else True) as resp:
-                return resp.status, await resp.read(), dict(resp.headers)
+                return resp.status, await _read_bounded(resp, limit, self.server), dict(resp.headers)
         except aiohttp.ClientConnectorCertificateError as e:
             raise PeerError(f"TLS: the certificate of {self.server} was refused: {e.certificate_error}", status=0,
                             transient=False) from None
@@ -291,48 +337,70 @@ class Conversation:
     async def replica_status(self, vm_id: str) -> dict:
         return await self.request("GET", f"/v1/replicas/{vm_id}")
 
-    async def fetch_digests(self, vm_id: str, folder: Path) -> tuple[dict, list[Path]]:
-        """Stream the replica's digest maps into ``folder`` (bounded memory); the trailing
-        HMAC (token) or SHA-256 (TLS) must verify before any of it is used."""
+    async def fetch_digests(self, vm_id: str, folder: Path, limits: list[int]) -> tuple[dict, list[Path]]:
+        """Stream the replica's digest maps into ``folder``: one map per file asked for,
+        each at most ``limits[i]`` bytes, every segment authenticated before it is written
+        (transport/digests.py); memory is one segment. On any failure nothing is kept."""
         path = f"/v1/replicas/{vm_id}/digests"
         headers, counter = {}, 0
+        key = self.session.key if self.session else None
         if self.session is not None:
             headers["Authorization"], counter = self.session.authorization("GET", path, None)
-        mac = (hmac.new(self.session.key, b"digests|" + str(counter).encode() + b"|", hashlib.sha256)
-               if self.session else hashlib.sha256())
         scheme = "https" if self.auth == "certificate" else "http"
         ssl_ctx = self.client.tls.client if self.auth == "certificate" else True
         folder.mkdir(parents=True, exist_ok=True)
+        files: list[Path] = []
+        index = 0
+
+        async def segment(resp) -> bytes:
+            nonlocal index
+            try:
+                n = digestframe.LENGTH.unpack(await resp.content.readexactly(digestframe.LENGTH.size))[0]
+                if n > digestframe.SEGMENT:
+                    raise PeerError(f"malformed digest answer from {self.server}: a segment of {n} bytes",
+                                    status=200, transient=True)
+                raw = await resp.content.readexactly(n + digestframe.TAG)
+            except asyncio.IncompleteReadError:
+                raise PeerError(f"the digest answer of {self.server} is truncated", status=200,
+                                transient=True) from None
+            data, tag = raw[:n], raw[n:]
+            if not hmac.compare_digest(tag, digestframe.tag(key, counter, index, data)):
+                raise PeerError(f"the digests from {self.server} are not authenticated (MAC mismatch)", status=200,
+                                transient=True)
+            index += 1
+            return data
         try:
             async with self.client.http().get(f"{scheme}://{self.server}:{self.port}{path}", headers=headers,
                                               ssl=ssl_ctx) as resp:
                 if resp.status != 200:
-                    self._raise(resp.status, await resp.read())
-                line = await resp.content.readline()
-                mac.update(line)
-                meta = json.loads(line)
-                sizes = meta["sizes"]
-                if not (isinstance(sizes, list) and len(sizes) <= 64 and all(isinstance(n, int) and 0 <= n < 1 << 40
-                                                                              for n in sizes)):
-                    raise PeerError("malformed digest answer", status=200, transient=True)
-                files = []
+                    self._raise(resp.status, await _read_bounded(resp, MAX_ANSWER, self.server))
+                meta = json.loads(await segment(resp))
+                sizes = meta["sizes"] if isinstance(meta, dict) else None
+                if not (isinstance(sizes, list) and len(sizes) == len(limits)
+                        and all(isinstance(n, int) and 0 <= n <= lim for n, lim in zip(sizes, limits))):
+                    raise PeerError(f"the digest answer of {self.server} does not describe the {len(limits)} "
+                                    f"file(s) asked for within their sizes (sizes {str(sizes)[:200]})",
+                                    status=200, transient=True)
                 for i, n in enumerate(sizes):
                     dst = folder / f"disk{i}.map"
+                    files.append(dst)
                     with open(dst, "wb") as f:
                         while n:
-                            chunk = await resp.content.read(min(n, 1 << 20))
-                            if not chunk:
-                                raise PeerError("digest answer truncated", status=200, transient=True)
-                            mac.update(chunk)
+                            chunk = await segment(resp)
+                            if not chunk or len(chunk) > n:
+                                raise PeerError(f"malformed digest answer from {self.server}: map {i} is not "
+                                                f"{sizes[i]} bytes", status=200, transient=True)
                             await asyncio.to_thread(f.write, chunk)
                             n -= len(chunk)
-                    files.append(dst)
-                tail = await resp.content.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, ValueError, KeyError) as e:
-            raise PeerUnreachable(f"fetching digests from {self.server} failed: {type(e).__name__} {e}") from None
-        if not hmac.compare_digest(tail, mac.digest()):
-            raise PeerError(f"the digests from {self.server} are not authenticated (MAC mismatch)", status=200,
-                            transient=True)
+                if await segment(resp) != b"" or await resp.content.read(1):
+                    raise PeerError(f"the digest answer of {self.server} goes on past its end", status=200,
+                                    transient=True)
+        except BaseException as e:
+            for f in files:
+                f.unlink(missing_ok=True)
+            if isinstance(e, (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, ValueError, KeyError)):
+                raise PeerUnreachable(f"fetching digests from {self.server} failed: {type(e).__name__} {e}") from None
+            raise
         return meta, files
 
     async def seed(self, vm_id: str, doc: dict) -> dict:

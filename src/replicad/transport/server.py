@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import json
 import re
 from collections.abc import Awaitable, Callable
@@ -36,7 +35,7 @@ from ..errors import (AuthenticationFailed, Refused, ReplicadError, ResyncRequir
                       WireError)
 from ..replica.admission import LogSlot
 from ..replica.service import ReplicaService
-from . import raw
+from . import digests as digestframe, raw
 
 log = logmod.get("replicad.peer")
 PRINCIPAL = "replicad.principal"
@@ -93,9 +92,9 @@ def _authenticate(ctx: PeerContext, request: web.Request) -> None:
     if request.path == "/v1/session" and request.method == "POST":
         if not header.startswith(SCHEME + " "):
             raise AuthenticationFailed("no ticket")
+        # the signature is checked here; the replay cache only once the principal may have a
+        # session at all (open_session): a refused ticket costs no write
         ticket = verify_ticket(header[len(SCHEME) + 1:].strip(), ctx.realm, ctx.host)
-        if not ctx.catalog.remember_nonce(ticket.nonce, ticket.expires + MAX_SKEW):
-            raise AuthenticationFailed(f"replayed ticket from {ticket.client}")
         request[PRINCIPAL] = ticket.client
         request["replicad.ticket"] = ticket
         return
@@ -122,6 +121,9 @@ async def peer_middleware(request: web.Request, handler):
         resp = web.json_response({"error": f"unsupported protocol version {version[:16]!r}", "code": "protocol"},
                                  status=400)
     else:
+        sess: Session | None = request.get(SESSION)
+        if sess is not None:
+            ctx.sessions.begin(sess)  # a session never expires under a running request
         try:
             resp = await handler(request)
         except ReplicadError as e:
@@ -131,7 +133,10 @@ async def peer_middleware(request: web.Request, handler):
             if request.method == "PUT" and not request.content.at_eof():
                 # the rest of a refused log is not wanted: close instead of reading it all
                 resp.force_close()
-    sess: Session | None = request.get(SESSION)
+        finally:
+            if sess is not None:
+                ctx.sessions.done(sess)
+    sess = request.get(SESSION)
     if sess is not None and isinstance(resp, web.Response) and not resp.prepared:
         resp.headers[MAC_HEADER] = sess.response_mac(request[COUNTER], resp.status, resp.body or b"")
     return resp
@@ -156,9 +161,28 @@ def _hello_info(ctx: PeerContext, principal: str) -> dict:
 
 
 async def open_session(request: web.Request) -> web.Response:
+    """A session for a principal this host has a use for — one an authorization entry (or
+    `allowed_from_any_server`) or `management.admins` names — and room for (SessionStore);
+    only then is its ticket's nonce recorded against replays."""
     ctx = request.app[CTX_KEY]
-    body, signature = ctx.sessions.accept(request["replicad.ticket"], _hello_info(ctx, request[PRINCIPAL]))
+    principal, ticket = request[PRINCIPAL], request["replicad.ticket"]
+    if principal not in ctx.admins and not ctx.service.admission.names(principal):
+        raise Refused(f"{principal} gets no session on {ctx.host}: no authorization entry and no "
+                      "management admin names it")
+    ctx.sessions.room_for(principal)
+    if not ctx.catalog.remember_nonce(ticket.nonce, ticket.expires + MAX_SKEW):
+        raise AuthenticationFailed(f"replayed ticket from {principal}")
+    body, signature = ctx.sessions.accept(ticket, _hello_info(ctx, principal))
+    log.debug("session.opened", peer=principal, peer_ip=request.remote)
     return web.Response(body=body, content_type="application/json", headers={SIGNATURE_HEADER: signature})
+
+
+async def end_session(request: web.Request) -> web.Response:
+    """The client is done with its session (the end of a conversation)."""
+    ctx = request.app[CTX_KEY]
+    ended = ctx.sessions.end(request[SESSION])
+    log.debug("session.ended", peer=request[PRINCIPAL], reason="the client ended it")
+    return web.json_response({"ended": ended})
 
 
 async def hello(request: web.Request) -> web.Response:
@@ -173,25 +197,26 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def digests(request: web.Request) -> web.StreamResponse:
-    """A replica copy's block digests, streamed: a JSON line (applied_seq, epoch, sizes),
-    the maps, then 32 bytes: HMAC-SHA256 under the session key (token) or SHA-256 (TLS)."""
+    """A replica copy's block digests, streamed in authenticated segments (transport/
+    digests.py): the description (applied_seq, epoch, sizes), the maps, an empty end."""
     ctx = request.app[CTX_KEY]
     meta, maps = await ctx.service.digests(request[PRINCIPAL], ctx.mode, _vm_id(request))
     sess: Session | None = request.get(SESSION)
-    mac = hmac.new(sess.key, b"digests|" + str(request[COUNTER]).encode() + b"|", hashlib.sha256) if sess \
-        else hashlib.sha256()
+    key, counter = (sess.key, request[COUNTER]) if sess else (None, 0)
     out = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     await out.prepare(request)
+    index = 0
 
     async def send(b: bytes) -> None:
-        mac.update(b)
-        await out.write(b)
-    await send((json.dumps(meta) + "\n").encode())
+        nonlocal index
+        await out.write(digestframe.frame(key, counter, index, b))
+        index += 1
+    await send(json.dumps(meta).encode())
     for m in maps:
         with open(m, "rb") as f:
-            while chunk := await workers.DIGESTS.run(f.read, 1 << 20):
+            while chunk := await workers.DIGESTS.run(f.read, digestframe.SEGMENT):
                 await send(chunk)
-    await out.write(mac.digest())
+    await send(b"")
     await out.write_eof()
     return out
 
@@ -350,6 +375,7 @@ def create_peer_app(ctx: PeerContext) -> web.Application:
     app.on_shutdown.append(_drain_raw_logs)
     if ctx.mode == "token":
         app.router.add_post("/v1/session", open_session)
+        app.router.add_delete("/v1/session", end_session)
     app.router.add_get("/v1/hello", hello)
     app.router.add_get("/v1/replicas/{vm_id}", status)
     app.router.add_put("/v1/replicas/{vm_id}/logs/{seq:[0-9]{1,18}}", put_log)
