@@ -29,8 +29,10 @@ class TokenListener:
     address: str
     port: int
     idle_timeout: float = 60.0  # a peer silent this long (headers or body) is disconnected
-    header_timeout: float = 10.0  # a change log's whole header must arrive within this
+    header_timeout: float = 10.0  # a change log's whole header (and a request's head) must arrive within this
     session_timeout: float = 300.0  # a session ends this long after its last request ended
+    max_connections: int = 1024  # open at once (cut to fit the descriptor limit: transport/listen.py)
+    max_connections_per_address: int = 64
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class TlsListener:
     pins: dict[str, str] = field(default_factory=dict)  # host name -> SHA-256 of its certificate
     idle_timeout: float = 60.0
     header_timeout: float = 10.0
+    max_connections: int = 1024
+    max_connections_per_address: int = 64
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,21 @@ class _Reader:
             self.err(path, f"cannot read {p}")
 
 
+LIMIT_KEYS = ("max_connections", "max_connections_per_address")
+
+
+def _limits(r: "_Reader", node: dict, path: str) -> tuple[int, int]:
+    """A peer listener's connection limits (transport/listen.py)."""
+    out = []
+    for key, default in zip(LIMIT_KEYS, (1024, 64)):
+        v = node.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1_000_000:
+            r.err(_join(path, key), f"expected a number of connections between 1 and 1000000, got {v!r}")
+            v = default
+        out.append(v)
+    return out[0], out[1]
+
+
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
@@ -216,20 +235,22 @@ def parse(doc: Any, *, base: Path, source: Path | None = None, check_files: bool
         ln = r.mapping(top["listen"], "listen", {"token", "tls", "metrics"})
         token = tls = metrics = None
         if "token" in ln:
-            t = r.mapping(ln["token"], "listen.token",
-                          {"address", "port", "idle_timeout", "header_timeout", "session_timeout"})
+            t = r.mapping(ln["token"], "listen.token", {"address", "port", "idle_timeout", "header_timeout",
+                                                        "session_timeout", *LIMIT_KEYS})
             token = TokenListener(r.address(t, "address", "listen.token", "0.0.0.0"),
                                   r.port(t, "port", "listen.token", 80), r.seconds(t, "idle_timeout", "listen.token"),
                                   r.seconds(t, "header_timeout", "listen.token", 10.0),
-                                  r.seconds(t, "session_timeout", "listen.token", 300.0))
+                                  r.seconds(t, "session_timeout", "listen.token", 300.0),
+                                  *_limits(r, t, "listen.token"))
         if "tls" in ln:
             t = r.mapping(ln["tls"], "listen.tls",
-                          {"address", "port", "cert", "key", "ca", "pins", "idle_timeout", "header_timeout"})
+                          {"address", "port", "cert", "key", "ca", "pins", "idle_timeout", "header_timeout",
+                           *LIMIT_KEYS})
             cert, key, ca, pins = _certificate(r, t, "listen.tls", name, check_files)
             tls = TlsListener(r.address(t, "address", "listen.tls", "0.0.0.0"),
                               r.port(t, "port", "listen.tls", 443), cert, key, ca, pins,
                               r.seconds(t, "idle_timeout", "listen.tls"),
-                              r.seconds(t, "header_timeout", "listen.tls", 10.0))
+                              r.seconds(t, "header_timeout", "listen.tls", 10.0), *_limits(r, t, "listen.tls"))
         if "metrics" in ln:
             t = r.mapping(ln["metrics"], "listen.metrics", {"address", "port"})
             metrics = MetricsListener(r.address(t, "address", "listen.metrics", "127.0.0.1"),

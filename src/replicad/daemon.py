@@ -29,6 +29,7 @@ from .ownership import ManagementSocket, StateDirLock
 from .primary.engine import PrimaryEngine
 from .replica.service import ReplicaService
 from .transport.client import PeerClient
+from .transport.listen import CappedSite, ConnectionLimits, fit_limits, raise_descriptor_limit
 from .transport.server import PeerContext, create_peer_app
 
 log = logmod.get("replicad.daemon")
@@ -122,18 +123,30 @@ class Daemon:
                  reason="SIGHUP: the management socket was missing; a new one serves the API")
 
     async def _serve_tcp(self, app: web.Application, address: str, port: int, what: str, idle: float,
-                         ssl_context=None) -> None:
-        # keepalive_timeout also bounds a client that never finishes its request headers:
-        # aiohttp arms it at connect and partial data does not extend it
+                         ssl_context=None, limits: ConnectionLimits | None = None) -> None:
+        # keepalive_timeout bounds an idle keep-alive connection; a peer listener's limits
+        # (transport/listen.py) bound what an unauthenticated connection holds before that
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=DRAIN_TIMEOUT, keepalive_timeout=idle)
         await runner.setup()
         try:
-            await web.TCPSite(runner, address, port, reuse_address=True, ssl_context=ssl_context).start()
+            if limits is not None:
+                await CappedSite(runner, address, port, limits, ssl_context=ssl_context).start()
+            else:
+                await web.TCPSite(runner, address, port, reuse_address=True, ssl_context=ssl_context).start()
         except OSError as e:
             await runner.cleanup()
             reason = os.strerror(e.errno).lower() if e.errno else str(e)  # not aiohttp's message with a tuple in it
             raise ConfigError(f"listen.{what}: cannot listen on {address}:{port}: {reason}") from None
         self._runners.append(runner)
+
+    @staticmethod
+    def _limits(what: str, listener, listeners: int) -> ConnectionLimits:
+        total, per_address = fit_limits(listener.max_connections, listener.max_connections_per_address, listeners)
+        if (total, per_address) != (listener.max_connections, listener.max_connections_per_address):
+            log.info("listener.limits", listener=what, max_connections=total, max_connections_per_address=per_address,
+                     reason="cut to leave half of the process's open-file limit to files, a quarter of a listener "
+                            "to one address")
+        return ConnectionLimits(what, total, per_address, listener.header_timeout)
 
     def _reload(self) -> None:
         """SIGHUP: reload TLS certificate, key and CA; keep the old ones if the new are bad;
@@ -169,15 +182,22 @@ class Daemon:
                           drain_timeout=DRAIN_TIMEOUT,
                           management_socket=cfg.management.socket, on_reverse=functools.partial(reverse.accept, host))
             token, tls = cfg.listen.token, cfg.listen.tls
+            listeners = (token is not None) + (tls is not None)
+            soft, hard = raise_descriptor_limit()
+            log.info("daemon.descriptors", open_files=soft, hard_limit=hard,
+                     reason="the soft open-file limit raised towards the hard one: connections and files share it")
             if token is not None:
                 ctx = PeerContext(mode="token", realm=self._realm, sessions=SessionStore(self._credential, token.session_timeout),
                                   idle_timeout=token.idle_timeout, header_timeout=token.header_timeout, **common)
-                await self._serve_tcp(create_peer_app(ctx), token.address, token.port, "token", token.idle_timeout)
+                ctx.limits = self._limits("token", token, listeners)
+                await self._serve_tcp(create_peer_app(ctx), token.address, token.port, "token", token.idle_timeout,
+                                      limits=ctx.limits)
             if tls is not None:
                 ctx = PeerContext(mode="certificate", tls=self._tls, idle_timeout=tls.idle_timeout,
                                   header_timeout=tls.header_timeout, **common)
+                ctx.limits = self._limits("tls", tls, listeners)
                 await self._serve_tcp(create_peer_app(ctx), tls.address, tls.port, "tls", tls.idle_timeout,
-                                      self._tls.listening)
+                                      self._tls.listening, limits=ctx.limits)
             m = cfg.listen.metrics
             if m is not None:
                 await self._serve_tcp(metrics.create_app(host.catalog, host.primary.pending_bytes), m.address, m.port,

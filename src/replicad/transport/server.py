@@ -36,6 +36,7 @@ from ..errors import (AuthenticationFailed, Refused, ReplicadError, ResyncRequir
 from ..replica.admission import LogSlot
 from ..replica.service import ReplicaService
 from . import digests as digestframe, raw
+from .listen import ConnectionLimits
 
 log = logmod.get("replicad.peer")
 PRINCIPAL = "replicad.principal"
@@ -62,6 +63,7 @@ class PeerContext:
     header_timeout: float = 10.0  # seconds for a change log's whole header
     drain_timeout: float = 5.0  # on stop: how long a log being received may still run
     raw_logs: set = field(default_factory=set)  # the upgraded connections being read (transport/raw.py)
+    limits: ConnectionLimits | None = None  # the listener's (transport/listen.py): told when a request's head is in
 
 
 CTX_KEY = web.AppKey("peer", PeerContext)
@@ -110,6 +112,8 @@ def _authenticate(ctx: PeerContext, request: web.Request) -> None:
 @web.middleware
 async def peer_middleware(request: web.Request, handler):
     ctx = request.app[CTX_KEY]
+    if ctx.limits is not None:
+        ctx.limits.greeted(request.transport)  # its head is in: the header deadline is met
     try:
         _authenticate(ctx, request)
     except AuthenticationFailed as e:
