@@ -23,20 +23,27 @@ from pathlib import Path
 
 from .auth.authorize import AuthorizationEntry
 from .errors import ReplicadError
-from .model import VM, Relationship, printable
+from .model import VM, Relationship, VMClaim, printable
 from .times import utcnow
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS auth_entries (primary_pattern TEXT PRIMARY KEY, storage TEXT NOT NULL,
-                                         trust_group TEXT NOT NULL);
+                                         trust_group TEXT NOT NULL, max_disk_size INTEGER,
+                                         max_storage INTEGER);
 CREATE TABLE IF NOT EXISTS vms (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS relationships (vm_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS replay (nonce TEXT PRIMARY KEY, expires REAL NOT NULL, boot TEXT NOT NULL DEFAULT '',
                                    expires_mono REAL NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS claims (vm_id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, principal TEXT NOT NULL,
+                                   trust_group TEXT NOT NULL, storage TEXT NOT NULL, since TEXT NOT NULL,
+                                   bytes INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL,
                                   actor TEXT NOT NULL, action TEXT NOT NULL, detail TEXT NOT NULL);
 """
+
+MIGRATIONS = (("auth_entries", "max_disk_size", "INTEGER"), ("auth_entries", "max_storage", "INTEGER"),
+              ("replay", "boot", "TEXT NOT NULL DEFAULT ''"), ("replay", "expires_mono", "REAL NOT NULL DEFAULT 0"))
 
 
 def _boot_id() -> str:
@@ -65,10 +72,11 @@ class Catalog:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(replay)")}
-            if "expires_mono" not in columns:  # a catalog from before the replay cache knew two clocks
-                self._db.execute("ALTER TABLE replay ADD COLUMN boot TEXT NOT NULL DEFAULT ''")
-                self._db.execute("ALTER TABLE replay ADD COLUMN expires_mono REAL NOT NULL DEFAULT 0")
+            # columns added since a table was first created (a catalog from an older release)
+            for table, column, decl in MIGRATIONS:
+                have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     def close(self) -> None:
         with self._lock:
@@ -111,11 +119,15 @@ class Catalog:
     # authorization entries --------------------------------------------------------------
     def entries(self) -> list[AuthorizationEntry]:
         return [AuthorizationEntry(*r) for r in
-                self._read("SELECT primary_pattern, storage, trust_group FROM auth_entries ORDER BY primary_pattern")]
+                self._read("SELECT primary_pattern, storage, trust_group, max_disk_size, max_storage "
+                           "FROM auth_entries ORDER BY primary_pattern")]
 
     def put_entry(self, e: AuthorizationEntry) -> None:
-        self._write("INSERT INTO auth_entries VALUES(?, ?, ?) ON CONFLICT(primary_pattern) DO UPDATE SET "
-                    "storage=excluded.storage, trust_group=excluded.trust_group", (e.primary, e.storage, e.trust_group))
+        self._write("INSERT INTO auth_entries(primary_pattern, storage, trust_group, max_disk_size, max_storage) "
+                    "VALUES(?, ?, ?, ?, ?) ON CONFLICT(primary_pattern) DO UPDATE SET storage=excluded.storage, "
+                    "trust_group=excluded.trust_group, max_disk_size=excluded.max_disk_size, "
+                    "max_storage=excluded.max_storage",
+                    (e.primary, e.storage, e.trust_group, e.max_disk_size, e.max_storage))
 
     def remove_entry(self, pattern: str) -> bool:
         return self._write("DELETE FROM auth_entries WHERE primary_pattern=?", (pattern,)) > 0
@@ -176,6 +188,33 @@ class Catalog:
     def remove_relationship(self, vm_id: str) -> None:
         self._write("DELETE FROM relationships WHERE vm_id=?", (vm_id,))
         self._unsaved.pop(vm_id, None)
+
+    # claims: VMs whose first copy is pending (replica/admission.py) --------------------
+    def claims(self) -> list[VMClaim]:
+        return [VMClaim(*r) for r in self._read("SELECT vm_id, name, principal, trust_group, storage, since, bytes "
+                                                "FROM claims ORDER BY vm_id")]
+
+    def claim_by_id(self, vm_id: str) -> VMClaim | None:
+        rows = self._read("SELECT vm_id, name, principal, trust_group, storage, since, bytes FROM claims WHERE vm_id=?",
+                          (vm_id,))
+        return VMClaim(*rows[0]) if rows else None
+
+    def claim_by_name(self, name: str) -> VMClaim | None:
+        rows = self._read("SELECT vm_id, name, principal, trust_group, storage, since, bytes FROM claims WHERE name=?",
+                          (name,))
+        return VMClaim(*rows[0]) if rows else None
+
+    def add_claim(self, c: VMClaim) -> bool:
+        """Record a claim; False when its id or name is claimed already (nothing written)."""
+        try:
+            self._write("INSERT INTO claims VALUES(?, ?, ?, ?, ?, ?, ?)",
+                        (c.vm_id, c.name, c.principal, c.trust_group, c.storage, c.since, c.bytes))
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def remove_claim(self, vm_id: str) -> bool:
+        return self._write("DELETE FROM claims WHERE vm_id=?", (vm_id,)) > 0
 
     # replay cache -----------------------------------------------------------------------
     def remember_nonce(self, nonce: str, expires: float) -> bool:

@@ -104,3 +104,19 @@ def backing_chain(path: Path, allowed: tuple[Path, ...] = ()) -> list[Backing]:
         chain.append(Backing(b.name, resolved))
         current = resolved
     return chain
+
+
+def foreign_backing(files: list[Path]) -> tuple[Path, str] | None:
+    """The first qcow2 file among a VM's ``files`` whose backing file is not one of them,
+    with the name it gives (or why its header cannot be read); None when all is well.
+    A replica copy's header is the primary's to write: checked before the VM starts, as
+    its hypervisor would follow that name (never opened here)."""
+    own = {f.resolve() for f in files}
+    for f in files:
+        try:
+            b = backing_of(f)
+        except (ImageError, OSError) as e:
+            return f, str(e)
+        if b is not None and b.path.resolve() not in own:
+            return f, b.name
+    return None

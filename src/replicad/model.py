@@ -233,3 +233,17 @@ class Relationship:
         rel.state = ReplicationState(rel.state)
         rel.stats = _from_dict(Stats, rel.stats) if isinstance(rel.stats, dict) else Stats()
         return rel
+
+
+@dataclass(frozen=True)
+class VMClaim:
+    """A replica server's record that a VM id and name belong to one primary (principal and
+    trust group) while that VM's first copy is pending here (replica/admission.py)."""
+
+    vm_id: str
+    name: str
+    principal: str
+    trust_group: str
+    storage: str
+    since: str
+    bytes: int = 0  # what its files declare together (counted against --max-storage)

@@ -32,12 +32,13 @@ MiB = 1 << 20
 
 
 def _catalog_rows(db_path: Path) -> dict:
-    """The rows that say what a host holds and allows (read-only; the daemon keeps running).
+    """The rows that say what a host holds and allows, and whose VM ids and names are bound
+    (read-only; the daemon keeps running).
     Left out: the replay cache and the audit log, which a refused request may rightly grow."""
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
         return {table: sorted(db.execute(f"SELECT * FROM {table}").fetchall())
-                for table in ("settings", "auth_entries", "vms", "relationships")}
+                for table in ("settings", "auth_entries", "vms", "relationships", "claims")}
     finally:
         db.close()
 
@@ -219,8 +220,16 @@ def attacker(c, host) -> PeerClient:
 
 def forge(c, target, fn):
     """Run ``fn(conversation)`` as vmhost3 against ``target``; return the error it raised."""
+    e = converse(c, c["vmhost3"], target, fn)
+    if not isinstance(e, Exception):
+        raise AssertionError("the forged request was accepted")
+    return e
+
+
+def converse(c, host, target, fn):
+    """Run ``fn(conversation)`` as ``host`` against ``target``: its result, or the error it raised."""
     async def go():
-        client = attacker(c, c["vmhost3"])
+        client = attacker(c, host)
         try:
             async with client.conversation(target.fqdn, target.peer_port, c.auth) as conv:
                 return await fn(conv)
@@ -233,10 +242,9 @@ def forge(c, target, fn):
             await client.close()
             await asyncio.sleep(0.25)  # TLS transports finish closing on the loop (aiohttp's advice)
     try:
-        asyncio.run(go())
+        return asyncio.run(go())
     except Exception as e:  # noqa: BLE001 — the refusal is what we want to see
         return e
-    raise AssertionError("the forged request was accepted")
 
 
 def log_bytes(header: Header, conv, records=()) -> bytes:

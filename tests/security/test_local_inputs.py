@@ -172,3 +172,23 @@ def test_allowed_backing_folders(primary, tmp_path):
     r = primary.cli("vm", "add", "bad", "--disk", str(top), "--allow-backing", "relative/dir", check=False)
     assert r.returncode == 2 and "--allow-backing" in r.stderr, r.stderr
     assert [v["name"] for v in primary.json("vm", "list")] == ["web"]
+
+
+# --- item 7: disks per VM ---------------------------------------------------------------
+def test_a_vm_has_at_most_64_files(primary, tmp_path):
+    """A change log names at most 64 files (disks, backing files, the configuration file):
+    `vm add` says so at once instead of every cycle failing later."""
+    disks = []
+    for i in range(65):
+        d = tmp_path / "many" / f"d{i}.img"
+        d.parent.mkdir(exist_ok=True)
+        d.write_bytes(b"")
+        disks.append(d)
+    args = [a for d in disks for a in ("--disk", str(d))]
+    r = primary.cli("vm", "add", "many", *args, check=False)
+    assert r.returncode == 2 and "64" in r.stderr and r.stderr.startswith("error: "), r.stderr
+    r = primary.cli("vm", "add", "many", *args[:-2], "--config-file", str(disks[-1]), check=False)
+    assert r.returncode == 2 and "64" in r.stderr, r.stderr  # 64 disks and a configuration file
+    assert primary.json("vm", "list") == []
+    added = primary.json("vm", "add", "many", *args[:-4], "--config-file", str(disks[-1]))  # 63 + 1: fits
+    assert len(added["disks"]) == 63

@@ -12,8 +12,8 @@ from ..auth.authorize import DEFAULT_TRUST_GROUP, AuthorizationEntry
 from ..errors import Conflict, NotFound, ReplicadError, UsageError
 from ..fsutil import make_private_dir
 from ..model import AuthType, valid_fqdn
-from ..replica.settings import ServerSettings, validate_hhmm
-from ..units import format_duration, parse_duration
+from ..replica.settings import MAX_RECOVERY_HISTORY, ServerSettings, validate_hhmm
+from ..units import format_duration, parse_duration, parse_size
 from .context import actor, body, host_of
 
 log = logmod.get("replicad.server")
@@ -26,7 +26,7 @@ def server_json(host, s: ServerSettings) -> dict:
             "tls_port": cfg.listen.tls.port if cfg.listen.tls else None,
             "allowed_from_any_server": s.allowed_from_any_server, "default_storage": s.default_storage,
             "monitoring_interval": format_duration(s.monitoring_interval),
-            "monitoring_start_time": s.monitoring_start_time}
+            "monitoring_start_time": s.monitoring_start_time, "max_recovery_history": s.max_recovery_history}
 
 
 def _bool(doc: dict, key: str):
@@ -73,6 +73,13 @@ async def set_server(request):
         changes["monitoring_interval"] = parse_duration(str(doc["monitoring_interval"]))
     if "monitoring_start_time" in doc:
         changes["monitoring_start_time"] = validate_hhmm(str(doc["monitoring_start_time"]))
+    if "max_recovery_history" in doc:
+        n = doc["max_recovery_history"]
+        if isinstance(n, str) and n.isdigit():
+            n = int(n)
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_RECOVERY_HISTORY:
+            raise UsageError(f"--max-recovery-history expects 0 to {MAX_RECOVERY_HISTORY}, got {n!r}")
+        changes["max_recovery_history"] = n
     new = replace(s, **changes)
     if new.enabled:
         _storage(new.default_storage)
@@ -97,6 +104,17 @@ def _trust_group(doc: dict, default: str) -> str:
     return tg
 
 
+def _quotas(doc: dict, old: AuthorizationEntry | None) -> dict:
+    """The quotas a request sets: a missing key keeps the old value, 'none' removes it."""
+    out = {}
+    for key in ("max_disk_size", "max_storage"):
+        if key in doc:
+            out[key] = parse_size(doc[key], f"--{key.replace('_', '-')}")
+        else:
+            out[key] = getattr(old, key) if old is not None else None
+    return out
+
+
 async def list_entries(request):
     return web.json_response([e.to_dict() for e in host_of(request).catalog.entries()])
 
@@ -110,7 +128,7 @@ async def add_entry(request):
                        hint="use `replicad auth-entry set` to change it")
     default = ServerSettings.load(host.catalog, host.config.state_dir).default_storage
     e = AuthorizationEntry(pattern, _storage(str(doc.get("storage") or default)),
-                           _trust_group(doc, DEFAULT_TRUST_GROUP))
+                           _trust_group(doc, DEFAULT_TRUST_GROUP), **_quotas(doc, None))
     host.catalog.put_entry(e)
     host.catalog.audit(actor(request), "auth-entry.add", str(e.to_dict()))
     log.info("auth_entry.added", **e.to_dict())
@@ -125,7 +143,7 @@ async def set_entry(request):
     if old is None:
         raise NotFound(f"no authorization entry for {pattern}")
     e = AuthorizationEntry(pattern, _storage(str(doc["storage"])) if doc.get("storage") else old.storage,
-                           _trust_group(doc, old.trust_group))
+                           _trust_group(doc, old.trust_group), **_quotas(doc, old))
     host.catalog.put_entry(e)
     host.catalog.audit(actor(request), "auth-entry.set", str(e.to_dict()))
     log.info("auth_entry.changed", **e.to_dict())

@@ -13,9 +13,10 @@ from .. import hooks
 from .. import log as logmod
 from ..errors import Conflict, NotFound, Refused, ReplicadError, UsageError
 from ..health import compute as compute_health
-from ..images import BackingRefused, ImageError, backing_chain, disk_format
+from ..images import BackingRefused, ImageError, backing_chain, disk_format, foreign_backing
 from ..model import (VM, Disk, ReplicationMode, ReplicationState, VMState, extended_id, valid_disk_name,
                      valid_vm_name)
+from ..wire import MAX_DISKS
 from .context import Host, actor, body, host_of
 
 log = logmod.get("replicad.vms")
@@ -60,6 +61,10 @@ async def add_vm(request):
     name = _check_name(str(doc.get("name", "")))
     if host.catalog.vm_by_name(name):
         raise Conflict(f"a VM named {name} already exists on {host.config.host}")
+    pending = host.catalog.claim_by_name(name)
+    if pending is not None:
+        raise Conflict(f"{pending.principal} is replicating a VM named {name} to {host.config.host} (first copy "
+                       f"pending, id {pending.vm_id})", hint="choose another name")
     paths = doc.get("disks")
     if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
         raise UsageError("at least one --disk PATH is required")
@@ -112,6 +117,9 @@ async def add_vm(request):
             raise UsageError(f"the configuration file and a disk are both named {Path(cfg).name}")
         if not valid_disk_name(Path(cfg).name):
             raise UsageError(f"config file name {Path(cfg).name!r}: use letters, digits, '.', '_', '-'")
+    if len(disks) + (cfg is not None) > MAX_DISKS:  # what one change log can name (wire/codec.py)
+        raise UsageError(f"{name} would have {len(disks) + (cfg is not None)} files (disks, their backing files "
+                         f"and the configuration file); a VM has at most {MAX_DISKS}")
     vm = VM(id=str(uuid.uuid4()), name=name, disks=disks, config_file=cfg)
     host.catalog.put_vm(vm)
     log.info("vm.added", vm=name, id=vm.id, disks=len(disks), config_file=cfg)
@@ -161,6 +169,14 @@ async def start_vm(request):
     if vm.mode in (ReplicationMode.REPLICA, ReplicationMode.EXTENDED_REPLICA) and not failed_over:
         raise Refused(f"{vm.name} is a replica VM and cannot be started",
                       hint="fail over first: `replicad failover start`")
+    foreign = await asyncio.to_thread(foreign_backing, vm.files())
+    if foreign is not None:  # e.g. a replicated header naming a file of this host
+        disk, backing = foreign
+        log.warning("vm.backing_refused", vm=vm.name, disk=str(disk), backing_file=backing,
+                    reason="a disk's backing file is not one of the VM's files; the hypervisor would open it")
+        raise Refused(f"{vm.name} cannot start: {disk.name} names {backing!r} as its backing file, which is not one "
+                      f"of {vm.name}'s files here", hint=f"rebase it onto one of them (`qemu-img rebase -u -b FILE "
+                      f"-F qcow2 {disk}`) once you know where that name came from")
     await asyncio.to_thread(hooks.run, vm, "on_start")
     vm.state = VMState.RUNNING
     host.catalog.put_vm(vm)

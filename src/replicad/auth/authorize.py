@@ -15,19 +15,25 @@ class AuthorizationEntry:
     primary: str
     storage: str
     trust_group: str
+    max_disk_size: int | None = None  # bytes any one file of a VM may declare (None: no quota)
+    max_storage: int | None = None    # bytes all the entry's VMs may declare together
 
     def to_dict(self) -> dict:
-        return {"primary": self.primary, "storage": self.storage, "trust_group": self.trust_group}
+        return {"primary": self.primary, "storage": self.storage, "trust_group": self.trust_group,
+                "max_disk_size": self.max_disk_size, "max_storage": self.max_storage}
 
 
 @dataclass(frozen=True)
 class Grant:
-    """What an authorized primary may do here: where its VMs live, under which trust group."""
+    """What an authorized primary may do here: where its VMs live, under which trust group,
+    within which quotas (replica/admission.py enforces them)."""
 
     principal: str
     storage: Path
     trust_group: str
     entry: str | None  # the matching pattern, None when any server is allowed
+    max_disk_size: int | None = None
+    max_storage: int | None = None
 
 
 def pattern_matches(pattern: str, name: str) -> bool:
@@ -66,4 +72,5 @@ def authorize(principal: str, *, enabled: bool, allow_any: bool, default_storage
     if entry is None:
         raise Refused(f"{principal} is not authorized to replicate to this server",
                       hint=f"add an entry on the replica: `replicad auth-entry add --primary {principal}`")
-    return Grant(principal, Path(entry.storage), entry.trust_group, entry.primary)
+    return Grant(principal, Path(entry.storage), entry.trust_group, entry.primary, entry.max_disk_size,
+                 entry.max_storage)

@@ -8,10 +8,13 @@ the same API as the commands, idempotently.
       default_storage: /srv/replicas
       monitoring_interval: 12h
       monitoring_start_time: "09:00"
+      max_recovery_history: 8  # older recovery points kept per VM, whatever primaries ask
     auth_entries:            # replicad auth-entry add/set
       - primary: "*.contoso.com"
         storage: /srv/replicas/contoso
         trust_group: Production
+        max_disk_size: 2TiB  # optional quotas ("none": no quota)
+        max_storage: 20TiB
     vms:                     # replicad vm add/set
       - name: contoso2
         disks: [/var/lib/libvirt/images/contoso2.img]
@@ -42,13 +45,15 @@ from urllib.parse import quote
 
 import yaml
 
-from ..errors import ConfigError, Conflict
-from ..units import format_duration, parse_duration, parse_rate
+from ..errors import ConfigError, Conflict, UsageError
+from ..units import format_duration, parse_duration, parse_rate, parse_size
 from .render import plain
 
 SERVER_KEYS = {"enabled": bool, "auth": str, "allow_any_server": bool, "default_storage": str,
-               "monitoring_interval": (str, int), "monitoring_start_time": str}
-ENTRY_KEYS = {"primary": str, "storage": str, "trust_group": str}
+               "monitoring_interval": (str, int), "monitoring_start_time": str, "max_recovery_history": int}
+ENTRY_KEYS = {"primary": str, "storage": str, "trust_group": str, "max_disk_size": (str, int),
+              "max_storage": (str, int)}
+ENTRY_SETTINGS = ("storage", "trust_group", "max_disk_size", "max_storage")
 VM_KEYS = {"name": str, "disks": list, "config_file": str, "allow_backing": list, "on_start": str, "on_stop": str,
            "pre_snapshot": str, "post_snapshot": str, "hook_timeout": int}
 HOOKS = ("on_start", "on_stop", "pre_snapshot", "post_snapshot")
@@ -102,9 +107,15 @@ def load(path: str) -> dict:
                                   errors)}
     if out["server"].get("default_storage"):
         out["server"]["default_storage"] = str(base / out["server"]["default_storage"])
-    for e in out["auth_entries"]:
+    for i, e in enumerate(out["auth_entries"]):
         if e.get("storage"):
             e["storage"] = str(base / e["storage"])
+        for key in ("max_disk_size", "max_storage"):
+            if key in e:
+                try:
+                    e[key] = parse_size(e[key], key)
+                except UsageError as err:
+                    errors.append(f"auth_entries[{i}].{key}: {err}")
     for i, v in enumerate(out["vms"]):
         disks = v.get("disks") or []
         if not disks or not all(isinstance(d, str) and d for d in disks):
@@ -188,7 +199,8 @@ def _plan_server(api, want: dict, p: Plan) -> None:
     current = {"enabled": have["enabled"], "auth": have["auth"], "allow_any_server": have["allowed_from_any_server"],
                "default_storage": have["default_storage"],
                "monitoring_interval": have["monitoring_interval"],
-               "monitoring_start_time": have["monitoring_start_time"]}
+               "monitoring_start_time": have["monitoring_start_time"],
+               "max_recovery_history": have.get("max_recovery_history")}
     if "monitoring_interval" in want:
         want = {**want, "monitoring_interval": format_duration(parse_duration(str(want["monitoring_interval"])))}
     body, said = _diff(current, want)
@@ -201,11 +213,12 @@ def _plan_entries(api, want: list[dict], p: Plan) -> None:
     for e in want:
         cur = have.get(e["primary"])
         if cur is None:
-            extra = ", ".join(f"{k}={e[k]}" for k in ("storage", "trust_group") if e.get(k))
+            extra = ", ".join(f"{k}={e[k]}" for k in ENTRY_SETTINGS if e.get(k))
             p.add(f"+ auth-entry {e['primary']}" + (f" ({extra})" if extra else ""), "POST", "/v1/auth-entries",
-                  {"primary": e["primary"], "storage": e.get("storage"), "trust_group": e.get("trust_group")})
+                  {"primary": e["primary"], **{k: e.get(k) for k in ENTRY_SETTINGS}})
             continue
-        diff, said = _diff(cur, {k: e[k] for k in ("storage", "trust_group") if k in e})
+        diff, said = _diff(cur, {k: e[k] for k in ENTRY_SETTINGS if k in e})
+        diff = {k: ("none" if v is None and k.startswith("max_") else v) for k, v in diff.items()}
         if diff:
             p.add(f"~ auth-entry {e['primary']}: {said}", "PATCH", "/v1/auth-entries", {"primary": e["primary"], **diff})
 

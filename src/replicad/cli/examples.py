@@ -19,7 +19,7 @@ EXAMPLES = {
     "demo": "replicad demo --keep-running",
     "server get": "replicad server get -o list",
     "auth-entry list": "replicad auth-entry list -o json",
-    "auth-entry set": "replicad auth-entry set --primary '*.contoso.com' --trust-group Production",
+    "auth-entry set": "replicad auth-entry set --primary '*.contoso.com' --max-disk-size 2TiB --max-storage none",
     "auth-entry remove": "replicad auth-entry remove --primary vmhost3.contoso.com",
     "vm list": "replicad vm list",
     "vm get": "replicad vm get contoso2 -o list",

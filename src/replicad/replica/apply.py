@@ -30,9 +30,10 @@ from .layout import VMDir
 READ_CHUNK = 1 << 20
 
 
-def read_log(path: Path) -> Iterator[Header | Record | Trailer]:
-    """Decode a staged log, verifying every checksum and the whole-log digest."""
-    dec = LogDecoder()
+def read_log(path: Path, *, payloads: bool = True) -> Iterator[Header | Record | Trailer]:
+    """Decode a staged log, verifying every checksum and the whole-log digest
+    (``payloads=False``: records without their data, for their extents only)."""
+    dec = LogDecoder(payloads=payloads)
     with open(path, "rb") as f:
         while True:
             chunk = f.read(READ_CHUNK)
@@ -70,8 +71,55 @@ def _save_range(enc: LogEncoder, fd: int, disk: int, start: int, end: int) -> It
             a += n
 
 
+UNDO_RANGES = 1 << 16  # ranges kept exact while a log's extents are collected (memory bound)
+_COARSE = 1 << 20      # the first gap joined when there are more
+
+
+def _merge(ranges: list[tuple[int, int, int]], gap: int) -> list[tuple[int, int, int]]:
+    """Sorted (disk, start, end) ranges, overlapping ones joined, and ones less than
+    ``gap`` bytes apart too."""
+    out: list[tuple[int, int, int]] = []
+    for disk, a, b in sorted(ranges):
+        if out and out[-1][0] == disk and a <= out[-1][2] + gap:
+            if b > out[-1][2]:
+                out[-1] = (disk, out[-1][1], b)
+        else:
+            out.append((disk, a, b))
+    return out
+
+
+def overwritten(log_path: Path, old_sizes: list[int]) -> list[tuple[int, int, int]]:
+    """What applying ``log_path`` overwrites of the disks as they are: sorted, disjoint
+    (disk, start, end) ranges, so an undo log saves each old byte once however often the
+    log's records cover it (40 records over one whole disk once made an undo log of 40
+    copies of it). Memory stays bounded whatever the log: past ``UNDO_RANGES`` ranges,
+    nearby ones are joined (saving a little more than is overwritten is still a correct
+    undo: those bytes are written back as they were)."""
+    ranges: list[tuple[int, int, int]] = []
+    gap = 0
+    for item in read_log(log_path, payloads=False):
+        if not isinstance(item, Record):
+            continue
+        old = old_sizes[item.disk]
+        if item.kind == RECORD_RESIZE:
+            start, end = item.offset, old  # a shrink loses the tail
+        else:
+            start, end = item.offset, min(item.offset + item.length, old)
+        if end <= start:
+            continue
+        ranges.append((item.disk, start, end))
+        if len(ranges) > UNDO_RANGES:
+            ranges = _merge(ranges, gap)
+            while len(ranges) > UNDO_RANGES // 2:
+                gap = max(2 * gap, _COARSE)
+                ranges = _merge(ranges, gap)
+    return _merge(ranges, gap)
+
+
 def write_undo(vmdir: VMDir, log_path: Path, disk_paths: list[Path]) -> Path:
-    """Save everything ``log_path`` will overwrite; durable under its final name on return."""
+    """Save everything ``log_path`` will overwrite, each old byte once (its data only where
+    the disk holds data: an undo log is never larger than what the disks hold); durable
+    under its final name on return."""
     header = read_header(log_path)
     seq = header.seq
     fds = [os.open(p, os.O_RDONLY) for p in disk_paths]
@@ -87,15 +135,8 @@ def write_undo(vmdir: VMDir, log_path: Path, disk_paths: list[Path]) -> Path:
             for i in range(len(fds)):  # sizes first: applying the undo restores them before data
                 if header.disks[i].size != old_sizes[i]:
                     out.write(enc.resize(i, old_sizes[i]))
-            for item in read_log(log_path):
-                if not isinstance(item, Record):
-                    continue
-                old = old_sizes[item.disk]
-                if item.kind == RECORD_RESIZE:
-                    start, end = item.offset, old  # a shrink loses the tail
-                else:
-                    start, end = item.offset, min(item.offset + item.length, old)
-                for b in _save_range(enc, fds[item.disk], item.disk, start, end):
+            for disk, start, end in overwritten(log_path, old_sizes):
+                for b in _save_range(enc, fds[disk], disk, start, end):
                     out.write(b)
             out.write(enc.finish())
             out.flush()

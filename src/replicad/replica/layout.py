@@ -8,6 +8,8 @@ from pathlib import Path
 
 from ..fsutil import make_private_dir
 
+PROGRESS_FILE = "initial.progress"  # durable progress of an initial copy being received
+
 
 @dataclass(frozen=True)
 class VMDir:
@@ -37,6 +39,10 @@ class VMDir:
 
     def log_part(self, seq: int) -> Path:
         return self.logs / f"{seq:012d}.log.part"
+
+    @property
+    def progress(self) -> Path:
+        return self.root / PROGRESS_FILE
 
     def undo_log(self, seq: int) -> Path:
         return self.undo / f"{seq:012d}.undo"

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import secrets
 import shutil
 import ssl
 import uuid
@@ -26,19 +27,20 @@ from ..model import (VM, Disk, Relationship, ReplicationMode, ReplicationState, 
 from ..monitoring import roll as roll_interval
 from ..wire import MAX_HEADER, Header, LogDecoder, Record
 from ..images import disk_format
+from ..tracking.digestmap import open_stream
 from ..tracking.scan import digest_disks
 from . import missing, points
 from .admission import Admission
 from .apply import discard, read_log, rollback, write_point
 from .copywriter import CopyWriter
 from .failover import identities
-from .layout import VMDir
+from .layout import PROGRESS_FILE, VMDir
+from .seeding import SeedRefused, adopt, seed_sizes
 from .settings import ServerSettings
 from ..transport.raw import RawLog
 
 log = logmod.get("replicad.replica")
 STAGE_BATCH = 4 << 20
-PROGRESS_FILE = "initial.progress"  # durable progress of an initial copy being received
 PROGRESS_EVERY = 32 << 20           # bytes between progress points: at most this much is resent
 APPLY_RETRY_MAX = 60.0
 HEADER_TIMEOUT = 10.0  # seconds for a log's whole header (listen.*.header_timeout)
@@ -183,11 +185,17 @@ class ReplicaService:
         self._applied: dict[str, asyncio.Condition] = {}  # notified after every commit
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task] = {}
-        self.admission = Admission(catalog, state_dir)
+        self.admission = Admission(catalog, state_dir,
+                                   lambda vm_id: vm_id in self._locks and self._locks[vm_id].locked())
 
     # lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Resume every replica VM: drop half-received logs, finish interrupted applies."""
+        """Resume every replica VM: drop half-received logs, finish interrupted applies, and
+        the leftovers of first copies that left nothing to resume."""
+        for claim in self.admission.recover():
+            await asyncio.to_thread(shutil.rmtree, VMDir.of(claim.storage, claim.vm_id).root, True)
+            log.info("replica.recover.dropped", vm=claim.name, vm_id=claim.vm_id, file=claim.vm_id,
+                     reason="an interrupted first copy with nothing durable to resume from")
         for rel in self.catalog.relationships():
             if rel.role == "replica":
                 await asyncio.to_thread(self._recover_files, rel)
@@ -288,31 +296,26 @@ class ReplicaService:
         connection = "raw" if raw is not None else "http"  # for the log: which receive path ran
         if header.vm_id != vm_id or header.seq != seq:
             raise WireError("change-log header does not match the request")
+        # whose VM this is, before anything about it (its state, its name's owner) shows
+        self.admission.check(grant, vm_id, header.vm_name, held=vm_id)
+        self.admission.check_quota(grant, vm_id, header.vm_name, [(d.name, d.size) for d in header.disks])
         vm = self.catalog.vm_by_id(vm_id)
         rel = self.catalog.relationship(vm_id)
         bound = log.bind(vm=header.vm_name, peer=grant.principal, cycle=seq)
-        if vm is not None and (rel is None or rel.role != "replica"):
-            raise Conflict(f"VM {header.vm_name} ({vm_id}) exists on this host and is not a replica")
         if rel is not None and rel.state in (ReplicationState.FAILED_OVER_WAITING, ReplicationState.FAILED_OVER):
             raise Conflict(f"{header.vm_name} has failed over on this replica server; it takes no more logs",
                            hint="reverse replication from the replica, or stop the failover there")
         if rel is not None and rel.state == ReplicationState.SUSPENDED:
             raise Conflict(f"replication of {header.vm_name} is suspended on the replica server",
                            hint="run `replicad replication resume` on the replica")
-        if rel is not None and rel.trust_group != grant.trust_group:
-            bound.warning("replica.refused", reason="trust group mismatch", vm_group=rel.trust_group,
-                          peer_group=grant.trust_group)
-            raise Refused(f"{grant.principal} (trust group {grant.trust_group}) may not write to VM "
-                          f"{header.vm_name}, created under another trust group")
-        same_name = self.catalog.vm_by_name(header.vm_name)
-        if same_name is not None and same_name.id != vm_id:
-            raise Conflict(f"a different VM named {header.vm_name} already exists on this replica server")
         if header.kind == "initial":
             if header.base_seq != 0:
                 raise WireError("an initial log must have base 0")
             storage = Path(grant.storage)
             if rel is not None:
                 await self._reset_for_initial(rel)
+            else:  # a first copy: its id and name are this primary's from now on, also while pending
+                self.admission.claim(grant, vm_id, header.vm_name, storage, sum(d.size for d in header.disks))
         else:
             if rel is None:
                 raise ResyncRequired(f"this replica server has no copy of VM {header.vm_name}")
@@ -366,9 +369,12 @@ class ReplicaService:
                 raise
         except BaseException as e:
             resumable = direct and (vmdir.root / PROGRESS_FILE).exists()
-            if fresh_dir and not resumable:  # nothing of a refused first log stays behind
-                await workers.RECEIVE.run(shutil.rmtree, vmdir.root, True)
-            elif resumable:
+            if not resumable:  # nothing of a refused first log stays behind, nor its claim
+                if fresh_dir:
+                    await workers.RECEIVE.run(shutil.rmtree, vmdir.root, True)
+                if rel is None:
+                    self.admission.release(vm_id)
+            else:
                 bound.info("initial.interrupted", progress=await workers.RECEIVE.run(read_progress,
                                                                                    vmdir.root / PROGRESS_FILE),
                            reason="what was made durable stays; the primary's next attempt resumes there")
@@ -486,6 +492,7 @@ class ReplicaService:
         if old is not None:
             rel.stats = old.stats
         self.catalog.put_vm_and_relationship(vm, rel)
+        self.admission.release(vm_id)  # the relationship binds the VM to its primary from now on
         self.catalog.audit(grant.principal, "replica.created", f"{name} ({vm_id}) in {storage} from {how}")
         log.info("replica.vm_created", vm=name, peer=grant.principal, storage=str(vmdir.root),
                  trust_group=grant.trust_group, source=how)
@@ -508,18 +515,21 @@ class ReplicaService:
             raise UsageError("malformed VM id") from None
         storage = Path(grant.storage)
         async with self._locks.setdefault(vm_id, asyncio.Lock()):
+            self.admission.check(grant, vm_id, name, held=vm_id)
             rel = self.catalog.relationship(vm_id)
             if rel is not None:
-                if rel.role == "replica" and rel.trust_group == grant.trust_group and rel.applied_seq == 0 \
-                        and rel.primary_server == grant.principal:
+                if rel.role == "replica" and rel.applied_seq == 0:
                     return {"vm_id": vm_id, "found": None, "adopted": "already"}  # a retried request
                 raise Conflict(f"this replica server already has VM {name} ({vm_id})")
-            other = self.catalog.vm_by_name(name)
-            if other is not None:
-                raise Conflict(f"a VM named {name} already exists on this replica server")
             source = storage / name
             vmdir = VMDir.of(storage, vm_id)
-            found = await asyncio.to_thread(_adopt_files, source, vmdir, files)
+            sizes = await asyncio.to_thread(seed_sizes, source, files)
+            self.admission.check_quota(grant, vm_id, name, list(zip(files, sizes)))
+            try:
+                found = await asyncio.to_thread(adopt, source, vmdir, files)
+            except SeedRefused as e:
+                log.warning("seed.refused", vm=name, peer=principal, file=str(e.path), reason=str(e))
+                raise
             if not found:
                 raise Conflict(f"no existing copy of {name} in {source} on {grant.principal}'s storage",
                                hint=f"put the copy's files ({', '.join(files)}) in {source} on the replica "
@@ -533,9 +543,8 @@ class ReplicaService:
 
     def status(self, principal: str, auth: str, vm_id: str) -> dict:
         grant = self.grant_for(principal, auth)
+        self.admission.check(grant, vm_id, partner_ok=True)
         rel = self.catalog.relationship(vm_id)
-        if rel is not None and rel.role == "replica" and rel.trust_group != grant.trust_group:
-            raise Refused(f"{principal} may not read VM {vm_id}, created under another trust group")
         out: dict = {"vm_id": vm_id, "exists": False}
         if rel is not None and rel.role == "replica":
             out = {"vm_id": vm_id, "exists": True, "epoch": rel.epoch, "acked_seq": rel.seq,
@@ -622,7 +631,12 @@ class ReplicaService:
         roll_interval(rel, s.monitoring_start_time, s.monitoring_interval)
         previous = ({"seq": rel.applied_seq, "time": rel.last_replication_time, "consistency": rel.last_consistency}
                     if rel.applied_seq and rel.last_replication_time and header.kind != "initial" else None)
-        rel.recovery_history, rel.recovery_point_interval = header.history
+        asked, rel.recovery_point_interval = header.history
+        kept = min(asked, s.max_recovery_history)  # `server set --max-recovery-history`
+        if kept < asked and rel.recovery_history != kept:
+            log.warning("recovery.history_capped", vm=header.vm_name, peer=rel.primary_server, asked=asked,
+                        kept=kept, reason="this replica server keeps at most that many older recovery points")
+        rel.recovery_history = kept
         rel.applied_seq = header.seq
         rel.error = None
         rel.last_replication_time = utcnow()
@@ -656,23 +670,29 @@ class ReplicaService:
         """The block digests of a replica copy as it is now, for a resync: every acknowledged
         log applied first, then the copy read under the apply lock. Returns (meta, map files)."""
         grant = self.grant_for(principal, auth)
+        self.admission.check(grant, vm_id, partner_ok=True)
         rel = self.catalog.relationship(vm_id)
         vm = self.catalog.vm_by_id(vm_id)
         if rel is None or vm is None or rel.role != "replica":
             raise ResyncRequired("this replica server has no copy of that VM")
-        if rel.trust_group != grant.trust_group:
-            raise Refused(f"{principal} may not read VM {vm_id}, created under another trust group")
         if rel.state in (ReplicationState.FAILED_OVER_WAITING, ReplicationState.FAILED_OVER):
             raise Conflict(f"{vm.name} has failed over on this replica server")
         gone = await asyncio.to_thread(missing.missing_files, vm)
         if gone:
             await self._recreate_missing(vm, gone, principal)
         await self.drained(vm_id, 600)
-        folder = VMDir.of(rel.storage, vm_id).root / "resync"
+        # a folder of this answer's own (concurrent answers never share maps); compressed
+        # maps: never-written regions cost nothing to store; dropped once sent (drop_digests)
+        folder = VMDir.of(rel.storage, vm_id).root / "resync" / secrets.token_hex(8)
         async with self.apply_lock(vm_id):
             rel = self.catalog.relationship(vm_id)
-            maps = await workers.DIGESTS.run(digest_disks, vm.files(), folder)
+            try:
+                written = await workers.DIGESTS.run(digest_disks, vm.files(), folder, compress=True)
+            except BaseException:
+                await workers.DIGESTS.run(shutil.rmtree, folder, True)
+                raise
             now = await workers.DIGESTS.run(identities, vm.files())
+        maps = [m for m, _ in written]
         # written outside replicad since the last point (a hand edit, a restore, a cancelled
         # failover's writes): the primary's automatic resync waits for the operator then; a
         # file that was missing held nothing to keep
@@ -680,7 +700,18 @@ class ReplicaService:
         log.info("resync.digests", vm=vm.name, peer=principal, point=rel.applied_seq, modified=modified,
                  reason="the primary compares these with its disks and ships only what differs")
         return {"applied_seq": rel.applied_seq, "epoch": rel.epoch, "modified": modified,
-                "discard_ok": rel.discard_ok, "sizes": [m.stat().st_size for m in maps]}, maps
+                "discard_ok": rel.discard_ok, "sizes": [n for _, n in written]}, maps
+
+    @staticmethod
+    def open_map(path: Path):
+        """A map of a digests answer, as the bytes to send (it is stored compressed)."""
+        return open_stream(path, compressed=True)
+
+    @staticmethod
+    def drop_digests(maps: list[Path]) -> None:
+        """A digests answer was sent (or abandoned): nothing of it stays."""
+        if maps:
+            shutil.rmtree(maps[0].parent, ignore_errors=True)
 
     async def import_initial(self, name: str, folder: Path, actor: str) -> tuple[VM, Relationship]:
         """`import-initial`: load an exported initial copy from media as if it had arrived
@@ -702,15 +733,9 @@ class ReplicaService:
             raise UsageError(f"cannot read {src}: {e.strerror}") from None
         if header.vm_id != vm_id or header.vm_name != name or header.kind != "initial":
             raise WireError(f"{src} is not the initial copy of {name}")
-        rel = self.catalog.relationship(vm_id)
-        if self.catalog.vm_by_id(vm_id) is not None and (rel is None or rel.role != "replica"):
-            raise Conflict(f"VM {name} exists on this host and is not a replica")
-        if rel is not None and rel.trust_group != grant.trust_group:
-            raise Refused(f"VM {name} was created here under another trust group")
-        other = self.catalog.vm_by_name(name)
-        if other is not None and other.id != vm_id:
-            raise Conflict(f"a different VM named {name} already exists on this replica server")
         async with self._locks.setdefault(vm_id, asyncio.Lock()):
+            self.admission.check(grant, vm_id, name, held=vm_id)  # the log line names the owner
+            rel = self.catalog.relationship(vm_id)
             if rel is not None:
                 await self._reset_for_initial(rel)
             vmdir = VMDir.of(grant.storage, vm_id)
@@ -782,32 +807,6 @@ def read_progress(path: Path) -> dict | None:
     ok = (isinstance(doc, dict) and isinstance(doc.get("epoch"), str) and isinstance(doc.get("peer"), str)
           and all(isinstance(doc.get(k), int) and not isinstance(doc.get(k), bool) for k in ("seq", "disk", "offset")))
     return doc if ok else None
-
-
-def _adopt_files(source: Path, vmdir: VMDir, files: list[str]) -> list[str]:
-    """Move the seed's files into the VM's folder (a rename: same filesystem, no copy); a
-    file the seed lacks starts empty and is sent whole. Returns the names found (also those
-    an earlier, interrupted adoption already moved). Symlinks are never followed out."""
-    if source.is_symlink() or (source.exists() and not source.is_dir()):
-        return []
-    have = [f for f in files if (source / f).is_file() and not (source / f).is_symlink()]
-    moved = [f for f in files if vmdir.disk(f).is_file()]
-    if not have and not moved:
-        return []
-    vmdir.create()
-    for f in files:
-        if f in have:
-            os.rename(source / f, vmdir.disk(f))
-        elif not vmdir.disk(f).exists():
-            os.close(os.open(vmdir.disk(f), os.O_WRONLY | os.O_CREAT, 0o600))
-    fsync_dir(vmdir.disks)
-    if source.exists():
-        fsync_dir(source)
-        try:
-            source.rmdir()  # only when the seed folder is now empty
-        except OSError:
-            pass
-    return sorted(set(have) | set(moved))
 
 
 def _verify_log(path: Path) -> Header:

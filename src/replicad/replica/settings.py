@@ -11,6 +11,9 @@ from ..errors import UsageError
 from ..model import AuthType
 
 
+MAX_RECOVERY_HISTORY = 24  # Hyper-V's own limit, and the change-log header's
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     enabled: bool = False
@@ -19,6 +22,7 @@ class ServerSettings:
     default_storage: str = ""
     monitoring_interval: int = 12 * 3600
     monitoring_start_time: str = "09:00"
+    max_recovery_history: int = MAX_RECOVERY_HISTORY  # the most recovery points a primary may ask for here
 
     @classmethod
     def load(cls, catalog: Catalog, state_dir: Path) -> "ServerSettings":

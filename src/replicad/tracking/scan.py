@@ -22,7 +22,8 @@ from pathlib import Path
 
 import xxhash
 
-from .digestmap import BLOCK, SUPER, SUPER_BYTES, DigestMapReader, DigestMapWriter, FileIdentity, zero_digest
+from .digestmap import (BLOCK, SUPER, SUPER_BYTES, DigestMapReader, DigestMapWriter, FileIdentity, map_length,
+                        zero_digest)
 
 FICLONE = 0x40049409         # ioctl: share the source's extents (btrfs, XFS, bcachefs)
 CHUNK = 4 * 1024 * 1024      # read size: large enough for sequential speed, small for memory
@@ -139,7 +140,8 @@ class DiskScan:
     sees a different identity and reads again, and ``fuzzy`` is set."""
 
     def __init__(self, path: Path, old: DigestMapReader | None, new_map: Path, *, capture: bool = False,
-                 start: int = 0):
+                 start: int = 0, compress_map: bool = False):
+        self.compress_map = compress_map  # the new map is only ever streamed (digestmap.open_stream)
         self.start = start  # resume an interrupted initial copy here (super-block aligned)
         self.path = path
         self.old = old
@@ -181,7 +183,7 @@ class DiskScan:
                 self.skipped = True
                 os.link(self.old.path, self.new_map)
                 return
-            writer = DigestMapWriter(self.new_map, racy_guard(ident, self._opened_ns))
+            writer = DigestMapWriter(self.new_map, racy_guard(ident, self._opened_ns), compress=self.compress_map)
             try:
                 old_size = self.old.identity.size if self.old else ident.size
                 if old_size != ident.size:
@@ -344,15 +346,19 @@ def _states(new: array, old: array, zd: int) -> bytes:
     return bytes(map(operator.add, changed, map(operator.and_, changed, map(zd.__eq__, new))))
 
 
-def digest_disks(disks: list[Path], folder: Path, name=lambda i: f"disk{i}.map") -> list[Path]:
+def digest_disks(disks: list[Path], folder: Path, name=lambda i: f"disk{i}.map", *,
+                 compress: bool = False) -> list[tuple[Path, int]]:
     """Write the digest map of each disk as it is now into ``folder`` (one full read each);
-    used where a side must learn a copy's exact state: resync and reverse."""
+    used where a side must learn a copy's exact state: resync and reverse. Returns each
+    map and its (uncompressed) length; ``compress``: maps only to be streamed
+    (digestmap.open_stream), holes costing next to nothing."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for i, p in enumerate(disks):
         dst = folder / name(i)
         dst.unlink(missing_ok=True)
-        for _ in DiskScan(p, None, dst).changes():
+        scan = DiskScan(p, None, dst, compress_map=compress)
+        for _ in scan.changes():
             pass
-        out.append(dst)
+        out.append((dst, map_length(scan.identity.size)))
     return out

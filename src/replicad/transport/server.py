@@ -207,22 +207,25 @@ async def digests(request: web.Request) -> web.StreamResponse:
     meta, maps = await ctx.service.digests(request[PRINCIPAL], ctx.mode, _vm_id(request))
     sess: Session | None = request.get(SESSION)
     key, counter = (sess.key, request[COUNTER]) if sess else (None, 0)
-    out = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-    await out.prepare(request)
-    index = 0
+    try:
+        out = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await out.prepare(request)
+        index = 0
 
-    async def send(b: bytes) -> None:
-        nonlocal index
-        await out.write(digestframe.frame(key, counter, index, b))
-        index += 1
-    await send(json.dumps(meta).encode())
-    for m in maps:
-        with open(m, "rb") as f:
-            while chunk := await workers.DIGESTS.run(f.read, digestframe.SEGMENT):
-                await send(chunk)
-    await send(b"")
-    await out.write_eof()
-    return out
+        async def send(b: bytes) -> None:
+            nonlocal index
+            await out.write(digestframe.frame(key, counter, index, b))
+            index += 1
+        await send(json.dumps(meta).encode())
+        for m in maps:
+            with ctx.service.open_map(m) as f:
+                while chunk := await workers.DIGESTS.run(f.read, digestframe.SEGMENT):
+                    await send(chunk)
+        await send(b"")
+        await out.write_eof()
+        return out
+    finally:  # the maps were made for this answer only
+        await workers.DIGESTS.run(ctx.service.drop_digests, maps)
 
 
 async def put_log(request: web.Request) -> web.StreamResponse:

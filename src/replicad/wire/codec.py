@@ -344,9 +344,12 @@ class LogDecoder:
     Raises WireError on the first malformed, oversized or corrupt byte. ``close()`` raises
     if the log stopped before its trailer. Items: one Header, Records, one Trailer."""
 
-    def __init__(self, *, verify_data: bool = True, mac_key: bytes | None = None, require_mac: bool = False):
+    def __init__(self, *, verify_data: bool = True, mac_key: bytes | None = None, require_mac: bool = False,
+                 payloads: bool = True):
         """``mac_key``: verify item MACs (a log with MACs read without a key — a staged log,
-        verified at receipt — has them skipped). ``require_mac``: refuse a log without MACs."""
+        verified at receipt — has them skipped). ``require_mac``: refuse a log without MACs.
+        ``payloads=False``: records come without their data (nothing decompressed, data
+        checksums not checked): for learning a verified staged log's extents."""
         self._mac_key = mac_key
         self._require_mac = require_mac
         self._items = 0
@@ -361,7 +364,8 @@ class LogDecoder:
         self.records = 0
         self.data_bytes = 0
         self.consumed = 0
-        self._verify = verify_data
+        self._verify = verify_data and payloads
+        self._payloads = payloads
 
     def feed(self, data: bytes | memoryview) -> list:
         if self.trailer is not None and data:
@@ -494,7 +498,9 @@ class LogDecoder:
         data = None
         if kind == RECORD_DATA:
             payload = memoryview(raw)[_RECORD.size:]
-            if flags & FLAG_ZSTD:
+            if not self._payloads:
+                data = None
+            elif flags & FLAG_ZSTD:
                 data = decompress_record(self._dctx, payload, length)  # bounded: wire/compression.py
             else:
                 data = payload
