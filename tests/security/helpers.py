@@ -37,8 +37,9 @@ def _catalog_rows(db_path: Path) -> dict:
     Left out: the replay cache and the audit log, which a refused request may rightly grow."""
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
+        have = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         return {table: sorted(db.execute(f"SELECT * FROM {table}").fetchall())
-                for table in ("settings", "auth_entries", "vms", "relationships", "claims")}
+                for table in ("settings", "auth_entries", "vms", "relationships", "claims") if table in have}
     finally:
         db.close()
 
@@ -89,7 +90,8 @@ def snapshot(host: Host, *extra: Path, leave_out: tuple[str, ...] = ()) -> dict:
     for key, value in rows["settings"]:
         if key == "server" and json.loads(value).get("default_storage"):
             storages.add(json.loads(value)["default_storage"])
-    storages |= {storage for _, storage, _ in rows["auth_entries"]}
+    storages |= {row[1] for row in rows["auth_entries"]}  # (pattern, storage, trust group, quotas…)
+    storages |= {row[4] for row in rows.get("claims", [])}  # (vm id, name, principal, group, storage, …)
     storages |= {json.loads(doc)["storage"] for _, doc in rows["relationships"] if json.loads(doc).get("storage")}
     vm_files = set()
     for _, _, doc in rows["vms"]:
