@@ -27,6 +27,7 @@ from .errors import ConfigError
 from .notify import Notifier
 from .ownership import ManagementSocket, StateDirLock
 from .primary.engine import PrimaryEngine
+from .replica.failovers import Failovers
 from .replica.service import ReplicaService
 from .transport.client import PeerClient
 from .transport.listen import CappedSite, ConnectionLimits, fit_limits, raise_descriptor_limit
@@ -84,7 +85,8 @@ class Daemon:
         primary = PrimaryEngine(catalog, cfg.state_dir, client, ports, fault)
         replica = ReplicaService(catalog, cfg.state_dir, fault, host=cfg.host)
         primary.source_lock = replica.apply_lock  # extended replication reads copies at committed points
-        return Host(config=cfg, catalog=catalog, primary=primary, replica=replica, client=client)
+        return Host(config=cfg, catalog=catalog, primary=primary, replica=replica, client=client,
+                    failovers=Failovers(catalog, replica, fault))
 
     async def _serve_socket(self, app: web.Application) -> None:
         self._socket.claim()
@@ -175,6 +177,7 @@ class Daemon:
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         try:
+            await host.failovers.recover()  # a failover step cut by a crash, before any apply
             await host.replica.start()
             await self._serve_socket(create_app(host))
             cfg = self.config

@@ -91,6 +91,11 @@ class ResyncRequired(ReplicadError):
     http_status = 409
 
 
+class FailedOver(Conflict):
+    """The replica copy has failed over: it takes no more logs (code ``failedover``: the
+    primary records that its replica said so, the condition for an unplanned reverse)."""
+
+
 class ResumeRefused(Conflict):
     """A resumed initial copy that does not match the replica's durable progress."""
 

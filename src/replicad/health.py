@@ -34,6 +34,10 @@ def compute(rel: Relationship, now: datetime | None = None) -> tuple[Health, lis
         warning.append("initial replication is not complete")
     if rel.state in (S.FAILED_OVER_WAITING, S.FAILED_OVER):
         warning.append("failed over; reverse replication not started")
+    if rel.state == S.PREPARED_FOR_FAILOVER:
+        warning.append("prepared for failover: the VM stays off and nothing is replicated until the replica "
+                       "fails over, or `replication resume` cancels the prepare"
+                       + ("; the replica has failed over" if rel.replica_failed_over else ""))
     if rel.state == S.SUSPENDED and primary:
         warning.append("replication is suspended on the primary")
     st = rel.stats

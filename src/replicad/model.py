@@ -41,6 +41,7 @@ class ReplicationMode(str, Enum):
 class VMState(str, Enum):
     RUNNING = "Running"
     OFF = "Off"
+    UNKNOWN = "Unknown"  # replicad has not seen it started or stopped: treated as running
 
 
 class AuthType(str, Enum):
@@ -145,7 +146,7 @@ class VM:
     id: str
     name: str
     mode: ReplicationMode = ReplicationMode.NONE
-    state: VMState = VMState.OFF
+    state: VMState = VMState.UNKNOWN
     disks: list[Disk] = field(default_factory=list)
     config_file: str | None = None
     hooks: dict[str, str] = field(default_factory=dict)
@@ -215,6 +216,10 @@ class Relationship:
     copy_identity: list = field(default_factory=list)  # replica: [size, mtime_ns, ino] per disk at the last commit
     points: list = field(default_factory=list)  # replica: retained older recovery points [{seq, time, consistency}]
     last_consistency: str = "crash"  # replica: consistency of the latest point
+    last_point_time: str | None = None  # replica: when the latest point was captured on the primary
+    copy_unverified: bool = False       # replica: the copy is not known to be point applied_seq (a reverse resyncs it)
+    prepared: dict = field(default_factory=dict)  # primary: {epoch, seq, disks: identities} while PreparedForFailover
+    replica_failed_over: dict = field(default_factory=dict)  # primary: the replica answered that its copy failed over
     awaiting_import: str | None = None  # primary: the folder an initial copy was exported to
     seed: bool = False                  # primary: the first cycle adopts a copy already in the replica's storage
     resync_hold: str | None = None      # primary: an automatic resync would lose the replica's changes

@@ -1,13 +1,23 @@
-"""`replication reverse` after a planned failover (Set-VMReplication -Reverse), both halves.
+"""`replication reverse` (Set-VMReplication -Reverse), both halves.
 
-New primary (the old replica, failed over): builds the digest maps of its copy as the
-baseline of the common point (a local read; nothing crosses the network), then asks the old
-primary to become its replica, then takes the primary role with a new epoch.
+New primary (the old replica, failed over): the common point is the one it failed over to.
+Nothing else is assumed: when its own disks moved since the failover (identities recorded
+when the failover copy was made; a running VM counts as moving), or the old primary's
+moved since it prepared, or the failover was unplanned, the first cycle is a resync — the
+old primary's block digests against these disks, only differing blocks shipped — so
+everything the new primary holds beyond the common point reaches the old one (issue 14.3,
+14.4). Otherwise its disks are that point's bytes: it digests them as the common point's
+baseline (a local read) and the first cycle is a delta. Reverse completes the failover:
+the other recovery points are dropped.
 
-Old primary (prepared for failover): the request is authorized by *its own* replica-server
-settings and entries (it must accept its partner); the VM's disk files stay where they are
-and become the replica copies; the next log it accepts is the first reverse delta, built on
-the common point. No full copy in either direction."""
+Old primary: it accepts only what its own operator made possible (issue 13.1):
+- planned: it prepared exactly that epoch and sequence (PreparedForFailover); its disks are
+  then compared with the identities recorded when the prepare was acknowledged, and a
+  resync is asked for when they moved;
+- unplanned: the VM is known to be off here (`vm stop`; a VM whose state is Unknown is
+  treated as running) and this host heard from its replica server, in an authenticated
+  answer, that the copy failed over (a cycle refused with `failedover`, or its status).
+Its disk files stay where they are and become the replica copies."""
 
 from __future__ import annotations
 
@@ -17,55 +27,64 @@ import secrets
 
 from . import log as logmod
 from .api.context import Host
-from .times import utcnow
 from .errors import Conflict, Refused, UsageError
 from .model import Relationship, ReplicationMode, ReplicationState as S, Stats, VMState
 from .primary.baseline import Baselines
-from .replica.failover import build_baseline
+from .replica.failover import TEST_SUFFIX, build_baseline, identities
+from .replica.failovers import drop_points
 from .replica.layout import VMDir
+from .times import utcnow
 
 log = logmod.get("replicad.reverse")
 
 
 async def start(host: Host, vm_name: str, actor: str) -> tuple:
     vm = host.catalog.vm_by_name(vm_name)
-    rel = host.catalog.relationship(vm.id) if vm else None
-    if vm is None or rel is None:
+    if vm is None or host.catalog.relationship(vm.id) is None:
         raise UsageError(f"no replicated VM named {vm_name!r} here")
-    if rel.role != "replica" or rel.state not in (S.FAILED_OVER_WAITING, S.FAILED_OVER):
-        raise Conflict(f"{vm_name} must be failed over on this host before reversing (state {rel.state.value})",
-                       hint="`replicad failover start` here first")
-    planned = bool(rel.failover.get("planned"))
-    point = int(rel.failover["point"])
-    disks = vm.files()
-    old_primary = rel.primary_server
-    port = rel.primary_ports[1 if rel.auth == "certificate" else 0] or (443 if rel.auth == "certificate" else 80)
-    epoch = secrets.token_hex(8)
-    if planned:
-        await asyncio.to_thread(build_baseline, host.config.state_dir, vm.id, point, disks)
-    async with host.client.conversation(old_primary, port, rel.auth) as conv:
-        answer = await conv.request("POST", f"/v1/replicas/{vm.id}/reverse",
-                                    data=_json({"epoch": epoch, "seq": point, "old_epoch": rel.epoch,
-                                                "resync": not planned}))
-    if not planned:  # the old primary may hold changes this copy never got: compare, then ship
-        point = int(answer.get("seq", 0))
-        log.warning("reverse.resync", vm=vm.name, old_primary=old_primary,
-                    reason="unplanned failover: the first cycle compares both copies block by block; blocks the "
-                    "old primary changed after the last replicated point are replaced, by the operator's reverse")
-    await host.replica.stop_vm(vm.id)
-    new = Relationship(vm_id=vm.id, role="primary", state=S.REPLICATING if planned else S.RESYNCHRONIZING,
-                    primary_server=host.config.host,
-                    replica_server=old_primary, replica_port=port, auth=rel.auth, frequency=rel.frequency or 300,
-                    recovery_history=rel.recovery_history, recovery_point_interval=rel.recovery_point_interval,
-                    epoch=epoch, seq=point, last_replication_time=utcnow(),
-                    stats=Stats(monitoring_start=utcnow(), initial_replication_size=0))
-    vm.mode = ReplicationMode.PRIMARY
-    host.catalog.put_vm_and_relationship(vm, new)
+    async with host.failovers.lock(vm.id):
+        vm, rel = host.catalog.vm_by_name(vm_name), host.catalog.relationship(vm.id)
+        if rel.role != "replica" or rel.state not in (S.FAILED_OVER_WAITING, S.FAILED_OVER):
+            raise Conflict(f"{vm_name} must be failed over on this host before reversing (state {rel.state.value})",
+                           hint="`replicad failover start` here first")
+        if host.catalog.vm_by_name(vm.name + TEST_SUFFIX) is not None:
+            raise Conflict(f"a test failover of {vm_name} is running here", hint=f"`replicad failover stop {vm_name}` first")
+        point = int(rel.failover["point"])
+        disks = vm.files()
+        moved = vm.state == VMState.RUNNING or \
+            await asyncio.to_thread(identities, disks) != rel.failover.get("disks")
+        resync = moved or not rel.failover.get("planned")
+        epoch = secrets.token_hex(8)
+        if not resync:  # the copy is the common point's bytes: its digests are the baseline
+            await asyncio.to_thread(build_baseline, host.config.state_dir, vm.id, point, disks)
+            resync = await asyncio.to_thread(identities, disks) != rel.failover.get("disks")  # written meanwhile
+        old_primary = rel.primary_server
+        port = rel.primary_ports[1 if rel.auth == "certificate" else 0] or (443 if rel.auth == "certificate" else 80)
+        async with host.client.conversation(old_primary, port, rel.auth) as conv:
+            answer = await conv.request("POST", f"/v1/replicas/{vm.id}/reverse",
+                                        data=_json({"epoch": epoch, "seq": point, "old_epoch": rel.epoch,
+                                                    "resync": resync}))
+        seq = answer.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            raise Conflict(f"{old_primary} gave a malformed answer to the reverse")
+        resync = resync or answer.get("resync") is not False
+        await host.replica.stop_vm(vm.id)
+        new = Relationship(vm_id=vm.id, role="primary", state=S.RESYNCHRONIZING if resync else S.REPLICATING,
+                           primary_server=host.config.host, replica_server=old_primary, replica_port=port,
+                           auth=rel.auth, frequency=rel.frequency or 300, recovery_history=rel.recovery_history,
+                           recovery_point_interval=rel.recovery_point_interval, epoch=epoch,
+                           seq=seq if resync else point, last_replication_time=utcnow(),
+                           stats=Stats(monitoring_start=utcnow(), initial_replication_size=0))
+        vm.mode = ReplicationMode.PRIMARY
+        host.catalog.put_vm_and_relationship(vm, new)
+        await asyncio.to_thread(drop_points, disks, VMDir.of(rel.storage, vm.id))  # reverse completes the failover
     host.catalog.audit(actor, "replication.reversed", f"{vm.name}: now primary, replicating to {old_primary}")
-    log.info("replication.reversed", vm=vm.name, replica=old_primary, point=point,
-             reason="planned failover completed by reverse; the next cycle ships only what changed here" if planned
-             else "unplanned failover completed by reverse; the first cycle compares both copies and ships what "
-             "differs")
+    if resync:
+        log.warning("reverse.resync", vm=vm.name, old_primary=old_primary, point=point,
+                    reason="a side moved since the common point (or the failover was unplanned): the first cycle "
+                    "compares both copies block by block and ships every block that differs")
+    log.info("replication.reversed", vm=vm.name, replica=old_primary, point=point, resync=resync,
+             reason="the failover is complete; this host is the primary now")
     host.primary.ensure(vm.id)
     return vm, new
 
@@ -75,42 +94,53 @@ def _json(doc: dict) -> bytes:
 
 
 async def accept(host: Host, principal: str, auth: str, vm_id: str, doc: dict) -> dict:
-    """The old primary's half: become the replica of ``principal`` for this VM."""
+    """The old primary's half: become the replica of ``principal`` for this VM, when this
+    host's own operator made it possible (see the module's doc); refused otherwise."""
     epoch, seq, old_epoch = doc.get("epoch"), doc.get("seq"), doc.get("old_epoch")
-    resync = doc.get("resync") is True
     if not (isinstance(epoch, str) and epoch.isalnum() and len(epoch) <= 64 and isinstance(seq, int)
-            and not isinstance(seq, bool) and seq >= 1 and isinstance(old_epoch, str)):
+            and not isinstance(seq, bool) and seq >= 0 and isinstance(old_epoch, str)
+            and isinstance(doc.get("resync", False), bool)):
         raise UsageError("malformed reverse request")
     grant = host.replica.grant_for(principal, auth)  # this host's server settings decide
     vm = host.catalog.vm_by_id(vm_id)
     rel = host.catalog.relationship(vm_id)
-    if vm is None or rel is None or rel.role != "primary":
+    if vm is None or rel is None or rel.role != "primary" or rel.source_vm:
         raise Conflict("no VM with that id is a primary here")
     if rel.replica_server != principal:
         raise Refused(f"{principal} is not the replica server of {vm.name}")
-    if resync:
-        if vm.state == VMState.RUNNING:
-            raise Conflict(f"{vm.name} is still running on {host.config.host}; stop it before the failed-over "
-                           "copy takes over", hint=f"`replicad vm stop {vm.name}` there")
-        seq = rel.seq  # the point this copy last shipped; the resync finds what differs
+    planned = rel.state == S.PREPARED_FOR_FAILOVER and rel.prepared.get("seq") == seq == rel.seq \
+        and rel.epoch == old_epoch
+    if planned:  # the new primary may ask for a resync too: its own disks moved since the failover
+        moved = await asyncio.to_thread(identities, vm.files()) != rel.prepared.get("disks")
+        resync = moved or doc.get("resync") is True
+        if moved:
+            log.warning("reverse.disks_moved", vm=vm.name, peer=principal,
+                        reason="this host's disks changed since the prepare was acknowledged; the new primary "
+                        "resynchronizes them")
     else:
-        if rel.state != S.PREPARED_FOR_FAILOVER:
-            raise Conflict(f"{vm.name} is not prepared for failover here (state {rel.state.value})",
-                           hint=f"`replicad failover start {vm.name} --prepare` on this host first")
-        if rel.seq != seq or rel.epoch != old_epoch:
-            raise Conflict(f"the common point differs: here {rel.epoch}/{rel.seq}, replica {old_epoch}/{seq}")
+        if vm.state != VMState.OFF:
+            raise Conflict(f"{vm.name} is {'running' if vm.state == VMState.RUNNING else 'in an unknown state'} on "
+                           f"{host.config.host}; a reverse would overwrite its disks",
+                           hint=f"if the failed-over copy is to win, `replicad vm stop {vm.name}` there first")
+        if not rel.replica_failed_over:
+            raise Conflict(f"{host.config.host} has not heard from {principal} that its copy of {vm.name} failed "
+                           "over", hint=f"`replicad replication sync {vm.name}` on {host.config.host} asks it "
+                           "(the cycle is refused with that answer), then reverse again")
+        resync, seq = True, rel.seq
     await host.primary.forget(vm.id)
     await asyncio.to_thread(Baselines(host.config.state_dir, vm.id).drop_all)
     vmdir = VMDir.of(grant.storage, vm.id)
     await asyncio.to_thread(vmdir.create)  # staged and undo logs; the disks stay where they are
     new = Relationship(vm_id=vm.id, role="replica", state=S.REPLICATING, primary_server=principal,
-                    trust_group=grant.trust_group, storage=str(grant.storage), epoch=epoch, seq=seq,
-                    applied_seq=seq, auth=auth, frequency=rel.frequency, last_replication_time=utcnow(),
-                    stats=Stats(monitoring_start=utcnow()))
+                       trust_group=grant.trust_group, storage=str(grant.storage), epoch=epoch, seq=seq,
+                       applied_seq=seq, auth=auth, frequency=rel.frequency, last_replication_time=utcnow(),
+                       last_point_time=rel.prepared.get("time") if planned else None, copy_unverified=resync, stats=Stats(monitoring_start=utcnow()))
     vm.mode = ReplicationMode.REPLICA
+    vm.state = VMState.OFF
     host.catalog.put_vm_and_relationship(vm, new)
-    host.catalog.audit(principal, "replication.reversed", f"{vm.name}: now replica of {principal}")
-    log.info("replication.reversed", vm=vm.name, primary=principal, point=seq,
+    host.catalog.audit(principal, "replication.reversed", f"{vm.name}: now replica of {principal}"
+                       + (" (to be resynchronized)" if resync else ""))
+    log.info("replication.reversed", vm=vm.name, primary=principal, point=seq, planned=planned, resync=resync,
              reason="the failed-over replica reversed replication; this host's disks are now the replica copies")
     host.replica.start_vm(vm.id)
-    return {"vm_id": vm.id, "role": "replica", "seq": seq}
+    return {"vm_id": vm.id, "role": "replica", "seq": seq, "resync": resync}

@@ -75,18 +75,23 @@ def test_unplanned_failover_stop_and_complete(pair, tmp_path):
     wait_applied(primary, replica, "u")
     assert file_digest(copy) == file_digest(image)
 
+    newest = file_digest(copy)
     replica.json("failover", "start", "u")
-    scribble(copy, 5, seed=4)  # the failed-over VM wrote to its disk, then the failover is cancelled:
+    replica.cli("vm", "start", "u")
+    scribble(copy, 5, seed=4)  # the failed-over VM writes to its disk, then the failover is cancelled:
+    replica.cli("vm", "stop", "u")
     assert replica.json("failover", "stop", "u")["state"] == "Replicating"
-    r = primary.cli("replication", "sync", "u", "--wait", check=False)  # the copy changed: resync, by itself
-    assert r.returncode == 1 and "modified outside replicad" in r.stderr
-    wait_for(lambda: primary.json("replication", "get", "u")["state"] == "Replicating", 60, "the resync")
+    assert file_digest(copy) == newest  # back to the newest point, without the primary's help
+    scribble(image, 5, seed=5)
+    assert primary.json("replication", "sync", "u", "--wait")["kind"] == "delta"  # nothing to resync
     wait_applied(primary, replica, "u")
     assert file_digest(copy) == file_digest(image)
 
+    seq = replica.json("replication", "get", "u")["applied_sequence"]
     replica.json("failover", "start", "u")
     got = replica.json("failover", "complete", "u")
-    assert got["state"] == "FailedOver"
+    assert (got["state"], got["sequence"], got["applied_sequence"]) == ("FailedOver", seq, seq)
+    assert replica.json("replication", "recovery-points", "u") == []  # the copy is the VM's own now
     r = replica.cli("failover", "start", "u", "--recovery-point", "999", check=False)
     assert r.returncode != 0
 
@@ -162,6 +167,7 @@ def test_an_ext4_filesystem_is_clean_after_every_kind_of_failover(pair, tmp_path
     v1.json("failover", "stop", "fs")
     # planned failover and reverse: clean on both sides, and after a reverse cycle
     _add_file(image, "before-failover.bin", os.urandom(200_000), tmp_path)
+    v2.cli("vm", "stop", "fs")
     v2.json("failover", "start", "fs", "--prepare")
     v1.json("failover", "start", "fs")
     _fsck(copy)
@@ -261,6 +267,15 @@ def test_reverse_after_an_unplanned_failover_resyncs_the_old_primary(pair, tmp_p
     v1.json("failover", "start", "w")  # unplanned
     v1.cli("vm", "start", "w")
     scribble(copy, 20, seed=12)  # the failed-over VM runs and writes
+    # the old primary comes back: its VM's state is unknown (treated as running), and it has not
+    # heard that its copy failed over: it refuses to be overwritten
+    r = v1.cli("replication", "reverse", "w", check=False)
+    assert r.returncode == 1 and "is in an unknown state" in r.stderr
+    v2.cli("vm", "stop", "w")
+    r = v1.cli("replication", "reverse", "w", check=False)
+    assert r.returncode == 1 and "has not heard from" in r.stderr and "replication sync w" in r.stderr
+    r = v2.cli("replication", "sync", "w", "--wait", check=False)  # the replica answers: failed over
+    assert r.returncode == 1 and "has failed over" in r.stderr
     got = v1.json("replication", "reverse", "w")
     assert (got["mode"], got["replica_server"]) == ("Primary", v2.fqdn)
     assert got["state"] == "Resynchronizing"  # the first reverse cycle compares both copies

@@ -11,6 +11,7 @@ from ..catalog import Catalog
 from ..config import Config
 from ..errors import UsageError
 from ..primary.engine import PrimaryEngine
+from ..replica.failovers import Failovers
 from ..replica.service import ReplicaService
 from ..transport.client import PeerClient
 
@@ -22,6 +23,7 @@ class Host:
     primary: PrimaryEngine
     replica: ReplicaService
     client: PeerClient
+    failovers: Failovers
 
 
 HOST_KEY = web.AppKey("host", Host)

@@ -18,6 +18,7 @@ from ..model import Relationship, ReplicationMode, ReplicationState as S, Stats,
 from ..primary.baseline import Baselines
 from ..primary.export import check_target, export_initial
 from ..primary.producer import CycleProducer, Progress
+from ..replica import failover_copy
 from .context import Host, actor, body, host_of
 from .vms import get_vm
 from ..units import parse_rate
@@ -91,6 +92,8 @@ def rel_json(host: Host, rel: Relationship, name: str) -> dict:
             "compression": rel.compression, "last_replication_time": rel.last_replication_time,
             "error": rel.error, "bandwidth_limit": rel.bandwidth_limit,
             "sequence": rel.seq, "applied_sequence": rel.applied_seq if rel.role == "replica" else rel.seq,
+            "failover_point": rel.failover.get("point") if rel.role == "replica" and rel.state in (
+                S.FAILED_OVER_WAITING, S.FAILED_OVER) else None,
             "relationship": "Extended" if rel.source_vm else "Simple"}
 
 
@@ -309,7 +312,9 @@ async def sync(request):
     doc = await body(request)
     if rel.state not in (S.REPLICATING, S.ERROR) or rel.seq == 0:
         raise Conflict(f"{vm.name} is {rel.state.value}; sync needs an established replication",
-                       hint="run `replicad replication start-initial` first" if rel.seq == 0 else None)
+                       hint="run `replicad replication start-initial` first" if rel.seq == 0 else
+                       "`replicad replication resume` cancels the prepare" if rel.state == S.PREPARED_FOR_FAILOVER
+                       else None)
     fut = host.primary.request_cycle(vm.id)
     if doc.get("wait"):
         return await _wait_stream(request, host, vm.id, fut)
@@ -387,6 +392,14 @@ async def suspend(request):
 async def resume(request):
     host = host_of(request)
     vm, rel = _target(request)
+    if rel.role == "primary" and rel.state == S.PREPARED_FOR_FAILOVER:
+        rel.state, rel.prepared = S.REPLICATING, {}
+        host.catalog.put_relationship(rel)
+        host.catalog.audit(actor(request), "failover.prepare_cancelled", vm.name)
+        log.warning("failover.prepare_cancelled", vm=vm.name, reason="the operator resumed replication; a planned "
+                    "failover to the prepared point is no longer possible (an unplanned one still is)")
+        host.primary.kick(vm.id)
+        return web.json_response(rel_json(host, rel, vm.name))
     if rel.state != S.SUSPENDED:
         raise Conflict(f"replication of {vm.name} is not suspended (state {rel.state.value})")
     if rel.role == "primary":
@@ -410,6 +423,8 @@ async def remove(request):
         await host.primary.forget(vm.id)
         await asyncio.to_thread(Baselines(host.config.state_dir, vm.id).drop_all)
     host.catalog.remove_relationship(vm.id)
+    if rel.role == "replica" and not rel.source_vm:  # failed over: the VM keeps the failover copy
+        await asyncio.to_thread(failover_copy.settle, vm.files(), failover_copy.COMPLETED)
     if not rel.source_vm:  # removing extended replication leaves the replica VM as it is
         vm.mode = ReplicationMode.NONE
         host.catalog.put_vm(vm)

@@ -120,8 +120,9 @@ class ApiClient:
             sock.close()
             raise DaemonUnreachable(f"the daemon at {self.socket_path} did not answer: {e}") from None
 
-    def call(self, method: str, path: str, body: dict | None = None):
-        sock, resp = self._send(method, path, body, TIMEOUT)
+    def call(self, method: str, path: str, body: dict | None = None, *, timeout: float | None = TIMEOUT):
+        """One call; ``timeout`` None for an operation that copies disks (failover, reverse)."""
+        sock, resp = self._send(method, path, body, timeout)
         try:
             raw = resp.read()
         except (OSError, ValueError) as e:

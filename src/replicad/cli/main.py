@@ -137,10 +137,10 @@ def failover_start(vm_name, prepare, as_test, recovery_point):
     path = "/v1/failover/" + quote(vm_name, safe="") + "/start"
     if prepare:
         show(wait_with_progress(api().stream("POST", path, body), vm_name), RESULT_COLUMNS)
-    elif as_test:
-        show(api().call("POST", path, body), VM_COLUMNS)
+    elif as_test:  # copies of the disks: as long as they take (a reflink clone is instant)
+        show(api().call("POST", path, body, timeout=None), VM_COLUMNS)
     else:
-        show(api().call("POST", path, body), REPL_COLUMNS)
+        show(api().call("POST", path, body, timeout=None), REPL_COLUMNS)
 
 
 @failover.command("stop")
@@ -148,7 +148,7 @@ def failover_start(vm_name, prepare, as_test, recovery_point):
 @managed
 def failover_stop(vm_name):
     """End a test failover (deletes the test VM) or cancel an uncompleted failover."""
-    doc = api().call("POST", "/v1/failover/" + quote(vm_name, safe="") + "/stop")
+    doc = api().call("POST", "/v1/failover/" + quote(vm_name, safe="") + "/stop", timeout=None)
     show(doc, ("removed",) if "removed" in doc else REPL_COLUMNS)
 
 
@@ -157,7 +157,7 @@ def failover_stop(vm_name):
 @managed
 def failover_complete(vm_name):
     """Commit a failover (state FailedOver)."""
-    show(api().call("POST", "/v1/failover/" + quote(vm_name, safe="") + "/complete"), REPL_COLUMNS)
+    show(api().call("POST", "/v1/failover/" + quote(vm_name, safe="") + "/complete", timeout=None), REPL_COLUMNS)
 
 
 @cli.command("apply")

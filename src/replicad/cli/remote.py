@@ -198,9 +198,10 @@ class RemoteClient:
         except (OSError, http.client.HTTPException, ReplicadError):
             pass
 
-    def call(self, method: str, path: str, body: dict | None = None):
+    def call(self, method: str, path: str, body: dict | None = None, *, timeout: float | None = TIMEOUT):
+        """One call; ``timeout`` None for an operation that copies disks (failover, reverse)."""
         try:
-            conn, resp, counter = self._send(method, path, body, TIMEOUT)
+            conn, resp, counter = self._send(method, path, body, timeout)
             try:
                 raw = self._read(resp, ANSWER_MAX)
             finally:

@@ -227,9 +227,12 @@ def resync(vm, wait):
 @click.argument("vm")
 @managed
 def reverse(vm):
-    """Swap the roles after a planned failover (Set-VMReplication -Reverse): run it on the
-    failed-over replica; the old primary (prepared) becomes its replica, no full copy."""
-    show(api().call("POST", rpath(vm, "reverse")), REPL_COLUMNS)
+    """Swap the roles after a failover (Set-VMReplication -Reverse): run it on the failed-over
+    replica; the old primary becomes its replica — after a planned failover with no full
+    copy; when either side wrote since the failover point, or it was unplanned, the first
+    cycle resyncs (only differing blocks). The old primary must have prepared, or have its
+    VM stopped (`vm stop`) and have heard that the copy failed over (any cycle since)."""
+    show(api().call("POST", rpath(vm, "reverse"), timeout=None), REPL_COLUMNS)  # it may digest the disks
 
 
 @replication.command("remove")

@@ -22,14 +22,16 @@ from .. import log as logmod, metrics, workers
 from ..catalog import Catalog, StateWriteFailed
 from ..errors import PeerError, ReplicadError, ResyncRequired
 from ..health import compute as compute_health
-from ..model import VM, Relationship, ReplicationState as S
+from ..model import VM, Consistency, Relationship, ReplicationState as S
 from ..monitoring import roll as roll_interval
 from ..replica.settings import ServerSettings
 from ..times import parse_time, utcnow
 from ..tracking.digestmap import SUPER_BYTES, map_bytes
 from ..tracking.divergence import compare, replica_moved
 from ..transport.client import Conversation, PeerClient
+from . import prepared
 from .baseline import Baselines
+from .prepared import prepared_record
 from .producer import CycleProducer, Progress
 
 log = logmod.get("replicad.primary")
@@ -54,7 +56,7 @@ class PrimaryEngine:
         # extended replication: the lock that keeps a replica copy at a committed point while
         # it is captured (ReplicaService.apply_lock, wired by the daemon)
         self.source_lock: Callable[[str], asyncio.Lock] | None = None
-        self._prepare: set[str] = set()
+        self.prepare_next: set[str] = set()
         self.catalog = catalog
         self.state_dir = state_dir
         self.client = client
@@ -69,7 +71,7 @@ class PrimaryEngine:
             if rel.role == "primary":
                 Baselines(self.state_dir, rel.vm_id).drop_unsealed()
                 self.ensure(rel.vm_id)
-                log.info("relationship.resumed", vm=self._name(rel.vm_id), vm_id=rel.vm_id, state=rel.state.value,
+                log.info("relationship.resumed", vm=self.name_of(rel.vm_id), vm_id=rel.vm_id, state=rel.state.value,
                          reason="restored from the catalog at start")
 
     async def stop(self) -> None:
@@ -78,7 +80,7 @@ class PrimaryEngine:
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         self._tasks.clear()
 
-    def _name(self, vm_id: str) -> str:
+    def name_of(self, vm_id: str) -> str:
         """The VM's name for log lines and metrics (its id if it has none here)."""
         vm = self.catalog.vm_by_id(vm_id)
         return vm.name if vm is not None else vm_id
@@ -108,9 +110,10 @@ class PrimaryEngine:
         self._wake[vm_id].set()
 
     def prepare(self, vm_id: str) -> asyncio.Future:
-        """A final cycle marked ``prepared``; on success the state becomes PreparedForFailover."""
-        self._prepare.add(vm_id)
-        return self.request_cycle(vm_id)
+        """A final cycle marked ``prepared``; on success the state becomes PreparedForFailover.
+        The capture must be consistent: a fuzzy one (the disks changed while they were read,
+        although the VM is off) is tried again, then refused with the reason."""
+        return asyncio.ensure_future(prepared.until_consistent(self, vm_id))
 
     def request_cycle(self, vm_id: str) -> asyncio.Future:
         """A future resolved by the next cycle that *starts* after this call."""
@@ -120,14 +123,14 @@ class PrimaryEngine:
         return fut
 
     # the loop -------------------------------------------------------------------------------
-    def _save(self, rel: Relationship) -> None:
+    def save(self, rel: Relationship) -> None:
         try:
             self.catalog.put_relationship(rel)  # kept in memory when it cannot be written (catalog.py)
         finally:
             health, reasons = compute_health(rel)
             if self._health.get(rel.vm_id) != health.value:
                 if rel.vm_id in self._health or health.value != "Normal":
-                    log.warning("health.changed", vm=self._name(rel.vm_id), vm_id=rel.vm_id, health=health.value,
+                    log.warning("health.changed", vm=self.name_of(rel.vm_id), vm_id=rel.vm_id, health=health.value,
                                 reason="; ".join(reasons) or "ok")
                 self._health[rel.vm_id] = health.value
 
@@ -150,6 +153,12 @@ class PrimaryEngine:
             if rel is None or rel.role != "primary":
                 return
             has_waiters = bool(self._waiters.get(vm_id))
+            if rel.state == S.PREPARED_FOR_FAILOVER:
+                self._fail_waiters(vm_id, ReplicadError(f"{self.name_of(vm_id)} is prepared for failover",
+                                                        hint="`replicad replication resume` cancels the prepare"))
+                await self._sleep_until(vm_id, time.monotonic() + rel.frequency)
+                await prepared.ask_replica(self, vm_id)
+                continue
             if rel.state not in RUNNING_STATES or (rel.state == S.WAITING_FOR_RESYNC and rel.resync_hold):
                 self._fail_waiters(vm_id, ReplicadError(f"replication of this VM is {rel.state.value}"))
                 await self._sleep_until(vm_id, None)
@@ -171,6 +180,8 @@ class PrimaryEngine:
             self._wake[vm_id].clear()
             waiters, self._waiters[vm_id] = self._waiters.get(vm_id, []), []
             last_start = time.monotonic()
+            log.debug("cycle.started", vm=self.name_of(vm_id), vm_id=vm_id, state=rel.state.value,
+                      reason="requested" if waiters else "the VM's tick")
             try:
                 outcome = await self._cycle(vm_id)
             except asyncio.CancelledError:
@@ -204,7 +215,7 @@ class PrimaryEngine:
         """Start a new monitoring interval when the current one is over (monitoring.py)."""
         s = ServerSettings.load(self.catalog, self.state_dir)
         if roll_interval(rel, s.monitoring_start_time, s.monitoring_interval):
-            log.info("stats.interval_started", vm=self._name(rel.vm_id), vm_id=rel.vm_id,
+            log.info("stats.interval_started", vm=self.name_of(rel.vm_id), vm_id=rel.vm_id,
                      start=rel.stats.monitoring_start, reason="a new monitoring interval began")
 
     def _failed(self, vm_id: str, e: Exception, seconds: float) -> None:
@@ -215,8 +226,11 @@ class PrimaryEngine:
         rel.stats.errors += 1
         if rel.seq > 0:
             rel.stats.missed_count += 1
-        name = self._name(vm_id)
+        name = self.name_of(vm_id)
         metrics.recorder.cycle_failed(name, missed=rel.seq > 0)
+        if isinstance(e, PeerError) and e.code == "failedover" and not rel.replica_failed_over:
+            # an authenticated answer: what an unplanned reverse needs this host to have heard (reverse.py)
+            rel.replica_failed_over = {"epoch": rel.epoch, "seq": rel.seq, "at": utcnow()}
         if isinstance(e, ResyncHeld):
             rel.state = S.WAITING_FOR_RESYNC
             rel.resync_hold = rel.error = f"resynchronization required: {e}"
@@ -239,7 +253,7 @@ class PrimaryEngine:
             rel.state = S.ERROR
             log.exception("cycle.crashed", vm=name, vm_id=vm_id, reason=rel.error)
         try:
-            self._save(rel)
+            self.save(rel)
         except StateWriteFailed as w:  # the state dir is full too: status shows it from memory
             log.error("state.write_failed", vm=name, vm_id=vm_id, reason=str(w),
                       result="the failure is kept in memory; the supervisor retries")
@@ -284,10 +298,10 @@ class PrimaryEngine:
         st = await conv.replica_status(rel.vm_id)
         top = pending[-1]
         if st.get("exists") and st.get("epoch") == rel.epoch and st.get("acked_seq") == top:
-            log.info("baseline.promoted", vm=self._name(rel.vm_id), vm_id=rel.vm_id, seq=top,
+            log.info("baseline.promoted", vm=self.name_of(rel.vm_id), vm_id=rel.vm_id, seq=top,
                      reason="the replica acknowledged this cycle before the primary could record it")
             rel.seq = top
-            self._save(rel)
+            self.save(rel)
         await asyncio.to_thread(baselines.keep_only, rel.seq)
         return rel
 
@@ -308,6 +322,10 @@ class PrimaryEngine:
         src = self.catalog.relationship(rel.source_vm)
         if src is None or src.role != "replica":
             raise ReplicadError("the replica VM this extended replication forwards is gone")
+        if src.state in (S.FAILED_OVER_WAITING, S.FAILED_OVER):
+            e = ReplicadError("the replica VM this extended replication forwards has failed over; forwarding waits")
+            e.transient = True
+            raise e
         if src.applied_seq == 0:
             e = ReplicadError("the replica copy has no committed point yet; extended replication waits for it")
             e.transient = True
@@ -334,7 +352,7 @@ class PrimaryEngine:
                 log.warning("resync.started", vm=vm.name, peer=rel.replica_server,
                             reason=rel.error or "requested by the operator")
             rel.state = S.RESYNCHRONIZING
-            self._save(rel)
+            self.save(rel)
             if rel.seed:
                 adopted = await conv.seed(vm_id, {"vm_name": vm.name, "files": [p.name for p in vm.files()],
                                                   "config": bool(vm.config_file)})
@@ -367,7 +385,7 @@ class PrimaryEngine:
             if resume is None:
                 rel.epoch = secrets.token_hex(8)
             rel.state = S.INITIAL_IN_PROGRESS
-            self._save(rel)
+            self.save(rel)
             await asyncio.to_thread(baselines.drop_all)
         else:
             rel = await self._reconcile_pending(rel, baselines, conv)
@@ -385,8 +403,8 @@ class PrimaryEngine:
         producer.extended = bool(rel.source_vm)
         producer.resume = resume
         producer.fault = self._fault
-        prepared = producer.prepared = vm_id in self._prepare and not initial
-        self._prepare.discard(vm_id)
+        is_prepare = producer.prepared = vm_id in self.prepare_next and not initial
+        self.prepare_next.discard(vm_id)
         bound = log.bind(vm=vm.name, peer=rel.replica_server, cycle=seq)
         t0 = time.monotonic()
         # a forwarded replica copy is read at a committed point: no apply runs while it is
@@ -444,6 +462,7 @@ class PrimaryEngine:
                         else "both copies were already identical: no block differed, no data was sent")
         rel.seq = seq
         rel.error = None
+        rel.replica_failed_over = {}
         rel.last_replication_time = utcnow()
         if rel.state in (S.INITIAL_IN_PROGRESS, S.ERROR, S.WAITING_FOR_INITIAL, S.RESYNCHRONIZING):
             rel.state = S.REPLICATING
@@ -453,8 +472,12 @@ class PrimaryEngine:
             log.info("initial.resumed", vm=vm.name, peer=rel.replica_server, disk=resume[0], offset=resume[1],
                      sent=progress.sent, reason="an interrupted initial copy was continued from the replica's "
                      "durable offset; a resync follows at once to make the copy consistent")
-        if prepared:
+        if is_prepare and producer.consistency == Consistency.FUZZY.value:
+            log.warning("failover.not_prepared", vm=vm.name, cycle=seq, reason="the capture was fuzzy: the disks "
+                        "changed while they were read; the replica does not take it as prepared")
+        elif is_prepare:
             rel.state = S.PREPARED_FOR_FAILOVER
+            rel.prepared = prepared_record(rel, seq, header.time, producer.identities)
             self.catalog.audit("local", "failover.prepared", f"{vm.name}: final cycle {seq} acknowledged")
             log.info("failover.prepared", vm=vm.name, cycle=seq, reason="every last change shipped; the replica "
                      "can fail over to exactly this state")
@@ -470,7 +493,7 @@ class PrimaryEngine:
             st.latency_total += seconds
             st.maximum_latency = max(st.maximum_latency, seconds)
             st.missed_count += late
-        self._save(rel)
+        self.save(rel)
         own = self.catalog.vm_by_id(vm_id)  # None for extended replication: the replica's VM is not ours
         if own is not None:  # sizes as shipped, so `vm get` follows a growing disk
             for d, info in zip(own.disks, header.disks):

@@ -64,6 +64,7 @@ class CycleProducer:
         self._frozen = False       # the pre-snapshot hook ran and the post-snapshot one has not
         self._readers: list[DigestMapReader | None] = []
         self._opened: tuple[list[DiskScan], Header] | None = None
+        self.identities: list = []  # each file's identity, taken before it was read
 
     def open(self) -> Header:
         """Open every disk and build the header, before any connection is made: a missing
@@ -98,7 +99,7 @@ class CycleProducer:
                  for i, (p, r) in enumerate(zip(paths, self._readers))]
         frozen = self._freeze()
         try:
-            idents = [s.open() for s in scans]
+            idents = self.identities = [s.open() for s in scans]
         except OSError as e:
             for s in scans:
                 s.close()

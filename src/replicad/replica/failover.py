@@ -1,5 +1,6 @@
-"""Failover on the replica side (SPEC §3.5): unplanned and planned failover to the latest
-point, test failover on a separate copy, and the old primary's half of `reverse`.
+"""Copies and identities for failover on the replica side (SPEC §3.5): point-in-time copies
+(test failovers, failover copies: replica/failover_copy.py), the identities that tell
+whether a copy was written, and the baseline a new primary builds at `reverse`.
 
 Blocking helpers (copies, scans) run in worker threads; state changes are catalog writes on
 the event loop."""
@@ -48,12 +49,14 @@ def clone_or_copy(src: Path, dst: Path) -> str:
     return how
 
 
-def make_test_copy(disks: list[Path], test_dir: Path) -> tuple[list[Path], str]:
+def make_test_copy(disks: list[Path], test_dir: Path, sources: list[Path] | None = None) -> tuple[list[Path], str]:
+    """Copies of ``sources`` (the replica copy wherever it is now; by default ``disks``),
+    named like ``disks``, in ``test_dir``."""
     test_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     out, kinds = [], set()
-    for p in disks:
+    for p, src in zip(disks, sources or disks):
         dst = test_dir / p.name
-        kinds.add(clone_or_copy(p, dst))
+        kinds.add(clone_or_copy(src, dst))
         out.append(dst)
     fsync_dir(test_dir)
     return out, "reflink" if kinds == {"reflink"} else "sparse copy"

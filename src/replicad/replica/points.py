@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..model import Relationship
+from ..model import Relationship, ReplicationState
 from ..times import parse_time
 from .apply import apply_records
 from .layout import VMDir
@@ -40,7 +40,13 @@ def drop_undo(vmdir: VMDir, floor: int) -> None:
 
 
 def available(rel: Relationship) -> list[dict]:
-    latest = {"seq": rel.applied_seq, "time": rel.last_replication_time, "consistency": rel.last_consistency}
+    """The points a failover can use: none once a failover is completed (the copy is the VM's
+    own now) or while the copy is not known to be its newest point (after a reverse that must
+    resync it); otherwise the kept points and the newest. A point's time is its capture's."""
+    if rel.applied_seq == 0 or rel.copy_unverified or rel.state == ReplicationState.FAILED_OVER:
+        return []
+    latest = {"seq": rel.applied_seq, "time": rel.last_point_time or rel.last_replication_time,
+              "consistency": rel.last_consistency}
     return list(rel.points) + [latest]
 
 

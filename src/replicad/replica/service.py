@@ -19,11 +19,11 @@ from .. import log as logmod, metrics, workers
 from ..auth.authorize import Grant, authorize
 from ..catalog import Catalog
 from ..times import utcnow
-from ..errors import (Conflict, Refused, ResumeRefused, ResyncRequired, StorageError, TransferStalled, UsageError,
-                      WireError)
+from ..errors import (Conflict, FailedOver, Refused, ResumeRefused, ResyncRequired, StorageError, TransferStalled,
+                      UsageError, WireError)
 from ..fsutil import durable_rename, fsync_dir, fsync_file, write_atomic
-from ..model import (VM, Disk, Relationship, ReplicationMode, ReplicationState, valid_disk_name, valid_fqdn,
-                     valid_vm_name)
+from ..model import (VM, Disk, Relationship, ReplicationMode, ReplicationState, VMState, valid_disk_name,
+                     valid_fqdn, valid_vm_name)
 from ..monitoring import roll as roll_interval
 from ..wire import MAX_HEADER, Header, LogDecoder, Record
 from ..images import disk_format
@@ -34,6 +34,7 @@ from .admission import Admission
 from .apply import discard, read_log, rollback, write_point
 from .copywriter import CopyWriter
 from .failover import identities
+from .fence import ReceiptFence
 from .layout import PROGRESS_FILE, VMDir
 from .seeding import SeedRefused, adopt, seed_sizes
 from .settings import ServerSettings
@@ -187,6 +188,7 @@ class ReplicaService:
         self._tasks: dict[str, asyncio.Task] = {}
         self.admission = Admission(catalog, state_dir,
                                    lambda vm_id: vm_id in self._locks and self._locks[vm_id].locked())
+        self.fence = ReceiptFence()  # a failover's hold on the VM's receipts (replica/fence.py)
 
     # lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -263,8 +265,9 @@ class ReplicaService:
                 raise TransferStalled(f"the connection was lost before log {seq}'s header arrived; "
                                       "nothing of it is kept") from None
             async with lock:
-                return await self._receive_locked(grant, auth, vm_id, seq, chunks, header, dec, head_bytes,
-                                                  first_items)
+                with self.fence.receiving(vm_id, chunks if isinstance(chunks, RawLog) else None):
+                    return await self._receive_locked(grant, auth, vm_id, seq, chunks, header, dec, head_bytes,
+                                                      first_items)
         except WireError as e:
             rel = self.catalog.relationship(vm_id)
             if rel is not None and rel.trust_group == grant.trust_group:
@@ -303,7 +306,7 @@ class ReplicaService:
         rel = self.catalog.relationship(vm_id)
         bound = log.bind(vm=header.vm_name, peer=grant.principal, cycle=seq)
         if rel is not None and rel.state in (ReplicationState.FAILED_OVER_WAITING, ReplicationState.FAILED_OVER):
-            raise Conflict(f"{header.vm_name} has failed over on this replica server; it takes no more logs",
+            raise FailedOver(f"{header.vm_name} has failed over on this replica server; it takes no more logs",
                            hint="reverse replication from the replica, or stop the failover there")
         if rel is not None and rel.state == ReplicationState.SUSPENDED:
             raise Conflict(f"replication of {header.vm_name} is suspended on the replica server",
@@ -415,7 +418,7 @@ class ReplicaService:
         rel.frequency = header.frequency or rel.frequency
         rel.auth = auth
         rel.primary_ports = list(header.primary_ports) if any(header.primary_ports) else rel.primary_ports
-        if header.prepared:
+        if header.prepared and not dec.trailer.fuzzy:  # a fuzzy capture is no state to fail over to
             rel.prepared_seq = seq
             bound.info("failover.primary_prepared", reason="the primary shipped its final log; a planned failover "
                        "can start once it is applied")
@@ -483,7 +486,7 @@ class ReplicaService:
         vmdir = VMDir.of(storage, vm_id)
         disks = files[:-1] if config else files
         mode = ReplicationMode.EXTENDED_REPLICA if extended else ReplicationMode.REPLICA
-        vm = VM(id=vm_id, name=name, mode=mode,
+        vm = VM(id=vm_id, name=name, mode=mode, state=VMState.OFF,  # a replica VM never runs here unless failed over
                 disks=[Disk(str(vmdir.disk(n)), size, "raw") for n, size in disks],
                 config_file=str(vmdir.disk(files[-1][0])) if config else None)
         rel = Relationship(vm_id=vm_id, role="replica", state=ReplicationState.INITIAL_IN_PROGRESS,
@@ -548,7 +551,7 @@ class ReplicaService:
         out: dict = {"vm_id": vm_id, "exists": False}
         if rel is not None and rel.role == "replica":
             out = {"vm_id": vm_id, "exists": True, "epoch": rel.epoch, "acked_seq": rel.seq,
-                   "applied_seq": rel.applied_seq, "state": rel.state.value}
+                   "applied_seq": rel.applied_seq, "state": rel.state.value, "prepared_seq": rel.prepared_seq}
         if rel is None or (rel.role == "replica" and rel.applied_seq == 0):
             vmdir = VMDir.of(Path(rel.storage) if rel else Path(grant.storage), vm_id)
             got = read_progress(vmdir.root / PROGRESS_FILE)
@@ -566,7 +569,8 @@ class ReplicaService:
             while True:
                 rel = self.catalog.relationship(vm_id)
                 vm = self.catalog.vm_by_id(vm_id)
-                if rel is None or vm is None or rel.role != "replica" or rel.applied_seq >= rel.seq:
+                if rel is None or vm is None or rel.role != "replica" or rel.applied_seq >= rel.seq \
+                        or rel.state in (ReplicationState.FAILED_OVER_WAITING, ReplicationState.FAILED_OVER):
                     break
                 seq = rel.applied_seq + 1
                 vmdir = VMDir.of(rel.storage, vm_id)
@@ -576,6 +580,10 @@ class ReplicaService:
                     break  # nothing applies to a missing file: the primary's resync recreates it
                 try:
                     async with self._apply_locks.setdefault(vm_id, asyncio.Lock()):
+                        now = self.catalog.relationship(vm_id)
+                        if now is None or now.seq < seq or now.state in (ReplicationState.FAILED_OVER_WAITING,
+                                                                          ReplicationState.FAILED_OVER):
+                            continue  # a failover took the copy while this waited (replica/failovers.py)
                         header = await workers.APPLY.run(write_point, vmdir, seq, disks, fault=self._fault)
                         # the commit runs here, on the loop: no other writer of this row can
                         # interleave (a receipt may be recording the next ack right now)
@@ -601,6 +609,9 @@ class ReplicaService:
                         pass
                     wake.clear()
                     delay = min(delay * 2, APPLY_RETRY_MAX)
+                    cond = self._applied.setdefault(vm_id, asyncio.Condition())
+                    async with cond:  # a failover waiting for this apply decides now (replica/failovers.py)
+                        cond.notify_all()
                     continue
                 delay = 1.0
                 bound.info("log.applied", kind=header.kind, point=header.time, consistency=header.consistency)
@@ -629,8 +640,11 @@ class ReplicaService:
         rel = self.catalog.relationship(vm_id)
         s = ServerSettings.load(self.catalog, self.state_dir)
         roll_interval(rel, s.monitoring_start_time, s.monitoring_interval)
-        previous = ({"seq": rel.applied_seq, "time": rel.last_replication_time, "consistency": rel.last_consistency}
-                    if rel.applied_seq and rel.last_replication_time and header.kind != "initial" else None)
+        # the copy before an initial copy or a resync is not known to be any point (it may hold
+        # a hand edit or a cancelled failover's writes): only a delta keeps it (issue 14.7)
+        previous = ({"seq": rel.applied_seq, "time": rel.last_point_time or rel.last_replication_time,
+                     "consistency": rel.last_consistency}
+                    if rel.applied_seq and rel.last_replication_time and header.kind == "delta" else None)
         asked, rel.recovery_point_interval = header.history
         kept = min(asked, s.max_recovery_history)  # `server set --max-recovery-history`
         if kept < asked and rel.recovery_history != kept:
@@ -640,6 +654,8 @@ class ReplicaService:
         rel.applied_seq = header.seq
         rel.error = None
         rel.last_replication_time = utcnow()
+        rel.last_point_time = header.time  # a point's time is its capture's, not its apply's
+        rel.copy_unverified = False
         if rel.state in (ReplicationState.INITIAL_IN_PROGRESS, ReplicationState.ERROR):
             rel.state = ReplicationState.REPLICATING
         rel.stats.successful_count += 1
@@ -656,13 +672,14 @@ class ReplicaService:
         self.catalog.put_vm_and_relationship(vm, rel)
         return floor
 
-    async def drained(self, vm_id: str, timeout: float) -> None:
-        """Wait until every acknowledged log of the VM is applied (or raise after ``timeout``)."""
+    async def drained(self, vm_id: str, timeout: float, *, or_failed: bool = False) -> None:
+        """Wait until every acknowledged log of the VM is applied (or raise after ``timeout``);
+        with ``or_failed``, also return when an apply failed (its error is recorded)."""
         cond = self._applied.setdefault(vm_id, asyncio.Condition())
 
         def done() -> bool:
             r = self.catalog.relationship(vm_id)
-            return r is None or r.applied_seq >= r.seq
+            return r is None or r.applied_seq >= r.seq or (or_failed and r.error is not None)
         async with cond:
             await asyncio.wait_for(cond.wait_for(done), timeout)
 
@@ -783,6 +800,10 @@ class ReplicaService:
     def apply_lock(self, vm_id: str) -> asyncio.Lock:
         """Held while a log is applied: hold it to see the copy at a committed point."""
         return self._apply_locks.setdefault(vm_id, asyncio.Lock())
+
+    def receive_lock(self, vm_id: str) -> asyncio.Lock:
+        """Held while a log of the VM is received (a failover fences with it: replica/fence.py)."""
+        return self._locks.setdefault(vm_id, asyncio.Lock())
 
     async def remove(self, vm_id: str) -> None:
         """Forget a replica VM and delete its copy (``vm remove`` on the replica)."""
