@@ -25,7 +25,7 @@ import asyncio
 import json
 import secrets
 
-from . import log as logmod
+from . import log as logmod, workers
 from .api.context import Host
 from .errors import Conflict, Refused, UsageError
 from .model import Relationship, ReplicationMode, ReplicationState as S, Stats, VMState
@@ -56,7 +56,7 @@ async def start(host: Host, vm_name: str, actor: str) -> tuple:
         resync = moved or not rel.failover.get("planned")
         epoch = secrets.token_hex(8)
         if not resync:  # the copy is the common point's bytes: its digests are the baseline
-            await asyncio.to_thread(build_baseline, host.config.state_dir, vm.id, point, disks)
+            await workers.DIGESTS.run(build_baseline, host.config.state_dir, vm.id, point, disks)
             resync = await asyncio.to_thread(identities, disks) != rel.failover.get("disks")  # written meanwhile
         old_primary = rel.primary_server
         port = rel.primary_ports[1 if rel.auth == "certificate" else 0] or (443 if rel.auth == "certificate" else 80)

@@ -21,7 +21,7 @@ MiB = 1 << 20
 SIZE = 8 * MiB
 HISTORY = 3
 # the calls a kill -9 may be aimed at, per operation (and the daemon that makes them)
-TRAPS = {"failover": ["pwrite64", "rename", "fsync", "ftruncate"], "test": ["pwrite64", "fsync", "rename"],
+TRAPS = {"failover": ["pwrite64", "pwrite64", "rename", "fsync", "ftruncate"], "test": ["pwrite64", "fsync", "rename"],
          "test-stop": ["rmdir", "unlinkat"], "stop": ["rename", "unlink"], "complete": ["unlink", "rename"],
          "sync-replica": ["rename", "fsync", "pwrite64"], "sync-primary": ["rename", "fsync"]}
 
@@ -59,7 +59,7 @@ class Driver(Model):
         rs, p, r = self.replica_state, self.primary.name, self.replica.name
         options = [
             (4, self.running[p], self.write_primary),
-            (3, rs in (FOW, FO) and self.running[r], self.write_failed_over),
+            (4, rs in (FOW, FO) and self.running[r], self.write_failed_over),
             (5, True, self.cycle),
             (1, rs == R and not self.replica_suspended and not self.primary_suspended and self.prepared is None,
              self.paced_cycle),
@@ -75,7 +75,7 @@ class Driver(Model):
             (1, rs == FOW, self.complete),
             (3, rs in (FOW, FO), self.reverse),
             (1, True, self.resync),
-            (1, rs == R, self.suspend_replica),
+            (2, rs == R and not self.replica_suspended, self.suspend_replica),
             (1, self.replica_suspended, self.resume_replica),
             (1, self.prepared is None, self.suspend_primary),
             (2, self.primary_suspended or self.prepared is not None, self.resume_primary),
@@ -109,7 +109,9 @@ class Driver(Model):
         self.failover["wrote"] = True
 
     def start_vm(self) -> None:
-        host = self.rnd.choice([self.primary, self.replica])
+        # while failed over, mostly the failed-over VM: it runs and writes before a reverse
+        failed_over = self.replica_state != "Replicating" and not self.running[self.replica.name]
+        host = self.replica if self.rnd.random() < (0.7 if failed_over else 0.5) else self.primary
         self.note(f"vm start on {host.name}")
         if host is self.primary:
             expect = self.prepared is None  # a prepared primary refuses: its disks must stay as shipped
@@ -225,7 +227,6 @@ class Driver(Model):
         out, err = sync.communicate(timeout=120)
         acked = self.judge(self.primary, ("replication", "sync", VM), sync.returncode, out, err, None)
         self.cli(self.primary, "replication", "set", VM, "--bandwidth-limit", "0")
-        pts = self.points_ids()
         seq = self.get(self.primary)["sequence"]
         for s in range(self.known_seq + 1, seq + 1):
             self.expected.setdefault(s, self.cur)
@@ -363,12 +364,14 @@ class Driver(Model):
             ops += [("failover", None), ("test", None)]
         if self.test is not None:
             ops.append(("test-stop", None))
-        if self.replica_state == "FailedOverWaitingCompletion" and not self.running[self.replica.name]:
+        if self.replica_state == "FailedOverWaitingCompletion" and not self.running[self.replica.name] \
+                and self.test is None:  # with a test VM, `failover stop` ends the test failover
             ops += [("stop", None), ("complete", None)]
         op, _ = self.rnd.choice(ops)
         victim = self.primary if op == "sync" and self.rnd.random() < 0.5 else self.replica
         pts = self.points_ids()
-        point = self.rnd.choice(pts) if pts else None
+        older = [p for p in pts if p != pts[-1]]
+        point = (self.rnd.choice(older) if older and self.rnd.random() < 0.7 else self.rnd.choice(pts)) if pts else None
         args = {"sync": ["replication", "sync", VM, "--wait"],
                 "failover": ["failover", "start", VM] + (["--recovery-point", str(point)] if point else []),
                 "test": ["failover", "start", VM, "--as-test"] + (["--recovery-point", str(point)] if point else []),

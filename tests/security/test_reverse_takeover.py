@@ -18,8 +18,7 @@ from replicad.wire import DiskInfo, Header
 
 from ..integration.harness import wait_applied
 from ..integration.images import make_sparse_image
-from .helpers import snapshot
-from .test_forged_requests import attacker, body, log_bytes
+from .helpers import assert_unchanged, attacker, body, log_bytes, snapshot
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20
@@ -75,7 +74,8 @@ def test_a_replica_server_cannot_take_over_a_running_primary(any_cluster, tmp_pa
 
     before, digest = snapshot(v2), disk()
     err = _as_vmhost1(c, reverse(True))
-    assert snapshot(v2) == before and disk() == digest, "the refused takeover changed vmhost2"
+    assert_unchanged(before, snapshot(v2))
+    assert disk() == digest
     assert "unknown state" in str(err), err
     assert v2.json("vm", "get", "ledger")["state"] == "Unknown"  # nobody said it is off: treated as running
     v2.cli("vm", "stop", "ledger")  # now known to be off, but vmhost2 never heard of a failover
@@ -85,7 +85,8 @@ def test_a_replica_server_cannot_take_over_a_running_primary(any_cluster, tmp_pa
                              ("a resync log", resync_log, "not a replica")]:
         err = _as_vmhost1(c, fn)
         assert reason in str(err), (what, err)
-    assert snapshot(v2) == before and disk() == digest, "the refused takeover changed vmhost2"
+    assert_unchanged(before, snapshot(v2))
+    assert disk() == digest
     refused = [e for e in v2.events("peer.refused") if e.get("peer") == v1.fqdn and "/reverse" in e.get("path", "")]
     assert len(refused) == 3 and all(e.get("reason") for e in refused)
     assert v2.json("vm", "get", "ledger")["replication_mode"] == "Primary"

@@ -171,8 +171,8 @@ async def start_vm(request):
                       hint="fail over first: `replicad failover start`")
     if rel is not None and rel.role == "primary" and rel.state == ReplicationState.PREPARED_FOR_FAILOVER:
         raise Refused(f"{vm.name} is prepared for failover: its disks must stay as they were shipped",
-                      hint=f"`replicad replication resume {vm.name}` cancels the prepare (the replica then must not "
-                           "fail over to it), or `replicad replication remove`")
+                      hint=f"`replicad replication resume {vm.name}` cancels the prepare (a failover after that is "
+                           "unplanned), or `replicad replication remove`")
     foreign = await asyncio.to_thread(foreign_backing, vm.files())
     if foreign is not None:  # e.g. a replicated header naming a file of this host
         disk, backing = foreign

@@ -12,7 +12,8 @@ What it promises:
   the failover (a suspended replica stays suspended); `complete` alone drops the points and
   the copy is then what it reports;
 - a crash at any moment leaves the catalog's state, and `recover` makes the files agree.
-State changes are catalog writes on the event loop; copies run in worker threads."""
+State changes are catalog writes on the event loop; copies and roll-backs run in the APPLY
+pool (workers.py): they are apply work, under the VM's apply lock."""
 
 from __future__ import annotations
 
@@ -22,13 +23,13 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import log as logmod
+from .. import log as logmod, workers
 from ..catalog import Catalog
 from ..errors import Conflict, ReplicadError, StorageError, UsageError
 from ..model import VM, Disk, Relationship, ReplicationMode, ReplicationState as S, VMState
 from . import failover_copy as fc
 from . import points
-from .failover import TEST_SUFFIX, identities, make_test_copy
+from .failover import TEST_SUFFIX, make_test_copy
 from .layout import VMDir
 from .service import ReplicaService
 
@@ -64,9 +65,9 @@ class Failovers:
             waiting = rel.role == "replica" and rel.state == S.FAILED_OVER_WAITING
             state = fc.WAITING if waiting else fc.NOT_FAILED_OVER if rel.role == "replica" and \
                 rel.state != S.FAILED_OVER else fc.COMPLETED
-            done = await asyncio.to_thread(fc.settle, vm.files(), state, rel.failover.get("disks"))
+            done = await workers.APPLY.run(fc.settle, vm.files(), state, rel.failover.get("disks"))
             if rel.role == "replica" and rel.state == S.FAILED_OVER and rel.storage:
-                await asyncio.to_thread(drop_points, vm.files(), VMDir.of(rel.storage, vm.id))
+                await workers.APPLY.run(drop_points, vm.files(), VMDir.of(rel.storage, vm.id))
             for what in done:
                 log.warning("failover.recovered", vm=vm.name, state=rel.state.value, action=what,
                             reason="a failover step was cut by a crash; the files now agree with the catalog")
@@ -79,6 +80,7 @@ class Failovers:
 
     # helpers --------------------------------------------------------------------------------
     def _fresh(self, vm: VM) -> Relationship:
+        """The VM's replica relationship as it is now (under the VM's failover lock)."""
         rel = self.catalog.relationship(vm.id)
         if rel is None or rel.role != "replica":
             raise Conflict(f"failover starts on the replica server; {vm.name} is not a replica here",
@@ -108,9 +110,9 @@ class Failovers:
         except FileNotFoundError as e:
             raise Conflict(f"recovery point {target['seq']} of {vm.name} cannot be rebuilt: {e}") from None
         try:
-            return await asyncio.to_thread(fc.make, files, waiting, chain, self._fault)
+            return await workers.APPLY.run(fc.make, files, waiting, chain, self._fault)
         except OSError as e:
-            await asyncio.to_thread(fc.settle, files, fc.WAITING if waiting else fc.NOT_FAILED_OVER,
+            await workers.APPLY.run(fc.settle, files, fc.WAITING if waiting else fc.NOT_FAILED_OVER,
                                     rel.failover.get("disks") if waiting else None)
             raise StorageError(f"cannot make the failover copy of {vm.name} at point {target['seq']}: "
                                f"{e.strerror or e}", hint="a reflink filesystem (XFS, btrfs) needs almost no space "
@@ -144,6 +146,7 @@ class Failovers:
     async def start(self, vm: VM, point, actor: str) -> Relationship:
         """Fail over to ``point`` (the newest by default); while failed over, move to it."""
         async with self.lock(vm.id):
+            vm = self.catalog.vm_by_id(vm.id) or vm  # its run state as it is now, under the lock
             rel = self._fresh(vm)
             if rel.state == S.FAILED_OVER_WAITING:
                 return await self._move(vm, rel, point, actor)
@@ -166,7 +169,7 @@ class Failovers:
                     rel.state = S.FAILED_OVER_WAITING
                     self.catalog.put_relationship(rel)
                     self._fault("failover-committed")
-                    await asyncio.to_thread(fc.settle, files, fc.WAITING, made, self._fault)
+                    await workers.APPLY.run(fc.settle, files, fc.WAITING, made, self._fault)
         kind = "planned" if planned else "unplanned"
         self.catalog.audit(actor, "failover.started", f"{vm.name} to point {target['seq']} ({kind}, {how})")
         log.warning("failover.started", vm=vm.name, point=target["seq"], latest=rel.applied_seq, planned=planned,
@@ -188,7 +191,7 @@ class Failovers:
                                 planned=planned, disks=made, copy=how)
             self.catalog.put_relationship(rel)
             self._fault("failover-committed")
-            await asyncio.to_thread(fc.settle, files, fc.WAITING, made, self._fault)
+            await workers.APPLY.run(fc.settle, files, fc.WAITING, made, self._fault)
         self.catalog.audit(actor, "failover.moved", f"{vm.name} to point {target['seq']} ({how})")
         log.warning("failover.moved", vm=vm.name, point=target["seq"], copy=how,
                     reason="the operator chose another recovery point; the failed-over VM's writes were dropped")
@@ -198,6 +201,7 @@ class Failovers:
         """End the test failover if there is one, else cancel the failover: back to the newest
         point and to the state before it. Returns what the API answers."""
         async with self.lock(vm.id):
+            vm = self.catalog.vm_by_id(vm.id) or vm  # its run state as it is now, under the lock
             test = self.catalog.vm_by_name(test_vm_name(vm))
             rel = self._fresh(vm)
             if test is not None:
@@ -218,7 +222,7 @@ class Failovers:
             rel.failover, rel.discard_ok = {}, False
             self.catalog.put_relationship(rel)
             self._fault("failover-stopping")
-            await asyncio.to_thread(fc.settle, vm.files(), fc.NOT_FAILED_OVER)
+            await workers.APPLY.run(fc.settle, vm.files(), fc.NOT_FAILED_OVER)
         self.catalog.audit(actor, "failover.cancelled", vm.name)
         log.info("failover.cancelled", vm=vm.name, state=rel.state.value,
                  reason="back to the newest point; what the failed-over VM wrote is dropped")
@@ -227,13 +231,14 @@ class Failovers:
     async def complete(self, vm: VM, actor: str) -> Relationship:
         """Commit the failover: the failover copy is the VM's; every other point is dropped."""
         async with self.lock(vm.id):
+            vm = self.catalog.vm_by_id(vm.id) or vm  # its run state as it is now, under the lock
             rel = self._fresh(vm)
             if rel.state != S.FAILED_OVER_WAITING:
                 raise Conflict(f"{vm.name} has no failover waiting for completion (state {rel.state.value})")
             commit_failover(rel)
             self.catalog.put_relationship(rel)
             self._fault("failover-completing")
-            await asyncio.to_thread(drop_points, vm.files(), VMDir.of(rel.storage, vm.id))
+            await workers.APPLY.run(drop_points, vm.files(), VMDir.of(rel.storage, vm.id))
         self.catalog.audit(actor, "failover.completed", f"{vm.name} at point {rel.applied_seq}")
         log.warning("failover.completed", vm=vm.name, point=rel.applied_seq,
                     reason="failover committed; the VM keeps the copy of this point, the other points are dropped")
@@ -242,6 +247,7 @@ class Failovers:
     # test failover --------------------------------------------------------------------------
     async def test_start(self, vm: VM, point, actor: str) -> VM:
         async with self.lock(vm.id):
+            vm = self.catalog.vm_by_id(vm.id) or vm  # its run state as it is now, under the lock
             rel = self._fresh(vm)
             if self.catalog.vm_by_name(test_vm_name(vm)) is not None:
                 raise Conflict(f"a test failover of {vm.name} is already running",
@@ -263,7 +269,7 @@ class Failovers:
                     copies, how = make_test_copy(files, vmdir.root / "test", src)
                     points.roll_back(chain, copies)
                     return copies, how
-                copies, how = await asyncio.to_thread(copy_at_point)
+                copies, how = await workers.APPLY.run(copy_at_point)
             test = VM(id=str(uuid.uuid4()), name=test_vm_name(vm), mode=ReplicationMode.TEST_REPLICA,
                       state=VMState.OFF, disks=[Disk(str(p), d.size, d.format) for p, d in zip(copies, vm.disks)],
                       config_file=str(copies[-1]) if vm.config_file else None)

@@ -19,7 +19,7 @@ from .. import log as logmod, metrics, workers
 from ..auth.authorize import Grant, authorize
 from ..catalog import Catalog
 from ..times import utcnow
-from ..errors import (Conflict, FailedOver, Refused, ResumeRefused, ResyncRequired, StorageError, TransferStalled,
+from ..errors import (Conflict, FailedOver, ResumeRefused, ResyncRequired, StorageError, TransferStalled,
                       UsageError, WireError)
 from ..fsutil import durable_rename, fsync_dir, fsync_file, write_atomic
 from ..model import (VM, Disk, Relationship, ReplicationMode, ReplicationState, VMState, valid_disk_name,
