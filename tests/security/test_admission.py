@@ -4,6 +4,7 @@ item 3); a header deadline, a few log connections per principal and thread pools
 their own (item 2). vmhost1 is the replica server, vmhost2 (Finance) replicates `ledger`
 to it, vmhost3 (Engineering) is the attacker (conftest.py)."""
 
+import select
 import threading
 import time
 import uuid
@@ -26,11 +27,13 @@ def _events(host, peer: str, *names: str) -> list[dict]:
 class Trickle(threading.Thread):
     """An attacker's log: a preamble announcing a 60,000-byte header, then one byte every
     ``every`` seconds (inside the 2 s idle timeout) until the replica answers or closes,
-    or ``until`` seconds passed. ``answer`` is what the replica said, ``ended`` when."""
+    or ``until`` seconds passed. ``answer`` is what the replica said, ``ended`` when.
+    Once ``stop`` is set it sends no more, and waits up to ``settle`` seconds for an
+    answer already on its way (a refusal of the request's head needs no more bytes)."""
 
-    def __init__(self, put: LogPut, every: float = 0.5, until: float = 20.0):
+    def __init__(self, put: LogPut, every: float = 0.5, until: float = 20.0, settle: float = 0.0):
         super().__init__(daemon=True)
-        self.put, self.every, self.until = put, every, until
+        self.put, self.every, self.until, self.settle = put, every, until, settle
         self.answer: tuple[int, dict] | None = None
         self.ended: float | None = None
         self.stop = threading.Event()
@@ -47,6 +50,14 @@ class Trickle(threading.Thread):
                     self.answer = self.put.answer()
                     return
                 self.put.send(b" ")
+            settled = time.monotonic() + self.settle
+            while True:
+                if self.put.readable():
+                    self.answer = self.put.answer()
+                    return
+                if time.monotonic() >= settled:
+                    return
+                select.select([self.put.sock], [], [], 0.1)  # wakes when the replica says something
         except OSError:
             self.answer = self.answer or (0, {})
         finally:
@@ -72,7 +83,7 @@ def test_another_trust_group_is_refused_before_the_vms_lock_or_any_body_byte(thr
     assert refusal and "trust group" in refusal[-1]["reason"], refusal
 
     # the same attack, trickling: it must not hold up vmhost2's own cycle of that VM
-    attack = Trickle(LogPut(c, v3, v1, vm_id, 100))
+    attack = Trickle(LogPut(c, v3, v1, vm_id, 100), settle=10)
     attack.start()
     t0 = time.monotonic()
     v2.json("replication", "sync", "ledger", "--wait")
