@@ -83,8 +83,9 @@ async def start(host: Host, vm_name: str, actor: str) -> tuple:
         log.warning("reverse.resync", vm=vm.name, old_primary=old_primary, point=point,
                     reason="a side moved since the common point (or the failover was unplanned): the first cycle "
                     "compares both copies block by block and ships every block that differs")
+    kind = "planned" if rel.failover.get("planned") else "unplanned"
     log.info("replication.reversed", vm=vm.name, replica=old_primary, point=point, resync=resync,
-             reason="the failover is complete; this host is the primary now")
+             reason=f"{kind} failover completed by reverse; this host is the primary now")
     host.primary.ensure(vm.id)
     return vm, new
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from replicad import PROTOCOL_VERSION
 from replicad.auth.tls import TlsMaterial
 from replicad.auth.token import Credential, RealmPublic
+from replicad.errors import ReplicadError
 from replicad.transport import bulk, raw
 from replicad.transport.client import PeerClient
 from replicad.wire import Header, LogEncoder
@@ -320,13 +321,17 @@ class LogPut:
         self.mode = c.auth
         path = f"/v1/replicas/{vm_id}/logs/{seq}"
         headers = {"X-Replicad-Protocol": str(PROTOCOL_VERSION), "Host": f"{target.fqdn}:{target.peer_port}"}
+        self._peer = (c, who, target)
+        self._session = None
         if self.mode == "token":
             async def session_headers():
                 client = attacker(c, who)
                 try:
                     async with client.conversation(target.fqdn, target.peer_port, "token") as conv:
                         headers = conv._prepare("PUT", path, None)[0]
-                        conv.session = None  # not ended here: the request below is made in it
+                        # not ended here: the request below is made in it; close() ends it,
+                        # as a real client does (a server grants a principal 64 at most)
+                        self._session, conv.session = conv.session, None
                         return headers
                 finally:
                     await client.close()
@@ -413,6 +418,22 @@ class LogPut:
             self.sock.close()
         except OSError:
             pass
+        session, self._session = self._session, None
+        if session is None:
+            return
+        c, who, target = self._peer
+
+        async def end() -> None:
+            client = attacker(c, who)
+            conv = client.conversation(target.fqdn, target.peer_port, "token")
+            conv.session = session
+            try:
+                await conv.request("DELETE", "/v1/session")
+            except ReplicadError:
+                pass  # the server forgets it after its session_timeout anyway
+            finally:
+                await client.close()
+        asyncio.run(end())
 
 
 def header_preamble(header_len: int) -> bytes:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from replicad.tracking.digestmap import map_bytes
 from replicad.wire import DiskInfo, Header, LogEncoder
 
 from ..integration.harness import Cluster, wait_for
@@ -159,7 +160,8 @@ def test_digests_of_never_written_regions_cost_nothing_to_store(shared, tmp_path
     vmdir = Path(v1.json("vm", "get", "empty")["disks"][0]["path"]).parents[1]
     held = allocated(vmdir)
 
-    got = converse(c, v3, v1, lambda conv: conv.fetch_digests(EMPTY, tmp_path / "maps"))
+    limit = map_bytes(64 * GiB)  # what the primary's own 64 GiB file could make it
+    got = converse(c, v3, v1, lambda conv: conv.fetch_digests(EMPTY, tmp_path / "maps", [limit]))
     assert not isinstance(got, Exception), got
     meta, maps = got
     blocks = 64 * GiB // 4096

@@ -199,8 +199,9 @@ class Admission:
                     owner=owner.principal, owner_group=owner.trust_group, owner_vm=owner.name,
                     owner_vm_id=owner.vm_id, owner_state=owner.state,
                     reason=f"the VM {by} belongs to another primary")
-        what = f"VM {name} ({vm_id})" if name is not None else f"VM {vm_id}"
-        raise Refused(f"{grant.principal} (trust group {grant.trust_group}) may not replicate {what} to this "
+        # the same words whether the id or the name is taken, and whether the request's head
+        # (id only) or the log's header (id and name) was refused: nothing tells which
+        raise Refused(f"{grant.principal} (trust group {grant.trust_group}) may not replicate VM {vm_id} to this "
                       "server: that VM or its name belongs to another primary")
 
     # quotas (auth-entry --max-disk-size / --max-storage) -------------------------------
