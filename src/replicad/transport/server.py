@@ -171,8 +171,12 @@ async def open_session(request: web.Request) -> web.Response:
     ctx = request.app[CTX_KEY]
     principal, ticket = request[PRINCIPAL], request["replicad.ticket"]
     if principal not in ctx.admins and not ctx.service.admission.names(principal):
-        raise Refused(f"{principal} gets no session on {ctx.host}: no authorization entry and no "
-                      "management admin names it")
+        why, hint = "no authorization entry and no management admin names it", None
+        try:  # the reason in the words a replication refusal uses (not enabled, not authorized)
+            ctx.service.grant_for(principal, ctx.mode)
+        except ReplicadError as e:
+            why, hint = f"{e.message}; {why}", e.hint
+        raise Refused(f"{principal} gets no session on {ctx.host}: {why}", hint=hint)
     ctx.sessions.room_for(principal)
     if not ctx.catalog.remember_nonce(ticket.nonce, ticket.expires + MAX_SKEW):
         raise AuthenticationFailed(f"replayed ticket from {principal}")
