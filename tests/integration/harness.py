@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -47,10 +48,30 @@ def mounted(mnt: Path, *mount_args: str):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port(addr: str) -> int:
-    with socket.socket() as s:
-        s.bind((addr, 0))
-        return s.getsockname()[1]
+    """A port to listen on, outside the kernel's ephemeral range: a port the kernel hands
+    out (bind to 0) is also what it gives the next outgoing connection, so a daemon started
+    a moment later could find it taken by a client socket ("address already in use")."""
+    ephemeral = _ephemeral_ports()
+    for _ in range(200):
+        port = random.randrange(10000, 65000)
+        if port in ephemeral:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((addr, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port on {addr} outside the ephemeral range")
 
 
 def file_digest(path: Path) -> str:
