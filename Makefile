@@ -4,20 +4,27 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow unit integration bench compose-demo dist clean
+.PHONY: demo lint test test-slow unit integration bench compose-demo dist clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,lint]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/replicad demo
 
-test: $(STAMP)
+# ruff (style, bugbear, asyncio rules) and mypy (types), as configured in pyproject.toml; also
+# the pre-commit hooks (.pre-commit-config.yaml). A few seconds: mypy keeps its cache in .mypy_cache.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+# Lint first: a finding fails the run before the tests start.
+test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 # The long cases (marked `slow`): soaks and long model runs. .ci/run runs them after `make test`.
