@@ -181,7 +181,7 @@ class _Reader:
 LIMIT_KEYS = ("max_connections", "max_connections_per_address")
 
 
-def _limits(r: "_Reader", node: dict, path: str) -> tuple[int, int]:
+def _limits(r: _Reader, node: dict, path: str) -> tuple[int, int]:
     """A peer listener's connection limits (transport/listen.py)."""
     out = []
     for key, default in zip(LIMIT_KEYS, (1024, 64)):

@@ -13,9 +13,8 @@ import signal
 
 from aiohttp import web
 
-from . import __version__
+from . import __version__, events, metrics, reverse
 from . import log as logmod
-from . import events, metrics, reverse
 from .api.app import create_app
 from .api.context import Host
 from .auth.session import SessionStore

@@ -5,9 +5,10 @@ change with its reasons; ``replication get`` shows the reasons in ``health_reaso
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-from .model import Health, Relationship, ReplicationState as S
+from .model import Health, Relationship
+from .model import ReplicationState as S
 from .times import parse_time
 
 LAG_WARNING = 3600  # seconds since the last successful cycle
@@ -21,7 +22,7 @@ def _age(ts: str | None, now: datetime) -> float | None:
 
 
 def compute(rel: Relationship, now: datetime | None = None) -> tuple[Health, list[str]]:
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     critical, warning = [], []
     primary = rel.role == "primary"
     if rel.state == S.WAITING_FOR_RESYNC:

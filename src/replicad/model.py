@@ -162,7 +162,7 @@ class VM:
         return d
 
     @classmethod
-    def from_json(cls, doc: dict) -> "VM":
+    def from_json(cls, doc: dict) -> VM:
         vm = _from_dict(cls, doc)
         vm.mode, vm.state = ReplicationMode(vm.mode), VMState(vm.state)
         vm.disks = [_from_dict(Disk, d) for d in vm.disks]
@@ -233,7 +233,7 @@ class Relationship:
         return d
 
     @classmethod
-    def from_json(cls, doc: dict) -> "Relationship":
+    def from_json(cls, doc: dict) -> Relationship:
         rel = _from_dict(cls, doc)
         rel.state = ReplicationState(rel.state)
         rel.stats = _from_dict(Stats, rel.stats) if isinstance(rel.stats, dict) else Stats()

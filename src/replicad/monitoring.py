@@ -6,7 +6,7 @@ begun since the statistics started, they start afresh (the initial copy's size i
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from .model import Relationship, Stats
 from .times import format_time, parse_time
@@ -24,7 +24,7 @@ def interval_start(now: datetime, start_hhmm: str, interval: int) -> datetime:
 
 def roll(rel: Relationship, start_hhmm: str, interval: int, now: datetime | None = None) -> bool:
     """Start a new statistics interval when the current one is over. True when it rolled."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     begin = interval_start(now, start_hhmm, interval)
     if rel.stats.monitoring_start and parse_time(rel.stats.monitoring_start) >= begin:
         return False

@@ -25,10 +25,12 @@ import asyncio
 import json
 import secrets
 
-from . import log as logmod, workers
+from . import log as logmod
+from . import workers
 from .api.context import Host
 from .errors import Conflict, Refused, UsageError
-from .model import Relationship, ReplicationMode, ReplicationState as S, Stats, VMState
+from .model import Relationship, ReplicationMode, Stats, VMState
+from .model import ReplicationState as S
 from .primary.baseline import Baselines
 from .replica.failover import TEST_SUFFIX, build_baseline, identities
 from .replica.failovers import drop_points

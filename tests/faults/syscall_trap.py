@@ -31,7 +31,7 @@ class SyscallTrap:
                       f"inject={syscall}:delay_enter={hold_us}:when={nth}", "-p", str(pid)]
         self._proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> "SyscallTrap":
+    def __enter__(self) -> SyscallTrap:
         self._proc = subprocess.Popen(self._argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while "TracerPid:\t0" in Path(f"/proc/{self.pid}/status").read_text():

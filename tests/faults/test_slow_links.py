@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import file_digest, free_port, wait_applied, wait_for
-
 from replicad.replica.service import PROGRESS_EVERY
+from tests.integration.harness import file_digest, free_port, wait_applied, wait_for
 
 from .linkproxy import LinkProxy
 

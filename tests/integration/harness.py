@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 import xxhash
 
 BIN = Path(sys.executable).parent / "replicad"
@@ -89,7 +88,7 @@ class Host:
     port: int
     tls_port: int
     root: Path
-    cluster: "Cluster"
+    cluster: Cluster
     proc: subprocess.Popen | None = None
     env: dict = field(default_factory=dict)
     wrap: list = field(default_factory=list)  # a command prefix, e.g. ["ip", "netns", "exec", NS]

@@ -146,8 +146,8 @@ def test_c_never_falls_back_from_tls_to_clear_text(token_cluster):
     `-C` fall back to token mode without a word and print the VM list through it — the
     management answers in clear text. Now the mode is what the config (or an explicit
     --remote-auth) says, and a mismatch is an error naming both."""
-    from .proxy import FlipProxy
     from ..integration.harness import free_port
+    from .proxy import FlipProxy
     v1 = token_cluster["vmhost1"]
     v1.start()
     mgmt = dual_manager(token_cluster)

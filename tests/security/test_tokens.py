@@ -8,7 +8,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-
 from replicad.auth.session import MAC_HEADER, SIGNATURE_HEADER, ClientHandshake, _b64
 from replicad.auth.token import Credential, RealmPublic, realm_init, realm_issue
 

@@ -1,9 +1,10 @@
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from replicad.health import compute
-from replicad.model import Health, Relationship, ReplicationState as S, Stats
+from replicad.model import Health, Relationship, Stats
+from replicad.model import ReplicationState as S
 
-NOW = datetime(2026, 11, 26, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
 
 def rel(**kw):

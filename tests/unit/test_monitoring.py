@@ -1,15 +1,15 @@
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from replicad.model import Relationship, Stats
 from replicad.monitoring import interval_start, roll
 
-T = datetime(2026, 11, 26, 10, 30, tzinfo=timezone.utc)
+T = datetime(2026, 11, 26, 10, 30, tzinfo=UTC)
 
 
 def test_interval_start_anchored_at_start_time():
-    assert interval_start(T, "09:00", 12 * 3600) == datetime(2026, 11, 26, 9, 0, tzinfo=timezone.utc)
-    assert interval_start(T, "11:00", 12 * 3600) == datetime(2026, 11, 25, 23, 0, tzinfo=timezone.utc)
-    assert interval_start(T, "09:00", 3600) == datetime(2026, 11, 26, 10, 0, tzinfo=timezone.utc)
+    assert interval_start(T, "09:00", 12 * 3600) == datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
+    assert interval_start(T, "11:00", 12 * 3600) == datetime(2026, 11, 25, 23, 0, tzinfo=UTC)
+    assert interval_start(T, "09:00", 3600) == datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
 
 
 def test_roll_resets_counters_but_keeps_initial_size():

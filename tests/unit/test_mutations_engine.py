@@ -15,7 +15,8 @@ import pytest
 
 from replicad.catalog import Catalog
 from replicad.errors import ReplicadError
-from replicad.model import VM, Disk, Relationship, ReplicationState as S
+from replicad.model import VM, Disk, Relationship
+from replicad.model import ReplicationState as S
 from replicad.primary.baseline import Baselines
 from replicad.primary.engine import PrimaryEngine
 

@@ -5,11 +5,11 @@ keeping timestamps) still has a new ctime, which no one can set, so it is read a
 
 import os
 
+from tests.integration.harness import wait_for
+
 from replicad.tracking import scan as scan_mod
 from replicad.tracking.digestmap import BLOCK, DigestMapReader, FileIdentity
 from replicad.tracking.scan import DataChange, DiskScan
-
-from tests.integration.harness import wait_for
 
 
 def scan(img, old_map, new_map):

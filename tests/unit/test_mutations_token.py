@@ -11,8 +11,18 @@ import pytest
 
 from replicad.auth import session as session_mod
 from replicad.auth.session import SessionStore
-from replicad.auth.token import (MAX_SKEW, MAX_TICKET_LEN, TICKET_LIFETIME, Credential, RealmPublic, Ticket, _b64,
-                                 realm_init, realm_issue, verify_ticket)
+from replicad.auth.token import (
+    MAX_SKEW,
+    MAX_TICKET_LEN,
+    TICKET_LIFETIME,
+    Credential,
+    RealmPublic,
+    Ticket,
+    _b64,
+    realm_init,
+    realm_issue,
+    verify_ticket,
+)
 from replicad.errors import AuthenticationFailed, Busy
 
 NOW = 1_800_000_000

@@ -12,11 +12,10 @@ import json
 import struct
 
 import pytest
+from tests.security.frames import bad_checksum_record, hostile_log
 
 from replicad.errors import WireError
-from replicad.wire import MAX_HEADER, MAX_RECORD, RECORD_DATA, DiskInfo, Header, LogDecoder, LogEncoder, Record
-from replicad.wire import codec
-from tests.security.frames import bad_checksum_record, hostile_log
+from replicad.wire import MAX_HEADER, MAX_RECORD, RECORD_DATA, DiskInfo, Header, LogDecoder, LogEncoder, Record, codec
 
 SIZE = 16 << 20
 HEADER = Header("0f0e0d0c-0000-4000-8000-000000000001", "contoso2", "abc123", 7, 6, "delta",

@@ -2,7 +2,8 @@
 and shown escaped (model.py)."""
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from replicad.model import host_name_problem, printable, shown, valid_disk_name, valid_fqdn, valid_vm_name
 

@@ -6,9 +6,8 @@ import shutil
 
 import pytest
 
-from replicad.tracking.digestmap import BLOCK, DigestMapReader
 from replicad.tracking import scan as scan_mod
-from replicad.tracking.digestmap import FileIdentity
+from replicad.tracking.digestmap import BLOCK, DigestMapReader, FileIdentity
 from replicad.tracking.scan import DataChange, DiskScan, Resize, ZeroChange, racy_guard
 
 

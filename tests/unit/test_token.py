@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from replicad.auth.token import Credential, RealmPublic, realm_init, realm_issue, verify_ticket, _b64, _unb64
+from replicad.auth.token import Credential, RealmPublic, _b64, _unb64, realm_init, realm_issue, verify_ticket
 from replicad.errors import AuthenticationFailed
 
 

@@ -7,8 +7,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from replicad.errors import WireError
-from replicad.wire import (MAX_HEADER, RECORD_DATA, RECORD_RESIZE, RECORD_ZERO, DiskInfo, Header, LogDecoder,
-                           LogEncoder, Record, Trailer)
+from replicad.wire import (
+    MAX_HEADER,
+    RECORD_DATA,
+    RECORD_RESIZE,
+    RECORD_ZERO,
+    DiskInfo,
+    Header,
+    LogDecoder,
+    LogEncoder,
+    Record,
+    Trailer,
+)
 
 SIZE = 1 << 20
 HEADER = Header("0f0e0d0c-0000-4000-8000-000000000001", "contoso2", "abc123", 7, 6, "delta",

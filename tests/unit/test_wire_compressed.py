@@ -4,12 +4,11 @@ and every failure is a WireError — on both decode paths, ``feed`` and ``pull``
 
 import pytest
 import zstandard
+from test_wire import KEY, Stream, pull_all
+from tests.security import frames
 
 from replicad.errors import WireError
 from replicad.wire import DiskInfo, Header, LogDecoder, LogEncoder
-
-from tests.security import frames
-from test_wire import KEY, Stream, pull_all
 
 SIZE = 1 << 20
 HEADER = Header("0f0e0d0c-0000-4000-8000-000000000001", "contoso2", "abc123", 1, 0, "initial",

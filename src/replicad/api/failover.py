@@ -11,8 +11,8 @@ from aiohttp import web
 from .. import log as logmod
 from .. import reverse
 from ..errors import Conflict
-from ..model import ReplicationState as S, VMState
-from ..model import Relationship
+from ..model import Relationship, VMState
+from ..model import ReplicationState as S
 from .context import actor, body, host_of
 from .replication import _rel, _wait_stream, rel_json
 from .vms import get_vm, vm_json

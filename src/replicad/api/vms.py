@@ -14,8 +14,7 @@ from .. import log as logmod
 from ..errors import Conflict, NotFound, Refused, ReplicadError, UsageError
 from ..health import compute as compute_health
 from ..images import BackingRefused, ImageError, backing_chain, disk_format, foreign_backing
-from ..model import (VM, Disk, ReplicationMode, ReplicationState, VMState, extended_id, valid_disk_name,
-                     valid_vm_name)
+from ..model import VM, Disk, ReplicationMode, ReplicationState, VMState, extended_id, valid_disk_name, valid_vm_name
 from ..wire import MAX_DISKS
 from .context import Host, actor, body, host_of
 

@@ -33,7 +33,7 @@ def init_ca(out: Path, name: str = "replicad CA") -> tuple[Path, Path]:
         raise UsageError(f"{key_path} already exists; refusing to overwrite a CA key")
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=CA_DAYS))
@@ -60,7 +60,7 @@ def issue(ca_dir: Path, hosts: list[str], out: Path) -> tuple[Path, Path]:
     except ValueError:
         raise UsageError(f"{ca_dir} does not hold a replicad CA (ca.pem, ca.key)") from None
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     hosts = [h.lower() for h in hosts]
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))

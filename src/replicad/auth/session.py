@@ -22,11 +22,10 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from cryptography.hazmat.primitives import hashes
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives import serialization
-from cryptography.exceptions import InvalidSignature
 
 from ..errors import AuthenticationFailed, Busy
 from .token import Credential, RealmPublic, Ticket, _b64, _unb64, verify_host_key
@@ -98,7 +97,7 @@ class ClientHandshake:
     ticket: str
 
     @classmethod
-    def begin(cls, credential: Credential, server: str) -> "ClientHandshake":
+    def begin(cls, credential: Credential, server: str) -> ClientHandshake:
         eph = X25519PrivateKey.generate()
         nonce = secrets.token_hex(16)
         return cls(credential, server.lower(), eph, nonce,

@@ -72,7 +72,7 @@ class RealmPublic:
     key: Ed25519PublicKey
 
     @classmethod
-    def load(cls, path: Path) -> "RealmPublic":
+    def load(cls, path: Path) -> RealmPublic:
         try:
             doc = json.loads(path.read_text())
             return cls(doc["realm"], Ed25519PublicKey.from_public_bytes(_unb64(doc["public_key"])))
@@ -92,7 +92,7 @@ class Credential:
     assertion: bytes
 
     @classmethod
-    def load(cls, path: Path) -> "Credential":
+    def load(cls, path: Path) -> Credential:
         try:
             doc = json.loads(path.read_text())
             return cls(doc["realm"], doc["host"], Ed25519PrivateKey.from_private_bytes(_unb64(doc["key"])),
@@ -155,7 +155,7 @@ class Ticket:
     eph: bytes | None = None
 
 
-def verify_host_key(realm: "RealmPublic", host: str, pub: bytes, assertion: bytes) -> Ed25519PublicKey:
+def verify_host_key(realm: RealmPublic, host: str, pub: bytes, assertion: bytes) -> Ed25519PublicKey:
     """The realm's word that ``pub`` is ``host``'s key; raises AuthenticationFailed."""
     try:
         key = Ed25519PublicKey.from_public_bytes(pub)

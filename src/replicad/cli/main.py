@@ -211,6 +211,7 @@ def events_cmd(follow, vm_name):
       replicad events --follow
     """
     from urllib.parse import urlencode
+
     from .common import remote_target
     from .render import event_line
     if remote_target():

@@ -53,8 +53,14 @@ def wait_with_progress(lines, label: str) -> dict:
     console = None
     if sys.stderr.isatty():  # rich only where a bar is drawn: scripts pay no import for it
         from rich.console import Console
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                   TransferSpeedColumn)
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
         console = Console(stderr=True)
     task = None
     try:

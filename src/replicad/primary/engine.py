@@ -13,16 +13,18 @@ import dataclasses
 import os
 import secrets
 import shutil
-from collections.abc import Callable
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
-from .. import log as logmod, metrics, workers
+from .. import log as logmod
+from .. import metrics, workers
 from ..catalog import Catalog, StateWriteFailed
 from ..errors import PeerError, ReplicadError, ResyncRequired
 from ..health import compute as compute_health
-from ..model import VM, Consistency, Relationship, ReplicationState as S
+from ..model import VM, Consistency, Relationship
+from ..model import ReplicationState as S
 from ..monitoring import roll as roll_interval
 from ..replica.settings import ServerSettings
 from ..times import parse_time, utcnow
@@ -530,4 +532,4 @@ def digest_limits(vm: VM) -> list[int]:
 def _seconds_until(ts: str | None) -> float:
     if not ts:
         return 0.0
-    return (parse_time(ts) - datetime.now(timezone.utc)).total_seconds()
+    return (parse_time(ts) - datetime.now(UTC)).total_seconds()

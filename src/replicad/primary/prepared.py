@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 from .. import log as logmod
 from ..errors import ReplicadError
-from ..model import Consistency, Relationship, ReplicationState as S
+from ..model import Consistency, Relationship
+from ..model import ReplicationState as S
 from ..times import utcnow
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ def prepared_record(rel: Relationship, seq: int, time: str, identities: list) ->
     return {"epoch": rel.epoch, "seq": seq, "time": time, "disks": [[i.size, i.mtime_ns, i.ino] for i in identities]}
 
 
-async def until_consistent(engine: "PrimaryEngine", vm_id: str) -> dict:
+async def until_consistent(engine: PrimaryEngine, vm_id: str) -> dict:
     """Run the prepare cycle until its capture is consistent (PREPARE_ATTEMPTS at most);
     the outcome of the one that prepared, or ReplicadError with the reason."""
     for _ in range(PREPARE_ATTEMPTS):
@@ -40,7 +41,7 @@ async def until_consistent(engine: "PrimaryEngine", vm_id: str) -> dict:
                         hint="stop whatever writes to the disk files, then prepare again")
 
 
-async def ask_replica(engine: "PrimaryEngine", vm_id: str) -> None:
+async def ask_replica(engine: PrimaryEngine, vm_id: str) -> None:
     """On each tick while prepared, ask the replica: it failed over (what an unplanned
     reverse needs to have heard), or it no longer holds the prepared point as prepared —
     the failover was cancelled there — and this primary replicates again."""

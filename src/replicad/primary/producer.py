@@ -18,8 +18,8 @@ from ..model import VM, Consistency
 from ..tracking.digestmap import DigestMapReader, FileIdentity
 from ..tracking.scan import CHUNK_DONE, DataChange, DiskScan, Resize, ZeroChange
 from ..wire import DiskInfo, Header, LogEncoder
-from .errors import local_error
 from .baseline import Baselines
+from .errors import local_error
 
 BATCH = 4 << 20
 

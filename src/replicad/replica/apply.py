@@ -23,8 +23,18 @@ from pathlib import Path
 
 from ..fsutil import durable_rename, fsync_dir, punch_hole
 from ..tracking.scan import data_regions
-from ..wire import (MAX_RECORD, RECORD_DATA, RECORD_RESIZE, RECORD_ZERO, DiskInfo, Header, LogDecoder,
-                    LogEncoder, Record, Trailer)
+from ..wire import (
+    MAX_RECORD,
+    RECORD_DATA,
+    RECORD_RESIZE,
+    RECORD_ZERO,
+    DiskInfo,
+    Header,
+    LogDecoder,
+    LogEncoder,
+    Record,
+    Trailer,
+)
 from .layout import VMDir
 
 READ_CHUNK = 1 << 20

@@ -23,10 +23,12 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import log as logmod, workers
+from .. import log as logmod
+from .. import workers
 from ..catalog import Catalog
 from ..errors import Conflict, ReplicadError, StorageError, UsageError
-from ..model import VM, Disk, Relationship, ReplicationMode, ReplicationState as S, VMState
+from ..model import VM, Disk, Relationship, ReplicationMode, VMState
+from ..model import ReplicationState as S
 from . import failover_copy as fc
 from . import points
 from .failover import TEST_SUFFIX, make_test_copy

@@ -16,7 +16,7 @@ class VMDir:
     root: Path
 
     @classmethod
-    def of(cls, storage: str | Path, vm_id: str) -> "VMDir":
+    def of(cls, storage: str | Path, vm_id: str) -> VMDir:
         return cls(Path(storage) / vm_id)
 
     @property

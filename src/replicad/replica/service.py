@@ -15,20 +15,39 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import log as logmod, metrics, workers
+from .. import log as logmod
+from .. import metrics, workers
 from ..auth.authorize import Grant, authorize
 from ..catalog import Catalog
-from ..times import utcnow
-from ..errors import (Conflict, FailedOver, ResumeRefused, ResyncRequired, StorageError, TransferStalled,
-                      UsageError, WireError)
+from ..errors import (
+    Conflict,
+    FailedOver,
+    ResumeRefused,
+    ResyncRequired,
+    StorageError,
+    TransferStalled,
+    UsageError,
+    WireError,
+)
 from ..fsutil import durable_rename, fsync_dir, fsync_file, write_atomic
-from ..model import (VM, Disk, Relationship, ReplicationMode, ReplicationState, VMState, valid_disk_name,
-                     valid_fqdn, valid_vm_name)
-from ..monitoring import roll as roll_interval
-from ..wire import MAX_HEADER, Header, LogDecoder, Record
 from ..images import disk_format
+from ..model import (
+    VM,
+    Disk,
+    Relationship,
+    ReplicationMode,
+    ReplicationState,
+    VMState,
+    valid_disk_name,
+    valid_fqdn,
+    valid_vm_name,
+)
+from ..monitoring import roll as roll_interval
+from ..times import utcnow
 from ..tracking.digestmap import open_stream
 from ..tracking.scan import digest_disks
+from ..transport.raw import RawLog
+from ..wire import MAX_HEADER, Header, LogDecoder, Record
 from . import missing, points
 from .admission import Admission
 from .apply import discard, read_log, rollback, write_point
@@ -38,7 +57,6 @@ from .fence import ReceiptFence
 from .layout import PROGRESS_FILE, VMDir
 from .seeding import SeedRefused, adopt, seed_sizes
 from .settings import ServerSettings
-from ..transport.raw import RawLog
 
 log = logmod.get("replicad.replica")
 STAGE_BATCH = 4 << 20
@@ -105,7 +123,7 @@ class DirectInitial:
     _unsynced: int = 0
 
     @classmethod
-    def open(cls, vmdir: VMDir, header: Header, decoder: LogDecoder, meta: dict) -> "DirectInitial":
+    def open(cls, vmdir: VMDir, header: Header, decoder: LogDecoder, meta: dict) -> DirectInitial:
         vmdir.create()
         if header.resume is None:  # a new attempt: an older attempt's progress means nothing now
             (vmdir.root / PROGRESS_FILE).unlink(missing_ok=True)

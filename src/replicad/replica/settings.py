@@ -10,7 +10,6 @@ from ..catalog import Catalog
 from ..errors import UsageError
 from ..model import AuthType
 
-
 MAX_RECOVERY_HISTORY = 24  # Hyper-V's own limit, and the change-log header's
 
 
@@ -25,7 +24,7 @@ class ServerSettings:
     max_recovery_history: int = MAX_RECOVERY_HISTORY  # the most recovery points a primary may ask for here
 
     @classmethod
-    def load(cls, catalog: Catalog, state_dir: Path) -> "ServerSettings":
+    def load(cls, catalog: Catalog, state_dir: Path) -> ServerSettings:
         doc = catalog.get_setting("server", {}) or {}
         s = cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
         if not s.default_storage:

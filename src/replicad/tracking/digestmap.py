@@ -55,7 +55,7 @@ class FileIdentity:
     dev: int
 
     @classmethod
-    def of(cls, st: os.stat_result) -> "FileIdentity":
+    def of(cls, st: os.stat_result) -> FileIdentity:
         return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
@@ -81,7 +81,7 @@ class DigestMapReader:
             raise ValueError(f"{path}: digest map has the wrong length")
 
     @classmethod
-    def open(cls, path: Path) -> "DigestMapReader | None":
+    def open(cls, path: Path) -> DigestMapReader | None:
         try:
             return cls(path)
         except (OSError, ValueError):

@@ -22,8 +22,16 @@ from pathlib import Path
 
 import xxhash
 
-from .digestmap import (BLOCK, SUPER, SUPER_BYTES, DigestMapReader, DigestMapWriter, FileIdentity, map_length,
-                        zero_digest)
+from .digestmap import (
+    BLOCK,
+    SUPER,
+    SUPER_BYTES,
+    DigestMapReader,
+    DigestMapWriter,
+    FileIdentity,
+    map_length,
+    zero_digest,
+)
 
 FICLONE = 0x40049409         # ioctl: share the source's extents (btrfs, XFS, bcachefs)
 CHUNK = 4 * 1024 * 1024      # read size: large enough for sequential speed, small for memory

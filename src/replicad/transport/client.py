@@ -19,8 +19,15 @@ import aiohttp
 
 from .. import PROTOCOL_VERSION, __version__, workers
 from ..auth import tls as tlsmod
-from ..auth.session import (BODY_HASH_HEADER, MAC_HEADER, SIGNATURE_HEADER, ClientHandshake, Session, body_hash,
-                            verify_response)
+from ..auth.session import (
+    BODY_HASH_HEADER,
+    MAC_HEADER,
+    SIGNATURE_HEADER,
+    ClientHandshake,
+    Session,
+    body_hash,
+    verify_response,
+)
 from ..auth.token import SCHEME, Credential, RealmPublic
 from ..errors import AuthenticationFailed, PeerError, PeerUnreachable, ReplicadError, no_such_host
 from ..primary.errors import local_error
@@ -138,7 +145,7 @@ class PeerClient:
         """Where to dial ``server``: the config's resolve map first, else the name itself."""
         return self._resolve.get(server.lower(), server)
 
-    def conversation(self, server: str, port: int, auth: str) -> "Conversation":
+    def conversation(self, server: str, port: int, auth: str) -> Conversation:
         return Conversation(self, server.lower(), port, auth)
 
     def conversation_slot(self, server: str) -> asyncio.Semaphore:
@@ -154,7 +161,7 @@ class Conversation:
     def mac_key(self) -> bytes | None:
         return self.session.key if self.session else None
 
-    async def __aenter__(self) -> "Conversation":
+    async def __aenter__(self) -> Conversation:
         await self.client.conversation_slot(self.server).acquire()
         try:
             await self._open()
@@ -218,7 +225,7 @@ class Conversation:
             raise PeerUnreachable(f"cannot reach {self.server}:{self.port}: {e.os_error.strerror or e}") from None
         except AuthenticationFailed as e:
             raise PeerError(f"TLS: {e}", status=0, transient=False) from None
-        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as e:
+        except (TimeoutError, aiohttp.ClientError, ConnectionError) as e:
             if isinstance(e, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientSSLError,
                               ConnectionError)):
                 await self.wrong_listener()

@@ -47,7 +47,7 @@ class RawLog:
         self.received = 0
 
     @classmethod
-    def from_transport(cls, transport: asyncio.Transport, idle_timeout: float) -> "RawLog":
+    def from_transport(cls, transport: asyncio.Transport, idle_timeout: float) -> RawLog:
         """Take over the socket of an aiohttp connection whose reading was paused."""
         sock = transport.get_extra_info("socket")
         if sock is None:

@@ -31,11 +31,19 @@ from ..auth.authorize import Grant
 from ..auth.session import BODY_HASH_HEADER, MAC_HEADER, SIGNATURE_HEADER, Session, SessionStore
 from ..auth.token import MAX_SKEW, SCHEME, RealmPublic, verify_ticket
 from ..catalog import Catalog
-from ..errors import (AuthenticationFailed, Refused, ReplicadError, ResyncRequired, TransferStalled, UsageError,
-                      WireError)
+from ..errors import (
+    AuthenticationFailed,
+    Refused,
+    ReplicadError,
+    ResyncRequired,
+    TransferStalled,
+    UsageError,
+    WireError,
+)
 from ..replica.admission import LogSlot
 from ..replica.service import ReplicaService
-from . import digests as digestframe, raw
+from . import digests as digestframe
+from . import raw
 from .listen import ConnectionLimits
 
 log = logmod.get("replicad.peer")

@@ -116,7 +116,7 @@ class Header:
         }, separators=(",", ":")).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes) -> "Header":
+    def from_json(cls, raw: bytes) -> Header:
         try:
             doc = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
