@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import uuid
 from pathlib import Path
 
@@ -78,7 +79,7 @@ async def add_vm(request):
             raise NotFound(f"{what} {path}: {e.strerror}") from None
         except OSError as e:
             raise ReplicadError(f"{what} {path}: {e.strerror}") from None
-        if not path.is_file():
+        if not stat.S_ISREG(st.st_mode):  # os.stat follows links, as Path.is_file does
             raise ReplicadError(f"{what} {path} is not a regular file")
         if not valid_disk_name(path.name):
             raise UsageError(f"{what} file name {path.name!r}: use letters, digits, '.', '_', '-'")
@@ -110,7 +111,7 @@ async def add_vm(request):
             child = b.path
     cfg = doc.get("config_file")
     if cfg is not None:
-        if not isinstance(cfg, str) or not Path(cfg).is_absolute() or not Path(cfg).is_file():
+        if not isinstance(cfg, str) or not Path(cfg).is_absolute() or not await asyncio.to_thread(Path(cfg).is_file):
             raise UsageError(f"--config-file must be an existing file given by an absolute path: {cfg}")
         if Path(cfg).name in seen:
             raise UsageError(f"the configuration file and a disk are both named {Path(cfg).name}")

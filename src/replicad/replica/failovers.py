@@ -123,7 +123,8 @@ class Failovers:
     async def _wait_applies(self, vm: VM) -> None:
         """Inside the fence: until what was acknowledged is applied, or an apply failed."""
         try:
-            await self.replica.drained(vm.id, DRAIN_TIMEOUT, or_failed=True)
+            async with asyncio.timeout(DRAIN_TIMEOUT):
+                await self.replica.drained(vm.id, or_failed=True)
         except TimeoutError:
             raise ReplicadError(f"acknowledged logs of {vm.name} are still being applied; try again") from None
 

@@ -690,16 +690,17 @@ class ReplicaService:
         self.catalog.put_vm_and_relationship(vm, rel)
         return floor
 
-    async def drained(self, vm_id: str, timeout: float, *, or_failed: bool = False) -> None:
-        """Wait until every acknowledged log of the VM is applied (or raise after ``timeout``);
-        with ``or_failed``, also return when an apply failed (its error is recorded)."""
+    async def drained(self, vm_id: str, *, or_failed: bool = False) -> None:
+        """Wait until every acknowledged log of the VM is applied (the caller bounds the wait,
+        ``async with asyncio.timeout(...)``); with ``or_failed``, also return when an apply
+        failed (its error is recorded)."""
         cond = self._applied.setdefault(vm_id, asyncio.Condition())
 
         def done() -> bool:
             r = self.catalog.relationship(vm_id)
             return r is None or r.applied_seq >= r.seq or (or_failed and r.error is not None)
         async with cond:
-            await asyncio.wait_for(cond.wait_for(done), timeout)
+            await cond.wait_for(done)
 
     async def digests(self, principal: str, auth: str, vm_id: str) -> tuple[dict, list[Path]]:
         """The block digests of a replica copy as it is now, for a resync: every acknowledged
@@ -715,7 +716,8 @@ class ReplicaService:
         gone = await asyncio.to_thread(missing.missing_files, vm)
         if gone:
             await self._recreate_missing(vm, gone, principal)
-        await self.drained(vm_id, 600)
+        async with asyncio.timeout(600):
+            await self.drained(vm_id)
         # a folder of this answer's own (concurrent answers never share maps); compressed
         # maps: never-written regions cost nothing to store; dropped once sent (drop_digests)
         folder = VMDir.of(rel.storage, vm_id).root / "resync" / secrets.token_hex(8)

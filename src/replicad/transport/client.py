@@ -99,7 +99,7 @@ class _PinningConnector(aiohttp.TCPConnector):
         super().__init__(**kw)
         self._tls = tls
 
-    async def _create_connection(self, req, traces, timeout):
+    async def _create_connection(self, req, traces, timeout):  # noqa: ASYNC109 -- aiohttp's signature, overridden
         proto = await super()._create_connection(req, traces, timeout)
         if req.is_ssl() and self._tls is not None and self._tls.pins:
             sslobj = proto.transport.get_extra_info("ssl_object") if proto.transport else None
@@ -355,7 +355,7 @@ class Conversation:
             headers["Authorization"], counter = self.session.authorization("GET", path, None)
         scheme = "https" if self.auth == "certificate" else "http"
         ssl_ctx = self.client.tls.client if self.auth == "certificate" else True
-        folder.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
         files: list[Path] = []
         index = 0
 
@@ -391,7 +391,8 @@ class Conversation:
                 for i, n in enumerate(sizes):
                     dst = folder / f"disk{i}.map"
                     files.append(dst)
-                    with open(dst, "wb") as f:
+                    f = await asyncio.to_thread(open, dst, "wb")
+                    try:
                         while n:
                             chunk = await segment(resp)
                             if not chunk or len(chunk) > n:
@@ -399,6 +400,8 @@ class Conversation:
                                                 f"{sizes[i]} bytes", status=200, transient=True)
                             await asyncio.to_thread(f.write, chunk)
                             n -= len(chunk)
+                    finally:
+                        await asyncio.to_thread(f.close)
                 if await segment(resp) != b"" or await resp.content.read(1):
                     raise PeerError(f"the digest answer of {self.server} goes on past its end", status=200,
                                     transient=True)
