@@ -391,7 +391,8 @@ def case_many(work: Path, seconds: int, vms: int = 50, size: int = 64 * MiB, fre
                 "errors": sum(m["errors"] for m in others),
                 "broken_vm": {"health": bad["health"], "error": bad["error"]},
                 "identical_copies": f"{identical}/{vms - 1}",
-                "leaks": {"primary": {"early": early[0], "late": late[0]}, "replica": {"early": early[1], "late": late[1]}},
+                "leaks": {"primary": {"early": early[0], "late": late[0]},
+                          "replica": {"early": early[1], "late": late[1]}},
                 "cpu_cores_used": {"primary": round(cpu[0] / elapsed, 3), "replica": round(cpu[1] / elapsed, 3),
                                    "together": round(sum(cpu) / elapsed, 3)},
                 "cpu_ms_per_cycle": round(1000 * sum(cpu) / max(cycles, 1), 2),
@@ -474,7 +475,8 @@ def table(res: dict, checks: list[dict]) -> str:
         for auth in ("token", "certificate"):
             row(f"initial copy, {auth}", med(i[auth]["wall_s"]), med(i["rsync"]["seconds"]),
                 f"{i[auth]['wall_s']['median'] / i['rsync']['seconds']['median']:.2f}")
-        row("  bytes on the wire", f"{i['token']['bytes_sent'] / MiB:.0f} MiB", f"{i['rsync']['bytes_sent'] / MiB:.0f} MiB")
+        row("  bytes on the wire", f"{i['token']['bytes_sent'] / MiB:.0f} MiB",
+            f"{i['rsync']['bytes_sent'] / MiB:.0f} MiB")
         row("  applied on the replica (token)", med(i["token"]["applied_s"]))
     for key, label in (("delta1", "delta cycle, 1% of blocks"), ("delta10", "delta cycle, 10% of blocks")):
         if key in res:

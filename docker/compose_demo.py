@@ -38,7 +38,8 @@ MiB = 1 << 20
 REPLICAD = str(Path(sys.executable).parent / "replicad")
 
 
-def run(*args: str, check: bool = True, capture: bool = False, quiet: bool = False, **kw) -> subprocess.CompletedProcess:
+def run(*args: str, check: bool = True, capture: bool = False, quiet: bool = False,
+        **kw) -> subprocess.CompletedProcess:
     if not quiet:
         print("$ " + " ".join(shlex.quote(a) for a in args), flush=True)
     r = subprocess.run(args, text=True, capture_output=capture, **kw)

@@ -145,7 +145,8 @@ class Catalog:
         return VM.from_json(json.loads(rows[0][0])) if rows else None
 
     def put_vm(self, vm: VM) -> None:
-        self._write("INSERT INTO vms VALUES(?, ?, ?) ON CONFLICT(id) DO UPDATE SET name=excluded.name, doc=excluded.doc",
+        self._write("INSERT INTO vms VALUES(?, ?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET name=excluded.name, doc=excluded.doc",
                     (vm.id, vm.name, json.dumps(vm.to_json())))
 
     def remove_vm(self, vm_id: str) -> None:
@@ -229,7 +230,8 @@ class Catalog:
         now, mono, boot = time.time(), time.monotonic(), _boot_id()
         try:
             with self._tx() as db:
-                db.execute("DELETE FROM replay WHERE expires < ? AND (boot != ? OR expires_mono < ?)", (now, boot, mono))
+                db.execute("DELETE FROM replay WHERE expires < ? AND (boot != ? OR expires_mono < ?)",
+                           (now, boot, mono))
                 db.execute("INSERT INTO replay(nonce, expires, boot, expires_mono) VALUES(?, ?, ?, ?)",
                            (nonce, expires, boot, mono + max(0.0, expires - now)))
         except sqlite3.IntegrityError:

@@ -189,7 +189,8 @@ class Daemon:
             log.info("daemon.descriptors", open_files=soft, hard_limit=hard,
                      reason="the soft open-file limit raised towards the hard one: connections and files share it")
             if token is not None:
-                ctx = PeerContext(mode="token", realm=self._realm, sessions=SessionStore(self._credential, token.session_timeout),
+                ctx = PeerContext(mode="token", realm=self._realm,
+                                  sessions=SessionStore(self._credential, token.session_timeout),
                                   idle_timeout=token.idle_timeout, header_timeout=token.header_timeout, **common)
                 ctx.limits = self._limits("token", token, listeners)
                 await self._serve_tcp(create_peer_app(ctx), token.address, token.port, "token", token.idle_timeout,

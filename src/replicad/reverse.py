@@ -50,7 +50,8 @@ async def start(host: Host, vm_name: str, actor: str) -> tuple:
             raise Conflict(f"{vm_name} must be failed over on this host before reversing (state {rel.state.value})",
                            hint="`replicad failover start` here first")
         if host.catalog.vm_by_name(vm.name + TEST_SUFFIX) is not None:
-            raise Conflict(f"a test failover of {vm_name} is running here", hint=f"`replicad failover stop {vm_name}` first")
+            raise Conflict(f"a test failover of {vm_name} is running here",
+                           hint=f"`replicad failover stop {vm_name}` first")
         point = int(rel.failover["point"])
         disks = vm.files()
         moved = vm.state == VMState.RUNNING or \
@@ -137,7 +138,8 @@ async def accept(host: Host, principal: str, auth: str, vm_id: str, doc: dict) -
     new = Relationship(vm_id=vm.id, role="replica", state=S.REPLICATING, primary_server=principal,
                        trust_group=grant.trust_group, storage=str(grant.storage), epoch=epoch, seq=seq,
                        applied_seq=seq, auth=auth, frequency=rel.frequency, last_replication_time=utcnow(),
-                       last_point_time=rel.prepared.get("time") if planned else None, copy_unverified=resync, stats=Stats(monitoring_start=utcnow()))
+                       last_point_time=rel.prepared.get("time") if planned else None, copy_unverified=resync,
+                       stats=Stats(monitoring_start=utcnow()))
     vm.mode = ReplicationMode.REPLICA
     vm.state = VMState.OFF
     host.catalog.put_vm_and_relationship(vm, new)

@@ -217,8 +217,8 @@ def replica_pair(tmp_path, auth: str):
 def attacker(c, host) -> PeerClient:
     t = host.root / "certs"
     tls = TlsMaterial(t / f"{host.fqdn}.pem", t / f"{host.fqdn}.key", c.root / "ca" / "ca.pem", {})
-    return PeerClient(Credential.load(host.root / f"{host.fqdn}.cred"), RealmPublic.load(c.root / "realm" / "realm.pub"),
-                      tls, {h.fqdn: h.addr for h in c.hosts.values()})
+    return PeerClient(Credential.load(host.root / f"{host.fqdn}.cred"),
+                      RealmPublic.load(c.root / "realm" / "realm.pub"), tls, {h.fqdn: h.addr for h in c.hosts.values()})
 
 
 def forge(c, target, fn):

@@ -51,7 +51,8 @@ def test_admin_manages_remotely_and_is_audited(any_cluster):
     assert json.loads(r.stdout)[0]["trust_group"] == "Production"
     import sqlite3
     db = sqlite3.connect(v1.root / "state" / "catalog.sqlite")
-    actors = {a for (a,) in db.execute("SELECT actor FROM audit WHERE action LIKE 'auth-entry%' OR action LIKE 'server%'")}
+    actors = {a for (a,) in db.execute("SELECT actor FROM audit "
+                                       "WHERE action LIKE 'auth-entry%' OR action LIKE 'server%'")}
     db.close()
     assert actors == {"mgmt.contoso.com"}
     r = remote(mgmt, v1, "vm", "get", "nothing")

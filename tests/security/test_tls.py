@@ -47,13 +47,15 @@ def test_bad_client_certificates_are_refused(tls_pair, tmp_path, case):
         run("certs", "init-ca", "--out", str(tmp_path / "evil-ca"))
         run("certs", "issue", "--ca", str(tmp_path / "evil-ca"), "--host", "vmhost2.contoso.com",
             "--out", str(tmp_path / "evil"))
-        ctx = tls_context(ca, tmp_path / "evil" / "vmhost2.contoso.com.pem", tmp_path / "evil" / "vmhost2.contoso.com.key")
+        evil = tmp_path / "evil"
+        ctx = tls_context(ca, evil / "vmhost2.contoso.com.pem", evil / "vmhost2.contoso.com.key")
     else:
         kw = {"expired": dict(days_from=-30, days_to=-1), "not-yet-valid": dict(days_from=1, days_to=30),
               "wrong-eku": dict(eku=(ExtendedKeyUsageOID.SERVER_AUTH,))}[case]
         cert, key = issue(c.root / "ca", tmp_path / case, sans=["vmhost2.contoso.com"], **kw)
         ctx = tls_context(ca, cert, key)
-    assert refused_handshake(lambda: tls_request(v1, ctx, "PUT", "/v1/replicas/0f0e0d0c-0000-4000-8000-000000000001/logs/1",
+    assert refused_handshake(lambda: tls_request(v1, ctx, "PUT",
+                                                 "/v1/replicas/0f0e0d0c-0000-4000-8000-000000000001/logs/1",
                                                  body=b"x" * 1000))
     assert_unchanged(before, snapshot(v1))
 
@@ -146,7 +148,8 @@ def test_sighup_reloads_certificates_without_dropping_the_daemon(tls_pair, tmp_p
         old = tls_context(both, c["vmhost2"].root / "certs" / "vmhost2.contoso.com.pem",
                           c["vmhost2"].root / "certs" / "vmhost2.contoso.com.key")
         assert refused_handshake(lambda: tls_request(v1, old))
-        new = tls_context(both, tmp_path / "v2" / "vmhost2.contoso.com.pem", tmp_path / "v2" / "vmhost2.contoso.com.key")
+        issued = tmp_path / "v2"
+        new = tls_context(both, issued / "vmhost2.contoso.com.pem", issued / "vmhost2.contoso.com.key")
         assert tls_request(v1, new)[0] == 200
         # a broken file on the next SIGHUP keeps the working material
         (certs / f"{v1.fqdn}.key").write_text("garbage")

@@ -84,8 +84,9 @@ def test_only_host_is_required_and_paths_derive_from_it(tmp_path):
     assert cfg.realm.credential == tmp_path / "vmhost1.contoso.com.cred"
     assert cfg.realm.public_key == tmp_path / "realm.pub"
     t = cfg.listen.tls
-    assert (t.port, t.cert, t.key, t.ca) == (443, tmp_path / "certs" / "vmhost1.contoso.com.pem",
-                                             tmp_path / "certs" / "vmhost1.contoso.com.key", tmp_path / "certs" / "ca.pem")
+    certs = tmp_path / "certs"
+    assert (t.port, t.cert, t.key, t.ca) == (443, certs / "vmhost1.contoso.com.pem",
+                                             certs / "vmhost1.contoso.com.key", certs / "ca.pem")
     assert cfg.listen.token.port == 80 and cfg.client_tls == t
     with pytest.raises(ConfigError, match=f"realm.credential: cannot read {tmp_path}/vmhost1.contoso.com.cred"):
         config.load(p)  # a default that is not there is named like a path that was written

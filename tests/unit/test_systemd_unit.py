@@ -42,7 +42,8 @@ def test_the_unit_says_what_the_daemon_needs():
     from replicad import config
     for sample in ("token.yaml", "certificate.yaml", "reference.yaml"):
         cfg = config.load(ROOT / "config" / sample, check_files=False)
-        assert cfg.state_dir == Path("/var/lib/replicad") and cfg.management.socket == Path("/run/replicad/replicad.sock")
+        assert cfg.state_dir == Path("/var/lib/replicad")
+        assert cfg.management.socket == Path("/run/replicad/replicad.sock")
 
 
 @needs_systemd

@@ -284,7 +284,8 @@ async def _export(request, host: Host, vm, rel: Relationship, folder: str, *, fo
         r = host.catalog.relationship(vm.id)
         r.state, r.epoch = S.WAITING_FOR_RESYNC, epoch
         r.awaiting_import = str(path)
-        r.error = f"waiting for the replica to import the initial copy exported to {path} (`replication import-initial`)"
+        r.error = (f"waiting for the replica to import the initial copy exported to {path} "
+                   "(`replication import-initial`)")
         r.stats.initial_replication_size = 0
         host.catalog.put_relationship(r)
         host.catalog.audit(actor(request), "replication.exported", f"{vm.name} -> {path}")

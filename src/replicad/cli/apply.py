@@ -220,7 +220,8 @@ def _plan_entries(api, want: list[dict], p: Plan) -> None:
         diff, said = _diff(cur, {k: e[k] for k in ENTRY_SETTINGS if k in e})
         diff = {k: ("none" if v is None and k.startswith("max_") else v) for k, v in diff.items()}
         if diff:
-            p.add(f"~ auth-entry {e['primary']}: {said}", "PATCH", "/v1/auth-entries", {"primary": e["primary"], **diff})
+            p.add(f"~ auth-entry {e['primary']}: {said}", "PATCH", "/v1/auth-entries",
+                  {"primary": e["primary"], **diff})
 
 
 def _plan_vms(api, want: list[dict], p: Plan) -> dict[str, dict]:

@@ -101,7 +101,8 @@ class RemoteClient:
             raise DaemonUnreachable(f"no such host: {self.name} ({(e.strerror or str(e)).lower()})",
                                     hint="add it to DNS or /etc/hosts, or map it in the config's `resolve`") from None
         except (OSError, ssl.SSLError) as e:
-            raise DaemonUnreachable(f"cannot reach {self.name}:{self.port}: {getattr(e, 'strerror', None) or e}") from None
+            why = getattr(e, "strerror", None) or e
+            raise DaemonUnreachable(f"cannot reach {self.name}:{self.port}: {why}") from None
         if self._ctx is not None and self._pins:
             try:
                 tlsmod.check_pin(self._pins, self.name, tlsmod.thumbprint(conn.sock.getpeercert(binary_form=True)))
@@ -116,8 +117,8 @@ class RemoteClient:
         if err is not None:
             other = "token" if self.mode == "certificate" else "certificate"
             raise ReplicadError(f"{err} (this call uses {self.mode} authentication: {self.why})",
-                                hint=f"-C HOST:PORT with that port, or --remote-auth {other} with a matching section in "
-                                     "--config (see config/admin.yaml)")
+                                hint=f"-C HOST:PORT with that port, or --remote-auth {other} with a matching "
+                                     "section in --config (see config/admin.yaml)")
 
     def _handshake(self) -> None:
         cred = Credential.load(Path(self.config.realm.credential))

@@ -10,7 +10,8 @@ import click
 from ..errors import ReplicadError
 from .common import abs_path, api, bool_text, global_options, managed, show
 
-REPL_COLUMNS = ("vm", "mode", "state", "health", "frequency", "primary_server", "replica_server", "replica_port", "auth")
+REPL_COLUMNS = ("vm", "mode", "state", "health", "frequency", "primary_server", "replica_server", "replica_port",
+                "auth")
 MEASURE_COLUMNS = ("vm", "state", "health", "last_replication_time", "initial_replication_size", "average_size",
                    "average_latency", "successful_count", "missed_count")
 RESULT_COLUMNS = ("vm", "kind", "seq", "bytes_sent", "data_bytes", "seconds", "consistency")

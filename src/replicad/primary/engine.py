@@ -249,7 +249,8 @@ class PrimaryEngine:
             rel.error = str(e)
             if not e.transient:
                 rel.state = S.ERROR
-            log.error("cycle.failed", vm=name, vm_id=vm_id, reason=str(e), transient=e.transient, seconds=round(seconds, 3))
+            log.error("cycle.failed", vm=name, vm_id=vm_id, reason=str(e), transient=e.transient,
+                      seconds=round(seconds, 3))
         else:
             rel.error = f"internal error: {type(e).__name__}: {e}"
             rel.state = S.ERROR

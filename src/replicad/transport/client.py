@@ -74,7 +74,8 @@ class _Resolver(aiohttp.abc.AbstractResolver):
         if addr is None:
             return await self._default.resolve(host, port, family)
         fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
-        return [{"hostname": host, "host": addr, "port": port, "family": fam, "proto": 0, "flags": socket.AI_NUMERICHOST}]
+        return [{"hostname": host, "host": addr, "port": port, "family": fam, "proto": 0,
+                 "flags": socket.AI_NUMERICHOST}]
 
     async def close(self) -> None:
         await self._default.close()
@@ -280,7 +281,8 @@ class Conversation:
         try:
             doc = json.loads(body)
         except ValueError:
-            raise PeerError(f"{self.server} answered something that is not JSON", status=status, transient=True) from None
+            raise PeerError(f"{self.server} answered something that is not JSON", status=status,
+                            transient=True) from None
         return doc if isinstance(doc, dict) else {}
 
     async def request(self, method: str, path: str, *, data=None) -> dict:
