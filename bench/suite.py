@@ -371,7 +371,7 @@ def case_many(work: Path, seconds: int, vms: int = 50, size: int = 64 * MiB, fre
         stop.set()
         writer.join()
         elapsed = time.monotonic() - t0
-        cpu = [proc_cpu(h.proc.pid) - c0 for h, c0 in zip((primary, replica), cpu0)]
+        cpu = [proc_cpu(h.proc.pid) - c0 for h, c0 in zip((primary, replica), cpu0, strict=True)]
         measures = {i: primary.json("replication", "measure", f"vm{i:02d}") for i in range(vms)}
         others = [m for i, m in measures.items() if i != broken]
         cycles = sum(m["successful_count"] for m in others)

@@ -184,7 +184,7 @@ LIMIT_KEYS = ("max_connections", "max_connections_per_address")
 def _limits(r: _Reader, node: dict, path: str) -> tuple[int, int]:
     """A peer listener's connection limits (transport/listen.py)."""
     out = []
-    for key, default in zip(LIMIT_KEYS, (1024, 64)):
+    for key, default in zip(LIMIT_KEYS, (1024, 64), strict=True):
         v = node.get(key, default)
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1_000_000:
             r.err(_join(path, key), f"expected a number of connections between 1 and 1000000, got {v!r}")

@@ -199,8 +199,8 @@ class Model:
             self.fail(f"the replica is {r['state']}, the model says {want}")
         tests = [v for v in self.call(self.replica, "GET", "/v1/vms") if v["replication_mode"] == "TestReplica"]
         if (self.test is None) != (not tests):
-            self.fail(f"test VMs listed: {[v['name'] for v in tests]}; the model has "
-                      f"{'none' if self.test is None else 'one at point %d' % self.test['point']}")
+            has = "none" if self.test is None else f"one at point {self.test['point']}"
+            self.fail(f"test VMs listed: {[v['name'] for v in tests]}; the model has {has}")
         if self.test is not None:
             path = Path(tests[0]["disks"][0]["path"])
             got = file_digest(path) if path.exists() else "missing"

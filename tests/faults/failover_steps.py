@@ -182,8 +182,8 @@ class Driver(Model):
                                    "--config", str(self.replica.config), "-o", "json"], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for p in (a, b)]
         outs = [(p.wait(120), *p.communicate()) for p in procs]
-        won = [(pt, out) for pt, (rc, out, err) in zip((a, b), outs) if rc == 0]
-        for (rc, out, err), pt in zip(outs, (a, b)):
+        won = [(pt, out) for pt, (rc, out, err) in zip((a, b), outs, strict=True) if rc == 0]
+        for (rc, out, err), pt in zip(outs, (a, b), strict=True):
             self.judge(self.replica, ("failover", "start", "--as-test", "--recovery-point", str(pt)), rc, out, err,
                        None)
         if len(won) != 1:

@@ -135,7 +135,7 @@ def run_steps(base: Path, steps, after: int) -> None:
             assert read(replica) == state[POINTS], "the replica copy left its newest point"
             for point in range(1, POINTS + 1):  # every listed point, as a test failover makes it
                 copies = [base / f"test-{p.name}" for p in files]
-                for src, dst in zip(replica, copies):
+                for src, dst in zip(replica, copies, strict=True):
                     shutil.copyfile(src, dst)
                 fc.roll_back(chain(vmdir, point), copies)
                 assert read(copies) == state[point], f"point {point} does not give its own bytes"

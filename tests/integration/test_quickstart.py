@@ -168,7 +168,7 @@ def _make_hosts(tmp_path: Path, tag: str) -> list[NsHost]:
     _run("ip", "link", "add", f"{tag}a", "netns", hosts[0].netns, "type", "veth", "peer", "name", f"{tag}b",
          "netns", hosts[1].netns)
     etc_hosts = "127.0.0.1 localhost\n" + "".join(f"{h.addr} {h.name}.contoso.com {h.name}\n" for h in hosts)
-    for h, dev in zip(hosts, (f"{tag}a", f"{tag}b")):
+    for h, dev in zip(hosts, (f"{tag}a", f"{tag}b"), strict=True):
         _run("ip", "-n", h.netns, "addr", "add", f"{h.addr}/24", "dev", dev)
         _run("ip", "-n", h.netns, "link", "set", dev, "up")
         _run("ip", "-n", h.netns, "link", "set", "lo", "up")

@@ -1,5 +1,6 @@
 """The scan tracker: applying its changes to a copy of the old file yields the new file."""
 
+import itertools
 import os
 import random
 import shutil
@@ -173,7 +174,7 @@ def test_changed_blocks_come_out_as_exact_runs(tmp_path, seed):
     assert covered <= changed
     assert s.changed_bytes <= len(changed) * BLOCK
     # neighbours of the same kind are one change, up to the extent limit
-    for x, y in zip(changes, changes[1:]):
+    for x, y in itertools.pairwise(changes):
         if isinstance(x, ZeroChange) and isinstance(y, ZeroChange):
             assert x.offset + x.length < y.offset or x.offset // scan_mod.CHUNK != y.offset // scan_mod.CHUNK
 

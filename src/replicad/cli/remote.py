@@ -100,7 +100,7 @@ class RemoteClient:
         except socket.gaierror as e:
             raise DaemonUnreachable(f"no such host: {self.name} ({(e.strerror or str(e)).lower()})",
                                     hint="add it to DNS or /etc/hosts, or map it in the config's `resolve`") from None
-        except (OSError, ssl.SSLError) as e:
+        except OSError as e:  # ssl.SSLError, an OSError too, is answered above
             why = getattr(e, "strerror", None) or e
             raise DaemonUnreachable(f"cannot reach {self.name}:{self.port}: {why}") from None
         if self._ctx is not None and self._pins:

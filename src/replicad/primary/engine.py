@@ -499,7 +499,7 @@ class PrimaryEngine:
         self.save(rel)
         own = self.catalog.vm_by_id(vm_id)  # None for extended replication: the replica's VM is not ours
         if own is not None:  # sizes as shipped, so `vm get` follows a growing disk
-            for d, info in zip(own.disks, header.disks):
+            for d, info in zip(own.disks, header.disks, strict=False):  # the header also lists a config file
                 d.size = info.size
             self.catalog.put_vm(own)
         await asyncio.to_thread(baselines.keep_only, seq)

@@ -96,7 +96,7 @@ class CycleProducer:
                 return 0
             return self.resume[1] if i == self.resume[0] else 1 << 62  # earlier disks: delivered whole
         scans = [DiskScan(p, r, tmp / Baselines.map_name(i), capture=self.capture, start=start(i))
-                 for i, (p, r) in enumerate(zip(paths, self._readers))]
+                 for i, (p, r) in enumerate(zip(paths, self._readers, strict=True))]
         frozen = self._freeze()
         try:
             idents = self.identities = [s.open() for s in scans]
@@ -105,8 +105,8 @@ class CycleProducer:
                 s.close()
             self.thaw()
             raise ReplicadError(f"cannot open disk {e.filename}: {e.strerror}") from None
-        unchanged = [s.old is not None and s.old.identity == i for s, i in zip(scans, idents)]
-        point_in_time = self.point_in_time = all(s.captured or u for s, u in zip(scans, unchanged))
+        unchanged = [s.old is not None and s.old.identity == i for s, i in zip(scans, idents, strict=True)]
+        point_in_time = self.point_in_time = all(s.captured or u for s, u in zip(scans, unchanged, strict=True))
         self.captured = "reflink" if any(s.captured for s in scans) and point_in_time else \
             "none" if all(unchanged) else "live"
         if point_in_time:
@@ -120,10 +120,11 @@ class CycleProducer:
             self.warnings.append("a disk was written while the disks were captured one after another; "
                                  "set --pre-snapshot/--post-snapshot hooks for a consistent set")
         self.progress.total = sum(
-            i.size for s, i in zip(scans, idents) if not (s.old is not None and s.old.identity == i))
+            i.size for s, i in zip(scans, idents, strict=True) if not (s.old is not None and s.old.identity == i))
         header = Header(self.vm.id, self.vm.name, self.epoch, self.seq, self.base_seq, self.kind, self.time,
                         self.consistency,
-                        tuple(DiskInfo(i, p.name, ident.size) for i, (p, ident) in enumerate(zip(paths, idents))),
+                        tuple(DiskInfo(i, p.name, ident.size)
+                              for i, (p, ident) in enumerate(zip(paths, idents, strict=True))),
                         self.frequency, prepared=self.prepared, primary_ports=self.primary_ports,
                         history=self.history, config=bool(self.vm.config_file), extended=self.extended,
                         resume=self.resume)

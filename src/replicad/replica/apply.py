@@ -178,7 +178,7 @@ def apply_records(log_path: Path, disk_paths: list[Path], *, fresh: bool = False
     flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if fresh else 0)
     fds = [os.open(p, flags, 0o600) for p in disk_paths]
     try:
-        for fd, d in zip(fds, header.disks):
+        for fd, d in zip(fds, header.disks, strict=True):
             if fresh or os.fstat(fd).st_size != d.size:
                 os.ftruncate(fd, d.size)
         for item in read_log(log_path):

@@ -54,7 +54,7 @@ def make_test_copy(disks: list[Path], test_dir: Path, sources: list[Path] | None
     named like ``disks``, in ``test_dir``."""
     test_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     out, kinds = [], set()
-    for p, src in zip(disks, sources or disks):
+    for p, src in zip(disks, sources or disks, strict=True):
         dst = test_dir / p.name
         kinds.add(clone_or_copy(src, dst))
         out.append(dst)

@@ -62,7 +62,7 @@ def make(files: list[Path], waiting: bool, undo_logs: list[Path], fault: Fault =
     copied ("reflink" or "sparse copy") and its identities (what the catalog records)."""
     nxt = [upcoming(p) for p in files]
     kinds = set()
-    for src, dst in zip(sources(files, waiting), nxt):
+    for src, dst in zip(sources(files, waiting), nxt, strict=True):
         kinds.add(clone_or_copy(src, dst))
         fault("failover-copying")
     roll_back(undo_logs, nxt)  # apply_records fsyncs every file it wrote

@@ -274,7 +274,8 @@ class Failovers:
                     return copies, how
                 copies, how = await workers.APPLY.run(copy_at_point)
             test = VM(id=str(uuid.uuid4()), name=test_vm_name(vm), mode=ReplicationMode.TEST_REPLICA,
-                      state=VMState.OFF, disks=[Disk(str(p), d.size, d.format) for p, d in zip(copies, vm.disks)],
+                      state=VMState.OFF,  # the copies end with the config file's, when there is one
+                      disks=[Disk(str(p), d.size, d.format) for p, d in zip(copies, vm.disks, strict=False)],
                       config_file=str(copies[-1]) if vm.config_file else None)
             self.catalog.put_vm(test)
         self.catalog.audit(actor, "failover.test_started", f"{test.name} at point {target['seq']} ({how})")

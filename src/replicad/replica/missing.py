@@ -70,14 +70,14 @@ def unmodified(before: list, now: list, recreated: list[int]) -> bool:
     ones aside (they held nothing to keep: they were gone)."""
     if not before:
         return True
-    return all(b == n for i, (b, n) in enumerate(zip(before, now)) if i not in recreated)
+    return all(b == n for i, (b, n) in enumerate(zip(before, now, strict=False)) if i not in recreated)
 
 
 def record(catalog: Catalog, vm: VM, gone: list[int], host: str, peer: str | None = None) -> None:
     """Name each missing file in a ``replica.copy_missing`` line and in the relationship's
     error (health Critical) until a resync brings them back. Catalog write: on the loop."""
     paths = [str(vm.files()[i]) for i in gone]
-    for i, path in zip(gone, paths):
+    for i, path in zip(gone, paths, strict=True):
         log.error("replica.copy_missing", vm=vm.name, vm_id=vm.id, peer=peer, file=path, disk=describe(vm, i),
                   result="nothing is applied to this copy until the primary's resync recreates the file from its "
                   "own disk (automatic at its next cycle)")

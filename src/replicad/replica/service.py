@@ -545,7 +545,7 @@ class ReplicaService:
             source = storage / name
             vmdir = VMDir.of(storage, vm_id)
             sizes = await asyncio.to_thread(seed_sizes, source, files)
-            self.admission.check_quota(grant, vm_id, name, list(zip(files, sizes)))
+            self.admission.check_quota(grant, vm_id, name, list(zip(files, sizes, strict=True)))
             try:
                 found = await asyncio.to_thread(adopt, source, vmdir, files)
             except SeedRefused as e:
@@ -556,7 +556,7 @@ class ReplicaService:
                                hint=f"put the copy's files ({', '.join(files)}) in {source} on the replica "
                                     "server, or start a normal initial replication")
             sizes = [vmdir.disk(f).stat().st_size for f in files]
-            self._register(grant, vm_id, name, list(zip(files, sizes)), config, storage, "", None,
+            self._register(grant, vm_id, name, list(zip(files, sizes, strict=True)), config, storage, "", None,
                            how=f"existing copy {source}")
         log.info("replica.seeded", vm=name, peer=principal, found=found, created_empty=len(files) - len(found),
                  reason="the primary's first cycle compares digests and ships only the blocks that differ")
@@ -679,7 +679,7 @@ class ReplicaService:
         rel.stats.successful_count += 1
         vm = self.catalog.vm_by_id(vm_id)
         formats, rel.copy_identity = facts
-        for d, info, fmt in zip(vm.disks, header.disks, formats):
+        for d, info, fmt in zip(vm.disks, header.disks, formats, strict=False):  # header: a config file too
             d.size = info.size
             d.format = fmt
         rel.last_consistency = header.consistency

@@ -44,7 +44,7 @@ def watch_link(sock: socket.socket) -> socket.socket:
     """Give a peer connection the link-loss bounds above (also used for aiohttp's sockets)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, LINK_TIMEOUT_MS)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for opt, value in zip((socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT), KEEPALIVE):
+    for opt, value in zip((socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT), KEEPALIVE, strict=True):
         sock.setsockopt(socket.IPPROTO_TCP, opt, value)
     return sock
 

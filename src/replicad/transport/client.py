@@ -386,7 +386,7 @@ class Conversation:
                 meta = json.loads(await segment(resp))
                 sizes = meta["sizes"] if isinstance(meta, dict) else None
                 if not (isinstance(sizes, list) and len(sizes) == len(limits)
-                        and all(isinstance(n, int) and 0 <= n <= lim for n, lim in zip(sizes, limits))):
+                        and all(isinstance(n, int) and 0 <= n <= lim for n, lim in zip(sizes, limits, strict=True))):
                     raise PeerError(f"the digest answer of {self.server} does not describe the {len(limits)} "
                                     f"file(s) asked for within their sizes (sizes {str(sizes)[:200]})",
                                     status=200, transient=True)
