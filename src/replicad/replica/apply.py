@@ -160,6 +160,7 @@ def write_undo(vmdir: VMDir, log_path: Path, disk_paths: list[Path]) -> Path:
 
 def apply_record(fd: int, item: Record) -> None:
     if item.kind == RECORD_DATA:
+        assert item.data is not None  # logs are applied as decoded with their payloads
         os.pwrite(fd, item.data, item.offset)
     elif item.kind == RECORD_ZERO:
         punch_hole(fd, item.offset, item.length)

@@ -22,6 +22,7 @@ from array import array
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import BinaryIO
 
 import xxhash
 import zstandard
@@ -87,7 +88,7 @@ class DigestMapReader:
         except (OSError, ValueError):
             return None
 
-    def slice(self, first: int, count: int) -> array:
+    def slice(self, first: int, count: int) -> array[int]:
         """Digests of blocks [first, first+count); blocks past the map's end read as missing (-1 never
         matches a real digest comparison because callers compare to zero digests there)."""
         out = array("Q")
@@ -97,7 +98,7 @@ class DigestMapReader:
             out.frombytes(raw)
         return out
 
-    def super_slice(self, first: int, count: int) -> array:
+    def super_slice(self, first: int, count: int) -> array[int]:
         """Digests of super-blocks [first, first+count) (shorter past the end; empty for v1)."""
         out = array("Q")
         have = max(0, min(count, self.supers - first))
@@ -115,7 +116,7 @@ def map_length(size: int) -> int:
     return _HEADER.size + 8 * (blocks + -(-blocks // SUPER))
 
 
-def open_stream(path: Path, *, compressed: bool):
+def open_stream(path: Path, *, compressed: bool) -> BinaryIO:
     """A map file for reading from the start, as the bytes of its uncompressed form."""
     f = open(path, "rb")
     return zstandard.ZstdDecompressor().stream_reader(f, closefd=True) if compressed else f
@@ -129,38 +130,40 @@ class DigestMapWriter:
         self.path = path
         self._compress = compress
         self._file = open(path, "wb")
-        self._f = self._wrap(self._file)
+        self._zf = self._compressor(self._file)
+        self._f: BinaryIO = self._zf or self._file
         self._f.write(_HEADER.pack(MAGIC, VERSION, BLOCK, identity.size, identity.mtime_ns,
                                    identity.ctime_ns, identity.ino, identity.dev))
         # super-block digests go after the blocks: kept aside until commit (1/16 of the map)
         self._supers_path = path.with_name(path.name + ".super")
         self._sfile = open(self._supers_path, "w+b")
-        self._s = self._wrap(self._sfile)
+        self._zs = self._compressor(self._sfile)
+        self._s: BinaryIO = self._zs or self._sfile
         self.blocks = 0
 
-    def _wrap(self, f):
-        return zstandard.ZstdCompressor(level=1).stream_writer(f, closefd=False) if self._compress else f
+    def _compressor(self, f: BinaryIO) -> zstandard.ZstdCompressionWriter | None:
+        return zstandard.ZstdCompressor(level=1).stream_writer(f, closefd=False) if self._compress else None
 
-    def append(self, digests: array) -> None:
+    def append(self, digests: array[int]) -> None:
         self._f.write(digests.tobytes())
         self.blocks += len(digests)
 
-    def append_super(self, digests: array) -> None:
+    def append_super(self, digests: array[int]) -> None:
         self._s.write(digests.tobytes())
 
     def commit(self) -> None:
-        if self._compress:
-            self._s.flush(zstandard.FLUSH_FRAME)
+        if self._zs is not None:
+            self._zs.flush(zstandard.FLUSH_FRAME)
         self._sfile.flush()
         self._sfile.seek(0)
-        supers = zstandard.ZstdDecompressor().stream_reader(self._sfile, closefd=False) if self._compress \
-            else self._sfile
+        supers: BinaryIO = zstandard.ZstdDecompressor().stream_reader(self._sfile, closefd=False) \
+            if self._compress else self._sfile
         while chunk := supers.read(1 << 20):
             self._f.write(chunk)
         self._sfile.close()
         self._supers_path.unlink()
-        if self._compress:
-            self._f.flush(zstandard.FLUSH_FRAME)
+        if self._zf is not None:
+            self._zf.flush(zstandard.FLUSH_FRAME)
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()

@@ -24,11 +24,11 @@ class Divergence:
     both_moved: int = 0      # blocks changed on both sides (the replica's version is lost by a resync)
     differing: int = 0       # blocks that differ between the two copies now
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, int]:
         return asdict(self)
 
 
-def _slices(readers: list[DigestMapReader | None], first: int, count: int) -> list[array]:
+def _slices(readers: list[DigestMapReader | None], first: int, count: int) -> list[array[int]]:
     out = []
     for r in readers:
         a = r.slice(first, count) if r is not None else array("Q")

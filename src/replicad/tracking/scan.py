@@ -16,7 +16,7 @@ import os
 import re
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,6 +186,7 @@ class DiskScan:
         if getattr(self, "_fd", -1) < 0:
             self.open()
         fd, ident = self._fd, self.identity
+        assert ident is not None  # taken by open()
         try:
             if self.old is not None and self.old.identity == ident:
                 self.skipped = True
@@ -206,7 +207,7 @@ class DiskScan:
         finally:
             self.close()
 
-    def _old_digests(self, first: int, count: int, size: int) -> array:
+    def _old_digests(self, first: int, count: int, size: int) -> array[int]:
         """The digests the replica's copy has for these blocks (zeros past the old end)."""
         if self.old is None:
             got = array("Q")
@@ -218,7 +219,7 @@ class DiskScan:
         return got
 
     @staticmethod
-    def _zeros(first: int, end: int, size: int) -> array:
+    def _zeros(first: int, end: int, size: int) -> array[int]:
         n = end - first
         out = array("Q", [zero_digest(BLOCK)]) * n
         if n and end * BLOCK > size:  # a short last block
@@ -226,7 +227,7 @@ class DiskScan:
         return out
 
     @staticmethod
-    def _super_zeros(first: int, end: int, size: int) -> array:
+    def _super_zeros(first: int, end: int, size: int) -> array[int]:
         """Super-block digests of an all-zero range of blocks [first, end) (super-aligned)."""
         k0, k1 = first // SUPER, -(-end // SUPER)
         out = array("Q", [zero_digest(SUPER_BYTES)]) * (k1 - k0)
@@ -234,7 +235,8 @@ class DiskScan:
             out[-1] = zero_digest(size - (k1 - 1) * SUPER_BYTES)
         return out
 
-    def _walk(self, fd: int, size: int, writer: DigestMapWriter, boundaries: bool = False) -> Iterator[Change]:
+    def _walk(self, fd: int, size: int, writer: DigestMapWriter,
+              boundaries: bool = False) -> Iterator[Change | ChunkDone]:
         nblocks = -(-size // BLOCK)
         buf = bytearray(CHUNK)
         view = memoryview(buf)
@@ -325,12 +327,13 @@ class DiskScan:
         # each block's state, one byte: 0 unchanged, 1 changed (data), 2 changed to the zero
         # block's digest; runs of 1s and of 2s are then found by a regex, in C
         zd = zero_digest(BLOCK)
+        state: bytes | bytearray
         if 2 * len(moved) > len(supers):  # most of the chunk (an initial copy): one pass
             state = _states(new, old, zd)
         else:  # scattered writes: only the super-blocks that changed
-            state = bytearray(nblk)
+            state = scattered = bytearray(nblk)
             for a, b in moved:
-                state[a:b] = _states(new[a:b], old[a:b], zd)
+                scattered[a:b] = _states(new[a:b], old[a:b], zd)
         for m in _RUNS.finditer(state):
             a, b = m.span()
             # a run with the zero block's digest is compared with zeros (a memcmp, no copy):
@@ -348,13 +351,13 @@ class DiskScan:
         return DataChange(pos + a, mv[a:b])
 
 
-def _states(new: array, old: array, zd: int) -> bytes:
+def _states(new: array[int], old: array[int], zd: int) -> bytes:
     """Per block: 0 same digest, 1 changed, 2 changed to ``zd`` (the zero block's digest)."""
     changed = bytes(map(int.__ne__, new, old))
     return bytes(map(operator.add, changed, map(operator.and_, changed, map(zd.__eq__, new))))
 
 
-def digest_disks(disks: list[Path], folder: Path, name=lambda i: f"disk{i}.map", *,
+def digest_disks(disks: list[Path], folder: Path, name: Callable[[int], str] = lambda i: f"disk{i}.map", *,
                  compress: bool = False) -> list[tuple[Path, int]]:
     """Write the digest map of each disk as it is now into ``folder`` (one full read each);
     used where a side must learn a copy's exact state: resync and reverse. Returns each
@@ -368,5 +371,6 @@ def digest_disks(disks: list[Path], folder: Path, name=lambda i: f"disk{i}.map",
         scan = DiskScan(p, None, dst, compress_map=compress)
         for _ in scan.changes():
             pass
+        assert scan.identity is not None  # taken when the scan opened the disk
         out.append((dst, map_length(scan.identity.size)))
     return out

@@ -34,6 +34,7 @@ import struct
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import xxhash
 import zstandard
@@ -124,7 +125,7 @@ class Header:
         if not isinstance(doc, dict):
             raise WireError("change-log header is not an object")
 
-        def get(key: str, typ: type):
+        def get(key: str, typ: type[_T]) -> _T:
             v = doc.get(key)
             if not isinstance(v, typ) or isinstance(v, bool):
                 raise WireError(f"change-log header field {key!r} missing or of the wrong type")
@@ -198,13 +199,19 @@ class Header:
                    history=(history[0], history[1]), config=config, extended=extended, resume=resume)
 
 
+_T = TypeVar("_T")
+
+
 @dataclass(frozen=True)
 class Record:
     kind: int
     disk: int
     offset: int
     length: int
-    data: bytes | None = None  # uncompressed, for RECORD_DATA only
+    # uncompressed, for RECORD_DATA only (None when decoded without payloads). From ``feed``:
+    # bytes or a view of bytes the decoder received, valid as long as it is held; from
+    # ``pull``: the view ``place`` gave, valid until the caller reuses that buffer.
+    data: bytes | memoryview | None = None
 
 
 @dataclass(frozen=True)
@@ -217,10 +224,11 @@ class Trailer:
 
 def header_size(preamble: bytes) -> int:
     """The length of the header JSON a log's preamble announces (checked by the decoder)."""
-    return _PREAMBLE.unpack(preamble[:PREAMBLE_SIZE])[2]
+    length: int = _PREAMBLE.unpack(preamble[:PREAMBLE_SIZE])[2]
+    return length
 
 
-def item_mac(key: bytes, nonce: bytes, index: int, item: bytes | memoryview,
+def item_mac(key: bytes, nonce: bytes, index: int, item: bytes | bytearray | memoryview,
              rest: bytes | memoryview = b"") -> bytes:
     """Poly1305 of ``item`` then ``rest`` (as if joined) under the one-time key for
     (session key, log nonce, index)."""
@@ -228,7 +236,7 @@ def item_mac(key: bytes, nonce: bytes, index: int, item: bytes | memoryview,
     return _poly1305(chacha.update(_OTK_ZEROS), item, rest)
 
 
-def _poly1305(otk: bytes, head: bytes | memoryview, body: bytes | memoryview) -> bytes:
+def _poly1305(otk: bytes, head: bytes | bytearray | memoryview, body: bytes | memoryview) -> bytes:
     """Poly1305 of head‖body, fed so that the long call is fast. OpenSSL's AVX-512
     Poly1305 takes its wide (8-block) path only when a call's whole blocks number 0–3
     modulo 8; otherwise it runs at half speed (measured here: 140 vs 70 µs per MiB, and on
@@ -367,14 +375,14 @@ class LogDecoder:
         self._verify = verify_data and payloads
         self._payloads = payloads
 
-    def feed(self, data: bytes | memoryview) -> list:
+    def feed(self, data: bytes | memoryview) -> list[Header | Record | Trailer]:
         if self.trailer is not None and data:
             raise WireError("bytes after the change-log trailer")
         if data:
             # keep our own immutable reference: callers may reuse their buffer
             self._q.append(memoryview(data if isinstance(data, bytes) else bytes(data)))
             self._size += len(data)
-        out = []
+        out: list[Header | Record | Trailer] = []
         while True:
             item = self._next()
             if item is None:
@@ -431,7 +439,7 @@ class LogDecoder:
     def _maclen(self) -> int:
         return MAC_LEN if self.header is not None and self.header.mac else 0
 
-    def _check_mac(self, item: bytes) -> None:
+    def _check_mac(self, item: bytes | memoryview) -> None:
         """Consume and verify the MAC that follows ``item`` (the caller ensured it is buffered)."""
         if not self._maclen:
             return
@@ -441,7 +449,7 @@ class LogDecoder:
             raise WireError(f"MAC mismatch on change-log item {self._items}: altered in flight")
         self._items += 1
 
-    def _next(self):
+    def _next(self) -> Header | Record | Trailer | None:
         if self.trailer is not None:
             return None
         if self.header is None:
@@ -473,9 +481,9 @@ class LogDecoder:
         if self._q[0][0] == RECORD_TRAILER:
             if self._avail() < _TRAILER.size + self._maclen:
                 return None
-            raw = self._take(_TRAILER.size)
-            self._check_mac(raw)
-            _, records, data_bytes, flags, digest = _TRAILER.unpack(raw)
+            item = self._take(_TRAILER.size)
+            self._check_mac(item)
+            _, records, data_bytes, flags, digest = _TRAILER.unpack(item)
             if flags & ~TRAILER_FUZZY:
                 raise WireError(f"change-log trailer: unknown flags {flags:#x}")
             if records != self.records or data_bytes != self.data_bytes:
@@ -492,12 +500,12 @@ class LogDecoder:
         self._check_head(kind, flags, disk, offset, length, plen)
         if self._avail() < _RECORD.size + plen + self._maclen:
             return None
-        raw = self._take(_RECORD.size + plen)
-        self._check_mac(raw)
-        self._digest.update(raw)
-        data = None
+        item = self._take(_RECORD.size + plen)
+        self._check_mac(item)
+        self._digest.update(item)
+        data: bytes | memoryview | None = None
         if kind == RECORD_DATA:
-            payload = memoryview(raw)[_RECORD.size:]
+            payload = memoryview(item)[_RECORD.size:]
             if not self._payloads:
                 data = None
             elif flags & FLAG_ZSTD:
@@ -512,6 +520,7 @@ class LogDecoder:
 
     def _check_head(self, kind: int, flags: int, disk: int, offset: int, length: int, plen: int) -> None:
         """Bounds of a record's fixed header, checked before any of its payload is taken."""
+        assert self.header is not None  # records come after the header (_next, pull)
         disks = self.header.disks
         if kind not in (RECORD_DATA, RECORD_ZERO, RECORD_RESIZE) or flags & ~FLAG_ZSTD:
             raise WireError(f"unknown record kind {kind} or flags {flags}")
@@ -530,7 +539,7 @@ class LogDecoder:
             raise WireError(f"record [{offset}, +{length}) beyond the end of disk {disk} ({size})")
 
     def pull(self, read_into: Callable[[memoryview], None], place: Callable[[int, int, int], memoryview],
-             placed: Callable[[Record], None]) -> Iterator:
+             placed: Callable[[Record], None]) -> Iterator[Header | Record | Trailer]:
         """Decode the rest of a log whose header was fed, reading exactly each item's bytes
         with ``read_into`` (it fills the whole view or raises). The payload of an
         uncompressed data record is read straight into ``place(disk, offset, length)`` —
