@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Set
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import yaml
 
@@ -120,7 +121,7 @@ class _Reader:
     def err(self, path: str, msg: str) -> None:
         self.errors.append(f"{path}: {msg}")
 
-    def mapping(self, node: Any, path: str, allowed: set[str], required: set[str] = frozenset()) -> dict:
+    def mapping(self, node: Any, path: str, allowed: Set[str], required: Set[str] = frozenset()) -> dict:
         if not isinstance(node, dict):
             self.err(path, f"expected a mapping, got {_kind(node)}")
             return {}
@@ -140,14 +141,19 @@ class _Reader:
             return default
         return value
 
-    def fspath(self, node: dict, key: str, path: str, default: Any = None) -> Path | None:
+    @overload
+    def fspath(self, node: dict, key: str, path: str, default: Path) -> Path: ...
+    @overload
+    def fspath(self, node: dict, key: str, path: str, default: None = None) -> Path | None: ...
+
+    def fspath(self, node: dict, key: str, path: str, default: Path | None = None) -> Path | None:
         value = self.string(node, key, path)
         if value is None:
             return default
         p = Path(os.path.expanduser(value))
         return p if p.is_absolute() else (self.base / p)
 
-    def port(self, node: dict, key: str, path: str, default: int | None = None) -> int | None:
+    def port(self, node: dict, key: str, path: str, default: int) -> int:
         if key not in node:
             return default
         value = node[key]
@@ -283,7 +289,6 @@ def parse(doc: Any, *, base: Path, source: Path | None = None, check_files: bool
         sock = DEFAULT_SOCKET if "state_dir" not in top else state_dir / "replicad.sock" if state_dir else None
     if state_dir is None and "state_dir" not in top:
         state_dir = DEFAULT_STATE_DIR
-    management = Management(sock, admins)
 
     resolve: dict[str, str] = {}
     if "resolve" in top:
@@ -316,6 +321,9 @@ def parse(doc: Any, *, base: Path, source: Path | None = None, check_files: bool
     if r.errors:
         prefix = f"{source}: " if source else ""
         raise ConfigError("\n".join(prefix + e for e in r.errors))
+    # both are paths now: an invalid or missing state_dir (and so socket) was an error above
+    assert state_dir is not None and sock is not None
+    management = Management(sock, admins)
     return Config(host=host.lower(), state_dir=state_dir, listen=listen, management=management,
                   realm=realm, resolve=resolve, log=log, path=source, certificate=certificate)
 

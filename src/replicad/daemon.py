@@ -10,6 +10,7 @@ import asyncio
 import functools
 import os
 import signal
+from typing import Any
 
 from aiohttp import web
 
@@ -98,6 +99,7 @@ class Daemon:
     async def _bind_socket(self) -> None:
         old = os.umask(0o117)  # the socket is created 0660 at most
         try:
+            assert self._socket_runner is not None  # set up by _serve_socket
             site = web.UnixSite(self._socket_runner, str(self._socket.path))
             await site.start()
         finally:
@@ -180,15 +182,17 @@ class Daemon:
             await host.replica.start()
             await self._serve_socket(create_app(host))
             cfg = self.config
-            common = dict(service=host.replica, catalog=host.catalog, host=cfg.host, admins=cfg.management.admins,
-                          drain_timeout=DRAIN_TIMEOUT,
-                          management_socket=cfg.management.socket, on_reverse=functools.partial(reverse.accept, host))
+            common: dict[str, Any] = dict(
+                service=host.replica, catalog=host.catalog, host=cfg.host, admins=cfg.management.admins,
+                drain_timeout=DRAIN_TIMEOUT,
+                management_socket=cfg.management.socket, on_reverse=functools.partial(reverse.accept, host))
             token, tls = cfg.listen.token, cfg.listen.tls
             listeners = (token is not None) + (tls is not None)
             soft, hard = raise_descriptor_limit()
             log.info("daemon.descriptors", open_files=soft, hard_limit=hard,
                      reason="the soft open-file limit raised towards the hard one: connections and files share it")
             if token is not None:
+                assert self._credential is not None  # a token listener makes `realm` required (config.py)
                 ctx = PeerContext(mode="token", realm=self._realm,
                                   sessions=SessionStore(self._credential, token.session_timeout),
                                   idle_timeout=token.idle_timeout, header_timeout=token.header_timeout, **common)
@@ -196,6 +200,7 @@ class Daemon:
                 await self._serve_tcp(create_peer_app(ctx), token.address, token.port, "token", token.idle_timeout,
                                       limits=ctx.limits)
             if tls is not None:
+                assert self._tls is not None  # the TLS listener's certificate is the client's (_build)
                 ctx = PeerContext(mode="certificate", tls=self._tls, idle_timeout=tls.idle_timeout,
                                   header_timeout=tls.header_timeout, **common)
                 ctx.limits = self._limits("tls", tls, listeners)

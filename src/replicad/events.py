@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
+from typing import Any
+
+from structlog.typing import EventDict
 
 WATCHED_PREFIXES = ("cycle.", "health.", "replication.", "failover.", "resync.", "relationship.", "state.",
                     "initial.", "daemon.ready", "daemon.stopping", "log.applied", "log.rejected", "vm.added",
@@ -80,7 +83,7 @@ class EventBus:
         self._followers.discard(q)
         self._dropped.pop(q, None)
 
-    def processor(self, logger, method_name: str, event_dict: dict) -> dict:
+    def processor(self, logger: Any, method_name: str, event_dict: EventDict) -> EventDict:
         """structlog processor: copy a watched event (after the timestamp is added)."""
         name = event_dict.get("event", "")
         if isinstance(name, str) and name.startswith(WATCHED_PREFIXES):

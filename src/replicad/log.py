@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import structlog
+from structlog.typing import EventDict
 
 from . import events
 from .model import printable
@@ -13,7 +15,7 @@ from .model import printable
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def escape_controls(logger, method: str, event_dict: dict) -> dict:
+def escape_controls(logger: Any, method: str, event_dict: EventDict) -> EventDict:
     """Console lines print values as they are: a peer's name or reason with a newline or a
     terminal escape in it would forge a line of its own. Escape them (JSON escapes by
     itself); a traceback keeps its lines."""

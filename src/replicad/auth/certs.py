@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import UsageError
@@ -48,6 +48,11 @@ def init_ca(out: Path, name: str = "replicad CA") -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+# what a CA key must be to sign a certificate (init-ca makes an EC one)
+_SIGNING_KEYS = (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey,
+                 dsa.DSAPrivateKey)
+
+
 def issue(ca_dir: Path, hosts: list[str], out: Path) -> tuple[Path, Path]:
     for h in hosts:
         if not valid_fqdn(h):
@@ -59,6 +64,8 @@ def issue(ca_dir: Path, hosts: list[str], out: Path) -> tuple[Path, Path]:
         raise UsageError(f"cannot read the CA in {ca_dir}: {e.strerror}") from None
     except ValueError:
         raise UsageError(f"{ca_dir} does not hold a replicad CA (ca.pem, ca.key)") from None
+    if not isinstance(ca_key, _SIGNING_KEYS):
+        raise UsageError(f"{ca_dir}/ca.key is a {type(ca_key).__name__}, which cannot sign certificates")
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
     hosts = [h.lower() for h in hosts]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import ssl
 from pathlib import Path
+from typing import cast
 
 from ..errors import AuthenticationFailed, ConfigError
 from ..model import host_name_problem, shown
@@ -66,7 +67,9 @@ def identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> tuple[str, str
     der = ssl_object.getpeercert(binary_form=True)
     if not cert or not der:
         raise AuthenticationFailed("no client certificate")
-    names = [v for k, v in cert.get("subjectAltName", ()) if k == "DNS"]
+    # getpeercert()'s dict is typed loosely: subjectAltName is a tuple of (kind, value) pairs
+    sans = cast(tuple[tuple[str, str], ...], cert.get("subjectAltName", ()))
+    names = [v for k, v in sans if k == "DNS"]
     if not names:
         raise AuthenticationFailed("certificate has no DNS subjectAltName")
     problem = host_name_problem(names[0])

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import yaml
@@ -100,20 +101,20 @@ def load(path: str) -> dict:
         if k not in ("server", "auth_entries", "vms", "replications"):
             errors.append(f"{k}: unknown section (expected server, auth_entries, vms, replications)")
     base = p.resolve().parent
-    out = {"server": _mapping(doc.get("server") or {}, "server", SERVER_KEYS, errors),
+    out: dict[str, Any] = {"server": _mapping(doc.get("server") or {}, "server", SERVER_KEYS, errors),
            "auth_entries": _items(doc.get("auth_entries"), "auth_entries", ENTRY_KEYS, ("primary",), errors),
            "vms": _items(doc.get("vms"), "vms", VM_KEYS, ("name", "disks"), errors),
            "replications": _items(doc.get("replications"), "replications", REPL_KEYS, ("vm", "replica_server"),
                                   errors)}
     if out["server"].get("default_storage"):
         out["server"]["default_storage"] = str(base / out["server"]["default_storage"])
-    for i, e in enumerate(out["auth_entries"]):
-        if e.get("storage"):
-            e["storage"] = str(base / e["storage"])
+    for i, entry in enumerate(out["auth_entries"]):
+        if entry.get("storage"):
+            entry["storage"] = str(base / entry["storage"])
         for key in ("max_disk_size", "max_storage"):
-            if key in e:
+            if key in entry:
                 try:
-                    e[key] = parse_size(e[key], key)
+                    entry[key] = parse_size(entry[key], key)
                 except UsageError as err:
                     errors.append(f"auth_entries[{i}].{key}: {err}")
     for i, v in enumerate(out["vms"]):

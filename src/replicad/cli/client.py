@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
+from typing import Any, Protocol
 
 from ..errors import DaemonUnreachable, ReplicadError
 
@@ -91,6 +92,14 @@ def api_error(status: int, raw: bytes) -> ApiError:
     if doc.get("exit_code") == 2:  # a usage error the daemon caught (bad value for a flag)
         err.exit_code = 2
     return err
+
+
+class Api(Protocol):
+    """What a command talks to: this host's daemon (ApiClient) or another's (-C: remote.RemoteClient)."""
+
+    def call(self, method: str, path: str, body: dict | None = None, *, timeout: float | None = ...) -> Any: ...
+
+    def stream(self, method: str, path: str, body: dict | None = None) -> Iterator[dict]: ...
 
 
 class ApiClient:

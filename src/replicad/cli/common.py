@@ -11,7 +11,7 @@ import click
 
 from .. import config as configmod
 from ..errors import UsageError
-from .client import ApiClient
+from .client import Api, ApiClient
 from .render import render
 
 FALLBACK_SOCKET = "/run/replicad/replicad.sock"
@@ -57,7 +57,7 @@ def remote_target() -> str | None:
     return _meta("computer_name")
 
 
-def api() -> ApiClient:  # or a RemoteClient (-C), imported only then
+def api() -> Api:  # an ApiClient, or a RemoteClient (-C), imported only then
     if _meta("computer_name"):
         path = _meta("config") or os.environ.get("REPLICAD_CONFIG") or configmod.DEFAULT_PATH
         from .remote import RemoteClient  # lazy: TLS and token machinery only for -C

@@ -78,6 +78,7 @@ class RemoteClient:
         self._ctx: ssl.SSLContext | None = None
         self._pins: dict[str, str] = {}
         if self.mode == "certificate":
+            assert self.tls is not None  # refused above
             self._ctx = tlsmod.client_context(self.tls.cert, self.tls.key, self.tls.ca)
             self._pins = {k: tlsmod.normalize_pin(v) for k, v in self.tls.pins.items()}
 
@@ -105,7 +106,8 @@ class RemoteClient:
             raise DaemonUnreachable(f"cannot reach {self.name}:{self.port}: {why}") from None
         if self._ctx is not None and self._pins:
             try:
-                tlsmod.check_pin(self._pins, self.name, tlsmod.thumbprint(conn.sock.getpeercert(binary_form=True)))
+                der = conn.sock.getpeercert(binary_form=True)
+                tlsmod.check_pin(self._pins, self.name, tlsmod.thumbprint(der or b""))
             except AuthenticationFailed as e:
                 conn.close()
                 raise ReplicadError(f"TLS: {e}") from None
@@ -121,8 +123,10 @@ class RemoteClient:
                                      "section in --config (see config/admin.yaml)")
 
     def _handshake(self) -> None:
-        cred = Credential.load(Path(self.config.realm.credential))
-        realm = RealmPublic.load(Path(self.config.realm.public_key))
+        files = self.config.realm
+        assert files is not None  # token mode without a realm credential is refused in __init__
+        cred = Credential.load(Path(files.credential))
+        realm = RealmPublic.load(Path(files.public_key))
         hs = ClientHandshake.begin(cred, self.name)
         conn = self._open(TIMEOUT)
         try:

@@ -73,13 +73,13 @@ def wait_with_progress(lines, label: str) -> dict:
                                    TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=False)
                     bar.start()
                     task = bar.add_task(f"cycle {p['seq']}", total=max(p["total"], 1))
-                if bar is not None:
+                if bar is not None and task is not None:  # set together
                     bar.update(task, total=max(p["total"], 1), completed=p["scanned"],
                                description=f"cycle {p['seq']} ({p['sent']:,} bytes sent)")
             elif "error" in line:
                 raise ReplicadError(line["error"])
             elif "result" in line:
-                if bar is not None:
+                if bar is not None and task is not None:
                     bar.update(task, completed=bar.tasks[0].total)
                 return line["result"]
     finally:

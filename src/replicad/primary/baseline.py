@@ -45,9 +45,9 @@ class Baselines:
         shutil.rmtree(self.dir(seq), ignore_errors=True)
         durable_rename(t, self.dir(seq))
 
-    def readers(self, seq: int, ndisks: int) -> list[DigestMapReader | None] | None:
+    def readers(self, seq: int, ndisks: int) -> list[DigestMapReader] | None:
         """The maps of baseline ``seq``; None when any is missing or damaged."""
-        out = []
+        out: list[DigestMapReader] = []
         for i in range(ndisks):
             r = DigestMapReader.open(self.dir(seq) / self.map_name(i))
             if r is None:

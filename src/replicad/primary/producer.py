@@ -85,11 +85,11 @@ class CycleProducer:
                 raise ReplicadError("the replica's digest maps are damaged or do not match the disks")
             self._readers = readers
         else:
-            readers = self.baselines.readers(self.base_seq, len(paths))
-            if readers is None:
+            maps = self.baselines.readers(self.base_seq, len(paths))
+            if maps is None:
                 raise ResyncRequired(f"the digest maps of acknowledged cycle {self.base_seq} are missing",
                                      hint="run `replicad replication resync`")
-            self._readers = readers
+            self._readers = list(maps)
         tmp = self.baselines.begin(self.seq)
         def start(i: int) -> int:
             if self.resume is None or i > self.resume[0]:

@@ -63,6 +63,7 @@ class CopyWriter:
             self._drain()  # a zero or resize record lands after every earlier write
             apply_record(self.fd, item)
             return
+        assert item.data is not None  # decoded with its payload
         offset, data = item.offset, memoryview(item.data)
         while data:
             n = min(len(data), COMBINE)

@@ -32,6 +32,7 @@ class ReceiptFence:
         if vm_id in self._fenced:
             raise Fenced(f"a failover of VM {vm_id} is starting on this replica server; it takes no more logs")
         task = asyncio.current_task()
+        assert task is not None  # called from a coroutine
         self._inflight[vm_id] = (task, raw)
         try:
             yield

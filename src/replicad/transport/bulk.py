@@ -139,7 +139,7 @@ def _early_answer(sock: socket.socket, io_timeout: float) -> bytes | None:
         sock.settimeout(io_timeout)
 
 
-def _read_answer(sock: socket.socket, server: str, first: bytes = b"") -> tuple[int, bytes, CIMultiDict]:
+def _read_answer(sock: socket.socket, server: str, first: bytes = b"") -> tuple[int, bytes, CIMultiDict[str]]:
     buf = bytearray(first)
     while b"\r\n\r\n" not in buf:
         got = sock.recv(65536)
@@ -227,7 +227,7 @@ def _send_all(sock: socket.socket, buffers: list) -> None:
 
 def push(t: Target, path: str, headers: dict[str, str], batches: Iterator[list], channel: Channel, *,
          on_sent: Callable[[int], None] = lambda n: None, bandwidth_limit: int = 0,
-         upgrade: str | None = None) -> tuple[int, bytes, dict]:
+         upgrade: str | None = None) -> tuple[int, bytes, CIMultiDict[str]]:
     """PUT ``path`` with the batches as a chunked body; returns (status, body, headers).
     With ``upgrade`` (the replica's token listener offers it: transport/raw.py) the PUT has
     no body: once the replica answers 101 the batches follow as they are, unframed.

@@ -12,7 +12,8 @@ import asyncio
 import hmac
 import json
 import socket
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import aiohttp
@@ -69,7 +70,7 @@ class _Resolver(aiohttp.abc.AbstractResolver):
         self._static = static
         self._default = aiohttp.ThreadedResolver()
 
-    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET):
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET):
         addr = self._static.get(host.lower())
         if addr is None:
             return await self._default.resolve(host, port, family)
@@ -209,7 +210,7 @@ class Conversation:
                     limit: int = MAX_ANSWER) -> tuple[int, bytes, dict]:
         """One request; the answer's body is read up to ``limit`` bytes, never more."""
         scheme = "https" if self.auth == "certificate" else "http"
-        ssl_ctx = self.client.tls.client if self.auth == "certificate" else None
+        ssl_ctx = self._tls_context() if self.auth == "certificate" else None
         url = f"{scheme}://{self.server}:{self.port}{path}"
         try:
             async with self.client.http().request(method, url, data=data, headers=headers,
@@ -255,6 +256,11 @@ class Conversation:
         raise PeerError(f"{self.server} answered {status}: {msg}", status=status,
                         transient=status >= 500 or status in (408, 429), code=str(doc.get("code", ""))[:32])
 
+    def _tls_context(self) -> ssl.SSLContext:
+        """This host's TLS client context, in certificate mode."""
+        assert self.client.tls is not None  # _open refused certificate mode without it
+        return self.client.tls.client
+
     def _prepare(self, method: str, path: str, small: bytes | None) -> tuple[dict, int]:
         """Headers of one request (the session MAC in token mode) and the counter it used."""
         headers: dict[str, str] = {}
@@ -267,7 +273,7 @@ class Conversation:
                 headers[BODY_HASH_HEADER] = body_hash(small)
         return headers, counter
 
-    def _finish(self, status: int, body: bytes, rh: dict, counter: int) -> dict:
+    def _finish(self, status: int, body: bytes, rh: Mapping[str, str], counter: int) -> dict:
         """Check an answer (its MAC in token mode) and return its JSON document."""
         if self.session is not None:
             if status == 401 and MAC_HEADER not in rh:
@@ -287,7 +293,8 @@ class Conversation:
 
     async def request(self, method: str, path: str, *, data=None) -> dict:
         """One authenticated request; in token mode the answer's MAC must verify."""
-        small = data if isinstance(data, (bytes, bytearray)) else None  # a JSON body, hashed into the MAC
+        # a JSON body, hashed into the MAC
+        small = bytes(data) if isinstance(data, bytearray) else data if isinstance(data, bytes) else None
         headers, counter = self._prepare(method, path, small)
         status, body, rh = await self._send(method, path, data, headers)
         return self._finish(status, body, rh, counter)
@@ -314,7 +321,7 @@ class Conversation:
             if progress.changed is not None:
                 loop.call_soon_threadsafe(progress.changed.set)
 
-        def run() -> tuple[int, bytes, dict]:
+        def run() -> tuple[int, bytes, Mapping[str, str]]:
             it = producer.batches()
             try:
                 return bulk.push(target, path, headers, it, channel, on_sent=on_sent, bandwidth_limit=bandwidth_limit,
@@ -356,7 +363,7 @@ class Conversation:
         if self.session is not None:
             headers["Authorization"], counter = self.session.authorization("GET", path, None)
         scheme = "https" if self.auth == "certificate" else "http"
-        ssl_ctx = self.client.tls.client if self.auth == "certificate" else True
+        ssl_ctx = self._tls_context() if self.auth == "certificate" else True
         await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
         files: list[Path] = []
         index = 0
@@ -393,17 +400,17 @@ class Conversation:
                 for i, n in enumerate(sizes):
                     dst = folder / f"disk{i}.map"
                     files.append(dst)
-                    f = await asyncio.to_thread(open, dst, "wb")
+                    out = await asyncio.to_thread(open, dst, "wb")
                     try:
                         while n:
                             chunk = await segment(resp)
                             if not chunk or len(chunk) > n:
                                 raise PeerError(f"malformed digest answer from {self.server}: map {i} is not "
                                                 f"{sizes[i]} bytes", status=200, transient=True)
-                            await asyncio.to_thread(f.write, chunk)
+                            await asyncio.to_thread(out.write, chunk)
                             n -= len(chunk)
                     finally:
-                        await asyncio.to_thread(f.close)
+                        await asyncio.to_thread(out.close)
                 if await segment(resp) != b"" or await resp.content.read(1):
                     raise PeerError(f"the digest answer of {self.server} goes on past its end", status=200,
                                     transient=True)

@@ -24,6 +24,7 @@ import resource
 import socket
 import ssl
 import time
+from typing import Any
 
 from aiohttp import web
 
@@ -90,7 +91,7 @@ class ConnectionLimits:
         self._open.setdefault(address, []).append(conn)
         return True
 
-    def await_head(self, transport: asyncio.BaseTransport) -> None:
+    def await_head(self, transport: asyncio.Transport) -> None:
         """Close the connection unless the head of its first request is in within the
         header deadline (``greeted`` says it is)."""
         loop = asyncio.get_running_loop()
@@ -101,7 +102,7 @@ class ConnectionLimits:
         if handle is not None:
             handle.cancel()
 
-    def _too_slow(self, transport: asyncio.BaseTransport) -> None:
+    def _too_slow(self, transport: asyncio.Transport) -> None:
         self._awaiting.pop(transport, None)
         if not transport.is_closing():
             peer = transport.get_extra_info("peername")
@@ -136,21 +137,25 @@ class CappedSite(web.BaseSite):
         await super().start()
         self._loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        self._sock = socket.create_server((self._host, self._port), family=family, backlog=self._backlog)
-        self._sock.setblocking(False)
-        self._loop.add_reader(self._sock.fileno(), self._accept)
-        self._server = _Stopper(self)
+        self._sock = sock = socket.create_server((self._host, self._port), family=family, backlog=self._backlog)
+        sock.setblocking(False)
+        self._loop.add_reader(sock.fileno(), self._accept)
+        # BaseSite types this as an asyncio server, but its stop() only calls close()
+        self._server = _Stopper(self)  # type: ignore[assignment]
 
     def _accept(self) -> None:
+        sock = self._sock
+        if sock is None:  # closed
+            return
         for _ in range(self._backlog):
             try:
-                conn, addr = self._sock.accept()
+                conn, addr = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # out of descriptors or memory: wait rather than spin
                 log.error("listener.accept_failed", listener=self._limits.what, reason=e.strerror,
                           retry_in=ACCEPT_PAUSE)
-                self._loop.remove_reader(self._sock.fileno())
+                self._loop.remove_reader(sock.fileno())
                 self._loop.call_later(ACCEPT_PAUSE, self._resume)
                 return
             if not self._limits.admit(conn, addr[0]):
@@ -166,10 +171,12 @@ class CappedSite(web.BaseSite):
             self._loop.add_reader(self._sock.fileno(), self._accept)
 
     async def _serve(self, conn: socket.socket) -> None:
-        kw = {"ssl": self._ssl_context, "ssl_handshake_timeout": self._limits.header_timeout} \
+        kw: dict[str, Any] = {"ssl": self._ssl_context, "ssl_handshake_timeout": self._limits.header_timeout} \
             if self._ssl_context is not None else {}
+        server = self._runner.server
+        assert server is not None  # a runner is set up before its sites start
         try:
-            transport, _ = await self._loop.connect_accepted_socket(self._runner.server, conn, **kw)
+            transport, _ = await self._loop.connect_accepted_socket(server, conn, **kw)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as e:
             conn.close()
             log.debug("listener.handshake_failed", listener=self._limits.what, reason=str(e) or type(e).__name__)

@@ -73,6 +73,13 @@ class PeerContext:
     raw_logs: set = field(default_factory=set)  # the upgraded connections being read (transport/raw.py)
     limits: ConnectionLimits | None = None  # the listener's (transport/listen.py): told when a request's head is in
 
+    @property
+    def session_store(self) -> SessionStore:
+        """The token listener's sessions: a token context always has them (daemon.py), and
+        only a token listener serves the session routes and the session MACs."""
+        assert self.sessions is not None, "a token listener's context without its session store"
+        return self.sessions
+
 
 CTX_KEY = web.AppKey("peer", PeerContext)
 
@@ -94,7 +101,9 @@ def _unauthenticated(request: web.Request, reason: str, mode: str) -> web.Respon
 def _authenticate(ctx: PeerContext, request: web.Request) -> None:
     """Set the request's principal (and session); raise AuthenticationFailed with the reason."""
     if ctx.mode == "certificate":
-        principal, thumb = tlsmod.identity(request.transport.get_extra_info("ssl_object"))
+        transport = request.transport  # None once the connection is gone
+        principal, thumb = tlsmod.identity(transport.get_extra_info("ssl_object") if transport is not None else None)
+        assert ctx.tls is not None, "a certificate listener's context without its TLS material"
         tlsmod.check_pin(ctx.tls.pins, principal, thumb)
         request[PRINCIPAL] = principal
         return
@@ -104,6 +113,7 @@ def _authenticate(ctx: PeerContext, request: web.Request) -> None:
             raise AuthenticationFailed("no ticket")
         # the signature is checked here; the replay cache only once the principal may have a
         # session at all (open_session): a refused ticket costs no write
+        assert ctx.realm is not None, "a token listener's context without the realm's public key"
         ticket = verify_ticket(header[len(SCHEME) + 1:].strip(), ctx.realm, ctx.host)
         request[PRINCIPAL] = ticket.client
         request["replicad.ticket"] = ticket
@@ -113,7 +123,7 @@ def _authenticate(ctx: PeerContext, request: web.Request) -> None:
     body_sha = request.headers.get(BODY_HASH_HEADER, "")
     if body_sha and not _SHA.match(body_sha):
         raise AuthenticationFailed("malformed body hash")
-    sess, counter = ctx.sessions.check(header, request.method, request.path_qs, body_sha)
+    sess, counter = ctx.session_store.check(header, request.method, request.path_qs, body_sha)
     request[PRINCIPAL], request[SESSION], request[COUNTER] = sess.client, sess, counter
 
 
@@ -135,7 +145,7 @@ async def peer_middleware(request: web.Request, handler):
     else:
         sess: Session | None = request.get(SESSION)
         if sess is not None:
-            ctx.sessions.begin(sess)  # a session never expires under a running request
+            ctx.session_store.begin(sess)  # a session never expires under a running request
         try:
             resp = await handler(request)
         except ReplicadError as e:
@@ -147,7 +157,7 @@ async def peer_middleware(request: web.Request, handler):
                 resp.force_close()
         finally:
             if sess is not None:
-                ctx.sessions.done(sess)
+                ctx.session_store.done(sess)
     sess = request.get(SESSION)
     if sess is not None and isinstance(resp, web.Response) and not resp.prepared:
         resp.headers[MAC_HEADER] = sess.response_mac(request[COUNTER], resp.status, resp.body or b"")
@@ -185,10 +195,10 @@ async def open_session(request: web.Request) -> web.Response:
         except ReplicadError as e:
             why, hint = f"{e.message}; {why}", e.hint
         raise Refused(f"{principal} gets no session on {ctx.host}: {why}", hint=hint)
-    ctx.sessions.room_for(principal)
+    ctx.session_store.room_for(principal)
     if not ctx.catalog.remember_nonce(ticket.nonce, ticket.expires + MAX_SKEW):
         raise AuthenticationFailed(f"replayed ticket from {principal}")
-    body, signature = ctx.sessions.accept(ticket, _hello_info(ctx, principal))
+    body, signature = ctx.session_store.accept(ticket, _hello_info(ctx, principal))
     log.debug("session.opened", peer=principal, peer_ip=request.remote)
     return web.Response(body=body, content_type="application/json", headers={SIGNATURE_HEADER: signature})
 
@@ -196,7 +206,7 @@ async def open_session(request: web.Request) -> web.Response:
 async def end_session(request: web.Request) -> web.Response:
     """The client is done with its session (the end of a conversation)."""
     ctx = request.app[CTX_KEY]
-    ended = ctx.sessions.end(request[SESSION])
+    ended = ctx.session_store.end(request[SESSION])
     log.debug("session.ended", peer=request[PRINCIPAL], reason="the client ended it")
     return web.json_response({"ended": ended})
 
