@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from .auth.authorize import AuthorizationEntry
-from .errors import ReplicadError
+from .errors import NotFound, ReplicadError
 from .model import VM, Relationship, VMClaim, printable
 from .times import utcnow
 
@@ -144,6 +144,14 @@ class Catalog:
         rows = self._read("SELECT doc FROM vms WHERE id=?", (vm_id,))
         return VM.from_json(json.loads(rows[0][0])) if rows else None
 
+    def require_vm(self, vm_id: str) -> VM:
+        """The VM, or NotFound: for callers that hold an id whose VM may have been removed
+        meanwhile (`vm remove`, `replication remove`, a completed failover)."""
+        vm = self.vm_by_id(vm_id)
+        if vm is None:
+            raise NotFound(f"VM {vm_id} is not on this host (removed meanwhile)")
+        return vm
+
     def put_vm(self, vm: VM) -> None:
         self._write("INSERT INTO vms VALUES(?, ?, ?) "
                     "ON CONFLICT(id) DO UPDATE SET name=excluded.name, doc=excluded.doc",
@@ -163,6 +171,14 @@ class Catalog:
     def relationship(self, vm_id: str) -> Relationship | None:
         rows = self._read("SELECT doc FROM relationships WHERE vm_id=?", (vm_id,))
         return self._latest(Relationship.from_json(json.loads(rows[0][0]))) if rows else None
+
+    def require_relationship(self, vm_id: str) -> Relationship:
+        """The VM's relationship, or NotFound: for callers that hold the id of a replication
+        that may have been removed meanwhile (`replication remove`, a completed failover)."""
+        rel = self.relationship(vm_id)
+        if rel is None:
+            raise NotFound(f"VM {vm_id} has no replication on this host (removed meanwhile)")
+        return rel
 
     def _latest(self, rel: Relationship) -> Relationship:
         unsaved = self._unsaved.get(rel.vm_id)

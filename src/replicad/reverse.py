@@ -44,8 +44,11 @@ async def start(host: Host, vm_name: str, actor: str) -> tuple:
     vm = host.catalog.vm_by_name(vm_name)
     if vm is None or host.catalog.relationship(vm.id) is None:
         raise UsageError(f"no replicated VM named {vm_name!r} here")
-    async with host.failovers.lock(vm.id):
-        vm, rel = host.catalog.vm_by_name(vm_name), host.catalog.relationship(vm.id)
+    vm_id = vm.id
+    async with host.failovers.lock(vm_id):
+        vm, rel = host.catalog.vm_by_name(vm_name), host.catalog.relationship(vm_id)
+        if vm is None or rel is None:  # removed while this waited for the lock
+            raise UsageError(f"no replicated VM named {vm_name!r} here")
         if rel.role != "replica" or rel.state not in (S.FAILED_OVER_WAITING, S.FAILED_OVER):
             raise Conflict(f"{vm_name} must be failed over on this host before reversing (state {rel.state.value})",
                            hint="`replicad failover start` here first")

@@ -81,7 +81,7 @@ def rel_json(host: Host, rel: Relationship, name: str) -> dict:
     health, reasons = compute_health(rel)
     mode = ReplicationMode.PRIMARY if rel.role == "primary" else \
         ReplicationMode.EXTENDED_REPLICA if rel.extended else ReplicationMode.REPLICA
-    replica_port = rel.replica_port
+    replica_port: int | None = rel.replica_port
     if rel.role == "replica":  # the listener the primary's logs arrive on (its mode is recorded per log)
         listen = host.config.listen.tls if rel.auth == "certificate" else host.config.listen.token
         replica_port = listen.port if listen else None
@@ -197,12 +197,13 @@ async def _wait_stream(request, host: Host, vm_id: str, fut: asyncio.Future) -> 
     last = 0.0
     while not fut.done():
         prog = host.primary.progress.get(vm_id)
-        waiter = asyncio.ensure_future(prog.changed.wait()) if prog and prog.changed else None
+        changed = prog.changed if prog is not None else None
+        waiter = asyncio.ensure_future(changed.wait()) if changed is not None else None
         done, _ = await asyncio.wait([fut] + ([waiter] if waiter else []), timeout=1.0,
                                      return_when=asyncio.FIRST_COMPLETED)
-        if waiter is not None:
+        if waiter is not None and changed is not None:  # set together
             waiter.cancel()
-            prog.changed.clear()
+            changed.clear()
         if prog is not None and loop.time() - last >= 0.2:
             last = loop.time()
             await resp.write((json.dumps({"progress": {"kind": prog.kind, "seq": prog.seq, "total": prog.total,
@@ -265,7 +266,8 @@ async def _export(request, host: Host, vm, rel: Relationship, folder: str, *, fo
     await asyncio.to_thread(check_target, path, vm.name, force=force)  # before anything changes
     await host.primary.forget(vm.id)  # no network cycle while the copy is written
     epoch = secrets.token_hex(8)
-    progress = Progress(kind="initial", seq=1, changed=asyncio.Event())
+    changed = asyncio.Event()
+    progress = Progress(kind="initial", seq=1, changed=changed)
     host.primary.progress[vm.id] = progress
     producer = CycleProducer(vm, Baselines(host.config.state_dir, vm.id), seq=1, base_seq=0, epoch=epoch,
                              kind="initial", time=utcnow(), compress=rel.compression, progress=progress,
@@ -280,8 +282,8 @@ async def _export(request, host: Host, vm, rel: Relationship, folder: str, *, fo
             raise ReplicadError(f"cannot export to {path}: {e.strerror}") from None
         finally:
             progress.done = True
-            progress.changed.set()
-        r = host.catalog.relationship(vm.id)
+            changed.set()
+        r = host.catalog.require_relationship(vm.id)
         r.state, r.epoch = S.WAITING_FOR_RESYNC, epoch
         r.awaiting_import = str(path)
         r.error = (f"waiting for the replica to import the initial copy exported to {path} "

@@ -187,7 +187,9 @@ class PrimaryEngine:
             try:
                 outcome = await self._cycle(vm_id)
             except asyncio.CancelledError:
-                if asyncio.current_task().cancelling():  # this supervisor is being stopped
+                me = asyncio.current_task()
+                assert me is not None  # this coroutine runs as the supervisor's task
+                if me.cancelling():  # this supervisor is being stopped
                     self._fail_waiters(vm_id, ReplicadError("the daemon is shutting down"), waiters)
                     raise
                 # a stray cancellation from a library must not kill the VM's supervisor
@@ -309,7 +311,7 @@ class PrimaryEngine:
         return rel
 
     async def _cycle(self, vm_id: str) -> CycleOutcome:
-        rel = self.catalog.relationship(vm_id)
+        rel = self.catalog.require_relationship(vm_id)
         async with self.client.conversation(rel.replica_server, rel.replica_port, rel.auth) as conv:
             return await self._cycle_in(vm_id, conv)
 
@@ -321,8 +323,8 @@ class PrimaryEngine:
         vm = self.catalog.vm_by_id(rel.source_vm)
         return dataclasses.replace(vm, id=rel.vm_id) if vm is not None else None
 
-    def _source_ready(self, rel: Relationship) -> None:
-        src = self.catalog.relationship(rel.source_vm)
+    def _source_ready(self, source_vm: str) -> None:
+        src = self.catalog.relationship(source_vm)
         if src is None or src.role != "replica":
             raise ReplicadError("the replica VM this extended replication forwards is gone")
         if src.state in (S.FAILED_OVER_WAITING, S.FAILED_OVER):
@@ -335,12 +337,12 @@ class PrimaryEngine:
             raise e
 
     async def _cycle_in(self, vm_id: str, conv: Conversation) -> CycleOutcome:
-        rel = self.catalog.relationship(vm_id)
+        rel = self.catalog.require_relationship(vm_id)
         vm = self.vm_of(rel)
         if vm is None:
             raise ReplicadError("the VM of this replication is gone")
         if rel.source_vm:
-            self._source_ready(rel)
+            self._source_ready(rel.source_vm)
         baselines = Baselines(self.state_dir, vm_id)
         initial = rel.seq == 0 and not rel.seed and rel.state not in (S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING)
         resync = rel.seed or (not initial and rel.state in (S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING))
@@ -394,7 +396,8 @@ class PrimaryEngine:
             rel = await self._reconcile_pending(rel, baselines, conv)
         seq = rel.seq + 1
         kind = "initial" if initial else "resync" if resync else "delta"
-        progress = Progress(kind=kind, seq=seq, changed=asyncio.Event())
+        changed = asyncio.Event()
+        progress = Progress(kind=kind, seq=seq, changed=changed)
         self.progress[vm_id] = progress
         producer = CycleProducer(vm, baselines, seq=seq, base_seq=rel.seq, epoch=rel.epoch, kind=kind,
                                  time=utcnow(), compress=rel.compression, progress=progress,
@@ -429,7 +432,7 @@ class PrimaryEngine:
             if lock is not None:
                 lock.release()
             progress.done = True
-            progress.changed.set()
+            changed.set()
             await workers.SEND.run(producer.thaw)  # post-snapshot always runs, whatever happened
             for w in producer.warnings:
                 bound.warning("capture.warning", reason=w)
@@ -438,9 +441,9 @@ class PrimaryEngine:
         self._fault("primary-after-ack")  # acknowledged, not yet recorded: the pending baseline
         seconds = time.monotonic() - t0
         # the replica holds log `seq` durably: now, and only now, the baseline advances
-        rel = self.catalog.relationship(vm_id)
+        rel = self.catalog.require_relationship(vm_id)
         self.roll_stats(rel)
-        divergence = None
+        divergence: dict[str, int | None] | None = None
         if resync:
             seeded = rel.seed
             rel.epoch = producer.epoch
@@ -449,9 +452,10 @@ class PrimaryEngine:
             rel.resync_hold = None
             if seeded:
                 rel.stats.initial_replication_size = progress.sent
+            assert replica_maps is not None  # fetched above for this resync
             now_maps = [baselines.dir(seq) / Baselines.map_name(i) for i in range(len(replica_maps))]
             d = await asyncio.to_thread(compare, replica_maps, now_maps, base_maps)
-            divergence = d.to_json() if d else None
+            divergence = dict(d.to_json()) if d else None
             if d is not None and base_maps is None:  # which side moved is unknown without the common point
                 divergence = {"differing": d.differing, "primary_moved": None, "replica_moved": None,
                               "both_moved": None}
@@ -499,8 +503,8 @@ class PrimaryEngine:
         self.save(rel)
         own = self.catalog.vm_by_id(vm_id)  # None for extended replication: the replica's VM is not ours
         if own is not None:  # sizes as shipped, so `vm get` follows a growing disk
-            for d, info in zip(own.disks, header.disks, strict=False):  # the header also lists a config file
-                d.size = info.size
+            for disk, info in zip(own.disks, header.disks, strict=False):  # the header also lists a config file
+                disk.size = info.size
             self.catalog.put_vm(own)
         await asyncio.to_thread(baselines.keep_only, seq)
         outcome = CycleOutcome(vm=vm.name, seq=seq, kind=kind, bytes_sent=progress.sent,

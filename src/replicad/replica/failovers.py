@@ -131,7 +131,7 @@ class Failovers:
     async def _discard_unapplied(self, vm: VM) -> str | None:
         """Under the apply lock: a log acknowledged but not applied (its apply failed) is
         discarded, never applied after the point is chosen. Returns what was discarded."""
-        rel = self.catalog.relationship(vm.id)
+        rel = self._fresh(vm)
         if rel.applied_seq >= rel.seq:
             return None
         note = (f"logs {rel.applied_seq + 1}-{rel.seq} were acknowledged but could not be applied "
@@ -161,7 +161,7 @@ class Failovers:
                 await self._wait_applies(vm)
                 async with self.replica.apply_lock(vm.id):
                     discarded = await self._discard_unapplied(vm)
-                    rel = self.catalog.relationship(vm.id)
+                    rel = self._fresh(vm)
                     target = self._point(rel, point)
                     files, vmdir = vm.files(), VMDir.of(rel.storage, vm.id)
                     how, made = await self._make(vm, files, False, vmdir, rel, target)
@@ -258,7 +258,7 @@ class Failovers:
             if rel.state not in START_STATES + (S.FAILED_OVER_WAITING,):
                 raise Conflict(f"{vm.name} has no recovery point to test in state {rel.state.value}")
             async with self.replica.apply_lock(vm.id):  # the replica copy at a committed point
-                rel = self.catalog.relationship(vm.id)
+                rel = self._fresh(vm)
                 target = self._point(rel, point)
                 vmdir = VMDir.of(rel.storage, vm.id)
                 files = vm.files()

@@ -81,7 +81,7 @@ def record(catalog: Catalog, vm: VM, gone: list[int], host: str, peer: str | Non
         log.error("replica.copy_missing", vm=vm.name, vm_id=vm.id, peer=peer, file=path, disk=describe(vm, i),
                   result="nothing is applied to this copy until the primary's resync recreates the file from its "
                   "own disk (automatic at its next cycle)")
-    rel = catalog.relationship(vm.id)
+    rel = catalog.require_relationship(vm.id)
     rel.error = f"{message(vm, gone, host)}: {', '.join(paths)}; a resync from the primary recreates it"
     catalog.put_relationship(rel)
 
