@@ -149,14 +149,16 @@ class DirectInitial:
         The fsync and the note run in the writer's thread after the writes they cover,
         while receiving goes on (replica/copywriter.py)."""
         disk, offset = self._at
-        doc = json.dumps({**self.progress_meta, "disk": disk, "offset": offset}).encode()
+        path, meta = self.progress_path, self.progress_meta
+        assert path is not None and meta is not None  # set together by open(); _advance checks
+        doc = json.dumps({**meta, "disk": disk, "offset": offset}).encode()
         for i, w in enumerate(self.writers):
             if i != disk:
                 w.sync()  # earlier disks are complete (the log goes disk by disk)
 
         def durable() -> None:
             fsync_dir(self.folder)
-            write_atomic(self.progress_path, doc, 0o600)
+            write_atomic(path, doc, 0o600)
         self.writers[disk].checkpoint(durable)
         self._unsynced = 0
 
@@ -267,6 +269,7 @@ class ReplicaService:
         before the VM's lock is taken: a slow header holds no lock and no thread."""
         principal = grant.principal
         lock = self._locks.setdefault(vm_id, asyncio.Lock())
+        head_bytes: bytes | bytearray
         try:
             try:
                 async with asyncio.timeout(header_timeout):
@@ -338,7 +341,7 @@ class ReplicaService:
             else:  # a first copy: its id and name are this primary's from now on, also while pending
                 self.admission.claim(grant, vm_id, header.vm_name, storage, sum(d.size for d in header.disks))
         else:
-            if rel is None:
+            if rel is None or vm is None:
                 raise ResyncRequired(f"this replica server has no copy of VM {header.vm_name}")
             if [d.name for d in header.disks] != [p.name for p in vm.files()] or header.config != bool(vm.config_file):
                 raise ResyncRequired("the VM's disk set changed")
@@ -371,6 +374,7 @@ class ReplicaService:
                 raise ResumeRefused(f"this replica server holds no resumable initial copy of {header.vm_name} "
                                     f"from {grant.principal} up to {list(header.resume)}",
                                     hint="the primary starts the initial copy over")
+        staging: DirectInitial | Staging
         try:
             if direct:
                 staging = await workers.RECEIVE.run(DirectInitial.open, vmdir, header, dec, meta)
@@ -379,9 +383,9 @@ class ReplicaService:
                 staging = await workers.RECEIVE.run(self._open_staging, vmdir, seq, dec)
             try:
                 await workers.RECEIVE.run(staging.write, bytes(head_bytes), decoded=True)
-                if raw is not None:  # read and written by one worker thread, straight from the socket
-                    await raw.run(staging.pull, raw)
-                    received = raw.received
+                if isinstance(chunks, RawLog):  # read and written by one worker thread, straight from the socket
+                    await chunks.run(staging.pull, chunks)
+                    received = chunks.received
                 else:
                     received += await self._pump(chunks, staging)
                 await workers.RECEIVE.run(staging.finish, vmdir.log(seq))
@@ -410,14 +414,16 @@ class ReplicaService:
             raise
         if header.kind == "initial":
             rel = self._create_replica(grant, header, storage, rel)
+        trailer = dec.trailer
+        assert trailer is not None  # finish() closed the decoder on a verified trailer
         if direct:  # already in the copy: commit it now (the applier has nothing to do)
-            rel = self.catalog.relationship(vm_id)
+            rel = self.catalog.require_relationship(vm_id)
             rel.seq = seq
             rel.auth = auth
             rel.frequency = header.frequency or rel.frequency
             rel.primary_ports = list(header.primary_ports) if any(header.primary_ports) else rel.primary_ports
             self.catalog.put_relationship(rel)
-            final = dataclasses.replace(header, consistency="fuzzy") if dec.trailer.fuzzy else header
+            final = dataclasses.replace(header, consistency="fuzzy") if trailer.fuzzy else header
             facts = await workers.RECEIVE.run(self._copy_facts, vm_id)
             await workers.RECEIVE.run(points.drop_undo, vmdir, self._commit(vm_id, final, facts))
             (vmdir.root / PROGRESS_FILE).unlink(missing_ok=True)
@@ -429,14 +435,14 @@ class ReplicaService:
             async with cond:
                 cond.notify_all()
             return {"acked_seq": seq, "applied_seq": seq, "bytes": received}
-        rel = self.catalog.relationship(vm_id)
+        rel = self.catalog.require_relationship(vm_id)
         rel.seq = seq
         rel.epoch = header.epoch  # a resync starts the primary's new epoch here
         rel.error = None
         rel.frequency = header.frequency or rel.frequency
         rel.auth = auth
         rel.primary_ports = list(header.primary_ports) if any(header.primary_ports) else rel.primary_ports
-        if header.prepared and not dec.trailer.fuzzy:  # a fuzzy capture is no state to fail over to
+        if header.prepared and not trailer.fuzzy:  # a fuzzy capture is no state to fail over to
             rel.prepared_seq = seq
             bound.info("failover.primary_prepared", reason="the primary shipped its final log; a planned failover "
                        "can start once it is applied")
@@ -488,8 +494,11 @@ class ReplicaService:
         """A restarted initial replication: the old chain is dead; drop its staged and undo
         logs, never under the feet of an apply in progress."""
         old = VMDir.of(rel.storage, rel.vm_id)
+        def drop() -> None:
+            for p in (old.logs, old.undo):
+                shutil.rmtree(p, ignore_errors=True)
         async with self._apply_locks.setdefault(rel.vm_id, asyncio.Lock()):
-            await workers.RECEIVE.run(lambda: [shutil.rmtree(p, ignore_errors=True) for p in (old.logs, old.undo)])
+            await workers.RECEIVE.run(drop)
         rel.applied_seq = rel.seq = 0
         self.catalog.put_relationship(rel)
 
@@ -648,14 +657,14 @@ class ReplicaService:
     def _copy_facts(self, vm_id: str) -> tuple[list[str], list]:
         """What the commit records about the copy's files (formats, identities): file reads,
         done in a worker thread before the commit (the apply lock keeps them still)."""
-        vm = self.catalog.vm_by_id(vm_id)
+        vm = self.catalog.require_vm(vm_id)
         return [disk_format(Path(d.path)) for d in vm.disks], identities(vm.files())
 
     def _commit(self, vm_id: str, header: Header, facts: tuple[list[str], list]) -> int:
         """Step 3 of the apply: point ``header.seq`` is now the copy's committed state.
         Returns the undo-log floor of recovery-point retention. Runs on the loop: no other
         writer of this row can interleave; ``facts`` come from ``_copy_facts``."""
-        rel = self.catalog.relationship(vm_id)
+        rel = self.catalog.require_relationship(vm_id)
         s = ServerSettings.load(self.catalog, self.state_dir)
         roll_interval(rel, s.monitoring_start_time, s.monitoring_interval)
         # the copy before an initial copy or a resync is not known to be any point (it may hold
@@ -677,7 +686,7 @@ class ReplicaService:
         if rel.state in (ReplicationState.INITIAL_IN_PROGRESS, ReplicationState.ERROR):
             rel.state = ReplicationState.REPLICATING
         rel.stats.successful_count += 1
-        vm = self.catalog.vm_by_id(vm_id)
+        vm = self.catalog.require_vm(vm_id)
         formats, rel.copy_identity = facts
         for d, info, fmt in zip(vm.disks, header.disks, formats, strict=False):  # header: a config file too
             d.size = info.size
@@ -723,6 +732,8 @@ class ReplicaService:
         folder = VMDir.of(rel.storage, vm_id).root / "resync" / secrets.token_hex(8)
         async with self.apply_lock(vm_id):
             rel = self.catalog.relationship(vm_id)
+            if rel is None:  # removed while the acknowledged logs were applied
+                raise ResyncRequired("this replica server has no copy of that VM")
             try:
                 written = await workers.DIGESTS.run(digest_disks, vm.files(), folder, compress=True)
             except BaseException:
@@ -785,13 +796,15 @@ class ReplicaService:
                  reason="the primary's first network cycle will be a resync shipping only what changed")
         self._ensure_applier(vm_id)
         self._wake[vm_id].set()
-        return self.catalog.vm_by_id(vm_id), rel
+        return self.catalog.require_vm(vm_id), rel
 
     async def _check_copy(self, vm_id: str, peer: str | None = None) -> list[int]:
         """The indexes of the copy's files that are gone, each named in the log and in the
         relationship's error (replica/missing.py)."""
         vm = self.catalog.vm_by_id(vm_id)
-        gone = await asyncio.to_thread(missing.missing_files, vm) if vm is not None else []
+        if vm is None:
+            return []
+        gone = await asyncio.to_thread(missing.missing_files, vm)
         if gone:  # recorded on the loop: no other writer of the row can interleave
             missing.record(self.catalog, vm, gone, self.host, peer)
         return gone
@@ -800,7 +813,7 @@ class ReplicaService:
         """Before a resync's digests: the logs received but not applied can never apply (their
         file is gone) and the resync supersedes them; the files come back empty."""
         async with self.apply_lock(vm.id):
-            rel = self.catalog.relationship(vm.id)
+            rel = self.catalog.require_relationship(vm.id)
             await asyncio.to_thread(missing.drop_logs, VMDir.of(rel.storage, vm.id), rel.applied_seq, rel.seq)
             rel.seq = rel.applied_seq
             self.catalog.put_relationship(rel)
@@ -854,8 +867,10 @@ def _verify_log(path: Path) -> Header:
     """Decode a whole log from media (checksums, digest, bounds); returns its header."""
     header = None
     for item in read_log(path):
-        if header is None:
+        if header is None and isinstance(item, Header):  # the decoder's first item
             header = item
+    if header is None:
+        raise WireError(f"{path} holds no change-log header")
     return header
 
 
