@@ -21,9 +21,8 @@ import threading
 import time
 from pathlib import Path
 
-from .auth.authorize import AuthorizationEntry
 from .errors import NotFound, ReplicadError
-from .model import VM, Relationship, VMClaim, printable
+from .model import VM, AuthorizationEntry, Relationship, VMClaim, printable
 from .times import utcnow
 
 SCHEMA = """

@@ -241,6 +241,23 @@ class Relationship:
 
 
 @dataclass(frozen=True)
+class AuthorizationEntry:
+    """A replica server's authorization entry (``auth-entry``): which primaries (a name or a
+    wildcard pattern) may replicate here, into which storage, under which trust group,
+    within which quotas. A plain record: auth/authorize.py decides with it."""
+
+    primary: str
+    storage: str
+    trust_group: str
+    max_disk_size: int | None = None  # bytes any one file of a VM may declare (None: no quota)
+    max_storage: int | None = None    # bytes all the entry's VMs may declare together
+
+    def to_dict(self) -> dict:
+        return {"primary": self.primary, "storage": self.storage, "trust_group": self.trust_group,
+                "max_disk_size": self.max_disk_size, "max_storage": self.max_storage}
+
+
+@dataclass(frozen=True)
 class VMClaim:
     """A replica server's record that a VM id and name belong to one primary (principal and
     trust group) while that VM's first copy is pending here (replica/admission.py)."""

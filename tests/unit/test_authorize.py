@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from replicad.auth.authorize import AuthorizationEntry, authorize, best_entry, pattern_matches
+from replicad.auth.authorize import authorize, best_entry, pattern_matches
 from replicad.errors import Refused
+from replicad.model import AuthorizationEntry
 
 
 @pytest.mark.parametrize("pattern,name,ok", [

@@ -8,10 +8,10 @@ from pathlib import Path
 from aiohttp import web
 
 from .. import log as logmod
-from ..auth.authorize import DEFAULT_TRUST_GROUP, AuthorizationEntry
+from ..auth.authorize import DEFAULT_TRUST_GROUP
 from ..errors import Conflict, NotFound, ReplicadError, UsageError
 from ..fsutil import make_private_dir
-from ..model import AuthType, valid_fqdn
+from ..model import AuthorizationEntry, AuthType, valid_fqdn
 from ..replica.settings import MAX_RECOVERY_HISTORY, ServerSettings, validate_hhmm
 from ..units import format_duration, parse_duration, parse_size
 from .context import actor, body, host_of

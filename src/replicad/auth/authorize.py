@@ -6,21 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import Refused
+from ..model import AuthorizationEntry
 
 DEFAULT_TRUST_GROUP = "DEFAULT"
-
-
-@dataclass(frozen=True)
-class AuthorizationEntry:
-    primary: str
-    storage: str
-    trust_group: str
-    max_disk_size: int | None = None  # bytes any one file of a VM may declare (None: no quota)
-    max_storage: int | None = None    # bytes all the entry's VMs may declare together
-
-    def to_dict(self) -> dict:
-        return {"primary": self.primary, "storage": self.storage, "trust_group": self.trust_group,
-                "max_disk_size": self.max_disk_size, "max_storage": self.max_storage}
 
 
 @dataclass(frozen=True)
