@@ -12,7 +12,7 @@ from ..auth.authorize import DEFAULT_TRUST_GROUP
 from ..errors import Conflict, NotFound, ReplicadError, UsageError
 from ..fsutil import make_private_dir
 from ..model import AuthorizationEntry, AuthType, valid_fqdn
-from ..replica.settings import MAX_RECOVERY_HISTORY, ServerSettings, validate_hhmm
+from ..server_settings import MAX_RECOVERY_HISTORY, ServerSettings, validate_hhmm
 from ..units import format_duration, parse_duration, parse_size
 from .context import actor, body, host_of
 

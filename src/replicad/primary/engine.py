@@ -26,7 +26,7 @@ from ..health import compute as compute_health
 from ..model import VM, Consistency, Relationship
 from ..model import ReplicationState as S
 from ..monitoring import roll as roll_interval
-from ..replica.settings import ServerSettings
+from ..server_settings import ServerSettings
 from ..times import parse_time, utcnow
 from ..tracking.digestmap import SUPER_BYTES, map_bytes
 from ..tracking.divergence import compare, replica_moved

@@ -44,11 +44,11 @@ from ..auth.authorize import Grant, authorize, best_entry
 from ..catalog import Catalog
 from ..errors import Busy, Conflict, Refused
 from ..model import VMClaim
+from ..server_settings import ServerSettings
 from ..times import utcnow
 from ..transport.client import LOGS_PER_REPLICA
 from ..units import format_size
 from .layout import VMDir
-from .settings import ServerSettings
 
 log = logmod.get("replicad.replica")
 

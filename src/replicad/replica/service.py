@@ -43,6 +43,7 @@ from ..model import (
     valid_vm_name,
 )
 from ..monitoring import roll as roll_interval
+from ..server_settings import ServerSettings
 from ..times import utcnow
 from ..tracking.digestmap import open_stream
 from ..tracking.scan import digest_disks
@@ -56,7 +57,6 @@ from .failover import identities
 from .fence import ReceiptFence
 from .layout import PROGRESS_FILE, VMDir
 from .seeding import SeedRefused, adopt, seed_sizes
-from .settings import ServerSettings
 
 log = logmod.get("replicad.replica")
 STAGE_BATCH = 4 << 20

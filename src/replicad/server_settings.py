@@ -1,4 +1,8 @@
-"""The replica-server settings (SPEC §3.1, Get/Set-VMReplicationServer)."""
+"""This host's server settings, `replicad server get/set` (SPEC §3.1, Get/Set-VMReplicationServer).
+
+Both roles read them: the replica server its admission (enabled, auth, any server or
+entries, default storage, recovery history), and primary and replica alike the
+monitoring interval their statistics roll on. Kept in the catalog's settings table."""
 
 from __future__ import annotations
 
@@ -6,9 +10,9 @@ import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ..catalog import Catalog
-from ..errors import UsageError
-from ..model import AuthType
+from .catalog import Catalog
+from .errors import UsageError
+from .model import AuthType
 
 MAX_RECOVERY_HISTORY = 24  # Hyper-V's own limit, and the change-log header's
 
