@@ -31,11 +31,11 @@ from .api.context import Host
 from .errors import Conflict, Refused, UsageError
 from .model import Relationship, ReplicationMode, Stats, VMState
 from .model import ReplicationState as S
-from .primary.baseline import Baselines
 from .replica.failover import TEST_SUFFIX, build_baseline, identities
 from .replica.failovers import drop_points
 from .replica.layout import VMDir
 from .times import utcnow
+from .tracking.baselines import Baselines
 
 log = logmod.get("replicad.reverse")
 

@@ -1,6 +1,6 @@
 """The primary's baseline advances only on the replica's word for exactly this cycle
 (docs/design.md §4, invariant 2), which single-line mutations of primary/engine.py and
-primary/baseline.py once weakened unnoticed (issue 16, item 8): an answer acknowledging
+tracking/baselines.py once weakened unnoticed (issue 16, item 8): an answer acknowledging
 another sequence is refused, and a sealed cycle the replica did not acknowledge (refused,
 another epoch, no copy) is never promoted as the baseline.
 
@@ -17,8 +17,8 @@ from replicad.catalog import Catalog
 from replicad.errors import ReplicadError
 from replicad.model import VM, Disk, Relationship
 from replicad.model import ReplicationState as S
-from replicad.primary.baseline import Baselines
 from replicad.primary.engine import PrimaryEngine
+from replicad.tracking.baselines import Baselines
 
 VM_ID = "0f0e0d0c-0000-4000-8000-00000000e001"
 

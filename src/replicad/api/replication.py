@@ -15,11 +15,11 @@ from ..errors import Conflict, NotFound, ReplicadError, UsageError
 from ..health import compute as compute_health
 from ..model import Relationship, ReplicationMode, Stats, extended_id, valid_fqdn
 from ..model import ReplicationState as S
-from ..primary.baseline import Baselines
 from ..primary.export import check_target, export_initial
 from ..primary.producer import CycleProducer, Progress
 from ..replica import failover_copy
 from ..times import format_time, parse_time, utcnow
+from ..tracking.baselines import Baselines
 from ..units import parse_rate
 from .context import Host, actor, body, host_of
 from .vms import get_vm

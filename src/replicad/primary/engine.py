@@ -28,11 +28,11 @@ from ..model import ReplicationState as S
 from ..monitoring import roll as roll_interval
 from ..server_settings import ServerSettings
 from ..times import parse_time, utcnow
+from ..tracking.baselines import Baselines
 from ..tracking.digestmap import SUPER_BYTES, map_bytes
 from ..tracking.divergence import compare, replica_moved
 from ..transport.client import Conversation, PeerClient
 from . import prepared
-from .baseline import Baselines
 from .prepared import prepared_record
 from .producer import CycleProducer, Progress
 

@@ -15,10 +15,10 @@ from pathlib import Path
 from .. import hooks
 from ..errors import ReplicadError, ResyncRequired
 from ..model import VM, Consistency
+from ..tracking.baselines import Baselines
 from ..tracking.digestmap import DigestMapReader, FileIdentity
 from ..tracking.scan import CHUNK_DONE, DataChange, DiskScan, Resize, ZeroChange
 from ..wire import DiskInfo, Header, LogEncoder
-from .baseline import Baselines
 from .errors import local_error
 
 BATCH = 4 << 20
@@ -163,7 +163,7 @@ class CycleProducer:
             if self.fuzzy:
                 self.consistency = Consistency.FUZZY.value
             self.data_bytes = enc.data_bytes
-            # the maps become durable before the trailer can be acknowledged (baseline.py)
+            # the maps become durable before the trailer can be acknowledged (tracking/baselines.py)
             self.baselines.seal(self.seq)
             out.append(enc.finish(fuzzy=self.fuzzy))
             yield out

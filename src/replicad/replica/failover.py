@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from ..fsutil import fsync_dir
-from ..primary.baseline import Baselines
+from ..tracking.baselines import Baselines
 from ..tracking.digestmap import FileIdentity
 from ..tracking.scan import FICLONE, data_regions, digest_disks
 

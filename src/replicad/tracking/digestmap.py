@@ -6,7 +6,7 @@ u64 per 64 KiB super-block (the xxh3-64 of those 64 KiB). A scan hashes super-bl
 and hashes the 4 KiB blocks only inside super-blocks that changed: an image with scattered
 writes costs one hash call per 64 KiB where nothing changed instead of sixteen. Maps are
 written next to their final place and made durable before they count (see
-primary/baseline.py); they are read in slices, never loaded whole, so memory does not grow
+tracking/baselines.py); they are read in slices, never loaded whole, so memory does not grow
 with the image. A version-1 map (no super-blocks) still reads; its scan hashes every block.
 
 A map written only to be sent (a replica's answer to a digests request) is written

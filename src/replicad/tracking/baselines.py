@@ -1,4 +1,6 @@
-"""The primary's baselines: one folder of digest maps per acknowledged cycle.
+"""Baselines: one folder of digest maps per acknowledged cycle — what the primary's scan
+compares against, and what a failed-over replica builds before it reverses (the
+common point's maps, replica/failover.py). Both roles use it, so it lives here.
 
 ``maps/<vm-id>/<seq>/disk<i>.map`` is the state of the disks as shipped in log ``seq``.
 The catalog's ``relationship.seq`` says which folder is the baseline; a folder above it is
@@ -12,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from ..fsutil import durable_rename, fsync_dir, fsync_file
-from ..tracking.digestmap import DigestMapReader
+from .digestmap import DigestMapReader
 
 
 class Baselines:
