@@ -68,6 +68,16 @@ def no_such_host(name: str, reason: str) -> PeerUnreachable:
                            hint="add it to DNS or /etc/hosts, or map it to an address in the config's `resolve`")
 
 
+def local_error(e: OSError) -> ReplicadError:
+    """A local I/O failure while building a log (disk unreadable, state_dir full): the
+    primary reports it as its own, not as the network's (primary/producer.py, and the log
+    sender, transport/client.py, for what the producer raises while the log is sent)."""
+    where = f" {e.filename}" if e.filename else ""
+    err = ReplicadError(f"local I/O error{where}: {e.strerror or e}")
+    err.transient = True
+    return err
+
+
 class PeerError(ReplicadError):
     """The peer answered with an error; ``transient`` follows its status."""
 

@@ -31,7 +31,7 @@ class Replica:
     def __init__(self, *, acked=lambda seq: seq, status=None):
         self.acked, self.status, self.received = acked, status or {}, []
 
-    async def push_producer(self, vm_id, seq, producer, *, bandwidth_limit=0):
+    async def push(self, vm_id, seq, producer, *, bandwidth_limit=0):
         def receive():
             it = producer.batches()
             try:

@@ -423,11 +423,7 @@ class PrimaryEngine:
             if lock is not None and producer.point_in_time:
                 lock.release()
                 lock = None
-            ack = await conv.push_producer(vm_id, seq, producer, bandwidth_limit=rel.bandwidth_limit)
-        except ReplicadError:
-            if producer.error is not None:
-                raise producer.error from None
-            raise
+            ack = await conv.push(vm_id, seq, producer, bandwidth_limit=rel.bandwidth_limit)
         finally:
             if lock is not None:
                 lock.release()

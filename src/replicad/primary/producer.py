@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import hooks
-from ..errors import ReplicadError, ResyncRequired
+from ..errors import ReplicadError, ResyncRequired, local_error
 from ..model import VM, Consistency
 from ..tracking.baselines import Baselines
 from ..tracking.digestmap import DigestMapReader, FileIdentity
 from ..tracking.scan import CHUNK_DONE, DataChange, DiskScan, Resize, ZeroChange
 from ..wire import DiskInfo, Header, LogEncoder
-from .errors import local_error
 
 BATCH = 4 << 20
 
@@ -38,6 +37,9 @@ class Progress:
 
 
 class CycleProducer:
+    """One cycle's log: a ``LogSource`` (transport/endpoints.py) that the log sender reads
+    in its worker thread."""
+
     def __init__(self, vm: VM, baselines: Baselines, *, seq: int, base_seq: int, epoch: str,
                  kind: str, time: str, compress: bool, progress: Progress, frequency: int = 0):
         self.vm, self.baselines = vm, baselines
@@ -47,7 +49,6 @@ class CycleProducer:
         self.progress = progress
         self.fuzzy = False
         self.data_bytes = 0
-        self.error: BaseException | None = None  # what stopped the producer, if anything
         self.mac_key: bytes | None = None         # the session key on the token transport
         self.prepared = False                     # the final log before a planned failover
         self.primary_ports: tuple[int, int] = (0, 0)
@@ -130,7 +131,7 @@ class CycleProducer:
                         resume=self.resume)
         return scans, header
 
-    def batches(self) -> Iterator[list[bytes | memoryview]]:
+    def batches(self) -> Generator[list[bytes | memoryview], None, None]:
         """The log as batches of buffers to send in order (``sendmsg``: no copy of the data).
         A batch may hold views of the scan's read buffer, so it is handed over before the
         scan reads its next chunk; it must be sent (or written) before the next is asked for."""

@@ -50,7 +50,7 @@ from ..tracking.scan import digest_disks
 from ..transport.raw import RawLog
 from ..wire import MAX_HEADER, Header, LogDecoder, Record
 from . import missing, points
-from .admission import Admission
+from .admission import Admission, LogSlot
 from .apply import discard, read_log, rollback, write_point
 from .copywriter import CopyWriter
 from .failover import identities
@@ -251,9 +251,17 @@ class ReplicaService:
             self._wake.setdefault(vm_id, asyncio.Event()).set()
             self._tasks[vm_id] = asyncio.create_task(self._applier(vm_id), name=f"apply:{vm_id}")
 
-    # receiving ------------------------------------------------------------------------------
+    # receiving (transport/endpoints.py: ReplicaEndpoint) ---------------------------------
     def grant_for(self, principal: str, auth: str) -> Grant:
         return self.admission.grant(principal, auth)
+
+    def names(self, principal: str) -> bool:
+        """Whether an authorization entry (or `allowed_from_any_server`) names ``principal``."""
+        return self.admission.names(principal)
+
+    def log_slot(self, principal: str) -> LogSlot:
+        """A slot for one more log from ``principal``, or Busy (replica/admission.py)."""
+        return self.admission.log_slot(principal)
 
     def admit(self, principal: str, auth: str, vm_id: str) -> Grant:
         """Whether ``principal`` may send a log for ``vm_id`` (replica/admission.py)."""

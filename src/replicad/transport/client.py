@@ -30,10 +30,10 @@ from ..auth.session import (
     verify_response,
 )
 from ..auth.token import SCHEME, Credential, RealmPublic
-from ..errors import AuthenticationFailed, PeerError, PeerUnreachable, ReplicadError, no_such_host
-from ..primary.errors import local_error
+from ..errors import AuthenticationFailed, PeerError, PeerUnreachable, ReplicadError, local_error, no_such_host
 from . import bulk, listener, raw
 from . import digests as digestframe
+from .endpoints import LogSource
 
 CONNECT_TIMEOUT = 10
 READ_TIMEOUT = 300
@@ -155,6 +155,9 @@ class PeerClient:
 
 
 class Conversation:
+    """One conversation with a replica server; its ``push`` is the primary's ``LogSender``
+    (transport/endpoints.py)."""
+
     def __init__(self, client: PeerClient, server: str, port: int, auth: str):
         self.client, self.server, self.port, self.auth = client, server, port, auth
         self.session: Session | None = None
@@ -299,9 +302,12 @@ class Conversation:
         status, body, rh = await self._send(method, path, data, headers)
         return self._finish(status, body, rh, counter)
 
-    async def push_producer(self, vm_id: str, seq: int, producer, *, bandwidth_limit: int = 0) -> dict:
-        """Send one cycle's log, produced and written to the socket by one worker thread
-        (transport/bulk.py); the answer is checked like any other."""
+    async def push(self, vm_id: str, seq: int, log: LogSource, *, bandwidth_limit: int = 0) -> dict:
+        """``LogSender.push`` (transport/endpoints.py): send one cycle's log, produced and
+        written to the socket by one worker thread (transport/bulk.py). Returns the
+        acknowledgement, checked like any other answer, or raises: what the log's source
+        raised as itself (a local OSError as a local I/O error), PeerUnreachable when the
+        network failed, PeerError when the replica refused the log."""
         path = f"/v1/replicas/{vm_id}/logs/{seq}"
         headers, counter = self._prepare("PUT", path, None)
         headers.update({"User-Agent": f"replicad/{__version__}", "X-Replicad-Protocol": str(PROTOCOL_VERSION)})
@@ -310,7 +316,7 @@ class Conversation:
                              tls=tls.client if tls else None, pins=tls.pins if tls else {},
                              connect_timeout=CONNECT_TIMEOUT, io_timeout=READ_TIMEOUT)
         loop = asyncio.get_running_loop()
-        progress = producer.progress
+        progress = log.progress
         channel = bulk.Channel()
         # the token listener takes the log on the raw connection when it says it can
         offers = (self.session.info.get("capabilities") or []) if self.session is not None else []
@@ -322,7 +328,7 @@ class Conversation:
                 loop.call_soon_threadsafe(progress.changed.set)
 
         def run() -> tuple[int, bytes, Mapping[str, str]]:
-            it = producer.batches()
+            it = log.batches()
             try:
                 return bulk.push(target, path, headers, it, channel, on_sent=on_sent, bandwidth_limit=bandwidth_limit,
                                  upgrade=upgrade)
@@ -336,9 +342,8 @@ class Conversation:
                 channel.abort()
                 await asyncio.gather(fut, return_exceptions=True)
                 raise
-            except bulk.ProducerFailed as e:
-                producer.error = local_error(e.error) if isinstance(e.error, OSError) else e.error
-                raise producer.error from None
+            except bulk.ProducerFailed as e:  # the source's own failure, not the network's
+                raise (local_error(e.error) if isinstance(e.error, OSError) else e.error) from None
             except PeerUnreachable:
                 if progress.sent == 0:  # failed at the handshake: perhaps the other listener
                     await self.wrong_listener()

@@ -40,10 +40,9 @@ from ..errors import (
     UsageError,
     WireError,
 )
-from ..replica.admission import LogSlot
-from ..replica.service import ReplicaService
 from . import digests as digestframe
 from . import raw
+from .endpoints import LogSlot, ReplicaEndpoint
 from .listen import ConnectionLimits
 
 log = logmod.get("replicad.peer")
@@ -57,7 +56,7 @@ MAX_MANAGE_BODY = 1 << 20
 
 @dataclass
 class PeerContext:
-    service: ReplicaService
+    service: ReplicaEndpoint        # the replica role (replica/service.py), as transport/endpoints.py has it
     catalog: Catalog
     host: str
     mode: str                       # "token" | "certificate"
@@ -188,7 +187,7 @@ async def open_session(request: web.Request) -> web.Response:
     only then is its ticket's nonce recorded against replays."""
     ctx = request.app[CTX_KEY]
     principal, ticket = request[PRINCIPAL], request["replicad.ticket"]
-    if principal not in ctx.admins and not ctx.service.admission.names(principal):
+    if principal not in ctx.admins and not ctx.service.names(principal):
         why, hint = "no authorization entry and no management admin names it", None
         try:  # the reason in the words a replication refusal uses (not enabled, not authorized)
             ctx.service.grant_for(principal, ctx.mode)
@@ -257,7 +256,7 @@ async def put_log(request: web.Request) -> web.StreamResponse:
     sess: Session | None = request.get(SESSION)
     # who may send this log, from the request alone: before any lock, before any byte of it
     grant = ctx.service.admit(request[PRINCIPAL], ctx.mode, vm_id)
-    slot = ctx.service.admission.log_slot(grant.principal)  # a few at once per peer (429 beyond)
+    slot = ctx.service.log_slot(grant.principal)  # a few at once per peer (429 beyond)
     try:
         if ctx.mode == "token" and request.headers.get("Upgrade", "").lower() == raw.UPGRADE:
             return await _put_log_raw(request, ctx, grant, vm_id, seq, sess, slot)
