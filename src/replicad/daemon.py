@@ -17,13 +17,13 @@ from aiohttp import web
 from . import __version__, events, metrics, reverse
 from . import log as logmod
 from .api.app import create_app
-from .api.context import Host
 from .auth.session import SessionStore
 from .auth.tls import TlsMaterial
 from .auth.token import Credential, RealmPublic
 from .catalog import Catalog
 from .config import Config
 from .errors import ConfigError
+from .host import Host
 from .notify import Notifier
 from .ownership import ManagementSocket, StateDirLock
 from .primary.engine import PrimaryEngine

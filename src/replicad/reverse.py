@@ -27,8 +27,8 @@ import secrets
 
 from . import log as logmod
 from . import workers
-from .api.context import Host
 from .errors import Conflict, Refused, UsageError
+from .host import Host
 from .model import Relationship, ReplicationMode, Stats, VMState
 from .model import ReplicationState as S
 from .replica.failover import TEST_SUFFIX, build_baseline, identities

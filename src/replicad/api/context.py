@@ -1,30 +1,13 @@
-"""What the management handlers work on: the daemon's parts, built once in daemon.py."""
+"""What the management handlers work on: this host's parts (host.py), built once in daemon.py."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 from aiohttp import web
 
-from ..catalog import Catalog
-from ..config import Config
 from ..errors import UsageError
-from ..primary.engine import PrimaryEngine
-from ..replica.failovers import Failovers
-from ..replica.service import ReplicaService
-from ..transport.client import PeerClient
-
-
-@dataclass
-class Host:
-    config: Config
-    catalog: Catalog
-    primary: PrimaryEngine
-    replica: ReplicaService
-    client: PeerClient
-    failovers: Failovers
-
+from ..host import Host
 
 HOST_KEY = web.AppKey("host", Host)
 MAX_BODY = 1 << 20
