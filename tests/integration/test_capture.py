@@ -133,6 +133,7 @@ def test_reflink_capture_is_point_in_time(token_pair, tmp_path, xfs):
     assert file_digest(copy) == file_digest(image)
 
 
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); see tests/README.md
 def test_a_file_written_while_it_is_read_gives_a_fuzzy_point(token_pair, tmp_path):
     primary, replica = token_pair
     fs = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True).stdout.strip()

@@ -45,6 +45,7 @@ def test_demo_runs_and_copies_are_identical(tmp_path):
     assert r.returncode == 1 and "is not empty" in r.stderr
 
 
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); see tests/README.md
 def test_demo_keep_running_leaves_the_hosts_up_until_sigterm(tmp_path):
     work = tmp_path / "demo"
     demo = subprocess.Popen([str(BIN), "demo", "--workdir", str(work), "--keep-running"], stdout=subprocess.PIPE,

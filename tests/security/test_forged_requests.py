@@ -145,6 +145,7 @@ def test_a_stalled_body_is_dropped_and_leaves_nothing(three):
 # --- the token listener's upgraded log connection (transport/raw.py) ----------------------
 @pytest.mark.parametrize("case", ["huge-header", "huge-record", "truncated", "garbage", "altered", "stalled",
                                   "bad-checksum", "header-one-over"])
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); see tests/README.md
 def test_forged_logs_on_the_upgraded_connection_are_refused(three_token, case):
     """The raw receiver reads item by item from the socket: every bound, MAC and timeout the
     chunked path enforces holds there too, and nothing of a refused log stays."""
