@@ -49,7 +49,7 @@ def mounted(mnt: Path, *mount_args: str):
 
 def _ephemeral_ports() -> range:
     try:
-        low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     except (OSError, ValueError):
         low, high = 32768, 60999
     return range(low, high + 1)
