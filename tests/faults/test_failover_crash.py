@@ -47,7 +47,7 @@ def check_points(replica, vm, state) -> None:
         assert got == state[int(p["id"])], f"listed point {p['id']} does not give its own bytes"
 
 
-@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); see tests/README.md
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 def test_kill_9_at_random_moments_of_a_failover_to_an_older_point(token_pair, tmp_path):
     seed = int(time.time_ns() % 10**6)
     print(f"seed {seed}")

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.integration
 MiB = 1 << 20
 
 
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 def test_link_down_then_back(token_pair, tmp_path):
     primary, replica = token_pair
     image = tmp_path / "net.img"

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 MiB = 1 << 20
 
 
-@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); see tests/README.md
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 def test_many_vms_every_cycle_accounted_and_one_broken_disk_disturbs_no_one(token_pair, tmp_path):
     primary, replica = token_pair
     names = [f"m{i:02d}" for i in range(12)]

@@ -93,7 +93,7 @@ def _peak_rss_mib(pid: int) -> float:
     raise AssertionError("no VmHWM")
 
 
-@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); see tests/README.md
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 def test_link_down_longer_than_two_cycles_heals_with_one_merged_delta(link, tmp_path):
     primary, replica = link.primary, link.replica
     image = tmp_path / "ns.img"
@@ -119,7 +119,7 @@ def test_link_down_longer_than_two_cycles_heals_with_one_merged_delta(link, tmp_
     assert file_digest(copy) == file_digest(image)
 
 
-@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); see tests/README.md
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 def test_bandwidth_cap_is_followed_and_a_link_lost_mid_transfer_recovers(link, tmp_path):
     primary, replica = link.primary, link.replica
     image = tmp_path / "cap.img"

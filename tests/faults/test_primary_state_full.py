@@ -30,7 +30,7 @@ def fill(folder) -> int:
                 chunk = chunk[:len(chunk) // 2]
 
 
-@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); see tests/README.md
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 def test_primary_state_dir_full_then_freed(token_cluster, tmp_path):
     if os.geteuid() != 0:
         pytest.skip("needs root to mount a small tmpfs")

@@ -31,7 +31,7 @@ def _quiet(replica, vm: str) -> None:
     wait_for(done, 60, "the replica to apply what it acknowledged")
 
 
-@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); see tests/README.md
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 def test_random_kills_leave_the_copy_at_a_cycle_boundary(token_pair, tmp_path):
     seed = int(os.environ.get("REPLICAD_KILL_SEED", time.time_ns() % 10**9))
     print(f"REPLICAD_KILL_SEED={seed}")

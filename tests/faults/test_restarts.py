@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 MiB = 1 << 20
 
 
-@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); see tests/README.md
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 @pytest.mark.parametrize("stop_first,start_first", [("primary", "replica"), ("replica", "primary")])
 def test_both_daemons_restarted_in_any_order_resume_every_relationship(token_pair, tmp_path, stop_first,
                                                                        start_first):
@@ -60,7 +60,7 @@ def test_both_daemons_restarted_in_any_order_resume_every_relationship(token_pai
     assert primary.json("replication", "get", "new")["state"] == "ReadyForInitialReplication"
 
 
-@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); see tests/README.md
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 def test_a_replica_stopped_in_the_middle_of_a_log_exits_at_once_and_the_copy_resumes(token_pair, tmp_path):
     """The log's bytes are read by a worker thread from the upgraded connection
     (transport/raw.py): once the daemon's drain time is over, stopping must end that read

@@ -24,6 +24,7 @@ def random_image(path: Path, size: int) -> None:
             f.write(os.urandom(8 * MiB))
 
 
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 def test_a_cut_initial_copy_resumes_from_the_durable_offset(token_pair, tmp_path):
     primary, replica = token_pair
     image = tmp_path / "big.img"

@@ -22,7 +22,7 @@ def enable_through(primary, replica, link_port: int, vm: str, image: Path) -> No
                 "--auth", "token", "--frequency", "3600")
 
 
-@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); see tests/README.md
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 def test_latency_and_a_short_stall_change_nothing_but_time(token_pair, tmp_path):
     primary, replica = token_pair
     image = tmp_path / "slow.img"
@@ -40,7 +40,7 @@ def test_latency_and_a_short_stall_change_nothing_but_time(token_pair, tmp_path)
     assert file_digest(copy) == file_digest(image)
 
 
-@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); see tests/README.md
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 def test_a_stall_longer_than_the_idle_timeout_is_dropped_and_resumed(token_pair, tmp_path):
     primary, replica = token_pair
     replica.stop()  # the replica gives up on a peer silent for 2 s

@@ -58,6 +58,7 @@ def test_freeze_hooks_give_application_consistent_points(token_pair, tmp_path):
     assert file_digest(copy) == file_digest(image)
 
 
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 def test_a_hung_freeze_is_killed_at_the_timeout_and_the_thaw_runs(token_pair, tmp_path):
     primary, replica = token_pair
     image, copy = replicated(primary, replica, "hung", tmp_path, 8 * MiB, 2, frequency=3600)
@@ -133,7 +134,7 @@ def test_reflink_capture_is_point_in_time(token_pair, tmp_path, xfs):
     assert file_digest(copy) == file_digest(image)
 
 
-@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); see tests/README.md
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 def test_a_file_written_while_it_is_read_gives_a_fuzzy_point(token_pair, tmp_path):
     primary, replica = token_pair
     fs = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True).stdout.strip()

@@ -28,7 +28,7 @@ def _engine() -> str | None:
     return None
 
 
-@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); see tests/README.md
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 def test_compose_demo_ends_with_identical_copies():
     why = _engine()
     if why:

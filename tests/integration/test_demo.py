@@ -13,6 +13,7 @@ from .harness import BIN
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 def test_demo_runs_and_copies_are_identical(tmp_path):
     # no --workdir: the demo makes a temp dir, and says it removes it (a short TMPDIR: the
     # hosts' sockets live in it, and a unix socket's path has 107 bytes at most)
@@ -45,7 +46,7 @@ def test_demo_runs_and_copies_are_identical(tmp_path):
     assert r.returncode == 1 and "is not empty" in r.stderr
 
 
-@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); see tests/README.md
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 def test_demo_keep_running_leaves_the_hosts_up_until_sigterm(tmp_path):
     work = tmp_path / "demo"
     demo = subprocess.Popen([str(BIN), "demo", "--workdir", str(work), "--keep-running"], stdout=subprocess.PIPE,

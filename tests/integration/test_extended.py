@@ -20,7 +20,7 @@ def wait_extended(middle, third, vm):
              f"{vm} applied up to {seq} on {third.name}", interval=0.1)
 
 
-@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); see tests/README.md
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 def test_a_replica_forwards_its_copy_to_a_third_host(token_pair, tmp_path):
     primary, middle = token_pair  # vmhost2 -> vmhost1
     third = middle.cluster["vmhost3"]

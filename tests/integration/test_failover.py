@@ -96,6 +96,7 @@ def test_unplanned_failover_stop_and_complete(pair, tmp_path):
     assert r.returncode != 0
 
 
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 def test_test_failover_runs_beside_replication(pair, tmp_path):
     primary, replica = pair
     image, copy = replicated(primary, replica, "t", tmp_path, 16 * MiB, 4, frequency=3600)
@@ -287,6 +288,7 @@ def test_reverse_after_an_unplanned_failover_resyncs_the_old_primary(pair, tmp_p
     assert done and done[-1]["differing_bytes"] <= 50 * 4096  # not a full copy
 
 
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 def test_recovery_history_keeps_points_that_failover_can_use(pair, tmp_path):
     primary, replica = pair
     image, copy = replicated(primary, replica, "h", tmp_path, 16 * MiB, 4, frequency=3600,

@@ -206,6 +206,7 @@ def test_a_cancelled_planned_failover_does_not_strand_the_primary(token_pair, tm
     assert v2.json("vm", "start", "c")["state"] == "Running"
 
 
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 def test_a_point_s_time_is_its_capture_s(token_pair, tmp_path):
     primary, replica = token_pair
     image, copy = replicated(primary, replica, "s", tmp_path, 16 * MiB, 4, frequency=3600,

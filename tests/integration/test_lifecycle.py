@@ -145,6 +145,7 @@ def test_suspended_on_the_replica_refuses_logs_until_resumed(pair, tmp_path):
     assert primary.json("replication", "get", "p")["state"] == "Replicating"
 
 
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 def test_back_to_back_cycles_overlap_with_applies(pair, tmp_path):
     """Receipts of log N+1 while log N is being applied: no ack lost, no resync, converged."""
     primary, replica = pair

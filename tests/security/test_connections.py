@@ -85,7 +85,7 @@ def test_silent_connections_cannot_take_every_descriptor(small_replica):
     assert full and full[0]["address"] == "127.0.0.5", full[:1]
 
 
-@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); see tests/README.md
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 def test_a_connection_that_never_sends_its_request_is_closed_at_the_header_deadline(small_replica):
     """An unauthenticated connection holds a descriptor for the header deadline (10 s by
     default), not the 60 s idle timeout: the head of its first request (and on TLS the

@@ -54,6 +54,7 @@ def test_trust_groups_cannot_be_crossed_with_a_guessed_vm_id(three, tmp_path):
 NEW_ID = "0f0e0d0c-0000-4000-8000-0000000000aa"
 
 
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 @pytest.mark.parametrize("case", ["disk-path", "absolute-disk", "vm-name", "header-mismatch"])
 def test_path_tricks_in_a_log_are_refused(three, case):
     c, v1, _, _ = three
@@ -75,6 +76,7 @@ def test_path_tricks_in_a_log_are_refused(three, case):
     assert_unchanged(before, snapshot(v1))
 
 
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 @pytest.mark.parametrize("case", ["huge-header", "huge-record", "truncated", "garbage", "bad-checksum"])
 def test_oversized_and_truncated_frames_are_refused(three, case):
     c, v1, _, _ = three
@@ -145,7 +147,7 @@ def test_a_stalled_body_is_dropped_and_leaves_nothing(three):
 # --- the token listener's upgraded log connection (transport/raw.py) ----------------------
 @pytest.mark.parametrize("case", ["huge-header", "huge-record", "truncated", "garbage", "altered", "stalled",
                                   "bad-checksum", "header-one-over"])
-@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); see tests/README.md
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 def test_forged_logs_on_the_upgraded_connection_are_refused(three_token, case):
     """The raw receiver reads item by item from the socket: every bound, MAC and timeout the
     chunked path enforces holds there too, and nothing of a refused log stays."""

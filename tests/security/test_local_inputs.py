@@ -124,6 +124,7 @@ def qcow2_child(path: Path, backing: str) -> Path:
     return path
 
 
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 @pytest.mark.parametrize("case", ["absolute", "relative", "symlink", "next-folder", "device"])
 def test_a_backing_file_outside_the_image_folder_is_refused(primary, tmp_path, case):
     """A qcow2 header is the image owner's to write: it must not make the daemon register

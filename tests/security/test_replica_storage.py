@@ -170,7 +170,7 @@ def test_digests_of_never_written_regions_cost_nothing_to_store(shared, tmp_path
     assert not [p for p in vmdir.rglob("*") if p.is_file() and p.parent.name != "disks"], list(vmdir.rglob("*"))
 
 
-@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); see tests/README.md
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 def test_entry_quotas_are_enforced_before_anything_is_written(three):
     """`auth-entry set --max-disk-size 1GiB --max-storage 2GiB` for vmhost3: a disk over
     the size, a VM past the storage, a delta growing a disk past either — each refused
@@ -286,6 +286,7 @@ def seeding(tmp_path):
     c.shutdown()
 
 
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 @pytest.mark.parametrize("trap", ["hard-link", "foreign-owner", "symlink"])
 def test_seed_adoption_takes_only_a_file_nobody_else_can_reach(seeding, tmp_path, trap):
     """Adoption renames the seed's files into the replica's private folder, and the resync

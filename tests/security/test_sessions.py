@@ -78,6 +78,7 @@ def token_three(tmp_path):
     yield from three_hosts(tmp_path, "token")
 
 
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 def test_a_session_flood_by_an_unauthorized_host_locks_no_one_out(token_three):
     """A host with a realm credential but no authorization entry opened 4,095 sessions in
     10 s with tickets dated +290 s: every legitimate cycle and `-C` call got 401 for ten

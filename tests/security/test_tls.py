@@ -36,6 +36,7 @@ def test_a_good_client_certificate_is_accepted(tls_pair):
     assert status == 200 and doc["principal"] == "vmhost2.contoso.com" and doc["authorized"] is True
 
 
+@pytest.mark.slow  # long: `make test-slow` (.ci/run runs it); README, Development
 @pytest.mark.parametrize("case", ["no-client-cert", "other-ca", "expired", "not-yet-valid", "wrong-eku"])
 def test_bad_client_certificates_are_refused(tls_pair, tmp_path, case):
     c, v1, _ = tls_pair
