@@ -31,11 +31,12 @@ from .errors import Conflict, Refused, UsageError
 from .host import Host
 from .model import Relationship, ReplicationMode, Stats, VMState
 from .model import ReplicationState as S
-from .replica.failover import TEST_SUFFIX, build_baseline, identities
+from .replica.failover import TEST_SUFFIX
 from .replica.failovers import drop_points
 from .replica.layout import VMDir
 from .times import utcnow
-from .tracking.baselines import Baselines
+from .tracking.baselines import Baselines, build_baseline
+from .tracking.digestmap import identities
 
 log = logmod.get("replicad.reverse")
 

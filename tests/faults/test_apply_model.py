@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from replicad.errors import WireError
 from replicad.replica.apply import discard, rollback, write_point
 from replicad.replica.layout import VMDir
-from replicad.replica.service import Staging
+from replicad.replica.staging import Staging
 from replicad.wire import DiskInfo, Header, LogDecoder, LogEncoder
 
 BLOCK = 4096
@@ -59,12 +59,11 @@ def make_log(seq: int, old: bytes, writes) -> tuple[bytes, bytes]:
 
 
 def stage(vmdir: VMDir, seq: int, raw: bytes, chunk: int) -> None:
-    part = vmdir.log_part(seq)
-    s = Staging(part, LogDecoder(), os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+    s = Staging.open(vmdir, seq, LogDecoder())
     try:
         for i in range(0, len(raw), chunk):
-            s.write(raw[i:i + chunk])
-        s.finish(vmdir.log(seq))
+            s.write([raw[i:i + chunk]])
+        s.finish()
     except BaseException:
         s.abort()
         raise

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from replicad.replica.service import PROGRESS_EVERY
+from replicad.replica.staging import PROGRESS_EVERY
 from tests.integration.harness import file_digest, free_port, wait_applied, wait_for
 
 from .linkproxy import LinkProxy

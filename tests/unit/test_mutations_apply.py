@@ -11,7 +11,7 @@ import pytest
 
 from replicad.replica.apply import write_point
 from replicad.replica.layout import VMDir
-from replicad.replica.service import Staging
+from replicad.replica.staging import Staging
 from replicad.wire import DiskInfo, Header, LogDecoder, LogEncoder
 
 BLOCK = 4096
@@ -20,10 +20,9 @@ VM_ID = "0f0e0d0c-0000-4000-8000-00000000beef"
 
 
 def stage(vmdir: VMDir, seq: int, raw: bytes) -> None:
-    part = vmdir.log_part(seq)
-    s = Staging(part, LogDecoder(), os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
-    s.write(raw)
-    s.finish(vmdir.log(seq))
+    s = Staging.open(vmdir, seq, LogDecoder())
+    s.write([raw])
+    s.finish()
 
 
 @pytest.fixture

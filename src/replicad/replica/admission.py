@@ -5,7 +5,7 @@ A change log's request is judged from the request alone — the authenticated pr
 the listener's auth type, the VM id in the URL — before any VM lock is taken and before
 any byte of the log is read (docs/security.md, "Authorization"): a peer that will be
 refused never holds a lock, a thread or a file. The same checks run again under the VM's
-lock against the log's header (replica/service.py), with its name and sizes, since the
+lock against the log's header (replica/receiving.py), with its name and sizes, since the
 catalog may change between.
 
 A VM id and its name belong to the primary — principal *and* trust group — whose log was

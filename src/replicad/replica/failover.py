@@ -1,6 +1,7 @@
-"""Copies and identities for failover on the replica side (SPEC §3.5): point-in-time copies
-(test failovers, failover copies: replica/failover_copy.py), the identities that tell
-whether a copy was written, and the baseline a new primary builds at `reverse`.
+"""Copies for failover on the replica side (SPEC §3.5): point-in-time copies (test
+failovers, failover copies: replica/failover_copy.py). The identities that tell whether a
+copy was written are tracking/digestmap.py's ``identities``; the baseline a new primary
+builds at `reverse` is tracking/baselines.py's ``build_baseline``.
 
 Blocking helpers (copies, scans) run in worker threads; state changes are catalog writes on
 the event loop."""
@@ -14,9 +15,7 @@ import shutil
 from pathlib import Path
 
 from ..fsutil import fsync_dir
-from ..tracking.baselines import Baselines
-from ..tracking.digestmap import FileIdentity
-from ..tracking.scan import FICLONE, data_regions, digest_disks
+from ..tracking.scan import FICLONE, data_regions
 
 COPY_CHUNK = 4 << 20
 TEST_SUFFIX = " - Test"
@@ -60,24 +59,6 @@ def make_test_copy(disks: list[Path], test_dir: Path, sources: list[Path] | None
         out.append(dst)
     fsync_dir(test_dir)
     return out, "reflink" if kinds == {"reflink"} else "sparse copy"
-
-
-def identities(disks: list[Path]) -> list[list[int]]:
-    """What `failover stop` compares to know whether the failed-over disks were written."""
-    out = []
-    for p in disks:
-        i = FileIdentity.of(os.stat(p))
-        out.append([i.size, i.mtime_ns, i.ino])
-    return out
-
-
-def build_baseline(state_dir: Path, vm_id: str, seq: int, disks: list[Path]) -> None:
-    """The digest maps of these disks as they are now, sealed as baseline ``seq``: how a new
-    primary (after `reverse`) knows what its partner holds without any transfer."""
-    b = Baselines(state_dir, vm_id)
-    b.drop_all()
-    digest_disks(disks, b.begin(seq), Baselines.map_name)
-    b.seal(seq)
 
 
 def remove_test_copy(test_dir: Path) -> None:

@@ -34,7 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..fsutil import fsync_dir
-from .failover import clone_or_copy, identities
+from ..tracking.digestmap import identities
+from .failover import clone_or_copy
 from .points import roll_back
 
 Fault = Callable[[str], None]

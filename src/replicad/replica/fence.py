@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..errors import Conflict
-from ..transport.raw import RawLog
 
 
 class Fenced(Conflict):
@@ -22,18 +21,19 @@ class Fenced(Conflict):
 @dataclass
 class ReceiptFence:
     _fenced: set[str] = field(default_factory=set)
-    _inflight: dict[str, tuple[asyncio.Task, RawLog | None]] = field(default_factory=dict)
+    _inflight: dict[str, tuple[asyncio.Task, Callable[[], None]]] = field(default_factory=dict)
     _cut: set[str] = field(default_factory=set)
 
     @contextlib.contextmanager
-    def receiving(self, vm_id: str, raw: RawLog | None) -> Iterator[None]:
+    def receiving(self, vm_id: str, cut: Callable[[], None]) -> Iterator[None]:
         """Around one receipt (under the VM's receive lock): refused at once when fenced,
-        and turned into ``Fenced`` when a failover cuts it."""
+        and turned into ``Fenced`` when a failover cuts it (``cut``: the incoming log's,
+        transport/endpoints.py ``IncomingLog.cut``)."""
         if vm_id in self._fenced:
             raise Fenced(f"a failover of VM {vm_id} is starting on this replica server; it takes no more logs")
         task = asyncio.current_task()
         assert task is not None  # called from a coroutine
-        self._inflight[vm_id] = (task, raw)
+        self._inflight[vm_id] = (task, cut)
         try:
             yield
         except (asyncio.CancelledError, Exception) as e:
@@ -52,12 +52,8 @@ class ReceiptFence:
         got = self._inflight.get(vm_id)
         if got is None:
             return
-        task, raw = got
         self._cut.add(vm_id)
-        if raw is not None:
-            raw.abort()  # the reading thread fails at once (transport/raw.py)
-        elif task is not None:
-            task.cancel()
+        got[1]()  # a reading thread fails at once, or the receiving handler is cancelled
 
     @contextlib.asynccontextmanager
     async def fenced(self, vm_id: str, receive_lock: asyncio.Lock) -> AsyncIterator[None]:

@@ -1,6 +1,6 @@
 """Baselines: one folder of digest maps per acknowledged cycle — what the primary's scan
 compares against, and what a failed-over replica builds before it reverses (the
-common point's maps, replica/failover.py). Both roles use it, so it lives here.
+common point's maps, ``build_baseline``). Both roles use it, so it lives here.
 
 ``maps/<vm-id>/<seq>/disk<i>.map`` is the state of the disks as shipped in log ``seq``.
 The catalog's ``relationship.seq`` says which folder is the baseline; a folder above it is
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..fsutil import durable_rename, fsync_dir, fsync_file
 from .digestmap import DigestMapReader
+from .scan import digest_disks
 
 
 class Baselines:
@@ -79,3 +80,12 @@ class Baselines:
         if self.root.exists():
             for p in self.root.glob("*.tmp"):
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def build_baseline(state_dir: Path, vm_id: str, seq: int, disks: list[Path]) -> None:
+    """The digest maps of these disks as they are now, sealed as baseline ``seq``: how a new
+    primary (after `reverse`) knows what its partner holds without any transfer."""
+    b = Baselines(state_dir, vm_id)
+    b.drop_all()
+    digest_disks(disks, b.begin(seq), Baselines.map_name)
+    b.seal(seq)

@@ -60,6 +60,16 @@ class FileIdentity:
         return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
+def identities(disks: list[Path]) -> list[list[int]]:
+    """The files' identities as the catalog records them (size, mtime, inode): what tells
+    whether a copy was written since (a replica's last point, a failover, a prepare)."""
+    out: list[list[int]] = []
+    for p in disks:
+        i = FileIdentity.of(os.stat(p))
+        out.append([i.size, i.mtime_ns, i.ino])
+    return out
+
+
 class DigestMapReader:
     """Random access to an existing map; a missing or damaged map reads as None."""
 

@@ -6,7 +6,9 @@ hands the implementation to the transport (docs/design.md §1):
 
 - on the replica server, ``transport/server.py`` serves the peer routes by calling a
   ``ReplicaEndpoint`` (implemented by ``replica/service.py``'s ``ReplicaService``); its
-  ``LogSink`` part takes change logs, each within a ``LogSlot``;
+  ``LogSink`` part takes change logs, each within a ``LogSlot``, as an ``IncomingLog`` (an
+  HTTP body: ``transport/body.py``, or the upgraded connection: ``transport/raw.py``) that
+  delivers the log's bytes into the role's ``LogWriter``;
 - on the primary, a cycle ships its log with ``LogSender.push`` (implemented by
   ``transport/client.py``'s ``Conversation``), which reads the log from a ``LogSource``
   (implemented by ``primary/producer.py``'s ``CycleProducer``) in a worker thread and
@@ -17,11 +19,12 @@ hands the implementation to the transport (docs/design.md §1):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Generator
+from collections.abc import Generator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from ..auth.authorize import Grant
+from ..wire import Header, LogDecoder
 from .raw import RawLog
 
 
@@ -29,6 +32,39 @@ class LogSlot(Protocol):
     """One of a principal's logs in flight; the server releases it before it answers."""
 
     def release(self) -> None: ...
+
+
+class LogWriter(Protocol):
+    """Where a replica keeps a log's bytes as they arrive: each piece goes through the
+    log's decoder (the first bad byte raises) and is kept. Called in a worker thread."""
+
+    def write(self, pieces: list[bytes]) -> None:
+        """Verify and keep these bytes, the next of the log."""
+        ...
+
+    def pull(self, source: RawLog) -> None:
+        """Read the rest of the log from a raw connection, up to its trailer."""
+        ...
+
+
+class IncomingLog(Protocol):
+    """One change log as it arrives on a peer listener."""
+
+    connection: str  # which way it came, for the log: "http" or "raw"
+    received: int    # bytes of it read so far
+
+    async def read_header(self, dec: LogDecoder) -> tuple[Header, bytes, list]:
+        """Read up to the log's header through ``dec`` on the event loop: the header, the
+        bytes read (verified by ``dec``), and the items decoded after the header."""
+        ...
+
+    async def deliver(self, writer: LogWriter) -> None:
+        """The rest of the log into ``writer``, up to the end of the log."""
+        ...
+
+    def cut(self) -> None:
+        """End the receipt at once (a failover fences the VM): the receipt fails."""
+        ...
 
 
 class LogSink(Protocol):
@@ -44,9 +80,9 @@ class LogSink(Protocol):
         ...
 
     async def receive(self, grant: Grant, auth: str, vm_id: str, seq: int,
-                      chunks: AsyncIterator[bytes] | RawLog, *, mac_key: bytes | None = None,
+                      incoming: IncomingLog, *, mac_key: bytes | None = None,
                       header_timeout: float = ...) -> dict:
-        """Take one log (an HTTP body's chunks or the upgraded connection) and return the
+        """Take one log (an HTTP body or the upgraded connection) and return the
         acknowledgement to send, or raise why it was refused."""
         ...
 

@@ -24,12 +24,15 @@ import asyncio
 import os
 import socket
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from .. import workers
 from ..errors import TransferStalled, WireError
 from ..wire import Header, LogDecoder
 from ..wire.codec import MAC_LEN, PREAMBLE_SIZE, header_size
+
+if TYPE_CHECKING:
+    from .endpoints import LogWriter
 
 UPGRADE = "replicad-log"
 CAPABILITY = "raw-log"
@@ -40,6 +43,11 @@ T = TypeVar("T")
 
 
 class RawLog:
+    """An ``IncomingLog`` (transport/endpoints.py): the header is read on the event loop,
+    the rest by the writer itself in a worker thread (``LogWriter.pull``)."""
+
+    connection = "raw"
+
     def __init__(self, sock: socket.socket, idle_timeout: float):
         self.sock = sock
         self.idle_timeout = idle_timeout
@@ -76,7 +84,7 @@ class RawLog:
         self.received += len(got)
         return got
 
-    async def read_header(self, dec: LogDecoder) -> tuple[Header, bytes]:
+    async def read_header(self, dec: LogDecoder) -> tuple[Header, bytes, list]:
         """Read exactly the log's header (and its MAC): the decoder holds nothing more, so
         ``LogDecoder.pull`` can go on from here. Read on the event loop, not in a thread: a
         peer that trickles its header holds no thread (the caller bounds it with the
@@ -97,7 +105,11 @@ class RawLog:
             self.sock.settimeout(self.idle_timeout)  # the rest is read by a worker thread
         if not items or not isinstance(items[0], Header):
             raise WireError("change log truncated before its header")
-        return items[0], raw
+        return items[0], raw, items[1:]
+
+    async def deliver(self, writer: LogWriter) -> None:
+        """The rest of the log, read and written by one worker thread straight from the socket."""
+        await self.run(writer.pull, self)
 
     async def _recv_exactly(self, loop: asyncio.AbstractEventLoop, n: int) -> bytes:
         buf = bytearray(n)
@@ -143,6 +155,10 @@ class RawLog:
             self.abort()
             await asyncio.gather(fut, return_exceptions=True)
             raise
+
+    def cut(self) -> None:
+        """End the receipt at once: the reading thread fails."""
+        self.abort()
 
     def abort(self) -> None:
         try:

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
 
 from .. import PROTOCOL_VERSION, __version__, workers
 from .. import log as logmod
@@ -38,10 +37,10 @@ from ..errors import (
     ResyncRequired,
     TransferStalled,
     UsageError,
-    WireError,
 )
 from . import digests as digestframe
 from . import raw
+from .body import BodyLog
 from .endpoints import LogSlot, ReplicaEndpoint
 from .listen import ConnectionLimits
 
@@ -261,21 +260,8 @@ async def put_log(request: web.Request) -> web.StreamResponse:
         if ctx.mode == "token" and request.headers.get("Upgrade", "").lower() == raw.UPGRADE:
             return await _put_log_raw(request, ctx, grant, vm_id, seq, sess, slot)
 
-        async def chunks():
-            while True:
-                try:
-                    async with asyncio.timeout(ctx.idle_timeout):
-                        data = await request.content.readany()
-                except TimeoutError:
-                    raise TransferStalled(f"no data for {ctx.idle_timeout:.0f}s: the transfer stalled") from None
-                except RequestPayloadError as e:  # aiohttp could not parse the chunked framing
-                    raise WireError(f"malformed request body: {e}") from None
-                if not data:
-                    return
-                yield data
-
-        ack = await ctx.service.receive(grant, ctx.mode, vm_id, seq, chunks(), mac_key=sess.key if sess else None,
-                                        header_timeout=ctx.header_timeout)
+        ack = await ctx.service.receive(grant, ctx.mode, vm_id, seq, BodyLog(request.content, ctx.idle_timeout),
+                                        mac_key=sess.key if sess else None, header_timeout=ctx.header_timeout)
     finally:
         slot.release()  # before the answer goes out: the primary may start its next log at once
     return web.json_response(ack)

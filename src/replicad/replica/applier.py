@@ -1,0 +1,209 @@
+"""Applying on the replica: one applier task per replica VM applies its staged logs in
+sequence (replica/apply.py: undo log, write, commit) and commits each point in the catalog.
+An initial copy received straight into the copy (replica/staging.py ``DirectInitial``) is
+committed by the receipt itself, with the same ``commit``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+from .. import log as logmod
+from .. import workers
+from ..catalog import Catalog
+from ..images import disk_format
+from ..model import ReplicationState
+from ..monitoring import roll as roll_interval
+from ..server_settings import ServerSettings
+from ..times import utcnow
+from ..tracking.digestmap import identities
+from ..wire import Header
+from . import missing, points
+from .apply import discard, rollback, write_point
+from .layout import VMDir
+
+log = logmod.get("replicad.replica")
+APPLY_RETRY_MAX = 60.0
+
+Facts = tuple[list[str], list]  # what a commit records about the copy's files: formats, identities
+
+
+class Applier:
+    def __init__(self, catalog: Catalog, state_dir: Path, fault: Callable[[str], None], host: str = ""):
+        self.catalog = catalog
+        self.state_dir = state_dir
+        self.host = host  # this replica server's name, for messages a primary shows
+        self._fault = fault
+        self._locks: dict[str, asyncio.Lock] = {}         # held while a log is being applied
+        self._applied: dict[str, asyncio.Condition] = {}  # notified after every commit
+        self._wake: dict[str, asyncio.Event] = {}
+        self._tasks: dict[str, asyncio.Task] = {}
+
+    # the tasks ------------------------------------------------------------------------------
+    def ensure(self, vm_id: str) -> None:
+        """An applier task for the VM, running (started, and woken, if it was not)."""
+        if vm_id not in self._tasks or self._tasks[vm_id].done():
+            self._wake.setdefault(vm_id, asyncio.Event()).set()
+            self._tasks[vm_id] = asyncio.create_task(self._run(vm_id), name=f"apply:{vm_id}")
+
+    def wake(self, vm_id: str) -> None:
+        """A log was acknowledged: apply it."""
+        self.ensure(vm_id)
+        self._wake[vm_id].set()
+
+    async def stop(self) -> None:
+        for t in self._tasks.values():
+            t.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        self._tasks.clear()
+
+    async def stop_vm(self, vm_id: str) -> None:
+        task = self._tasks.pop(vm_id, None)
+        if task:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def lock(self, vm_id: str) -> asyncio.Lock:
+        """Held while a log is applied: hold it to see the copy at a committed point."""
+        return self._locks.setdefault(vm_id, asyncio.Lock())
+
+    async def notify_applied(self, vm_id: str) -> None:
+        """A point was committed (or an apply failed): wake whoever waits in ``drained``."""
+        cond = self._applied.setdefault(vm_id, asyncio.Condition())
+        async with cond:
+            cond.notify_all()
+
+    async def drained(self, vm_id: str, *, or_failed: bool = False) -> None:
+        """Wait until every acknowledged log of the VM is applied (the caller bounds the wait,
+        ``async with asyncio.timeout(...)``); with ``or_failed``, also return when an apply
+        failed (its error is recorded)."""
+        cond = self._applied.setdefault(vm_id, asyncio.Condition())
+
+        def done() -> bool:
+            r = self.catalog.relationship(vm_id)
+            return r is None or r.applied_seq >= r.seq or (or_failed and r.error is not None)
+        async with cond:
+            await cond.wait_for(done)
+
+    async def check_copy(self, vm_id: str, peer: str | None = None) -> list[int]:
+        """The indexes of the copy's files that are gone, each named in the log and in the
+        relationship's error (replica/missing.py)."""
+        vm = self.catalog.vm_by_id(vm_id)
+        if vm is None:
+            return []
+        gone = await asyncio.to_thread(missing.missing_files, vm)
+        if gone:  # recorded on the loop: no other writer of the row can interleave
+            missing.record(self.catalog, vm, gone, self.host, peer)
+        return gone
+
+    # applying -------------------------------------------------------------------------------
+    async def _run(self, vm_id: str) -> None:
+        wake = self._wake[vm_id]
+        delay = 1.0
+        while True:
+            await wake.wait()
+            wake.clear()
+            while True:
+                rel = self.catalog.relationship(vm_id)
+                vm = self.catalog.vm_by_id(vm_id)
+                if rel is None or vm is None or rel.role != "replica" or rel.applied_seq >= rel.seq \
+                        or rel.state in (ReplicationState.FAILED_OVER_WAITING, ReplicationState.FAILED_OVER):
+                    break
+                seq = rel.applied_seq + 1
+                vmdir = VMDir.of(rel.storage, vm_id)
+                disks = vm.files()
+                bound = log.bind(vm=vm.name, cycle=seq)
+                if await self.check_copy(vm_id):
+                    break  # nothing applies to a missing file: the primary's resync recreates it
+                try:
+                    async with self.lock(vm_id):
+                        now = self.catalog.relationship(vm_id)
+                        if now is None or now.seq < seq or now.state in (ReplicationState.FAILED_OVER_WAITING,
+                                                                          ReplicationState.FAILED_OVER):
+                            continue  # a failover took the copy while this waited (replica/failovers.py)
+                        header = await workers.APPLY.run(write_point, vmdir, seq, disks, fault=self._fault)
+                        # the commit runs here, on the loop: no other writer of this row can
+                        # interleave (a receipt may be recording the next ack right now)
+                        facts = await workers.APPLY.run(self.copy_facts, vm_id)
+                        floor = self.commit(vm_id, header, facts)
+                        self._fault("after-commit")
+                        await workers.APPLY.run(discard, vmdir, seq)
+                        await workers.APPLY.run(points.drop_undo, vmdir, floor)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001 — one VM's failure never stops the daemon
+                    reason = e.strerror if isinstance(e, OSError) else str(e)
+                    bound.error("apply.failed", reason=reason, retry_in=delay)
+                    await workers.APPLY.run(self._rollback_quietly, vmdir, seq, disks)
+                    rel = self.catalog.relationship(vm_id)
+                    if rel is not None:
+                        rel.error = f"applying log {seq} failed: {reason}"
+                        rel.stats.errors += 1
+                        self.catalog.put_relationship(rel)
+                    try:
+                        await asyncio.wait_for(wake.wait(), timeout=delay)
+                    except TimeoutError:
+                        pass
+                    wake.clear()
+                    delay = min(delay * 2, APPLY_RETRY_MAX)
+                    # a failover waiting for this apply decides now (replica/failovers.py)
+                    await self.notify_applied(vm_id)
+                    continue
+                delay = 1.0
+                bound.info("log.applied", kind=header.kind, point=header.time, consistency=header.consistency)
+                await self.notify_applied(vm_id)
+
+    @staticmethod
+    def _rollback_quietly(vmdir: VMDir, seq: int, disks: list[Path]) -> None:
+        try:
+            if rollback(vmdir, seq, disks):
+                log.warning("apply.rolled_back", cycle=seq, reason="copy restored to the previous point")
+        except OSError as e:
+            log.error("apply.rollback_failed", cycle=seq, reason=e.strerror)
+
+    # the commit -----------------------------------------------------------------------------
+    def copy_facts(self, vm_id: str) -> Facts:
+        """What the commit records about the copy's files (formats, identities): file reads,
+        done in a worker thread before the commit (the apply lock keeps them still)."""
+        vm = self.catalog.require_vm(vm_id)
+        return [disk_format(Path(d.path)) for d in vm.disks], identities(vm.files())
+
+    def commit(self, vm_id: str, header: Header, facts: Facts) -> int:
+        """Step 3 of the apply: point ``header.seq`` is now the copy's committed state.
+        Returns the undo-log floor of recovery-point retention. Runs on the loop: no other
+        writer of this row can interleave; ``facts`` come from ``copy_facts``."""
+        rel = self.catalog.require_relationship(vm_id)
+        s = ServerSettings.load(self.catalog, self.state_dir)
+        roll_interval(rel, s.monitoring_start_time, s.monitoring_interval)
+        # the copy before an initial copy or a resync is not known to be any point (it may hold
+        # a hand edit or a cancelled failover's writes): only a delta keeps it (issue 14.7)
+        previous = ({"seq": rel.applied_seq, "time": rel.last_point_time or rel.last_replication_time,
+                     "consistency": rel.last_consistency}
+                    if rel.applied_seq and rel.last_replication_time and header.kind == "delta" else None)
+        asked, rel.recovery_point_interval = header.history
+        kept = min(asked, s.max_recovery_history)  # `server set --max-recovery-history`
+        if kept < asked and rel.recovery_history != kept:
+            log.warning("recovery.history_capped", vm=header.vm_name, peer=rel.primary_server, asked=asked,
+                        kept=kept, reason="this replica server keeps at most that many older recovery points")
+        rel.recovery_history = kept
+        rel.applied_seq = header.seq
+        rel.error = None
+        rel.last_replication_time = utcnow()
+        rel.last_point_time = header.time  # a point's time is its capture's, not its apply's
+        rel.copy_unverified = False
+        if rel.state in (ReplicationState.INITIAL_IN_PROGRESS, ReplicationState.ERROR):
+            rel.state = ReplicationState.REPLICATING
+        rel.stats.successful_count += 1
+        vm = self.catalog.require_vm(vm_id)
+        formats, rel.copy_identity = facts
+        for d, info, fmt in zip(vm.disks, header.disks, formats, strict=False):  # header: a config file too
+            d.size = info.size
+            d.format = fmt
+        rel.last_consistency = header.consistency
+        if header.kind != "delta":
+            rel.points = []  # an initial copy or a resync starts a new chain
+            rel.discard_ok = False
+        floor = points.retain(rel, previous, rel.recovery_history, rel.recovery_point_interval)
+        self.catalog.put_vm_and_relationship(vm, rel)
+        return floor
