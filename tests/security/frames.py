@@ -8,7 +8,7 @@ import struct
 import zstandard
 
 from replicad.wire import Header, LogEncoder
-from replicad.wire.codec import item_mac
+from replicad.wire.mac import item_mac
 
 
 def zstd_frame(data: bytes, *, content_size: int | None, window_log: int = 10, extra: bytes = b"") -> bytes:

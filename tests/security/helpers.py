@@ -23,7 +23,7 @@ from replicad.errors import ReplicadError
 from replicad.transport import bulk, raw
 from replicad.transport.client import PeerClient
 from replicad.wire import Header, LogEncoder
-from replicad.wire.codec import item_mac
+from replicad.wire.mac import item_mac
 
 from ..integration.harness import Cluster, Host, wait_applied
 from ..integration.images import make_sparse_image

@@ -16,6 +16,8 @@ from tests.security.frames import bad_checksum_record, hostile_log
 
 from replicad.errors import WireError
 from replicad.wire import MAX_HEADER, MAX_RECORD, RECORD_DATA, DiskInfo, Header, LogDecoder, LogEncoder, Record, codec
+from replicad.wire.header import MAX_DISK_SIZE, MAX_DISKS, PREAMBLE_SIZE, header_size
+from replicad.wire.mac import MAC_LEN
 
 SIZE = 16 << 20
 HEADER = Header("0f0e0d0c-0000-4000-8000-000000000001", "contoso2", "abc123", 7, 6, "delta",
@@ -61,7 +63,7 @@ def test_pull_refuses_a_bad_checksum_before_the_record_is_placed(key):
     raw, end = forged_log(key)
     dec = LogDecoder(mac_key=key)
     s = Stream(raw)
-    hlen = codec.PREAMBLE_SIZE + codec.header_size(raw) + (codec.MAC_LEN if key else 0)
+    hlen = PREAMBLE_SIZE + header_size(raw) + (MAC_LEN if key else 0)
     s.pos = hlen
     dec.feed(raw[:hlen])
     placed = []
@@ -153,8 +155,8 @@ def _disks(n, size=1):
 
 # (field change at the limit, the same one past it, the refusal)
 HEADER_BOUNDS = {
-    "disks": (_doc(disks=_disks(codec.MAX_DISKS)), _doc(disks=_disks(codec.MAX_DISKS + 1)), "bad disk list"),
-    "disk-size": (_doc(disks=_disks(1, codec.MAX_DISK_SIZE)), _doc(disks=_disks(1, codec.MAX_DISK_SIZE + 1)),
+    "disks": (_doc(disks=_disks(MAX_DISKS)), _doc(disks=_disks(MAX_DISKS + 1)), "bad disk list"),
+    "disk-size": (_doc(disks=_disks(1, MAX_DISK_SIZE)), _doc(disks=_disks(1, MAX_DISK_SIZE + 1)),
                   "bad disk entry"),
     "vm_id": (_doc(vm_id="a" * 64), _doc(vm_id="a" * 65), "bad vm_id"),
     "epoch": (_doc(epoch="e" * 64), _doc(epoch="e" * 65), "bad epoch"),

@@ -117,7 +117,7 @@ async def add_vm(request):
             raise UsageError(f"the configuration file and a disk are both named {Path(cfg).name}")
         if not valid_disk_name(Path(cfg).name):
             raise UsageError(f"config file name {Path(cfg).name!r}: use letters, digits, '.', '_', '-'")
-    if len(disks) + (cfg is not None) > MAX_DISKS:  # what one change log can name (wire/codec.py)
+    if len(disks) + (cfg is not None) > MAX_DISKS:  # what one change log can name (wire/header.py)
         raise UsageError(f"{name} would have {len(disks) + (cfg is not None)} files (disks, their backing files "
                          f"and the configuration file); a VM has at most {MAX_DISKS}")
     vm = VM(id=str(uuid.uuid4()), name=name, disks=disks, config_file=cfg)

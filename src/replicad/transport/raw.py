@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, TypeVar
 from .. import workers
 from ..errors import TransferStalled, WireError
 from ..wire import Header, LogDecoder
-from ..wire.codec import MAC_LEN, PREAMBLE_SIZE, header_size
+from ..wire.header import PREAMBLE_SIZE, header_size
+from ..wire.mac import MAC_LEN
 
 if TYPE_CHECKING:
     from .endpoints import LogWriter
