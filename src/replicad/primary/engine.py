@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import secrets
-import shutil
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -29,21 +27,18 @@ from ..monitoring import roll as roll_interval
 from ..server_settings import ServerSettings
 from ..times import parse_time, utcnow
 from ..tracking.baselines import Baselines
-from ..tracking.digestmap import SUPER_BYTES, map_bytes
-from ..tracking.divergence import compare, replica_moved
+from ..tracking.digestmap import SUPER_BYTES
 from ..transport.client import Conversation, PeerClient
 from . import prepared
+from . import resync as resyncs
 from .prepared import prepared_record
 from .producer import CycleProducer, Progress
+from .resync import ResyncHeld
 
 log = logmod.get("replicad.primary")
 BACKOFF_START, BACKOFF_MAX = 1.0, 60.0
 RUNNING_STATES = {S.WAITING_FOR_INITIAL, S.INITIAL_IN_PROGRESS, S.REPLICATING, S.ERROR, S.WAITING_FOR_RESYNC,
                   S.RESYNCHRONIZING}
-
-
-class ResyncHeld(ResyncRequired):
-    """A resync would overwrite changes made on the replica: it waits for the operator."""
 
 
 class CycleOutcome(dict):
@@ -276,24 +271,6 @@ class PrimaryEngine:
             return None
         return disk, offset // SUPER_BYTES * SUPER_BYTES
 
-    @staticmethod
-    def _common_point(baselines: Baselines, rel: Relationship, meta: dict, folder: Path, n: int) -> list[Path] | None:
-        """Keep the primary's maps of the replica's applied point, if this primary still has
-        them: the common point both copies started from, to tell which side moved."""
-        seq = meta.get("applied_seq")
-        if meta.get("epoch") != rel.epoch or not isinstance(seq, int) or not baselines.dir(seq).is_dir():
-            return None
-        folder.mkdir(parents=True, exist_ok=True)
-        out = []
-        for i in range(n):
-            src = baselines.dir(seq) / Baselines.map_name(i)
-            if not src.exists():
-                return None
-            dst = folder / Baselines.map_name(i)
-            shutil.copyfile(src, dst)
-            out.append(dst)
-        return out
-
     # one cycle ------------------------------------------------------------------------------
     async def _reconcile_pending(self, rel: Relationship, baselines: Baselines, conv: Conversation) -> Relationship:
         """A sealed cycle above the baseline: ask the replica whether it acknowledged it."""
@@ -346,44 +323,10 @@ class PrimaryEngine:
         baselines = Baselines(self.state_dir, vm_id)
         initial = rel.seq == 0 and not rel.seed and rel.state not in (S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING)
         resync = rel.seed or (not initial and rel.state in (S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING))
-        replica_maps = base_maps = None
+        resync_run: resyncs.Resync | None = None
         resume: tuple[int, int] | None = None
-        work = self.state_dir / "resync" / vm_id
         if resync:
-            # automatic: the engine decided after a failed cycle; the operator's `resync`,
-            # `reverse`, an import or a seed set Resynchronizing (or their own flag) instead
-            automatic = rel.state == S.WAITING_FOR_RESYNC and not rel.awaiting_import and not rel.seed
-            if rel.state == S.WAITING_FOR_RESYNC:
-                log.warning("resync.started", vm=vm.name, peer=rel.replica_server,
-                            reason=rel.error or "requested by the operator")
-            rel.state = S.RESYNCHRONIZING
-            self.save(rel)
-            if rel.seed:
-                adopted = await conv.seed(vm_id, {"vm_name": vm.name, "files": [p.name for p in vm.files()],
-                                                  "config": bool(vm.config_file)})
-                log.info("seed.adopted", vm=vm.name, peer=rel.replica_server, found=adopted.get("found"),
-                         reason="the replica adopted the copy already in its storage; only differences will be sent")
-            await asyncio.to_thread(shutil.rmtree, work, True)
-            limits = await asyncio.to_thread(digest_limits, vm)
-            try:
-                meta, replica_maps = await conv.fetch_digests(vm_id, work / "replica", limits)
-            except Exception:
-                await asyncio.to_thread(shutil.rmtree, work, True)  # nothing of a failed answer stays
-                raise
-            base_maps = await asyncio.to_thread(self._common_point, baselines, rel, meta, work / "base",
-                                                len(vm.files()))
-            if automatic and meta.get("modified") and not meta.get("discard_ok"):
-                moved = await asyncio.to_thread(replica_moved, replica_maps, base_maps) if base_maps else None
-                raise ResyncHeld(
-                    f"the replica copy was modified outside replicad since point {meta.get('applied_seq')} "
-                    + (f"({moved} blocks of 4 KiB changed there)" if moved is not None else
-                       "(how many blocks is unknown: this primary no longer has that point's digests)")
-                    + "; a resync would overwrite those changes, so it waits for the operator",
-                    hint="`replicad replication resync` makes the copy the primary's again (the replica's changes "
-                         "are lost); to keep them, fail over on the replica instead")
-            await asyncio.to_thread(baselines.drop_all)
-            rel.seq = int(meta["applied_seq"])
-            rel.epoch = secrets.token_hex(8)
+            resync_run = await resyncs.begin(self, rel, vm, conv, baselines)
         elif initial:
             # an earlier attempt of this initial copy (its epoch is set, nothing acknowledged yet)
             resume = await self._resume_point(rel, conv) if rel.epoch and rel.seq == 0 else None
@@ -403,7 +346,7 @@ class PrimaryEngine:
                                  time=utcnow(), compress=rel.compression, progress=progress,
                                  frequency=rel.frequency)
         producer.mac_key = conv.mac_key
-        producer.replica_maps = replica_maps
+        producer.replica_maps = resync_run.replica_maps if resync_run else None
         producer.history = (rel.recovery_history, rel.recovery_point_interval)
         producer.primary_ports = self.ports
         producer.extended = bool(rel.source_vm)
@@ -440,29 +383,8 @@ class PrimaryEngine:
         rel = self.catalog.require_relationship(vm_id)
         self.roll_stats(rel)
         divergence: dict[str, int | None] | None = None
-        if resync:
-            seeded = rel.seed
-            rel.epoch = producer.epoch
-            rel.awaiting_import = None
-            rel.seed = False
-            rel.resync_hold = None
-            if seeded:
-                rel.stats.initial_replication_size = progress.sent
-            assert replica_maps is not None  # fetched above for this resync
-            now_maps = [baselines.dir(seq) / Baselines.map_name(i) for i in range(len(replica_maps))]
-            d = await asyncio.to_thread(compare, replica_maps, now_maps, base_maps)
-            divergence = dict(d.to_json()) if d else None
-            if d is not None and base_maps is None:  # which side moved is unknown without the common point
-                divergence = {"differing": d.differing, "primary_moved": None, "replica_moved": None,
-                              "both_moved": None}
-            await asyncio.to_thread(shutil.rmtree, work, True)
-            differing = (divergence or {}).get("differing", 0)
-            log.warning("resync.done", vm=vm.name, peer=rel.replica_server, differing_bytes=producer.data_bytes,
-                        sent=progress.sent, **(divergence or {}),
-                        reason=(f"the replica's copy differed from the primary's disks in {differing} blocks of 4 KiB "
-                                "(*_moved: which side changed them since the common point, absent when unknown); "
-                                "the copy now holds the primary's content") if differing or producer.data_bytes
-                        else "both copies were already identical: no block differed, no data was sent")
+        if resync_run is not None:
+            divergence = await resyncs.done(rel, vm, seq, baselines, resync_run, producer, progress)
         rel.seq = seq
         rel.error = None
         rel.replica_failed_over = {}
@@ -512,22 +434,6 @@ class PrimaryEngine:
                    seconds=round(seconds, 3), consistency=producer.consistency, capture=producer.captured)
         metrics.recorder.cycle_done(vm.name, kind, progress.sent, seconds, late)
         return outcome
-
-
-def digest_limits(vm: VM) -> list[int]:
-    """The most digest-map bytes a replica may send for each of the VM's files: its copy is
-    at most as large as the larger of what this primary has now and what it last shipped
-    (at least 1 GiB's worth, a couple of MiB). A larger copy was changed outside replicad;
-    its digests were not asked for and are refused (transport/client.py)."""
-    out = []
-    for i, path in enumerate(vm.files()):
-        shipped = vm.disks[i].size if i < len(vm.disks) else 0
-        try:
-            now = os.stat(path).st_size
-        except OSError:
-            now = 0
-        out.append(map_bytes(max(now, shipped, 1 << 30)))
-    return out
 
 
 def _seconds_until(ts: str | None) -> float:
