@@ -17,7 +17,8 @@ from ..errors import ReplicadError, ResyncRequired, local_error
 from ..model import VM, Consistency
 from ..tracking.baselines import Baselines
 from ..tracking.digestmap import DigestMapReader, FileIdentity
-from ..tracking.scan import CHUNK_DONE, DataChange, DiskScan, Resize, ZeroChange
+from ..tracking.scan import DiskScan
+from ..tracking.tracker import CHUNK_DONE, DataChange, Resize, ZeroChange
 from ..wire import DiskInfo, Header, LogEncoder
 
 BATCH = 4 << 20

@@ -1,1 +1,2 @@
-"""Change trackers. ``scan`` (digest map) is the default and only one so far."""
+"""Change trackers behind one seam (tracker.py: ChangeTracker). ``scan`` (digest maps,
+scan_tracker.py) is the first; the producer knows only the seam."""

@@ -17,7 +17,6 @@ import re
 import time
 from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
@@ -32,6 +31,7 @@ from .digestmap import (
     map_length,
     zero_digest,
 )
+from .tracker import CHUNK_DONE, Change, ChunkDone, DataChange, Resize, ZeroChange
 
 FICLONE = 0x40049409         # ioctl: share the source's extents (btrfs, XFS, bcachefs)
 CHUNK = 4 * 1024 * 1024      # read size: large enough for sequential speed, small for memory
@@ -40,34 +40,6 @@ _ZERO_CHUNK = bytes(CHUNK)  # startswith(view) is a memcmp; a view == bytes comp
 _BLOCK_SLICES = [slice(i, i + BLOCK) for i in range(0, CHUNK, BLOCK)]
 _SUPER_SLICES = [slice(i, i + SUPER_BYTES) for i in range(0, CHUNK, SUPER_BYTES)]
 _RUNS = re.compile(rb"\x01+|\x02+")
-
-
-@dataclass(frozen=True)
-class DataChange:
-    offset: int
-    data: memoryview  # valid only until the scan iterator is advanced
-
-
-@dataclass(frozen=True)
-class ZeroChange:
-    offset: int
-    length: int
-
-
-@dataclass(frozen=True)
-class Resize:
-    size: int
-
-
-Change = DataChange | ZeroChange | Resize
-
-
-class ChunkDone:
-    """Yielded by ``changes(boundaries=True)`` after each chunk read: the DataChange views
-    handed out so far are about to be overwritten by the next read."""
-
-
-CHUNK_DONE = ChunkDone()
 
 
 RACY_NS = 2_000_000_000  # coarsest file timestamp granularity we guard against (ext4 small inodes: 1 s)
