@@ -20,6 +20,7 @@ from ..primary.producer import CycleProducer, Progress
 from ..replica import failover_copy
 from ..times import format_time, parse_time, utcnow
 from ..tracking.baselines import Baselines
+from ..tracking.scan_tracker import ScanTracker
 from ..units import parse_rate
 from .context import Host, actor, body, host_of
 from .vms import get_vm
@@ -269,7 +270,7 @@ async def _export(request, host: Host, vm, rel: Relationship, folder: str, *, fo
     changed = asyncio.Event()
     progress = Progress(kind="initial", seq=1, changed=changed)
     host.primary.progress[vm.id] = progress
-    producer = CycleProducer(vm, Baselines(host.config.state_dir, vm.id), seq=1, base_seq=0, epoch=epoch,
+    producer = CycleProducer(vm, ScanTracker(Baselines(host.config.state_dir, vm.id)), seq=1, base_seq=0, epoch=epoch,
                              kind="initial", time=utcnow(), compress=rel.compression, progress=progress,
                              frequency=rel.frequency)
     producer.history = (rel.recovery_history, rel.recovery_point_interval)

@@ -28,6 +28,7 @@ from ..server_settings import ServerSettings
 from ..times import parse_time, utcnow
 from ..tracking.baselines import Baselines
 from ..tracking.digestmap import SUPER_BYTES
+from ..tracking.scan_tracker import ScanTracker
 from ..transport.client import Conversation, PeerClient
 from . import prepared
 from . import resync as resyncs
@@ -342,11 +343,10 @@ class PrimaryEngine:
         changed = asyncio.Event()
         progress = Progress(kind=kind, seq=seq, changed=changed)
         self.progress[vm_id] = progress
-        producer = CycleProducer(vm, baselines, seq=seq, base_seq=rel.seq, epoch=rel.epoch, kind=kind,
-                                 time=utcnow(), compress=rel.compression, progress=progress,
-                                 frequency=rel.frequency)
+        tracker = ScanTracker(baselines, replica_maps=resync_run.replica_maps if resync_run else None)
+        producer = CycleProducer(vm, tracker, seq=seq, base_seq=rel.seq, epoch=rel.epoch, kind=kind, time=utcnow(), compress=rel.compression,
+                                 progress=progress, frequency=rel.frequency)
         producer.mac_key = conv.mac_key
-        producer.replica_maps = resync_run.replica_maps if resync_run else None
         producer.history = (rel.recovery_history, rel.recovery_point_interval)
         producer.primary_ports = self.ports
         producer.extended = bool(rel.source_vm)
@@ -424,7 +424,7 @@ class PrimaryEngine:
             for disk, info in zip(own.disks, header.disks, strict=False):  # the header also lists a config file
                 disk.size = info.size
             self.catalog.put_vm(own)
-        await asyncio.to_thread(baselines.keep_only, seq)
+        await asyncio.to_thread(producer.commit)
         outcome = CycleOutcome(vm=vm.name, seq=seq, kind=kind, bytes_sent=progress.sent,
                                data_bytes=producer.data_bytes, seconds=round(seconds, 3),
                                consistency=producer.consistency, capture=producer.captured,

@@ -1,4 +1,7 @@
-"""Builds one cycle's change log from the disks: scan → encode → byte batches.
+"""Builds one cycle's change log from the disks: tracker → encode → byte batches.
+
+What changed is asked of a ``ChangeTracker`` (tracking/tracker.py) handed in by whoever
+builds the producer (primary/engine.py, the API's export): the producer knows no tracker.
 
 ``batches()`` is a plain generator run by the worker thread that also writes its batches to
 the socket (transport/bulk.py), so reading, hashing and compressing never block the event
@@ -7,18 +10,23 @@ loop and memory stays at one read chunk (a batch's data are views of it, never c
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .. import hooks
-from ..errors import ReplicadError, ResyncRequired, local_error
+from ..errors import ReplicadError, local_error
 from ..model import VM, Consistency
-from ..tracking.baselines import Baselines
-from ..tracking.digestmap import DigestMapReader, FileIdentity
-from ..tracking.scan import DiskScan
-from ..tracking.tracker import CHUNK_DONE, DataChange, Resize, ZeroChange
+from ..tracking.digestmap import FileIdentity
+from ..tracking.tracker import (
+    CHUNK_DONE,
+    ChangeTracker,
+    CyclePlan,
+    DataChange,
+    DiskView,
+    Resize,
+    TrackedCycle,
+    ZeroChange,
+)
 from ..wire import DiskInfo, Header, LogEncoder
 
 BATCH = 4 << 20
@@ -41,9 +49,9 @@ class CycleProducer:
     """One cycle's log: a ``LogSource`` (transport/endpoints.py) that the log sender reads
     in its worker thread."""
 
-    def __init__(self, vm: VM, baselines: Baselines, *, seq: int, base_seq: int, epoch: str,
+    def __init__(self, vm: VM, tracker: ChangeTracker, *, seq: int, base_seq: int, epoch: str,
                  kind: str, time: str, compress: bool, progress: Progress, frequency: int = 0):
-        self.vm, self.baselines = vm, baselines
+        self.vm, self.tracker = vm, tracker
         self.seq, self.base_seq, self.epoch, self.kind, self.time = seq, base_seq, epoch, kind, time
         self.compress = compress
         self.frequency = frequency
@@ -53,20 +61,19 @@ class CycleProducer:
         self.mac_key: bytes | None = None         # the session key on the token transport
         self.prepared = False                     # the final log before a planned failover
         self.primary_ports: tuple[int, int] = (0, 0)
-        self.replica_maps: list[Path] | None = None  # resync: the replica's own digests as the baseline
         self.history: tuple[int, int] = (0, 3600)
         self.extended = False      # forwarding a replica copy to a third host
         self.fault: Callable[[str], None] = lambda phase: None  # test-only crash points
         self.resume: tuple[int, int] | None = None  # initial: continue at (disk, offset) of an interrupted copy
-        self.capture = True        # reflink point-in-time capture where the filesystem can
         self.consistency = Consistency.CRASH.value
-        self.captured = "none"     # "reflink": every changed file was read from a clone; else "live"
+        self.captured = "none"     # the tracker's method (reflink): every changed disk read from its view; else "live"
         self.warnings: list[str] = []
-        self.point_in_time = False  # every changed file is read from a clone
+        self.point_in_time = False  # every changed disk is read from its point-in-time view
         self._frozen = False       # the pre-snapshot hook ran and the post-snapshot one has not
-        self._readers: list[DigestMapReader | None] = []
-        self._opened: tuple[list[DiskScan], Header] | None = None
-        self.identities: list = []  # each file's identity, taken before it was read
+        self._cycle: TrackedCycle | None = None
+        self._sealed = False
+        self._opened: tuple[Sequence[DiskView], Header] | None = None
+        self.identities: list[FileIdentity] = []  # each file's identity, taken before it was read
 
     def open(self) -> Header:
         """Open every disk and build the header, before any connection is made: a missing
@@ -77,39 +84,21 @@ class CycleProducer:
             raise local_error(e) from None
         return self._opened[1]
 
-    def _open(self) -> tuple[list[DiskScan], Header]:
+    def _open(self) -> tuple[Sequence[DiskView], Header]:
         paths = self.vm.files()
-        if self.kind == "initial":
-            self._readers = [None] * len(paths)
-        elif self.replica_maps is not None:
-            readers = [DigestMapReader.open(p) for p in self.replica_maps]
-            if len(readers) != len(paths) or any(r is None for r in readers):
-                raise ReplicadError("the replica's digest maps are damaged or do not match the disks")
-            self._readers = readers
-        else:
-            maps = self.baselines.readers(self.base_seq, len(paths))
-            if maps is None:
-                raise ResyncRequired(f"the digest maps of acknowledged cycle {self.base_seq} are missing",
-                                     hint="run `replicad replication resync`")
-            self._readers = list(maps)
-        tmp = self.baselines.begin(self.seq)
-        def start(i: int) -> int:
-            if self.resume is None or i > self.resume[0]:
-                return 0
-            return self.resume[1] if i == self.resume[0] else 1 << 62  # earlier disks: delivered whole
-        scans = [DiskScan(p, r, tmp / Baselines.map_name(i), capture=self.capture, start=start(i))
-                 for i, (p, r) in enumerate(zip(paths, self._readers, strict=True))]
+        cycle = self._cycle = self.tracker.begin(
+            CyclePlan(self.seq, self.base_seq, initial=self.kind == "initial", resume=self.resume), paths)
         frozen = self._freeze()
         try:
-            idents = self.identities = [s.open() for s in scans]
+            views = cycle.capture()
         except OSError as e:
-            for s in scans:
-                s.close()
+            self.abandon()
             self.thaw()
             raise ReplicadError(f"cannot open disk {e.filename}: {e.strerror}") from None
-        unchanged = [s.old is not None and s.old.identity == i for s, i in zip(scans, idents, strict=True)]
-        point_in_time = self.point_in_time = all(s.captured or u for s, u in zip(scans, unchanged, strict=True))
-        self.captured = "reflink" if any(s.captured for s in scans) and point_in_time else \
+        idents = self.identities = [v.identity for v in views]
+        unchanged = [v.unchanged for v in views]
+        point_in_time = self.point_in_time = all(v.captured or v.unchanged for v in views)
+        self.captured = cycle.method if any(v.captured for v in views) and point_in_time else \
             "none" if all(unchanged) else "live"
         if point_in_time:
             self.thaw()  # every file is captured: the application runs on while we read
@@ -117,12 +106,11 @@ class CycleProducer:
             self.consistency = Consistency.FUZZY.value
         elif frozen:
             self.consistency = Consistency.APPLICATION.value
-        elif point_in_time and sum(not u for u in unchanged) > 1 and self._moved_during_capture(scans):
+        elif point_in_time and sum(not u for u in unchanged) > 1 and self._moved_during_capture(views):
             self.consistency = Consistency.FUZZY.value
             self.warnings.append("a disk was written while the disks were captured one after another; "
                                  "set --pre-snapshot/--post-snapshot hooks for a consistent set")
-        self.progress.total = sum(
-            i.size for s, i in zip(scans, idents, strict=True) if not (s.old is not None and s.old.identity == i))
+        self.progress.total = sum(v.identity.size for v in views if not v.unchanged)
         header = Header(self.vm.id, self.vm.name, self.epoch, self.seq, self.base_seq, self.kind, self.time,
                         self.consistency,
                         tuple(DiskInfo(i, p.name, ident.size)
@@ -130,20 +118,22 @@ class CycleProducer:
                         self.frequency, prepared=self.prepared, primary_ports=self.primary_ports,
                         history=self.history, config=bool(self.vm.config_file), extended=self.extended,
                         resume=self.resume)
-        return scans, header
+        return views, header
 
     def batches(self) -> Generator[list[bytes | memoryview], None, None]:
         """The log as batches of buffers to send in order (``sendmsg``: no copy of the data).
-        A batch may hold views of the scan's read buffer, so it is handed over before the
-        scan reads its next chunk; it must be sent (or written) before the next is asked for."""
-        scans, header = self._opened or self._open()
+        A batch may hold views of the tracker's read buffer, so it is handed over before the
+        tracker reads its next chunk; it must be sent (or written) before the next is asked for.
+        The cycle's tracking state is sealed before the trailer; a log that ends before it
+        (an error, the generator closed) abandons it."""
+        views, header = self._opened or self._open()
         try:
             enc = LogEncoder(header, compress=self.compress, mac_key=self.mac_key)
             out: list[bytes | memoryview] = [enc.start()]
             size = 0
-            for i, scan in enumerate(scans):
+            for i, view in enumerate(views):
                 last = 0
-                for ch in scan.changes(boundaries=True):
+                for ch in view.changes():
                     if isinstance(ch, DataChange):
                         parts = enc.data_parts(i, ch.offset, ch.data)
                         out += parts
@@ -153,29 +143,44 @@ class CycleProducer:
                                    else enc.resize(i, ch.size))
                         size += len(out[-1])
                     if size >= BATCH or (ch is CHUNK_DONE and size):
-                        self.progress.scanned += scan.read_bytes - last
-                        last = scan.read_bytes
+                        self.progress.scanned += view.read_bytes - last
+                        last = view.read_bytes
                         self.fault("primary-mid-scan")
-                        yield out  # views of the read buffer: sent before the scan reads on
+                        yield out  # views of the read buffer: sent before the tracker reads on
                         out, size = [], 0
                         self.fault("primary-mid-send")
-                self.progress.scanned += scan.read_bytes - last
-                self.fuzzy |= scan.fuzzy
+                self.progress.scanned += view.read_bytes - last
+                self.fuzzy |= view.fuzzy
             self.thaw()
             if self.fuzzy:
                 self.consistency = Consistency.FUZZY.value
             self.data_bytes = enc.data_bytes
-            # the maps become durable before the trailer can be acknowledged (tracking/baselines.py)
-            self.baselines.seal(self.seq)
+            # the tracking state becomes durable before the trailer can be acknowledged
+            assert self._cycle is not None  # begun by _open
+            self._cycle.seal()
+            self._sealed = True
             out.append(enc.finish(fuzzy=self.fuzzy))
             yield out
         finally:
-            for s in scans:
-                s.close()
-            for r in self._readers:
-                if r is not None:
-                    r.close()
+            if not self._sealed:
+                self.abandon()
+            elif self._cycle is not None:
+                self._cycle.close()
             self.thaw()
+
+    def commit(self) -> None:
+        """After the replica acknowledged this log and the catalog recorded it: the cycle's
+        tracking state becomes the baseline (the engine calls it; blocking, off the loop)."""
+        if self._cycle is not None and self._sealed:
+            self._cycle.commit()
+
+    def abandon(self) -> None:
+        """The cycle ended unsealed: its tracking state is dropped, its changes resent later."""
+        if self._cycle is not None:
+            try:
+                self._cycle.abandon()
+            finally:
+                self._cycle.close()
 
     def _freeze(self) -> bool:
         """Run the pre-snapshot hook; a failure is a warning and a crash-consistent point."""
@@ -199,12 +204,6 @@ class CycleProducer:
             self.warnings.append(f"{e}; check that the application is not left frozen")
 
     @staticmethod
-    def _moved_during_capture(scans: list[DiskScan]) -> bool:
-        """Whether a captured file changed between its own capture and the last one."""
-        for s in scans:
-            try:
-                if s.captured and FileIdentity.of(os.stat(s.path)) != s.identity:
-                    return True
-            except OSError:
-                return True
-        return False
+    def _moved_during_capture(views: Sequence[DiskView]) -> bool:
+        """Whether a captured disk changed between its own capture and the last one."""
+        return any(v.captured and v.moved_since_capture() for v in views)
