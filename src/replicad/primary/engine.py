@@ -344,8 +344,8 @@ class PrimaryEngine:
         progress = Progress(kind=kind, seq=seq, changed=changed)
         self.progress[vm_id] = progress
         tracker = ScanTracker(baselines, replica_maps=resync_run.replica_maps if resync_run else None)
-        producer = CycleProducer(vm, tracker, seq=seq, base_seq=rel.seq, epoch=rel.epoch, kind=kind, time=utcnow(), compress=rel.compression,
-                                 progress=progress, frequency=rel.frequency)
+        producer = CycleProducer(vm, tracker, seq=seq, base_seq=rel.seq, epoch=rel.epoch, kind=kind, time=utcnow(),
+                                 compress=rel.compression, progress=progress, frequency=rel.frequency)
         producer.mac_key = conv.mac_key
         producer.history = (rel.recovery_history, rel.recovery_point_interval)
         producer.primary_ports = self.ports
