@@ -260,6 +260,27 @@ def test_seeding_from_a_copy_already_in_the_replica_s_storage(pair, tmp_path):
     assert file_digest(Path(doc["disks"][0]["path"])) == file_digest(image)
 
 
+def test_an_old_primary_that_must_resync_still_learns_its_copy_failed_over(pair, tmp_path):
+    """Found by the failover model (seed 8): an old primary whose next cycle is a resync asks
+    the failed-over replica for digests first; that refusal said only "conflict", so the
+    primary never learned that its copy failed over and an unplanned reverse was refused for
+    ever (each `replication sync` it was told to run was that same resync). The digests
+    refusal now says `failedover`, as a log's does."""
+    v2, v1 = pair
+    v2.cli("server", "set", "--enabled", "true", "--auth", v1.cluster.auth, "--allow-any-server", "true")
+    image, copy = replicated(v2, v1, "w", tmp_path, 16 * MiB, 4, frequency=3600)
+    v1.json("failover", "start", "w")  # unplanned: the old primary "crashed"
+    v1.json("failover", "complete", "w")
+    v2.cli("vm", "stop", "w")
+    r = v2.cli("replication", "resync", "w", "--wait", check=False)  # its cycle asks for digests first
+    assert r.returncode == 1 and "has failed over" in r.stderr, r.stderr
+    got = v1.json("replication", "reverse", "w")
+    assert (got["mode"], got["replica_server"], got["state"]) == ("Primary", v2.fqdn, "Resynchronizing")
+    wait_for(lambda: v1.json("replication", "get", "w")["state"] == "Replicating", 60, "the first reverse cycle")
+    wait_applied(v1, v2, "w")
+    assert file_digest(image) == file_digest(copy)
+
+
 def test_reverse_after_an_unplanned_failover_resyncs_the_old_primary(pair, tmp_path):
     v2, v1 = pair
     v2.cli("server", "set", "--enabled", "true", "--auth", v1.cluster.auth, "--allow-any-server", "true")

@@ -22,7 +22,7 @@ from .. import log as logmod
 from .. import workers
 from ..auth.authorize import Grant
 from ..catalog import Catalog
-from ..errors import Conflict, ResyncRequired
+from ..errors import FailedOver, ResyncRequired
 from ..fsutil import fsync_dir
 from ..model import VM, Relationship, ReplicationState
 from ..tracking.digestmap import identities, open_stream
@@ -146,7 +146,10 @@ class ReplicaService:
         if rel is None or vm is None or rel.role != "replica":
             raise ResyncRequired("this replica server has no copy of that VM")
         if rel.state in (ReplicationState.FAILED_OVER_WAITING, ReplicationState.FAILED_OVER):
-            raise Conflict(f"{vm.name} has failed over on this replica server")
+            # `failedover`, as a log's refusal says: a primary whose next cycle is a resync learns
+            # it here (the condition of an unplanned reverse), not only from a delta's refusal
+            raise FailedOver(f"{vm.name} has failed over on this replica server; it takes no more logs",
+                             hint="reverse replication from the replica, or stop the failover there")
         gone = await asyncio.to_thread(missing.missing_files, vm)
         if gone:
             await self._recreate_missing(vm, gone, principal)
