@@ -105,6 +105,13 @@ class FailedOver(Conflict):
     """The replica copy has failed over: it takes no more logs (code ``failedover``: the
     primary records that its replica said so, the condition for an unplanned reverse)."""
 
+    @classmethod
+    def of(cls, vm_name: str) -> FailedOver:
+        """The refusal of anything a primary sends for a failed-over copy (a log, a resync's
+        digests request): one wording and one code, whichever the primary asked."""
+        return cls(f"{vm_name} has failed over on this replica server; it takes no more logs",
+                   hint="reverse replication from the replica, or stop the failover there")
+
 
 class ResumeRefused(Conflict):
     """A resumed initial copy that does not match the replica's durable progress."""

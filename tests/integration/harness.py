@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -47,6 +48,7 @@ def mounted(mnt: Path, *mount_args: str):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@functools.cache
 def _ephemeral_ports() -> range:
     try:
         low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())

@@ -117,6 +117,20 @@ def assert_unchanged(before: dict, after: dict) -> None:
     assert not changes, "state changed:\n" + "\n".join(changes[:40])
 
 
+def replicate_ledger(c: Cluster, v1: Host, v2: Host, tmp_path: Path) -> None:
+    """vmhost1 a replica server (``--auth both``) with vmhost2 in trust group Finance, and
+    vmhost2's 4 MiB `ledger` replicated to it and applied."""
+    v1.cli("server", "set", "--enabled", "true", "--auth", "both", "--allow-any-server", "false")
+    v1.cli("auth-entry", "add", "--primary", v2.fqdn, "--trust-group", "Finance")
+    image = tmp_path / "ledger.img"
+    make_sparse_image(image, 4 * MiB, data_pieces=1)
+    v2.cli("vm", "add", "ledger", "--disk", str(image))
+    v2.cli("replication", "enable", "ledger", "--replica-server", v1.fqdn, "--replica-port", str(v1.peer_port),
+           "--auth", c.auth)
+    v2.json("replication", "start-initial", "ledger", "--wait")
+    wait_applied(v2, v1, "ledger")
+
+
 def three_hosts(tmp_path, auth: str, *, token: dict | None = None, **listener):
     """vmhost1 a replica server (``--auth both``, idle timeout 2 s and ``listener`` keys on
     both listeners, ``token`` keys on the token listener only): vmhost2 in trust group
@@ -132,16 +146,8 @@ def three_hosts(tmp_path, auth: str, *, token: dict | None = None, **listener):
     v1.config.write_text(json.dumps(doc))
     for h in (v1, v2):
         h.start()
-    v1.cli("server", "set", "--enabled", "true", "--auth", "both", "--allow-any-server", "false")
-    v1.cli("auth-entry", "add", "--primary", v2.fqdn, "--trust-group", "Finance")
+    replicate_ledger(c, v1, v2, tmp_path)
     v1.cli("auth-entry", "add", "--primary", v3.fqdn, "--trust-group", "Engineering")
-    image = tmp_path / "ledger.img"
-    make_sparse_image(image, 4 * MiB, data_pieces=1)
-    v2.cli("vm", "add", "ledger", "--disk", str(image))
-    v2.cli("replication", "enable", "ledger", "--replica-server", v1.fqdn, "--replica-port", str(v1.peer_port),
-           "--auth", c.auth)
-    v2.json("replication", "start-initial", "ledger", "--wait")
-    wait_applied(v2, v1, "ledger")
     yield c, v1, v2, v3
     c.shutdown()
 

@@ -10,9 +10,8 @@ import time
 
 import pytest
 
-from ..integration.harness import Cluster, wait_applied
-from ..integration.images import make_sparse_image
-from .helpers import tls_context
+from ..integration.harness import Cluster
+from .helpers import replicate_ledger, tls_context
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20
@@ -25,15 +24,7 @@ def small_replica(tmp_path, request):
     v1.wrap = ["prlimit", "--nofile=256:256"]
     v1.start()
     v2.start()
-    v1.cli("server", "set", "--enabled", "true", "--auth", "both", "--allow-any-server", "false")
-    v1.cli("auth-entry", "add", "--primary", v2.fqdn, "--trust-group", "Finance")
-    image = tmp_path / "ledger.img"
-    make_sparse_image(image, 4 * MiB, data_pieces=1)
-    v2.cli("vm", "add", "ledger", "--disk", str(image))
-    v2.cli("replication", "enable", "ledger", "--replica-server", v1.fqdn, "--replica-port", str(v1.peer_port),
-           "--auth", c.auth)
-    v2.json("replication", "start-initial", "ledger", "--wait")
-    wait_applied(v2, v1, "ledger")
+    replicate_ledger(c, v1, v2, tmp_path)
     yield c, v1, v2
     c.shutdown()
 

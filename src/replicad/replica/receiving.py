@@ -96,8 +96,7 @@ class Receiving:
         rel = self.catalog.relationship(vm_id)
         bound = log.bind(vm=header.vm_name, peer=grant.principal, cycle=seq)
         if rel is not None and rel.state in (ReplicationState.FAILED_OVER_WAITING, ReplicationState.FAILED_OVER):
-            raise FailedOver(f"{header.vm_name} has failed over on this replica server; it takes no more logs",
-                           hint="reverse replication from the replica, or stop the failover there")
+            raise FailedOver.of(header.vm_name)
         if rel is not None and rel.state == ReplicationState.SUSPENDED:
             raise Conflict(f"replication of {header.vm_name} is suspended on the replica server",
                            hint="run `replicad replication resume` on the replica")

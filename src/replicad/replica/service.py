@@ -148,8 +148,7 @@ class ReplicaService:
         if rel.state in (ReplicationState.FAILED_OVER_WAITING, ReplicationState.FAILED_OVER):
             # `failedover`, as a log's refusal says: a primary whose next cycle is a resync learns
             # it here (the condition of an unplanned reverse), not only from a delta's refusal
-            raise FailedOver(f"{vm.name} has failed over on this replica server; it takes no more logs",
-                             hint="reverse replication from the replica, or stop the failover there")
+            raise FailedOver.of(vm.name)
         gone = await asyncio.to_thread(missing.missing_files, vm)
         if gone:
             await self._recreate_missing(vm, gone, principal)
