@@ -10,8 +10,15 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# libnbd's Python bindings come from Debian (python3-libnbd; .ci/system-packages installs it
+# as root): linked into the venv when their ABI matches its Python (the qemu tracker's NBD reads).
 $(STAMP): $(BIN)/python pyproject.toml
+	@.ci/system-packages
 	$(BIN)/pip install -q -e '.[test,lint]'
+	@suffix=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))'); \
+	site=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))'); \
+	if [ -e /usr/lib/python3/dist-packages/libnbdmod$$suffix ]; then \
+		ln -sf /usr/lib/python3/dist-packages/nbd.py /usr/lib/python3/dist-packages/libnbdmod$$suffix "$$site"/; fi
 	touch $(STAMP)
 
 demo: $(STAMP)

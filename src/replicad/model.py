@@ -139,6 +139,14 @@ class Disk:
     path: str
     size: int = 0
     format: str = "raw"
+    node: str = ""  # a QEMU VM's disk: the block node's name in the process (vm add --qemu)
+
+    @property
+    def copy_name(self) -> str:
+        """The replica copy's file name. A QEMU-tracked disk is replicated as its guest sees
+        it (the node's contents, not its image format): a raw copy, named ``<stem>.raw``."""
+        p = Path(self.path)
+        return p.name if not self.node or self.format == "raw" else p.stem + ".raw"
 
 
 @dataclass
@@ -151,10 +159,15 @@ class VM:
     config_file: str | None = None
     hooks: dict[str, str] = field(default_factory=dict)
     hook_timeout: int = 300  # seconds any hook may run before its process group is killed
+    qemu: dict[str, str] = field(default_factory=dict)  # a VM run by QEMU: {"qmp": socket, "nbd": socket}
 
     def files(self) -> list[Path]:
         """Every file replicated for this VM: its disks, then its configuration file if any."""
         return [Path(d.path) for d in self.disks] + ([Path(self.config_file)] if self.config_file else [])
+
+    def copy_names(self) -> list[str]:
+        """The names of the replica's files, in the order of ``files()``."""
+        return [d.copy_name for d in self.disks] + ([Path(self.config_file).name] if self.config_file else [])
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -17,10 +17,10 @@ from ..model import Relationship, ReplicationMode, Stats, extended_id, valid_fqd
 from ..model import ReplicationState as S
 from ..primary.export import check_target, export_initial
 from ..primary.producer import CycleProducer, Progress
+from ..primary.trackers import tracker_for
 from ..replica import failover_copy
 from ..times import format_time, parse_time, utcnow
 from ..tracking.baselines import Baselines
-from ..tracking.scan_tracker import ScanTracker
 from ..units import parse_rate
 from .context import Host, actor, body, host_of
 from .vms import get_vm
@@ -270,7 +270,7 @@ async def _export(request, host: Host, vm, rel: Relationship, folder: str, *, fo
     changed = asyncio.Event()
     progress = Progress(kind="initial", seq=1, changed=changed)
     host.primary.progress[vm.id] = progress
-    producer = CycleProducer(vm, ScanTracker(Baselines(host.config.state_dir, vm.id)), seq=1, base_seq=0, epoch=epoch,
+    producer = CycleProducer(vm, tracker_for(vm, host.config.state_dir), seq=1, base_seq=0, epoch=epoch,
                              kind="initial", time=utcnow(), compress=rel.compression, progress=progress,
                              frequency=rel.frequency)
     producer.history = (rel.recovery_history, rel.recovery_point_interval)

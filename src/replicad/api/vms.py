@@ -18,18 +18,24 @@ from ..images import BackingRefused, ImageError, backing_chain, disk_format, for
 from ..model import VM, Disk, ReplicationMode, ReplicationState, VMState, extended_id, valid_disk_name, valid_vm_name
 from ..wire import MAX_DISKS
 from .context import Host, actor, body, host_of
+from .qemu_vms import qemu_disks, run_states
 
 log = logmod.get("replicad.vms")
 HOOKS = ("on_start", "on_stop", "pre_snapshot", "post_snapshot")
 
 
-def vm_json(host: Host, vm: VM) -> dict:
+def vm_json(host: Host, vm: VM, run_state: str | None = None) -> dict:
+    """``run_state``: what QEMU says of a VM it runs (api/qemu_vms.py), else replicad's own."""
     rel = host.catalog.relationship(vm.id)
     health = compute_health(rel)[0].value if rel else "NotApplicable"
-    return {"name": vm.name, "id": vm.id, "state": vm.state.value, "replication_mode": vm.mode.value,
-            "replication_state": rel.state.value if rel else "NotApplicable", "replication_health": health,
-            "disks": [{"path": d.path, "size": d.size, "format": d.format} for d in vm.disks],
-            "config_file": vm.config_file, "hooks": vm.hooks, "hook_timeout": vm.hook_timeout}
+    out = {"name": vm.name, "id": vm.id, "state": run_state or vm.state.value, "replication_mode": vm.mode.value,
+           "replication_state": rel.state.value if rel else "NotApplicable", "replication_health": health,
+           "disks": [{"path": d.path, "size": d.size, "format": d.format, **({"node": d.node} if d.node else {})}
+                     for d in vm.disks],
+           "config_file": vm.config_file, "hooks": vm.hooks, "hook_timeout": vm.hook_timeout}
+    if vm.qemu:
+        out["qemu"] = dict(vm.qemu)
+    return out
 
 
 def get_vm(host: Host, name: str) -> VM:
@@ -47,12 +53,15 @@ def _check_name(name: str) -> str:
 
 async def list_vms(request):
     host = host_of(request)
-    return web.json_response([vm_json(host, vm) for vm in host.catalog.vms()])
+    vms = host.catalog.vms()
+    states = await run_states(vms)
+    return web.json_response([vm_json(host, vm, states.get(vm.id)) for vm in vms])
 
 
 async def show_vm(request):
     host = host_of(request)
-    return web.json_response(vm_json(host, get_vm(host, request.match_info["name"])))
+    vm = get_vm(host, request.match_info["name"])
+    return web.json_response(vm_json(host, vm, (await run_states([vm])).get(vm.id)))
 
 
 async def add_vm(request):
@@ -65,6 +74,13 @@ async def add_vm(request):
     if pending is not None:
         raise Conflict(f"{pending.principal} is replicating a VM named {name} to {host.config.host} (first copy "
                        f"pending, id {pending.vm_id})", hint="choose another name")
+    if doc.get("qemu") is not None:
+        disks_of_qemu, qemu = await qemu_disks(host, name, doc)
+        vm = VM(id=str(uuid.uuid4()), name=name, disks=disks_of_qemu, qemu=qemu)
+        host.catalog.put_vm(vm)
+        log.info("vm.added", vm=name, id=vm.id, disks=len(vm.disks), qemu=qemu["qmp"],
+                 nodes=[d.node for d in vm.disks])
+        return web.json_response(vm_json(host, vm, (await run_states([vm])).get(vm.id)))
     paths = doc.get("disks")
     if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
         raise UsageError("at least one --disk PATH is required")

@@ -24,12 +24,19 @@ def vm():
 
 @vm.command("add")
 @click.argument("name")
-@click.option("--disk", "disks", multiple=True, required=True, metavar="PATH", help="A disk image (repeatable).")
+@click.option("--disk", "disks", multiple=True, metavar="PATH",
+              help="A disk image (repeatable); with --qemu, a block node name or image path of that process.")
+@click.option("--qemu", metavar="QMP_SOCKET",
+              help="The VM runs in QEMU: its disks are block nodes of the process behind this QMP socket, "
+                   "tracked by QEMU's dirty bitmaps (without --disk: every writable disk).")
+@click.option("--nbd-socket", metavar="PATH",
+              help="With --qemu: the unix socket QEMU's NBD server exports captures on (default: one in the "
+                   "state dir; give the server's own if the process already runs one).")
 @click.option("--config-file", metavar="PATH", help="The VM's configuration file (e.g. libvirt XML).")
 @click.option("--allow-backing", "allow_backing", multiple=True, metavar="DIR",
               help="A folder qcow2 backing files may come from, besides each disk's own (repeatable).")
 @managed
-def vm_add(name, disks, config_file, allow_backing):
+def vm_add(name, disks, qemu, nbd_socket, config_file, allow_backing):
     """Register a VM on this host.
 
     A qcow2 disk brings its backing chain: the parents are registered (and replicated)
@@ -41,7 +48,15 @@ def vm_add(name, disks, config_file, allow_backing):
     Examples:
       replicad vm add contoso2 --disk /var/lib/libvirt/images/contoso2.img
       replicad vm add web --disk /var/lib/libvirt/images/web.qcow2 --allow-backing /srv/golden-images
+      replicad vm add db --qemu /run/db.qmp
     """
+    if qemu:
+        out = api().call("POST", "/v1/vms", {"name": name, "qemu": abs_path(qemu), "disks": list(disks),
+                                             "nbd_socket": abs_path(nbd_socket), "config_file": abs_path(config_file)})
+        show(out, VM_COLUMNS)
+        return
+    if not disks:
+        raise click.UsageError("at least one --disk PATH is required (or --qemu QMP_SOCKET)")
     out = api().call("POST", "/v1/vms", {"name": name, "disks": [abs_path(d) for d in disks],
                                          "config_file": abs_path(config_file),
                                          "allow_backing": [_abs_dir(d) for d in allow_backing]})

@@ -28,13 +28,13 @@ from ..server_settings import ServerSettings
 from ..times import parse_time, utcnow
 from ..tracking.baselines import Baselines
 from ..tracking.digestmap import SUPER_BYTES
-from ..tracking.scan_tracker import ScanTracker
 from ..transport.client import Conversation, PeerClient
 from . import prepared
 from . import resync as resyncs
 from .prepared import prepared_record
 from .producer import CycleProducer, Progress
 from .resync import ResyncHeld
+from .trackers import tracker_for
 
 log = logmod.get("replicad.primary")
 BACKOFF_START, BACKOFF_MAX = 1.0, 60.0
@@ -343,7 +343,7 @@ class PrimaryEngine:
         changed = asyncio.Event()
         progress = Progress(kind=kind, seq=seq, changed=changed)
         self.progress[vm_id] = progress
-        tracker = ScanTracker(baselines, replica_maps=resync_run.replica_maps if resync_run else None)
+        tracker = tracker_for(vm, self.state_dir, replica_maps=resync_run.replica_maps if resync_run else None)
         producer = CycleProducer(vm, tracker, seq=seq, base_seq=rel.seq, epoch=rel.epoch, kind=kind, time=utcnow(),
                                  compress=rel.compression, progress=progress, frequency=rel.frequency)
         producer.mac_key = conv.mac_key

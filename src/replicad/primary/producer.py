@@ -113,8 +113,8 @@ class CycleProducer:
         self.progress.total = sum(v.identity.size for v in views if not v.unchanged)
         header = Header(self.vm.id, self.vm.name, self.epoch, self.seq, self.base_seq, self.kind, self.time,
                         self.consistency,
-                        tuple(DiskInfo(i, p.name, ident.size)
-                              for i, (p, ident) in enumerate(zip(paths, idents, strict=True))),
+                        tuple(DiskInfo(i, name, ident.size)
+                              for i, (name, ident) in enumerate(zip(self.vm.copy_names(), idents, strict=True))),
                         self.frequency, prepared=self.prepared, primary_ports=self.primary_ports,
                         history=self.history, config=bool(self.vm.config_file), extended=self.extended,
                         resume=self.resume)

@@ -60,7 +60,7 @@ async def begin(engine: PrimaryEngine, rel: Relationship, vm: VM, conv: Conversa
     rel.state = S.RESYNCHRONIZING
     engine.save(rel)
     if rel.seed:
-        adopted = await conv.seed(rel.vm_id, {"vm_name": vm.name, "files": [p.name for p in vm.files()],
+        adopted = await conv.seed(rel.vm_id, {"vm_name": vm.name, "files": vm.copy_names(),
                                               "config": bool(vm.config_file)})
         log.info("seed.adopted", vm=vm.name, peer=rel.replica_server, found=adopted.get("found"),
                  reason="the replica adopted the copy already in its storage; only differences will be sent")

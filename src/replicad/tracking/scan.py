@@ -154,8 +154,11 @@ class DiskScan:
             os.close(self._fd)
             self._fd = -1
 
+    def is_open(self) -> bool:
+        return getattr(self, "_fd", -1) >= 0
+
     def changes(self, *, boundaries: bool = False) -> Iterator[Change | ChunkDone]:
-        if getattr(self, "_fd", -1) < 0:
+        if not self.is_open():
             self.open()
         fd, ident = self._fd, self.identity
         assert ident is not None  # taken by open()
@@ -218,7 +221,7 @@ class DiskScan:
             pos_block = min(nblocks, self.start // BLOCK)
             writer.append(self._zeros(0, pos_block, size))
             writer.append_super(self._super_zeros(0, pos_block, size))
-        regions = list(data_regions(fd, size, pos_block * BLOCK)) + [(size, size)]
+        regions = list(self._regions(fd, size, pos_block * BLOCK)) + [(size, size)]
         for start, end in regions:
             # whole super-blocks only: a little hole read as zeros costs less than a
             # super-block digest that cannot be compared
@@ -233,7 +236,7 @@ class DiskScan:
             pos = start
             while pos < end:
                 n = min(CHUNK, end - pos)
-                got = os.preadv(fd, [view[:n]], pos)
+                got = self._read(fd, view[:n], pos)
                 if got < n:  # the file shrank under us: treat the rest as zeros, mark fuzzy
                     buf[got:n] = bytes(n - got)
                     self.fuzzy = True
@@ -243,6 +246,14 @@ class DiskScan:
                     yield CHUNK_DONE
                 pos += n
             pos_block = max(pos_block, -(-end // BLOCK))
+
+    def _regions(self, fd: int, size: int, start: int) -> Iterator[tuple[int, int]]:
+        """Where data may be (block-aligned), from ``start``: holes are skipped."""
+        return data_regions(fd, size, start)
+
+    def _read(self, fd: int, into: memoryview, pos: int) -> int:
+        """Fill ``into`` from ``pos``; returns the bytes read (short only at the end)."""
+        return os.preadv(fd, [into], pos)
 
     def _hole(self, first: int, end: int, size: int, writer: DigestMapWriter) -> Iterator[Change]:
         step = CHUNK // 8

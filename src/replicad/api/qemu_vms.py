@@ -1,0 +1,103 @@
+"""VMs run by QEMU (`vm add NAME --qemu QMP_SOCKET [--disk NODE_OR_PATH]…`): their disks are
+block nodes of the process, tracked by QEMU's dirty bitmaps (tracking/qemu_tracker.py);
+`vm list` shows their run state as QEMU reports it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from .. import log as logmod
+from ..errors import NotFound, ReplicadError, UsageError
+from ..model import VM, Disk, valid_disk_name
+from ..tracking.qemu import BlockNode, QemuError, Qmp
+from ..wire import MAX_DISKS
+from .context import Host
+
+log = logmod.get("replicad.vms")
+STATE_TIMEOUT = 2.0  # seconds `vm list` waits for one QEMU process
+
+
+async def qemu_disks(host: Host, name: str, doc: dict) -> tuple[list[Disk], dict[str, str]]:
+    """The disks of the QEMU process at ``doc["qemu"]`` that the VM replicates, and where
+    replicad reaches it (QMP; the NBD socket it exports captures on)."""
+    sock = doc.get("qemu")
+    if not isinstance(sock, str) or not Path(sock).is_absolute():
+        raise UsageError(f"--qemu needs the absolute path of the QEMU process's QMP socket, got {sock!r}")
+    if doc.get("config_file") is not None:
+        raise UsageError("--config-file is not supported with --qemu yet: replicate the configuration separately")
+    nbd = doc.get("nbd_socket") or str(host.config.state_dir / "qemu" / f"{name}.nbd")
+    if not isinstance(nbd, str) or not Path(nbd).is_absolute():
+        raise UsageError(f"--nbd-socket needs an absolute path, got {nbd!r}")
+    wanted = doc.get("disks") or []
+    if not isinstance(wanted, list) or not all(isinstance(w, str) for w in wanted):
+        raise UsageError("--disk takes a block node name or an image path")
+    try:
+        async with Qmp(sock) as q:
+            nodes = await q.nodes()
+            devices = await _attached(q)
+    except QemuError as e:
+        raise ReplicadError(str(e)) from None
+    chosen: list[BlockNode] = []
+    if wanted:
+        for w in wanted:
+            n = next((n for n in nodes if n.node == w), None) or next((n for n in nodes if n.path == w), None)
+            if n is None:
+                raise NotFound(f"the QEMU process at {sock} has no block node or image {w!r}",
+                               hint=f"its disks: {', '.join(f'{n.node} ({n.path})' for n in nodes) or 'none'}")
+            if n.read_only:
+                raise UsageError(f"{w} is read-only in QEMU: nothing to replicate")
+            chosen.append(n)
+    else:
+        chosen = [n for n in nodes if n.node in devices and not n.read_only]
+        if not chosen:
+            raise NotFound(f"the QEMU process at {sock} has no writable disk", hint="name one with --disk")
+    disks, seen = [], set()
+    for n in chosen:
+        d = Disk(n.path, n.size, n.format, node=n.node)
+        if not n.path or not valid_disk_name(Path(n.path).name):
+            raise UsageError(f"block node {n.node} has no image file replicad can name ({n.path!r})")
+        if d.copy_name in seen:
+            raise UsageError(f"two disks would be copied as {d.copy_name}: replica copies are named after the file")
+        seen.add(d.copy_name)
+        disks.append(d)
+    if len(disks) > MAX_DISKS:
+        raise UsageError(f"{name} would have {len(disks)} disks; a VM has at most {MAX_DISKS}")
+    return disks, {"qmp": sock, "nbd": nbd}
+
+
+async def _attached(q: Qmp) -> set[str]:
+    """The top nodes of the process's disks: a guest device's (query-block), or an export's
+    (a qemu-storage-daemon serving a guest's disks)."""
+    out: set[str] = set()
+    try:
+        for dev in await q.execute("query-block"):
+            node = (dev.get("inserted") or {}).get("node-name")
+            if node:
+                out.add(node)
+    except QemuError as e:
+        if e.qmp_class != "CommandNotFound":
+            raise
+    for ex in await q.execute("query-block-exports"):
+        if not ex["id"].startswith("replicad-"):
+            out.add(ex["node-name"])
+    return out
+
+
+async def run_state(vm: VM) -> str:
+    """``Running`` or ``Off`` from QEMU; ``Unknown`` when it does not answer (a VM whose
+    QEMU process is gone is not running)."""
+    try:
+        async with Qmp(vm.qemu["qmp"], timeout=STATE_TIMEOUT) as q:
+            return await q.run_state()
+    except QemuError as e:
+        if "No such file" in str(e) or "Connection refused" in str(e):
+            return "Off"
+        log.warning("vm.qemu_unreachable", vm=vm.name, reason=str(e))
+        return "Unknown"
+
+
+async def run_states(vms: list[VM]) -> dict[str, str]:
+    qemu = [vm for vm in vms if vm.qemu]
+    states = await asyncio.gather(*(run_state(vm) for vm in qemu))
+    return {vm.id: s for vm, s in zip(qemu, states, strict=True)}
