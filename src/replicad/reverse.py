@@ -37,6 +37,7 @@ from .replica.layout import VMDir
 from .times import utcnow
 from .tracking.baselines import Baselines, build_baseline
 from .tracking.digestmap import identities
+from .tracking.qemu import vm_state
 
 log = logmod.get("replicad.reverse")
 
@@ -58,7 +59,7 @@ async def start(host: Host, vm_name: str, actor: str) -> tuple:
                            hint=f"`replicad failover stop {vm_name}` first")
         point = int(rel.failover["point"])
         disks = vm.files()
-        moved = vm.state == VMState.RUNNING or \
+        moved = await vm_state(vm) == VMState.RUNNING or \
             await asyncio.to_thread(identities, disks) != rel.failover.get("disks")
         resync = moved or not rel.failover.get("planned")
         epoch = secrets.token_hex(8)
@@ -116,6 +117,11 @@ async def accept(host: Host, principal: str, auth: str, vm_id: str, doc: dict) -
         raise Conflict("no VM with that id is a primary here")
     if rel.replica_server != principal:
         raise Refused(f"{principal} is not the replica server of {vm.name}")
+    if vm.qemu:  # its disks are QEMU's images (qcow2 maybe, open in a process): never a raw copy's target
+        log.warning("reverse.refused", vm=vm.name, peer=principal, reason="the VM is run by QEMU here")
+        raise Refused(f"{vm.name} is run by QEMU on {host.config.host}: a reverse would write the copy into "
+                      "the images QEMU has open", hint=f"stop its QEMU process, `replicad vm remove {vm.name}` there "
+                      "and register its images again as files, or reverse to another replica server")
     planned = rel.state == S.PREPARED_FOR_FAILOVER and rel.prepared.get("seq") == seq == rel.seq \
         and rel.epoch == old_epoch
     if planned:  # the new primary may ask for a resync too: its own disks moved since the failover
@@ -126,8 +132,9 @@ async def accept(host: Host, principal: str, auth: str, vm_id: str, doc: dict) -
                         reason="this host's disks changed since the prepare was acknowledged; the new primary "
                         "resynchronizes them")
     else:
-        if vm.state != VMState.OFF:
-            raise Conflict(f"{vm.name} is {'running' if vm.state == VMState.RUNNING else 'in an unknown state'} on "
+        state = await vm_state(vm)
+        if state != VMState.OFF:
+            raise Conflict(f"{vm.name} is {'running' if state == VMState.RUNNING else 'in an unknown state'} on "
                            f"{host.config.host}; a reverse would overwrite its disks",
                            hint=f"if the failed-over copy is to win, `replicad vm stop {vm.name}` there first")
         if not rel.replica_failed_over:

@@ -1,9 +1,12 @@
 """VMs run by QEMU (issue 17): dirty-bitmap tracking and point-in-time capture through a
 real qemu-storage-daemon, two real daemons and the real CLI."""
 
+import os
+import shutil
+
 import pytest
 
-from .harness import file_digest, replica_disk, wait_applied
+from .harness import file_digest, replica_disk, wait_applied, wait_for
 from .qemu_harness import StorageDaemon, make_disk, need_qemu
 
 pytestmark = pytest.mark.integration
@@ -237,7 +240,6 @@ def test_a_qemu_system_vm_replicated_through_its_own_block_layer(token_pair, tmp
         expected[offset:offset + length] = bytes([pattern]) * length
 
     try:
-        from .harness import wait_for
         wait_for(qmp.exists, 10, "QEMU's QMP socket")
         write(0, 1 * MiB, 0x21)
         write(20 * MiB, 64 * 1024, 0x22)
@@ -264,3 +266,83 @@ async def _conv(sock, fn):
 
     async with Qmp(sock) as q:
         return await fn(q)
+
+
+def _diff_extents(a: bytes, b: bytes, block: int = 4096):
+    """(offset, length) runs of the blocks where ``b`` differs from ``a``."""
+    start = None
+    for off in range(0, len(a) + block, block):
+        differs = off < len(a) and a[off:off + block] != b[off:off + block]
+        if differs and start is None:
+            start = off
+        elif not differs and start is not None:
+            yield start, off - start
+            start = None
+
+
+@pytest.mark.skipif(not shutil.which("mke2fs") or not shutil.which("debugfs"), reason="e2fsprogs not installed")
+def test_planned_failover_of_a_qemu_vm_gives_a_clean_ext4_and_a_reverse_is_refused(token_pair, tmp_path):
+    """The guest (qemu-system, -machine none) turns its ext4 disk into a version with one more
+    file, through QEMU's block layer; `vm stop` pauses its CPUs (the failover rules read
+    QEMU's run state); the planned failover ships the change; the failed-over copy passes
+    e2fsck and holds the file. Reversing onto the old primary is refused while QEMU owns its
+    images there."""
+    import asyncio
+    import subprocess
+
+    from .test_failover import _add_file, _ext4, _fsck
+
+    need_qemu()
+    if not shutil.which("qemu-system-x86_64"):
+        pytest.skip("qemu-system-x86_64 is not installed (bookworm-backports: qemu-system-x86)")
+    v2, v1 = token_pair
+    v2.cli("server", "set", "--enabled", "true", "--auth", "token", "--allow-any-server", "true")
+    disk, qmp = tmp_path / "fs.img", tmp_path / "fs.qmp"
+    _ext4(disk, tmp_path / "src")
+    v1_bytes = disk.read_bytes()
+    newer = tmp_path / "newer.img"
+    newer.write_bytes(v1_bytes)
+    payload = os.urandom(300_000)
+    _add_file(newer, "orders.db", payload, tmp_path)
+    v2_bytes = newer.read_bytes()
+    proc = subprocess.Popen(["qemu-system-x86_64", "-machine", "none", "-accel", "tcg", "-nodefaults",
+                             "-display", "none", "-blockdev", f"driver=file,filename={disk},node-name=f0",
+                             "-blockdev", "driver=raw,file=f0,node-name=fs0",
+                             "-qmp", f"unix:{qmp},server=on,wait=off"])
+
+    async def hmp(q, line):
+        out = await q.execute("human-monitor-command", {"command-line": line})
+        assert "error" not in out.lower(), out
+
+    try:
+        wait_for(qmp.exists, 10, "QEMU's QMP socket")
+        assert v2.json("vm", "add", "fs", "--qemu", str(qmp), "--disk", "fs0")["state"] == "Running"
+        v2.cli("replication", "enable", "fs", "--replica-server", v1.fqdn, "--replica-port", str(v1.peer_port),
+               "--auth", "token", "--frequency", "3600")
+        v2.json("replication", "start-initial", "fs", "--wait")
+        wait_applied(v2, v1, "fs")
+        copy = copy_of(v1, "fs")
+        # the guest writes the new version of its filesystem
+        src = tmp_path / "extent.bin"
+        changed = 0
+        for off, length in _diff_extents(v1_bytes, v2_bytes):
+            src.write_bytes(v2_bytes[off:off + length])
+            asyncio.run(_conv(qmp, lambda q, o=off, n=length: hmp(q, f'qemu-io fs0 "write -s {src} {o} {n}"')))
+            changed += length
+        r = v2.cli("failover", "start", "fs", "--prepare", check=False)
+        assert r.returncode == 1 and "is running; stop it first" in r.stderr, r
+        assert v2.json("vm", "stop", "fs")["state"] == "Off"  # QEMU paused the guest
+        prep = v2.json("failover", "start", "fs", "--prepare")
+        assert prep["kind"] == "delta" and prep["data_bytes"] <= changed, (prep, changed)
+        got = v1.json("failover", "start", "fs")
+        assert got["state"] == "FailedOverWaitingCompletion"
+        _fsck(copy)
+        assert copy.read_bytes() == v2_bytes
+        cat = subprocess.run(["debugfs", "-R", "cat orders.db", str(copy)], capture_output=True, check=True)
+        assert cat.stdout == payload
+        r = v1.cli("replication", "reverse", "fs", check=False)
+        assert r.returncode != 0 and "is run by QEMU on" in r.stderr, r
+        assert v2.events("reverse.refused")
+    finally:
+        proc.kill()
+        proc.wait(10)

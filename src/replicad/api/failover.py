@@ -13,6 +13,7 @@ from .. import reverse
 from ..errors import Conflict
 from ..model import Relationship, VMState
 from ..model import ReplicationState as S
+from ..tracking.qemu import vm_state
 from .context import actor, body, host_of
 from .replication import _rel, _wait_stream, rel_json
 from .vms import get_vm, vm_json
@@ -28,8 +29,9 @@ async def start(request):
     if doc.get("prepare"):
         if rel.role != "primary":
             raise Conflict(f"--prepare runs on the primary; {vm.name} is a replica here")
-        if vm.state != VMState.OFF:
-            raise Conflict(f"{vm.name} is {'running' if vm.state == VMState.RUNNING else 'in an unknown state'}; "
+        state = await vm_state(vm)
+        if state != VMState.OFF:
+            raise Conflict(f"{vm.name} is {'running' if state == VMState.RUNNING else 'in an unknown state'}; "
                            f"stop it first (`replicad vm stop {vm.name}`)",
                            hint="a planned failover ships every last change, so the VM must be known to be off")
         if rel.state not in (S.REPLICATING, S.ERROR) or rel.seq == 0:

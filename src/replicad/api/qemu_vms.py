@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import log as logmod
 from ..errors import NotFound, ReplicadError, UsageError
 from ..model import VM, Disk, valid_disk_name
-from ..tracking.qemu import BlockNode, QemuError, Qmp
+from ..tracking.qemu import BlockNode, QemuError, Qmp, vm_state
 from ..wire import MAX_DISKS
 from .context import Host
 
@@ -84,20 +84,8 @@ async def _attached(q: Qmp) -> set[str]:
     return out
 
 
-async def run_state(vm: VM) -> str:
-    """``Running`` or ``Off`` from QEMU; ``Unknown`` when it does not answer (a VM whose
-    QEMU process is gone is not running)."""
-    try:
-        async with Qmp(vm.qemu["qmp"], timeout=STATE_TIMEOUT) as q:
-            return await q.run_state()
-    except QemuError as e:
-        if "No such file" in str(e) or "Connection refused" in str(e):
-            return "Off"
-        log.warning("vm.qemu_unreachable", vm=vm.name, reason=str(e))
-        return "Unknown"
-
-
 async def run_states(vms: list[VM]) -> dict[str, str]:
+    """QEMU's run state of each VM it runs (``Running``, ``Off``, ``Unknown``), by id."""
     qemu = [vm for vm in vms if vm.qemu]
-    states = await asyncio.gather(*(run_state(vm) for vm in qemu))
-    return {vm.id: s for vm, s in zip(qemu, states, strict=True)}
+    states = await asyncio.gather(*(vm_state(vm, STATE_TIMEOUT) for vm in qemu))
+    return {vm.id: s.value for vm, s in zip(qemu, states, strict=True)}

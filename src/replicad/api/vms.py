@@ -16,6 +16,7 @@ from ..errors import Conflict, NotFound, Refused, ReplicadError, UsageError
 from ..health import compute as compute_health
 from ..images import BackingRefused, ImageError, backing_chain, disk_format, foreign_backing
 from ..model import VM, Disk, ReplicationMode, ReplicationState, VMState, extended_id, valid_disk_name, valid_vm_name
+from ..tracking.qemu import pause as qemu_pause
 from ..wire import MAX_DISKS
 from .context import Host, actor, body, host_of
 from .qemu_vms import qemu_disks, run_states
@@ -198,6 +199,8 @@ async def start_vm(request):
                       f"of {vm.name}'s files here", hint=f"rebase it onto one of them (`qemu-img rebase -u -b FILE "
                       f"-F qcow2 {disk}`) once you know where that name came from")
     await asyncio.to_thread(hooks.run, vm, "on_start")
+    if vm.qemu:
+        await qemu_pause(vm, run=True)
     vm.state = VMState.RUNNING
     host.catalog.put_vm(vm)
     log.info("vm.started", vm=vm.name)
@@ -208,6 +211,8 @@ async def stop_vm(request):
     host = host_of(request)
     vm = get_vm(host, request.match_info["name"])
     await asyncio.to_thread(hooks.run, vm, "on_stop")
+    if vm.qemu:
+        await qemu_pause(vm, run=False)
     vm.state = VMState.OFF
     host.catalog.put_vm(vm)
     log.info("vm.stopped", vm=vm.name)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import ReplicadError
+from ..model import VM, VMState
 
 T = TypeVar("T")
 TIMEOUT = 30.0        # seconds for one QMP command or event
@@ -259,3 +260,26 @@ class NbdView:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._h.shutdown()
+
+
+async def vm_state(vm: VM, answer_within: float = 5.0) -> VMState:
+    """What the failover and reverse rules see: for a VM run by QEMU, QEMU's run state (a
+    process that is gone is Off; one that does not answer is Unknown); else replicad's own
+    record (`vm start`/`vm stop`)."""
+    if not vm.qemu:
+        return vm.state
+    try:
+        async with Qmp(vm.qemu["qmp"], timeout=answer_within) as q:
+            return VMState(await q.run_state())
+    except QemuError as e:
+        if "No such file" in str(e) or "Connection refused" in str(e):
+            return VMState.OFF
+        return VMState.UNKNOWN
+
+
+async def pause(vm: VM, run: bool) -> None:
+    """`vm start`/`vm stop` of a VM run by QEMU: its CPUs continue or stop (QMP cont/stop;
+    QEMU drains the guest's in-flight writes before it reports stopped). replicad does not
+    launch or kill the process."""
+    async with Qmp(vm.qemu["qmp"]) as q:
+        await q.execute("cont" if run else "stop")
