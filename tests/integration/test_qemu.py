@@ -58,6 +58,25 @@ def test_initial_then_deltas_read_only_what_the_guest_wrote(token_pair, qsd):
         assert file_digest(copy) == qsd.digest(), f"round {round_}"
     assert qsd.qmp_objects() == ([], [])
     assert [b for b in qsd.bitmaps() if b.startswith("replicad.")] == [f"replicad.{r['seq']}"]
+    primary.cli("replication", "remove", "db")
+    assert qsd.bitmaps() == [], "removing replication removes its bitmaps from QEMU"
+
+
+@pytest.mark.parametrize("qsd", ["raw"], indirect=True)
+def test_a_raw_disk_s_bitmap_lives_in_memory_so_a_qemu_restart_means_a_resync(token_pair, qsd):
+    primary, replica = token_pair
+    enable_qemu(primary, replica, qsd)
+    primary.json("replication", "start-initial", "db", "--wait")
+    wait_applied(primary, replica, "db")
+    qsd.stop()
+    qsd.start()
+    qsd.write(7 * MiB, b"\x77" * 4096)
+    r = primary.cli("replication", "sync", "db", "--wait", check=False)
+    assert r.returncode != 0 and "is gone" in r.stderr, r
+    r = primary.json("replication", "resync", "db", "--wait")
+    assert r["kind"] == "resync" and r["data_bytes"] <= 4096, r  # the whole disk read, only the change sent
+    wait_applied(primary, replica, "db")
+    assert file_digest(copy_of(replica)) == qsd.digest()
 
 
 def test_a_write_after_the_capture_lands_in_the_next_cycle(token_pair, qsd):

@@ -10,7 +10,8 @@ from pathlib import Path
 from .. import log as logmod
 from ..errors import NotFound, ReplicadError, UsageError
 from ..model import VM, Disk, valid_disk_name
-from ..tracking.qemu import BlockNode, QemuError, Qmp, vm_state
+from ..tracking.qemu import BlockNode, QemuError, Qmp, cleanup, vm_state
+from ..tracking.qemu_tracker import bitmap_seq
 from ..wire import MAX_DISKS
 from .context import Host
 
@@ -29,6 +30,9 @@ async def qemu_disks(host: Host, name: str, doc: dict) -> tuple[list[Disk], dict
     nbd = doc.get("nbd_socket") or str(host.config.state_dir / "qemu" / f"{name}.nbd")
     if not isinstance(nbd, str) or not Path(nbd).is_absolute():
         raise UsageError(f"--nbd-socket needs an absolute path, got {nbd!r}")
+    if len(nbd.encode()) > 107:  # sun_path
+        raise UsageError(f"the NBD socket path {nbd} is longer than a unix socket's 107 bytes",
+                         hint="give a shorter one with --nbd-socket")
     wanted = doc.get("disks") or []
     if not isinstance(wanted, list) or not all(isinstance(w, str) for w in wanted):
         raise UsageError("--disk takes a block node name or an image path")
@@ -89,3 +93,21 @@ async def run_states(vms: list[VM]) -> dict[str, str]:
     qemu = [vm for vm in vms if vm.qemu]
     states = await asyncio.gather(*(vm_state(vm, STATE_TIMEOUT) for vm in qemu))
     return {vm.id: s.value for vm, s in zip(qemu, states, strict=True)}
+
+
+async def drop_tracking(vm: VM) -> None:
+    """Replication of a QEMU VM removed: its dirty bitmaps (persistent in a qcow2 image) and
+    anything of a cycle left in QEMU go. Best effort: QEMU may be gone; the log says what stays."""
+    prefix = f"replicad-{vm.id[:8]}-"
+    try:
+        async with Qmp(vm.qemu["qmp"]) as q:
+            await cleanup(q, prefix)
+            nodes = {d.node for d in vm.disks} | {d.path for d in vm.disks}
+            actions = [{"type": "block-dirty-bitmap-remove", "data": {"node": n.node, "name": b["name"]}}
+                       for n in await q.nodes() if n.node in nodes or n.path in nodes
+                       for b in n.bitmaps if bitmap_seq(b["name"]) is not None]
+            if actions:
+                await q.execute("transaction", {"actions": actions})
+    except QemuError as e:
+        log.warning("vm.qemu_tracking_left", vm=vm.name, reason=str(e),
+                    result="its replicad.* dirty bitmaps stay in QEMU until removed (block-dirty-bitmap-remove)")

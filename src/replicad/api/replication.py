@@ -23,6 +23,7 @@ from ..times import format_time, parse_time, utcnow
 from ..tracking.baselines import Baselines
 from ..units import parse_rate
 from .context import Host, actor, body, host_of
+from .qemu_vms import drop_tracking
 from .vms import get_vm
 
 log = logmod.get("replicad.replication")
@@ -427,6 +428,8 @@ async def remove(request):
     if rel.role == "primary":
         await host.primary.forget(vm.id)
         await asyncio.to_thread(Baselines(host.config.state_dir, vm.id).drop_all)
+        if vm.qemu:
+            await drop_tracking(vm)
     host.catalog.remove_relationship(vm.id)
     if rel.role == "replica" and not rel.source_vm:  # failed over: the VM keeps the failover copy
         await asyncio.to_thread(failover_copy.settle, vm.files(), failover_copy.COMPLETED)
