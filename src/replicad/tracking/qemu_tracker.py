@@ -148,19 +148,34 @@ class QemuView:
             return
         buf = bytearray(CHUNK)
         mv = memoryview(buf)
-        for off, length in self._view.dirty():
-            end = off + length
-            while off < end:
-                n = self._view.read_into(mv[:min(CHUNK, end - off)], off)
-                if n <= 0:
-                    break
+        for group in _groups(self._view.dirty()):
+            self._view.read_many(mv, group)
+            pos = 0
+            for off, n in group:
                 self.read_bytes += n
-                if _ZERO.startswith(mv[:n]):
-                    yield ZeroChange(off, n)
-                else:
-                    yield DataChange(off, mv[:n])
-                yield CHUNK_DONE
-                off += n
+                part = mv[pos:pos + n]
+                yield ZeroChange(off, n) if _ZERO.startswith(part) else DataChange(off, part)
+                pos += n
+            yield CHUNK_DONE
+
+
+def _groups(extents: Iterator[tuple[int, int]]) -> Iterator[list[tuple[int, int]]]:
+    """Dirty extents in groups of at most CHUNK bytes in all (an extent longer than that is
+    cut): one buffer's worth of reads at a time."""
+    group: list[tuple[int, int]] = []
+    size = 0
+    for off, length in extents:
+        end = off + length
+        while off < end:
+            n = min(end - off, CHUNK - size)
+            group.append((off, n))
+            size += n
+            off += n
+            if size == CHUNK:
+                yield group
+                group, size = [], 0
+    if group:
+        yield group
 
 
 class QemuCycle:
