@@ -168,14 +168,18 @@ def test_a_qcow2_bitmap_survives_a_qemu_restart_and_kill_9_means_a_resync(token_
     qsd.start()  # the bitmap of the acknowledged cycle is now stored in the image
     qsd.write(6 * MiB, b"\x66" * 12288)
     qsd.kill()
-    r = primary.cli("replication", "sync", "db", "--wait", check=False)
-    assert r.returncode != 0 and f"cannot reach QEMU at {qsd.qmp}" in r.stderr, r
     assert primary.json("vm", "get", "db")["state"] == "Off"
-    assert primary.json("replication", "get", "db")["health"] == "Critical"
-    qsd.start()
-    assert primary.json("vm", "get", "db")["state"] == "Running"
-    r = primary.cli("replication", "sync", "db", "--wait", check=False)
+    r = primary.cli("replication", "sync", "db", "--wait", check=False)  # read at rest: never trusted
     assert r.returncode != 0 and "is inconsistent" in r.stderr, r
+    qsd.start()
+    # QEMU runs, but not behind the VM's QMP socket (moved): the images are QEMU's, locked
+    moved = qsd.qmp.with_name("moved.sock")
+    qsd.qmp.rename(moved)
+    r = primary.cli("replication", "resync", "db", "--wait", check=False)
+    assert r.returncode != 0 and "cannot open" in r.stderr and "lock" in r.stderr, r
+    assert primary.json("replication", "get", "db")["health"] == "Critical"
+    moved.rename(qsd.qmp)
+    assert primary.json("vm", "get", "db")["state"] == "Running"
     r = primary.json("replication", "resync", "db", "--wait")
     assert r["kind"] == "resync"
     wait_applied(primary, replica, "db")
@@ -365,3 +369,27 @@ def test_planned_failover_of_a_qemu_vm_gives_a_clean_ext4_and_a_reverse_is_refus
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_planned_failover_with_qemu_stopped_reads_the_disks_at_rest(token_pair, qsd):
+    """The VM's QEMU exits cleanly (its qcow2 image now stores the bitmap): the VM is Off,
+    the prepare cycle opens the image with a private qemu-storage-daemon and ships only what
+    the guest wrote; the image is free again afterwards (QEMU starts on it)."""
+    primary, replica = token_pair
+    enable_qemu(primary, replica, qsd)
+    primary.json("replication", "start-initial", "db", "--wait")
+    wait_applied(primary, replica, "db")
+    r = primary.cli("vm", "stop", "db", check=False)
+    assert r.returncode != 0 and "runs no guest" in r.stderr, r
+    for k in range(10):
+        qsd.write(k * 3 * MiB, bytes([0x90 + k]) * 4096)
+    final = qsd.digest()
+    qsd.stop()
+    assert primary.json("vm", "get", "db")["state"] == "Off"
+    prep = primary.json("failover", "start", "db", "--prepare")
+    assert prep["kind"] == "delta" and prep["data_bytes"] == 10 * 4096, prep
+    got = replica.json("failover", "start", "db")
+    assert got["state"] == "FailedOverWaitingCompletion"
+    assert file_digest(copy_of(replica)) == final
+    qsd.start()  # the private daemon quit: the image is not locked
+    assert qsd.digest() == final

@@ -7,13 +7,15 @@ from pathlib import Path
 
 from ..model import VM
 from ..tracking.baselines import Baselines
-from ..tracking.qemu_tracker import QemuDisks, QemuTracker
+from ..tracking.qemu import QemuDisks
+from ..tracking.qemu_tracker import QemuTracker
 from ..tracking.scan_tracker import ScanTracker
 from ..tracking.tracker import ChangeTracker
 
 
 def qemu_disks(vm: VM) -> QemuDisks:
-    return QemuDisks(vm.qemu["qmp"], vm.qemu["nbd"], tuple((d.node, d.path) for d in vm.disks))
+    return QemuDisks(vm.qemu["qmp"], vm.qemu["nbd"], tuple((d.node, d.path) for d in vm.disks),
+                     tuple(d.format for d in vm.disks))
 
 
 def tracker_for(vm: VM, state_dir: Path, *, replica_maps: list[Path] | None = None) -> ChangeTracker:

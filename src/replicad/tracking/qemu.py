@@ -32,9 +32,10 @@ IN_FLIGHT = 64        # NBD reads on the wire at once
 class QemuError(ReplicadError):
     """QEMU cannot be reached or refused a command; the message names the socket."""
 
-    def __init__(self, message: str, *, code: str = ""):
+    def __init__(self, message: str, *, code: str = "", gone: bool = False):
         super().__init__(message)
         self.qmp_class = code  # QMP's error class (GenericError, CommandNotFound, ...)
+        self.gone = gone       # no process behind the socket (missing, refused): the disks are at rest
 
 
 def missing_libraries() -> str | None:
@@ -49,6 +50,18 @@ def missing_libraries() -> str | None:
         return ("libnbd's Python bindings are not importable (Debian: apt-get install python3-libnbd; "
                 "a virtualenv needs --system-site-packages or a link to nbd.py and libnbdmod*.so)")
     return None
+
+
+@dataclass(frozen=True)
+class QemuDisks:
+    """Where a QEMU VM's disks are: its QMP socket, the NBD socket replicad exports on, and
+    each disk as (node name, image path) — the node is looked up by name, then by path (a
+    restarted QEMU gives ``-drive`` nodes new names) — with its image format."""
+
+    qmp: str
+    nbd: str
+    disks: tuple[tuple[str, str], ...]
+    formats: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,7 +102,8 @@ class Qmp:
         except Exception as e:  # ConnectError wraps the OSError
             cause = e.__cause__ or e
             msg = getattr(cause, "strerror", None) or str(cause)
-            raise QemuError(f"cannot reach QEMU at {self.socket}: {msg}") from None
+            gone = isinstance(cause, (FileNotFoundError, ConnectionRefusedError))
+            raise QemuError(f"cannot reach QEMU at {self.socket}: {msg}", gone=gone) from None
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -295,9 +309,7 @@ async def vm_state(vm: VM, answer_within: float = 5.0) -> VMState:
         async with Qmp(vm.qemu["qmp"], timeout=answer_within) as q:
             return VMState(await q.run_state())
     except QemuError as e:
-        if "No such file" in str(e) or "Connection refused" in str(e):
-            return VMState.OFF
-        return VMState.UNKNOWN
+        return VMState.OFF if e.gone else VMState.UNKNOWN
 
 
 async def pause(vm: VM, run: bool) -> None:
@@ -305,4 +317,10 @@ async def pause(vm: VM, run: bool) -> None:
     QEMU drains the guest's in-flight writes before it reports stopped). replicad does not
     launch or kill the process."""
     async with Qmp(vm.qemu["qmp"]) as q:
-        await q.execute("cont" if run else "stop")
+        try:
+            await q.execute("cont" if run else "stop")
+        except QemuError as e:
+            if e.qmp_class != "CommandNotFound":
+                raise
+            raise QemuError(f"the QEMU process at {vm.qemu['qmp']} serves disks but runs no guest (a storage "
+                            "daemon): stop the guest and then the daemon; replicad reads the disks at rest") from None

@@ -27,30 +27,19 @@ import json
 import os
 import subprocess
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ResyncRequired
 from .baselines import Baselines
 from .digestmap import DigestMapReader, FileIdentity
-from .qemu import BITMAP_PREFIX, GRANULARITY, BlockNode, NbdView, QemuError, Qmp, cleanup
+from .qemu import BITMAP_PREFIX, GRANULARITY, BlockNode, NbdView, QemuDisks, QemuError, Qmp, cleanup
+from .qemu_at_rest import AtRest
 from .scan import CHUNK, DiskScan
 from .tracker import CHUNK_DONE, Change, ChunkDone, CyclePlan, DataChange, Resize, ZeroChange
 
 FLEECE = "qemu-fleece"
 _ZERO = bytes(CHUNK)
-
-
-@dataclass(frozen=True)
-class QemuDisks:
-    """Where a QEMU VM's disks are: its QMP socket, the NBD socket replicad exports on, and
-    each disk as (node name, image path) — the node is looked up by name, then by path (a
-    restarted QEMU gives ``-drive`` nodes new names)."""
-
-    qmp: str
-    nbd: str
-    disks: tuple[tuple[str, str], ...]
 
 
 def bitmap(seq: int) -> str:
@@ -181,8 +170,11 @@ def _groups(extents: Iterator[tuple[int, int]]) -> Iterator[list[tuple[int, int]
 class QemuCycle:
     method = "qemu"
 
-    def __init__(self, tracker: QemuTracker, plan: CyclePlan, nodes: list[BlockNode], old_sizes: list[int] | None):
+    def __init__(self, tracker: QemuTracker, plan: CyclePlan, nodes: list[BlockNode], old_sizes: list[int] | None,
+                 disks: QemuDisks, rest: AtRest | None):
         self.tracker, self.plan, self.nodes, self.old_sizes = tracker, plan, nodes, old_sizes
+        self.disks = disks  # the VM's QEMU, or the private one of disks at rest
+        self._rest = rest
         self.scratch = tracker.baselines.begin(plan.seq)
         self._views: list[NbdView] = []
         self._fleece: list[Path] = []
@@ -216,9 +208,9 @@ class QemuCycle:
                 subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(f), str(n.size)],
                                check=True, capture_output=True, timeout=60)
                 self._fleece.append(f)
-            counts = Qmp.run(t.disks.qmp, self._capture)
+            counts = Qmp.run(self.disks.qmp, self._capture)
             for i in range(len(self.nodes)):
-                self._views.append(NbdView(t.disks.nbd, f"{t.prefix}{i}",
+                self._views.append(NbdView(self.disks.nbd, f"{t.prefix}{i}",
                                            None if self.whole else bitmap(plan.base_seq)))
         except subprocess.CalledProcessError as e:
             self.close()
@@ -232,7 +224,7 @@ class QemuCycle:
     async def _capture(self, q: Qmp) -> list[int]:
         t, plan = self.tracker, self.plan
         try:
-            await q.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": t.disks.nbd}}})
+            await q.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": self.disks.nbd}}})
         except QemuError as e:
             if "already running" not in str(e):
                 raise
@@ -260,7 +252,7 @@ class QemuCycle:
             if not self.whole:
                 args["bitmaps"] = [{"node": n.node, "name": bitmap(plan.base_seq)}]
             await q.execute("block-export-add", args)
-        now = resolve(await q.nodes(), t.disks)
+        now = resolve(await q.nodes(), self.disks)
         counts = []
         for n in now:
             b = n.bitmap(bitmap(plan.base_seq))
@@ -274,7 +266,11 @@ class QemuCycle:
         self.tracker.baselines.seal(self.plan.seq)
 
     def commit(self) -> None:
+        """The baseline moves to this cycle. Dropping the older bitmap is tidying only (the
+        next ``begin`` drops every bitmap older than its baseline): it is skipped when QEMU
+        is not running (disks at rest: their private daemon quit when the cycle closed)."""
         seq = self.plan.seq
+        self.tracker.baselines.keep_only(seq)
 
         async def drop(q: Qmp) -> None:
             nodes = resolve(await q.nodes(), self.tracker.disks)
@@ -284,8 +280,11 @@ class QemuCycle:
             if actions:
                 await q.execute("transaction", {"actions": actions})
 
-        Qmp.run(self.tracker.disks.qmp, drop)
-        self.tracker.baselines.keep_only(seq)
+        try:
+            Qmp.run(self.tracker.disks.qmp, drop)
+        except QemuError as e:
+            if not e.gone:
+                raise
 
     def abandon(self) -> None:
         """Nothing here: the next ``begin`` merges this cycle's bitmap back into the baseline's
@@ -296,11 +295,15 @@ class QemuCycle:
             v.close()
         self._views = []
         try:
-            Qmp.run(self.tracker.disks.qmp, lambda q: cleanup(q, self.tracker.prefix))
+            if self._rest is None:
+                Qmp.run(self.disks.qmp, lambda q: cleanup(q, self.tracker.prefix))
         finally:
             for f in self._fleece:
                 f.unlink(missing_ok=True)
             self._fleece = []
+            if self._rest is not None:  # its exit stores the bitmaps in the images
+                self._rest.stop()
+                self._rest = None
 
 
 class QemuTracker:
@@ -324,14 +327,26 @@ class QemuTracker:
                                      hint="run `replicad replication resync`") from None
         else:
             old_sizes = None
-        nodes = Qmp.run(self.disks.qmp, lambda q: self._begin(q, plan, whole))
-        return QemuCycle(self, plan, nodes, old_sizes)
+        where, rest = self.disks, None
+        try:
+            nodes = Qmp.run(where.qmp, lambda q: self._begin(q, self.disks, plan, whole))
+        except QemuError as e:
+            if not e.gone:
+                raise
+            rest = AtRest(self.disks)  # the VM's QEMU is not running: its disks are at rest
+            where = rest.disks
+            try:
+                nodes = Qmp.run(where.qmp, lambda q: self._begin(q, where, plan, whole))
+            except BaseException:
+                rest.stop()
+                raise
+        return QemuCycle(self, plan, nodes, old_sizes, where, rest)
 
-    async def _begin(self, q: Qmp, plan: CyclePlan, whole: bool) -> list[BlockNode]:
+    async def _begin(self, q: Qmp, disks: QemuDisks, plan: CyclePlan, whole: bool) -> list[BlockNode]:
         await cleanup(q, self.prefix)  # what a replicad killed mid-cycle left
         for f in self.fleece_dir.glob(f"{self.prefix}*.qcow2") if self.fleece_dir.exists() else ():
             os.unlink(f)
-        nodes = resolve(await q.nodes(), self.disks)
+        nodes = resolve(await q.nodes(), disks)
         for n in nodes:
             if n.read_only:
                 raise QemuError(f"disk {n.path} (node {n.node}) is read-only in QEMU: nothing to replicate")
