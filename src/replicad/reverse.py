@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+from pathlib import Path
 
 from . import log as logmod
 from . import workers
 from .errors import Conflict, Refused, UsageError
 from .host import Host
-from .model import Relationship, ReplicationMode, Stats, VMState
+from .model import VM, Disk, Relationship, ReplicationMode, Stats, VMState
 from .model import ReplicationState as S
 from .replica.failover import TEST_SUFFIX
 from .replica.failovers import drop_points
@@ -37,6 +39,7 @@ from .replica.layout import VMDir
 from .times import utcnow
 from .tracking.baselines import Baselines, build_baseline
 from .tracking.digestmap import identities
+from .tracking.qemu import alive as qemu_alive
 from .tracking.qemu import vm_state
 
 log = logmod.get("replicad.reverse")
@@ -98,6 +101,35 @@ async def start(host: Host, vm_name: str, actor: str) -> tuple:
     return vm, new
 
 
+async def _qemu_copy_files(host: Host, vm: VM, principal: str) -> list[Disk]:
+    """The files a reverse writes the copy into, for a VM run by QEMU here: each disk as the
+    guest saw it, raw — a raw image itself, else a new ``<stem>.raw`` beside it (the resync
+    that follows fills it; the image stays as it was). Refused while QEMU still runs."""
+    if await qemu_alive(vm):
+        log.warning("reverse.refused", vm=vm.name, peer=principal, reason="its QEMU process still runs here")
+        raise Refused(f"{vm.name}'s QEMU process still runs on {host.config.host}: a reverse writes the copy into "
+                      "its disks", hint="shut that QEMU process down, then reverse again")
+    out = []
+    for d in vm.disks:
+        if d.format == "raw":
+            out.append(Disk(d.path, d.size, "raw"))
+            continue
+        raw = Path(d.path).with_name(d.copy_name)
+        if raw.exists():
+            raise Refused(f"{raw} exists on {host.config.host}: the reverse would write {vm.name}'s raw copy there",
+                          hint=f"move it away, then reverse again ({d.path} itself is left as it is)")
+        out.append(Disk(str(raw), d.size, "raw"))
+    return out
+
+
+def _create_sparse(disks: list[Disk]) -> None:
+    for d in disks:
+        if not Path(d.path).exists():
+            with open(d.path, "xb") as f:
+                f.truncate(d.size)
+                os.fsync(f.fileno())
+
+
 def _json(doc: dict) -> bytes:
     return json.dumps(doc).encode()
 
@@ -117,16 +149,12 @@ async def accept(host: Host, principal: str, auth: str, vm_id: str, doc: dict) -
         raise Conflict("no VM with that id is a primary here")
     if rel.replica_server != principal:
         raise Refused(f"{principal} is not the replica server of {vm.name}")
-    if vm.qemu:  # its disks are QEMU's images (qcow2 maybe, open in a process): never a raw copy's target
-        log.warning("reverse.refused", vm=vm.name, peer=principal, reason="the VM is run by QEMU here")
-        raise Refused(f"{vm.name} is run by QEMU on {host.config.host}: a reverse would write the copy into "
-                      "the images QEMU has open", hint=f"stop its QEMU process, `replicad vm remove {vm.name}` there "
-                      "and register its images again as files, or reverse to another replica server")
+    qemu_files = vm.qemu and await _qemu_copy_files(host, vm, principal)
     planned = rel.state == S.PREPARED_FOR_FAILOVER and rel.prepared.get("seq") == seq == rel.seq \
         and rel.epoch == old_epoch
     if planned:  # the new primary may ask for a resync too: its own disks moved since the failover
         moved = await asyncio.to_thread(identities, vm.files()) != rel.prepared.get("disks")
-        resync = moved or doc.get("resync") is True
+        resync = moved or doc.get("resync") is True or bool(qemu_files)
         if moved:
             log.warning("reverse.disks_moved", vm=vm.name, peer=principal,
                         reason="this host's disks changed since the prepare was acknowledged; the new primary "
@@ -153,6 +181,9 @@ async def accept(host: Host, principal: str, auth: str, vm_id: str, doc: dict) -
                        stats=Stats(monitoring_start=utcnow()))
     vm.mode = ReplicationMode.REPLICA
     vm.state = VMState.OFF
+    if qemu_files:  # from now on the VM's disks are the raw copies; QEMU is not replicad's here any more
+        await asyncio.to_thread(_create_sparse, qemu_files)
+        vm.disks, vm.qemu = qemu_files, {}
     host.catalog.put_vm_and_relationship(vm, new)
     host.catalog.audit(principal, "replication.reversed", f"{vm.name}: now replica of {principal}"
                        + (" (to be resynchronized)" if resync else ""))

@@ -3,6 +3,7 @@ real qemu-storage-daemon, two real daemons and the real CLI."""
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -393,3 +394,49 @@ def test_planned_failover_with_qemu_stopped_reads_the_disks_at_rest(token_pair, 
     assert file_digest(copy_of(replica)) == final
     qsd.start()  # the private daemon quit: the image is not locked
     assert qsd.digest() == final
+
+
+def test_failover_and_reverse_with_qemu_on_both_sides(token_pair, qsd, tmp_path):
+    """vmhost2's VM runs under QEMU (qcow2); planned failover with its QEMU shut down; on
+    vmhost1 QEMU runs the failed-over copy (raw) and `vm set --qemu` hands it the tracking;
+    the guest writes there; the reverse makes vmhost2 the replica (its copy a new raw file
+    beside the qcow2 image, filled by one resync read through vmhost1's QEMU); then deltas
+    from vmhost1's dirty bitmaps."""
+    v2, v1 = token_pair
+    v2.cli("server", "set", "--enabled", "true", "--auth", "token", "--allow-any-server", "true")
+    enable_qemu(v2, v1, qsd)
+    v2.json("replication", "start-initial", "db", "--wait")
+    wait_applied(v2, v1, "db")
+    qsd.write(1 * MiB, b"\x11" * 65536)
+    final = qsd.digest()
+    qsd.stop()
+    v2.json("failover", "start", "db", "--prepare")
+    v1.json("failover", "start", "db")
+    copy = Path(v1.json("vm", "get", "db")["disks"][0]["path"])
+    assert file_digest(copy) == final
+    site1 = tmp_path / "site1"
+    site1.mkdir()
+    qsd1 = StorageDaemon(site1, copy, "raw")
+    qsd1.start()
+    try:
+        out = v1.json("vm", "set", "db", "--qemu", str(qsd1.qmp), "--nbd-socket", str(qsd1.nbd))
+        assert out["state"] == "Running" and out["disks"][0]["node"] == "disk0"
+        qsd1.write(40 * MiB, b"\x41" * 8192)  # the guest, on the new primary, before the reverse
+        got = v1.json("replication", "reverse", "db")
+        assert (got["mode"], got["state"]) == ("Primary", "Resynchronizing")  # QEMU's disks moved: a resync
+        old = v2.json("vm", "get", "db")
+        assert old["replication_mode"] == "Replica" and "qemu" not in old
+        assert old["disks"][0]["path"] == str(qsd.image.with_name("db.raw"))
+        r = v1.json("replication", "sync", "db", "--wait")
+        if r["kind"] != "resync":  # the reverse's own first cycle may have been the resync
+            assert r["kind"] == "delta"
+        wait_applied(v1, v2, "db")
+        assert [e["kind"] for e in v1.events("cycle.done")][0] == "resync"
+        assert file_digest(qsd.image.with_name("db.raw")) == qsd1.digest(), "the writes on vmhost1 reached vmhost2"
+        qsd1.write(50 * MiB, b"\x51" * 4096)
+        r = v1.json("replication", "sync", "db", "--wait")
+        assert r["kind"] == "delta" and r["data_bytes"] == 4096, r
+        wait_applied(v1, v2, "db")
+        assert file_digest(qsd.image.with_name("db.raw")) == qsd1.digest()
+    finally:
+        qsd1.kill()

@@ -8,7 +8,7 @@ import asyncio
 from pathlib import Path
 
 from .. import log as logmod
-from ..errors import NotFound, ReplicadError, UsageError
+from ..errors import NotFound, Refused, ReplicadError, UsageError
 from ..model import VM, Disk, valid_disk_name
 from ..tracking.qemu import BlockNode, QemuError, Qmp, cleanup, vm_state
 from ..tracking.qemu_tracker import bitmap_seq
@@ -111,3 +111,29 @@ async def drop_tracking(vm: VM) -> None:
     except QemuError as e:
         log.warning("vm.qemu_tracking_left", vm=vm.name, reason=str(e),
                     result="its replicad.* dirty bitmaps stay in QEMU until removed (block-dirty-bitmap-remove)")
+
+
+async def attach(host: Host, vm: VM, doc: dict) -> None:
+    """`vm set NAME --qemu QMP_SOCKET`: from now on QEMU runs this VM's disk files (e.g. a
+    failed-over copy started under QEMU) and tracks them; `--qemu ''` goes back to scanning
+    the files. Each disk must be a node of that process over the same file and format.
+    The next cycle of a replicating VM is then a resync (the other tracker's baseline does
+    not carry over): it reads the disks once and sends only what differs."""
+    sock = doc.get("qemu")
+    if sock in (None, ""):
+        for d in vm.disks:
+            d.node = ""
+        vm.qemu = {}
+        return
+    if any(d.node for d in vm.disks) and not vm.qemu:
+        raise UsageError(f"{vm.name}'s disks are inconsistent")  # never written so: a hand-edited catalog
+    rel = host.catalog.relationship(vm.id)
+    if rel is not None and rel.role == "replica" and not rel.failover:
+        raise Refused(f"{vm.name} is a replica copy written by replicad; QEMU may run it only once failed over",
+                      hint=f"`replicad failover start {vm.name}` first")
+    disks, qemu = await qemu_disks(host, vm.name, {**doc, "disks": [d.path for d in vm.disks]})
+    for mine, got in zip(vm.disks, disks, strict=True):
+        if got.format != mine.format:
+            raise UsageError(f"QEMU opens {mine.path} as {got.format}; replicad knows it as {mine.format}")
+        mine.node = got.node
+    vm.qemu = qemu

@@ -19,6 +19,7 @@ from ..model import VM, Disk, ReplicationMode, ReplicationState, VMState, extend
 from ..tracking.qemu import pause as qemu_pause
 from ..wire import MAX_DISKS
 from .context import Host, actor, body, host_of
+from .qemu_vms import attach as qemu_attach
 from .qemu_vms import qemu_disks, run_states
 
 log = logmod.get("replicad.vms")
@@ -173,9 +174,11 @@ async def set_vm(request):
         if not isinstance(t, int) or isinstance(t, bool) or not 1 <= t <= 3600:
             raise UsageError("--hook-timeout expects whole seconds between 1 and 3600")
         vm.hook_timeout = t
+    if "qemu" in doc:
+        await qemu_attach(host, vm, doc)
     host.catalog.put_vm(vm)
-    log.info("vm.changed", vm=vm.name, hooks=sorted(vm.hooks))
-    return web.json_response(vm_json(host, vm))
+    log.info("vm.changed", vm=vm.name, hooks=sorted(vm.hooks), qemu=vm.qemu.get("qmp"))
+    return web.json_response(vm_json(host, vm, (await run_states([vm])).get(vm.id)))
 
 
 async def start_vm(request):

@@ -95,8 +95,12 @@ def vm_get(name):
 @click.option("--post-snapshot", metavar="CMD", help="Thaw command after a capture (always runs).")
 @click.option("--hook-timeout", type=int, metavar="SECONDS",
               help="How long any hook may run before it is killed (default 300).")
+@click.option("--qemu", metavar="QMP_SOCKET",
+              help="QEMU now runs the VM's disk files (e.g. a failed-over copy): track them with its dirty "
+                   "bitmaps ('' goes back to scanning the files). The next cycle is then a resync.")
+@click.option("--nbd-socket", metavar="PATH", help="With --qemu: as for `vm add`.")
 @managed
-def vm_set(name, on_start, on_stop, pre_snapshot, post_snapshot, hook_timeout):
+def vm_set(name, on_start, on_stop, pre_snapshot, post_snapshot, hook_timeout, qemu, nbd_socket):
     """Set a VM's host-local hooks ('' removes one).
 
     \b
@@ -113,6 +117,10 @@ def vm_set(name, on_start, on_stop, pre_snapshot, post_snapshot, hook_timeout):
     body = {k: v for k, v in {"on_start": on_start, "on_stop": on_stop, "pre_snapshot": pre_snapshot,
                               "post_snapshot": post_snapshot, "hook_timeout": hook_timeout}.items()
             if v is not None}
+    if qemu is not None:
+        body["qemu"] = abs_path(qemu) if qemu else ""
+        if nbd_socket:
+            body["nbd_socket"] = abs_path(nbd_socket)
     show(api().call("PATCH", vm_path(name), body), VM_COLUMNS)
 
 

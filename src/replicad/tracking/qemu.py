@@ -312,6 +312,15 @@ async def vm_state(vm: VM, answer_within: float = 5.0) -> VMState:
         return VMState.OFF if e.gone else VMState.UNKNOWN
 
 
+async def alive(vm: VM) -> bool:
+    """Whether a process answers on the VM's QMP socket (paused or not: it holds the images)."""
+    try:
+        async with Qmp(vm.qemu["qmp"], timeout=5.0):
+            return True
+    except QemuError as e:
+        return not e.gone
+
+
 async def pause(vm: VM, run: bool) -> None:
     """`vm start`/`vm stop` of a VM run by QEMU: its CPUs continue or stop (QMP cont/stop;
     QEMU drains the guest's in-flight writes before it reports stopped). replicad does not
