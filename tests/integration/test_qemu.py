@@ -440,3 +440,38 @@ def test_failover_and_reverse_with_qemu_on_both_sides(token_pair, qsd, tmp_path)
         assert file_digest(qsd.image.with_name("db.raw")) == qsd1.digest()
     finally:
         qsd1.kill()
+
+
+def _daemons_on(image: Path) -> list[int]:
+    """qemu-storage-daemon processes that have ``image`` on their command line."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmd = (p / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmd.startswith(b"qemu-storage-daemon") and str(image).encode() in cmd:
+                out.append(int(p.name))
+    return out
+
+
+def test_replicad_killed_while_reading_disks_at_rest_leaves_no_qemu_behind(token_pair, qsd):
+    primary, replica = token_pair
+    enable_qemu(primary, replica, qsd)
+    primary.json("replication", "start-initial", "db", "--wait")
+    wait_applied(primary, replica, "db")
+    qsd.write(12 * MiB, b"\x12" * 4096)
+    qsd.stop()
+    primary.stop()
+    primary.start(env={"REPLICAD_FAULT": "primary-mid-scan"})
+    primary.cli("replication", "sync", "db", check=False)
+    primary.proc.wait(30)
+    wait_for(lambda: not _daemons_on(qsd.image), 10, "the private qemu-storage-daemon to exit with replicad")
+    qsd.start()  # the image is not locked
+    primary.start()  # its first cycle may run at once: the write crosses in one of them
+    primary.json("replication", "sync", "db", "--wait")
+    wait_applied(primary, replica, "db")
+    assert file_digest(copy_of(replica)) == qsd.digest()
+    done = primary.events("cycle.done")
+    assert {e["kind"] for e in done} == {"initial", "delta"} and 4096 in [e["data_bytes"] for e in done], done

@@ -12,7 +12,9 @@ lived in the stopped process's memory: the cycle finds them gone and is a resync
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -21,6 +23,7 @@ from pathlib import Path
 from .qemu import QemuDisks, QemuError
 
 START_TIMEOUT = 15.0
+PR_SET_PDEATHSIG = 1
 
 
 class AtRest:
@@ -42,7 +45,8 @@ class AtRest:
         args += ["--nbd-server", f"addr.type=unix,addr.path={nbd}",
                  "--chardev", f"socket,path={qmp},server=on,wait=off,id=m0", "--monitor", "chardev=m0"]
         self._log = open(self.folder / "qsd.log", "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self._log)
+        # it dies with replicad (kill -9 included): never an orphan holding the images' locks
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self._log, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + START_TIMEOUT
         while not (qmp.exists() and nbd.exists()):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -65,6 +69,14 @@ class AtRest:
         with contextlib.suppress(OSError):
             self._log.close()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the thread that started it ends (replicad's
+    worker thread, or the whole daemon killed): a clean exit that stores the bitmaps."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
 def _reason(log: str) -> str:
