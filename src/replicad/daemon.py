@@ -229,7 +229,7 @@ class Daemon:
         for r in reversed(self._runners):
             await r.cleanup()  # open connections end within DRAIN_TIMEOUT
         await host.client.close()
-        host.catalog.close()
+        await asyncio.to_thread(host.catalog.close)  # waits for the last commits: off the loop
         self._socket.remove()  # only if it is still the socket this daemon bound
         self._lock.release()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ import aiohttp
 
 from replicad import config as configmod
 from replicad.auth.token import realm_init, realm_issue
+from replicad.catalog import Catalog
 from replicad.daemon import Daemon
 from replicad.host import Host
 
@@ -47,6 +49,32 @@ async def until(cond: Callable[[], Awaitable[T] | T], within: float = 10.0, what
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+class HeldCommits:
+    """The catalog's writer connection with the COMMIT of chosen transactions held, as a
+    commit whose fsync takes as long as the test wants: ``held`` is set when one waits,
+    ``release`` lets it go (after ``limit`` seconds anyway, so a loop it blocks comes back
+    and the test fails instead of hanging). ``when`` picks the transactions by their SQL."""
+
+    def __init__(self, catalog: Catalog, when: Callable[[list[str]], bool], limit: float = 5.0):
+        self._db, self._when, self._limit = catalog._db, when, limit
+        self.held, self.release = threading.Event(), threading.Event()
+        self._statements: list[str] = []
+        catalog._db = self  # type: ignore[assignment]
+
+    def execute(self, sql: str, *args):
+        if sql == "BEGIN":
+            self._statements = []
+        elif sql == "COMMIT" and self._when(self._statements):
+            self.held.set()
+            self.release.wait(self._limit)
+        else:
+            self._statements.append(sql)
+        return self._db.execute(sql, *args)
+
+    def __getattr__(self, name: str):
+        return getattr(self._db, name)
 
 
 class ApiFailed(Exception):

@@ -121,7 +121,7 @@ async def add_vm(request):
         raise UsageError(f"{name} would have {len(disks) + (cfg is not None)} files (disks, their backing files "
                          f"and the configuration file); a VM has at most {MAX_DISKS}")
     vm = VM(id=str(uuid.uuid4()), name=name, disks=disks, config_file=cfg)
-    host.catalog.put_vm(vm)
+    await host.catalog.put_vm(vm)
     log.info("vm.added", vm=name, id=vm.id, disks=len(disks), config_file=cfg)
     for w in warnings:
         log.warning("vm.backing_name", vm=name, reason=w)
@@ -156,7 +156,7 @@ async def set_vm(request):
         if not isinstance(t, int) or isinstance(t, bool) or not 1 <= t <= 3600:
             raise UsageError("--hook-timeout expects whole seconds between 1 and 3600")
         vm.hook_timeout = t
-    host.catalog.put_vm(vm)
+    await host.catalog.put_vm(vm)
     log.info("vm.changed", vm=vm.name, hooks=sorted(vm.hooks))
     return web.json_response(vm_json(host, vm))
 
@@ -183,7 +183,7 @@ async def start_vm(request):
                       f"-F qcow2 {disk}`) once you know where that name came from")
     await asyncio.to_thread(hooks.run, vm, "on_start")
     vm.state = VMState.RUNNING
-    host.catalog.put_vm(vm)
+    await host.catalog.put_vm(vm)
     log.info("vm.started", vm=vm.name)
     return web.json_response(vm_json(host, vm))
 
@@ -193,7 +193,7 @@ async def stop_vm(request):
     vm = get_vm(host, request.match_info["name"])
     await asyncio.to_thread(hooks.run, vm, "on_stop")
     vm.state = VMState.OFF
-    host.catalog.put_vm(vm)
+    await host.catalog.put_vm(vm)
     log.info("vm.stopped", vm=vm.name)
     return web.json_response(vm_json(host, vm))
 
@@ -214,8 +214,8 @@ async def remove_vm(request):
     deleted = rel is not None and rel.role == "replica"
     if deleted:
         await host.replica.remove(vm.id)
-        host.catalog.audit(actor(request), "replica.removed", f"{vm.name} ({vm.id})")
-    host.catalog.remove_vm(vm.id)
+        await host.catalog.audit(actor(request), "replica.removed", f"{vm.name} ({vm.id})")
+    await host.catalog.remove_vm(vm.id)
     # say what became of the files: a replica copy is deleted with its VM; anything else
     # (a primary's disks, a copy whose replication was removed first) stays where it is
     if deleted:

@@ -194,7 +194,7 @@ async def open_session(request: web.Request) -> web.Response:
             why, hint = f"{e.message}; {why}", e.hint
         raise Refused(f"{principal} gets no session on {ctx.host}: {why}", hint=hint)
     ctx.session_store.room_for(principal)
-    if not ctx.catalog.remember_nonce(ticket.nonce, ticket.expires + MAX_SKEW):
+    if not await ctx.catalog.remember_nonce(ticket.nonce, ticket.expires + MAX_SKEW):
         raise AuthenticationFailed(f"replayed ticket from {principal}")
     body, signature = ctx.session_store.accept(ticket, _hello_info(ctx, principal))
     log.debug("session.opened", peer=principal, peer_ip=request.remote)
@@ -356,7 +356,7 @@ async def manage(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX_KEY]
     principal = request[PRINCIPAL]
     if principal not in ctx.admins:
-        ctx.catalog.audit(principal, "manage.refused", f"{request.method} {request.path}")
+        await ctx.catalog.audit(principal, "manage.refused", f"{request.method} {request.path}")
         raise Refused(f"{principal} is not a management admin of {ctx.host} (management.admins)")
     body = await _body(request, MAX_MANAGE_BODY)
     sess: Session | None = request.get(SESSION)
