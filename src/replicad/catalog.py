@@ -125,12 +125,12 @@ class Catalog:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
         self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._reader.execute("PRAGMA query_only=ON")
-        self._writer: ThreadPoolExecutor | None = None
+        # one thread: the transactions commit one at a time, in the order the writes were made
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replicad-catalog")
 
     def close(self) -> None:
         """Wait for the writes made so far to end, then close. Blocks: call it off the loop."""
-        if self._writer is not None:
-            self._writer.shutdown(wait=True)
+        self._writer.shutdown(wait=True)
         with self._lock:
             self._reader.close()
             self._db.close()
@@ -146,8 +146,6 @@ class Catalog:
                 self._tickets += 1
                 self._staged[key] = (self._tickets, row)
                 staged.append((key, self._tickets))
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replicad-catalog")
         return self._writer.submit(self._transaction, lambda db: [db.execute(*s) for s in statements], staged, ended)
 
     async def _commit(self, statements: list[Statement], rows: Iterable[tuple[Key, tuple | None]] = (),
