@@ -187,5 +187,7 @@ class InProcessCluster:
         return self
 
     async def __aexit__(self, *exc) -> None:
-        for h in self.hosts.values():
-            await h.stop()
+        results = [await asyncio.gather(h.stop(), return_exceptions=True) for h in self.hosts.values()]
+        for (r,) in results:  # every host stopped, then the first failure told
+            if isinstance(r, BaseException):
+                raise r
