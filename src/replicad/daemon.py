@@ -224,14 +224,9 @@ class Daemon:
         """Stop accepting, cancel the supervisors and appliers (a half-sent log is dropped
         by the replica and sent again), drain within the timeout, then close the state."""
         await self._stop_accepting()
-        await host.primary.stop()
-        await host.replica.stop()
-        for r in reversed(self._runners):
-            await r.cleanup()  # open connections end within DRAIN_TIMEOUT
-        await host.client.close()
-        await asyncio.to_thread(host.catalog.close)  # waits for the last commits: off the loop
-        self._socket.remove()  # only if it is still the socket this daemon bound
-        self._lock.release()
+        await self._cancel_supervisors(host)
+        await self._drain()
+        await self._close(host)
 
     # startup steps ----------------------------------------------------------------------
     async def _recover(self, host: Host) -> None:
@@ -293,6 +288,24 @@ class Daemon:
         for runner in self._runners:
             for site in list(runner.sites):
                 await site.stop()
+
+    async def _cancel_supervisors(self, host: Host) -> None:
+        """The primary's supervisors (their cycles) and the replica's appliers."""
+        await host.primary.stop()
+        await host.replica.stop()
+
+    async def _drain(self) -> None:
+        """The connections still open end within DRAIN_TIMEOUT (each runner's graceful close)."""
+        for r in reversed(self._runners):
+            await r.cleanup()
+
+    async def _close(self, host: Host) -> None:
+        """The peer client, the catalog (after its last commits, off the loop), the socket
+        (only if it is still the one this daemon bound), the state dir's lock."""
+        await host.client.close()
+        await asyncio.to_thread(host.catalog.close)
+        self._socket.remove()
+        self._lock.release()
 
 
 def run(config: Config) -> int:
