@@ -39,7 +39,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow tests || [ $$? = 5 ]  # 5: none collected
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit tests/inprocess
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/integration

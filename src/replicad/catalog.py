@@ -2,28 +2,48 @@
 
 Single source of truth for server settings, authorization entries, VMs, relationships
 (with their statistics) and the audit log. Every write is one transaction: a crash leaves
-either the old or the new row. Calls are short and thread-safe (one lock); callers on the
-event loop use them directly for small writes, the apply path calls them from its worker
-thread.
+either the old or the new row.
+
+No commit runs on the event loop: a commit's fsync (synchronous=FULL) can take as long as
+the disk wants. Writes are coroutines; each is one transaction on the catalog's one writer
+thread, in the order they were made, so commits stay serialized, and the write returns once
+its transaction is durable: what must be durable before an answer (an acknowledgement, a
+verb's result) is awaited before it. Reads are plain calls, on a second connection (WAL:
+a reader never waits for the writer's fsync) under a short lock, from the loop or a worker.
+
+A write is *staged* when it is made, before its coroutine first waits: from then on every
+read sees it, as if it were committed. So a read-modify-write on the loop stays what it was
+when commits ran there — no other task can read the row between the read and the write —
+and a later write of the same row builds on it; the row leaves the staging once its
+transaction ends. Only the durability is later: another task may see a row its writer is
+still waiting for.
 
 A write that SQLite cannot make (the state dir's disk is full, an I/O error) rolls back
 and raises StateWriteFailed, one line naming the database. A relationship that could not
 be written is kept in memory (``relationship()`` returns it) until a later write of it
 succeeds: status stays honest about the failure that filled the disk, and the durable row
-is still the last one written whole."""
+is still the last one written whole. Any other staged row that could not be written is
+dropped: reads see the durable row again."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import json
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import NotFound, ReplicadError
 from .model import VM, AuthorizationEntry, Relationship, VMClaim, printable
 from .times import utcnow
+
+T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -60,88 +80,179 @@ class StateWriteFailed(ReplicadError):
     http_status = 503
 
 
+Key = tuple[str, str]  # a row: (table, primary key)
+Statement = tuple[str, tuple]
+
+
+def _retrieved(f: asyncio.Future) -> None:
+    """A write whose caller was cancelled while it waited still ends (its rows are staged):
+    its failure, if any, is not a "never retrieved" one."""
+    if not f.cancelled():
+        f.exception()
+
+
+def _vm(row: tuple) -> VM:
+    return VM.from_json(json.loads(row[2]))
+
+
+def _rel(row: tuple) -> Relationship:
+    return Relationship.from_json(json.loads(row[1]))
+
+
+_VM_SQL = "INSERT INTO vms VALUES(?, ?, ?) ON CONFLICT(id) DO UPDATE SET name=excluded.name, doc=excluded.doc"
+_REL_SQL = "INSERT INTO relationships VALUES(?, ?) ON CONFLICT(vm_id) DO UPDATE SET doc=excluded.doc"
+_CLAIM_COLUMNS = "vm_id, name, principal, trust_group, storage, since, bytes"
+_ENTRY_COLUMNS = "primary_pattern, storage, trust_group, max_disk_size, max_storage"
+
+
 class Catalog:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._unsaved: dict[str, Relationship] = {}
+        self._lock = threading.Lock()  # the staging, the unsaved rows, the reader connection
+        self._staged: dict[Key, tuple[int, tuple | None]] = {}  # row (as selected) or None (removed)
+        self._tickets = 0
+        self._unsaved: dict[str, str] = {}  # vm_id -> a relationship's doc that could not be written
+        # the writer thread's connection (and, here, the schema's: before anything is served)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
-            # columns added since a table was first created (a catalog from an older release)
-            for table, column, decl in MIGRATIONS:
-                have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
-                if column not in have:
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        # columns added since a table was first created (a catalog from an older release)
+        for table, column, decl in MIGRATIONS:
+            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._reader.execute("PRAGMA query_only=ON")
+        # one thread: the transactions commit one at a time, in the order the writes were made
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replicad-catalog")
 
     def close(self) -> None:
+        """Wait for the writes made so far to end, then close. Blocks: call it off the loop."""
+        self._writer.shutdown(wait=True)
         with self._lock:
+            self._reader.close()
             self._db.close()
+
+    # writing: one transaction at a time, on the writer thread -------------------------------
+    def _submit(self, statements: list[Statement], rows: Iterable[tuple[Key, tuple | None]] = (),
+                ended: Callable[[bool], None] | None = None) -> Future:
+        """Stage ``rows`` (reads see them from now on) and queue their transaction (the
+        ``statements``, one after the other) behind every write made before."""
+        with self._lock:
+            staged = []
+            for key, row in rows:
+                self._tickets += 1
+                self._staged[key] = (self._tickets, row)
+                staged.append((key, self._tickets))
+        return self._writer.submit(self._transaction, lambda db: [db.execute(*s) for s in statements], staged, ended)
+
+    async def _commit(self, statements: list[Statement], rows: Iterable[tuple[Key, tuple | None]] = (),
+                      ended: Callable[[bool], None] | None = None) -> None:
+        """``_submit``, then wait until the transaction is durable (or raise why it failed)."""
+        done = asyncio.wrap_future(self._submit(statements, rows, ended))
+        done.add_done_callback(_retrieved)
+        return await asyncio.shield(done)  # a cancelled caller's write still ends, as staged
+
+    def _transaction(self, work: Callable[[sqlite3.Connection], T], staged: list[tuple[Key, int]],
+                     ended: Callable[[bool], None] | None) -> T:
+        """On the writer thread: ``work`` in one transaction; then its rows leave the staging
+        (unless written again meanwhile) and ``ended`` says how it went, under the lock."""
+        ok = False
+        try:
+            with self._tx() as db:
+                result = work(db)
+            ok = True
+            return result
+        finally:
+            with self._lock:
+                for key, ticket in staged:
+                    if self._staged.get(key, (0, None))[0] == ticket:
+                        del self._staged[key]
+                if ended is not None:
+                    ended(ok)
 
     @contextlib.contextmanager
     def _tx(self):
-        """One transaction under the lock; an SQLite failure rolls back and becomes
-        StateWriteFailed (an IntegrityError is the caller's to handle)."""
-        with self._lock:
-            try:
-                self._db.execute("BEGIN")
-                yield self._db
-                self._db.execute("COMMIT")
-            except sqlite3.Error as e:
-                if self._db.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        self._db.execute("ROLLBACK")
-                if isinstance(e, sqlite3.IntegrityError):
-                    raise
-                raise StateWriteFailed(f"cannot write the state database {self.path}: {e}") from None
+        """One transaction on the writer's connection; an SQLite failure rolls back and
+        becomes StateWriteFailed (an IntegrityError is the caller's to handle)."""
+        try:
+            self._db.execute("BEGIN")
+            yield self._db
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            if isinstance(e, sqlite3.IntegrityError):
+                raise
+            raise StateWriteFailed(f"cannot write the state database {self.path}: {e}") from None
 
-    def _write(self, sql: str, args: tuple = ()) -> int:
-        with self._tx() as db:
-            return db.execute(sql, args).rowcount
-
-    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
+    # reading: the committed rows with the staged ones over them ------------------------------
+    def _view(self, table: str, sql: str, args: tuple = (), *, where: Callable[[tuple], bool] = lambda r: True,
+              order: int | None = None) -> list[tuple]:
+        """The rows of ``table`` that ``sql`` selects (its primary key first), as reads see
+        them: a staged row replaces (or removes) the committed one; ``where`` is ``sql``'s
+        condition, for the staged rows; sorted on column ``order``, like ``sql``."""
         with self._lock:
-            return self._db.execute(sql, args).fetchall()
+            rows = {r[0]: r for r in self._reader.execute(sql, args).fetchall()}
+            if table == "relationships":
+                for key in rows.keys() & self._unsaved.keys():
+                    rows[key] = (key, self._unsaved[key])
+            for (t, key), (_, row) in self._staged.items():
+                if t != table:
+                    continue
+                if row is None or not where(row):
+                    rows.pop(key, None)
+                else:
+                    rows[key] = row
+        out = list(rows.values())
+        return out if order is None else sorted(out, key=lambda r: r[order])
 
     # settings ---------------------------------------------------------------------------
     def get_setting(self, key: str, default=None):
-        rows = self._read("SELECT value FROM settings WHERE key=?", (key,))
-        return json.loads(rows[0][0]) if rows else default
+        rows = self._view("settings", "SELECT key, value FROM settings WHERE key=?", (key,),
+                          where=lambda r: r[0] == key)
+        return json.loads(rows[0][1]) if rows else default
 
-    def set_setting(self, key: str, value) -> None:
-        self._write("INSERT INTO settings(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                    (key, json.dumps(value)))
+    async def set_setting(self, key: str, value) -> None:
+        text = json.dumps(value)
+        await self._commit([("INSERT INTO settings(key, value) VALUES(?, ?) "
+                             "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, text))],
+                           [(("settings", key), (key, text))])
 
     # authorization entries --------------------------------------------------------------
     def entries(self) -> list[AuthorizationEntry]:
         return [AuthorizationEntry(*r) for r in
-                self._read("SELECT primary_pattern, storage, trust_group, max_disk_size, max_storage "
-                           "FROM auth_entries ORDER BY primary_pattern")]
+                self._view("auth_entries", f"SELECT {_ENTRY_COLUMNS} FROM auth_entries", order=0)]
 
-    def put_entry(self, e: AuthorizationEntry) -> None:
-        self._write("INSERT INTO auth_entries(primary_pattern, storage, trust_group, max_disk_size, max_storage) "
-                    "VALUES(?, ?, ?, ?, ?) ON CONFLICT(primary_pattern) DO UPDATE SET storage=excluded.storage, "
-                    "trust_group=excluded.trust_group, max_disk_size=excluded.max_disk_size, "
-                    "max_storage=excluded.max_storage",
-                    (e.primary, e.storage, e.trust_group, e.max_disk_size, e.max_storage))
+    async def put_entry(self, e: AuthorizationEntry) -> None:
+        row = (e.primary, e.storage, e.trust_group, e.max_disk_size, e.max_storage)
+        await self._commit([(f"INSERT INTO auth_entries({_ENTRY_COLUMNS}) VALUES(?, ?, ?, ?, ?) "
+                             "ON CONFLICT(primary_pattern) DO UPDATE SET storage=excluded.storage, "
+                             "trust_group=excluded.trust_group, max_disk_size=excluded.max_disk_size, "
+                             "max_storage=excluded.max_storage", row)],
+                           [(("auth_entries", e.primary), row)])
 
-    def remove_entry(self, pattern: str) -> bool:
-        return self._write("DELETE FROM auth_entries WHERE primary_pattern=?", (pattern,)) > 0
+    async def remove_entry(self, pattern: str) -> bool:
+        if not any(e.primary == pattern for e in self.entries()):
+            return False
+        await self._commit([("DELETE FROM auth_entries WHERE primary_pattern=?", (pattern,))],
+                           [(("auth_entries", pattern), None)])
+        return True
 
     # VMs --------------------------------------------------------------------------------
     def vms(self) -> list[VM]:
-        return [VM.from_json(json.loads(r[0])) for r in self._read("SELECT doc FROM vms ORDER BY name")]
+        return [_vm(r) for r in self._view("vms", "SELECT id, name, doc FROM vms", order=1)]
 
     def vm_by_name(self, name: str) -> VM | None:
-        rows = self._read("SELECT doc FROM vms WHERE name=?", (name,))
-        return VM.from_json(json.loads(rows[0][0])) if rows else None
+        rows = self._view("vms", "SELECT id, name, doc FROM vms WHERE name=?", (name,), where=lambda r: r[1] == name)
+        return _vm(rows[0]) if rows else None
 
     def vm_by_id(self, vm_id: str) -> VM | None:
-        rows = self._read("SELECT doc FROM vms WHERE id=?", (vm_id,))
-        return VM.from_json(json.loads(rows[0][0])) if rows else None
+        rows = self._view("vms", "SELECT id, name, doc FROM vms WHERE id=?", (vm_id,), where=lambda r: r[0] == vm_id)
+        return _vm(rows[0]) if rows else None
 
     def require_vm(self, vm_id: str) -> VM:
         """The VM, or NotFound: for callers that hold an id whose VM may have been removed
@@ -151,25 +262,23 @@ class Catalog:
             raise NotFound(f"VM {vm_id} is not on this host (removed meanwhile)")
         return vm
 
-    def put_vm(self, vm: VM) -> None:
-        self._write("INSERT INTO vms VALUES(?, ?, ?) "
-                    "ON CONFLICT(id) DO UPDATE SET name=excluded.name, doc=excluded.doc",
-                    (vm.id, vm.name, json.dumps(vm.to_json())))
+    async def put_vm(self, vm: VM) -> None:
+        row = (vm.id, vm.name, json.dumps(vm.to_json()))
+        await self._commit([(_VM_SQL, row)], [(("vms", vm.id), row)])
 
-    def remove_vm(self, vm_id: str) -> None:
-        with self._tx() as db:
-            db.execute("DELETE FROM relationships WHERE vm_id=?", (vm_id,))
-            db.execute("DELETE FROM vms WHERE id=?", (vm_id,))
-        self._unsaved.pop(vm_id, None)
+    async def remove_vm(self, vm_id: str) -> None:
+        await self._commit([("DELETE FROM relationships WHERE vm_id=?", (vm_id,)),
+                            ("DELETE FROM vms WHERE id=?", (vm_id,))],
+                           [(("relationships", vm_id), None), (("vms", vm_id), None)], self._saved(vm_id))
 
     # relationships ----------------------------------------------------------------------
     def relationships(self) -> list[Relationship]:
-        out = [Relationship.from_json(json.loads(r[0])) for r in self._read("SELECT doc FROM relationships")]
-        return [self._latest(r) for r in out]
+        return [_rel(r) for r in self._view("relationships", "SELECT vm_id, doc FROM relationships")]
 
     def relationship(self, vm_id: str) -> Relationship | None:
-        rows = self._read("SELECT doc FROM relationships WHERE vm_id=?", (vm_id,))
-        return self._latest(Relationship.from_json(json.loads(rows[0][0]))) if rows else None
+        rows = self._view("relationships", "SELECT vm_id, doc FROM relationships WHERE vm_id=?", (vm_id,),
+                          where=lambda r: r[0] == vm_id)
+        return _rel(rows[0]) if rows else None
 
     def require_relationship(self, vm_id: str) -> Relationship:
         """The VM's relationship, or NotFound: for callers that hold the id of a replication
@@ -179,61 +288,77 @@ class Catalog:
             raise NotFound(f"VM {vm_id} has no replication on this host (removed meanwhile)")
         return rel
 
-    def _latest(self, rel: Relationship) -> Relationship:
-        unsaved = self._unsaved.get(rel.vm_id)
-        return Relationship.from_json(unsaved.to_json()) if unsaved is not None else rel
+    def _saved(self, vm_id: str, doc: str | None = None) -> Callable[[bool], None]:
+        """When a write of the VM's relationship ends: written, no unsaved doc is kept; with
+        ``doc``, one that could not be written is kept in memory (reads return it)."""
+        def ended(ok: bool) -> None:
+            if ok:
+                self._unsaved.pop(vm_id, None)
+            elif doc is not None:
+                self._unsaved[vm_id] = doc
+        return ended
 
-    def put_relationship(self, rel: Relationship) -> None:
-        try:
-            self._write("INSERT INTO relationships VALUES(?, ?) ON CONFLICT(vm_id) DO UPDATE SET doc=excluded.doc",
-                        (rel.vm_id, json.dumps(rel.to_json())))
-        except StateWriteFailed:
-            self._unsaved[rel.vm_id] = Relationship.from_json(rel.to_json())
-            raise
-        self._unsaved.pop(rel.vm_id, None)
+    async def put_relationship(self, rel: Relationship) -> None:
+        row = (rel.vm_id, json.dumps(rel.to_json()))
+        await self._commit([(_REL_SQL, row)], [(("relationships", rel.vm_id), row)], self._saved(rel.vm_id, row[1]))
 
-    def put_vm_and_relationship(self, vm: VM, rel: Relationship) -> None:
+    async def put_vm_and_relationship(self, vm: VM, rel: Relationship) -> None:
         """Both rows in one transaction (a replica VM is created with its relationship)."""
-        with self._tx() as db:
-            db.execute("INSERT INTO vms VALUES(?, ?, ?) ON CONFLICT(id) DO UPDATE SET name=excluded.name, "
-                       "doc=excluded.doc", (vm.id, vm.name, json.dumps(vm.to_json())))
-            db.execute("INSERT INTO relationships VALUES(?, ?) ON CONFLICT(vm_id) DO UPDATE SET doc=excluded.doc",
-                       (rel.vm_id, json.dumps(rel.to_json())))
-        self._unsaved.pop(rel.vm_id, None)
+        vm_row, rel_row = (vm.id, vm.name, json.dumps(vm.to_json())), (rel.vm_id, json.dumps(rel.to_json()))
+        await self._commit([(_VM_SQL, vm_row), (_REL_SQL, rel_row)],
+                           [(("vms", vm.id), vm_row), (("relationships", rel.vm_id), rel_row)], self._saved(rel.vm_id))
 
-    def remove_relationship(self, vm_id: str) -> None:
-        self._write("DELETE FROM relationships WHERE vm_id=?", (vm_id,))
-        self._unsaved.pop(vm_id, None)
+    async def remove_relationship(self, vm_id: str) -> None:
+        await self._commit([("DELETE FROM relationships WHERE vm_id=?", (vm_id,))],
+                           [(("relationships", vm_id), None)], self._saved(vm_id))
 
     # claims: VMs whose first copy is pending (replica/admission.py) --------------------
     def claims(self) -> list[VMClaim]:
-        return [VMClaim(*r) for r in self._read("SELECT vm_id, name, principal, trust_group, storage, since, bytes "
-                                                "FROM claims ORDER BY vm_id")]
+        return [VMClaim(*r) for r in self._view("claims", f"SELECT {_CLAIM_COLUMNS} FROM claims", order=0)]
 
     def claim_by_id(self, vm_id: str) -> VMClaim | None:
-        rows = self._read("SELECT vm_id, name, principal, trust_group, storage, since, bytes FROM claims WHERE vm_id=?",
-                          (vm_id,))
+        rows = self._view("claims", f"SELECT {_CLAIM_COLUMNS} FROM claims WHERE vm_id=?", (vm_id,),
+                          where=lambda r: r[0] == vm_id)
         return VMClaim(*rows[0]) if rows else None
 
     def claim_by_name(self, name: str) -> VMClaim | None:
-        rows = self._read("SELECT vm_id, name, principal, trust_group, storage, since, bytes FROM claims WHERE name=?",
-                          (name,))
+        rows = self._view("claims", f"SELECT {_CLAIM_COLUMNS} FROM claims WHERE name=?", (name,),
+                          where=lambda r: r[1] == name)
         return VMClaim(*rows[0]) if rows else None
 
-    def add_claim(self, c: VMClaim) -> bool:
+    async def add_claim(self, c: VMClaim) -> bool:
         """Record a claim; False when its id or name is claimed already (nothing written)."""
+        if self.claim_by_id(c.vm_id) is not None or self.claim_by_name(c.name) is not None:
+            return False
+        row = dataclasses.astuple(c)
         try:
-            self._write("INSERT INTO claims VALUES(?, ?, ?, ?, ?, ?, ?)",
-                        (c.vm_id, c.name, c.principal, c.trust_group, c.storage, c.since, c.bytes))
+            await self._commit([(f"INSERT INTO claims({_CLAIM_COLUMNS}) VALUES(?, ?, ?, ?, ?, ?, ?)", row)],
+                               [(("claims", c.vm_id), row)])
         except sqlite3.IntegrityError:
             return False
         return True
 
-    def remove_claim(self, vm_id: str) -> bool:
-        return self._write("DELETE FROM claims WHERE vm_id=?", (vm_id,)) > 0
+    async def replace_claim(self, c: VMClaim) -> None:
+        """The claim of ``c.vm_id`` replaced by ``c`` (same name), in one transaction."""
+        row = dataclasses.astuple(c)
+        await self._commit([("DELETE FROM claims WHERE vm_id=?", (c.vm_id,)),
+                            (f"INSERT INTO claims({_CLAIM_COLUMNS}) VALUES(?, ?, ?, ?, ?, ?, ?)", row)],
+                           [(("claims", c.vm_id), row)])
+
+    async def remove_claim(self, vm_id: str) -> bool:
+        if self.claim_by_id(vm_id) is None:
+            return False
+        await self._commit([("DELETE FROM claims WHERE vm_id=?", (vm_id,))], [(("claims", vm_id), None)])
+        return True
+
+    def remove_claim_later(self, vm_id: str) -> None:
+        """Remove a claim without waiting for the commit (reads no longer see it): for a
+        stale claim found by a check, whose removal need not be durable before anything —
+        if it is not, the claim is found stale and removed again."""
+        self._submit([("DELETE FROM claims WHERE vm_id=?", (vm_id,))], [(("claims", vm_id), None)])
 
     # replay cache -----------------------------------------------------------------------
-    def remember_nonce(self, nonce: str, expires: float) -> bool:
+    async def remember_nonce(self, nonce: str, expires: float) -> bool:
         """Record a ticket nonce until ``expires`` (wall clock); False if it was already seen
         (a replay). Durable, so a ticket replayed after a restart is refused as well.
 
@@ -244,18 +369,17 @@ class Catalog:
         last minutes could be replayed; a step backwards only keeps nonces longer."""
         now, mono, boot = time.time(), time.monotonic(), _boot_id()
         try:
-            with self._tx() as db:
-                db.execute("DELETE FROM replay WHERE expires < ? AND (boot != ? OR expires_mono < ?)",
-                           (now, boot, mono))
-                db.execute("INSERT INTO replay(nonce, expires, boot, expires_mono) VALUES(?, ?, ?, ?)",
-                           (nonce, expires, boot, mono + max(0.0, expires - now)))
+            await self._commit([("DELETE FROM replay WHERE expires < ? AND (boot != ? OR expires_mono < ?)",
+                                 (now, boot, mono)),
+                                ("INSERT INTO replay(nonce, expires, boot, expires_mono) VALUES(?, ?, ?, ?)",
+                                 (nonce, expires, boot, mono + max(0.0, expires - now)))])
         except sqlite3.IntegrityError:
             return False
         return True
 
     # audit ------------------------------------------------------------------------------
-    def audit(self, actor: str, action: str, detail: str) -> None:
+    async def audit(self, actor: str, action: str, detail: str) -> None:
         """One audit row; control and non-ASCII characters are stored escaped (an actor or
         a detail may carry a peer's words: `replicad audit` prints them as they are)."""
-        self._write("INSERT INTO audit(time, actor, action, detail) VALUES(?, ?, ?, ?)",
-                    (utcnow(), printable(actor), action, printable(detail)))
+        await self._commit([("INSERT INTO audit(time, actor, action, detail) VALUES(?, ?, ?, ?)",
+                             (utcnow(), printable(actor), action, printable(detail)))])

@@ -1,8 +1,12 @@
 """The daemon: the one place where config becomes objects; lifecycle and signals.
 
-Start: catalog → recover replica copies → listeners → supervisors. SIGTERM/SIGINT: stop
-accepting, cancel cycles (a half-sent log is dropped by the replica and sent again),
-drain within the timeout, exit 0."""
+``Daemon.run`` is three named steps. Startup: build (state-dir lock, catalog, the host's
+parts) → recover (interrupted failover steps, replica copies) → listen (management socket,
+peer and metrics listeners) → supervise (one task per primary relationship) → ready.
+Serve until SIGTERM/SIGINT. Shutdown: stop accepting (every listening socket closed: a new
+connection is refused) → cancel the supervisors and appliers (a half-sent log is dropped by
+the replica and sent again) → drain the open connections within the timeout → close the
+catalog, the socket and the lock; exit 0."""
 
 from __future__ import annotations
 
@@ -60,6 +64,8 @@ class Daemon:
         self._socket_runner: web.AppRunner | None = None
         self._socket_site: web.UnixSite | None = None
         self._restoring: asyncio.Task | None = None
+        self.host: Host | None = None  # built by run()
+        self.ready = asyncio.Event()  # set once startup is done: recovered, listening, supervising
 
     def _build(self) -> Host:
         cfg = self.config
@@ -170,69 +176,136 @@ class Daemon:
         finally:
             self.notifier.ready("reloaded")
 
-    async def run(self) -> int:
-        host = self._build()
-        loop = asyncio.get_running_loop()
-        events.bus.attach(loop)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self._reload)
+    # the life of the daemon: startup, serve, shutdown ------------------------------------
+    async def run(self, *, signals: bool = True) -> int:
+        """Startup, serve until asked to stop (SIGTERM/SIGINT, or ``stop()``), shutdown.
+        ``signals``: install the process's signal handlers (an in-process test daemon does not)."""
+        host = self.host = self._build()
+        if signals:
+            self._handle_signals()
         try:
-            await host.failovers.recover()  # a failover step cut by a crash, before any apply
-            await host.replica.start()
-            await self._serve_socket(create_app(host))
-            cfg = self.config
-            common: dict[str, Any] = dict(
-                service=host.replica, catalog=host.catalog, host=cfg.host, admins=cfg.management.admins,
-                drain_timeout=DRAIN_TIMEOUT,
-                management_socket=cfg.management.socket, on_reverse=functools.partial(reverse.accept, host))
-            token, tls = cfg.listen.token, cfg.listen.tls
-            listeners = (token is not None) + (tls is not None)
-            soft, hard = raise_descriptor_limit()
-            log.info("daemon.descriptors", open_files=soft, hard_limit=hard,
-                     reason="the soft open-file limit raised towards the hard one: connections and files share it")
-            if token is not None:
-                assert self._credential is not None  # a token listener makes `realm` required (config.py)
-                ctx = PeerContext(mode="token", realm=self._realm,
-                                  sessions=SessionStore(self._credential, token.session_timeout),
-                                  idle_timeout=token.idle_timeout, header_timeout=token.header_timeout, **common)
-                ctx.limits = self._limits("token", token, listeners)
-                await self._serve_tcp(create_peer_app(ctx), token.address, token.port, "token", token.idle_timeout,
-                                      limits=ctx.limits)
-            if tls is not None:
-                assert self._tls is not None  # the TLS listener's certificate is the client's (_build)
-                ctx = PeerContext(mode="certificate", tls=self._tls, idle_timeout=tls.idle_timeout,
-                                  header_timeout=tls.header_timeout, **common)
-                ctx.limits = self._limits("tls", tls, listeners)
-                await self._serve_tcp(create_peer_app(ctx), tls.address, tls.port, "tls", tls.idle_timeout,
-                                      self._tls.listening, limits=ctx.limits)
-            m = cfg.listen.metrics
-            if m is not None:
-                await self._serve_tcp(metrics.create_app(host.catalog, host.primary.pending_bytes), m.address, m.port,
-                                      "metrics", 60.0)
-            await host.primary.start()
-            log.info("daemon.ready", host=cfg.host, version=__version__, socket=str(cfg.management.socket),
-                     token=f"{token.address}:{token.port}" if token else None,
-                     tls=f"{tls.address}:{tls.port}" if tls else None,
-                     metrics=f"{m.address}:{m.port}" if m else None)
-            self.notifier.ready(f"serving {len(host.catalog.relationships())} relationships")
-            watchdog = asyncio.create_task(self.notifier.watchdog(), name="watchdog")
-            await self._stop.wait()
-            log.info("daemon.stopping", reason="signal received: draining")
-            self.notifier.stopping()
-            events.bus.close()  # `events --follow` streams end now, not at the drain's end
-            watchdog.cancel()
+            await self.startup(host)
+            await self.serve()
         finally:
-            await host.primary.stop()
-            await host.replica.stop()
-            for r in reversed(self._runners):
-                await r.cleanup()
-            await host.client.close()
-            host.catalog.close()
-            self._socket.remove()  # only if it is still the socket this daemon bound
-            self._lock.release()
+            await self.shutdown(host)
         log.info("daemon.stopped")
         return 0
+
+    def stop(self) -> None:
+        """Ask the daemon to stop, as SIGTERM does."""
+        self._stop.set()
+
+    def _handle_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+
+    async def startup(self, host: Host) -> None:
+        """Recover, listen, supervise, then say ready."""
+        events.bus.attach(asyncio.get_running_loop())
+        await self._recover(host)
+        await self._listen(host)
+        await host.primary.start()  # the supervisors: one task per primary relationship
+        self._ready(host)
+
+    async def serve(self) -> None:
+        """Serve until asked to stop: connections are the listeners' and the supervisors' tasks."""
+        watchdog = asyncio.create_task(self.notifier.watchdog(), name="watchdog")
+        try:
+            await self._stop.wait()
+        finally:
+            watchdog.cancel()
+        log.info("daemon.stopping", reason="signal received: draining")
+        self.notifier.stopping()
+        events.bus.close()  # `events --follow` streams end now, not at the drain's end
+
+    async def shutdown(self, host: Host) -> None:
+        """Stop accepting, cancel the supervisors and appliers (a half-sent log is dropped
+        by the replica and sent again), drain within the timeout, then close the state."""
+        await self._stop_accepting()
+        await self._cancel_supervisors(host)
+        await self._drain()
+        await self._close(host)
+
+    # startup steps ----------------------------------------------------------------------
+    async def _recover(self, host: Host) -> None:
+        """Before anything listens: a failover step cut by a crash (before any apply), then
+        every replica copy (half-received logs dropped, interrupted applies finished)."""
+        await host.failovers.recover()
+        await host.replica.start()
+
+    async def _listen(self, host: Host) -> None:
+        """The management socket, the peer listeners (token, TLS), the metrics listener."""
+        await self._serve_socket(create_app(host))
+        cfg = self.config
+        common: dict[str, Any] = dict(
+            service=host.replica, catalog=host.catalog, host=cfg.host, admins=cfg.management.admins,
+            drain_timeout=DRAIN_TIMEOUT,
+            management_socket=cfg.management.socket, on_reverse=functools.partial(reverse.accept, host))
+        token, tls = cfg.listen.token, cfg.listen.tls
+        listeners = (token is not None) + (tls is not None)
+        soft, hard = raise_descriptor_limit()
+        log.info("daemon.descriptors", open_files=soft, hard_limit=hard,
+                 reason="the soft open-file limit raised towards the hard one: connections and files share it")
+        if token is not None:
+            assert self._credential is not None  # a token listener makes `realm` required (config.py)
+            ctx = PeerContext(mode="token", realm=self._realm,
+                              sessions=SessionStore(self._credential, token.session_timeout),
+                              idle_timeout=token.idle_timeout, header_timeout=token.header_timeout, **common)
+            ctx.limits = self._limits("token", token, listeners)
+            await self._serve_tcp(create_peer_app(ctx), token.address, token.port, "token", token.idle_timeout,
+                                  limits=ctx.limits)
+        if tls is not None:
+            assert self._tls is not None  # the TLS listener's certificate is the client's (_build)
+            ctx = PeerContext(mode="certificate", tls=self._tls, idle_timeout=tls.idle_timeout,
+                              header_timeout=tls.header_timeout, **common)
+            ctx.limits = self._limits("tls", tls, listeners)
+            await self._serve_tcp(create_peer_app(ctx), tls.address, tls.port, "tls", tls.idle_timeout,
+                                  self._tls.listening, limits=ctx.limits)
+        m = cfg.listen.metrics
+        if m is not None:
+            await self._serve_tcp(metrics.create_app(host.catalog, host.primary.pending_bytes), m.address, m.port,
+                                  "metrics", 60.0)
+
+    def _ready(self, host: Host) -> None:
+        cfg = self.config
+        token, tls, m = cfg.listen.token, cfg.listen.tls, cfg.listen.metrics
+        log.info("daemon.ready", host=cfg.host, version=__version__, socket=str(cfg.management.socket),
+                 token=f"{token.address}:{token.port}" if token else None,
+                 tls=f"{tls.address}:{tls.port}" if tls else None,
+                 metrics=f"{m.address}:{m.port}" if m else None)
+        self.notifier.ready(f"serving {len(host.catalog.relationships())} relationships")
+        self.ready.set()
+
+    # shutdown steps ---------------------------------------------------------------------
+    async def _stop_accepting(self) -> None:
+        """Close every listening socket (management socket, peer and metrics listeners):
+        a new connection is refused from now on; the open ones are served until the drain."""
+        if self._restoring is not None:
+            self._restoring.cancel()  # a SIGHUP's new management socket must not appear now
+            await asyncio.gather(self._restoring, return_exceptions=True)
+        for runner in self._runners:
+            for site in list(runner.sites):
+                await site.stop()
+
+    async def _cancel_supervisors(self, host: Host) -> None:
+        """The primary's supervisors (their cycles) and the replica's appliers."""
+        await host.primary.stop()
+        await host.replica.stop()
+
+    async def _drain(self) -> None:
+        """The connections still open end within DRAIN_TIMEOUT (each runner's graceful close)."""
+        for r in reversed(self._runners):
+            await r.cleanup()
+
+    async def _close(self, host: Host) -> None:
+        """The peer client, the catalog (after its last commits, off the loop), the socket
+        (only if it is still the one this daemon bound), the state dir's lock."""
+        await host.client.close()
+        await asyncio.to_thread(host.catalog.close)
+        self._socket.remove()
+        self._lock.release()
 
 
 def run(config: Config) -> int:

@@ -87,9 +87,9 @@ async def start(host: Host, vm_name: str, actor: str) -> tuple:
                            seq=seq if resync else point, last_replication_time=utcnow(),
                            stats=Stats(monitoring_start=utcnow(), initial_replication_size=0))
         vm.mode = ReplicationMode.PRIMARY
-        host.catalog.put_vm_and_relationship(vm, new)
+        await host.catalog.put_vm_and_relationship(vm, new)
         await asyncio.to_thread(drop_points, disks, VMDir.of(rel.storage, vm.id))  # reverse completes the failover
-    host.catalog.audit(actor, "replication.reversed", f"{vm.name}: now primary, replicating to {old_primary}")
+    await host.catalog.audit(actor, "replication.reversed", f"{vm.name}: now primary, replicating to {old_primary}")
     if resync:
         log.warning("reverse.resync", vm=vm.name, old_primary=old_primary, point=point,
                     reason="a side moved since the common point (or the failover was unplanned): the first cycle "
@@ -184,9 +184,9 @@ async def accept(host: Host, principal: str, auth: str, vm_id: str, doc: dict) -
     if qemu_files:  # from now on the VM's disks are the raw copies; QEMU is not replicad's here any more
         await asyncio.to_thread(_create_sparse, qemu_files)
         vm.disks, vm.qemu = qemu_files, {}
-    host.catalog.put_vm_and_relationship(vm, new)
-    host.catalog.audit(principal, "replication.reversed", f"{vm.name}: now replica of {principal}"
-                       + (" (to be resynchronized)" if resync else ""))
+    await host.catalog.put_vm_and_relationship(vm, new)
+    await host.catalog.audit(principal, "replication.reversed", f"{vm.name}: now replica of {principal}"
+                             + (" (to be resynchronized)" if resync else ""))
     log.info("replication.reversed", vm=vm.name, primary=principal, point=seq, planned=planned, resync=resync,
              reason="the failed-over replica reversed replication; this host's disks are now the replica copies")
     host.replica.start_vm(vm.id)

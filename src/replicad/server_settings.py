@@ -35,8 +35,8 @@ class ServerSettings:
             s = replace(s, default_storage=str(state_dir / "replicas"))
         return s
 
-    def save(self, catalog: Catalog) -> None:
-        catalog.set_setting("server", asdict(self))
+    async def save(self, catalog: Catalog) -> None:
+        await catalog.set_setting("server", asdict(self))
 
     def accepts(self, auth: str) -> bool:
         return self.auth == AuthType.BOTH.value or self.auth == auth

@@ -86,9 +86,9 @@ def test_idna_u_labels_are_refused_wherever_a_name_is_given(tls_replica, tmp_pat
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
 
 
-def test_the_audit_table_keeps_identities_escaped(tmp_path):
+async def test_the_audit_table_keeps_identities_escaped(tmp_path):
     catalog = Catalog(tmp_path / "catalog.sqlite")
-    catalog.audit("evil\nlocal", "manage.refused", "GET /v1/vms\x1b[2J")
-    (actor, detail), = catalog._read("SELECT actor, detail FROM audit")
+    await catalog.audit("evil\nlocal", "manage.refused", "GET /v1/vms\x1b[2J")
+    (actor, detail), = catalog._reader.execute("SELECT actor, detail FROM audit").fetchall()
     catalog.close()
     assert actor == "evil\\x0alocal" and detail == "GET /v1/vms\\x1b[2J"

@@ -1,10 +1,14 @@
-"""The state database when it cannot be written (a full state dir): SQLite's own page limit
+"""The state database: writes committed off the event loop, in order, staged for every
+read at once; and when it cannot be written (a full state dir): SQLite's own page limit
 stands in for the full disk (SQLITE_FULL, "database or disk is full")."""
 
+import asyncio
+
 import pytest
+from tests.inprocess.daemons import HeldCommits, until
 
 from replicad.catalog import Catalog, StateWriteFailed
-from replicad.model import Relationship
+from replicad.model import VM, Relationship, VMClaim
 
 
 def _full(cat: Catalog) -> None:
@@ -12,14 +16,14 @@ def _full(cat: Catalog) -> None:
     cat._db.execute(f"PRAGMA max_page_count={pages}")
 
 
-def test_a_write_that_does_not_fit_rolls_back_and_is_kept_in_memory(tmp_path):
+async def test_a_write_that_does_not_fit_rolls_back_and_is_kept_in_memory(tmp_path):
     cat = Catalog(tmp_path / "catalog.sqlite")
     rel = Relationship("vm-1", "primary", replica_server="r.contoso.com")
-    cat.put_relationship(rel)
+    await cat.put_relationship(rel)
     _full(cat)
     rel.error = "local I/O error: No space left on device " + "x" * 20000  # needs new pages
     with pytest.raises(StateWriteFailed, match="database or disk is full") as e:
-        cat.put_relationship(rel)
+        await cat.put_relationship(rel)
     assert str(cat.path) in str(e.value) and e.value.transient
     assert not cat._db.in_transaction
     # status sees the failure; the durable row is the last one written whole
@@ -30,17 +34,65 @@ def test_a_write_that_does_not_fit_rolls_back_and_is_kept_in_memory(tmp_path):
 
     cat._db.execute("PRAGMA max_page_count=1073741823")  # space is back
     rel.error = None
-    cat.put_relationship(rel)
+    await cat.put_relationship(rel)
     assert Catalog(tmp_path / "catalog.sqlite").relationship("vm-1").error is None
     assert cat.relationship("vm-1").error is None
 
 
-def test_other_writes_fail_cleanly_and_the_replay_cache_still_refuses_replays(tmp_path):
+async def test_other_writes_fail_cleanly_and_the_replay_cache_still_refuses_replays(tmp_path):
     cat = Catalog(tmp_path / "catalog.sqlite")
-    assert cat.remember_nonce("n1", 2e9)
-    assert not cat.remember_nonce("n1", 2e9)  # a replay, not an error
+    await cat.put_vm(VM("vm-1", "web"))
+    assert await cat.remember_nonce("n1", 2e9)
+    assert not await cat.remember_nonce("n1", 2e9)  # a replay, not an error
     _full(cat)
     with pytest.raises(StateWriteFailed):
-        cat.audit("admin", "test", "y" * 50000)
+        await cat.audit("admin", "test", "y" * 50000)
+    with pytest.raises(StateWriteFailed):  # a staged row that could not be written is dropped
+        await cat.put_vm(VM("vm-1", "web" + "y" * 50000))
+    assert cat.vm_by_id("vm-1").name == "web" and cat.vm_by_name("web") is not None
     assert not cat._db.in_transaction
-    assert not cat.remember_nonce("n1", 2e9)
+    assert not await cat.remember_nonce("n1", 2e9)
+
+
+async def test_a_slow_commit_runs_off_the_loop_and_reads_see_the_write_at_once(tmp_path):
+    """A commit's fsync does not hold the event loop: while it waits, the loop runs, and
+    every read already sees the write (a read-modify-write on the loop builds on it); the
+    writer's own ``await`` returns only once it is durable; later writes commit after it."""
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    await cat.put_relationship(Relationship("vm-1", "primary", replica_server="r.contoso.com"))
+    hold = HeldCommits(cat, lambda sql: any("relationships" in s for s in sql))
+    rel = cat.require_relationship("vm-1")
+    rel.seq = 7
+    first = asyncio.create_task(cat.put_relationship(rel))
+    await until(hold.held.is_set, what="the commit to be held in the writer thread")
+    assert not first.done()  # not durable: its writer still waits...
+    assert Catalog(tmp_path / "catalog.sqlite").relationship("vm-1").seq == 0
+    assert cat.relationship("vm-1").seq == 7  # ...and every read sees it already
+    again = cat.require_relationship("vm-1")  # a read-modify-write builds on it
+    again.error = "later"
+    second = asyncio.create_task(cat.put_relationship(again))
+    claimed = asyncio.create_task(cat.add_claim(VMClaim("vm-2", "db", "p", "g", "/s", "now")))
+    await until(lambda: cat.claim_by_name("db") is not None, what="the later writes to be staged")
+    assert cat.relationship("vm-1").error == "later"
+    assert not await cat.add_claim(VMClaim("vm-3", "db", "p", "g", "/s", ""))  # the name is taken
+    hold.release.set()
+    await asyncio.gather(first, second, claimed)
+    durable = Catalog(tmp_path / "catalog.sqlite")
+    assert (durable.relationship("vm-1").seq, durable.relationship("vm-1").error) == (7, "later")
+    assert [c.vm_id for c in durable.claims()] == ["vm-2"]
+    assert cat._staged == {}
+    cat.close()
+
+
+async def test_a_cancelled_writer_still_writes_what_it_staged(tmp_path):
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    hold = HeldCommits(cat, lambda sql: True)
+    task = asyncio.create_task(cat.put_vm(VM("vm-1", "web")))
+    await until(hold.held.is_set, what="the commit to be held")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cat.vm_by_name("web") is not None  # staged: reads see it
+    hold.release.set()
+    await asyncio.to_thread(cat.close)  # waits for the writes made so far
+    assert Catalog(tmp_path / "catalog.sqlite").vm_by_name("web") is not None

@@ -27,22 +27,22 @@ def wall(monkeypatch):
     return Wall()
 
 
-def test_a_seen_ticket_stays_refused_across_a_wall_clock_jump(tmp_path, wall):
+async def test_a_seen_ticket_stays_refused_across_a_wall_clock_jump(tmp_path, wall):
     catalog = Catalog(tmp_path / "catalog.sqlite")
     expires = time.time() + 600  # a ticket's validity plus the allowed skew
-    assert catalog.remember_nonce("seen-once", expires)
+    assert await catalog.remember_nonce("seen-once", expires)
     wall.jump(2 * HOURS)  # stepped ahead: every nonce looks expired to the wall clock
-    assert catalog.remember_nonce("during-the-jump", time.time() + 600)  # a session then purges the cache
+    assert await catalog.remember_nonce("during-the-jump", time.time() + 600)  # a session then purges the cache
     wall.jump(0)  # and stepped back: the first ticket is inside its window again
-    assert not catalog.remember_nonce("seen-once", expires)
+    assert not await catalog.remember_nonce("seen-once", expires)
     catalog.close()
 
 
-def test_an_expired_nonce_is_forgotten_once_both_clocks_agree(tmp_path, wall):
+async def test_an_expired_nonce_is_forgotten_once_both_clocks_agree(tmp_path, wall):
     catalog = Catalog(tmp_path / "catalog.sqlite")
-    assert catalog.remember_nonce("old", time.time() - 1)  # no validity left on either clock
-    assert catalog.remember_nonce("next", time.time() + 600)
-    rows = [n for (n,) in catalog._read("SELECT nonce FROM replay")]
+    assert await catalog.remember_nonce("old", time.time() - 1)  # no validity left on either clock
+    assert await catalog.remember_nonce("next", time.time() + 600)
+    rows = [n for (n,) in catalog._reader.execute("SELECT nonce FROM replay")]
     assert rows == ["next"]  # the cache does not grow for ever
     catalog.close()
 

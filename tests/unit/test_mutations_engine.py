@@ -51,9 +51,9 @@ def primary(tmp_path):
     disk = tmp_path / "web.img"
     disk.write_bytes(os.urandom(1 << 20))
     catalog = Catalog(tmp_path / "state" / "catalog.db")
-    catalog.put_vm_and_relationship(VM(VM_ID, "web", disks=[Disk(str(disk), 1 << 20)]),
-                                    Relationship(VM_ID, "primary", state=S.READY_FOR_INITIAL,
-                                                 replica_server="vmhost2.contoso.com"))
+    asyncio.run(catalog.put_vm_and_relationship(VM(VM_ID, "web", disks=[Disk(str(disk), 1 << 20)]),
+                                                Relationship(VM_ID, "primary", state=S.READY_FOR_INITIAL,
+                                                             replica_server="vmhost2.contoso.com")))
     engine = PrimaryEngine(catalog, tmp_path / "state", client=None)
     yield engine, catalog, Baselines(tmp_path / "state", VM_ID)
     catalog.close()

@@ -34,12 +34,14 @@ def durable_progress(g: Grant, vm_id: str) -> None:
     d.progress.write_text("{}")
 
 
-def test_a_pending_claim_binds_id_and_name_to_principal_and_group(setup):
+async def test_a_pending_claim_binds_id_and_name_to_principal_and_group(setup):
     adm, catalog, receiving, tmp = setup
     owner = grant(tmp, "vmhost2", "Finance")
     adm.check(owner, ID_A, "payroll2")  # nothing bound yet
-    adm.claim(owner, ID_A, "payroll2", owner.storage)
-    adm.claim(owner, ID_A, "payroll2", owner.storage)  # its owner's retry: idempotent
+    await adm.claim(owner, ID_A, "payroll2", owner.storage)
+    await adm.claim(owner, ID_A, "payroll2", owner.storage)  # its owner's retry: idempotent
+    await adm.claim(owner, ID_A, "payroll2", owner.storage, declared=5)  # a retry declaring other sizes
+    assert [(c.vm_id, c.bytes) for c in catalog.claims()] == [(ID_A, 5)]
     receiving.add(ID_A)  # its first log is being received
     adm.check(owner, ID_A, "payroll2")
     for other in (grant(tmp, "vmhost3", "Engineering"), grant(tmp, "vmhost4", "Finance")):  # another host, any group
@@ -50,13 +52,13 @@ def test_a_pending_claim_binds_id_and_name_to_principal_and_group(setup):
             assert "belongs to another primary" in text and "vmhost2" not in text
             assert "Finance" not in text.replace(f"(trust group {other.trust_group})", "")
     with pytest.raises(Refused):  # the claim itself refuses a second claimant
-        adm.claim(grant(tmp, "vmhost3", "Engineering"), ID_B, "payroll2", tmp)
+        await adm.claim(grant(tmp, "vmhost3", "Engineering"), ID_B, "payroll2", tmp)
 
 
-def test_a_claim_lasts_while_its_copy_is_pending(setup):
+async def test_a_claim_lasts_while_its_copy_is_pending(setup):
     adm, catalog, receiving, tmp = setup
     owner, other = grant(tmp, "vmhost2", "Finance"), grant(tmp, "vmhost3", "Engineering")
-    adm.claim(owner, ID_A, "payroll2", owner.storage)
+    await adm.claim(owner, ID_A, "payroll2", owner.storage)
     receiving.add(ID_A)  # being received: bound
     with pytest.raises(Refused):
         adm.check(other, ID_B, "payroll2")
@@ -71,12 +73,12 @@ def test_a_claim_lasts_while_its_copy_is_pending(setup):
     assert catalog.claims() == []
 
 
-def test_a_committed_replica_vm_is_bound_by_its_relationship(setup):
+async def test_a_committed_replica_vm_is_bound_by_its_relationship(setup):
     adm, catalog, _, tmp = setup
     owner = grant(tmp, "vmhost2", "Finance")
-    catalog.put_vm_and_relationship(VM(ID_A, "ledger", mode=ReplicationMode.REPLICA),
-                                    Relationship(ID_A, "replica", primary_server=owner.principal,
-                                                 trust_group="Finance"))
+    await catalog.put_vm_and_relationship(VM(ID_A, "ledger", mode=ReplicationMode.REPLICA),
+                                          Relationship(ID_A, "replica", primary_server=owner.principal,
+                                                       trust_group="Finance"))
     adm.check(owner, ID_A, "ledger")
     with pytest.raises(Refused, match="belongs to another primary"):
         adm.check(grant(tmp, "vmhost4", "Finance"), ID_A, "ledger")  # same group, another host
@@ -86,10 +88,10 @@ def test_a_committed_replica_vm_is_bound_by_its_relationship(setup):
         adm.check(owner, ID_B, "ledger")
 
 
-def test_a_local_vm_is_nobodys_to_write(setup):
+async def test_a_local_vm_is_nobodys_to_write(setup):
     adm, catalog, _, tmp = setup
-    catalog.put_vm_and_relationship(VM(ID_A, "web", mode=ReplicationMode.PRIMARY),
-                                    Relationship(ID_A, "primary", replica_server="vmhost1.contoso.com"))
+    await catalog.put_vm_and_relationship(VM(ID_A, "web", mode=ReplicationMode.PRIMARY),
+                                          Relationship(ID_A, "primary", replica_server="vmhost1.contoso.com"))
     with pytest.raises(Conflict, match="not a replica"):  # its partner is told plainly
         adm.check(grant(tmp, "vmhost1", "Finance"), ID_A, "web")
     adm.check(grant(tmp, "vmhost1", "Finance"), ID_A, partner_ok=True)  # and may read its status
@@ -97,11 +99,11 @@ def test_a_local_vm_is_nobodys_to_write(setup):
         adm.check(grant(tmp, "vmhost3", "Engineering"), ID_A, "web")
 
 
-def test_recover_drops_claims_with_nothing_to_resume(setup):
+async def test_recover_drops_claims_with_nothing_to_resume(setup):
     adm, catalog, _, tmp = setup
     owner = grant(tmp, "vmhost2", "Finance")
-    adm.claim(owner, ID_A, "kept", owner.storage)
+    await adm.claim(owner, ID_A, "kept", owner.storage)
     durable_progress(owner, ID_A)
-    adm.claim(owner, ID_B, "gone", owner.storage)
-    assert [c.vm_id for c in adm.recover()] == [ID_B]
+    await adm.claim(owner, ID_B, "gone", owner.storage)
+    assert [c.vm_id for c in (await adm.recover())] == [ID_B]
     assert [c.vm_id for c in catalog.claims()] == [ID_A]

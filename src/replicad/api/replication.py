@@ -149,12 +149,13 @@ async def enable(request):
     if rel.replica_server == host.config.host:
         raise UsageError("a VM cannot replicate to its own host")
     if extended:
-        host.catalog.put_relationship(rel)  # the VM stays a replica here
+        await host.catalog.put_relationship(rel)  # the VM stays a replica here
     else:
         vm.mode = ReplicationMode.PRIMARY
-        host.catalog.put_vm_and_relationship(vm, rel)
-    host.catalog.audit(actor(request), "replication.enable", f"{vm.name} -> {rel.replica_server}:{rel.replica_port}"
-                       + (" (extended)" if extended else ""))
+        await host.catalog.put_vm_and_relationship(vm, rel)
+    await host.catalog.audit(actor(request), "replication.enable",
+                             f"{vm.name} -> {rel.replica_server}:{rel.replica_port}"
+                             + (" (extended)" if extended else ""))
     log.info("replication.enabled", vm=vm.name, replica=rel.replica_server, port=rel.replica_port,
              frequency=rel.frequency, relationship="Extended" if extended else "Simple")
     return web.json_response(rel_json(host, rel, vm.name))
@@ -171,7 +172,7 @@ async def set_replication(request):
     apply_options(rel, doc, host)
     if rel.auth != old_auth and "replica_port" not in doc:
         rel.replica_port = default_port(rel.auth)  # the other listener, as `enable` would choose it
-    host.catalog.put_relationship(rel)
+    await host.catalog.put_relationship(rel)
     log.info("replication.changed", vm=vm.name, changes=sorted(doc))
     host.primary.kick(vm.id)  # a new frequency takes effect now
     return web.json_response(rel_json(host, rel, vm.name))
@@ -229,8 +230,8 @@ async def start_initial(request):
         if doc.get("export") or doc.get("at"):
             raise UsageError("--use-existing cannot be combined with --export or --at")
         rel.seed, rel.state, rel.error, rel.start_at = True, S.WAITING_FOR_RESYNC, None, None
-        host.catalog.put_relationship(rel)
-        host.catalog.audit(actor(request), "replication.seed_requested", vm.name)
+        await host.catalog.put_relationship(rel)
+        await host.catalog.audit(actor(request), "replication.seed_requested", vm.name)
         log.info("replication.seed_requested", vm=vm.name, peer=rel.replica_server,
                  reason="the replica adopts the copy in <storage>/<vm name>/ and only differences are sent")
         fut = host.primary.request_cycle(vm.id)
@@ -253,7 +254,7 @@ async def start_initial(request):
         rel.start_at = None
         rel.state = S.INITIAL_IN_PROGRESS
     rel.error = None
-    host.catalog.put_relationship(rel)
+    await host.catalog.put_relationship(rel)
     log.info("replication.initial_requested", vm=vm.name, at=rel.start_at or "now")
     if doc.get("wait") and not at:
         return await _wait_stream(request, host, vm.id, host.primary.request_cycle(vm.id))
@@ -291,8 +292,8 @@ async def _export(request, host: Host, vm, rel: Relationship, folder: str, *, fo
         r.error = (f"waiting for the replica to import the initial copy exported to {path} "
                    "(`replication import-initial`)")
         r.stats.initial_replication_size = 0
-        host.catalog.put_relationship(r)
-        host.catalog.audit(actor(request), "replication.exported", f"{vm.name} -> {path}")
+        await host.catalog.put_relationship(r)
+        await host.catalog.audit(actor(request), "replication.exported", f"{vm.name} -> {path}")
         log.info("replication.exported", vm=vm.name, folder=str(path), bytes=meta["bytes"],
                  reason="initial copy on media; the first network cycle will ship only what changed since")
         host.primary.ensure(vm.id)
@@ -340,8 +341,8 @@ async def resync(request):
                     result="the operator chose the primary's copy; the replica's own changes will be overwritten")
     rel.resync_hold = None
     rel.state = S.RESYNCHRONIZING
-    host.catalog.put_relationship(rel)
-    host.catalog.audit(actor(request), "replication.resync", vm.name)
+    await host.catalog.put_relationship(rel)
+    await host.catalog.audit(actor(request), "replication.resync", vm.name)
     log.info("replication.resync_requested", vm=vm.name, reason="compare both copies block by block")
     fut = host.primary.request_cycle(vm.id)
     if doc.get("wait"):
@@ -369,7 +370,7 @@ async def measure(request):
     host = host_of(request)
     vm, rel = _target(request)
     host.primary.roll_stats(rel)
-    host.catalog.put_relationship(rel)
+    await host.catalog.put_relationship(rel)
     return web.json_response(measure_json(host, rel, vm.name))
 
 
@@ -377,7 +378,7 @@ async def reset_stats(request):
     host = host_of(request)
     vm, rel = _target(request)
     rel.stats = Stats(monitoring_start=utcnow(), initial_replication_size=rel.stats.initial_replication_size)
-    host.catalog.put_relationship(rel)
+    await host.catalog.put_relationship(rel)
     log.info("replication.stats_reset", vm=vm.name)
     return web.json_response(measure_json(host, rel, vm.name))
 
@@ -390,7 +391,7 @@ async def suspend(request):
     if rel.state not in (S.REPLICATING, S.ERROR, S.INITIAL_IN_PROGRESS, S.WAITING_FOR_INITIAL):
         raise Conflict(f"cannot suspend replication of {vm.name} in state {rel.state.value}")
     rel.state = S.SUSPENDED
-    host.catalog.put_relationship(rel)
+    await host.catalog.put_relationship(rel)
     log.info("replication.suspended", vm=vm.name, role=rel.role)
     return web.json_response(rel_json(host, rel, vm.name))
 
@@ -400,8 +401,8 @@ async def resume(request):
     vm, rel = _target(request)
     if rel.role == "primary" and rel.state == S.PREPARED_FOR_FAILOVER:
         rel.state, rel.prepared = S.REPLICATING, {}
-        host.catalog.put_relationship(rel)
-        host.catalog.audit(actor(request), "failover.prepare_cancelled", vm.name)
+        await host.catalog.put_relationship(rel)
+        await host.catalog.audit(actor(request), "failover.prepare_cancelled", vm.name)
         log.warning("failover.prepare_cancelled", vm=vm.name, reason="the operator resumed replication; a planned "
                     "failover to the prepared point is no longer possible (an unplanned one still is)")
         host.primary.kick(vm.id)
@@ -412,7 +413,7 @@ async def resume(request):
         rel.state = S.REPLICATING if rel.seq > 0 else S.READY_FOR_INITIAL
     else:
         rel.state = S.REPLICATING if rel.applied_seq > 0 else S.INITIAL_IN_PROGRESS
-    host.catalog.put_relationship(rel)
+    await host.catalog.put_relationship(rel)
     log.info("replication.resumed", vm=vm.name, role=rel.role, reason="the merged changes ship in the next cycle")
     if rel.role == "primary":
         host.primary.kick(vm.id)
@@ -430,13 +431,13 @@ async def remove(request):
         await asyncio.to_thread(Baselines(host.config.state_dir, vm.id).drop_all)
         if vm.qemu:
             await drop_tracking(vm)
-    host.catalog.remove_relationship(vm.id)
+    await host.catalog.remove_relationship(vm.id)
     if rel.role == "replica" and not rel.source_vm:  # failed over: the VM keeps the failover copy
         await asyncio.to_thread(failover_copy.settle, vm.files(), failover_copy.COMPLETED)
     if not rel.source_vm:  # removing extended replication leaves the replica VM as it is
         vm.mode = ReplicationMode.NONE
-        host.catalog.put_vm(vm)
-    host.catalog.audit(actor(request), "replication.remove", f"{vm.name} ({rel.role})")
+        await host.catalog.put_vm(vm)
+    await host.catalog.audit(actor(request), "replication.remove", f"{vm.name} ({rel.role})")
     log.info("replication.removed", vm=vm.name, role=rel.role)
     return web.json_response({"removed": vm.name})
 

@@ -83,9 +83,9 @@ async def set_server(request):
     new = replace(s, **changes)
     if new.enabled:
         _storage(new.default_storage)
-    new.save(host.catalog)
+    await new.save(host.catalog)
     if new != s:
-        host.catalog.audit(actor(request), "server.set", str(changes))
+        await host.catalog.audit(actor(request), "server.set", str(changes))
         log.info("server.changed", changes=changes)
     return web.json_response(server_json(host, new))
 
@@ -129,8 +129,8 @@ async def add_entry(request):
     default = ServerSettings.load(host.catalog, host.config.state_dir).default_storage
     e = AuthorizationEntry(pattern, _storage(str(doc.get("storage") or default)),
                            _trust_group(doc, DEFAULT_TRUST_GROUP), **_quotas(doc, None))
-    host.catalog.put_entry(e)
-    host.catalog.audit(actor(request), "auth-entry.add", str(e.to_dict()))
+    await host.catalog.put_entry(e)
+    await host.catalog.audit(actor(request), "auth-entry.add", str(e.to_dict()))
     log.info("auth_entry.added", **e.to_dict())
     return web.json_response(e.to_dict())
 
@@ -144,8 +144,8 @@ async def set_entry(request):
         raise NotFound(f"no authorization entry for {pattern}")
     e = AuthorizationEntry(pattern, _storage(str(doc["storage"])) if doc.get("storage") else old.storage,
                            _trust_group(doc, old.trust_group), **_quotas(doc, old))
-    host.catalog.put_entry(e)
-    host.catalog.audit(actor(request), "auth-entry.set", str(e.to_dict()))
+    await host.catalog.put_entry(e)
+    await host.catalog.audit(actor(request), "auth-entry.set", str(e.to_dict()))
     log.info("auth_entry.changed", **e.to_dict())
     return web.json_response(e.to_dict())
 
@@ -153,9 +153,9 @@ async def set_entry(request):
 async def remove_entry(request):
     host = host_of(request)
     pattern = _pattern(await body(request))
-    if not host.catalog.remove_entry(pattern):
+    if not await host.catalog.remove_entry(pattern):
         raise NotFound(f"no authorization entry for {pattern}")
-    host.catalog.audit(actor(request), "auth-entry.remove", pattern)
+    await host.catalog.audit(actor(request), "auth-entry.remove", pattern)
     log.info("auth_entry.removed", primary=pattern)
     return web.json_response({"removed": pattern})
 

@@ -79,7 +79,7 @@ async def add_vm(request):
     if doc.get("qemu") is not None:
         disks_of_qemu, qemu = await qemu_disks(host, name, doc)
         vm = VM(id=str(uuid.uuid4()), name=name, disks=disks_of_qemu, qemu=qemu)
-        host.catalog.put_vm(vm)
+        await host.catalog.put_vm(vm)
         log.info("vm.added", vm=name, id=vm.id, disks=len(vm.disks), qemu=qemu["qmp"],
                  nodes=[d.node for d in vm.disks])
         return web.json_response(vm_json(host, vm, (await run_states([vm])).get(vm.id)))
@@ -139,7 +139,7 @@ async def add_vm(request):
         raise UsageError(f"{name} would have {len(disks) + (cfg is not None)} files (disks, their backing files "
                          f"and the configuration file); a VM has at most {MAX_DISKS}")
     vm = VM(id=str(uuid.uuid4()), name=name, disks=disks, config_file=cfg)
-    host.catalog.put_vm(vm)
+    await host.catalog.put_vm(vm)
     log.info("vm.added", vm=name, id=vm.id, disks=len(disks), config_file=cfg)
     for w in warnings:
         log.warning("vm.backing_name", vm=name, reason=w)
@@ -176,7 +176,7 @@ async def set_vm(request):
         vm.hook_timeout = t
     if "qemu" in doc:
         await qemu_attach(host, vm, doc)
-    host.catalog.put_vm(vm)
+    await host.catalog.put_vm(vm)
     log.info("vm.changed", vm=vm.name, hooks=sorted(vm.hooks), qemu=vm.qemu.get("qmp"))
     return web.json_response(vm_json(host, vm, (await run_states([vm])).get(vm.id)))
 
@@ -205,7 +205,7 @@ async def start_vm(request):
     if vm.qemu:
         await qemu_pause(vm, run=True)
     vm.state = VMState.RUNNING
-    host.catalog.put_vm(vm)
+    await host.catalog.put_vm(vm)
     log.info("vm.started", vm=vm.name)
     return web.json_response(vm_json(host, vm))
 
@@ -217,7 +217,7 @@ async def stop_vm(request):
     if vm.qemu:
         await qemu_pause(vm, run=False)
     vm.state = VMState.OFF
-    host.catalog.put_vm(vm)
+    await host.catalog.put_vm(vm)
     log.info("vm.stopped", vm=vm.name)
     return web.json_response(vm_json(host, vm))
 
@@ -238,8 +238,8 @@ async def remove_vm(request):
     deleted = rel is not None and rel.role == "replica"
     if deleted:
         await host.replica.remove(vm.id)
-        host.catalog.audit(actor(request), "replica.removed", f"{vm.name} ({vm.id})")
-    host.catalog.remove_vm(vm.id)
+        await host.catalog.audit(actor(request), "replica.removed", f"{vm.name} ({vm.id})")
+    await host.catalog.remove_vm(vm.id)
     # say what became of the files: a replica copy is deleted with its VM; anything else
     # (a primary's disks, a copy whose replication was removed first) stays where it is
     if deleted:

@@ -121,9 +121,9 @@ class PrimaryEngine:
         return fut
 
     # the loop -------------------------------------------------------------------------------
-    def save(self, rel: Relationship) -> None:
+    async def save(self, rel: Relationship) -> None:
         try:
-            self.catalog.put_relationship(rel)  # kept in memory when it cannot be written (catalog.py)
+            await self.catalog.put_relationship(rel)  # kept in memory when it cannot be written (catalog.py)
         finally:
             health, reasons = compute_health(rel)
             if self._health.get(rel.vm_id) != health.value:
@@ -191,11 +191,11 @@ class PrimaryEngine:
                 # a stray cancellation from a library must not kill the VM's supervisor
                 e = ReplicadError("the cycle was interrupted")
                 e.transient = True
-                self._failed(vm_id, e, time.monotonic() - last_start)
+                await self._failed(vm_id, e, time.monotonic() - last_start)
                 self._fail_waiters(vm_id, e, waiters)
                 continue
             except Exception as e:  # noqa: BLE001 — sorted and recorded in _failed
-                self._failed(vm_id, e, time.monotonic() - last_start)
+                await self._failed(vm_id, e, time.monotonic() - last_start)
                 self._fail_waiters(vm_id, e, waiters)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
@@ -218,7 +218,7 @@ class PrimaryEngine:
             log.info("stats.interval_started", vm=self.name_of(rel.vm_id), vm_id=rel.vm_id,
                      start=rel.stats.monitoring_start, reason="a new monitoring interval began")
 
-    def _failed(self, vm_id: str, e: Exception, seconds: float) -> None:
+    async def _failed(self, vm_id: str, e: Exception, seconds: float) -> None:
         rel = self.catalog.relationship(vm_id)
         if rel is None:
             return
@@ -254,7 +254,7 @@ class PrimaryEngine:
             rel.state = S.ERROR
             log.exception("cycle.crashed", vm=name, vm_id=vm_id, reason=rel.error)
         try:
-            self.save(rel)
+            await self.save(rel)
         except StateWriteFailed as w:  # the state dir is full too: status shows it from memory
             log.error("state.write_failed", vm=name, vm_id=vm_id, reason=str(w),
                       result="the failure is kept in memory; the supervisor retries")
@@ -284,7 +284,7 @@ class PrimaryEngine:
             log.info("baseline.promoted", vm=self.name_of(rel.vm_id), vm_id=rel.vm_id, seq=top,
                      reason="the replica acknowledged this cycle before the primary could record it")
             rel.seq = top
-            self.save(rel)
+            await self.save(rel)
         await asyncio.to_thread(baselines.keep_only, rel.seq)
         return rel
 
@@ -334,7 +334,7 @@ class PrimaryEngine:
             if resume is None:
                 rel.epoch = secrets.token_hex(8)
             rel.state = S.INITIAL_IN_PROGRESS
-            self.save(rel)
+            await self.save(rel)
             await asyncio.to_thread(baselines.drop_all)
         else:
             rel = await self._reconcile_pending(rel, baselines, conv)
@@ -379,6 +379,8 @@ class PrimaryEngine:
             raise ReplicadError(f"replica acknowledged {ack.get('acked_seq')!r}, expected {seq}")
         self._fault("primary-after-ack")  # acknowledged, not yet recorded: the pending baseline
         seconds = time.monotonic() - t0
+        if is_prepare and producer.consistency != Consistency.FUZZY.value:  # before the row is read and written
+            await self.catalog.audit("local", "failover.prepared", f"{vm.name}: final cycle {seq} acknowledged")
         # the replica holds log `seq` durably: now, and only now, the baseline advances
         rel = self.catalog.require_relationship(vm_id)
         self.roll_stats(rel)
@@ -403,7 +405,6 @@ class PrimaryEngine:
         elif is_prepare:
             rel.state = S.PREPARED_FOR_FAILOVER
             rel.prepared = prepared_record(rel, seq, header.time, producer.identities)
-            self.catalog.audit("local", "failover.prepared", f"{vm.name}: final cycle {seq} acknowledged")
             log.info("failover.prepared", vm=vm.name, cycle=seq, reason="every last change shipped; the replica "
                      "can fail over to exactly this state")
         st = rel.stats
@@ -418,12 +419,12 @@ class PrimaryEngine:
             st.latency_total += seconds
             st.maximum_latency = max(st.maximum_latency, seconds)
             st.missed_count += late
-        self.save(rel)
+        await self.save(rel)
         own = self.catalog.vm_by_id(vm_id)  # None for extended replication: the replica's VM is not ours
         if own is not None:  # sizes as shipped, so `vm get` follows a growing disk
             for disk, info in zip(own.disks, header.disks, strict=False):  # the header also lists a config file
                 disk.size = info.size
-            self.catalog.put_vm(own)
+            await self.catalog.put_vm(own)
         await asyncio.to_thread(producer.commit)
         outcome = CycleOutcome(vm=vm.name, seq=seq, kind=kind, bytes_sent=progress.sent,
                                data_bytes=producer.data_bytes, seconds=round(seconds, 3),

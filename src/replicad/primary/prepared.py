@@ -60,11 +60,11 @@ async def ask_replica(engine: PrimaryEngine, vm_id: str) -> None:
     if st.get("state") in (S.FAILED_OVER_WAITING.value, S.FAILED_OVER.value):
         if not rel.replica_failed_over:
             rel.replica_failed_over = {"epoch": rel.epoch, "seq": rel.seq, "at": utcnow()}
-            engine.save(rel)
+            await engine.save(rel)
         return
     if st.get("exists") and st.get("epoch") == rel.epoch and st.get("prepared_seq") != rel.seq:
         rel.state, rel.prepared, rel.replica_failed_over = S.REPLICATING, {}, {}
-        engine.save(rel)
+        await engine.save(rel)
         log.warning("failover.prepare_cancelled", vm=engine.name_of(vm_id), peer=rel.replica_server,
                     reason="the replica no longer holds the prepared point as prepared (its failover was "
                     "cancelled); replicating again — the VM stays off until `vm start`")

@@ -58,7 +58,7 @@ async def begin(engine: PrimaryEngine, rel: Relationship, vm: VM, conv: Conversa
         log.warning("resync.started", vm=vm.name, peer=rel.replica_server,
                     reason=rel.error or "requested by the operator")
     rel.state = S.RESYNCHRONIZING
-    engine.save(rel)
+    await engine.save(rel)
     if rel.seed:
         adopted = await conv.seed(rel.vm_id, {"vm_name": vm.name, "files": vm.copy_names(),
                                               "config": bool(vm.config_file)})

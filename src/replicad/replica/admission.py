@@ -156,7 +156,7 @@ class Admission:
         in_flight = claim.vm_id != held and self._receiving(claim.vm_id)
         if in_flight or VMDir.of(claim.storage, claim.vm_id).progress.exists():
             return False
-        self.catalog.remove_claim(claim.vm_id)
+        self.catalog.remove_claim_later(claim.vm_id)  # need not be durable: a stale claim is dropped again
         log.info("admission.claim_expired", vm=claim.name, vm_id=claim.vm_id, owner=claim.principal,
                  reason="its first copy left nothing to resume")
         return True
@@ -263,36 +263,35 @@ class Admission:
                       "(`replicad auth-entry set`)")
 
     # claims -----------------------------------------------------------------------------
-    def claim(self, grant: Grant, vm_id: str, name: str, storage: Path, declared: int = 0) -> None:
+    async def claim(self, grant: Grant, vm_id: str, name: str, storage: Path, declared: int = 0) -> None:
         """Bind ``vm_id`` and ``name`` to ``grant``'s primary for a first copy (idempotent for
         its owner). Raises like ``check`` when another claimed either meanwhile."""
         existing = self.catalog.claim_by_id(vm_id)
         if existing is not None and _same(existing.principal, grant.principal) and existing.name == name \
                 and existing.trust_group == grant.trust_group:
             if existing.bytes != declared:  # a new attempt may declare other sizes
-                self.catalog.remove_claim(vm_id)
-                self.catalog.add_claim(VMClaim(vm_id, name, grant.principal, grant.trust_group, str(storage),
-                                               existing.since, declared))
+                await self.catalog.replace_claim(VMClaim(vm_id, name, grant.principal, grant.trust_group,
+                                                         str(storage), existing.since, declared))
             return
         c = VMClaim(vm_id, name, grant.principal, grant.trust_group, str(storage), utcnow(), declared)
-        if not self.catalog.add_claim(c):
+        if not await self.catalog.add_claim(c):
             self.check(grant, vm_id, name, held=vm_id)  # who won the race (or a stale claim, now gone)
-            if not self.catalog.add_claim(c):
+            if not await self.catalog.add_claim(c):
                 raise Conflict(f"VM {name} ({vm_id}) is being claimed by another request; try again")
         log.info("admission.claimed", vm=name, vm_id=vm_id, peer=grant.principal, trust_group=grant.trust_group,
                  reason="the first log admitted binds this VM id and name to its primary")
 
-    def release(self, vm_id: str) -> None:
-        self.catalog.remove_claim(vm_id)
+    async def release(self, vm_id: str) -> None:
+        await self.catalog.remove_claim(vm_id)
 
-    def recover(self) -> list[VMClaim]:
+    async def recover(self) -> list[VMClaim]:
         """At start: claims of a committed VM are done; claims whose copy left no durable
         progress are dropped. Returns the dropped ones (their folders are leftovers)."""
         dropped = []
         for c in self.catalog.claims():
             if self.catalog.relationship(c.vm_id) is not None:
-                self.catalog.remove_claim(c.vm_id)
+                await self.catalog.remove_claim(c.vm_id)
             elif not VMDir.of(c.storage, c.vm_id).progress.exists():
-                self.catalog.remove_claim(c.vm_id)
+                await self.catalog.remove_claim(c.vm_id)
                 dropped.append(c)
         return dropped

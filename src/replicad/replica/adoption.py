@@ -59,14 +59,16 @@ class Adoption:
         async with self.applier.lock(rel.vm_id):
             await workers.RECEIVE.run(drop)
         rel.applied_seq = rel.seq = 0
-        self.catalog.put_relationship(rel)
+        await self.catalog.put_relationship(rel)
 
-    def create_replica(self, grant: Grant, header: Header, storage: Path, old: Relationship | None) -> Relationship:
+    async def create_replica(self, grant: Grant, header: Header, storage: Path,
+                             old: Relationship | None) -> Relationship:
         """Record the replica VM of a verified initial log (or reset it for a new epoch)."""
-        return self._register(grant, header.vm_id, header.vm_name, [(d.name, d.size) for d in header.disks],
-                              header.config, storage, header.epoch, old, how="initial log", extended=header.extended)
+        return await self._register(grant, header.vm_id, header.vm_name, [(d.name, d.size) for d in header.disks],
+                                    header.config, storage, header.epoch, old, how="initial log",
+                                    extended=header.extended)
 
-    def _register(self, grant: Grant, vm_id: str, name: str, files: list[tuple[str, int]], config: bool,
+    async def _register(self, grant: Grant, vm_id: str, name: str, files: list[tuple[str, int]], config: bool,
                   storage: Path, epoch: str, old: Relationship | None, *, how: str,
                   extended: bool = False) -> Relationship:
         vmdir = VMDir.of(storage, vm_id)
@@ -80,9 +82,9 @@ class Adoption:
                            epoch=epoch, seq=0, applied_seq=0, extended=extended)
         if old is not None:
             rel.stats = old.stats
-        self.catalog.put_vm_and_relationship(vm, rel)
-        self.admission.release(vm_id)  # the relationship binds the VM to its primary from now on
-        self.catalog.audit(grant.principal, "replica.created", f"{name} ({vm_id}) in {storage} from {how}")
+        await self.catalog.put_vm_and_relationship(vm, rel)
+        await self.admission.release(vm_id)  # the relationship binds the VM to its primary from now on
+        await self.catalog.audit(grant.principal, "replica.created", f"{name} ({vm_id}) in {storage} from {how}")
         log.info("replica.vm_created", vm=name, peer=grant.principal, storage=str(vmdir.root),
                  trust_group=grant.trust_group, source=how)
         return rel
@@ -124,8 +126,8 @@ class Adoption:
                                hint=f"put the copy's files ({', '.join(files)}) in {source} on the replica "
                                     "server, or start a normal initial replication")
             sizes = [vmdir.disk(f).stat().st_size for f in files]
-            self._register(grant, vm_id, name, list(zip(files, sizes, strict=True)), config, storage, "", None,
-                           how=f"existing copy {source}")
+            await self._register(grant, vm_id, name, list(zip(files, sizes, strict=True)), config, storage, "", None,
+                                 how=f"existing copy {source}")
         log.info("replica.seeded", vm=name, peer=principal, found=found, created_empty=len(files) - len(found),
                  reason="the primary's first cycle compares digests and ships only the blocks that differ")
         return {"vm_id": vm_id, "found": found}
@@ -157,10 +159,10 @@ class Adoption:
                 await self.reset_for_initial(rel)
             vmdir = VMDir.of(grant.storage, vm_id)
             await asyncio.to_thread(_stage_copy, src, vmdir, header.seq)
-            rel = self.create_replica(grant, header, Path(grant.storage), rel)
+            rel = await self.create_replica(grant, header, Path(grant.storage), rel)
             rel.seq, rel.epoch = header.seq, header.epoch
-            self.catalog.put_relationship(rel)
-        self.catalog.audit(actor, "replica.imported", f"{name} ({vm_id}) from {src}")
+            await self.catalog.put_relationship(rel)
+        await self.catalog.audit(actor, "replica.imported", f"{name} ({vm_id}) from {src}")
         log.info("replica.imported", vm=name, primary=primary, folder=str(folder),
                  reason="the primary's first network cycle will be a resync shipping only what changed")
         self.applier.wake(vm_id)

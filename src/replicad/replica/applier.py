@@ -93,8 +93,8 @@ class Applier:
         if vm is None:
             return []
         gone = await asyncio.to_thread(missing.missing_files, vm)
-        if gone:  # recorded on the loop: no other writer of the row can interleave
-            missing.record(self.catalog, vm, gone, self.host, peer)
+        if gone:  # read and staged on the loop: no other writer of the row can interleave
+            await missing.record(self.catalog, vm, gone, self.host, peer)
         return gone
 
     # applying -------------------------------------------------------------------------------
@@ -123,10 +123,12 @@ class Applier:
                                                                           ReplicationState.FAILED_OVER):
                             continue  # a failover took the copy while this waited (replica/failovers.py)
                         header = await workers.APPLY.run(write_point, vmdir, seq, disks, fault=self._fault)
-                        # the commit runs here, on the loop: no other writer of this row can
-                        # interleave (a receipt may be recording the next ack right now)
+                        # the commit reads and writes the row here, on the loop, and is staged
+                        # before any other task runs: no other writer of this row can interleave
+                        # (a receipt may be recording the next ack right now); its fsync runs
+                        # on the catalog's writer thread, and this waits until it is durable
                         facts = await workers.APPLY.run(self.copy_facts, vm_id)
-                        floor = self.commit(vm_id, header, facts)
+                        floor = await self.commit(vm_id, header, facts)
                         self._fault("after-commit")
                         await workers.APPLY.run(discard, vmdir, seq)
                         await workers.APPLY.run(points.drop_undo, vmdir, floor)
@@ -140,7 +142,7 @@ class Applier:
                     if rel is not None:
                         rel.error = f"applying log {seq} failed: {reason}"
                         rel.stats.errors += 1
-                        self.catalog.put_relationship(rel)
+                        await self.catalog.put_relationship(rel)
                     try:
                         await asyncio.wait_for(wake.wait(), timeout=delay)
                     except TimeoutError:
@@ -169,10 +171,12 @@ class Applier:
         vm = self.catalog.require_vm(vm_id)
         return [disk_format(Path(d.path)) for d in vm.disks], identities(vm.files())
 
-    def commit(self, vm_id: str, header: Header, facts: Facts) -> int:
+    async def commit(self, vm_id: str, header: Header, facts: Facts) -> int:
         """Step 3 of the apply: point ``header.seq`` is now the copy's committed state.
-        Returns the undo-log floor of recovery-point retention. Runs on the loop: no other
-        writer of this row can interleave; ``facts`` come from ``copy_facts``."""
+        Returns the undo-log floor of recovery-point retention, once the point is durable.
+        Its read-modify-write runs on the loop and is staged at once (catalog.py): no other
+        writer of this row can interleave; the fsync is the catalog writer thread's.
+        ``facts`` come from ``copy_facts``."""
         rel = self.catalog.require_relationship(vm_id)
         s = ServerSettings.load(self.catalog, self.state_dir)
         roll_interval(rel, s.monitoring_start_time, s.monitoring_interval)
@@ -205,5 +209,5 @@ class Applier:
             rel.points = []  # an initial copy or a resync starts a new chain
             rel.discard_ok = False
         floor = points.retain(rel, previous, rel.recovery_history, rel.recovery_point_interval)
-        self.catalog.put_vm_and_relationship(vm, rel)
+        await self.catalog.put_vm_and_relationship(vm, rel)
         return floor

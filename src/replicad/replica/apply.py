@@ -4,8 +4,9 @@ Order, for log N on top of committed point N-1:
   1. write the undo log (the current contents of everything log N touches) and make it
      durable under its final name — the copy is still exactly point N-1;
   2. write log N's blocks into the disks and fsync them;
-  3. commit point N in the catalog (the caller, on the event loop: ``write_point`` returns
-     after step 2 and ``discard`` does step 4);
+  3. commit point N in the catalog (the caller: its read-modify-write on the event loop, the
+     fsync on the catalog's writer thread; ``write_point`` returns after step 2 and
+     ``discard`` does step 4);
   4. drop the undo log and the staged log.
 After a crash: an undo log without a commit means step 2 may be partial; the staged log is
 complete and verified, so the apply simply runs again (every record is idempotent). If the
@@ -199,7 +200,8 @@ def apply_records(log_path: Path, disk_paths: list[Path], *, fresh: bool = False
 def write_point(vmdir: VMDir, seq: int, disk_paths: list[Path], *,
                 fault: Callable[[str], None] = lambda phase: None) -> Header:
     """Steps 1-2 for staged log ``seq``: undo log (unless one is already complete), then the
-    blocks. The caller commits (step 3, on the event loop) and then calls ``discard``."""
+    blocks. The caller commits (step 3, awaited: durable before it goes on) and then calls
+    ``discard``."""
     log_path = vmdir.log(seq)
     header = read_header(log_path)
     fresh = header.kind == "initial"

@@ -12,7 +12,8 @@ What it promises:
   the failover (a suspended replica stays suspended); `complete` alone drops the points and
   the copy is then what it reports;
 - a crash at any moment leaves the catalog's state, and `recover` makes the files agree.
-State changes are catalog writes on the event loop; copies and roll-backs run in the APPLY
+State changes are catalog writes made on the event loop (each awaited until durable, its
+fsync on the catalog's writer thread); copies and roll-backs run in the APPLY
 pool (workers.py): they are apply work, under the VM's apply lock."""
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ class Failovers:
         rel.seq = rel.applied_seq
         rel.prepared_seq = rel.prepared_seq if rel.prepared_seq <= rel.applied_seq else 0
         rel.error = None
-        self.catalog.put_relationship(rel)
+        await self.catalog.put_relationship(rel)
         log.warning("failover.discarded", vm=vm.name, reason=note)
         return note
 
@@ -170,11 +171,11 @@ class Failovers:
                                     "consistency": target["consistency"], "planned": planned, "disks": made,
                                     "before": rel.state.value, "copy": how}
                     rel.state = S.FAILED_OVER_WAITING
-                    self.catalog.put_relationship(rel)
+                    await self.catalog.put_relationship(rel)
                     self._fault("failover-committed")
                     await workers.APPLY.run(fc.settle, files, fc.WAITING, made, self._fault)
         kind = "planned" if planned else "unplanned"
-        self.catalog.audit(actor, "failover.started", f"{vm.name} to point {target['seq']} ({kind}, {how})")
+        await self.catalog.audit(actor, "failover.started", f"{vm.name} to point {target['seq']} ({kind}, {how})")
         log.warning("failover.started", vm=vm.name, point=target["seq"], latest=rel.applied_seq, planned=planned,
                     copy=how, discarded=discarded,
                     reason="the operator failed over; the VM runs on its own copy of the point and every listed "
@@ -192,10 +193,10 @@ class Failovers:
             planned = 0 < rel.prepared_seq == rel.applied_seq == target["seq"]
             rel.failover.update(point=target["seq"], time=target["time"], consistency=target["consistency"],
                                 planned=planned, disks=made, copy=how)
-            self.catalog.put_relationship(rel)
+            await self.catalog.put_relationship(rel)
             self._fault("failover-committed")
             await workers.APPLY.run(fc.settle, files, fc.WAITING, made, self._fault)
-        self.catalog.audit(actor, "failover.moved", f"{vm.name} to point {target['seq']} ({how})")
+        await self.catalog.audit(actor, "failover.moved", f"{vm.name} to point {target['seq']} ({how})")
         log.warning("failover.moved", vm=vm.name, point=target["seq"], copy=how,
                     reason="the operator chose another recovery point; the failed-over VM's writes were dropped")
         return rel
@@ -208,10 +209,10 @@ class Failovers:
             test = self.catalog.vm_by_name(test_vm_name(vm))
             rel = self._fresh(vm)
             if test is not None:
-                self.catalog.remove_vm(test.id)  # the row first: a crash leaves a copy that recovery drops
+                await self.catalog.remove_vm(test.id)  # the row first: a crash leaves a copy that recovery drops
                 self._fault("test-stopping")
                 await asyncio.to_thread(shutil.rmtree, VMDir.of(rel.storage, vm.id).root / "test", True)
-                self.catalog.audit(actor, "failover.test_stopped", test.name)
+                await self.catalog.audit(actor, "failover.test_stopped", test.name)
                 log.info("failover.test_stopped", vm=vm.name, reason="test VM and its copy deleted")
                 return {"removed": test.name}
             if rel.state != S.FAILED_OVER_WAITING:
@@ -223,10 +224,10 @@ class Failovers:
             if rel.failover.get("planned"):
                 rel.prepared_seq = 0  # the prepared primary learns of the cancel from its status (engine)
             rel.failover, rel.discard_ok = {}, False
-            self.catalog.put_relationship(rel)
+            await self.catalog.put_relationship(rel)
             self._fault("failover-stopping")
             await workers.APPLY.run(fc.settle, vm.files(), fc.NOT_FAILED_OVER)
-        self.catalog.audit(actor, "failover.cancelled", vm.name)
+        await self.catalog.audit(actor, "failover.cancelled", vm.name)
         log.info("failover.cancelled", vm=vm.name, state=rel.state.value,
                  reason="back to the newest point; what the failed-over VM wrote is dropped")
         return rel
@@ -239,10 +240,10 @@ class Failovers:
             if rel.state != S.FAILED_OVER_WAITING:
                 raise Conflict(f"{vm.name} has no failover waiting for completion (state {rel.state.value})")
             commit_failover(rel)
-            self.catalog.put_relationship(rel)
+            await self.catalog.put_relationship(rel)
             self._fault("failover-completing")
             await workers.APPLY.run(drop_points, vm.files(), VMDir.of(rel.storage, vm.id))
-        self.catalog.audit(actor, "failover.completed", f"{vm.name} at point {rel.applied_seq}")
+        await self.catalog.audit(actor, "failover.completed", f"{vm.name} at point {rel.applied_seq}")
         log.warning("failover.completed", vm=vm.name, point=rel.applied_seq,
                     reason="failover committed; the VM keeps the copy of this point, the other points are dropped")
         return rel
@@ -277,8 +278,8 @@ class Failovers:
                       state=VMState.OFF,  # the copies end with the config file's, when there is one
                       disks=[Disk(str(p), d.size, d.format) for p, d in zip(copies, vm.disks, strict=False)],
                       config_file=str(copies[-1]) if vm.config_file else None)
-            self.catalog.put_vm(test)
-        self.catalog.audit(actor, "failover.test_started", f"{test.name} at point {target['seq']} ({how})")
+            await self.catalog.put_vm(test)
+        await self.catalog.audit(actor, "failover.test_started", f"{test.name} at point {target['seq']} ({how})")
         log.info("failover.test_started", vm=vm.name, test_vm=test.name, point=target["seq"], copy=how,
                  reason="replication goes on into the replica; the test VM runs on its own copy")
         return test

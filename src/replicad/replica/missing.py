@@ -7,7 +7,7 @@ error, so health is Critical), refuses the primary's next log with "resync requi
 naming the disk and this host, and when the resync asks for digests it recreates the file
 empty at its recorded size (sparse: it reads as zeros). The primary then finds every block
 of that file differing from its own disk and sends them, and only them: the other files'
-digests still match. ``record`` writes the catalog (call it on the loop); the others touch
+digests still match. ``record`` writes the catalog (await it on the loop); the others touch
 files (call them in a worker thread)."""
 
 from __future__ import annotations
@@ -73,9 +73,10 @@ def unmodified(before: list, now: list, recreated: list[int]) -> bool:
     return all(b == n for i, (b, n) in enumerate(zip(before, now, strict=False)) if i not in recreated)
 
 
-def record(catalog: Catalog, vm: VM, gone: list[int], host: str, peer: str | None = None) -> None:
+async def record(catalog: Catalog, vm: VM, gone: list[int], host: str, peer: str | None = None) -> None:
     """Name each missing file in a ``replica.copy_missing`` line and in the relationship's
-    error (health Critical) until a resync brings them back. Catalog write: on the loop."""
+    error (health Critical) until a resync brings them back. A catalog write: await it on
+    the loop (its read-modify-write is staged before any other task runs)."""
     paths = [str(vm.files()[i]) for i in gone]
     for i, path in zip(gone, paths, strict=True):
         log.error("replica.copy_missing", vm=vm.name, vm_id=vm.id, peer=peer, file=path, disk=describe(vm, i),
@@ -83,7 +84,7 @@ def record(catalog: Catalog, vm: VM, gone: list[int], host: str, peer: str | Non
                   "own disk (automatic at its next cycle)")
     rel = catalog.require_relationship(vm.id)
     rel.error = f"{message(vm, gone, host)}: {', '.join(paths)}; a resync from the primary recreates it"
-    catalog.put_relationship(rel)
+    await catalog.put_relationship(rel)
 
 
 def drop_logs(vmdir: VMDir, applied: int, received: int) -> None:

@@ -80,7 +80,7 @@ class Receiving:
             rel = self.catalog.relationship(vm_id)
             if rel is not None and rel.trust_group == grant.trust_group:
                 rel.stats.errors += 1
-                self.catalog.put_relationship(rel)
+                await self.catalog.put_relationship(rel)
             log.warning("log.rejected", vm_id=vm_id, peer=grant.principal, cycle=seq, reason=str(e),
                         result="nothing of this log is kept or applied")
             raise
@@ -107,7 +107,7 @@ class Receiving:
             if rel is not None:
                 await self.adoption.reset_for_initial(rel)
             else:  # a first copy: its id and name are this primary's from now on, also while pending
-                self.admission.claim(grant, vm_id, header.vm_name, storage, sum(d.size for d in header.disks))
+                await self.admission.claim(grant, vm_id, header.vm_name, storage, sum(d.size for d in header.disks))
         else:
             if rel is None or vm is None:
                 raise ResyncRequired(f"this replica server has no copy of VM {header.vm_name}")
@@ -159,7 +159,7 @@ class Receiving:
                 if fresh_dir:
                     await workers.RECEIVE.run(shutil.rmtree, vmdir.root, True)
                 if rel is None:
-                    self.admission.release(vm_id)
+                    await self.admission.release(vm_id)
             else:
                 bound.info("initial.interrupted", progress=await workers.RECEIVE.run(read_progress,
                                                                                    vmdir.root / PROGRESS_FILE),
@@ -175,7 +175,7 @@ class Receiving:
             raise
         received = incoming.received
         if header.kind == "initial":
-            rel = self.adoption.create_replica(grant, header, storage, rel)
+            rel = await self.adoption.create_replica(grant, header, storage, rel)
         trailer = dec.trailer
         assert trailer is not None  # finish() closed the decoder on a verified trailer
         if direct:  # already in the copy: commit it now (the applier has nothing to do)
@@ -184,10 +184,10 @@ class Receiving:
             rel.auth = auth
             rel.frequency = header.frequency or rel.frequency
             rel.primary_ports = list(header.primary_ports) if any(header.primary_ports) else rel.primary_ports
-            self.catalog.put_relationship(rel)
+            await self.catalog.put_relationship(rel)
             final = dataclasses.replace(header, consistency="fuzzy") if trailer.fuzzy else header
             facts = await workers.RECEIVE.run(self.applier.copy_facts, vm_id)
-            await workers.RECEIVE.run(points.drop_undo, vmdir, self.applier.commit(vm_id, final, facts))
+            await workers.RECEIVE.run(points.drop_undo, vmdir, await self.applier.commit(vm_id, final, facts))
             (vmdir.root / PROGRESS_FILE).unlink(missing_ok=True)
             bound.info("log.acknowledged", bytes=received, records=dec.records, base=0, applied="while received",
                        connection=incoming.connection)
@@ -206,7 +206,7 @@ class Receiving:
             rel.prepared_seq = seq
             bound.info("failover.primary_prepared", reason="the primary shipped its final log; a planned failover "
                        "can start once it is applied")
-        self.catalog.put_relationship(rel)
+        await self.catalog.put_relationship(rel)
         bound.info("log.acknowledged", bytes=received, records=dec.records, base=header.base_seq,
                    connection=incoming.connection)
         metrics.recorder.log_received(header.vm_name, received)

@@ -58,7 +58,7 @@ class ReplicaService:
     async def start(self) -> None:
         """Resume every replica VM: drop half-received logs, finish interrupted applies, and
         the leftovers of first copies that left nothing to resume."""
-        for claim in self.admission.recover():
+        for claim in await self.admission.recover():
             await asyncio.to_thread(shutil.rmtree, VMDir.of(claim.storage, claim.vm_id).root, True)
             log.info("replica.recover.dropped", vm=claim.name, vm_id=claim.vm_id, file=claim.vm_id,
                      reason="an interrupted first copy with nothing durable to resume from")
@@ -195,7 +195,7 @@ class ReplicaService:
             rel = self.catalog.require_relationship(vm.id)
             await asyncio.to_thread(missing.drop_logs, VMDir.of(rel.storage, vm.id), rel.applied_seq, rel.seq)
             rel.seq = rel.applied_seq
-            self.catalog.put_relationship(rel)
+            await self.catalog.put_relationship(rel)
             await asyncio.to_thread(missing.recreate, vm, gone, principal)
 
     # for the API, failovers and reverse ------------------------------------------------------

@@ -70,6 +70,7 @@ class PeerContext:
     drain_timeout: float = 5.0  # on stop: how long a log being received may still run
     raw_logs: set = field(default_factory=set)  # the upgraded connections being read (transport/raw.py)
     limits: ConnectionLimits | None = None  # the listener's (transport/listen.py): told when a request's head is in
+    opening: asyncio.Lock = field(default_factory=asyncio.Lock)  # one session opened at a time (open_session)
 
     @property
     def session_store(self) -> SessionStore:
@@ -193,10 +194,13 @@ async def open_session(request: web.Request) -> web.Response:
         except ReplicadError as e:
             why, hint = f"{e.message}; {why}", e.hint
         raise Refused(f"{principal} gets no session on {ctx.host}: {why}", hint=hint)
-    ctx.session_store.room_for(principal)
-    if not ctx.catalog.remember_nonce(ticket.nonce, ticket.expires + MAX_SKEW):
-        raise AuthenticationFailed(f"replayed ticket from {principal}")
-    body, signature = ctx.session_store.accept(ticket, _hello_info(ctx, principal))
+    # room, nonce, session: one session at a time, so no other is made while this one's nonce
+    # is being made durable (the catalog commits off the loop) and the caps hold
+    async with ctx.opening:
+        ctx.session_store.room_for(principal)
+        if not await ctx.catalog.remember_nonce(ticket.nonce, ticket.expires + MAX_SKEW):
+            raise AuthenticationFailed(f"replayed ticket from {principal}")
+        body, signature = ctx.session_store.accept(ticket, _hello_info(ctx, principal))
     log.debug("session.opened", peer=principal, peer_ip=request.remote)
     return web.Response(body=body, content_type="application/json", headers={SIGNATURE_HEADER: signature})
 
@@ -356,7 +360,7 @@ async def manage(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX_KEY]
     principal = request[PRINCIPAL]
     if principal not in ctx.admins:
-        ctx.catalog.audit(principal, "manage.refused", f"{request.method} {request.path}")
+        await ctx.catalog.audit(principal, "manage.refused", f"{request.method} {request.path}")
         raise Refused(f"{principal} is not a management admin of {ctx.host} (management.admins)")
     body = await _body(request, MAX_MANAGE_BODY)
     sess: Session | None = request.get(SESSION)
