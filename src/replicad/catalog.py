@@ -189,6 +189,12 @@ class Catalog:
                 raise
             raise StateWriteFailed(f"cannot write the state database {self.path}: {e}") from None
 
+    async def settled(self) -> None:
+        """Returns once every write made before the call is durable (or failed): what is read
+        after it and told to a peer is never a state a crash can take back (reads see staged
+        rows at once, which is right for this host's own decisions, not for a peer's)."""
+        await asyncio.wrap_future(self._writer.submit(lambda: None))
+
     # reading: the committed rows with the staged ones over them ------------------------------
     def _view(self, table: str, sql: str, args: tuple = (), *, where: Callable[[tuple], bool] = lambda r: True,
               order: int | None = None) -> list[tuple]:

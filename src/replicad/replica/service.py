@@ -121,6 +121,9 @@ class ReplicaService:
         """Adopt a copy already in this server's storage (replica/adoption.py)."""
         return await self.adoption.seed(self.grant_for(principal, auth), vm_id, doc)
 
+    async def settled(self) -> None:
+        await self.catalog.settled()
+
     def status(self, principal: str, auth: str, vm_id: str) -> dict:
         grant = self.grant_for(principal, auth)
         self.admission.check(grant, vm_id, partner_ok=True)

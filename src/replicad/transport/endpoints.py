@@ -99,6 +99,10 @@ class ReplicaEndpoint(LogSink, Protocol):
         """Whether an authorization entry (or `allowed_from_any_server`) names ``principal``."""
         ...
 
+    async def settled(self) -> None:
+        """Every state change made so far is durable: called before a peer is told a state."""
+        ...
+
     def status(self, principal: str, auth: str, vm_id: str) -> dict:
         """A replica copy's status as its primary sees it (run in a thread)."""
         ...

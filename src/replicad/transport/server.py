@@ -220,6 +220,7 @@ async def hello(request: web.Request) -> web.Response:
 async def status(request: web.Request) -> web.Response:
     ctx = request.app[CTX_KEY]
     # a thread: status may read the small progress file of an interrupted initial copy
+    await ctx.service.settled()  # a peer is told only what a crash cannot take back
     return web.json_response(await asyncio.to_thread(ctx.service.status, request[PRINCIPAL], ctx.mode,
                                                      _vm_id(request)))
 
@@ -228,6 +229,7 @@ async def digests(request: web.Request) -> web.StreamResponse:
     """A replica copy's block digests, streamed in authenticated segments (transport/
     digests.py): the description (applied_seq, epoch, sizes), the maps, an empty end."""
     ctx = request.app[CTX_KEY]
+    await ctx.service.settled()
     meta, maps = await ctx.service.digests(request[PRINCIPAL], ctx.mode, _vm_id(request))
     sess: Session | None = request.get(SESSION)
     key, counter = (sess.key, request[COUNTER]) if sess else (None, 0)
