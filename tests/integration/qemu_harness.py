@@ -29,11 +29,13 @@ def need_qemu() -> None:
 
 
 class StorageDaemon:
-    """``qemu-storage-daemon`` with one disk image: node ``disk0`` (a format node), exported
-    writable as ``guest0`` on ``nbd.sock``; QMP on ``qmp.sock``."""
+    """``qemu-storage-daemon`` with disk images: node ``disk<i>`` (a format node) for each,
+    exported writable as ``guest<i>`` on ``nbd.sock``; QMP on ``qmp.sock``. ``image`` is the
+    first; ``more`` the others."""
 
-    def __init__(self, folder: Path, image: Path, fmt: str):
+    def __init__(self, folder: Path, image: Path, fmt: str, more: tuple[Path, ...] = ()):
         self.folder, self.image, self.fmt = folder, image, fmt
+        self.images = (image, *more)
         self.qmp = folder / "qmp.sock"
         self.nbd = folder / "nbd.sock"
         self.proc: subprocess.Popen | None = None
@@ -41,16 +43,14 @@ class StorageDaemon:
     def start(self) -> None:
         for s in (self.qmp, self.nbd):
             s.unlink(missing_ok=True)
+        args = ["qemu-storage-daemon", "--nbd-server", f"addr.type=unix,addr.path={self.nbd}"]
+        for i, image in enumerate(self.images):
+            args += ["--blockdev", f"driver=file,filename={image},node-name=file{i}",
+                     "--blockdev", f"driver={self.fmt},file=file{i},node-name=disk{i}",
+                     "--export", f"type=nbd,id=guest{i},node-name=disk{i},name=guest{i},writable=on"]
+        args += ["--chardev", f"socket,path={self.qmp},server=on,wait=off,id=qmp0", "--monitor", "chardev=qmp0"]
         with open(self.folder / "qsd.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                ["qemu-storage-daemon",
-                 "--blockdev", f"driver=file,filename={self.image},node-name=file0",
-                 "--blockdev", f"driver={self.fmt},file=file0,node-name=disk0",
-                 "--nbd-server", f"addr.type=unix,addr.path={self.nbd}",
-                 "--export", "type=nbd,id=guest0,node-name=disk0,name=guest0,writable=on",
-                 "--chardev", f"socket,path={self.qmp},server=on,wait=off,id=qmp0",
-                 "--monitor", "chardev=qmp0"],
-                stdout=subprocess.DEVNULL, stderr=log)
+            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
         wait_for(lambda: self.qmp.exists() and self.nbd.exists(), 10, "qemu-storage-daemon's sockets")
 
     def stop(self) -> None:
@@ -63,11 +63,11 @@ class StorageDaemon:
             self.proc.kill()
             self.proc.wait(10)
 
-    def guest(self):
+    def guest(self, disk: int = 0):
         import nbd
 
         h = nbd.NBD()
-        h.set_export_name("guest0")
+        h.set_export_name(f"guest{disk}")
         h.connect_unix(str(self.nbd))
         return h
 

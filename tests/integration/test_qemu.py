@@ -475,3 +475,56 @@ def test_replicad_killed_while_reading_disks_at_rest_leaves_no_qemu_behind(token
     assert file_digest(copy_of(replica)) == qsd.digest()
     done = primary.events("cycle.done")
     assert {e["kind"] for e in done} == {"initial", "delta"} and 4096 in [e["data_bytes"] for e in done], done
+
+
+def test_the_disks_of_a_vm_are_captured_at_one_instant(token_pair, tmp_path):
+    """Two disks of one VM, the guest writing counter n to the first, then to the second, as
+    fast as it can: every copy holds first - second in (0, 1) — the capture of both disks is
+    one QMP transaction, so one instant for the VM."""
+    import threading
+
+    need_qemu()
+    primary, replica = token_pair
+    images = (tmp_path / "a.qcow2", tmp_path / "b.qcow2")
+    for img in images:
+        make_disk(img, 16 * MiB, "qcow2", pieces=2)
+    qsd = StorageDaemon(tmp_path, images[0], "qcow2", more=images[1:])
+    qsd.start()
+    try:
+        out = primary.json("vm", "add", "ab", "--qemu", str(qsd.qmp), "--nbd-socket", str(qsd.nbd))
+        assert sorted(d["node"] for d in out["disks"]) == ["disk0", "disk1"]
+        order = [d["node"] for d in out["disks"]]
+        primary.cli("replication", "enable", "ab", "--replica-server", replica.fqdn, "--replica-port",
+                    str(replica.peer_port), "--auth", replica.cluster.auth, "--frequency", "3600")
+        primary.json("replication", "start-initial", "ab", "--wait")
+        wait_applied(primary, replica, "ab")
+        stop = threading.Event()
+
+        def guest():
+            a, b = qsd.guest(0), qsd.guest(1)
+            n = 0
+            while not stop.is_set():
+                n += 1
+                a.pwrite(n.to_bytes(8, "little") * 512, 0)
+                b.pwrite(n.to_bytes(8, "little") * 512, 0)
+            a.shutdown()
+            b.shutdown()
+
+        t = threading.Thread(target=guest)
+        t.start()
+        try:
+            seen = []
+            for _ in range(3):
+                primary.json("replication", "sync", "ab", "--wait")
+                wait_applied(primary, replica, "ab")
+                copies = {Path(d["path"]).name: Path(d["path"]) for d in replica.json("vm", "get", "ab")["disks"]}
+                first = int.from_bytes(copies["a.raw"].read_bytes()[:8], "little")
+                second = int.from_bytes(copies["b.raw"].read_bytes()[:8], "little")
+                assert first - second in (0, 1), (first, second, order)
+                seen.append(first)
+        finally:
+            stop.set()
+            t.join(30)
+        assert seen[-1] > seen[0] > 0, seen
+    finally:
+        qsd.kill()
