@@ -77,9 +77,11 @@ class FakeView:
 
 class FakeCycle:
     method = "fleecing"
+    application_consistent = False
 
     def __init__(self, events: list[str], views: list[FakeView], capture_error: OSError | None):
         self.events, self.views, self.capture_error = events, views, capture_error
+        self.warnings: list[str] = []
 
     def capture(self) -> Sequence[FakeView]:
         self.events.append("capture")

@@ -67,7 +67,28 @@ async def qemu_disks(host: Host, name: str, doc: dict) -> tuple[list[Disk], dict
         disks.append(d)
     if len(disks) > MAX_DISKS:
         raise UsageError(f"{name} would have {len(disks)} disks; a VM has at most {MAX_DISKS}")
-    return disks, {"qmp": sock, "nbd": nbd}
+    qemu = {"qmp": sock, "nbd": nbd}
+    agent = doc.get("guest_agent")
+    if agent:
+        qemu["agent"] = _agent_path(agent)
+    return disks, qemu
+
+
+def _agent_path(agent: object) -> str:
+    if not isinstance(agent, str) or not Path(agent).is_absolute():
+        raise UsageError(f"--guest-agent needs the absolute path of the guest agent's socket, got {agent!r}")
+    return agent
+
+
+def set_agent(vm: VM, agent: object) -> None:
+    """`vm set NAME --guest-agent SOCKET` ('' removes it): the guest's filesystems are frozen
+    through it for each capture, so the points are application-consistent."""
+    if not vm.qemu:
+        raise UsageError(f"--guest-agent is for a VM run by QEMU; {vm.name} is not (`vm set --qemu` first)")
+    if agent in (None, ""):
+        vm.qemu.pop("agent", None)
+    else:
+        vm.qemu["agent"] = _agent_path(agent)
 
 
 async def _attached(q: Qmp) -> set[str]:

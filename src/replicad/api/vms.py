@@ -20,7 +20,7 @@ from ..tracking.qemu import pause as qemu_pause
 from ..wire import MAX_DISKS
 from .context import Host, actor, body, host_of
 from .qemu_vms import attach as qemu_attach
-from .qemu_vms import qemu_disks, run_states
+from .qemu_vms import qemu_disks, run_states, set_agent
 
 log = logmod.get("replicad.vms")
 HOOKS = ("on_start", "on_stop", "pre_snapshot", "post_snapshot")
@@ -176,6 +176,8 @@ async def set_vm(request):
         vm.hook_timeout = t
     if "qemu" in doc:
         await qemu_attach(host, vm, doc)
+    if "guest_agent" in doc and "qemu" not in doc:
+        set_agent(vm, doc["guest_agent"])
     await host.catalog.put_vm(vm)
     log.info("vm.changed", vm=vm.name, hooks=sorted(vm.hooks), qemu=vm.qemu.get("qmp"))
     return web.json_response(vm_json(host, vm, (await run_states([vm])).get(vm.id)))

@@ -32,11 +32,14 @@ def vm():
 @click.option("--nbd-socket", metavar="PATH",
               help="With --qemu: the unix socket QEMU's NBD server exports captures on (default: one in the "
                    "state dir; give the server's own if the process already runs one).")
+@click.option("--guest-agent", metavar="SOCKET",
+              help="With --qemu: the host side of the guest agent's channel; the guest's filesystems are frozen "
+                   "for each capture (application-consistent points, no hooks).")
 @click.option("--config-file", metavar="PATH", help="The VM's configuration file (e.g. libvirt XML).")
 @click.option("--allow-backing", "allow_backing", multiple=True, metavar="DIR",
               help="A folder qcow2 backing files may come from, besides each disk's own (repeatable).")
 @managed
-def vm_add(name, disks, qemu, nbd_socket, config_file, allow_backing):
+def vm_add(name, disks, qemu, nbd_socket, guest_agent, config_file, allow_backing):
     """Register a VM on this host.
 
     A qcow2 disk brings its backing chain: the parents are registered (and replicated)
@@ -52,7 +55,8 @@ def vm_add(name, disks, qemu, nbd_socket, config_file, allow_backing):
     """
     if qemu:
         out = api().call("POST", "/v1/vms", {"name": name, "qemu": abs_path(qemu), "disks": list(disks),
-                                             "nbd_socket": abs_path(nbd_socket), "config_file": abs_path(config_file)})
+                                             "nbd_socket": abs_path(nbd_socket), "config_file": abs_path(config_file),
+                                             "guest_agent": abs_path(guest_agent)})
         show(out, VM_COLUMNS)
         return
     if not disks:
@@ -99,8 +103,9 @@ def vm_get(name):
               help="QEMU now runs the VM's disk files (e.g. a failed-over copy): track them with its dirty "
                    "bitmaps ('' goes back to scanning the files). The next cycle is then a resync.")
 @click.option("--nbd-socket", metavar="PATH", help="With --qemu: as for `vm add`.")
+@click.option("--guest-agent", metavar="SOCKET", help="A QEMU VM's guest agent socket, as for `vm add` ('' removes).")
 @managed
-def vm_set(name, on_start, on_stop, pre_snapshot, post_snapshot, hook_timeout, qemu, nbd_socket):
+def vm_set(name, on_start, on_stop, pre_snapshot, post_snapshot, hook_timeout, qemu, nbd_socket, guest_agent):
     """Set a VM's host-local hooks ('' removes one).
 
     \b
@@ -121,6 +126,8 @@ def vm_set(name, on_start, on_stop, pre_snapshot, post_snapshot, hook_timeout, q
         body["qemu"] = abs_path(qemu) if qemu else ""
         if nbd_socket:
             body["nbd_socket"] = abs_path(nbd_socket)
+    if guest_agent is not None:
+        body["guest_agent"] = abs_path(guest_agent) if guest_agent else ""
     show(api().call("PATCH", vm_path(name), body), VM_COLUMNS)
 
 

@@ -95,6 +95,8 @@ class CycleProducer:
             self.abandon()
             self.thaw()
             raise ReplicadError(f"cannot open disk {e.filename}: {e.strerror}") from None
+        self.warnings += cycle.warnings
+        frozen = frozen or cycle.application_consistent
         idents = self.identities = [v.identity for v in views]
         unchanged = [v.unchanged for v in views]
         point_in_time = self.point_in_time = all(v.captured or v.unchanged for v in views)

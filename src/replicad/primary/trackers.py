@@ -15,7 +15,7 @@ from ..tracking.tracker import ChangeTracker
 
 def qemu_disks(vm: VM) -> QemuDisks:
     return QemuDisks(vm.qemu["qmp"], vm.qemu["nbd"], tuple((d.node, d.path) for d in vm.disks),
-                     tuple(d.format for d in vm.disks))
+                     tuple(d.format for d in vm.disks), vm.qemu.get("agent", ""))
 
 
 def tracker_for(vm: VM, state_dir: Path, *, replica_maps: list[Path] | None = None) -> ChangeTracker:

@@ -62,6 +62,7 @@ class QemuDisks:
     nbd: str
     disks: tuple[tuple[str, str], ...]
     formats: tuple[str, ...] = ()
+    agent: str = ""  # the guest agent's socket: its filesystems frozen for the capture
 
 
 @dataclass(frozen=True)

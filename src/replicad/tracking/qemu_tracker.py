@@ -23,6 +23,7 @@ when the cycle closes, and by the next ``begin`` after a replicad killed mid-cyc
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -33,6 +34,7 @@ from typing import Any
 from ..errors import ResyncRequired
 from .baselines import Baselines
 from .digestmap import DigestMapReader, FileIdentity
+from .guest_agent import GuestAgent, GuestAgentError
 from .qemu import BITMAP_PREFIX, GRANULARITY, BlockNode, NbdView, QemuDisks, QemuError, Qmp, cleanup
 from .qemu_at_rest import AtRest
 from .scan import CHUNK, DiskScan
@@ -175,6 +177,8 @@ class QemuCycle:
         self.tracker, self.plan, self.nodes, self.old_sizes = tracker, plan, nodes, old_sizes
         self.disks = disks  # the VM's QEMU, or the private one of disks at rest
         self._rest = rest
+        self.application_consistent = False
+        self.warnings: list[str] = []
         self.scratch = tracker.baselines.begin(plan.seq)
         self._views: list[NbdView] = []
         self._fleece: list[Path] = []
@@ -245,7 +249,22 @@ class QemuCycle:
             actions.append({"type": "blockdev-backup", "data": {
                 "job-id": f"{t.prefix}job{i}", "device": n.node, "target": f"{t.prefix}{i}", "sync": "none",
                 "auto-dismiss": True}})
-        await q.execute("transaction", {"actions": actions})
+        agent = GuestAgent(self.disks.agent) if self.disks.agent and self._rest is None else None
+        frozen = False
+        if agent is not None:  # held frozen for the transaction only
+            try:
+                frozen = await asyncio.to_thread(agent.freeze) >= 0
+            except GuestAgentError as e:
+                self.warnings.append(f"{e}; this point is crash-consistent")
+        try:
+            await q.execute("transaction", {"actions": actions})
+        finally:
+            if agent is not None and frozen:
+                try:
+                    await asyncio.to_thread(agent.thaw)
+                except GuestAgentError as e:
+                    self.warnings.append(f"{e}; check that the guest is not left frozen")
+        self.application_consistent = frozen
         for i, n in enumerate(self.nodes):
             args: dict[str, Any] = {"type": "nbd", "id": f"{t.prefix}{i}", "node-name": f"{t.prefix}{i}",
                           "name": f"{t.prefix}{i}", "writable": False}

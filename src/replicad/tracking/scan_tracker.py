@@ -65,10 +65,12 @@ class ScanCycle:
     """One cycle of the scan tracker: the baseline's maps open, the new maps in ``<seq>.tmp``."""
 
     method = REFLINK
+    application_consistent = False
 
     def __init__(self, baselines: Baselines, plan: CyclePlan, disks: Sequence[Path],
                  readers: list[DigestMapReader | None], *, capture: bool):
         self.baselines, self.plan = baselines, plan
+        self.warnings: list[str] = []
         self._readers = readers
         tmp = baselines.begin(plan.seq)
         self._scans = [DiskScan(p, r, tmp / Baselines.map_name(i), capture=capture, start=self._start(i))

@@ -121,6 +121,17 @@ class TrackedCycle(Protocol):
         """The name of this tracker's point-in-time capture in the cycle's result ("reflink")."""
         ...
 
+    @property
+    def application_consistent(self) -> bool:
+        """The tracker itself held the application still for the capture (a guest agent's
+        filesystem freeze), known once ``capture()`` returned."""
+        ...
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the operator should know about this cycle's capture (a freeze that failed)."""
+        ...
+
     def capture(self) -> Sequence[DiskView]:
         """The point-in-time view of every disk, in the order given to ``begin``. Raises
         OSError (naming the file) when a disk cannot be opened; nothing stays open then."""
