@@ -39,7 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from .errors import NotFound, ReplicadError
+from .errors import NotFound, StateWriteFailed
 from .model import VM, AuthorizationEntry, Relationship, VMClaim, printable
 from .times import utcnow
 
@@ -71,13 +71,6 @@ def _boot_id() -> str:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return ""
-
-
-class StateWriteFailed(ReplicadError):
-    """The state database could not be written; nothing of that write was kept."""
-
-    transient = True
-    http_status = 503
 
 
 Key = tuple[str, str]  # a row: (table, primary key)

@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("wire/tracking", ("replicad.wire", "replicad.tracking", "replicad.auth")),
     ("state", ("replicad", "replicad.catalog", "replicad.model", "replicad.errors", "replicad.config",
                "replicad.units", "replicad.times", "replicad.log", "replicad.events", "replicad.health",
+               "replicad.replication_states",
                "replicad.monitoring", "replicad.metrics", "replicad.fsutil", "replicad.workers",
                "replicad.hooks", "replicad.images", "replicad.notify", "replicad.ownership",
                "replicad.server_settings")),

@@ -19,6 +19,7 @@ from ..primary.export import check_target, export_initial
 from ..primary.producer import CycleProducer, Progress
 from ..primary.trackers import tracker_for
 from ..replica import failover_copy
+from ..replication_states import Exported, Resume, Resync, Seed, StartInitial, Suspend, require
 from ..times import format_time, parse_time, utcnow
 from ..tracking.baselines import Baselines
 from ..units import parse_rate
@@ -224,13 +225,11 @@ async def start_initial(request):
     host = host_of(request)
     vm, rel = _target(request, role="primary")
     doc = await body(request)
-    if rel.state not in (S.READY_FOR_INITIAL, S.WAITING_FOR_INITIAL, S.ERROR) or rel.seq > 0:
-        raise Conflict(f"initial replication of {vm.name} is not pending (state {rel.state.value})")
+    require(rel, StartInitial(vm.name))  # refused before its options are looked at
     if doc.get("use_existing"):
         if doc.get("export") or doc.get("at"):
             raise UsageError("--use-existing cannot be combined with --export or --at")
-        rel.seed, rel.state, rel.error, rel.start_at = True, S.WAITING_FOR_RESYNC, None, None
-        await host.catalog.put_relationship(rel)
+        rel = await host.primary.change(rel, Seed(vm.name))
         await host.catalog.audit(actor(request), "replication.seed_requested", vm.name)
         log.info("replication.seed_requested", vm=vm.name, peer=rel.replica_server,
                  reason="the replica adopts the copy in <storage>/<vm name>/ and only differences are sent")
@@ -244,17 +243,11 @@ async def start_initial(request):
     if doc.get("export"):
         return await _export(request, host, vm, rel, str(doc["export"]), force=doc.get("force") is True)
     at = doc.get("at")
-    if at:
-        try:
-            rel.start_at = format_time(parse_time(str(at)))
-        except ValueError:
-            raise UsageError(f"--at expects an ISO 8601 time, got {at!r}") from None
-        rel.state = S.WAITING_FOR_INITIAL
-    else:
-        rel.start_at = None
-        rel.state = S.INITIAL_IN_PROGRESS
-    rel.error = None
-    await host.catalog.put_relationship(rel)
+    try:
+        start_at = format_time(parse_time(str(at))) if at else None
+    except ValueError:
+        raise UsageError(f"--at expects an ISO 8601 time, got {at!r}") from None
+    rel = await host.primary.change(rel, StartInitial(vm.name, start_at))
     log.info("replication.initial_requested", vm=vm.name, at=rel.start_at or "now")
     if doc.get("wait") and not at:
         return await _wait_stream(request, host, vm.id, host.primary.request_cycle(vm.id))
@@ -287,12 +280,8 @@ async def _export(request, host: Host, vm, rel: Relationship, folder: str, *, fo
             progress.done = True
             changed.set()
         r = host.catalog.require_relationship(vm.id)
-        r.state, r.epoch = S.WAITING_FOR_RESYNC, epoch
-        r.awaiting_import = str(path)
-        r.error = (f"waiting for the replica to import the initial copy exported to {path} "
-                   "(`replication import-initial`)")
         r.stats.initial_replication_size = 0
-        await host.catalog.put_relationship(r)
+        await host.primary.change(r, Exported(epoch, str(path)))
         await host.catalog.audit(actor(request), "replication.exported", f"{vm.name} -> {path}")
         log.info("replication.exported", vm=vm.name, folder=str(path), bytes=meta["bytes"],
                  reason="initial copy on media; the first network cycle will ship only what changed since")
@@ -333,15 +322,11 @@ async def resync(request):
     host = host_of(request)
     vm, rel = _target(request, role="primary")
     doc = await body(request)
-    if (rel.seq == 0 and not rel.awaiting_import and not rel.seed) or rel.state not in (
-            S.REPLICATING, S.ERROR, S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING, S.SUSPENDED):
-        raise Conflict(f"{vm.name} cannot be resynchronized in state {rel.state.value}")
+    require(rel, Resync(vm.name))
     if rel.resync_hold:
         log.warning("replication.resync_overrides", vm=vm.name, reason=rel.resync_hold,
                     result="the operator chose the primary's copy; the replica's own changes will be overwritten")
-    rel.resync_hold = None
-    rel.state = S.RESYNCHRONIZING
-    await host.catalog.put_relationship(rel)
+    rel = await host.primary.change(rel, Resync(vm.name))
     await host.catalog.audit(actor(request), "replication.resync", vm.name)
     log.info("replication.resync_requested", vm=vm.name, reason="compare both copies block by block")
     fut = host.primary.request_cycle(vm.id)
@@ -388,10 +373,7 @@ async def suspend(request):
     vm, rel = _target(request)
     if rel.state == S.SUSPENDED:
         return web.json_response(rel_json(host, rel, vm.name))
-    if rel.state not in (S.REPLICATING, S.ERROR, S.INITIAL_IN_PROGRESS, S.WAITING_FOR_INITIAL):
-        raise Conflict(f"cannot suspend replication of {vm.name} in state {rel.state.value}")
-    rel.state = S.SUSPENDED
-    await host.catalog.put_relationship(rel)
+    rel = await (host.primary if rel.role == "primary" else host.replica).change(rel, Suspend(vm.name))
     log.info("replication.suspended", vm=vm.name, role=rel.role)
     return web.json_response(rel_json(host, rel, vm.name))
 
@@ -400,20 +382,13 @@ async def resume(request):
     host = host_of(request)
     vm, rel = _target(request)
     if rel.role == "primary" and rel.state == S.PREPARED_FOR_FAILOVER:
-        rel.state, rel.prepared = S.REPLICATING, {}
-        await host.catalog.put_relationship(rel)
+        rel = await host.primary.change(rel, Resume(vm.name))
         await host.catalog.audit(actor(request), "failover.prepare_cancelled", vm.name)
         log.warning("failover.prepare_cancelled", vm=vm.name, reason="the operator resumed replication; a planned "
                     "failover to the prepared point is no longer possible (an unplanned one still is)")
         host.primary.kick(vm.id)
         return web.json_response(rel_json(host, rel, vm.name))
-    if rel.state != S.SUSPENDED:
-        raise Conflict(f"replication of {vm.name} is not suspended (state {rel.state.value})")
-    if rel.role == "primary":
-        rel.state = S.REPLICATING if rel.seq > 0 else S.READY_FOR_INITIAL
-    else:
-        rel.state = S.REPLICATING if rel.applied_seq > 0 else S.INITIAL_IN_PROGRESS
-    await host.catalog.put_relationship(rel)
+    rel = await (host.primary if rel.role == "primary" else host.replica).change(rel, Resume(vm.name))
     log.info("replication.resumed", vm=vm.name, role=rel.role, reason="the merged changes ship in the next cycle")
     if rel.role == "primary":
         host.primary.kick(vm.id)

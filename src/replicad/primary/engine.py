@@ -18,14 +18,16 @@ from pathlib import Path
 
 from .. import log as logmod
 from .. import metrics, workers
-from ..catalog import Catalog, StateWriteFailed
-from ..errors import PeerError, ReplicadError, ResyncRequired
+from .. import replication_states as states
+from ..catalog import Catalog
+from ..errors import ReplicadError, StateWriteFailed
 from ..health import compute as compute_health
 from ..model import VM, Consistency, Relationship
 from ..model import ReplicationState as S
 from ..monitoring import roll as roll_interval
+from ..replication_states import CycleKind, Failure, Step
 from ..server_settings import ServerSettings
-from ..times import parse_time, utcnow
+from ..times import utcnow
 from ..tracking.baselines import Baselines
 from ..tracking.digestmap import SUPER_BYTES
 from ..transport.client import Conversation, PeerClient
@@ -33,13 +35,10 @@ from . import prepared
 from . import resync as resyncs
 from .prepared import prepared_record
 from .producer import CycleProducer, Progress
-from .resync import ResyncHeld
 from .trackers import tracker_for
 
 log = logmod.get("replicad.primary")
 BACKOFF_START, BACKOFF_MAX = 1.0, 60.0
-RUNNING_STATES = {S.WAITING_FOR_INITIAL, S.INITIAL_IN_PROGRESS, S.REPLICATING, S.ERROR, S.WAITING_FOR_RESYNC,
-                  S.RESYNCHRONIZING}
 
 
 class CycleOutcome(dict):
@@ -107,6 +106,15 @@ class PrimaryEngine:
         self.ensure(vm_id)
         self._wake[vm_id].set()
 
+    async def change(self, rel: Relationship, event: states.Event) -> Relationship:
+        """An operator's verb on a primary relationship (api/: start-initial, an export's end,
+        resync, suspend, resume): its transition (replication_states; Conflict when the state
+        refuses it), recorded. The caller kicks the supervisor when the verb asks for a cycle."""
+        assert rel.role == "primary", rel.role
+        rel = states.transition(rel, event)
+        await self.catalog.put_relationship(rel)
+        return rel
+
     def prepare(self, vm_id: str) -> asyncio.Future:
         """A final cycle marked ``prepared``; on success the state becomes PreparedForFailover.
         The capture must be consistent: a fuzzy one (the disks changed while they were read,
@@ -150,31 +158,15 @@ class PrimaryEngine:
             rel = self.catalog.relationship(vm_id)
             if rel is None or rel.role != "primary":
                 return
-            has_waiters = bool(self._waiters.get(vm_id))
-            if rel.state == S.PREPARED_FOR_FAILOVER:
-                self._fail_waiters(vm_id, ReplicadError(f"{self.name_of(vm_id)} is prepared for failover",
-                                                        hint="`replicad replication resume` cancels the prepare"))
-                await self._sleep_until(vm_id, time.monotonic() + rel.frequency)
-                await prepared.ask_replica(self, vm_id)
+            step = states.schedule(rel, self.name_of(vm_id), requested=bool(self._waiters.get(vm_id)),
+                                   last_start=last_start, backoff=backoff, now=time.monotonic(), wall=datetime.now(UTC))
+            if step.refusal is not None:  # prepared, or idle: a requested cycle will not run
+                self._fail_waiters(vm_id, step.refusal)
+            if step.step != Step.RUN:
+                await self._sleep_until(vm_id, step.until)
+                if step.step == Step.PREPARED:
+                    await prepared.ask_replica(self, vm_id)
                 continue
-            if rel.state not in RUNNING_STATES or (rel.state == S.WAITING_FOR_RESYNC and rel.resync_hold):
-                self._fail_waiters(vm_id, ReplicadError(f"replication of this VM is {rel.state.value}"))
-                await self._sleep_until(vm_id, None)
-                continue
-            if rel.state == S.WAITING_FOR_INITIAL and not has_waiters:
-                due = _seconds_until(rel.start_at)
-                if due > 0:
-                    await self._sleep_until(vm_id, time.monotonic() + due)
-                    continue
-            elif (rel.state in (S.REPLICATING, S.ERROR, S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING) and not has_waiters
-                  and last_start is not None):
-                # a needed resync (e.g. after a resumed initial copy) does not wait a whole frequency
-                wait = (rel.frequency if rel.error is None and rel.state != S.WAITING_FOR_RESYNC
-                        else min(backoff, rel.frequency))
-                deadline = last_start + wait
-                if time.monotonic() < deadline:
-                    await self._sleep_until(vm_id, deadline)
-                    continue
             self._wake[vm_id].clear()
             waiters, self._waiters[vm_id] = self._waiters.get(vm_id, []), []
             last_start = time.monotonic()
@@ -189,8 +181,7 @@ class PrimaryEngine:
                     self._fail_waiters(vm_id, ReplicadError("the daemon is shutting down"), waiters)
                     raise
                 # a stray cancellation from a library must not kill the VM's supervisor
-                e = ReplicadError("the cycle was interrupted")
-                e.transient = True
+                e = ReplicadError("the cycle was interrupted", transient=True)
                 await self._failed(vm_id, e, time.monotonic() - last_start)
                 self._fail_waiters(vm_id, e, waiters)
                 continue
@@ -228,31 +219,19 @@ class PrimaryEngine:
             rel.stats.missed_count += 1
         name = self.name_of(vm_id)
         metrics.recorder.cycle_failed(name, missed=rel.seq > 0)
-        if isinstance(e, PeerError) and e.code == "failedover" and not rel.replica_failed_over:
-            # an authenticated answer: what an unplanned reverse needs this host to have heard (reverse.py)
-            rel.replica_failed_over = {"epoch": rel.epoch, "seq": rel.seq, "at": utcnow()}
-        if isinstance(e, ResyncHeld):
-            rel.state = S.WAITING_FOR_RESYNC
-            rel.resync_hold = rel.error = f"resynchronization required: {e}"
-            log.error("resync.held", vm=name, vm_id=vm_id, reason=str(e), hint=e.hint)
-        elif isinstance(e, ResyncRequired) or (isinstance(e, PeerError) and e.code == "resync"):
-            rel.state = S.WAITING_FOR_RESYNC
-            rel.error = f"resynchronization required: {e}"
-            if rel.awaiting_import:
-                rel.error = (f"waiting for the replica to import the initial copy exported to {rel.awaiting_import} "
-                             f"(`replication import-initial` there); until then: {e}")
-            log.error("cycle.resync_required", vm=name, vm_id=vm_id, reason=str(e),
+        # a `failedover` answer is authenticated: what an unplanned reverse needs to have heard (reverse.py)
+        failed = states.failure_of(e, utcnow())
+        rel = states.transition(rel, failed)
+        if failed.failure == Failure.HELD:
+            log.error("resync.held", vm=name, vm_id=vm_id, reason=failed.reason, hint=failed.hint)
+        elif failed.failure == Failure.RESYNC:
+            log.error("cycle.resync_required", vm=name, vm_id=vm_id, reason=failed.reason,
                       result="a resync starts at the next attempt: only differing blocks are sent")
-        elif isinstance(e, ReplicadError):
-            rel.error = str(e)
-            if not e.transient:
-                rel.state = S.ERROR
-            log.error("cycle.failed", vm=name, vm_id=vm_id, reason=str(e), transient=e.transient,
-                      seconds=round(seconds, 3))
-        else:
-            rel.error = f"internal error: {type(e).__name__}: {e}"
-            rel.state = S.ERROR
+        elif failed.failure == Failure.CRASHED:
             log.exception("cycle.crashed", vm=name, vm_id=vm_id, reason=rel.error)
+        else:
+            log.error("cycle.failed", vm=name, vm_id=vm_id, reason=failed.reason,
+                      transient=failed.failure == Failure.TRANSIENT, seconds=round(seconds, 3))
         try:
             await self.save(rel)
         except StateWriteFailed as w:  # the state dir is full too: status shows it from memory
@@ -306,13 +285,11 @@ class PrimaryEngine:
         if src is None or src.role != "replica":
             raise ReplicadError("the replica VM this extended replication forwards is gone")
         if src.state in (S.FAILED_OVER_WAITING, S.FAILED_OVER):
-            e = ReplicadError("the replica VM this extended replication forwards has failed over; forwarding waits")
-            e.transient = True
-            raise e
+            raise ReplicadError("the replica VM this extended replication forwards has failed over; forwarding "
+                                "waits", transient=True)
         if src.applied_seq == 0:
-            e = ReplicadError("the replica copy has no committed point yet; extended replication waits for it")
-            e.transient = True
-            raise e
+            raise ReplicadError("the replica copy has no committed point yet; extended replication waits for it",
+                                transient=True)
 
     async def _cycle_in(self, vm_id: str, conv: Conversation) -> CycleOutcome:
         rel = self.catalog.require_relationship(vm_id)
@@ -322,24 +299,21 @@ class PrimaryEngine:
         if rel.source_vm:
             self._source_ready(rel.source_vm)
         baselines = Baselines(self.state_dir, vm_id)
-        initial = rel.seq == 0 and not rel.seed and rel.state not in (S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING)
-        resync = rel.seed or (not initial and rel.state in (S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING))
+        plan = states.plan_cycle(rel)
+        initial, kind = plan.kind == CycleKind.INITIAL, plan.kind.value
         resync_run: resyncs.Resync | None = None
         resume: tuple[int, int] | None = None
-        if resync:
-            resync_run = await resyncs.begin(self, rel, vm, conv, baselines)
+        if plan.kind == CycleKind.RESYNC:
+            rel, resync_run = await resyncs.begin(self, rel, vm, conv, baselines, automatic=plan.automatic)
         elif initial:
             # an earlier attempt of this initial copy (its epoch is set, nothing acknowledged yet)
             resume = await self._resume_point(rel, conv) if rel.epoch and rel.seq == 0 else None
-            if resume is None:
-                rel.epoch = secrets.token_hex(8)
-            rel.state = S.INITIAL_IN_PROGRESS
+            rel = states.transition(rel, states.InitialStarted(None if resume is not None else secrets.token_hex(8)))
             await self.save(rel)
             await asyncio.to_thread(baselines.drop_all)
         else:
             rel = await self._reconcile_pending(rel, baselines, conv)
         seq = rel.seq + 1
-        kind = "initial" if initial else "resync" if resync else "delta"
         changed = asyncio.Event()
         progress = Progress(kind=kind, seq=seq, changed=changed)
         self.progress[vm_id] = progress
@@ -387,24 +361,18 @@ class PrimaryEngine:
         divergence: dict[str, int | None] | None = None
         if resync_run is not None:
             divergence = await resyncs.done(rel, vm, seq, baselines, resync_run, producer, progress)
-        rel.seq = seq
-        rel.error = None
-        rel.replica_failed_over = {}
-        rel.last_replication_time = utcnow()
-        if rel.state in (S.INITIAL_IN_PROGRESS, S.ERROR, S.WAITING_FOR_INITIAL, S.RESYNCHRONIZING):
-            rel.state = S.REPLICATING
+        fuzzy = producer.consistency == Consistency.FUZZY.value
+        record = prepared_record(rel, seq, header.time, producer.identities) if is_prepare and not fuzzy else None
+        rel = states.transition(rel, states.CycleSucceeded(plan.kind, seq, utcnow(), resumed=resume is not None,
+                                                           prepared=record))
         if resume is not None:
-            # the copy holds blocks read at two times: compare both copies once, now
-            rel.state = S.WAITING_FOR_RESYNC
             log.info("initial.resumed", vm=vm.name, peer=rel.replica_server, disk=resume[0], offset=resume[1],
                      sent=progress.sent, reason="an interrupted initial copy was continued from the replica's "
                      "durable offset; a resync follows at once to make the copy consistent")
-        if is_prepare and producer.consistency == Consistency.FUZZY.value:
+        if is_prepare and fuzzy:
             log.warning("failover.not_prepared", vm=vm.name, cycle=seq, reason="the capture was fuzzy: the disks "
                         "changed while they were read; the replica does not take it as prepared")
         elif is_prepare:
-            rel.state = S.PREPARED_FOR_FAILOVER
-            rel.prepared = prepared_record(rel, seq, header.time, producer.identities)
             log.info("failover.prepared", vm=vm.name, cycle=seq, reason="every last change shipped; the replica "
                      "can fail over to exactly this state")
         st = rel.stats
@@ -435,9 +403,3 @@ class PrimaryEngine:
                    seconds=round(seconds, 3), consistency=producer.consistency, capture=producer.captured)
         metrics.recorder.cycle_done(vm.name, kind, progress.sent, seconds, late)
         return outcome
-
-
-def _seconds_until(ts: str | None) -> float:
-    if not ts:
-        return 0.0
-    return (parse_time(ts) - datetime.now(UTC)).total_seconds()

@@ -11,6 +11,7 @@ from .. import log as logmod
 from ..errors import ReplicadError
 from ..model import Consistency, Relationship
 from ..model import ReplicationState as S
+from ..replication_states import PrepareCancelled, ReplicaFailedOver, transition
 from ..times import utcnow
 
 if TYPE_CHECKING:
@@ -59,11 +60,10 @@ async def ask_replica(engine: PrimaryEngine, vm_id: str) -> None:
         return
     if st.get("state") in (S.FAILED_OVER_WAITING.value, S.FAILED_OVER.value):
         if not rel.replica_failed_over:
-            rel.replica_failed_over = {"epoch": rel.epoch, "seq": rel.seq, "at": utcnow()}
-            await engine.save(rel)
+            await engine.save(transition(rel, ReplicaFailedOver(utcnow())))
         return
     if st.get("exists") and st.get("epoch") == rel.epoch and st.get("prepared_seq") != rel.seq:
-        rel.state, rel.prepared, rel.replica_failed_over = S.REPLICATING, {}, {}
+        rel = transition(rel, PrepareCancelled())
         await engine.save(rel)
         log.warning("failover.prepare_cancelled", vm=engine.name_of(vm_id), peer=rel.replica_server,
                     reason="the replica no longer holds the prepared point as prepared (its failover was "

@@ -1,7 +1,7 @@
 """A resync cycle on the primary (docs/design.md §4): the replica's block digests are
 fetched, compared with this host's disks by the producer, and only differing blocks are
 shipped. Before that, a copy modified outside replicad since its last point holds an
-automatic resync for the operator (``ResyncHeld``); after the log is acknowledged, the
+automatic resync for the operator (``errors.ResyncHeld``); after the log is acknowledged, the
 divergence (which side moved since the common point) is reported. Used by
 primary/engine.py's cycle."""
 
@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import log as logmod
-from ..errors import ResyncRequired
+from ..errors import ResyncHeld
 from ..model import VM, Relationship
 from ..model import ReplicationState as S
+from ..replication_states import ResyncStarted, transition
 from ..tracking.baselines import Baselines
 from ..tracking.digestmap import map_bytes
 from ..tracking.divergence import compare, replica_moved
@@ -29,10 +30,6 @@ if TYPE_CHECKING:
     from .engine import PrimaryEngine
 
 log = logmod.get("replicad.primary")
-
-
-class ResyncHeld(ResyncRequired):
-    """A resync would overwrite changes made on the replica: it waits for the operator."""
 
 
 @dataclass
@@ -46,18 +43,17 @@ class Resync:
 
 
 async def begin(engine: PrimaryEngine, rel: Relationship, vm: VM, conv: Conversation,
-                baselines: Baselines) -> Resync:
+                baselines: Baselines, *, automatic: bool) -> tuple[Relationship, Resync]:
     """Start a resync: fetch the replica's digests (after a seed's adoption), refuse an
-    automatic one over a copy modified on the replica, and start a new epoch from the
-    replica's applied point (``rel`` is updated)."""
+    automatic one (replication_states.plan_cycle: the engine decided after a failed cycle;
+    the operator's `resync`, `reverse`, an import or a seed did not) over a copy modified on
+    the replica, and start a new epoch from the replica's applied point (the relationship
+    returned, Resynchronizing)."""
     work = engine.state_dir / "resync" / rel.vm_id
-    # automatic: the engine decided after a failed cycle; the operator's `resync`,
-    # `reverse`, an import or a seed set Resynchronizing (or their own flag) instead
-    automatic = rel.state == S.WAITING_FOR_RESYNC and not rel.awaiting_import and not rel.seed
     if rel.state == S.WAITING_FOR_RESYNC:
         log.warning("resync.started", vm=vm.name, peer=rel.replica_server,
                     reason=rel.error or "requested by the operator")
-    rel.state = S.RESYNCHRONIZING
+    rel = transition(rel, ResyncStarted())
     await engine.save(rel)
     if rel.seed:
         adopted = await conv.seed(rel.vm_id, {"vm_name": vm.name, "files": vm.copy_names(),
@@ -84,18 +80,17 @@ async def begin(engine: PrimaryEngine, rel: Relationship, vm: VM, conv: Conversa
     await asyncio.to_thread(baselines.drop_all)
     rel.seq = int(meta["applied_seq"])
     rel.epoch = secrets.token_hex(8)
-    return Resync(replica_maps, base_maps, work)
+    return rel, Resync(replica_maps, base_maps, work)
 
 
 async def done(rel: Relationship, vm: VM, seq: int, baselines: Baselines, resync: Resync,
                producer: CycleProducer, progress: Progress) -> dict[str, int | None] | None:
-    """The resync's log ``seq`` was acknowledged: record it in ``rel`` and report which side
-    moved (the divergence, None when nothing differed)."""
+    """The resync's log ``seq`` was acknowledged: record its epoch (and a seed's size) in
+    ``rel`` and report which side moved (the divergence, None when nothing differed). The
+    flags that asked for it (seed, import, hold) are cleared by the transition that follows
+    (replication_states.CycleSucceeded)."""
     seeded = rel.seed
     rel.epoch = producer.epoch
-    rel.awaiting_import = None
-    rel.seed = False
-    rel.resync_hold = None
     if seeded:
         rel.stats.initial_replication_size = progress.sent
     now_maps = [baselines.dir(seq) / Baselines.map_name(i) for i in range(len(resync.replica_maps))]

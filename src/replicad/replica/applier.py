@@ -15,6 +15,7 @@ from ..catalog import Catalog
 from ..images import disk_format
 from ..model import ReplicationState
 from ..monitoring import roll as roll_interval
+from ..replication_states import Applied, transition
 from ..server_settings import ServerSettings
 from ..times import utcnow
 from ..tracking.digestmap import identities
@@ -196,8 +197,7 @@ class Applier:
         rel.last_replication_time = utcnow()
         rel.last_point_time = header.time  # a point's time is its capture's, not its apply's
         rel.copy_unverified = False
-        if rel.state in (ReplicationState.INITIAL_IN_PROGRESS, ReplicationState.ERROR):
-            rel.state = ReplicationState.REPLICATING
+        rel = transition(rel, Applied())
         rel.stats.successful_count += 1
         vm = self.catalog.require_vm(vm_id)
         formats, rel.copy_identity = facts

@@ -30,6 +30,14 @@ from ..catalog import Catalog
 from ..errors import Conflict, ReplicadError, StorageError, UsageError
 from ..model import VM, Disk, Relationship, ReplicationMode, VMState
 from ..model import ReplicationState as S
+from ..replication_states import (
+    FAILOVER_STATES,
+    FailoverCompleted,
+    FailoverStarted,
+    FailoverStopped,
+    require,
+    transition,
+)
 from . import failover_copy as fc
 from . import points
 from .failover import TEST_SUFFIX, make_test_copy
@@ -38,7 +46,6 @@ from .service import ReplicaService
 
 log = logmod.get("replicad.failover")
 DRAIN_TIMEOUT = 600.0  # a failover waits this long for acknowledged logs to be applied
-START_STATES = (S.REPLICATING, S.ERROR, S.SUSPENDED)
 
 
 def test_vm_name(vm: VM) -> str:
@@ -154,8 +161,7 @@ class Failovers:
             rel = self._fresh(vm)
             if rel.state == S.FAILED_OVER_WAITING:
                 return await self._move(vm, rel, point, actor)
-            if rel.state not in START_STATES:
-                raise Conflict(f"{vm.name} cannot fail over in state {rel.state.value}")
+            require(rel, FailoverStarted(vm.name, {}))
             if rel.applied_seq == 0:
                 raise Conflict(f"{vm.name} has no complete copy here yet (initial replication not applied)")
             async with self.replica.fence.fenced(vm.id, self.replica.receive_lock(vm.id)):
@@ -167,10 +173,9 @@ class Failovers:
                     files, vmdir = vm.files(), VMDir.of(rel.storage, vm.id)
                     how, made = await self._make(vm, files, False, vmdir, rel, target)
                     planned = 0 < rel.prepared_seq == rel.applied_seq == target["seq"]
-                    rel.failover = {"point": target["seq"], "time": target["time"],
-                                    "consistency": target["consistency"], "planned": planned, "disks": made,
-                                    "before": rel.state.value, "copy": how}
-                    rel.state = S.FAILED_OVER_WAITING
+                    rel = transition(rel, FailoverStarted(vm.name, {
+                        "point": target["seq"], "time": target["time"], "consistency": target["consistency"],
+                        "planned": planned, "disks": made, "copy": how}))
                     await self.catalog.put_relationship(rel)
                     self._fault("failover-committed")
                     await workers.APPLY.run(fc.settle, files, fc.WAITING, made, self._fault)
@@ -215,15 +220,10 @@ class Failovers:
                 await self.catalog.audit(actor, "failover.test_stopped", test.name)
                 log.info("failover.test_stopped", vm=vm.name, reason="test VM and its copy deleted")
                 return {"removed": test.name}
-            if rel.state != S.FAILED_OVER_WAITING:
-                raise Conflict(f"no failover of {vm.name} to stop here (state {rel.state.value})")
+            require(rel, FailoverStopped(vm.name))
             if vm.state == VMState.RUNNING:
                 raise Conflict(f"{vm.name} is running here; stop it before cancelling the failover")
-            before = rel.failover.get("before", S.REPLICATING.value)
-            rel.state = S.SUSPENDED if before == S.SUSPENDED.value else S.REPLICATING
-            if rel.failover.get("planned"):
-                rel.prepared_seq = 0  # the prepared primary learns of the cancel from its status (engine)
-            rel.failover, rel.discard_ok = {}, False
+            rel = transition(rel, FailoverStopped(vm.name))  # back to the state before the failover
             await self.catalog.put_relationship(rel)
             self._fault("failover-stopping")
             await workers.APPLY.run(fc.settle, vm.files(), fc.NOT_FAILED_OVER)
@@ -236,10 +236,7 @@ class Failovers:
         """Commit the failover: the failover copy is the VM's; every other point is dropped."""
         async with self.lock(vm.id):
             vm = self.catalog.vm_by_id(vm.id) or vm  # its run state as it is now, under the lock
-            rel = self._fresh(vm)
-            if rel.state != S.FAILED_OVER_WAITING:
-                raise Conflict(f"{vm.name} has no failover waiting for completion (state {rel.state.value})")
-            commit_failover(rel)
+            rel = transition(self._fresh(vm), FailoverCompleted(vm.name))  # the copy is the point's
             await self.catalog.put_relationship(rel)
             self._fault("failover-completing")
             await workers.APPLY.run(drop_points, vm.files(), VMDir.of(rel.storage, vm.id))
@@ -256,7 +253,7 @@ class Failovers:
             if self.catalog.vm_by_name(test_vm_name(vm)) is not None:
                 raise Conflict(f"a test failover of {vm.name} is already running",
                                hint=f"`replicad failover stop {vm.name}`")
-            if rel.state not in START_STATES + (S.FAILED_OVER_WAITING,):
+            if rel.state not in FAILOVER_STATES + (S.FAILED_OVER_WAITING,):
                 raise Conflict(f"{vm.name} has no recovery point to test in state {rel.state.value}")
             async with self.replica.apply_lock(vm.id):  # the replica copy at a committed point
                 rel = self._fresh(vm)
@@ -289,19 +286,6 @@ class Failovers:
         vmdir = VMDir.of(rel.storage, vm.id)
         return [{"id": str(p["seq"]), "time": p["time"], "consistency": p["consistency"],
                  "size": points.undo_bytes(vmdir, rel, p["seq"])} for p in points.available(rel)]
-
-
-def commit_failover(rel: Relationship) -> None:
-    """The catalog half of `complete` (and of `reverse`, which completes): the copy is the
-    failover point's, and it is what the relationship reports."""
-    f = rel.failover
-    rel.state = S.FAILED_OVER
-    rel.points = []
-    rel.applied_seq = rel.seq = int(f["point"])
-    rel.last_point_time = f.get("time") or rel.last_point_time
-    rel.last_consistency = f.get("consistency") or rel.last_consistency
-    rel.prepared_seq = rel.prepared_seq if rel.prepared_seq == rel.applied_seq else 0
-    rel.failover = {**f, "completed": True}
 
 
 def drop_points(files: list[Path], vmdir: VMDir) -> None:

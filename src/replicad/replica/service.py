@@ -25,6 +25,7 @@ from ..catalog import Catalog
 from ..errors import FailedOver, ResyncRequired
 from ..fsutil import fsync_dir
 from ..model import VM, Relationship, ReplicationState
+from ..replication_states import Resume, Suspend, transition
 from ..tracking.digestmap import identities, open_stream
 from ..tracking.scan import digest_disks
 from ..transport.endpoints import IncomingLog
@@ -205,6 +206,14 @@ class ReplicaService:
     async def import_initial(self, name: str, folder: Path, actor: str) -> tuple[VM, Relationship]:
         """`import-initial`: an exported initial copy from media (replica/adoption.py)."""
         return await self.adoption.import_initial(name, folder, actor)
+
+    async def change(self, rel: Relationship, event: Suspend | Resume) -> Relationship:
+        """An operator's verb (suspend, resume) on a replica relationship: its transition
+        (replication_states; Conflict when the state refuses it), recorded."""
+        assert rel.role == "replica", rel.role
+        rel = transition(rel, event)
+        await self.catalog.put_relationship(rel)
+        return rel
 
     async def drained(self, vm_id: str, *, or_failed: bool = False) -> None:
         """Wait until every acknowledged log of the VM is applied (replica/applier.py)."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from multidict import CIMultiDict
 
 from ..auth import tls as tlsmod
-from ..errors import AuthenticationFailed, PeerError, PeerUnreachable, no_such_host
+from ..errors import AuthenticationFailed, PeerError, PeerUnreachable, ProducerFailed, no_such_host
 
 MAX_ANSWER = 1 << 20
 _IOV_MAX = 1024  # buffers per sendmsg (Linux's UIO_MAXIOV)
@@ -47,14 +47,6 @@ def watch_link(sock: socket.socket) -> socket.socket:
     for opt, value in zip((socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT), KEEPALIVE, strict=True):
         sock.setsockopt(socket.IPPROTO_TCP, opt, value)
     return sock
-
-
-class ProducerFailed(Exception):
-    """The log's producer failed (a local disk error): reported as itself, not as the network."""
-
-    def __init__(self, error: BaseException):
-        super().__init__(str(error))
-        self.error = error
 
 
 @dataclass

@@ -30,7 +30,16 @@ from ..auth.session import (
     verify_response,
 )
 from ..auth.token import SCHEME, Credential, RealmPublic
-from ..errors import AuthenticationFailed, PeerError, PeerUnreachable, ReplicadError, local_error, no_such_host
+from ..errors import (
+    AuthenticationFailed,
+    ErrorCode,
+    PeerError,
+    PeerUnreachable,
+    ProducerFailed,
+    ReplicadError,
+    local_error,
+    no_such_host,
+)
 from . import bulk, listener, raw
 from . import digests as digestframe
 from .endpoints import LogSource
@@ -257,7 +266,7 @@ class Conversation:
             msg += (f" (dialled {addr}:{self.port}, {self.server}'s address in the config's resolve map)"
                     if addr != self.server else f" (dialled {self.server}:{self.port})")
         raise PeerError(f"{self.server} answered {status}: {msg}", status=status,
-                        transient=status >= 500 or status in (408, 429), code=str(doc.get("code", ""))[:32])
+                        transient=status >= 500 or status in (408, 429), code=ErrorCode.of(doc.get("code")))
 
     def _tls_context(self) -> ssl.SSLContext:
         """This host's TLS client context, in certificate mode."""
@@ -342,7 +351,7 @@ class Conversation:
                 channel.abort()
                 await asyncio.gather(fut, return_exceptions=True)
                 raise
-            except bulk.ProducerFailed as e:  # the source's own failure, not the network's
+            except ProducerFailed as e:  # the source's own failure, not the network's
                 raise (local_error(e.error) if isinstance(e.error, OSError) else e.error) from None
             except PeerUnreachable:
                 if progress.sent == 0:  # failed at the handshake: perhaps the other listener

@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 import ssl
 
-from ..errors import PeerError
+from ..errors import ErrorCode, PeerError
 
 PROBE_TIMEOUT = 3.0
 DEFAULT_PORTS = {"token": 80, "certificate": 443}
@@ -59,4 +59,4 @@ def mismatch(server: str, port: int, auth: str, address: str) -> PeerError | Non
     else:
         return None
     # the operator has to change the relationship: retrying the same port cannot help
-    return PeerError(msg, status=0, transient=False, code="wrong_listener")
+    return PeerError(msg, status=0, transient=False, code=ErrorCode.WRONG_LISTENER)

@@ -34,9 +34,9 @@ from ..errors import (
     AuthenticationFailed,
     Refused,
     ReplicadError,
-    ResyncRequired,
     TransferStalled,
     UsageError,
+    answer_code,
 )
 from . import digests as digestframe
 from . import raw
@@ -84,7 +84,7 @@ CTX_KEY = web.AppKey("peer", PeerContext)
 
 
 def _error_doc(e: ReplicadError) -> dict:
-    return {"error": str(e), "code": "resync" if isinstance(e, ResyncRequired) else type(e).__name__.lower()}
+    return {"error": str(e), "code": answer_code(e)}
 
 
 def _error(e: ReplicadError) -> web.Response:

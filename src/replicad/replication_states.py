@@ -1,0 +1,442 @@
+"""The replication states (SPEC §3.4's names) as data and pure functions.
+
+- ``EDGES``: the documented diagram — every change of state a relationship may make, per
+  role, each with its cause; ``ENTRY``: the states a relationship is created in.
+- ``schedule``: whether the primary's supervisor runs a cycle now, waits, or idles.
+- ``plan_cycle``: what that cycle is (initial copy, delta, resync; prepared or not).
+- ``transition``: what an outcome, an error or an operator's verb does to a relationship:
+  its state and the fields that go with it (``error``, the resync hold, the prepared
+  record, what the replica said). Refusals of a verb in the wrong state are ``Conflict``s.
+
+No I/O and no clock: times come in as arguments, and ``transition`` returns a new
+Relationship (the one passed in is not changed). Every change of ``Relationship.state`` in
+the daemon goes through ``transition`` (the primary's engine, the replica's applier and
+failovers, the API's verbs through them); tests/unit/test_replication_states.py drives it
+with random sequences of outcomes, errors and verbs and fails on any change of state that
+``EDGES`` lacks (docs/design.md §5)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+
+from .errors import Conflict, ErrorCode, ReplicadError, ResyncHeld
+from .model import Relationship
+from .model import ReplicationState as S
+from .times import parse_time
+
+PRIMARY, REPLICA = "primary", "replica"
+
+# --- the diagram --------------------------------------------------------------------------
+
+ENTRY: dict[str, dict[S, str]] = {
+    PRIMARY: {S.READY_FOR_INITIAL: "`replication enable`",
+              S.REPLICATING: "`replication reverse` on a failed-over replica, nothing moved since the point",
+              S.RESYNCHRONIZING: "`replication reverse`, a side moved or the failover was unplanned"},
+    REPLICA: {S.INITIAL_IN_PROGRESS: "the first log of an initial copy, `import-initial`, or a seed",
+              S.REPLICATING: "`replication reverse` reached the old primary: its disks are the copies"},
+}
+
+EDGES: dict[str, dict[tuple[S, S], str]] = {
+    PRIMARY: {
+        (S.READY_FOR_INITIAL, S.WAITING_FOR_INITIAL): "`start-initial --at`",
+        (S.READY_FOR_INITIAL, S.INITIAL_IN_PROGRESS): "`start-initial`",
+        (S.READY_FOR_INITIAL, S.WAITING_FOR_RESYNC): "`start-initial --use-existing`, or `--export` written",
+        (S.READY_FOR_INITIAL, S.ERROR): "a cycle under way when `suspend` and `resume` came ended with a "
+                                        "permanent error",
+        (S.WAITING_FOR_INITIAL, S.INITIAL_IN_PROGRESS): "`start-initial`, or the `--at` time came",
+        (S.WAITING_FOR_INITIAL, S.WAITING_FOR_RESYNC): "`start-initial --use-existing`, or `--export` written",
+        (S.WAITING_FOR_INITIAL, S.SUSPENDED): "`suspend`",
+        (S.WAITING_FOR_INITIAL, S.RESYNCHRONIZING): "the `--at` time came while an earlier `--use-existing` "
+                                                    "is still pending: the cycle is its resync",
+        (S.WAITING_FOR_INITIAL, S.REPLICATING): "a cycle under way when `start-initial --at` came was acknowledged",
+        (S.WAITING_FOR_INITIAL, S.ERROR): "a cycle under way when `start-initial --at` came ended with a "
+                                          "permanent error",
+        (S.INITIAL_IN_PROGRESS, S.RESYNCHRONIZING): "`start-initial` while an earlier `--use-existing` is still "
+                                                    "pending: the cycle is its resync",
+        (S.INITIAL_IN_PROGRESS, S.REPLICATING): "the initial copy acknowledged",
+        (S.INITIAL_IN_PROGRESS, S.WAITING_FOR_RESYNC): "a resumed initial copy acknowledged (a resync "
+                                                       "follows), refused with `resync`, or `--export` written",
+        (S.INITIAL_IN_PROGRESS, S.ERROR): "a permanent error",
+        (S.INITIAL_IN_PROGRESS, S.SUSPENDED): "`suspend`",
+        (S.REPLICATING, S.WAITING_FOR_RESYNC): "refused with `resync` (gap, fork, lost baseline, modified copy)",
+        (S.REPLICATING, S.RESYNCHRONIZING): "`replication resync`",
+        (S.REPLICATING, S.ERROR): "a permanent error",
+        (S.REPLICATING, S.SUSPENDED): "`suspend`",
+        (S.REPLICATING, S.PREPARED_FOR_FAILOVER): "`failover start --prepare`: the final cycle acknowledged",
+        (S.ERROR, S.WAITING_FOR_INITIAL): "`start-initial --at` (nothing acknowledged yet)",
+        (S.ERROR, S.INITIAL_IN_PROGRESS): "`start-initial`, or the next attempt of an initial copy",
+        (S.ERROR, S.REPLICATING): "the next cycle acknowledged",
+        (S.ERROR, S.WAITING_FOR_RESYNC): "refused with `resync`, `--use-existing`, or `--export` written",
+        (S.ERROR, S.RESYNCHRONIZING): "`replication resync`",
+        (S.ERROR, S.SUSPENDED): "`suspend`",
+        (S.ERROR, S.PREPARED_FOR_FAILOVER): "`failover start --prepare`: the final cycle acknowledged",
+        (S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING): "the next attempt (or `replication resync`) starts it",
+        (S.WAITING_FOR_RESYNC, S.ERROR): "a permanent error before the resync started",
+        (S.RESYNCHRONIZING, S.REPLICATING): "the resync acknowledged",
+        (S.RESYNCHRONIZING, S.WAITING_FOR_RESYNC): "refused with `resync`, or held: the replica's copy "
+                                                   "was modified outside replicad",
+        (S.RESYNCHRONIZING, S.ERROR): "a permanent error",
+        (S.RESYNCHRONIZING, S.PREPARED_FOR_FAILOVER): "`--prepare` asked while a resync ran: it was the final cycle",
+        (S.SUSPENDED, S.READY_FOR_INITIAL): "`resume`, nothing acknowledged yet",
+        (S.SUSPENDED, S.REPLICATING): "`resume`",
+        (S.SUSPENDED, S.RESYNCHRONIZING): "`replication resync`",
+        (S.SUSPENDED, S.WAITING_FOR_RESYNC): "a cycle under way when `suspend` came: refused with `resync`, or "
+                                             "a resumed initial copy acknowledged; `--export` written",
+        (S.SUSPENDED, S.ERROR): "a cycle under way when `suspend` came ended with a permanent error",
+        (S.SUSPENDED, S.PREPARED_FOR_FAILOVER): "a `--prepare` cycle under way when `suspend` came was acknowledged",
+        (S.PREPARED_FOR_FAILOVER, S.REPLICATING): "`resume`, or the replica cancelled its failover",
+    },
+    REPLICA: {
+        (S.INITIAL_IN_PROGRESS, S.REPLICATING): "the first log applied",
+        (S.INITIAL_IN_PROGRESS, S.SUSPENDED): "`suspend`",
+        (S.REPLICATING, S.SUSPENDED): "`suspend`",
+        (S.REPLICATING, S.FAILED_OVER_WAITING): "`failover start`",
+        (S.SUSPENDED, S.REPLICATING): "`resume`",
+        (S.SUSPENDED, S.INITIAL_IN_PROGRESS): "`resume`, no log applied yet",
+        (S.SUSPENDED, S.FAILED_OVER_WAITING): "`failover start`",
+        (S.FAILED_OVER_WAITING, S.REPLICATING): "`failover stop`",
+        (S.FAILED_OVER_WAITING, S.SUSPENDED): "`failover stop` of a failover started while suspended",
+        (S.FAILED_OVER_WAITING, S.FAILED_OVER): "`failover complete`",
+        # No code puts a replica in Error any more; a catalog written by an older version may.
+        (S.ERROR, S.REPLICATING): "a log applied",
+        (S.ERROR, S.SUSPENDED): "`suspend`",
+        (S.ERROR, S.FAILED_OVER_WAITING): "`failover start`",
+    },
+}
+
+# `replication reverse` turns one role into the other (reverse.py): a new relationship, in
+# one of ENTRY's states, replaces the old one.
+ROLE_CHANGES: dict[tuple[str, S], tuple[str, frozenset[S]]] = {
+    (REPLICA, S.FAILED_OVER_WAITING): (PRIMARY, frozenset({S.REPLICATING, S.RESYNCHRONIZING})),
+    (REPLICA, S.FAILED_OVER): (PRIMARY, frozenset({S.REPLICATING, S.RESYNCHRONIZING})),
+    # the old primary: planned (prepared), or unplanned (it heard the copy failed over; any state)
+    **{(PRIMARY, s): (REPLICA, frozenset({S.REPLICATING})) for s in S if s is not S.NOT_APPLICABLE},
+}
+
+# The primary's supervisor runs cycles in these states (others wait for a verb).
+RUNNING_STATES = frozenset({S.WAITING_FOR_INITIAL, S.INITIAL_IN_PROGRESS, S.REPLICATING, S.ERROR,
+                            S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING})
+# A replica fails over from these (replica/failovers.py; FailedOverWaitingCompletion: a move).
+FAILOVER_STATES = (S.REPLICATING, S.ERROR, S.SUSPENDED)
+
+
+# --- when the supervisor runs a cycle, and what it is ----------------------------------------
+
+class Step(Enum):
+    RUN = "run"            # a cycle now
+    WAIT = "wait"          # until ``until`` (the tick, the backoff, `--at`), or a wake
+    IDLE = "idle"          # until a verb wakes it: not a running state, or a held resync
+    PREPARED = "prepared"  # prepared for failover: ask the replica at each tick
+
+
+@dataclass(frozen=True)
+class Next:
+    step: Step
+    until: float | None = None             # WAIT, PREPARED: the monotonic deadline
+    refusal: ReplicadError | None = None   # IDLE, PREPARED: what a requested cycle is told
+
+
+def schedule(rel: Relationship, name: str, *, requested: bool, last_start: float | None, backoff: float,
+             now: float, wall: datetime) -> Next:
+    """The supervisor's next step for ``rel``. ``requested``: someone waits for a cycle
+    (sync, start-initial, prepare); ``last_start``: when the previous cycle started
+    (monotonic, None before the first); ``now``: monotonic; ``wall``: the time of day."""
+    if rel.state == S.PREPARED_FOR_FAILOVER:
+        return Next(Step.PREPARED, until=now + rel.frequency,
+                    refusal=ReplicadError(f"{name} is prepared for failover",
+                                          hint="`replicad replication resume` cancels the prepare"))
+    if rel.state not in RUNNING_STATES or (rel.state == S.WAITING_FOR_RESYNC and rel.resync_hold):
+        return Next(Step.IDLE, refusal=ReplicadError(f"replication of this VM is {rel.state.value}"))
+    if rel.state == S.WAITING_FOR_INITIAL and not requested:
+        due = (parse_time(rel.start_at) - wall).total_seconds() if rel.start_at else 0.0
+        if due > 0:
+            return Next(Step.WAIT, until=now + due)
+    elif (rel.state in (S.REPLICATING, S.ERROR, S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING) and not requested
+          and last_start is not None):
+        # a needed resync (e.g. after a resumed initial copy) does not wait a whole frequency
+        wait = (rel.frequency if rel.error is None and rel.state != S.WAITING_FOR_RESYNC
+                else min(backoff, rel.frequency))
+        if now < last_start + wait:
+            return Next(Step.WAIT, until=last_start + wait)
+    return Next(Step.RUN)
+
+
+class CycleKind(str, Enum):
+    INITIAL = "initial"
+    DELTA = "delta"
+    RESYNC = "resync"
+
+
+@dataclass(frozen=True)
+class CyclePlan:
+    kind: CycleKind
+    automatic: bool   # a resync the engine decided on (after a refusal), not the operator's (nor a seed's,
+                      # nor an import's): one over a copy modified on the replica is held (primary/resync.py)
+
+
+def plan_cycle(rel: Relationship) -> CyclePlan:
+    """What a cycle of ``rel`` ships: an initial copy while nothing was acknowledged (and no
+    seed or resync is asked for), a resync when one is needed or asked for (or a seed), a
+    delta otherwise. (A `--prepare` cycle is any but an initial copy: the engine's.)"""
+    resyncing = rel.state in (S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING)
+    initial = rel.seq == 0 and not rel.seed and not resyncing
+    kind = (CycleKind.INITIAL if initial else CycleKind.RESYNC if rel.seed or resyncing else CycleKind.DELTA)
+    automatic = kind == CycleKind.RESYNC and rel.state == S.WAITING_FOR_RESYNC and not rel.awaiting_import \
+        and not rel.seed
+    return CyclePlan(kind, automatic=automatic)
+
+
+# --- outcomes, errors and verbs ---------------------------------------------------------------
+
+class Failure(Enum):
+    HELD = "held"            # an automatic resync would overwrite the replica's own changes
+    RESYNC = "resync"        # the replica cannot apply on its copy: resync at the next attempt
+    TRANSIENT = "transient"  # another attempt can help: the state is kept
+    PERMANENT = "permanent"  # an operator must act: Error, retried at the frequency
+    CRASHED = "crashed"      # an unexpected exception: Error, with its traceback in the log
+
+
+# primary: a cycle
+@dataclass(frozen=True)
+class InitialStarted:
+    """An initial copy starts; ``epoch``: its new epoch, None to continue the interrupted
+    copy of the current one from the replica's durable offset."""
+    epoch: str | None
+
+
+@dataclass(frozen=True)
+class ResyncStarted:
+    """A resync starts (the replica's digests are fetched next)."""
+
+
+@dataclass(frozen=True)
+class CycleSucceeded:
+    """The replica acknowledged log ``seq`` at ``at``. ``resumed``: an initial copy continued
+    from the replica's durable offset (a resync makes it consistent next); ``prepared``: the
+    prepared record (primary/prepared.py) when this was a consistent `--prepare` cycle."""
+    kind: CycleKind
+    seq: int
+    at: str
+    resumed: bool = False
+    prepared: dict[str, object] | None = None
+
+
+@dataclass(frozen=True)
+class CycleFailed:
+    failure: Failure
+    reason: str               # the one line `replication get` shows
+    at: str
+    failed_over: bool = False  # the replica answered that its copy failed over (code failedover)
+    hint: str | None = None
+
+
+def failure_of(e: BaseException, at: str) -> CycleFailed:
+    """A cycle's error sorted as zrepl does (docs/design.md §5)."""
+    failed_over = isinstance(e, ReplicadError) and e.code is ErrorCode.FAILED_OVER
+    if isinstance(e, ResyncHeld):
+        return CycleFailed(Failure.HELD, str(e), at, failed_over, e.hint)
+    if isinstance(e, ReplicadError):
+        kind = (Failure.RESYNC if e.code is ErrorCode.RESYNC else Failure.TRANSIENT if e.transient
+                else Failure.PERMANENT)
+        return CycleFailed(kind, str(e), at, failed_over, e.hint)
+    return CycleFailed(Failure.CRASHED, f"internal error: {type(e).__name__}: {e}", at)
+
+
+# primary: the operator's verbs, and what a prepared primary hears from its replica
+@dataclass(frozen=True)
+class StartInitial:
+    vm: str
+    at: str | None = None  # `--at`: the supervisor waits until then
+
+
+@dataclass(frozen=True)
+class Seed:
+    """`start-initial --use-existing`: the first cycle is a resync against a copy adopted there."""
+    vm: str
+
+
+@dataclass(frozen=True)
+class Exported:
+    """`start-initial --export`: the initial copy was written to ``folder`` in ``epoch``."""
+    epoch: str
+    folder: str
+
+
+@dataclass(frozen=True)
+class Resync:
+    vm: str
+
+
+@dataclass(frozen=True)
+class ReplicaFailedOver:
+    """The replica said (an authenticated answer) that its copy failed over."""
+    at: str
+
+
+@dataclass(frozen=True)
+class PrepareCancelled:
+    """The replica no longer holds the prepared point as prepared (its failover was cancelled)."""
+
+
+# both roles
+@dataclass(frozen=True)
+class Suspend:
+    vm: str
+
+
+@dataclass(frozen=True)
+class Resume:
+    """`resume`: a suspended relationship replicates again; a prepared primary's prepare is cancelled."""
+    vm: str
+
+
+# replica
+@dataclass(frozen=True)
+class Applied:
+    """A log was applied and committed into the replica copy."""
+
+
+@dataclass(frozen=True)
+class FailoverStarted:
+    """`failover start` made the failover copy of ``record["point"]`` (``record``: point, time,
+    consistency, planned, disks, copy; the state before is added here)."""
+    vm: str
+    record: dict[str, object]
+
+
+@dataclass(frozen=True)
+class FailoverStopped:
+    vm: str
+
+
+@dataclass(frozen=True)
+class FailoverCompleted:
+    vm: str
+
+
+Event = (InitialStarted | ResyncStarted | CycleSucceeded | CycleFailed | StartInitial | Seed | Exported | Resync
+         | ReplicaFailedOver | PrepareCancelled | Suspend | Resume | Applied | FailoverStarted | FailoverStopped
+         | FailoverCompleted)
+_PRIMARY_ONLY = (InitialStarted, ResyncStarted, CycleSucceeded, CycleFailed, StartInitial, Seed, Exported, Resync,
+                 ReplicaFailedOver, PrepareCancelled)
+_REPLICA_ONLY = (Applied, FailoverStarted, FailoverStopped, FailoverCompleted)
+
+
+def require(rel: Relationship, event: Event) -> None:
+    """Refuse ``event`` (an operator's verb) in ``rel``'s state, with the reason the
+    operator sees (Conflict); return when ``transition`` will take it."""
+    st = rel.state.value
+    match event:
+        case StartInitial(vm) | Seed(vm):
+            if rel.state not in (S.READY_FOR_INITIAL, S.WAITING_FOR_INITIAL, S.ERROR) or rel.seq > 0:
+                raise Conflict(f"initial replication of {vm} is not pending (state {st})")
+        case Resync(vm):
+            if (rel.seq == 0 and not rel.awaiting_import and not rel.seed) or rel.state not in (
+                    S.REPLICATING, S.ERROR, S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING, S.SUSPENDED):
+                raise Conflict(f"{vm} cannot be resynchronized in state {st}")
+        case Suspend(vm):
+            if rel.state not in (S.SUSPENDED, S.REPLICATING, S.ERROR, S.INITIAL_IN_PROGRESS, S.WAITING_FOR_INITIAL):
+                raise Conflict(f"cannot suspend replication of {vm} in state {st}")
+        case Resume(vm):
+            if rel.state != S.SUSPENDED and not (rel.role == PRIMARY and rel.state == S.PREPARED_FOR_FAILOVER):
+                raise Conflict(f"replication of {vm} is not suspended (state {st})")
+        case FailoverStarted(vm):
+            if rel.state not in FAILOVER_STATES:
+                raise Conflict(f"{vm} cannot fail over in state {st}")
+        case FailoverStopped(vm):
+            if rel.state != S.FAILED_OVER_WAITING:
+                raise Conflict(f"no failover of {vm} to stop here (state {st})")
+        case FailoverCompleted(vm):
+            if rel.state != S.FAILED_OVER_WAITING:
+                raise Conflict(f"{vm} has no failover waiting for completion (state {st})")
+        case _:
+            pass
+
+
+def _heard_failed_over(rel: Relationship, at: str) -> dict[str, object]:
+    """What an unplanned reverse needs this primary to have heard (reverse.py): the first time."""
+    return rel.replica_failed_over or {"epoch": rel.epoch, "seq": rel.seq, "at": at}
+
+
+def transition(rel: Relationship, event: Event) -> Relationship:
+    """``rel`` after ``event``: a new Relationship (``rel`` is not changed). A verb refused in
+    ``rel``'s state raises Conflict (``require``); an event of the other role, ValueError."""
+    if (rel.role == PRIMARY and isinstance(event, _REPLICA_ONLY)) or \
+            (rel.role == REPLICA and isinstance(event, _PRIMARY_ONLY)):
+        raise ValueError(f"{type(event).__name__} does not happen to a {rel.role} relationship")
+    require(rel, event)
+    new = dataclasses.replace
+    match event:
+        case InitialStarted(epoch):
+            return new(rel, state=S.INITIAL_IN_PROGRESS, epoch=epoch if epoch is not None else rel.epoch)
+        case ResyncStarted():
+            return new(rel, state=S.RESYNCHRONIZING)
+        case CycleSucceeded(kind, seq, at, resumed, prepared):
+            state = rel.state
+            if state in (S.INITIAL_IN_PROGRESS, S.ERROR, S.WAITING_FOR_INITIAL, S.RESYNCHRONIZING):
+                state = S.REPLICATING
+            if resumed:  # the copy holds blocks read at two times: compare both copies once, now
+                state = S.WAITING_FOR_RESYNC
+            out = new(rel, state=state, seq=seq, error=None, replica_failed_over={}, last_replication_time=at)
+            if kind == CycleKind.RESYNC:
+                out = new(out, awaiting_import=None, seed=False, resync_hold=None)
+            if prepared is not None:
+                out = new(out, state=S.PREPARED_FOR_FAILOVER, prepared=dict(prepared))
+            return out
+        case CycleFailed(failure, reason, at, failed_over):
+            out = new(rel, replica_failed_over=_heard_failed_over(rel, at)) if failed_over else new(rel)
+            if failure == Failure.HELD:
+                hold = f"resynchronization required: {reason}"
+                return new(out, state=S.WAITING_FOR_RESYNC, resync_hold=hold, error=hold)
+            if failure == Failure.RESYNC:
+                error = (f"waiting for the replica to import the initial copy exported to {rel.awaiting_import} "
+                         f"(`replication import-initial` there); until then: {reason}" if rel.awaiting_import
+                         else f"resynchronization required: {reason}")
+                return new(out, state=S.WAITING_FOR_RESYNC, error=error)
+            return new(out, error=reason, state=rel.state if failure == Failure.TRANSIENT else S.ERROR)
+        case StartInitial(_, at):
+            return new(rel, state=S.WAITING_FOR_INITIAL if at else S.INITIAL_IN_PROGRESS, start_at=at or None,
+                       error=None)
+        case Seed():
+            return new(rel, seed=True, state=S.WAITING_FOR_RESYNC, error=None, start_at=None)
+        case Exported(epoch, folder):
+            return new(rel, state=S.WAITING_FOR_RESYNC, epoch=epoch, awaiting_import=folder,
+                       error=f"waiting for the replica to import the initial copy exported to {folder} "
+                             "(`replication import-initial`)")
+        case Resync():
+            return new(rel, state=S.RESYNCHRONIZING, resync_hold=None)
+        case ReplicaFailedOver(at):
+            return new(rel, replica_failed_over=_heard_failed_over(rel, at))
+        case PrepareCancelled():
+            return new(rel, state=S.REPLICATING, prepared={}, replica_failed_over={})
+        case Suspend():
+            return new(rel, state=S.SUSPENDED)
+        case Resume():
+            if rel.state == S.PREPARED_FOR_FAILOVER:  # the prepare is cancelled
+                return new(rel, state=S.REPLICATING, prepared={})
+            if rel.role == PRIMARY:
+                return new(rel, state=S.REPLICATING if rel.seq > 0 else S.READY_FOR_INITIAL)
+            return new(rel, state=S.REPLICATING if rel.applied_seq > 0 else S.INITIAL_IN_PROGRESS)
+        case Applied():
+            return new(rel, state=S.REPLICATING if rel.state in (S.INITIAL_IN_PROGRESS, S.ERROR) else rel.state)
+        case FailoverStarted(_, record):
+            return new(rel, state=S.FAILED_OVER_WAITING, failover={**record, "before": rel.state.value})
+        case FailoverStopped():
+            before = rel.failover.get("before", S.REPLICATING.value)
+            # a cancelled planned failover: the prepared primary learns of it from the replica's status
+            return new(rel, state=S.SUSPENDED if before == S.SUSPENDED.value else S.REPLICATING,
+                       prepared_seq=0 if rel.failover.get("planned") else rel.prepared_seq,
+                       failover={}, discard_ok=False)
+        case FailoverCompleted():
+            # the copy is the failover point's, and it is what the relationship reports
+            f = rel.failover
+            point = int(f["point"])
+            return new(rel, state=S.FAILED_OVER, points=[], applied_seq=point, seq=point,
+                       last_point_time=f.get("time") or rel.last_point_time,
+                       last_consistency=f.get("consistency") or rel.last_consistency,
+                       prepared_seq=rel.prepared_seq if rel.prepared_seq == point else 0,
+                       failover={**f, "completed": True})
+    raise ValueError(f"unknown event {event!r}")
