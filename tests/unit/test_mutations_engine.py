@@ -9,15 +9,17 @@ the replica's answers are injected (``Replica`` stands where the conversation wi
 replica server is: it takes the log the producer makes, and answers as told)."""
 
 import asyncio
+import contextlib
 import os
 
 import pytest
 
 from replicad.catalog import Catalog
-from replicad.errors import ReplicadError
+from replicad.errors import PeerUnreachable, ReplicadError
 from replicad.model import VM, Disk, Relationship
 from replicad.model import ReplicationState as S
 from replicad.primary.engine import PrimaryEngine
+from replicad.replication_states import Resume, StartInitial, Suspend
 from replicad.tracking.baselines import Baselines
 
 VM_ID = "0f0e0d0c-0000-4000-8000-00000000e001"
@@ -88,3 +90,43 @@ def test_a_sealed_cycle_is_promoted_only_when_the_replica_acknowledged_it(primar
     expected = 2 if case == "acknowledged" else 1
     assert rel.seq == catalog.relationship(VM_ID).seq == expected
     assert baselines.sealed() == [expected]  # the other cycle's maps are gone: never a base again
+
+
+class Client:
+    """The peer client: a conversation that fails to open while ``down``, else ``replica``."""
+
+    def __init__(self, replica):
+        self.replica, self.down = replica, False
+
+    @contextlib.asynccontextmanager
+    async def conversation(self, server, port, auth):
+        if self.down:
+            raise PeerUnreachable(f"cannot reach {server}:{port}")
+        yield self.replica
+
+
+@pytest.mark.parametrize("case", ["unreachable", "suspended"])
+def test_a_prepare_that_failed_leaves_no_prepared_cycle_behind(primary, case):
+    """`failover start --prepare` whose cycle fails (the replica unreachable) or never runs
+    (suspended meanwhile) is refused to the operator, and that is all: the next ordinary
+    cycle — a tick, a `sync`, perhaps with the VM started again — is not taken as the final
+    cycle of a planned failover (it was, until the prepare was taken with its cycle)."""
+    engine, catalog, _ = primary
+    engine.client = client = Client(Replica())
+
+    async def run():
+        await engine.change(catalog.relationship(VM_ID), StartInitial("web"))
+        await engine.request_cycle(VM_ID)  # the initial copy
+        assert catalog.relationship(VM_ID).state == S.REPLICATING
+        client.down = case == "unreachable"
+        if case == "suspended":  # after the API's check, before the prepare's cycle could start
+            await engine.change(catalog.relationship(VM_ID), Suspend("web"))
+        with pytest.raises(ReplicadError, match="cannot reach|is Suspended"):
+            await engine.prepare(VM_ID)
+        client.down = False
+        if case == "suspended":
+            await engine.change(catalog.relationship(VM_ID), Resume("web"))
+        await engine.request_cycle(VM_ID)  # an ordinary sync
+        await engine.stop()
+    asyncio.run(run())
+    assert catalog.relationship(VM_ID).state == S.REPLICATING

@@ -53,6 +53,8 @@ class PrimaryEngine:
         # extended replication: the lock that keeps a replica copy at a committed point while
         # it is captured (ReplicaService.apply_lock, wired by the daemon)
         self.source_lock: Callable[[str], asyncio.Lock] | None = None
+        # a `--prepare` asked for the next cycle: taken with the waiters of that cycle, and
+        # dropped with them when they are refused (primary/prepared.py)
         self.prepare_next: set[str] = set()
         self.catalog = catalog
         self.state_dir = state_dir
@@ -98,6 +100,7 @@ class PrimaryEngine:
         if task:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        self.prepare_next.discard(vm_id)
         for fut in self._waiters.pop(vm_id, []):
             if not fut.done():
                 fut.set_exception(ReplicadError("replication was removed"))
@@ -169,11 +172,13 @@ class PrimaryEngine:
                 continue
             self._wake[vm_id].clear()
             waiters, self._waiters[vm_id] = self._waiters.get(vm_id, []), []
+            prepare = vm_id in self.prepare_next  # this cycle is the one a `--prepare` waits for
+            self.prepare_next.discard(vm_id)
             last_start = time.monotonic()
             log.debug("cycle.started", vm=self.name_of(vm_id), vm_id=vm_id, state=rel.state.value,
                       reason="requested" if waiters else "the VM's tick")
             try:
-                outcome = await self._cycle(vm_id)
+                outcome = await self._cycle(vm_id, prepare)
             except asyncio.CancelledError:
                 me = asyncio.current_task()
                 assert me is not None  # this coroutine runs as the supervisor's task
@@ -196,8 +201,9 @@ class PrimaryEngine:
                     fut.set_result(outcome)
 
     def _fail_waiters(self, vm_id: str, exc: BaseException, waiters: list | None = None) -> None:
-        if waiters is None:
+        if waiters is None:  # those of the next cycle, refused before it started: a prepare's too
             waiters, self._waiters[vm_id] = self._waiters.get(vm_id, []), []
+            self.prepare_next.discard(vm_id)
         for fut in waiters:
             if not fut.done():
                 fut.set_exception(exc if isinstance(exc, ReplicadError) else ReplicadError(str(exc)))
@@ -267,10 +273,10 @@ class PrimaryEngine:
         await asyncio.to_thread(baselines.keep_only, rel.seq)
         return rel
 
-    async def _cycle(self, vm_id: str) -> CycleOutcome:
+    async def _cycle(self, vm_id: str, prepare: bool = False) -> CycleOutcome:
         rel = self.catalog.require_relationship(vm_id)
         async with self.client.conversation(rel.replica_server, rel.replica_port, rel.auth) as conv:
-            return await self._cycle_in(vm_id, conv)
+            return await self._cycle_in(vm_id, conv, prepare)
 
     def vm_of(self, rel: Relationship) -> VM | None:
         """The VM a relationship replicates; for extended replication, the replica VM seen
@@ -291,7 +297,8 @@ class PrimaryEngine:
             raise ReplicadError("the replica copy has no committed point yet; extended replication waits for it",
                                 transient=True)
 
-    async def _cycle_in(self, vm_id: str, conv: Conversation) -> CycleOutcome:
+    async def _cycle_in(self, vm_id: str, conv: Conversation, prepare: bool = False) -> CycleOutcome:
+        """One cycle; ``prepare``: the final cycle of a planned failover (not an initial copy)."""
         rel = self.catalog.require_relationship(vm_id)
         vm = self.vm_of(rel)
         if vm is None:
@@ -326,8 +333,7 @@ class PrimaryEngine:
         producer.extended = bool(rel.source_vm)
         producer.resume = resume
         producer.fault = self._fault
-        is_prepare = producer.prepared = vm_id in self.prepare_next and not initial
-        self.prepare_next.discard(vm_id)
+        is_prepare = producer.prepared = prepare and not initial
         bound = log.bind(vm=vm.name, peer=rel.replica_server, cycle=seq)
         t0 = time.monotonic()
         # a forwarded replica copy is read at a committed point: no apply runs while it is
