@@ -108,7 +108,7 @@ EDGES: dict[str, dict[tuple[S, S], str]] = {
 }
 
 # `replication reverse` turns one role into the other (reverse.py): a new relationship, in
-# one of ENTRY's states, replaces the old one.
+# one of ENTRY's states, replaces the old one (``reversed_state``).
 ROLE_CHANGES: dict[tuple[str, S], tuple[str, frozenset[S]]] = {
     (REPLICA, S.FAILED_OVER_WAITING): (PRIMARY, frozenset({S.REPLICATING, S.RESYNCHRONIZING})),
     (REPLICA, S.FAILED_OVER): (PRIMARY, frozenset({S.REPLICATING, S.RESYNCHRONIZING})),
@@ -121,6 +121,21 @@ RUNNING_STATES = frozenset({S.WAITING_FOR_INITIAL, S.INITIAL_IN_PROGRESS, S.REPL
                             S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING})
 # A replica fails over from these (replica/failovers.py; FailedOverWaitingCompletion: a move).
 FAILOVER_STATES = (S.REPLICATING, S.ERROR, S.SUSPENDED)
+
+
+
+def reversed_state(rel: Relationship, resync: bool) -> S:
+    """The state of the relationship `replication reverse` creates in place of ``rel``
+    (ROLE_CHANGES): a failed-over replica becomes the primary, Resynchronizing when a side
+    moved or the failover was unplanned (``resync``), Replicating otherwise; the old primary
+    becomes its replica, Replicating. ValueError for a change the diagram lacks."""
+    change = ROLE_CHANGES.get((rel.role, rel.state))
+    if change is None:
+        raise ValueError(f"a {rel.role} in state {rel.state.value} is not reversed")
+    role, allowed = change
+    state = S.RESYNCHRONIZING if role == PRIMARY and resync else S.REPLICATING
+    assert state in allowed and state in ENTRY[role], (role, state)
+    return state
 
 
 # --- when the supervisor runs a cycle, and what it is ----------------------------------------

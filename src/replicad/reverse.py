@@ -36,6 +36,7 @@ from .model import ReplicationState as S
 from .replica.failover import TEST_SUFFIX
 from .replica.failovers import drop_points
 from .replica.layout import VMDir
+from .replication_states import reversed_state
 from .times import utcnow
 from .tracking.baselines import Baselines, build_baseline
 from .tracking.digestmap import identities
@@ -80,7 +81,7 @@ async def start(host: Host, vm_name: str, actor: str) -> tuple:
             raise Conflict(f"{old_primary} gave a malformed answer to the reverse")
         resync = resync or answer.get("resync") is not False
         await host.replica.stop_vm(vm.id)
-        new = Relationship(vm_id=vm.id, role="primary", state=S.RESYNCHRONIZING if resync else S.REPLICATING,
+        new = Relationship(vm_id=vm.id, role="primary", state=reversed_state(rel, resync),
                            primary_server=host.config.host, replica_server=old_primary, replica_port=port,
                            auth=rel.auth, frequency=rel.frequency or 300, recovery_history=rel.recovery_history,
                            recovery_point_interval=rel.recovery_point_interval, epoch=epoch,
@@ -174,7 +175,7 @@ async def accept(host: Host, principal: str, auth: str, vm_id: str, doc: dict) -
     await asyncio.to_thread(Baselines(host.config.state_dir, vm.id).drop_all)
     vmdir = VMDir.of(grant.storage, vm.id)
     await asyncio.to_thread(vmdir.create)  # staged and undo logs; the disks stay where they are
-    new = Relationship(vm_id=vm.id, role="replica", state=S.REPLICATING, primary_server=principal,
+    new = Relationship(vm_id=vm.id, role="replica", state=reversed_state(rel, resync), primary_server=principal,
                        trust_group=grant.trust_group, storage=str(grant.storage), epoch=epoch, seq=seq,
                        applied_seq=seq, auth=auth, frequency=rel.frequency, last_replication_time=utcnow(),
                        last_point_time=rel.prepared.get("time") if planned else None, copy_unverified=resync,

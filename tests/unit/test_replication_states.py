@@ -442,6 +442,17 @@ def test_a_failover_stopped_returns_to_the_state_before_and_completed_reports_it
     assert done.failover["completed"] is True
 
 
+def test_reverse_creates_the_other_role_in_an_entry_state() -> None:
+    for state in (S.FAILED_OVER_WAITING, S.FAILED_OVER):
+        replica = primary(role="replica", state=state)
+        assert rs.reversed_state(replica, True) == S.RESYNCHRONIZING
+        assert rs.reversed_state(replica, False) == S.REPLICATING
+    assert rs.reversed_state(primary(state=S.PREPARED_FOR_FAILOVER), False) == S.REPLICATING
+    assert rs.reversed_state(primary(state=S.ERROR), True) == S.REPLICATING  # unplanned: any state
+    with pytest.raises(ValueError):
+        rs.reversed_state(primary(role="replica"), True)  # not failed over
+
+
 # --- the errors' codes --------------------------------------------------------------------------
 
 def test_the_codes_a_peer_sees_are_unchanged() -> None:
