@@ -286,6 +286,19 @@ class Resync:
 
 
 @dataclass(frozen=True)
+class Sync:
+    """`sync`: a cycle now. It changes no state; refused unless replication is established."""
+    vm: str
+
+
+@dataclass(frozen=True)
+class Prepare:
+    """`failover start --prepare`: the next cycle is the final one (the engine's flag). It
+    changes no state by itself; the cycle's acknowledgement does (CycleSucceeded.prepared)."""
+    vm: str
+
+
+@dataclass(frozen=True)
 class ReplicaFailedOver:
     """The replica said (an authenticated answer) that its copy failed over."""
     at: str
@@ -333,10 +346,10 @@ class FailoverCompleted:
 
 
 Event = (InitialStarted | ResyncStarted | CycleSucceeded | CycleFailed | StartInitial | Seed | Exported | Resync
-         | ReplicaFailedOver | PrepareCancelled | Suspend | Resume | Applied | FailoverStarted | FailoverStopped
-         | FailoverCompleted)
+         | Sync | Prepare | ReplicaFailedOver | PrepareCancelled | Suspend | Resume | Applied | FailoverStarted
+         | FailoverStopped | FailoverCompleted)
 _PRIMARY_ONLY = (InitialStarted, ResyncStarted, CycleSucceeded, CycleFailed, StartInitial, Seed, Exported, Resync,
-                 ReplicaFailedOver, PrepareCancelled)
+                 Sync, Prepare, ReplicaFailedOver, PrepareCancelled)
 _REPLICA_ONLY = (Applied, FailoverStarted, FailoverStopped, FailoverCompleted)
 
 
@@ -352,6 +365,15 @@ def require(rel: Relationship, event: Event) -> None:
             if (rel.seq == 0 and not rel.awaiting_import and not rel.seed) or rel.state not in (
                     S.REPLICATING, S.ERROR, S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING, S.SUSPENDED):
                 raise Conflict(f"{vm} cannot be resynchronized in state {st}")
+        case Sync(vm):
+            if rel.state not in (S.REPLICATING, S.ERROR) or rel.seq == 0:
+                raise Conflict(f"{vm} is {st}; sync needs an established replication",
+                               hint="run `replicad replication start-initial` first" if rel.seq == 0 else
+                               "`replicad replication resume` cancels the prepare"
+                               if rel.state == S.PREPARED_FOR_FAILOVER else None)
+        case Prepare(vm):
+            if rel.state not in (S.REPLICATING, S.ERROR) or rel.seq == 0:
+                raise Conflict(f"{vm} cannot be prepared in state {st}")
         case Suspend(vm):
             if rel.state not in (S.SUSPENDED, S.REPLICATING, S.ERROR, S.INITIAL_IN_PROGRESS, S.WAITING_FOR_INITIAL):
                 raise Conflict(f"cannot suspend replication of {vm} in state {st}")
@@ -423,6 +445,8 @@ def transition(rel: Relationship, event: Event) -> Relationship:
                              "(`replication import-initial`)")
         case Resync():
             return new(rel, state=S.RESYNCHRONIZING, resync_hold=None)
+        case Sync() | Prepare():  # a cycle is asked for: the state is the cycle's to change
+            return new(rel)
         case ReplicaFailedOver(at):
             return new(rel, replica_failed_over=_heard_failed_over(rel, at))
         case PrepareCancelled():

@@ -153,10 +153,8 @@ def _primary(w: World, action: tuple, go) -> World:
         return dataclasses.replace(w, rel=go(rel, rs.Suspend("vm")))
     if name == "resume":
         return dataclasses.replace(w, rel=go(rel, rs.Resume("vm")))
-    if name == "prepare":  # api/failover.py's refusal, then the engine's flag for the next cycle
-        if rel.state not in (S.REPLICATING, S.ERROR) or rel.seq == 0:
-            raise Conflict("not preparable")
-        return dataclasses.replace(w, prepare_next=True)
+    if name == "prepare":  # the refusal, then the engine's flag for the next cycle
+        return World(go(rel, rs.Prepare("vm")), w.cycle, True)
     if name in ("heard_failed_over", "prepare_cancelled"):  # primary/prepared.py, while prepared
         if rel.state != S.PREPARED_FOR_FAILOVER:
             raise _NotNow
@@ -403,6 +401,12 @@ def test_schedule() -> None:
     (primary(state=S.WAITING_FOR_RESYNC), rs.Suspend("vm"),
      "cannot suspend replication of vm in state WaitingForStartResynchronize"),
     (primary(), rs.Resume("vm"), "replication of vm is not suspended (state Replicating)"),
+    (primary(state=S.READY_FOR_INITIAL, seq=0), rs.Sync("vm"),
+     "vm is ReadyForInitialReplication; sync needs an established replication (run `replicad replication "
+     "start-initial` first)"),
+    (primary(state=S.PREPARED_FOR_FAILOVER), rs.Sync("vm"), "vm is PreparedForFailover; sync needs an established "
+     "replication (`replicad replication resume` cancels the prepare)"),
+    (primary(state=S.SUSPENDED), rs.Prepare("vm"), "vm cannot be prepared in state Suspended"),
     (primary(role="replica", state=S.INITIAL_IN_PROGRESS), rs.FailoverStarted("vm", {}),
      "vm cannot fail over in state InitialReplicationInProgress"),
     (primary(role="replica"), rs.FailoverStopped("vm"), "no failover of vm to stop here (state Replicating)"),

@@ -12,7 +12,7 @@ from .. import log as logmod
 from .. import reverse
 from ..errors import Conflict
 from ..model import Relationship, VMState
-from ..model import ReplicationState as S
+from ..replication_states import Prepare, require
 from ..tracking.qemu import vm_state
 from .context import actor, body, host_of
 from .replication import _rel, _wait_stream, rel_json
@@ -34,8 +34,7 @@ async def start(request):
             raise Conflict(f"{vm.name} is {'running' if state == VMState.RUNNING else 'in an unknown state'}; "
                            f"stop it first (`replicad vm stop {vm.name}`)",
                            hint="a planned failover ships every last change, so the VM must be known to be off")
-        if rel.state not in (S.REPLICATING, S.ERROR) or rel.seq == 0:
-            raise Conflict(f"{vm.name} cannot be prepared in state {rel.state.value}")
+        require(rel, Prepare(vm.name))
         log.info("failover.preparing", vm=vm.name, reason="shipping every last change before a planned failover")
         return await _wait_stream(request, host, vm.id, host.primary.prepare(vm.id))
     if doc.get("as_test"):

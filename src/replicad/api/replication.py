@@ -19,7 +19,7 @@ from ..primary.export import check_target, export_initial
 from ..primary.producer import CycleProducer, Progress
 from ..primary.trackers import tracker_for
 from ..replica import failover_copy
-from ..replication_states import Exported, Resume, Resync, Seed, StartInitial, Suspend, require
+from ..replication_states import Exported, Resume, Resync, Seed, StartInitial, Suspend, Sync, require
 from ..times import format_time, parse_time, utcnow
 from ..tracking.baselines import Baselines
 from ..units import parse_rate
@@ -306,11 +306,7 @@ async def sync(request):
     host = host_of(request)
     vm, rel = _target(request, role="primary")
     doc = await body(request)
-    if rel.state not in (S.REPLICATING, S.ERROR) or rel.seq == 0:
-        raise Conflict(f"{vm.name} is {rel.state.value}; sync needs an established replication",
-                       hint="run `replicad replication start-initial` first" if rel.seq == 0 else
-                       "`replicad replication resume` cancels the prepare" if rel.state == S.PREPARED_FOR_FAILOVER
-                       else None)
+    require(rel, Sync(vm.name))
     fut = host.primary.request_cycle(vm.id)
     if doc.get("wait"):
         return await _wait_stream(request, host, vm.id, fut)
