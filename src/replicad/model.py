@@ -236,6 +236,7 @@ class Relationship:
     awaiting_import: str | None = None  # primary: the folder an initial copy was exported to
     seed: bool = False                  # primary: the first cycle adopts a copy already in the replica's storage
     resync_hold: str | None = None      # primary: an automatic resync would lose the replica's changes
+    resync_due: bool = False            # primary: a resync is due when a suspended replication resumes
     discard_ok: bool = False            # replica: the operator cancelled a failover; its writes may be overwritten
     source_vm: str | None = None        # extended (on a replica server): the replica VM whose copy is forwarded
     extended: bool = False              # replica: this copy is fed by a replica server (mode ExtendedReplica)

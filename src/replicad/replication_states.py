@@ -44,18 +44,13 @@ EDGES: dict[str, dict[tuple[S, S], str]] = {
         (S.READY_FOR_INITIAL, S.WAITING_FOR_INITIAL): "`start-initial --at`",
         (S.READY_FOR_INITIAL, S.INITIAL_IN_PROGRESS): "`start-initial`",
         (S.READY_FOR_INITIAL, S.WAITING_FOR_RESYNC): "`start-initial --use-existing`, or `--export` written",
-        (S.READY_FOR_INITIAL, S.ERROR): "a cycle under way when `suspend` and `resume` came ended with a "
-                                        "permanent error",
+        (S.READY_FOR_INITIAL, S.REPLICATING): "a cycle under way when `suspend` and `resume` came was "
+                                              "acknowledged: `resume`'s state for an acknowledged copy",
         (S.WAITING_FOR_INITIAL, S.INITIAL_IN_PROGRESS): "`start-initial`, or the `--at` time came",
         (S.WAITING_FOR_INITIAL, S.WAITING_FOR_RESYNC): "`start-initial --use-existing`, or `--export` written",
         (S.WAITING_FOR_INITIAL, S.SUSPENDED): "`suspend`",
-        (S.WAITING_FOR_INITIAL, S.RESYNCHRONIZING): "the `--at` time came while an earlier `--use-existing` "
-                                                    "is still pending: the cycle is its resync",
-        (S.WAITING_FOR_INITIAL, S.REPLICATING): "a cycle under way when `start-initial --at` came was acknowledged",
-        (S.WAITING_FOR_INITIAL, S.ERROR): "a cycle under way when `start-initial --at` came ended with a "
-                                          "permanent error",
-        (S.INITIAL_IN_PROGRESS, S.RESYNCHRONIZING): "`start-initial` while an earlier `--use-existing` is still "
-                                                    "pending: the cycle is its resync",
+        (S.WAITING_FOR_INITIAL, S.REPLICATING): "a cycle under way when `start-initial --at` came was "
+                                                "acknowledged: the initial replication is done",
         (S.INITIAL_IN_PROGRESS, S.REPLICATING): "the initial copy acknowledged",
         (S.INITIAL_IN_PROGRESS, S.WAITING_FOR_RESYNC): "a resumed initial copy acknowledged (a resync "
                                                        "follows), refused with `resync`, or `--export` written",
@@ -83,10 +78,8 @@ EDGES: dict[str, dict[tuple[S, S], str]] = {
         (S.SUSPENDED, S.READY_FOR_INITIAL): "`resume`, nothing acknowledged yet",
         (S.SUSPENDED, S.REPLICATING): "`resume`",
         (S.SUSPENDED, S.RESYNCHRONIZING): "`replication resync`",
-        (S.SUSPENDED, S.WAITING_FOR_RESYNC): "a cycle under way when `suspend` came: refused with `resync`, or "
-                                             "a resumed initial copy acknowledged; `--export` written",
-        (S.SUSPENDED, S.ERROR): "a cycle under way when `suspend` came ended with a permanent error",
-        (S.SUSPENDED, S.PREPARED_FOR_FAILOVER): "a `--prepare` cycle under way when `suspend` came was acknowledged",
+        (S.SUSPENDED, S.WAITING_FOR_RESYNC): "`resume`, a resync due: a continued initial copy was "
+                                             "acknowledged while suspended",
         (S.PREPARED_FOR_FAILOVER, S.REPLICATING): "`resume`, or the replica cancelled its failover",
     },
     REPLICA: {
@@ -119,6 +112,10 @@ ROLE_CHANGES: dict[tuple[str, S], tuple[str, frozenset[S]]] = {
 # The primary's supervisor runs cycles in these states (others wait for a verb).
 RUNNING_STATES = frozenset({S.WAITING_FOR_INITIAL, S.INITIAL_IN_PROGRESS, S.REPLICATING, S.ERROR,
                             S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING})
+# No cycle runs in these: a cycle's outcome that finds its relationship in one of them
+# found a verb taken while it was in flight (`suspend`; `resume` or `start-initial --at`
+# after it). The verb wins: the outcome is recorded, the state stays (docs/design.md §5).
+VERB_STATES = frozenset({S.SUSPENDED, S.READY_FOR_INITIAL, S.WAITING_FOR_INITIAL})
 # A replica fails over from these (replica/failovers.py; FailedOverWaitingCompletion: a move).
 FAILOVER_STATES = (S.REPLICATING, S.ERROR, S.SUSPENDED)
 
@@ -412,19 +409,27 @@ def transition(rel: Relationship, event: Event) -> Relationship:
         case ResyncStarted():
             return new(rel, state=S.RESYNCHRONIZING)
         case CycleSucceeded(kind, seq, at, resumed, prepared):
-            state = rel.state
-            if state in (S.INITIAL_IN_PROGRESS, S.ERROR, S.WAITING_FOR_INITIAL, S.RESYNCHRONIZING):
-                state = S.REPLICATING
-            if resumed:  # the copy holds blocks read at two times: compare both copies once, now
-                state = S.WAITING_FOR_RESYNC
-            out = new(rel, state=state, seq=seq, error=None, replica_failed_over={}, last_replication_time=at)
+            out = new(rel, seq=seq, error=None, replica_failed_over={}, last_replication_time=at)
             if kind == CycleKind.RESYNC:
-                out = new(out, awaiting_import=None, seed=False, resync_hold=None)
-            if prepared is not None:
-                out = new(out, state=S.PREPARED_FOR_FAILOVER, prepared=dict(prepared))
+                out = new(out, awaiting_import=None, seed=False, resync_hold=None, resync_due=False)
+            if rel.state == S.SUSPENDED:  # suspended while it ran: the acknowledgement is recorded, no more;
+                # not prepared, and a continued initial copy's resync is due when replication resumes
+                return new(out, resync_due=out.resync_due or resumed)
+            # Ready/Waiting (resumed, or start-initial --at, while it ran) said "nothing acknowledged
+            # yet": no longer true, so the state is the one `resume` gives an acknowledged copy
+            if rel.state in (S.INITIAL_IN_PROGRESS, S.ERROR, S.READY_FOR_INITIAL, S.WAITING_FOR_INITIAL,
+                             S.RESYNCHRONIZING):
+                out = new(out, state=S.REPLICATING)
+            if resumed:  # the copy holds blocks read at two times: compare both copies once, now
+                out = new(out, state=S.WAITING_FOR_RESYNC)
+            if prepared is not None and out.state != S.WAITING_FOR_RESYNC:  # a copy due a resync is no point
+                out = new(out, state=S.PREPARED_FOR_FAILOVER, prepared=dict(prepared))  # to fail over to
             return out
         case CycleFailed(failure, reason, at, failed_over):
             out = new(rel, replica_failed_over=_heard_failed_over(rel, at)) if failed_over else new(rel)
+            if rel.state in VERB_STATES:  # a verb taken while it ran wins: the error is recorded, not the state
+                return new(out, error=f"resynchronization required: {reason}" if failure in (
+                    Failure.HELD, Failure.RESYNC) else reason)
             if failure == Failure.HELD:
                 hold = f"resynchronization required: {reason}"
                 return new(out, state=S.WAITING_FOR_RESYNC, resync_hold=hold, error=hold)
@@ -435,8 +440,9 @@ def transition(rel: Relationship, event: Event) -> Relationship:
                 return new(out, state=S.WAITING_FOR_RESYNC, error=error)
             return new(out, error=reason, state=rel.state if failure == Failure.TRANSIENT else S.ERROR)
         case StartInitial(_, at):
+            # a plain start-initial abandons an earlier `--use-existing` or `--export` that failed
             return new(rel, state=S.WAITING_FOR_INITIAL if at else S.INITIAL_IN_PROGRESS, start_at=at or None,
-                       error=None)
+                       error=None, seed=False, awaiting_import=None)
         case Seed():
             return new(rel, seed=True, state=S.WAITING_FOR_RESYNC, error=None, start_at=None)
         case Exported(epoch, folder):
@@ -457,7 +463,8 @@ def transition(rel: Relationship, event: Event) -> Relationship:
             if rel.state == S.PREPARED_FOR_FAILOVER:  # the prepare is cancelled
                 return new(rel, state=S.REPLICATING, prepared={})
             if rel.role == PRIMARY:
-                return new(rel, state=S.REPLICATING if rel.seq > 0 else S.READY_FOR_INITIAL)
+                return new(rel, state=S.READY_FOR_INITIAL if rel.seq == 0 else
+                           S.WAITING_FOR_RESYNC if rel.resync_due else S.REPLICATING, resync_due=False)
             return new(rel, state=S.REPLICATING if rel.applied_seq > 0 else S.INITIAL_IN_PROGRESS)
         case Applied():
             return new(rel, state=S.REPLICATING if rel.state in (S.INITIAL_IN_PROGRESS, S.ERROR) else rel.state)

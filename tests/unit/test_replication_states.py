@@ -208,7 +208,8 @@ def key(w: World) -> tuple:
     """What the next changes of state depend on (the abstraction the exhaustive walk uses)."""
     r = w.rel
     return (r.role, r.state, min(r.seq, 3), min(r.applied_seq, 3), r.seed, bool(r.awaiting_import),
-            bool(r.resync_hold), r.error is None, bool(r.epoch), bool(r.replica_failed_over), bool(r.prepared),
+            bool(r.resync_hold), r.resync_due, r.error is None, bool(r.epoch), bool(r.replica_failed_over),
+            bool(r.prepared),
             r.failover.get("before"), bool(r.failover.get("planned")), r.prepared_seq > 0, w.cycle, w.prepare_next)
 
 

@@ -378,7 +378,7 @@ class PrimaryEngine:
         if is_prepare and fuzzy:
             log.warning("failover.not_prepared", vm=vm.name, cycle=seq, reason="the capture was fuzzy: the disks "
                         "changed while they were read; the replica does not take it as prepared")
-        elif is_prepare:
+        elif is_prepare and rel.state == S.PREPARED_FOR_FAILOVER:  # not when suspended while it ran
             log.info("failover.prepared", vm=vm.name, cycle=seq, reason="every last change shipped; the replica "
                      "can fail over to exactly this state")
         st = rel.stats

@@ -34,6 +34,10 @@ async def until_consistent(engine: PrimaryEngine, vm_id: str) -> dict:
         engine.prepare_next.add(vm_id)
         outcome = await engine.request_cycle(vm_id)
         if outcome.get("consistency") != Consistency.FUZZY.value:
+            rel = engine.catalog.relationship(vm_id)
+            if rel is not None and rel.state != S.PREPARED_FOR_FAILOVER:  # a verb taken while it ran wins
+                raise ReplicadError(f"{engine.name_of(vm_id)} is not prepared: replication is {rel.state.value} "
+                                    "(it changed while the final cycle ran)")
             return outcome
         log.warning("failover.prepare_fuzzy", vm=engine.name_of(vm_id), cycle=outcome.get("seq"),
                     reason="the disks changed while the final cycle read them; trying again")

@@ -1,0 +1,51 @@
+"""An operator's verb taken while a cycle is in flight is what the relationship shows after
+the cycle ends (docs/design.md §5, "A verb during a cycle"): the cycle's outcome is recorded
+— its error — but the state stays what the verb set. The cycle is held at a known point:
+the replica's commit of the log it receives (its acknowledgement waits for that commit);
+the cycle then fails just after the acknowledgement (a fault hook: a permanent error)."""
+
+import asyncio
+
+import pytest
+
+from replicad.errors import ReplicadError
+
+from ..integration.images import make_sparse_image, scribble
+from .daemons import ApiFailed, HeldCommits, until
+from .test_pair import applied, enable
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize("cycle", ["initial", "delta"])
+async def test_a_verb_taken_while_a_cycle_is_in_flight_is_not_overwritten_by_its_outcome(pair, tmp_path, cycle):
+    primary, replica = pair
+    image = tmp_path / "web.img"
+    make_sparse_image(image, 2 * MiB, data_pieces=2)
+    await enable(primary, replica, "web", image)
+    if cycle == "delta":
+        await primary.api("POST", "/v1/replications/web/start-initial", {"wait": True})
+        await applied(primary, replica, "web")
+        scribble(image, 5, seed=4)
+
+    def fault(at: str) -> None:
+        if at == "primary-after-ack":
+            raise ReplicadError("the disk went away after the acknowledgement")
+    primary.host.primary._fault = fault
+    hold = HeldCommits(replica.host.catalog, lambda sql: any("INTO relationships" in s for s in sql))
+    verb = "start-initial" if cycle == "initial" else "sync"
+    run = asyncio.create_task(primary.api("POST", f"/v1/replications/web/{verb}", {"wait": True}))
+    await until(hold.held.is_set, what="the replica's commit of the log to be held")
+
+    assert (await primary.api("POST", "/v1/replications/web/suspend"))["state"] == "Suspended"
+    expected = "Suspended"
+    if cycle == "initial":  # suspended and resumed while the initial copy ran: nothing acknowledged yet
+        expected = (await primary.api("POST", "/v1/replications/web/resume"))["state"]
+        assert expected == "ReadyForInitialReplication"
+    hold.release.set()
+    with pytest.raises(ApiFailed, match="the disk went away"):
+        await run
+
+    after = await primary.api("GET", "/v1/replications/web")
+    assert after["state"] == expected  # not Error: the verb wins
+    assert "the disk went away" in after["error"]  # the cycle's outcome is recorded all the same
