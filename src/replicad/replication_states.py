@@ -404,8 +404,9 @@ def transition(rel: Relationship, event: Event) -> Relationship:
     require(rel, event)
     new = dataclasses.replace
     match event:
-        case InitialStarted(epoch):
-            return new(rel, state=S.INITIAL_IN_PROGRESS, epoch=epoch if epoch is not None else rel.epoch)
+        case InitialStarted(epoch):  # suspended (and resumed) since the cycle began: the verb's state stays
+            state = rel.state if rel.state in (S.SUSPENDED, S.READY_FOR_INITIAL) else S.INITIAL_IN_PROGRESS
+            return new(rel, state=state, epoch=epoch if epoch is not None else rel.epoch)
         case ResyncStarted():
             return new(rel, state=S.RESYNCHRONIZING)
         case CycleSucceeded(kind, seq, at, resumed, prepared):

@@ -49,3 +49,41 @@ async def test_a_verb_taken_while_a_cycle_is_in_flight_is_not_overwritten_by_its
     after = await primary.api("GET", "/v1/replications/web")
     assert after["state"] == expected  # not Error: the verb wins
     assert "the disk went away" in after["error"]  # the cycle's outcome is recorded all the same
+
+
+async def test_a_suspend_before_a_retried_initial_copy_records_its_start_is_kept(pair, tmp_path):
+    """A retried initial copy asks the replica where the earlier attempt got to before it
+    records its start: a `suspend` taken while it asks is not overwritten by that start."""
+    primary, replica = pair
+    image = tmp_path / "db.img"
+    make_sparse_image(image, 2 * MiB, data_pieces=2)
+    await enable(primary, replica, "db", image)
+    engine = primary.host.primary
+    failures = ["once"]
+
+    def fault(at: str) -> None:
+        if at == "primary-after-ack" and failures:
+            failures.pop()
+            raise ReplicadError("the first attempt failed after the acknowledgement")
+    engine._fault = fault
+    with pytest.raises(ApiFailed, match="the first attempt failed"):
+        await primary.api("POST", "/v1/replications/db/start-initial", {"wait": True})
+
+    asked, answer = asyncio.Event(), asyncio.Event()
+    resume_point = engine._resume_point
+
+    async def held(rel, conv):  # the retry's question to the replica, held until the verb is taken
+        asked.set()
+        await answer.wait()
+        return await resume_point(rel, conv)
+    engine._resume_point = held
+    await primary.api("POST", "/v1/replications/db/start-initial", {})
+    await asyncio.wait_for(asked.wait(), 10)
+    assert (await primary.api("POST", "/v1/replications/db/suspend"))["state"] == "Suspended"
+    answer.set()
+
+    async def acknowledged():
+        d = await primary.api("GET", "/v1/replications/db")
+        return d["sequence"] == 1 and d
+    after = await until(acknowledged, what="the retried initial copy to be acknowledged")
+    assert after["state"] == "Suspended"  # the cycle's start did not write its state over the verb's

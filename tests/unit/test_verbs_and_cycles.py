@@ -47,5 +47,7 @@ def test_a_verb_taken_while_a_cycle_ran_keeps_its_state() -> None:
     resumed = rs.transition(continued, rs.Resume("vm"))
     assert (resumed.state, resumed.resync_due) == (S.WAITING_FOR_RESYNC, False)  # its resync is not lost
     assert rs.plan_cycle(resumed).kind == CycleKind.RESYNC
+    started = rs.transition(suspended, rs.InitialStarted("e2"))  # a retry that asked the replica first
+    assert (started.state, started.epoch) == (S.SUSPENDED, "e2")
     ready = rs.transition(primary(state=S.READY_FOR_INITIAL, seq=0), rs.CycleSucceeded(CycleKind.INITIAL, 1, AT))
     assert ready.state == S.REPLICATING  # `resume`'s state for a copy with an acknowledged point

@@ -315,6 +315,7 @@ class PrimaryEngine:
         elif initial:
             # an earlier attempt of this initial copy (its epoch is set, nothing acknowledged yet)
             resume = await self._resume_point(rel, conv) if rel.epoch and rel.seq == 0 else None
+            rel = self.catalog.require_relationship(vm_id)  # as a verb taken meanwhile left it
             rel = states.transition(rel, states.InitialStarted(None if resume is not None else secrets.token_hex(8)))
             await self.save(rel)
             await asyncio.to_thread(baselines.drop_all)
