@@ -27,6 +27,10 @@ from tests.integration.harness import Host, file_digest, wait_for
 
 VM = "m"
 UNKNOWN = "unknown"  # the bytes of a point captured while something wrote: not knowable here
+# the states in which a primary daemon that starts runs a cycle at once (its supervisor's first
+# pass waits no frequency); in the others (suspended, prepared, held for the operator) it runs none
+CYCLE_AT_START = ("Replicating", "Error", "Resynchronizing", "InitialReplicationInProgress",
+                  "WaitingForStartResynchronize")
 
 
 class Violation(AssertionError):
@@ -98,6 +102,7 @@ class Model:
         self.known_seq = 0
         self.times: dict[int, float] = {}     # seq -> when its (paced) cycle was asked for
         self.write_seed = seed * 1000
+        self.primary_restarted = False        # the primary daemon was restarted; its first cycle not yet seen
 
     # plumbing -------------------------------------------------------------------------------
     def note(self, what: str) -> None:
@@ -133,6 +138,13 @@ class Model:
     def disk(self, host: Host) -> Path:
         return Path(self.call(host, "GET", f"/v1/vms/{VM}")["disks"][0]["path"])
 
+    def vmdir(self, host: Host) -> Path:
+        """The replica's folder of the VM (staged logs, undo logs): in the storage the replica
+        server grants, named by the VM's id — wherever the disks are (after a reverse they stay
+        where the old primary had them)."""
+        storage = self.call(host, "GET", "/v1/server")["default_storage"]
+        return Path(storage) / self.call(host, "GET", f"/v1/vms/{VM}")["id"]
+
     def cli(self, host: Host, *args: str, expect: bool | None = True, timeout: float = 180):
         """Run the CLI. ``expect`` True: success is the contract; False: a refusal is; None:
         either. A refusal must be one `error:` line, never an internal error or a traceback.
@@ -159,6 +171,12 @@ class Model:
         scribble(path, blocks, seed=self.write_seed)
         return file_digest(path)
 
+    def failed_over(self, point: int, newest: int) -> None:
+        """A failover (or a move) to ``point`` succeeded; ``newest``: the newest point then."""
+        planned = self.prepared is not None and point == self.prepared == newest and not self.primary_moved
+        self.replica_state = "FailedOverWaitingCompletion"
+        self.failover = {"point": point, "digest": self.expected[point], "planned": planned, "wrote": False}
+
     # waiting for the system to be quiet -----------------------------------------------------
     def _primary_quiet(self) -> bool:
         if self.counters[self.primary.name].cycling:
@@ -166,13 +184,31 @@ class Model:
         g = self.get(self.primary)
         if g["state"] in ("Resynchronizing", "InitialReplicationInProgress"):
             return False
-        if g["state"] == "WaitingForStartResynchronize" and "waits for the operator" not in (g["error"] or ""):
+        if g["state"] == "WaitingForStartResynchronize" and "waits for the operator" not in (g["error"] or "") \
+                and not self.replica_suspended:  # a suspended replica refuses the resync: it changes nothing
             return False
         return not (g["state"] == "Replicating" and g["error"])  # a transient failure: a retry comes soon
 
+    def _restart_cycle_done(self) -> bool:
+        """The restarted primary's own first cycle has ended, or its state runs none."""
+        counter = self.counters[self.primary.name]
+        counter.read()
+        if counter.ended:  # counted since the daemon.ready of this start
+            return True
+        g = self.get(self.primary)
+        return g["state"] not in CYCLE_AT_START or "waits for the operator" in (g["error"] or "")
+
     def settle(self) -> None:
         """Wait until no cycle runs or is about to, then learn the sequences acknowledged
-        meanwhile: their bytes are the image's now (writes happen only in quiet moments)."""
+        meanwhile: their bytes are the image's now (writes happen only in quiet moments).
+        A restarted primary runs a cycle of its own at once: it is waited for first, or the
+        check could read a point acknowledged after the sequences were learned."""
+        if self.primary_restarted:
+            try:
+                wait_for(self._restart_cycle_done, 120, "the restarted primary's first cycle", interval=0.1)
+            except AssertionError:
+                self.fail(f"the restarted primary never ended its first cycle: {self.get(self.primary)}")
+            self.primary_restarted = False
         try:
             wait_for(self._primary_quiet, 120, "the primary to be quiet", interval=0.1)
         except AssertionError:
@@ -232,6 +268,12 @@ class Model:
 
     def points(self) -> list[dict]:
         return self.call(self.replica, "GET", f"/v1/replications/{VM}/recovery-points")
+
+    def points_ids(self) -> list[int]:
+        return [int(p["id"]) for p in self.points()]
+
+    def newest(self) -> int:
+        return self.get(self.replica)["applied_sequence"]
 
     def check_points(self) -> None:
         pts = self.points()

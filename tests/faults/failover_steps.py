@@ -14,19 +14,15 @@ from tests.integration.harness import BIN, file_digest, wait_for
 from tests.integration.images import make_sparse_image
 
 from . import syscall_trap
-from .failover_model import UNKNOWN, VM, Model
-from .syscall_trap import SyscallTrap
+from .failover_kills import Kills
+from .failover_model import UNKNOWN, VM
 
 MiB = 1 << 20
 SIZE = 8 * MiB
 HISTORY = 3
-# the calls a kill -9 may be aimed at, per operation (and the daemon that makes them)
-TRAPS = {"failover": ["pwrite64", "pwrite64", "rename", "fsync", "ftruncate"], "test": ["pwrite64", "fsync", "rename"],
-         "test-stop": ["rmdir", "unlinkat"], "stop": ["rename", "unlink"], "complete": ["unlink", "rename"],
-         "sync-replica": ["rename", "fsync", "pwrite64"], "sync-primary": ["rename", "fsync"]}
 
 
-class Driver(Model):
+class Driver(Kills):
     # setup ----------------------------------------------------------------------------------
     def setup(self) -> None:
         for h in (self.primary, self.replica):
@@ -83,16 +79,15 @@ class Driver(Model):
             (1, self.prepared is None and rs == R, self.prepare_while_writing),
             (1, self.prepared is not None, self.edit_prepared_disk),
             (3, True, self.kill),
+            (4, rs in (R, FOW) and self.test is None and not self.running[r] and syscall_trap.available()
+             and bool(self.roll_back_targets()), self.kill_in_roll_back),
+            (2, rs == R and not self.replica_suspended and not self.primary_suspended and self.prepared is None
+             and self.test is None, self.planned_move),
+            (3, rs in (FOW, FO) and self.test is None, self.work_then_reverse),
         ]
         live = [(w, fn) for w, ok, fn in options if ok]
         fn = self.rnd.choices([fn for _, fn in live], weights=[w for w, _ in live])[0]
         return fn.__name__, fn
-
-    def points_ids(self) -> list[int]:
-        return [int(p["id"]) for p in self.points()]
-
-    def newest(self) -> int:
-        return self.get(self.replica)["applied_sequence"]
 
     # the guests ---------------------------------------------------------------------------
     def write_primary(self) -> None:
@@ -198,24 +193,22 @@ class Driver(Model):
         older = [p for p in pts if p != pts[-1]]
         point = self.rnd.choice(older) if older and self.rnd.random() < 0.6 else self.rnd.choice(pts)
         moving = self.replica_state == "FailedOverWaitingCompletion"
+        if self.prepared in pts and not moving and self.rnd.random() < 0.7:
+            point = self.prepared  # mostly what a prepare is for: the planned failover
         self.note(("move the failover to point " if moving else "failover to point ") + str(point))
         expect = not (moving and self.running[self.replica.name])
         newest = self.newest()
-        got = self.cli(self.replica, "failover", "start", VM, "--recovery-point", str(point), expect=expect)
-        if got is None:
-            return
-        planned = self.prepared is not None and point == self.prepared == newest and not self.primary_moved
-        self.replica_state = "FailedOverWaitingCompletion"
-        self.failover = {"point": point, "digest": self.expected[point], "planned": planned, "wrote": False}
+        if self.cli(self.replica, "failover", "start", VM, "--recovery-point", str(point), expect=expect) is not None:
+            self.failed_over(point, newest)
 
     def failover_mid_delta(self) -> None:
         self.note("failover while a paced delta arrives")
         self.cli(self.primary, "replication", "set", VM, "--bandwidth-limit", "256KB")
         before = self.newest()
         self.cur = self.write(self.image, 256)
-        vm_id = self.call(self.replica, "GET", f"/v1/vms/{VM}")["id"]
-        logs = self.disk(self.replica).parent.parent / "logs"
-        assert vm_id in str(logs)
+        logs = self.vmdir(self.replica) / "logs"  # where the delta is staged while it arrives
+        if not logs.is_dir():
+            self.fail(f"the replica stages no logs in {logs}")
         sync = subprocess.Popen([str(BIN), "replication", "sync", VM, "--wait", "--config", str(self.primary.config),
                                  "-o", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_for(lambda: sync.poll() is not None or any(p.name.endswith(".part") for p in logs.iterdir()), 30,
@@ -251,7 +244,7 @@ class Driver(Model):
         self.cli(self.replica, "failover", "complete", VM)
         self.replica_state = "FailedOver"
 
-    def reverse(self) -> None:
+    def reverse(self) -> bool:
         planned = self.failover["planned"] and self.prepared is not None
         learned = "failed over" in (self.get(self.primary)["error"] or "")
         off = not self.running[self.primary.name]
@@ -262,7 +255,7 @@ class Driver(Model):
                   f"{'off' if off else 'running'}, {'has' if learned else 'has not'} heard of the failover)")
         got = self.cli(self.replica, "replication", "reverse", VM, expect=expect)
         if got is None:
-            return
+            return False
         common = self.failover["point"]
         old_expected = self.expected
         self.primary, self.replica = self.replica, self.primary
@@ -275,6 +268,33 @@ class Driver(Model):
         self.replica_state, self.failover, self.test = "Replicating", None, None
         self.replica_suspended = self.primary_suspended = False
         self.prepared, self.cancelled_planned, self.primary_moved = None, False, False
+        return True
+
+    def work_then_reverse(self) -> None:
+        """The failed-over VM runs and writes before the operator reverses (issue 14.3): the
+        reverse must ship those writes too, so the new replica converges (its first cycle)."""
+        self.note(f"the failed-over VM on {self.replica.name} runs and writes, then the operator reverses")
+        if not self.running[self.replica.name]:
+            self.cli(self.replica, "vm", "start", VM)
+            self.running[self.replica.name] = True
+        self.write_failed_over()
+        if self.replica_state == "FailedOverWaitingCompletion" and self.rnd.random() < 0.3:
+            self.complete()
+        if self.reverse():
+            self.cycle()
+
+    def planned_move(self) -> None:
+        """A planned failover as an operator moves a VM (issue 14.3's sequence): prepare on the
+        primary, fail over to the prepared point, the VM runs and writes there, reverse."""
+        self.note("planned move: prepare, failover to the prepared point, work there, reverse")
+        self.prepare()
+        if self.prepared is None:
+            return
+        newest = self.prepared  # the prepared cycle is the newest point once applied (failover waits for it)
+        self.note(f"failover to the prepared point {newest}")
+        self.cli(self.replica, "failover", "start", VM, "--recovery-point", str(newest))
+        self.failed_over(newest, newest)
+        self.work_then_reverse()
 
     # suspend / resume ---------------------------------------------------------------------
     def suspend_replica(self) -> None:
@@ -308,7 +328,9 @@ class Driver(Model):
         self.note(f"vm stop + failover start --prepare on {self.primary.name}")
         self.cli(self.primary, "vm", "stop", VM)
         self.running[self.primary.name] = False
-        expect = None if self.primary_suspended or self.replica_suspended else True
+        g = self.get(self.primary)  # a primary that must resync first (or failed) may refuse, with the reason
+        ready = g["state"] == "Replicating" and not g["error"]
+        expect = True if ready and not (self.primary_suspended or self.replica_suspended) else None
         got = self.cli(self.primary, "failover", "start", VM, "--prepare", expect=expect)
         if got:
             self.expected[got["seq"]] = self.cur
@@ -356,76 +378,3 @@ class Driver(Model):
             self.known_seq = max(self.known_seq, got["seq"])
             self.prepared = got["seq"]
             self.primary_moved = True  # the writer went on after the capture
-
-    # kill -9 ------------------------------------------------------------------------------
-    def kill(self) -> None:
-        ops = [("sync", None)]
-        if self.replica_state in ("Replicating", "FailedOverWaitingCompletion") and self.test is None:
-            ops += [("failover", None), ("test", None)]
-        if self.test is not None:
-            ops.append(("test-stop", None))
-        if self.replica_state == "FailedOverWaitingCompletion" and not self.running[self.replica.name] \
-                and self.test is None:  # with a test VM, `failover stop` ends the test failover
-            ops += [("stop", None), ("complete", None)]
-        op, _ = self.rnd.choice(ops)
-        victim = self.primary if op == "sync" and self.rnd.random() < 0.5 else self.replica
-        pts = self.points_ids()
-        older = [p for p in pts if p != pts[-1]]
-        point = (self.rnd.choice(older) if older and self.rnd.random() < 0.7 else self.rnd.choice(pts)) if pts else None
-        args = {"sync": ["replication", "sync", VM, "--wait"],
-                "failover": ["failover", "start", VM] + (["--recovery-point", str(point)] if point else []),
-                "test": ["failover", "start", VM, "--as-test"] + (["--recovery-point", str(point)] if point else []),
-                "test-stop": ["failover", "stop", VM], "stop": ["failover", "stop", VM],
-                "complete": ["failover", "complete", VM]}[op]
-        if op == "failover" and self.running[self.replica.name]:
-            return self.note("kill: (the failed-over VM runs; no move)")
-        host = self.primary if op == "sync" else self.replica
-        if op == "sync" and self.running[self.primary.name]:
-            self.cur = self.write(self.image, 128)
-        cmd = [str(BIN), *args, "--config", str(host.config), "-o", "json"]
-        trap = op if op != "sync" else f"sync-{'primary' if victim is self.primary else 'replica'}"
-        if syscall_trap.available() and self.rnd.random() < 0.5:
-            call, nth = self.rnd.choice(TRAPS[trap]), self.rnd.randint(1, 3)
-            with SyscallTrap(victim.proc.pid, call, nth) as t:
-                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                held = t.wait_held(lambda: proc.poll() is not None)
-                self.note(f"kill -9 {victim.name} at its {call} #{nth} during `{' '.join(args)}`"
-                          + ("" if held else " (the operation ended first)"))
-                t.kill_tracee()
-            victim.kill()  # reaped once strace let go of it
-        else:
-            delay = self.rnd.uniform(0.0, 0.5)
-            self.note(f"kill -9 {victim.name} {delay:.2f}s into `{' '.join(args)}`")
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            time.sleep(delay)  # the fault's moment, not a wait for a condition
-            victim.kill()
-        proc.communicate(timeout=120)
-        victim.start()
-        self.reconcile(op, point)
-
-    def reconcile(self, op: str, point: int | None) -> None:
-        """After a kill: the operation happened whole or not at all; adopt whichever it was."""
-        r = self.get(self.replica)
-        tests = [v for v in self.call(self.replica, "GET", "/v1/vms") if v["replication_mode"] == "TestReplica"]
-        if op == "test":
-            self.test = {"point": point or self.newest(), "path": None} if tests else None
-        elif op == "test-stop" and not tests:
-            self.test = None
-        elif op in ("failover", "stop", "complete"):
-            state = r["state"]
-            if state in ("Replicating", "Suspended", "Error"):
-                if self.failover is not None and self.failover["planned"] and self.prepared is not None:
-                    self.cancelled_planned = True
-                self.replica_state, self.failover = "Replicating", None
-            elif state == "FailedOver":
-                self.replica_state = "FailedOver"
-            elif state == "FailedOverWaitingCompletion":
-                at = file_digest(self.disk(self.replica))
-                if self.failover is None or (op == "failover" and at != self.failover["digest"]):
-                    target = point or r["applied_sequence"]
-                    planned = self.prepared is not None and target == self.prepared
-                    self.failover = {"point": target, "digest": self.expected.get(target), "planned": planned,
-                                     "wrote": False}
-                self.replica_state = "FailedOverWaitingCompletion"
-            else:
-                self.fail(f"after a kill during `{op}` the replica is {state}")

@@ -5,6 +5,8 @@
 daemon sits in that call, and the test then kills the daemon: everything before that call
 happened, nothing after it. A random delay hits a few-millisecond window (a rename between
 two files, a test copy's deletion) once in hundreds of tries; this hits it every time.
+``paths`` counts only the calls on those files (strace -P): the 5th ``pwrite64`` into a disk
+is the 5th block a roll-back writes there, whatever else the daemon writes meanwhile.
 Fault injection only: nothing of the daemon's code knows about it."""
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ def available() -> bool:
 
 
 class SyscallTrap:
-    def __init__(self, pid: int, syscall: str, nth: int, hold_us: int = 20_000_000):
+    def __init__(self, pid: int, syscall: str, nth: int, hold_us: int = 20_000_000, paths: tuple[Path, ...] = ()):
         self.pid, self.syscall, self.nth = pid, syscall, nth
         self._argv = ["strace", "-f", "-qq", "-e", f"trace={syscall}", "-e",
                       f"inject={syscall}:delay_enter={hold_us}:when={nth}", "-p", str(pid)]
+        for path in paths:  # a file need not exist yet: strace compares the path a descriptor names
+            self._argv += ["-P", str(path)]
         self._proc: subprocess.Popen | None = None
 
     def __enter__(self) -> SyscallTrap:
