@@ -11,11 +11,12 @@ import statistics
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.integration.harness import Cluster, Host, wait_for  # noqa: E402
+from tests.integration.harness import Cluster, Host, wait_applied, wait_for  # noqa: E402
 
 GiB, MiB, BLOCK = 1 << 30, 1 << 20, 4096
 RSYNC_ADDR = "127.0.0.9"
@@ -160,6 +161,24 @@ def drop(primary: Host, replica: Host, vm: str) -> None:
     primary.cli("replication", "remove", vm)
     primary.cli("vm", "remove", vm)
     replica.cli("vm", "remove", vm)  # deletes the replica copy
+
+
+def _stamp(doc: dict) -> float:
+    return datetime.fromisoformat(doc["timestamp"]).timestamp()
+
+
+def until_applied(primary: Host, replica: Host, vm: str, started: float, timeout: float = 600) -> dict:
+    """When the replica's copy held the cycle that a CLI call begun at ``started`` (``time.time()``)
+    made: the replica's own timestamps of the log's acknowledgement and of its commit (its
+    JSON log lines), so no polling interval or CLI start-up is in the figures. Returns
+    ``applied`` (seconds from ``started``) and ``gap`` (acknowledged to applied, seconds)."""
+    seq = wait_applied(primary, replica, vm, timeout=timeout)["applied_sequence"]
+
+    def last(event: str) -> dict:  # the line follows the catalog's commit by a moment
+        return wait_for(lambda: ([d for d in replica.events(event) if d.get("vm") == vm and d.get("cycle") == seq]
+                                 or [None])[-1], 10, f"{event} of {vm} cycle {seq} in {replica.log}")
+    acked, applied = _stamp(last("log.acknowledged")), _stamp(last("log.applied"))
+    return {"applied": applied - started, "gap": applied - acked}
 
 
 def stats(values: list[float]) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tests.integration.harness import file_digest, wait_applied, wait_for
 
-from bench.common import GiB, MiB, Rsync, make_sparse, start_pair, stats
+from bench.common import GiB, MiB, Rsync, make_sparse, start_pair, stats, until_applied
 
 BLOCK = 4096
 CHANGE = 16 * MiB
@@ -65,11 +65,11 @@ class Qsd:
 
 def _cycle(primary, replica, qsd: Qsd, vm: str) -> dict:
     before = qsd.rchar()
-    t = time.monotonic()
+    started, t = time.time(), time.monotonic()
     r = primary.json("replication", "sync", vm, "--wait")
     acked = time.monotonic() - t
-    wait_applied(primary, replica, vm, timeout=600)
-    return {"acked": acked, "applied": time.monotonic() - t, "qemu_read": qsd.rchar() - before,
+    done = until_applied(primary, replica, vm, started)
+    return {"acked": acked, "applied": done["applied"], "gap": done["gap"], "qemu_read": qsd.rchar() - before,
             "data_bytes": r["data_bytes"], "bytes": r["bytes_sent"]}
 
 
@@ -128,6 +128,7 @@ def case_qemu(work: Path, image: Path, reps: int, rsync: Rsync) -> dict:
         qsd.close()
         c.shutdown()
     out["delta1"] = {"applied_s": stats([r["applied"] for r in runs]), "acked_s": stats([r["acked"] for r in runs]),
+                     "acked_to_applied_s": stats([r["gap"] for r in runs]),
                      "qemu_read_MiB": stats([r["qemu_read"] / MiB for r in runs]),
                      "bytes_sent": stats([r["bytes"] for r in runs]),
                      "rsync": {"seconds": stats([r["seconds"] for r in rs]),
@@ -159,3 +160,4 @@ def rows(q: dict, row, med) -> None:
     d = q["delta1"]
     row("qemu, 2 GiB, 1% written (applied)", med(d["applied_s"]), med(d["rsync"]["seconds"]),
         f"{d['applied_s']['median'] / d['rsync']['seconds']['median']:.2f}")
+    row("  acknowledged", med(d["acked_s"]), "", f"{d['acked_s']['median'] / d['rsync']['seconds']['median']:.2f}")
