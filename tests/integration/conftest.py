@@ -47,3 +47,6 @@ def two_host_pair(tmp_path):
         yield article_pair(c)
     finally:
         c.shutdown()
+
+
+from .qemu_harness import qsd  # noqa: E402, F401 (the fixture of a qemu-storage-daemon, tests/integration/test_qemu*.py)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from .harness import wait_for
+from .harness import replica_disk, wait_for
 
 MiB = 1 << 20
 
@@ -102,7 +102,7 @@ class StorageDaemon:
                      if n["node-name"].startswith("replicad-")]
             return ex, nodes
 
-        return asyncio.run(_once(self.qmp, go))
+        return asyncio.run(conv(self.qmp, go))
 
     def bitmaps(self) -> list[str]:
         import asyncio
@@ -112,7 +112,7 @@ class StorageDaemon:
         async def go(q: Qmp) -> list[str]:
             return [b["name"] for n in await q.nodes() if n.node == "disk0" for b in n.bitmaps]
 
-        return asyncio.run(_once(self.qmp, go))
+        return asyncio.run(conv(self.qmp, go))
 
     def remove_bitmap(self, name: str) -> None:
         import asyncio
@@ -122,14 +122,7 @@ class StorageDaemon:
         async def go(q: Qmp) -> None:
             await q.execute("block-dirty-bitmap-remove", {"node": "disk0", "name": name})
 
-        asyncio.run(_once(self.qmp, go))
-
-
-async def _once(sock: Path, fn):
-    from replicad.tracking.qemu import Qmp
-
-    async with Qmp(sock) as q:
-        return await fn(q)
+        asyncio.run(conv(self.qmp, go))
 
 
 def make_disk(path: Path, size: int, fmt: str, pieces: int = 8) -> None:
@@ -139,3 +132,34 @@ def make_disk(path: Path, size: int, fmt: str, pieces: int = 8) -> None:
     for i in range(pieces):
         cmds += ["-c", f"write -P {0x10 + i} {i * (size // pieces)} 1M"]
     subprocess.run(["qemu-io", "-f", fmt, *cmds, str(path)], check=True, capture_output=True)
+
+
+@pytest.fixture
+def qsd(tmp_path, request):
+    need_qemu()
+    fmt = getattr(request, "param", "qcow2")
+    image = tmp_path / f"db.{fmt}"
+    make_disk(image, 64 * MiB, fmt)
+    d = StorageDaemon(tmp_path, image, fmt)
+    d.start()
+    yield d
+    d.kill()
+
+
+def enable_qemu(primary, replica, qsd, vm="db"):
+    out = primary.json("vm", "add", vm, "--qemu", str(qsd.qmp), "--nbd-socket", str(qsd.nbd))
+    assert [d["node"] for d in out["disks"]] == ["disk0"] and out["state"] == "Running"
+    primary.cli("replication", "enable", vm, "--replica-server", replica.fqdn, "--replica-port",
+                str(replica.peer_port), "--auth", replica.cluster.auth, "--frequency", "3600")
+
+
+def copy_of(replica, vm="db"):
+    return replica_disk(replica, vm)
+
+
+async def conv(sock, fn):
+    """One QMP conversation with the process at ``sock``: ``fn(q)``'s result."""
+    from replicad.tracking.qemu import Qmp
+
+    async with Qmp(sock) as q:
+        return await fn(q)
