@@ -33,7 +33,6 @@ from .layout import VMDir
 
 READ_BEHIND = 8 << 20   # old data read this far behind the records asked ahead
 MAX_RANGES = 1 << 16    # more disjoint ranges than this: left to the applier (bounded memory)
-MAX_BYTES = 256 << 20   # more to save than this: left to the applier (the receipt is never held up long)
 
 
 def _identity(fd: int) -> tuple[int, int, int, int, int]:
@@ -54,7 +53,6 @@ class UndoAtReceipt:
         self._out = open(self.part, "wb")  # noqa: SIM115 — closed by finish/abort
         self._saved: list[tuple[list[int], list[int]]] = [([], []) for _ in fds]  # disjoint [start, end)
         self._ranges = 0
-        self._claimed = 0
         self._pending: list[tuple[int, int, int]] = []
         self._pending_bytes = 0
         self.usable = True
@@ -91,11 +89,10 @@ class UndoAtReceipt:
             old = self._old[item.disk]
             end = old if item.kind == RECORD_RESIZE else min(item.offset + item.length, old)
             for a, b in self._claim(item.disk, item.offset, end):
-                self._claimed += b - a
                 os.posix_fadvise(self._fds[item.disk], a, min(b - a, READ_BEHIND), os.POSIX_FADV_WILLNEED)
                 self._pending.append((item.disk, a, b))
                 self._pending_bytes += b - a
-            if self._ranges > MAX_RANGES or self._claimed > MAX_BYTES:
+            if self._ranges > MAX_RANGES:
                 self.abort()
                 return
         if self._pending_bytes > 2 * READ_BEHIND:
