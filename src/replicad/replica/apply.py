@@ -40,7 +40,6 @@ from ..wire import (
 from .layout import VMDir
 
 READ_CHUNK = 1 << 20
-HEADER_CHUNK = 1 << 12
 
 
 def read_log(path: Path, *, payloads: bool = True) -> Iterator[Header | Record | Trailer]:
@@ -57,16 +56,10 @@ def read_log(path: Path, *, payloads: bool = True) -> Iterator[Header | Record |
 
 
 def read_header(path: Path) -> Header:
-    """The header alone: read a few KiB at a time (a whole read chunk would decode, and
-    verify, the first MiB of records only to be dropped: twice per apply)."""
-    dec = LogDecoder(payloads=False)
-    with open(path, "rb") as f:
-        while dec.header is None:
-            chunk = f.read(HEADER_CHUNK)
-            if not chunk:
-                raise ValueError("log without header")
-            dec.feed(chunk)
-    return dec.header
+    for item in read_log(path):
+        if isinstance(item, Header):
+            return item
+    raise ValueError("log without header")
 
 
 
