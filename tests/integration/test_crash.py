@@ -64,30 +64,3 @@ def test_replica_killed_while_receiving_keeps_previous_point(pair, tmp_path):
     primary.json("replication", "sync", "r", "--wait")
     wait_applied(primary, replica, "r")
     assert file_digest(copy) == file_digest(image)
-
-
-def test_replica_killed_after_staging_with_its_undo_log(pair, tmp_path):
-    """SIGKILL once a delta and the undo log written while it arrived are both durable, before
-    the acknowledgement is recorded: restarted, the replica drops that undo log (the log was
-    never acknowledged, and the primary's next one may carry other blocks under the same
-    sequence), and the next cycle's undo log is the one a rollback uses."""
-    primary, replica = pair
-    image, copy = replicated(primary, replica, "s", tmp_path, 32 * MiB, 8, frequency=3600)
-    before = file_digest(copy)
-    undo = copy.parent.parent / "undo"
-    replica.stop()
-    replica.start(env={"REPLICAD_FAULT": "after-staged"})
-    scribble(image, 300, seed=7)
-    r = subprocess.run([str(BIN), "replication", "sync", "s", "--wait", "--config", str(primary.config)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0, r.stdout  # no acknowledgement
-    wait_for(lambda: replica.proc.poll() is not None, 30, "the fault to kill the replica")
-    assert replica.proc.returncode == 99
-    assert file_digest(copy) == before
-    assert [p.name for p in undo.iterdir()] == ["000000000002.undo"]  # written while received
-    replica.start()
-    assert any(e["file"] == "undo/000000000002.undo" for e in replica.events("replica.recover.dropped"))
-    scribble(image, 300, seed=8)  # the same sequence comes back with other blocks
-    primary.json("replication", "sync", "s", "--wait")
-    wait_applied(primary, replica, "s")
-    assert file_digest(copy) == file_digest(image)

@@ -41,10 +41,6 @@ class Applier:
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task] = {}
 
-    def fault(self, phase: str) -> None:
-        """A test-only crash point (``REPLICAD_FAULT``, daemon.py), for the receipt's phases too."""
-        self._fault(phase)
-
     # the tasks ------------------------------------------------------------------------------
     def ensure(self, vm_id: str) -> None:
         """An applier task for the VM, running (started, and woken, if it was not)."""

@@ -2,8 +2,7 @@
 
 Order, for log N on top of committed point N-1:
   1. write the undo log (the current contents of everything log N touches) and make it
-     durable under its final name — the copy is still exactly point N-1 (usually it was
-     written while log N arrived, replica/undo_at_receipt.py, and is found complete);
+     durable under its final name — the copy is still exactly point N-1;
   2. write log N's blocks into the disks and fsync them;
   3. commit point N in the catalog (the caller: its read-modify-write on the event loop, the
      fsync on the catalog's writer thread; ``write_point`` returns after step 2 and
@@ -63,7 +62,7 @@ def read_header(path: Path) -> Header:
 
 
 
-def save_range(enc: LogEncoder, fd: int, disk: int, start: int, end: int) -> Iterator[bytes]:
+def _save_range(enc: LogEncoder, fd: int, disk: int, start: int, end: int) -> Iterator[bytes]:
     """Undo records restoring [start, end) of a disk: zero it, then write back its old data."""
     if end <= start:
         return
@@ -83,24 +82,6 @@ def save_range(enc: LogEncoder, fd: int, disk: int, start: int, end: int) -> Ite
             a += n
 
 
-def _read_ahead(fds: list[int], ranges: list[tuple[int, int, int]]) -> Iterator[tuple[int, int, int]]:
-    """``ranges`` as they are, the kernel asked (``POSIX_FADV_WILLNEED``) to read the next
-    ``READ_AHEAD`` bytes of them while the current one is read: scattered old blocks come
-    from the disk many at a time instead of one synchronous read each (a replica copy
-    written with O_DIRECT is not in the page cache)."""
-    asked, ahead = 0, 0
-    for disk, start, end in ranges:
-        while asked < len(ranges) and ahead < READ_AHEAD:
-            d, a, b = ranges[asked]
-            n = min(b - a, READ_AHEAD)
-            os.posix_fadvise(fds[d], a, n, os.POSIX_FADV_WILLNEED)
-            ahead += n
-            asked += 1
-        yield disk, start, end
-        ahead -= min(end - start, READ_AHEAD)
-
-
-READ_AHEAD = 32 << 20  # old data asked of the disk ahead of the undo's reads
 UNDO_RANGES = 1 << 16  # ranges kept exact while a log's extents are collected (memory bound)
 _COARSE = 1 << 20      # the first gap joined when there are more
 
@@ -146,12 +127,6 @@ def overwritten(log_path: Path, old_sizes: list[int]) -> list[tuple[int, int, in
     return _merge(ranges, gap)
 
 
-def undo_header(header: Header, old_sizes: list[int]) -> Header:
-    """The header of log ``header.seq``'s undo log: a delta back to the disks' old sizes."""
-    return Header(header.vm_id, header.vm_name, header.epoch, header.seq, header.seq - 1, "delta", header.time,
-                  header.consistency, tuple(DiskInfo(i, d.name, old_sizes[i]) for i, d in enumerate(header.disks)))
-
-
 def write_undo(vmdir: VMDir, log_path: Path, disk_paths: list[Path]) -> Path:
     """Save everything ``log_path`` will overwrite, each old byte once (its data only where
     the disk holds data: an undo log is never larger than what the disks hold); durable
@@ -161,7 +136,9 @@ def write_undo(vmdir: VMDir, log_path: Path, disk_paths: list[Path]) -> Path:
     fds = [os.open(p, os.O_RDONLY) for p in disk_paths]
     try:
         old_sizes = [os.fstat(fd).st_size for fd in fds]
-        enc = LogEncoder(undo_header(header, old_sizes), compress=True)
+        uh = Header(header.vm_id, header.vm_name, header.epoch, seq, seq - 1, "delta", header.time,
+                    header.consistency, tuple(DiskInfo(i, d.name, old_sizes[i]) for i, d in enumerate(header.disks)))
+        enc = LogEncoder(uh, compress=True)
         final = vmdir.undo_log(seq)
         part = final.with_name(final.name + ".part")
         with open(part, "wb") as out:
@@ -169,8 +146,8 @@ def write_undo(vmdir: VMDir, log_path: Path, disk_paths: list[Path]) -> Path:
             for i in range(len(fds)):  # sizes first: applying the undo restores them before data
                 if header.disks[i].size != old_sizes[i]:
                     out.write(enc.resize(i, old_sizes[i]))
-            for disk, start, end in _read_ahead(fds, overwritten(log_path, old_sizes)):
-                for b in save_range(enc, fds[disk], disk, start, end):
+            for disk, start, end in overwritten(log_path, old_sizes):
+                for b in _save_range(enc, fds[disk], disk, start, end):
                     out.write(b)
             out.write(enc.finish())
             out.flush()

@@ -146,18 +146,10 @@ class Receiving:
             if direct:  # the header's bytes are in no file; the records after it go to the disks
                 writer = await workers.RECEIVE.run(DirectInitial.open, vmdir, header, dec, meta, first_items)
             else:  # the header's bytes begin the staged log
-                # a delta onto a copy at its committed point, nothing waiting to be applied:
-                # its undo log is written while it arrives (replica/undo_at_receipt.py)
-                at_point = (header.kind != "initial" and rel is not None and vm is not None
-                            and rel.applied_seq == rel.seq and bool(rel.copy_identity))
-                copy = (vm.files(), rel.copy_identity) if at_point and rel is not None and vm is not None else None
-                writer = await workers.RECEIVE.run(Staging.open, vmdir, seq, dec, head_bytes, copy,
-                                                   rel is None or seq > rel.seq)
+                writer = await workers.RECEIVE.run(Staging.open, vmdir, seq, dec, head_bytes)
             try:
                 await incoming.deliver(writer)
                 await workers.RECEIVE.run(writer.finish)
-                if not direct:
-                    self.applier.fault("after-staged")
             except BaseException:
                 await workers.RECEIVE.run(writer.abort)
                 raise

@@ -72,8 +72,7 @@ class ReplicaService:
     @staticmethod
     def _recover_files(rel: Relationship) -> None:
         """Drop what a crash left behind: half-received logs (the primary resends them), the
-        staged logs of committed points, undo logs below the oldest kept recovery point and
-        those of logs never acknowledged."""
+        staged logs of committed points, and undo logs below the oldest kept recovery point."""
         vmdir = VMDir.of(rel.storage, rel.vm_id)
         undo_floor = rel.points[0]["seq"] if rel.points else rel.applied_seq
         for folder, floor in ((vmdir.logs, rel.applied_seq), (vmdir.undo, undo_floor)):
@@ -81,10 +80,7 @@ class ReplicaService:
                 continue
             for p in folder.iterdir():
                 seq = int(p.name[:12]) if p.name[:12].isdigit() else None
-                # an undo log above the acknowledged sequence was written while its log
-                # arrived, and that log may come back different (replica/undo_at_receipt.py)
-                unacked = folder == vmdir.undo and seq is not None and seq > rel.seq
-                if p.name.endswith(".part") or seq is None or seq <= floor or unacked:
+                if p.name.endswith(".part") or seq is None or seq <= floor:
                     p.unlink()
                     log.info("replica.recover.dropped", vm=rel.vm_id, file=f"{folder.name}/{p.name}",
                              reason="interrupted write" if p.name.endswith(".part") else "no longer needed")

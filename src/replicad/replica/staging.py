@@ -21,7 +21,6 @@ from ..transport.raw import RawLog
 from ..wire import Header, LogDecoder, Record
 from .copywriter import CopyWriter
 from .layout import PROGRESS_FILE, VMDir
-from .undo_at_receipt import UndoAtReceipt
 
 STAGE_BATCH = 4 << 20               # bytes read from a raw connection at once into a staged log
 PROGRESS_EVERY = 32 << 20           # bytes between progress points: at most this much is resent
@@ -29,34 +28,21 @@ PROGRESS_EVERY = 32 << 20           # bytes between progress points: at most thi
 
 @dataclass
 class Staging:
-    """A log being received: bytes go to ``<seq>.log.part`` and through the decoder (and,
-    for a delta onto a copy at its base point, its undo log is written meanwhile:
-    replica/undo_at_receipt.py)."""
+    """A log being received: bytes go to ``<seq>.log.part`` and through the decoder."""
 
     part: Path
     final: Path
     decoder: LogDecoder
     fd: int
-    undo: UndoAtReceipt | None = None
 
     @classmethod
-    def open(cls, vmdir: VMDir, seq: int, decoder: LogDecoder, verified: bytes = b"",
-             copy: tuple[list[Path], list] | None = None, unacknowledged: bool = False) -> Staging:
-        """``verified``: the log's first bytes, which ``decoder`` already took (the header).
-        ``copy``: the copy's files and their recorded identities, when the copy is at the
-        committed point the log builds on and no other log waits to be applied to it.
-        ``unacknowledged``: ``seq`` is above the acknowledged sequence, so an undo log of that
-        sequence is an earlier attempt's (its log may come back different): it is deleted."""
+    def open(cls, vmdir: VMDir, seq: int, decoder: LogDecoder, verified: bytes = b"") -> Staging:
+        """``verified``: the log's first bytes, which ``decoder`` already took (the header)."""
         vmdir.create()
-        if unacknowledged:
-            for stale in (vmdir.undo_log(seq), vmdir.undo_log(seq).with_suffix(".undo.part")):
-                stale.unlink(missing_ok=True)
         part = vmdir.log_part(seq)
         staging = cls(part, vmdir.log(seq), decoder, os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
         try:
             staging._append(verified)
-            if copy is not None and decoder.header is not None:
-                staging.undo = UndoAtReceipt.open(vmdir, decoder.header, *copy)
         except BaseException:
             staging.abort()
             raise
@@ -65,20 +51,8 @@ class Staging:
     def write(self, pieces: list[bytes]) -> None:
         """Verify and append to the staged file."""
         for piece in pieces:
-            items = self.decoder.feed(piece)  # raises WireError on the first bad byte
+            self.decoder.feed(piece)  # raises WireError on the first bad byte
             self._append(piece)
-            if self.undo is not None:
-                self._undo(self.undo.records, items)
-
-    def _undo(self, step, *args) -> bool:
-        """A step of the undo log written while receiving: a storage error gives it up (the
-        applier writes it then), it never fails the log."""
-        assert self.undo is not None
-        try:
-            return bool(step(*args)) if self.undo.usable else False
-        except OSError:
-            self.undo.abort()
-            return False
 
     def _append(self, piece: bytes) -> None:
         view = memoryview(piece)
@@ -96,22 +70,16 @@ class Staging:
 
     def finish(self) -> None:
         self.decoder.close()
-        undo = self.undo is not None and self._undo(self.undo.finish)
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
         durable_rename(self.part, self.final)
-        if undo:  # after the log's rename: an undo log is never complete without its log
-            assert self.undo is not None
-            self.undo.commit()
 
     def abort(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
         self.part.unlink(missing_ok=True)
-        if self.undo is not None:
-            self.undo.abort()
 
 
 @dataclass
