@@ -11,7 +11,7 @@ from .. import log as logmod
 from ..errors import NotFound, Refused, ReplicadError, UsageError
 from ..model import VM, Disk, valid_disk_name
 from ..tracking.qemu import BlockNode, QemuError, Qmp, cleanup, vm_state
-from ..tracking.qemu_tracker import bitmap_seq
+from ..tracking.qemu_tracker import object_prefix, remove_bitmaps
 from ..wire import MAX_DISKS
 from .context import Host
 
@@ -119,16 +119,11 @@ async def run_states(vms: list[VM]) -> dict[str, str]:
 async def drop_tracking(vm: VM) -> None:
     """Replication of a QEMU VM removed: its dirty bitmaps (persistent in a qcow2 image) and
     anything of a cycle left in QEMU go. Best effort: QEMU may be gone; the log says what stays."""
-    prefix = f"replicad-{vm.id[:8]}-"
     try:
         async with Qmp(vm.qemu["qmp"]) as q:
-            await cleanup(q, prefix)
-            nodes = {d.node for d in vm.disks} | {d.path for d in vm.disks}
-            actions = [{"type": "block-dirty-bitmap-remove", "data": {"node": n.node, "name": b["name"]}}
-                       for n in await q.nodes() if n.node in nodes or n.path in nodes
-                       for b in n.bitmaps if bitmap_seq(b["name"]) is not None]
-            if actions:
-                await q.execute("transaction", {"actions": actions})
+            await cleanup(q, object_prefix(vm.id))
+            mine = {d.node for d in vm.disks} | {d.path for d in vm.disks}
+            await remove_bitmaps(q, [n for n in await q.nodes() if n.node in mine or n.path in mine])
     except QemuError as e:
         log.warning("vm.qemu_tracking_left", vm=vm.name, reason=str(e),
                     result="its replicad.* dirty bitmaps stay in QEMU until removed (block-dirty-bitmap-remove)")

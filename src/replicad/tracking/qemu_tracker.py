@@ -53,6 +53,26 @@ def bitmap_seq(name: str) -> int | None:
     return int(rest) if rest.isdigit() else None
 
 
+def object_prefix(vm_id: str) -> str:
+    """What the names of a VM's QEMU objects (exports, jobs, fleecing nodes) start with."""
+    return f"replicad-{vm_id[:8]}-"
+
+
+def removals(nodes: list[BlockNode], below: int | None = None) -> list[dict[str, Any]]:
+    """Transaction actions removing replicad's bitmaps from ``nodes``: all of them, or only
+    those of cycles before ``below``."""
+    return [{"type": "block-dirty-bitmap-remove", "data": {"node": n.node, "name": b["name"]}}
+            for n in nodes for b in n.bitmaps
+            if (s := bitmap_seq(b["name"])) is not None and (below is None or s < below)]
+
+
+async def remove_bitmaps(q: Qmp, nodes: list[BlockNode], below: int | None = None) -> None:
+    """``removals`` in one transaction (none when there is nothing to remove)."""
+    actions = removals(nodes, below)
+    if actions:
+        await q.execute("transaction", {"actions": actions})
+
+
 def resolve(nodes: list[BlockNode], disks: QemuDisks) -> list[BlockNode]:
     """Each disk's node now, by name, else by image path."""
     out = []
@@ -239,8 +259,7 @@ class QemuCycle:
                 "file": {"driver": "file", "node-name": f"{t.prefix}f{i}", "filename": str(self._fleece[i])}})
             persistent = n.format == "qcow2"
             if self.whole:  # a new chain of bitmaps: whatever an earlier relationship left goes
-                actions += [{"type": "block-dirty-bitmap-remove", "data": {"node": n.node, "name": b["name"]}}
-                            for b in n.bitmaps if bitmap_seq(b["name"]) is not None]
+                actions += removals([n])
             else:
                 actions.append({"type": "block-dirty-bitmap-disable",
                                 "data": {"node": n.node, "name": bitmap(plan.base_seq)}})
@@ -292,12 +311,7 @@ class QemuCycle:
         self.tracker.baselines.keep_only(seq)
 
         async def drop(q: Qmp) -> None:
-            nodes = resolve(await q.nodes(), self.tracker.disks)
-            actions = [{"type": "block-dirty-bitmap-remove", "data": {"node": n.node, "name": b["name"]}}
-                       for n in nodes for b in n.bitmaps
-                       if (s := bitmap_seq(b["name"])) is not None and s < seq]
-            if actions:
-                await q.execute("transaction", {"actions": actions})
+            await remove_bitmaps(q, resolve(await q.nodes(), self.tracker.disks), below=seq)
 
         try:
             Qmp.run(self.tracker.disks.qmp, drop)
@@ -333,7 +347,7 @@ class QemuTracker:
                  replica_maps: list[Path] | None = None):
         self.baselines, self.disks, self.fleece_dir = baselines, disks, fleece_dir
         self.replica_maps = replica_maps
-        self.prefix = f"replicad-{vm_id[:8]}-"
+        self.prefix = object_prefix(vm_id)
 
     def begin(self, plan: CyclePlan, disks: Sequence[Path]) -> QemuCycle:
         whole = plan.initial or self.replica_maps is not None
@@ -378,7 +392,7 @@ class QemuTracker:
             if b is None or b.get("inconsistent"):
                 why = "is inconsistent (QEMU stopped without saving it)" if b else \
                     "is gone (QEMU restarted, the VM moved, or it was removed)"
-                await self._drop_all(q, nodes)
+                await remove_bitmaps(q, nodes)
                 raise ResyncRequired(f"the dirty bitmap {base} of disk {n.path} {why}: the next cycle is a resync",
                                      hint="run `replicad replication resync`")
             for other in n.bitmaps:
@@ -394,10 +408,3 @@ class QemuTracker:
         if actions:
             await q.execute("transaction", {"actions": actions})
         return nodes
-
-    @staticmethod
-    async def _drop_all(q: Qmp, nodes: list[BlockNode]) -> None:
-        actions = [{"type": "block-dirty-bitmap-remove", "data": {"node": n.node, "name": b["name"]}}
-                   for n in nodes for b in n.bitmaps if bitmap_seq(b["name"]) is not None]
-        if actions:
-            await q.execute("transaction", {"actions": actions})
