@@ -70,6 +70,29 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         offset += n
 
 
+def reserve(fd: int, offset: int, length: int) -> bool:
+    """Allocate [offset, offset+length) without changing the data or the size, so writes
+    there cannot fail for want of space (``fallocate`` mode ``KEEP_SIZE``). Raises OSError
+    (ENOSPC) when the space is not there; False where the filesystem cannot reserve."""
+    if length <= 0:
+        return True
+    if _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+def fully_allocated(fd: int) -> bool:
+    """True when the file has no hole (its first hole is its end): nothing to reserve."""
+    size = os.fstat(fd).st_size
+    try:
+        return size == 0 or os.lseek(fd, 0, os.SEEK_HOLE) >= size
+    except OSError:
+        return False
+
+
 def make_private_dir(path: Path) -> None:
     """Create a storage folder (and parents) with owner-only permissions when missing."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ happened, nothing after it. A random delay hits a few-millisecond window (a rena
 two files, a test copy's deletion) once in hundreds of tries; this hits it every time.
 ``paths`` counts only the calls on those files (strace -P): the 5th ``pwrite64`` into a disk
 is the 5th block a roll-back writes there, whatever else the daemon writes meanwhile.
+With ``error``, the call fails instead (an I/O error at the n-th write into a file).
 Fault injection only: nothing of the daemon's code knows about it."""
 
 from __future__ import annotations
@@ -27,10 +28,14 @@ def available() -> bool:
 
 
 class SyscallTrap:
-    def __init__(self, pid: int, syscall: str, nth: int, hold_us: int = 20_000_000, paths: tuple[Path, ...] = ()):
+    def __init__(self, pid: int, syscall: str, nth: int | str, hold_us: int = 20_000_000, paths: tuple[Path, ...] = (),
+                 error: str | None = None):
+        """``nth``: strace's ``when`` (``3``: the third call; ``3+``: the third and every later
+        one). ``error`` (``EIO``): the call fails with that error instead of waiting."""
         self.pid, self.syscall, self.nth = pid, syscall, nth
+        action = f"error={error}" if error else f"delay_enter={hold_us}"
         self._argv = ["strace", "-f", "-qq", "-e", f"trace={syscall}", "-e",
-                      f"inject={syscall}:delay_enter={hold_us}:when={nth}", "-p", str(pid)]
+                      f"inject={syscall}:{action}:when={nth}", "-p", str(pid)]
         for path in paths:  # a file need not exist yet: strace compares the path a descriptor names
             self._argv += ["-P", str(path)]
         self._proc: subprocess.Popen | None = None

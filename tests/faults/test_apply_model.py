@@ -1,8 +1,9 @@
 """The apply path against a simple model (issue 6, scenario 9): random change logs, staged
 through the verifying decoder in random chunkings, some with a flipped byte or cut short, applied with a
-crash at a random phase. At every step the copy equals the model at a committed sequence:
-a corrupt log changes nothing, a crashed apply rolls forward to the next point from the
-staged log and its undo log, or back to the previous point from the undo log alone."""
+crash at a random phase, with an undo log (a recovery point needs the old bytes) or without
+(redo only). At every step the copy equals the model at a committed sequence: a corrupt log
+changes nothing, a crashed apply rolls forward to the next point from the staged log (and its
+undo log, if complete), or back to the previous point from the undo log alone."""
 
 import os
 import random
@@ -26,7 +27,8 @@ VM_ID = "0f0e0d0c-0000-4000-8000-00000000abcd"
 write = st.tuples(st.integers(0, SIZE // BLOCK - 1), st.sampled_from(["data", "zero"]), st.integers(1, 255),
                   st.integers(1, 4))  # block, kind, byte value, length in blocks
 step = st.tuples(st.lists(write, min_size=1, max_size=6), st.sampled_from([None, "after-undo", "after-data"]),
-                 st.sampled_from([None, "flip", "truncate"]), st.integers(1, 3000), st.integers(0, 10**9))
+                 st.sampled_from([None, "flip", "truncate"]), st.integers(1, 3000), st.integers(0, 10**9),
+                 st.booleans())  # keep_undo: a recovery point needs the old bytes (else: redo only)
 
 
 class Crash(Exception):
@@ -73,7 +75,11 @@ def stage(vmdir: VMDir, seq: int, raw: bytes, chunk: int) -> None:
 @given(steps=st.lists(step, min_size=1, max_size=6))
 # data, then a zero record over the same block with a crash once it is written: the undo
 # must hold the data the zero record removed (random steps rarely hit one block twice)
-@example(steps=[([(3, "data", 7, 2)], None, None, 3000, 0), ([(3, "zero", 1, 2)], "after-data", None, 3000, 0)])
+@example(steps=[([(3, "data", 7, 2)], None, None, 3000, 0, True),
+                ([(3, "zero", 1, 2)], "after-data", None, 3000, 0, True)])
+# redo only: a crash once the blocks are written, then the apply runs again from the staged log
+@example(steps=[([(3, "data", 7, 2)], None, None, 3000, 0, False),
+                ([(3, "zero", 1, 2)], "after-data", None, 3000, 0, False)])
 def test_the_copy_is_always_the_model_at_a_committed_sequence(tmp_path_factory, steps):
     # on a memory filesystem where there is one: the property is about order, not fsync speed
     base = Path(tempfile.mkdtemp(dir="/dev/shm")) if os.path.isdir("/dev/shm") else tmp_path_factory.mktemp("apply")
@@ -89,7 +95,7 @@ def run_steps(base: Path, steps) -> None:
     disk = vmdir.disk("d.img")
     disk.write_bytes(bytes(SIZE))
     model = [bytes(SIZE)]
-    for writes, crash, damage, chunk, where in steps:
+    for writes, crash, damage, chunk, where, keep in steps:
         seq = len(model)
         raw, new = make_log(seq, model[-1], writes)
         if damage:
@@ -109,16 +115,21 @@ def run_steps(base: Path, steps) -> None:
         stage(vmdir, seq, raw, chunk)
         if crash is not None:
             try:
-                write_point(vmdir, seq, [disk], fault=crash_at(crash))
+                write_point(vmdir, seq, [disk], keep_undo=keep, fault=crash_at(crash))
             except Crash:
                 pass
             else:
                 raise AssertionError("the fault did not fire")
-            # back: the undo log alone restores the previous point
-            assert rollback(vmdir, seq, [disk])
-            assert disk.read_bytes() == model[-1]
+            if keep:  # back: the undo log alone restores the previous point
+                assert rollback(vmdir, seq, [disk])
+                assert disk.read_bytes() == model[-1]
+            else:  # no undo log was written: only forward
+                assert not vmdir.undo_log(seq).exists()
+                if crash == "after-undo":
+                    assert disk.read_bytes() == model[-1]  # nothing written yet
         # forward: the staged log (and its undo log, if complete) brings the next point
-        write_point(vmdir, seq, [disk])
+        write_point(vmdir, seq, [disk], keep_undo=keep)
+        assert vmdir.undo_log(seq).exists() == keep  # written only where a point needs it
         assert disk.read_bytes() == new
         discard(vmdir, seq)
         vmdir.undo_log(seq).unlink(missing_ok=True)

@@ -31,7 +31,7 @@ def test_replica_killed_mid_apply_converges(pair, tmp_path, phase):
     else:
         assert state == after  # written, commit pending or done
 
-    replica.start()  # recovery: the staged log is applied again from its undo-protected start
+    replica.start()  # recovery: the staged log (the redo log) is applied again
     wait_applied(primary, replica, "k")
     assert file_digest(copy) == after
     assert not list((copy.parent.parent / "undo").iterdir())

@@ -21,7 +21,7 @@ from ..times import utcnow
 from ..tracking.digestmap import identities
 from ..wire import Header
 from . import missing, points
-from .apply import discard, rollback, write_point
+from .apply import PartlyWritten, discard, read_header, rollback, write_point
 from .layout import VMDir
 
 log = logmod.get("replicad.replica")
@@ -123,13 +123,16 @@ class Applier:
                         if now is None or now.seq < seq or now.state in (ReplicationState.FAILED_OVER_WAITING,
                                                                           ReplicationState.FAILED_OVER):
                             continue  # a failover took the copy while this waited (replica/failovers.py)
-                        header = await workers.APPLY.run(write_point, vmdir, seq, disks, fault=self._fault)
+                        # the undo log only where a recovery point needs the bytes it saves
+                        kept = self._history(await workers.APPLY.run(read_header, vmdir.log(seq)))
+                        header = await workers.APPLY.run(write_point, vmdir, seq, disks, keep_undo=kept > 0,
+                                                         fault=self._fault)
                         # the commit reads and writes the row here, on the loop, and is staged
                         # before any other task runs: no other writer of this row can interleave
                         # (a receipt may be recording the next ack right now); its fsync runs
                         # on the catalog's writer thread, and this waits until it is durable
                         facts = await workers.APPLY.run(self.copy_facts, vm_id)
-                        floor = await self.commit(vm_id, header, facts)
+                        floor = await self.commit(vm_id, header, facts, kept)
                         self._fault("after-commit")
                         await workers.APPLY.run(discard, vmdir, seq)
                         await workers.APPLY.run(points.drop_undo, vmdir, floor)
@@ -142,6 +145,9 @@ class Applier:
                     rel = self.catalog.relationship(vm_id)
                     if rel is not None:
                         rel.error = f"applying log {seq} failed: {reason}"
+                        if isinstance(e, PartlyWritten):  # no undo log: no point until it is redone
+                            rel.error += "; the copy is between two points until the log is applied again"
+                            rel.copy_unverified = True
                         rel.stats.errors += 1
                         await self.catalog.put_relationship(rel)
                     try:
@@ -166,18 +172,24 @@ class Applier:
             log.error("apply.rollback_failed", cycle=seq, reason=e.strerror)
 
     # the commit -----------------------------------------------------------------------------
+    def _history(self, header: Header) -> int:
+        """How many older recovery points the VM keeps once ``header``'s log is committed:
+        what its primary asks, capped by `server set --max-recovery-history`."""
+        return min(header.history[0], ServerSettings.load(self.catalog, self.state_dir).max_recovery_history)
+
     def copy_facts(self, vm_id: str) -> Facts:
         """What the commit records about the copy's files (formats, identities): file reads,
         done in a worker thread before the commit (the apply lock keeps them still)."""
         vm = self.catalog.require_vm(vm_id)
         return [disk_format(Path(d.path)) for d in vm.disks], identities(vm.files())
 
-    async def commit(self, vm_id: str, header: Header, facts: Facts) -> int:
+    async def commit(self, vm_id: str, header: Header, facts: Facts, kept: int | None = None) -> int:
         """Step 3 of the apply: point ``header.seq`` is now the copy's committed state.
         Returns the undo-log floor of recovery-point retention, once the point is durable.
         Its read-modify-write runs on the loop and is staged at once (catalog.py): no other
         writer of this row can interleave; the fsync is the catalog writer thread's.
-        ``facts`` come from ``copy_facts``."""
+        ``facts`` come from ``copy_facts``; ``kept``: the history the apply decided on (whether
+        it wrote an undo log), from ``_history``."""
         rel = self.catalog.require_relationship(vm_id)
         s = ServerSettings.load(self.catalog, self.state_dir)
         roll_interval(rel, s.monitoring_start_time, s.monitoring_interval)
@@ -187,7 +199,8 @@ class Applier:
                      "consistency": rel.last_consistency}
                     if rel.applied_seq and rel.last_replication_time and header.kind == "delta" else None)
         asked, rel.recovery_point_interval = header.history
-        kept = min(asked, s.max_recovery_history)  # `server set --max-recovery-history`
+        if kept is None:
+            kept = min(asked, s.max_recovery_history)  # `server set --max-recovery-history`
         if kept < asked and rel.recovery_history != kept:
             log.warning("recovery.history_capped", vm=header.vm_name, peer=rel.primary_server, asked=asked,
                         kept=kept, reason="this replica server keeps at most that many older recovery points")

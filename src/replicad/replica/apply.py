@@ -1,17 +1,24 @@
 """Durable, atomic application of a staged change log to the replica copy (DESIGN §7, 1–3).
 
-Order, for log N on top of committed point N-1:
-  1. write the undo log (the current contents of everything log N touches) and make it
-     durable under its final name — the copy is still exactly point N-1;
+The staged log is complete, verified and durable before it is acknowledged: it is a redo
+log, and every record is idempotent. Order, for log N on top of committed point N-1:
+  1. when a recovery point needs point N-1's bytes (the VM keeps older points, and N is a
+     delta), write the undo log (the current contents of everything log N touches) and make
+     it durable under its final name; otherwise reserve the space log N's data records will
+     fill (``fallocate``), so a full disk fails the apply before its first write. Either way
+     the copy is still exactly point N-1;
   2. write log N's blocks into the disks and fsync them;
   3. commit point N in the catalog (the caller: its read-modify-write on the event loop, the
      fsync on the catalog's writer thread; ``write_point`` returns after step 2 and
      ``discard`` does step 4);
-  4. drop the undo log and the staged log.
-After a crash: an undo log without a commit means step 2 may be partial; the staged log is
-complete and verified, so the apply simply runs again (every record is idempotent). If the
-staged log can no longer be read, ``rollback`` restores point N-1 from the undo log. An
-initial copy has no previous point, so it needs no undo: it restarts from empty files.
+  4. drop the staged log (the undo log is kept or dropped by recovery-point retention).
+After a crash: no commit means step 2 may be partial; the staged log is complete and
+verified, so the apply simply runs again. If an apply fails after its first write (an I/O
+error; never a full disk, which the reservation or the undo log meets first) with no undo
+log, the copy is between two points: ``PartlyWritten`` says so, the caller lists no
+recovery point until the apply is redone. With an undo log, ``rollback`` restores point
+N-1. An initial copy has no previous point, so it needs no undo: it restarts from empty
+files.
 
 Blocking code: runs in worker threads."""
 
@@ -22,7 +29,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..fsutil import durable_rename, fsync_dir, punch_hole
+from ..fsutil import durable_rename, fsync_dir, fully_allocated, punch_hole, reserve
 from ..tracking.scan import data_regions
 from ..wire import (
     MAX_RECORD,
@@ -39,6 +46,11 @@ from ..wire import (
 from .layout import VMDir
 
 READ_CHUNK = 1 << 20
+
+
+class PartlyWritten(OSError):
+    """An apply with no undo log failed after its first write: the copy is between two points
+    until the staged log is applied again."""
 
 
 def read_log(path: Path, *, payloads: bool = True) -> Iterator[Header | Record | Trailer]:
@@ -141,12 +153,15 @@ def write_undo(vmdir: VMDir, log_path: Path, disk_paths: list[Path]) -> Path:
         enc = LogEncoder(uh, compress=True)
         final = vmdir.undo_log(seq)
         part = final.with_name(final.name + ".part")
+        ranges = overwritten(log_path, old_sizes)
+        for disk, start, end in ranges:  # the old blocks read ahead by the kernel, all at once
+            os.posix_fadvise(fds[disk], start, end - start, os.POSIX_FADV_WILLNEED)
         with open(part, "wb") as out:
             out.write(enc.start())
             for i in range(len(fds)):  # sizes first: applying the undo restores them before data
                 if header.disks[i].size != old_sizes[i]:
                     out.write(enc.resize(i, old_sizes[i]))
-            for disk, start, end in overwritten(log_path, old_sizes):
+            for disk, start, end in ranges:
                 for b in _save_range(enc, fds[disk], disk, start, end):
                     out.write(b)
             out.write(enc.finish())
@@ -169,47 +184,85 @@ def apply_record(fd: int, item: Record) -> None:
         os.ftruncate(fd, item.offset)
 
 
-def apply_records(log_path: Path, disk_paths: list[Path], *, fresh: bool = False) -> Header:
+def reserve_data(log_path: Path, fds: list[int]) -> None:
+    """Allocate what the log's data records will write, file by file, contiguous records
+    together (nothing held in memory): a full disk raises ENOSPC here, before the first
+    write. Files with no hole, and filesystems that cannot reserve, are skipped."""
+    todo = [not fully_allocated(fd) for fd in fds]
+    run: list[int] = []  # disk, start, end of the current run of contiguous data records
+
+    def flush() -> None:
+        if run and todo[run[0]] and not reserve(fds[run[0]], run[1], run[2] - run[1]):
+            todo[run[0]] = False
+    if not any(todo):
+        return
+    for item in read_log(log_path, payloads=False):
+        if isinstance(item, Record) and item.kind == RECORD_DATA and todo[item.disk]:
+            if run and run[0] == item.disk and run[2] == item.offset:
+                run[2] = item.offset + item.length
+            else:
+                flush()
+                run = [item.disk, item.offset, item.offset + item.length]
+    flush()
+
+
+def apply_records(log_path: Path, disk_paths: list[Path], *, fresh: bool = False, redo: bool = False) -> Header:
     """Write every record of a verified log into the disks and fsync them. Idempotent.
 
-    ``fresh``: an initial copy — the disks are recreated empty and sparse first. The header
-    returned carries the point's final consistency (``fuzzy`` when the trailer says so)."""
+    ``fresh``: an initial copy — the disks are recreated empty and sparse first. ``redo``: no
+    undo log protects the copy: the space is reserved before the first write, and a failure
+    after it raises ``PartlyWritten``. The header returned carries the point's final
+    consistency (``fuzzy`` when the trailer says so)."""
     header = read_header(log_path)
     if len(header.disks) != len(disk_paths):
         raise ValueError("log and replica disagree on the number of disks")
+    created = fresh or not all(p.exists() for p in disk_paths)
     flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if fresh else 0)
     fds = [os.open(p, flags, 0o600) for p in disk_paths]
+    touched = False
     try:
         for fd, d in zip(fds, header.disks, strict=True):
             if fresh or os.fstat(fd).st_size != d.size:
+                touched = True
                 os.ftruncate(fd, d.size)
+        if redo and not fresh:
+            reserve_data(log_path, fds)
         for item in read_log(log_path):
             if isinstance(item, Trailer) and item.fuzzy:
                 header = dataclasses.replace(header, consistency="fuzzy")
             if isinstance(item, Record):
+                touched = True
                 apply_record(fds[item.disk], item)
         for fd in fds:
             os.fsync(fd)
+    except Exception as e:
+        if redo and touched and not fresh:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise PartlyWritten(getattr(e, "errno", None) or 0, reason) from e
+        raise
     finally:
         for fd in fds:
             os.close(fd)
-    fsync_dir(disk_paths[0].parent)
+    if created:  # a file made now: its name must last too
+        fsync_dir(disk_paths[0].parent)
     return header
 
 
-def write_point(vmdir: VMDir, seq: int, disk_paths: list[Path], *,
+def write_point(vmdir: VMDir, seq: int, disk_paths: list[Path], *, keep_undo: bool = True,
                 fault: Callable[[str], None] = lambda phase: None) -> Header:
-    """Steps 1-2 for staged log ``seq``: undo log (unless one is already complete), then the
-    blocks. The caller commits (step 3, awaited: durable before it goes on) and then calls
-    ``discard``."""
+    """Steps 1-2 for staged log ``seq``: the undo log when ``keep_undo`` (a recovery point
+    needs the bytes the log overwrites) and the log is a delta, unless one is already
+    complete; otherwise the space reserved. Then the blocks. The caller commits (step 3,
+    awaited: durable before it goes on) and then calls ``discard``."""
     log_path = vmdir.log(seq)
     header = read_header(log_path)
     fresh = header.kind == "initial"
-    if not fresh and not vmdir.undo_log(seq).exists():
-        vmdir.undo_log(seq).with_name(vmdir.undo_log(seq).name + ".part").unlink(missing_ok=True)
+    undo = vmdir.undo_log(seq)
+    if not fresh and keep_undo and header.kind == "delta" and not undo.exists():
+        undo.with_name(undo.name + ".part").unlink(missing_ok=True)
         write_undo(vmdir, log_path, disk_paths)
     fault("after-undo")
-    header = apply_records(log_path, disk_paths, fresh=fresh)
+    header = apply_records(log_path, disk_paths, fresh=fresh, redo=not fresh and not undo.exists())
     fault("after-data")
     return header
 

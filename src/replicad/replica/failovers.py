@@ -102,8 +102,8 @@ class Failovers:
         """The recovery point to use: the newest by default, or one that is listed."""
         have = points.available(rel)
         if not have:
-            raise Conflict("no recovery point is available"
-                           + (" (the copy is being resynchronized after a reverse)" if rel.copy_unverified else ""))
+            why = (rel.error or "the copy is being resynchronized after a reverse") if rel.copy_unverified else ""
+            raise Conflict("no recovery point is available" + (f" ({why})" if why else ""))
         if point is None:
             return have[-1]
         for p in have:
