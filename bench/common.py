@@ -16,7 +16,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.integration.harness import Cluster, Host, wait_applied, wait_for  # noqa: E402
+from tests.integration.harness import Cluster, Host, file_digest, wait_applied, wait_for  # noqa: E402, F401
+from tests.integration.images import same_sparse  # noqa: E402, F401
 
 GiB, MiB, BLOCK = 1 << 30, 1 << 20, 4096
 RSYNC_ADDR = "127.0.0.9"

@@ -13,7 +13,10 @@ lines). The targets use the applied figure: a failover waits for it.
 
 Cases: limits, initial (token and TLS vs rsync -W), delta1 and delta10 (vs rsync --inplace
 --no-whole-file -B4096), idle, sparse16 (16 GiB image, 1 GiB of data: time and peak RSS),
-many (50 VMs x 64 MiB at a 5 s frequency), qemu (the qemu tracker, bench/qemu_case.py)."""
+many (50 VMs x 64 MiB at a 5 s frequency), qemu (the qemu tracker, bench/qemu_case.py), and
+the scale cases of bench/scale_cases.py: many500 (500 VMs x 64 MiB at 30 s, 5 minutes),
+many200 (200 VMs at 5 s), huge (1 TiB sparse, 8 GiB of data), fan (one host to three and
+three to one). All of them take about an hour; `--only` picks some."""
 
 from __future__ import annotations
 
@@ -21,22 +24,19 @@ import argparse
 import json
 import os
 import platform
-import random
 import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.integration.harness import file_digest, wait_applied, wait_for  # noqa: E402
+from tests.integration.harness import file_digest, wait_applied  # noqa: E402
 
-from bench import qemu_case  # noqa: E402
+from bench import qemu_case, scale_cases  # noqa: E402
 from bench.common import (  # noqa: E402
-    BLOCK,
     GiB,
     MiB,
     Rsync,
@@ -45,7 +45,6 @@ from bench.common import (  # noqa: E402
     make_image,
     make_sparse,
     peak_rss_mib,
-    proc_cpu,
     scribble,
     settle,
     start_pair,
@@ -194,92 +193,6 @@ def case_sparse16(work: Path) -> dict:
         image.unlink()
 
 
-def proc_sample(pid: int) -> dict:
-    """What a leak would grow: resident memory, threads, open descriptors."""
-    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return {"rss_MiB": round(int(status["VmRSS"].split()[0]) / 1024, 1), "threads": int(status["Threads"]),
-            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
-
-
-def case_many(work: Path, seconds: int, vms: int = 50, size: int = 64 * MiB, frequency: int = 5) -> dict:
-    """A soak (issue 6, scenario 8): every VM's guest writes all the time; half way through,
-    one VM's disk disappears. Every cycle is accounted for, that VM alone goes Critical,
-    memory, threads and descriptors stay flat, and every other copy ends identical to its
-    own image (no cross-talk)."""
-    primary, replica, c = start_pair(work / "many")
-    images = []
-    stop = threading.Event()
-    broken = vms // 2
-    try:
-        for i in range(vms):
-            img = work / f"many{i:02d}.img"
-            make_sparse(img, size, 8 * MiB, seed=i)
-            images.append(img)
-            enable(primary, replica, f"vm{i:02d}", img, frequency=frequency)
-        for i in range(vms):
-            primary.cli("replication", "start-initial", f"vm{i:02d}")
-        wait_for(lambda: all(r["state"] == "Replicating" for r in primary.json("replication", "get")), 300,
-                 "every initial copy")
-        for i in range(vms):
-            primary.cli("replication", "reset-stats", f"vm{i:02d}")
-
-        live = [img for i, img in enumerate(images) if i != broken]
-
-        def guest_writes():  # every VM's guest writes a little, all the time
-            rnd = random.Random(7)
-            while not stop.is_set():
-                for img in live:
-                    fd = os.open(img, os.O_WRONLY)
-                    os.pwrite(fd, rnd.randbytes(BLOCK), rnd.randrange(size // BLOCK) * BLOCK)
-                    os.close(fd)
-                stop.wait(0.5)
-        writer = threading.Thread(target=guest_writes, daemon=True)
-        cpu0 = [proc_cpu(h.proc.pid) for h in (primary, replica)]
-        t0 = time.monotonic()
-        writer.start()
-        stop.wait(seconds / 3)  # warmed up: the reference for leaks
-        early = [proc_sample(h.proc.pid) for h in (primary, replica)]
-        stop.wait(seconds / 6)
-        images[broken].unlink()  # a VM's disk disappears
-        stop.wait(seconds / 2)
-        late = [proc_sample(h.proc.pid) for h in (primary, replica)]
-        stop.set()
-        writer.join()
-        elapsed = time.monotonic() - t0
-        cpu = [proc_cpu(h.proc.pid) - c0 for h, c0 in zip((primary, replica), cpu0, strict=True)]
-        measures = {i: primary.json("replication", "measure", f"vm{i:02d}") for i in range(vms)}
-        others = [m for i, m in measures.items() if i != broken]
-        cycles = sum(m["successful_count"] for m in others)
-        expected = (vms - 1) * int(elapsed // frequency)
-        bad = primary.json("replication", "get", f"vm{broken:02d}")
-        identical = 0
-        for i, img in enumerate(images):  # no cross-talk: each copy is its own image
-            if i == broken:
-                continue
-            vm = f"vm{i:02d}"
-            primary.json("replication", "sync", vm, "--wait")
-            wait_applied(primary, replica, vm, timeout=120)
-            copy = Path(replica.json("vm", "get", vm)["disks"][0]["path"])
-            identical += file_digest(copy) == file_digest(img)
-        return {"vms": vms, "frequency_s": frequency, "seconds": round(elapsed, 1), "cycles": cycles,
-                "expected_cycles": expected, "missed": sum(m["missed_count"] for m in others),
-                "errors": sum(m["errors"] for m in others),
-                "broken_vm": {"health": bad["health"], "error": bad["error"]},
-                "identical_copies": f"{identical}/{vms - 1}",
-                "leaks": {"primary": {"early": early[0], "late": late[0]},
-                          "replica": {"early": early[1], "late": late[1]}},
-                "cpu_cores_used": {"primary": round(cpu[0] / elapsed, 3), "replica": round(cpu[1] / elapsed, 3),
-                                   "together": round(sum(cpu) / elapsed, 3)},
-                "cpu_ms_per_cycle": round(1000 * sum(cpu) / max(cycles, 1), 2),
-                "peak_rss_MiB": {"primary": peak_rss_mib(primary.proc.pid),
-                                 "replica": peak_rss_mib(replica.proc.pid)}}
-    finally:
-        stop.set()
-        c.shutdown()
-        for img in images:
-            img.unlink(missing_ok=True)
-
-
 # --- targets and report ---------------------------------------------------------------------
 
 def targets(res: dict) -> list[dict]:
@@ -310,7 +223,7 @@ def targets(res: dict) -> list[dict]:
         v = res["idle"]["cycle_s"]["median"]
         check("idle cycle: seconds", v, "<= 0.05", v <= 0.05)
     rss = []
-    for key in ("initial", "delta", "sparse16", "many"):
+    for key in ("initial", "delta", "sparse16", "many", "many500", "many200", "fan"):
         node = res.get(key)
         if not node:
             continue
@@ -321,21 +234,7 @@ def targets(res: dict) -> list[dict]:
         qemu_case.targets(res["qemu"], check)
     if rss:
         check("peak RSS per daemon, MiB", max(rss), "<= 150", max(rss) <= 150)
-    if "many" in res:
-        m = res["many"]
-        check("50 VMs: missed cycles", m["missed"], "== 0", m["missed"] == 0 and m["errors"] == 0)
-        check("50 VMs: cycles done vs ticks", f"{m['cycles']}/{m['expected_cycles']}", ">= ticks - 1 per VM",
-              m["cycles"] >= m["expected_cycles"] - m["vms"])
-        check("50 VMs: both daemons, cores", m["cpu_cores_used"]["together"], "< 1.0",
-              m["cpu_cores_used"]["together"] < 1.0)
-        check("50 VMs: the VM whose disk vanished", m["broken_vm"]["health"], "Critical, alone",
-              m["broken_vm"]["health"] == "Critical")
-        check("50 VMs: copies identical to their own image", m["identical_copies"], "all",
-              m["identical_copies"] == f"{m['vms'] - 1}/{m['vms'] - 1}")
-        grew = {who: {k: v["late"][k] - v["early"][k] for k in ("rss_MiB", "threads", "fds")}
-                for who, v in m["leaks"].items()}
-        flat = all(g["threads"] <= 2 and g["fds"] <= 4 and g["rss_MiB"] <= 10 for g in grew.values())
-        check("50 VMs: growth from 1/3 to the end (RSS MiB, threads, fds)", grew, "<= 10, 2, 4", flat)
+    scale_cases.targets(res, check)
     return out
 
 
@@ -374,10 +273,7 @@ def table(res: dict, checks: list[dict]) -> str:
     if "sparse16" in res:
         s = res["sparse16"]
         row("16 GiB sparse, 1 GiB data", f"{s['applied_s']:.2f} s committed, RSS {max(s['peak_rss_MiB'].values())} MiB")
-    if "many" in res:
-        m = res["many"]
-        row("50 VMs x 64 MiB, every 5 s", f"{m['cycles']}/{m['expected_cycles']} cycles, {m['missed']} missed",
-            f"{m['cpu_cores_used']['together']} cores, {m['cpu_ms_per_cycle']} ms CPU/cycle")
+    scale_cases.rows(res, row)
     if "qemu" in res:
         qemu_case.rows(res["qemu"], row, med)
     lines.append("")
@@ -390,8 +286,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--size-gib", type=float, default=2.0)
-    ap.add_argument("--only", default="limits,initial,deltas,sparse16,many,qemu")
-    ap.add_argument("--many-seconds", type=int, default=180)
+    ap.add_argument("--only", default="limits,initial,deltas,sparse16,many,qemu,many500,many200,huge,fan")
+    ap.add_argument("--many-seconds", type=int, default=180, help="the 50-VM soak")
+    ap.add_argument("--scale-seconds", type=int, default=300, help="the 500- and 200-VM soaks")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
     ap.add_argument("--workdir", default=None, help="where images go (default: a new folder in /var/tmp)")
     args = ap.parse_args()
@@ -420,9 +317,14 @@ def main() -> int:
         if "sparse16" in only:
             res["sparse16"] = case_sparse16(work)
             print("sparse16:", json.dumps(res["sparse16"]), flush=True)
-        if "many" in only:
-            res["many"] = case_many(work, args.many_seconds)
-            print("many:", json.dumps(res["many"]), flush=True)
+        scale = {"many": lambda: scale_cases.case_many(work, args.many_seconds),
+                 "many500": lambda: scale_cases.case_many(work, args.scale_seconds, vms=500, frequency=30),
+                 "many200": lambda: scale_cases.case_many(work, args.scale_seconds, vms=200, frequency=5),
+                 "huge": lambda: scale_cases.case_huge(work), "fan": lambda: scale_cases.case_fan(work)}
+        for key, case in scale.items():
+            if key in only:
+                res[key] = case()
+                print(f"{key}:", json.dumps(res[key]), flush=True)
         if "qemu" in only:
             res["qemu"] = qemu_case.case_qemu(work, image, args.reps, rsync)
             print("qemu:", json.dumps(res["qemu"]), flush=True)

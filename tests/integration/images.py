@@ -30,3 +30,37 @@ def scribble(path: Path, writes: int, *, seed: int) -> None:
             f.write(rnd.randbytes(BLOCK))
         f.flush()
         os.fsync(f.fileno())
+
+
+def _regions(fd: int, size: int) -> list[tuple[int, int]]:
+    """The file's data regions (SEEK_DATA/SEEK_HOLE): everything else reads as zeros."""
+    out, pos = [], 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data past pos
+            break
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        out.append((start, end))
+        pos = end
+    return out
+
+
+def same_sparse(a: Path, b: Path) -> bool:
+    """Byte-identical, reading only where either file holds data (a 1 TiB image read whole
+    would take minutes of zeros)."""
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    size = a.stat().st_size
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        spans = sorted(_regions(fa.fileno(), size) + _regions(fb.fileno(), size))
+        pos = 0
+        for start, end in spans:
+            start = max(start, pos)
+            while start < end:
+                n = min(end - start, 8 << 20)
+                if os.pread(fa.fileno(), n, start) != os.pread(fb.fileno(), n, start):
+                    return False
+                start += n
+            pos = max(pos, end)
+    return True

@@ -1,24 +1,33 @@
 """The persisted digest map of one disk: xxh3-64 of every fixed-size block, plus the
 file's identity (size, mtime, ctime, inode) at the time it was read.
 
-File layout (version 2): a 64-byte header, one little-endian u64 per 4 KiB block, then one
-u64 per 64 KiB super-block (the xxh3-64 of those 64 KiB). A scan hashes super-blocks first
-and hashes the 4 KiB blocks only inside super-blocks that changed: an image with scattered
+File layout: a 64-byte header, one little-endian u64 per 4 KiB block, then one u64 per
+64 KiB super-block (the xxh3-64 of those 64 KiB). A scan hashes super-blocks first and
+hashes the 4 KiB blocks only inside super-blocks that changed: an image with scattered
 writes costs one hash call per 64 KiB where nothing changed instead of sixteen. Maps are
 written next to their final place and made durable before they count (see
 tracking/baselines.py); they are read in slices, never loaded whole, so memory does not grow
-with the image. A version-1 map (no super-blocks) still reads; its scan hashes every block.
+with the image.
 
-A map written only to be sent (a replica's answer to a digests request) is written
-zstd-compressed and read back as a stream (``open_stream``): the digests of never-written
-regions are one value repeated, which compresses to almost nothing, so such a map costs
-about what the disk really holds (~0.2% of its data), not 1/480 of its declared size."""
+Version 3 (what scans write) is **sparse**: each digest is stored XORed with the digest of
+an all-zero block (of a super-block, in the super-block part), so a zero block stores 0, and
+a run of them is a hole in the map file, never written. A 1 TiB thin disk holding 8 GiB
+costs a map of about what its data needs (8 bytes per 4 KiB of it), not 2 GiB, and a scan
+skips the disk's holes in O(holes) where its old map has none (``data_runs``). Version 1
+(no super-blocks) and 2 (dense, plain digests) still read; a v1 map's scan hashes every block.
+
+A map written only to be sent (a replica's answer to a digests request) is written as
+version 2, zstd-compressed, and read back as a stream (``open_stream``): the digests of
+never-written regions are one value repeated, which compresses to almost nothing, so such a
+map costs about what the disk really holds (~0.2% of its data), not 1/480 of its declared
+size."""
 
 from __future__ import annotations
 
 import os
 import struct
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -32,7 +41,8 @@ SUPER = 16                  # blocks per super-block
 SUPER_BYTES = SUPER * BLOCK
 _HEADER = struct.Struct("<4sHIQqqQQ14x")
 MAGIC = b"RPDM"
-VERSION = 2
+VERSION = 3       # sparse (see above); a streamed, compressed map is version 2
+STREAM_VERSION = 2
 assert _HEADER.size == 64
 
 
@@ -45,6 +55,38 @@ def map_bytes(size: int) -> int:
 @lru_cache(maxsize=8)
 def zero_digest(length: int) -> int:
     return xxhash.xxh3_64_intdigest(bytes(length))
+
+
+def zero_blocks(first: int, end: int, size: int) -> array[int]:
+    """The digests of blocks [first, end) of a ``size``-byte file where they are all zeros."""
+    n = end - first
+    out = array("Q", [zero_digest(BLOCK)]) * n
+    if n and end * BLOCK > size:  # a short last block
+        out[-1] = zero_digest(size - (end - 1) * BLOCK)
+    return out
+
+
+def zero_supers(first: int, end: int, size: int) -> array[int]:
+    """Super-block digests of an all-zero range of blocks [first, end) (super-aligned)."""
+    k0, k1 = first // SUPER, -(-end // SUPER)
+    out = array("Q", [zero_digest(SUPER_BYTES)]) * (k1 - k0)
+    if k1 > k0 and k1 * SUPER_BYTES > size:  # a short last super-block
+        out[-1] = zero_digest(size - (k1 - 1) * SUPER_BYTES)
+    return out
+
+
+_PATTERNS: dict[int, bytes] = {}  # mask -> the mask repeated, as long as the longest slice yet
+
+
+def _xor(raw: bytes, mask: int) -> bytes:
+    """Every u64 of ``raw`` XORed with ``mask``: one big-integer operation, in C."""
+    n = len(raw)
+    if not n:
+        return raw
+    pat = _PATTERNS.get(mask)
+    if pat is None or len(pat) < n:
+        pat = _PATTERNS[mask] = mask.to_bytes(8, "little") * max(n // 8, 1 << 10)
+    return (int.from_bytes(raw, "little") ^ int.from_bytes(pat[:n], "little")).to_bytes(n, "little")
 
 
 @dataclass(frozen=True)
@@ -81,10 +123,11 @@ class DigestMapReader:
             self._f.close()
             raise ValueError(f"{path}: truncated digest map")
         magic, version, block, size, mtime, ctime, ino, dev = _HEADER.unpack(raw)
-        if magic != MAGIC or version not in (1, VERSION) or block != BLOCK:
+        if magic != MAGIC or version not in (1, 2, VERSION) or block != BLOCK:
             self._f.close()
             raise ValueError(f"{path}: not a digest map of this version")
         self.identity = FileIdentity(size, mtime, ctime, ino, dev)
+        self.sparse = version >= 3  # digests stored XORed with the zero digests
         self.blocks = -(-size // BLOCK)
         self.supers = -(-self.blocks // SUPER) if version >= 2 else 0
         if os.fstat(self._f.fileno()).st_size != _HEADER.size + 8 * (self.blocks + self.supers):
@@ -104,8 +147,7 @@ class DigestMapReader:
         out = array("Q")
         have = max(0, min(count, self.blocks - first))
         if have:
-            raw = os.pread(self._f.fileno(), 8 * have, _HEADER.size + 8 * first)
-            out.frombytes(raw)
+            out.frombytes(self._read(8 * have, _HEADER.size + 8 * first, zero_digest(BLOCK)))
         return out
 
     def super_slice(self, first: int, count: int) -> array[int]:
@@ -113,8 +155,36 @@ class DigestMapReader:
         out = array("Q")
         have = max(0, min(count, self.supers - first))
         if have:
-            out.frombytes(os.pread(self._f.fileno(), 8 * have, _HEADER.size + 8 * (self.blocks + first)))
+            out.frombytes(self._read(8 * have, _HEADER.size + 8 * (self.blocks + first), zero_digest(SUPER_BYTES)))
         return out
+
+    def _read(self, n: int, at: int, mask: int) -> bytes:
+        raw = os.pread(self._f.fileno(), n, at)
+        if len(raw) != n:
+            raise ValueError(f"{self.path}: digest map cut short")
+        return _xor(raw, mask) if self.sparse else raw
+
+    def data_runs(self, first: int, end: int) -> Iterator[tuple[int, int]]:
+        """Block ranges within [first, end) where this map may hold anything but zero blocks:
+        for a sparse map, where its file has data (a hole is zero blocks, never read); the
+        whole range, up to the map's end, for older maps."""
+        end = min(end, self.blocks)
+        if first >= end:
+            return
+        if not self.sparse:
+            yield first, end
+            return
+        fd, pos, stop = self._f.fileno(), _HEADER.size + 8 * first, _HEADER.size + 8 * end
+        while pos < stop:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: nothing but holes from here
+                return
+            if data >= stop:
+                return
+            hole = min(stop, os.lseek(fd, data, os.SEEK_HOLE))
+            yield max(first, (data - _HEADER.size) // 8), min(end, -(-(hole - _HEADER.size) // 8))
+            pos = hole
 
     def close(self) -> None:
         self._f.close()
@@ -133,8 +203,8 @@ def open_stream(path: Path, *, compressed: bool) -> BinaryIO:
 
 
 class DigestMapWriter:
-    """Writes a new map sequentially; ``commit()`` fsyncs it. The caller renames.
-    ``compress``: written zstd-compressed (only for ``open_stream``, not for readers)."""
+    """Writes a new version-2 map sequentially (a map to be streamed: ``compress``, zstd);
+    ``commit()`` fsyncs it. The caller renames."""
 
     def __init__(self, path: Path, identity: FileIdentity, *, compress: bool = False):
         self.path = path
@@ -142,7 +212,7 @@ class DigestMapWriter:
         self._file = open(path, "wb")
         self._zf = self._compressor(self._file)
         self._f: BinaryIO = self._zf or self._file
-        self._f.write(_HEADER.pack(MAGIC, VERSION, BLOCK, identity.size, identity.mtime_ns,
+        self._f.write(_HEADER.pack(MAGIC, STREAM_VERSION, BLOCK, identity.size, identity.mtime_ns,
                                    identity.ctime_ns, identity.ino, identity.dev))
         # super-block digests go after the blocks: kept aside until commit (1/16 of the map)
         self._supers_path = path.with_name(path.name + ".super")
@@ -160,6 +230,14 @@ class DigestMapWriter:
 
     def append_super(self, digests: array[int]) -> None:
         self._s.write(digests.tobytes())
+
+    def hole(self, first: int, end: int, size: int) -> None:
+        """Blocks [first, end) are zeros (super-aligned at ``first``)."""
+        step = 1 << 19
+        for a in range(first, end, step):
+            b = min(end, a + step)
+            self.append(zero_blocks(a, b, size))
+            self.append_super(zero_supers(a, b, size))
 
     def commit(self) -> None:
         if self._zs is not None:
@@ -183,3 +261,69 @@ class DigestMapWriter:
         self._sfile.close()
         self.path.unlink(missing_ok=True)
         self._supers_path.unlink(missing_ok=True)
+
+
+class SparseMapWriter:
+    """Writes a new version-3 (sparse) map: digests XORed with the zero digests, written in
+    place with ``pwrite``, all-zero runs (zero blocks, holes) left as holes; ``commit()``
+    sets the full length and fsyncs. The caller renames. Same calls as ``DigestMapWriter``."""
+
+    def __init__(self, path: Path, identity: FileIdentity):
+        self.path = path
+        self._size = identity.size
+        self._nblocks = -(-identity.size // BLOCK)
+        self._super_at = _HEADER.size + 8 * self._nblocks
+        self._length = self._super_at + 8 * -(-self._nblocks // SUPER)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._put(_HEADER.pack(MAGIC, VERSION, BLOCK, identity.size, identity.mtime_ns, identity.ctime_ns,
+                               identity.ino, identity.dev), 0)
+        self.blocks = 0
+        self._supers = 0
+
+    def _put(self, raw: bytes, at: int) -> None:
+        if raw.count(0) == len(raw):
+            return  # zeros: a hole already
+        view = memoryview(raw)
+        while view:
+            n = os.pwrite(self._fd, view, at)
+            view, at = view[n:], at + n
+
+    def append(self, digests: array[int]) -> None:
+        self._put(_xor(digests.tobytes(), zero_digest(BLOCK)), _HEADER.size + 8 * self.blocks)
+        self.blocks += len(digests)
+
+    def append_super(self, digests: array[int]) -> None:
+        self._put(_xor(digests.tobytes(), zero_digest(SUPER_BYTES)), self._super_at + 8 * self._supers)
+        self._supers += len(digests)
+
+    def hole(self, first: int, end: int, size: int) -> None:
+        """Blocks [first, end) are zeros: nothing written, but for a short last block or
+        super-block, whose zero digest is not the full one's."""
+        self.blocks, self._supers = first, first // SUPER
+        if end == self._nblocks and size % BLOCK:
+            self.blocks = end - 1
+            self.append(zero_blocks(end - 1, end, size))
+        if end == self._nblocks and size % SUPER_BYTES:
+            self._supers = -(-end // SUPER) - 1
+            self.append_super(zero_supers(self._supers * SUPER, end, size))
+        self.blocks, self._supers = end, -(-end // SUPER)
+
+    def commit(self) -> None:
+        os.ftruncate(self._fd, self._length)
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.path.unlink(missing_ok=True)
+
+
+MapWriter = DigestMapWriter | SparseMapWriter
+
+
+def new_map_writer(path: Path, identity: FileIdentity, *, compress: bool = False) -> MapWriter:
+    """A sparse map for a baseline; a compressed version-2 map for a map to be streamed."""
+    return DigestMapWriter(path, identity, compress=True) if compress else SparseMapWriter(path, identity)

@@ -26,9 +26,11 @@ from .digestmap import (
     SUPER,
     SUPER_BYTES,
     DigestMapReader,
-    DigestMapWriter,
     FileIdentity,
+    MapWriter,
     map_length,
+    new_map_writer,
+    zero_blocks,
     zero_digest,
 )
 from .tracker import CHUNK_DONE, Change, ChunkDone, DataChange, Resize, ZeroChange
@@ -167,7 +169,7 @@ class DiskScan:
                 self.skipped = True
                 os.link(self.old.path, self.new_map)
                 return
-            writer = DigestMapWriter(self.new_map, racy_guard(ident, self._opened_ns), compress=self.compress_map)
+            writer = new_map_writer(self.new_map, racy_guard(ident, self._opened_ns), compress=self.compress_map)
             try:
                 old_size = self.old.identity.size if self.old else ident.size
                 if old_size != ident.size:
@@ -193,24 +195,9 @@ class DiskScan:
             got.extend(self._zeros(first + len(got), first + count, size))
         return got
 
-    @staticmethod
-    def _zeros(first: int, end: int, size: int) -> array[int]:
-        n = end - first
-        out = array("Q", [zero_digest(BLOCK)]) * n
-        if n and end * BLOCK > size:  # a short last block
-            out[-1] = zero_digest(size - (end - 1) * BLOCK)
-        return out
+    _zeros = staticmethod(zero_blocks)
 
-    @staticmethod
-    def _super_zeros(first: int, end: int, size: int) -> array[int]:
-        """Super-block digests of an all-zero range of blocks [first, end) (super-aligned)."""
-        k0, k1 = first // SUPER, -(-end // SUPER)
-        out = array("Q", [zero_digest(SUPER_BYTES)]) * (k1 - k0)
-        if k1 > k0 and k1 * SUPER_BYTES > size:  # a short last super-block
-            out[-1] = zero_digest(size - (k1 - 1) * SUPER_BYTES)
-        return out
-
-    def _walk(self, fd: int, size: int, writer: DigestMapWriter,
+    def _walk(self, fd: int, size: int, writer: MapWriter,
               boundaries: bool = False) -> Iterator[Change | ChunkDone]:
         nblocks = -(-size // BLOCK)
         buf = bytearray(CHUNK)
@@ -219,8 +206,7 @@ class DiskScan:
         if self.start:  # what an interrupted initial copy already delivered is not read again;
             # its digests are placeholders: a resync follows a resumed copy (engine.py)
             pos_block = min(nblocks, self.start // BLOCK)
-            writer.append(self._zeros(0, pos_block, size))
-            writer.append_super(self._super_zeros(0, pos_block, size))
+            writer.hole(0, pos_block, size)
         regions = list(self._regions(fd, size, pos_block * BLOCK)) + [(size, size)]
         for start, end in regions:
             # whole super-blocks only: a little hole read as zeros costs less than a
@@ -255,33 +241,37 @@ class DiskScan:
         """Fill ``into`` from ``pos``; returns the bytes read (short only at the end)."""
         return os.preadv(fd, [into], pos)
 
-    def _hole(self, first: int, end: int, size: int, writer: DigestMapWriter) -> Iterator[Change]:
+    def _hole(self, first: int, end: int, size: int, writer: MapWriter) -> Iterator[Change]:
+        """Blocks [first, end) are a hole now: zeros. Only where the old map held anything
+        but zero blocks can that be a change (``data_runs``: for a sparse map, its data)."""
+        writer.hole(first, end, size)
+        if self.old is None:
+            return
         step = CHUNK // 8
-        for a in range(first, end, step):
-            b = min(end, a + step)
-            new = self._zeros(a, b, size)
-            old = self._old_digests(a, b - a, size)
-            writer.append(new)
-            writer.append_super(self._super_zeros(a, b, size))
-            if new == old:
-                continue
-            run = None
-            for i in range(b - a):
-                if new[i] != old[i]:
-                    if run is None:
-                        run = a + i
-                elif run is not None:
-                    yield from self._zero_run(run, a + i, size)
-                    run = None
-            if run is not None:
-                yield from self._zero_run(run, b, size)
+        for lo, hi in self.old.data_runs(first, end):
+            for a in range(lo, hi, step):
+                b = min(hi, a + step)
+                new = self._zeros(a, b, size)
+                old = self._old_digests(a, b - a, size)
+                if new == old:
+                    continue
+                run = None
+                for i in range(b - a):
+                    if new[i] != old[i]:
+                        if run is None:
+                            run = a + i
+                    elif run is not None:
+                        yield from self._zero_run(run, a + i, size)
+                        run = None
+                if run is not None:
+                    yield from self._zero_run(run, b, size)
 
     def _zero_run(self, first: int, end: int, size: int) -> Iterator[Change]:
         off, stop = first * BLOCK, min(end * BLOCK, size)
         self.changed_bytes += stop - off
         yield ZeroChange(off, stop - off)
 
-    def _chunk(self, mv: memoryview, pos: int, size: int, writer: DigestMapWriter) -> Iterator[Change]:
+    def _chunk(self, mv: memoryview, pos: int, size: int, writer: MapWriter) -> Iterator[Change]:
         first = pos // BLOCK
         n = len(mv)
         nblk = -(-n // BLOCK)

@@ -1,0 +1,103 @@
+"""Digest maps of thin disks (issue 18, scale): a map costs what the disk's data needs, not
+its declared size, and a scan over one finds exactly what changed — data written into a
+hole, data punched back into a hole, a short last block — from a sparse map or from an
+older dense one."""
+
+import os
+import random
+
+from tests.integration.images import same_sparse
+from tests.unit.test_scan import apply, scan
+
+from replicad.fsutil import punch_hole
+from replicad.tracking import scan as scan_mod
+from replicad.tracking.digestmap import BLOCK, VERSION, DigestMapReader, DigestMapWriter, map_length
+
+GiB, MiB = 1 << 30, 1 << 20
+
+
+def thin(path, size, pieces, seed=1):
+    """A sparse file of ``size`` with 1 MiB of random data at each of ``pieces`` offsets."""
+    rnd = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for at in pieces:
+            f.seek(at)
+            f.write(rnd.randbytes(MiB))
+
+
+def allocated(path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def test_a_thin_disk_s_map_costs_what_its_data_needs(tmp_path):
+    img = tmp_path / "thin.img"
+    thin(img, 64 * GiB, [g * GiB for g in range(0, 64, 16)])  # 4 MiB of data in 64 GiB
+    s, _ = scan(img, None, tmp_path / "m1")
+    m = tmp_path / "m1"
+    assert os.path.getsize(m) == map_length(64 * GiB)  # 128 MiB if it were dense
+    # 1,024 data blocks: 8 KiB of digests (a page or two per data region), and the super-blocks
+    assert allocated(m) <= 4 * 4 * 4096 + 4096
+    r = DigestMapReader.open(m)
+    runs = list(r.data_runs(0, r.blocks))
+    assert r.sparse and sum(b - a for a, b in runs) <= 8 * 1024  # a page or two around each region
+    data = [g * GiB // BLOCK + i for g in range(0, 64, 16) for i in range(256)]
+    assert all(any(a <= blk < b for a, b in runs) for blk in data)  # every data block's digest is in a run
+    r.close()
+    with open(img, "r+b") as f:  # one block written in a hole: the next map grows by a page
+        f.seek(40 * GiB)
+        f.write(os.urandom(BLOCK))
+    s, ch = scan(img, m, tmp_path / "m2")
+    assert [(c.offset, len(c.data)) for c in ch] == [(40 * GiB, BLOCK)]
+    assert allocated(tmp_path / "m2") <= allocated(m) + 2 * 4096
+
+
+def test_deltas_over_sparse_maps_rebuild_the_disk(tmp_path):
+    size = GiB + 1000  # a short last block and super-block, in a hole
+    img, copy = tmp_path / "disk.img", tmp_path / "copy.img"
+    thin(img, size, [0, 100 * MiB, 300 * MiB, 700 * MiB])
+    copy.touch()
+    _, ch = scan(img, None, tmp_path / "m0")
+    apply(ch, copy, size)
+    rnd = random.Random(3)
+    for r in range(1, 5):
+        with open(img, "r+b") as f:
+            for _ in range(20):  # scattered writes, in data and in holes
+                f.seek(rnd.randrange(size // BLOCK) * BLOCK)
+                f.write(os.urandom(BLOCK))
+            if r == 2:  # a data region punched back into a hole (a guest's TRIM): zeros to send
+                punch_hole(f.fileno(), 100 * MiB, MiB)
+            if r == 3:
+                f.truncate(size + 5 * MiB)  # growth, the new tail a hole
+        s, ch = scan(img, tmp_path / f"m{r - 1}", tmp_path / f"m{r}")
+        if r == 2:
+            assert any(c.offset == 100 * MiB and c.length >= MiB - 20 * BLOCK for c in ch
+                       if isinstance(c, scan_mod.ZeroChange))
+        apply(ch, copy, os.path.getsize(img))
+        assert same_sparse(copy, img), f"round {r}"
+    os.utime(img)  # the same bytes: a scan reads them and finds nothing, short last block too
+    s, ch = scan(img, tmp_path / "m4", tmp_path / "m5")
+    assert not s.skipped and ch == []
+
+
+def test_a_dense_map_from_an_older_version_still_leads_the_next_scan(tmp_path, monkeypatch):
+    img, copy = tmp_path / "disk.img", tmp_path / "copy.img"
+    thin(img, 256 * MiB, [0, 64 * MiB])
+    copy.touch()
+    with monkeypatch.context() as m:  # written as before: version 2, every digest in place
+        m.setattr(scan_mod, "new_map_writer", lambda path, ident, compress=False: DigestMapWriter(path, ident))
+        _, ch = scan(img, None, tmp_path / "v2")
+    apply(ch, copy, 256 * MiB)
+    r = DigestMapReader.open(tmp_path / "v2")
+    assert not r.sparse
+    r.close()
+    with open(img, "r+b") as f:
+        f.seek(200 * MiB)
+        f.write(os.urandom(BLOCK))
+        punch_hole(f.fileno(), 64 * MiB, 4 * BLOCK)
+    _, ch = scan(img, tmp_path / "v2", tmp_path / "v3")
+    apply(ch, copy, 256 * MiB)
+    assert copy.read_bytes() == img.read_bytes()
+    r = DigestMapReader.open(tmp_path / "v3")
+    assert r.sparse and VERSION == 3
+    r.close()
