@@ -8,7 +8,6 @@ name is written once. A config with no listener is a client-only config, for ``-
 
 from __future__ import annotations
 
-import importlib.util
 import ipaddress
 import os
 from collections.abc import Set
@@ -354,8 +353,10 @@ def _kerberos(r: _Reader, node: Any, name: str, check_files: bool) -> Kerberos:
     """The ``kerberos`` section: keytab (default /etc/krb5.keytab), principal (host/<host>),
     service (HTTP), realms ({REALM: domain}). Without python-gssapi it is an error."""
     k = r.mapping(node, "kerberos", {"keytab", "principal", "service", "realms"})
-    if importlib.util.find_spec("gssapi") is None:
-        r.err("kerberos", "Kerberos needs the python gssapi package, which is not installed: "
+    try:
+        import gssapi  # noqa: F401 -- the optional extra: only a host with this section needs it
+    except ImportError as e:
+        r.err("kerberos", f"Kerberos needs the python gssapi package, which cannot be imported ({e}): "
                           "pip install 'replicad[kerberos]' (it builds against libkrb5-dev)")
     keytab = r.fspath(k, "keytab", "kerberos", Path("/etc/krb5.keytab"))
     principal = r.string(k, "principal", "kerberos", f"host/{name}")

@@ -4,13 +4,17 @@ from a real MIT KDC (tests/kerberos/kdc.py), the real CLI, refusals over real HT
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import secrets
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ..integration.harness import Cluster, file_digest, replica_disk, wait_applied
+from ..integration.harness import BIN, Cluster, file_digest, free_port, replica_disk, wait_applied, wait_for
 from ..integration.images import make_sparse_image, scribble
 from ..security.helpers import assert_unchanged, http_request, snapshot
 from .kdc import OTHER, REALM
@@ -48,28 +52,36 @@ def krb_pair(kdc, tmp_path):
     c.shutdown()
 
 
-def negotiate(kdc, keytab, principal: str, server: str, *, ccache: str | None = None) -> str:
-    """A Negotiate token as a client with ``keytab`` (or an existing ``ccache``) would send it."""
+@contextlib.contextmanager
+def krb_env(kdc):
+    """This process's own Kerberos calls (an attacker's) see the test KDC's config."""
     old = {k: os.environ.get(k) for k in kdc.env()}
     os.environ.update(kdc.env())
     try:
-        import gssapi
-
-        store = {"ccache": ccache} if ccache else {"client_keytab": str(keytab),
-                                                     "ccache": f"MEMORY:t{secrets.token_hex(4)}"}
-        creds = gssapi.Credentials(name=gssapi.Name(principal, gssapi.NameType.kerberos_principal),
-                                   usage="initiate", store=store)
-        ctx = gssapi.SecurityContext(name=gssapi.Name(f"HTTP@{server}", gssapi.NameType.hostbased_service),
-                                     creds=creds, usage="initiate", mech=gssapi.OID.from_int_seq("1.3.6.1.5.5.2"),
-                                     flags=gssapi.RequirementFlag.mutual_authentication
-                                     | gssapi.RequirementFlag.integrity)  # what replicad's client asks
-        return base64.b64encode(ctx.step()).decode()
+        yield
     finally:
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _context(keytab, principal: str, server: str):
+    import gssapi
+
+    creds = gssapi.Credentials(name=gssapi.Name(principal, gssapi.NameType.kerberos_principal), usage="initiate",
+                               store={"client_keytab": str(keytab), "ccache": f"MEMORY:t{secrets.token_hex(4)}"})
+    return gssapi.SecurityContext(name=gssapi.Name(f"HTTP@{server}", gssapi.NameType.hostbased_service),
+                                  creds=creds, usage="initiate", mech=gssapi.OID.from_int_seq("1.3.6.1.5.5.2"),
+                                  flags=gssapi.RequirementFlag.mutual_authentication
+                                  | gssapi.RequirementFlag.integrity)  # what replicad's client asks
+
+
+def negotiate(kdc, keytab, principal: str, server: str) -> str:
+    """A Negotiate token as a client with ``keytab`` would send it to ``server``."""
+    with krb_env(kdc):
+        return base64.b64encode(_context(keytab, principal, server).step()).decode()
 
 
 def open_session(v1, token: str):
@@ -145,3 +157,110 @@ def test_a_replayed_authenticator_is_refused(krb_pair, kdc, rcache):
         status, doc, _ = open_session(v1, token)
         assert status == 401 and expected in doc["error"], doc
     assert len(v1.events("peer.unauthenticated" if rcache == "mit" else "peer.refused")) >= 2
+
+
+class _Impostor(BaseHTTPRequestHandler):
+    """Answers a session request as vmhost1 without vmhost1's key: with no Kerberos answer
+    token, or with a real one — of another context, made with another host's keytab."""
+
+    reply: str | None = None
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.dumps({"v": 1, "session": "0" * 32, "server": self.server_name_, "nonce": "1" * 32,
+                           "client_nonce": self.headers.get("X-Replicad-Nonce"), "expires": 0}).encode()
+        self.send_response(200)
+        if self.reply:
+            self.send_header("WWW-Authenticate", f"Negotiate {self.reply}")
+        self.send_header("X-Replicad-Signature", "0" * 64)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("variant, expected", [
+    ("no-answer-token", "did not prove who it is"),
+    ("another-hosts-answer", "its Kerberos answer does not verify"),
+])
+def test_a_replica_with_another_hosts_keytab_fails_mutual_authentication(krb_pair, kdc, variant, expected):
+    """The impostor holds a real keytab of the realm — vmhost3's, not vmhost1's: it cannot
+    read the primary's ticket, and whatever it answers, the primary refuses it."""
+    c, v1, v2 = krb_pair
+    impostor = f"impostor{secrets.token_hex(3)}.contoso.com"
+    kt = kdc.host_keytab(v1.root.parent / "impostor.keytab", impostor)
+    reply = None
+    if variant == "another-hosts-answer":  # a genuine AP-REP: of its own context with itself
+        import gssapi
+
+        with krb_env(kdc):
+            ctx = _context(kt, f"host/{impostor}", impostor)
+            acc = gssapi.SecurityContext(creds=gssapi.Credentials(usage="accept", store={"keytab": str(kt)}),
+                                         usage="accept")
+            reply = base64.b64encode(acc.step(ctx.step())).decode()
+    port = free_port("127.0.0.1")
+    handler = type("H", (_Impostor,), {"reply": reply, "server_name_": v1.fqdn})
+    srv = ThreadingHTTPServer((v1.addr, port), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        r = v2.cli("replication", "test-connection", "--replica-server", v1.fqdn, "--replica-port", str(port),
+                   "--auth", "kerberos", check=False)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert r.returncode == 1 and "failed mutual authentication" in r.stderr and expected in r.stderr, r.stderr
+
+
+def test_a_daemon_with_another_hosts_keytab_does_not_start(kdc, tmp_path):
+    """A replica server given another host's keytab says so at start, naming the keytab."""
+    c = Cluster(tmp_path, names=(f"vmhost1w{secrets.token_hex(2)}",), auth="token")
+    (h,) = c.hosts.values()
+    other = f"other{secrets.token_hex(3)}.contoso.com"
+    kdc.host_keytab(h.root / "krb5.keytab", other)
+    kerberos_host(kdc, h)  # its own principal, the other host's keytab
+    r = subprocess.run([str(BIN), "daemon", "--config", str(h.config)], capture_output=True, text=True,
+                       env={**os.environ, **kdc.env()}, timeout=30)
+    assert r.returncode == 2, r
+    out = r.stdout + r.stderr
+    assert "kerberos" in out and str(h.root / "krb5.keytab") in out, out
+
+
+def test_the_kdc_down_when_a_session_starts_is_transient_and_retried(krb_pair, kdc, tmp_path):
+    c, v1, v2 = krb_pair
+    image = tmp_path / "contoso3.img"
+    make_sparse_image(image, 8 * MiB, data_pieces=2)
+    v2.cli("vm", "add", "contoso3", "--disk", str(image))
+    v2.cli("replication", "enable", "contoso3", "--replica-server", v1.fqdn, "--replica-port", str(v1.port),
+           "--auth", "kerberos", "--frequency", "3600")
+    kdc.stop()
+    try:
+        r = v2.cli("replication", "test-connection", "--replica-server", v1.fqdn, "--replica-port", str(v1.port),
+                   "--auth", "kerberos", check=False)
+        assert r.returncode != 0 and "the KDC cannot be reached" in r.stderr, r.stderr
+        v2.cli("replication", "start-initial", "contoso3")
+        failed = wait_for(lambda: [e for e in v2.events("cycle.failed") if e.get("vm") == "contoso3"], 30,
+                          "the first cycle to fail")
+        assert failed[0]["transient"] is True and "the KDC cannot be reached" in failed[0]["reason"], failed
+    finally:
+        kdc.start()
+    wait_applied(v2, v1, "contoso3", timeout=90)  # retried by itself once the KDC answers
+    assert file_digest(replica_disk(v1, "contoso3")) == file_digest(image)
+
+
+def test_kerberos_without_gssapi_is_a_config_error(tmp_path):
+    """A host whose Python cannot import gssapi is told so by its config, not by a traceback."""
+    hidden = tmp_path / "hide"
+    (hidden / "gssapi").mkdir(parents=True)
+    (hidden / "gssapi" / "__init__.py").write_text("raise ImportError(\"No module named 'gssapi'\")\n")
+    (tmp_path / "krb5.keytab").write_bytes(b"\x05\x02")
+    cfg = tmp_path / "replicad.yaml"
+    cfg.write_text(json.dumps({"host": "vmhost1.contoso.com", "state_dir": "state",
+                               "listen": {"token": {"address": "127.0.0.1", "port": free_port("127.0.0.1")}},
+                               "kerberos": {"keytab": "krb5.keytab"}}))
+    env = {**os.environ, "PYTHONPATH": str(hidden)}
+    for args in (["config", "check"], ["daemon"]):
+        r = subprocess.run([str(BIN), *args, "--config", str(cfg)], capture_output=True, text=True, env=env,
+                           timeout=30)
+        assert r.returncode == 2 and "Kerberos needs the python gssapi package" in r.stderr, r
+        assert "replicad[kerberos]" in r.stderr and "Traceback" not in r.stderr, r.stderr

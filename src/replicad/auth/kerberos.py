@@ -29,6 +29,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,8 +49,9 @@ REPLAY_WINDOW = 3600  # seconds an authenticator is remembered: well past any Ke
 _SPNEGO = "1.3.6.1.5.5.2"
 _KRB5 = "1.2.840.113554.1.2.2"
 _SESSION_KEY = "1.2.840.113554.1.2.2.5.5"  # GSS_C_INQ_SSPI_SESSION_KEY
-_KDC_UNREACHABLE = {-1765328228 & 0xFFFFFFFF,  # KRB5_KDC_UNREACH: cannot contact any KDC
-                    -1765328164 & 0xFFFFFFFF}  # KRB5_REALM_CANT_RESOLVE
+# MIT's messages for "no KDC answered" (KRB5_KDC_UNREACH, KRB5_REALM_CANT_RESOLVE): python-gssapi
+# gives the minor code as the mechanism glue renumbered it, so the message is what tells
+_KDC_UNREACHABLE = ("Cannot contact any KDC", "Cannot resolve network address for KDC", "Cannot find KDC")
 INSTALL_HINT = "install the extra: pip install 'replicad[kerberos]' (python-gssapi, built against libkrb5-dev)"
 
 
@@ -205,8 +207,12 @@ def _session_key(ctx: Any) -> bytes:
 
 
 def _message(e: Exception) -> str:
+    """A GSS error in one line: the mechanism's (minor) message when it has one — "Cannot
+    contact any KDC for realm 'CONTOSO.COM'" — rather than GSS's "Unspecified GSS failure"."""
     gen = getattr(e, "gen_message", None)
-    return " ".join((gen() if gen else str(e)).split())[:300]
+    text = " ".join((gen() if gen else str(e)).split())
+    minor = re.search(r"Minor \(\d+\): (.+)$", text)
+    return (minor.group(1) if minor and minor.group(1).strip() else text)[:300]
 
 
 # client side --------------------------------------------------------------------------------
@@ -277,7 +283,7 @@ class Initiator:
         try:
             token = ctx.step()
         except gssapi.exceptions.GSSError as e:
-            unreachable = getattr(e, "min_code", None) in _KDC_UNREACHABLE
+            unreachable = any(m in _message(e) for m in _KDC_UNREACHABLE)
             raise PeerError(f"no Kerberos ticket for {self.cfg.service}/{server}"
                             f"{': the KDC cannot be reached' if unreachable else ''}: {_message(e)}",
                             status=0, transient=unreachable) from None
