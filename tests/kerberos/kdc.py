@@ -75,6 +75,10 @@ class Kdc:
             raise AssertionError(f"{' '.join(args)} exited {r.returncode}: {r.stderr}{r.stdout}")
         return r.stdout
 
+    def run(self, *args: str) -> str:
+        """A Kerberos tool (kinit, kvno, …) with this KDC's config."""
+        return self._run(_tool(args[0]), *args[1:])
+
     def kadmin(self, realm: str, query: str) -> str:
         return self._run(_tool("kadmin.local"), "-r", realm, "-q", query)
 
@@ -107,3 +111,45 @@ class Kdc:
             self.proc.terminate()
             self.proc.wait(10)
         self.proc = None
+
+
+def extend_ccache(path: Path, endtime: int) -> None:
+    """Rewrite a FILE credential cache (MIT's version 4 format) so that the client believes
+    every ticket in it lasts until ``endtime`` — what the ticket itself says, encrypted for
+    the service, is unchanged: a client whose tickets expired without its knowing."""
+    buf = bytearray(path.read_bytes())
+    if buf[:2] != b"\x05\x04":
+        raise AssertionError(f"{path}: not a version 4 credential cache")
+    pos = 4 + int.from_bytes(buf[2:4], "big")
+
+    def u32() -> int:
+        nonlocal pos
+        pos += 4
+        return int.from_bytes(buf[pos - 4:pos], "big")
+
+    def octets() -> None:
+        nonlocal pos
+        n = u32()  # (not `pos += u32()`: that adds to the position read before u32 moved it)
+        pos += n
+
+    def principal() -> None:
+        nonlocal pos
+        pos += 4  # name type
+        for _ in range(u32() + 1):  # the realm, then each component
+            octets()
+
+    principal()  # the default principal
+    while pos < len(buf):
+        principal()
+        principal()
+        pos += 2  # key type
+        octets()
+        buf[pos + 8:pos + 12] = endtime.to_bytes(4, "big")  # authtime, starttime, endtime, renew_till
+        pos += 16 + 1 + 4  # times, is_skey, flags
+        for _ in range(2):  # addresses, authorization data
+            for _ in range(u32()):
+                pos += 2
+                octets()
+        octets()  # the ticket
+        octets()  # the second ticket
+    path.write_bytes(bytes(buf))

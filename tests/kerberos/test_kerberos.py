@@ -10,6 +10,7 @@ import os
 import secrets
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -17,7 +18,7 @@ import pytest
 from ..integration.harness import BIN, Cluster, file_digest, free_port, replica_disk, wait_applied, wait_for
 from ..integration.images import make_sparse_image, scribble
 from ..security.helpers import assert_unchanged, http_request, snapshot
-from .kdc import OTHER, REALM
+from .kdc import OTHER, REALM, extend_ccache
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20
@@ -36,18 +37,31 @@ def kerberos_host(kdc, host, *, keytab_of: str | None = None) -> None:
     host.config.write_text(json.dumps(doc))
 
 
-@pytest.fixture
-def krb_pair(kdc, tmp_path):
-    """vmhost1, a replica server for vmhost2 only (no wildcard); vmhost2 a primary; both with
-    keytabs of a realm of their own (the names are new to the KDC each time)."""
+def _pair(kdc, root):
     tag = f"k{next(_seq)}{secrets.token_hex(2)}"
-    c = Cluster(tmp_path, names=(f"vmhost1{tag}", f"vmhost2{tag}"), auth="token")
+    c = Cluster(root, names=(f"vmhost1{tag}", f"vmhost2{tag}"), auth="token")
     v1, v2 = c[f"vmhost1{tag}"], c[f"vmhost2{tag}"]
     for h in (v1, v2):
         kerberos_host(kdc, h)
         h.start(env=kdc.env())
     v1.cli("server", "set", "--enabled", "true", "--auth", "token", "--allow-any-server", "false")
     v1.cli("auth-entry", "add", "--primary", v2.fqdn, "--trust-group", "Production")
+    return c, v1, v2
+
+
+@pytest.fixture
+def krb_pair(kdc, tmp_path):
+    """vmhost1, a replica server for vmhost2 only (no wildcard); vmhost2 a primary; both with
+    keytabs and no replicad realm (the names are new to the KDC each time)."""
+    c, v1, v2 = _pair(kdc, tmp_path)
+    yield c, v1, v2
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def refusing_pair(kdc, tmp_path_factory):
+    """The same pair, shared by the tests that change nothing on it (they check so)."""
+    c, v1, v2 = _pair(kdc, tmp_path_factory.mktemp("refusals"))
     yield c, v1, v2
     c.shutdown()
 
@@ -84,6 +98,35 @@ def negotiate(kdc, keytab, principal: str, server: str) -> str:
         return base64.b64encode(_context(keytab, principal, server).step()).decode()
 
 
+def test_an_expired_ticket_is_refused(refusing_pair, kdc, tmp_path):
+    """A client that does not know its ticket expired (its cache says otherwise) sends a
+    fresh authenticator with it: refused, 401, nothing changed."""
+    c, v1, v2 = refusing_pair
+    short = f"short{secrets.token_hex(3)}.contoso.com"  # tickets of one second
+    kt = kdc.host_keytab(tmp_path / "short.keytab", short)
+    kdc.kadmin(REALM, f'modprinc -maxlife "1 second" host/{short}')
+    cc = tmp_path / "expired.ccache"
+    kdc.run("kinit", "-k", "-t", str(kt), "-c", f"FILE:{cc}", f"host/{short}")
+    kdc.run("kvno", "-c", f"FILE:{cc}", f"HTTP/{v1.fqdn}")
+    ends = time.time() + 1  # at the latest: it started before now
+    extend_ccache(cc, int(time.time()) + 3600)
+    wait_for(lambda: time.time() > ends + 2.5, 10, "the ticket to be past its end and the clock skew (2 s)")
+    with krb_env(kdc):
+        import gssapi
+
+        creds = gssapi.Credentials(usage="initiate", store={"ccache": f"FILE:{cc}"})
+        ctx = gssapi.SecurityContext(name=gssapi.Name(f"HTTP@{v1.fqdn}", gssapi.NameType.hostbased_service),
+                                     creds=creds, usage="initiate", mech=gssapi.OID.from_int_seq("1.3.6.1.5.5.2"),
+                                     flags=gssapi.RequirementFlag.mutual_authentication)
+        token = base64.b64encode(ctx.step()).decode()
+    before = snapshot(v1)
+    status, doc, _ = open_session(v1, token)
+    # GSSAPI refuses the ticket ("Ticket expired"), or — when it ended within the clock skew —
+    # accepts a context that is already over ("The referenced context has expired")
+    assert status == 401 and ("Ticket expired" in doc["error"] or "context has expired" in doc["error"]), doc
+    assert_unchanged(before, snapshot(v1))
+
+
 def open_session(v1, token: str):
     return http_request(v1, "POST", "/v1/session", {"Authorization": f"Negotiate {token}",
                                                     "X-Replicad-Nonce": secrets.token_hex(16)})
@@ -116,10 +159,10 @@ def test_initial_copy_and_deltas_over_kerberos(krb_pair, tmp_path):
     assert "Production" in r.stdout
 
 
-def test_a_principal_with_no_entry_gets_no_session(krb_pair, kdc):
-    c, v1, v2 = krb_pair
+def test_a_principal_with_no_entry_gets_no_session(refusing_pair, kdc, tmp_path):
+    c, v1, v2 = refusing_pair
     stranger = f"stranger{secrets.token_hex(3)}.contoso.com"
-    kt = kdc.host_keytab(v1.root.parent / "stranger.keytab", stranger)
+    kt = kdc.host_keytab(tmp_path / "stranger.keytab", stranger)
     before = snapshot(v1)
     status, doc, _ = open_session(v1, negotiate(kdc, kt, f"host/{stranger}", v1.fqdn))
     assert status == 403 and f"{stranger} gets no session" in doc["error"], doc
@@ -127,36 +170,36 @@ def test_a_principal_with_no_entry_gets_no_session(krb_pair, kdc):
     assert any(e.get("peer") == stranger for e in v1.events("peer.refused"))
 
 
-def test_another_realm_is_refused(krb_pair, kdc):
+def test_another_realm_is_refused(refusing_pair, kdc, tmp_path):
     """A host of FABRIKAM.COM gets a real ticket for vmhost1 (cross-realm trust at the KDC),
     but vmhost1 trusts only its own realm to name hosts: 401, naming the realm."""
-    c, v1, v2 = krb_pair
-    kt = kdc.host_keytab(v1.root.parent / "fabrikam.keytab", v2.fqdn, realm=OTHER)  # same host name, other realm
+    c, v1, v2 = refusing_pair
+    kt = kdc.host_keytab(tmp_path / "fabrikam.keytab", v2.fqdn, realm=OTHER)  # same host name, other realm
     before = snapshot(v1)
     status, doc, _ = open_session(v1, negotiate(kdc, kt, f"host/{v2.fqdn}@{OTHER}", v1.fqdn))
     assert status == 401 and f"of realm '{OTHER}', which this host does not trust" in doc["error"], doc
     assert_unchanged(before, snapshot(v1))
 
 
-@pytest.mark.parametrize("rcache", ["mit", "none"])
-def test_a_replayed_authenticator_is_refused(krb_pair, kdc, rcache):
-    """Refused by MIT's replay cache, and — with none (``KRB5RCACHETYPE=none``, or one on a
+def test_a_replayed_authenticator_is_refused(krb_pair, kdc):
+    """Refused by MIT's replay cache, and — without one (``KRB5RCACHETYPE=none``, or one on a
     tmpfs lost at a reboot) — by replicad's own in the catalog; both hold across a restart."""
     c, v1, v2 = krb_pair
-    env = {**kdc.env(), **({"KRB5RCACHETYPE": "none"} if rcache == "none" else {})}
-    v1.stop()
-    v1.start(env=env)
-    token = negotiate(kdc, v2.root / "krb5.keytab", f"host/{v2.fqdn}", v1.fqdn)
-    status, doc, headers = open_session(v1, token)
-    assert status == 200 and headers["WWW-Authenticate"].startswith("Negotiate "), doc
-    expected = "Request is a replay" if rcache == "mit" else "replayed Kerberos authenticator"
-    for restart in (False, True):
-        if restart:
-            v1.stop()
-            v1.start(env=env)
-        status, doc, _ = open_session(v1, token)
-        assert status == 401 and expected in doc["error"], doc
-    assert len(v1.events("peer.unauthenticated" if rcache == "mit" else "peer.refused")) >= 2
+    for rcache in ("mit", "none"):
+        env = {**kdc.env(), **({"KRB5RCACHETYPE": "none"} if rcache == "none" else {})}
+        v1.stop()
+        v1.start(env=env)
+        token = negotiate(kdc, v2.root / "krb5.keytab", f"host/{v2.fqdn}", v1.fqdn)
+        status, doc, headers = open_session(v1, token)
+        assert status == 200 and headers["WWW-Authenticate"].startswith("Negotiate "), doc
+        expected = "Request is a replay" if rcache == "mit" else "replayed Kerberos authenticator"
+        for restart in (False, True):
+            if restart:
+                v1.stop()
+                v1.start(env=env)
+            status, doc, _ = open_session(v1, token)
+            assert status == 401 and expected in doc["error"], (rcache, doc)
+    assert len(v1.events("peer.unauthenticated")) == 2 and len(v1.events("peer.refused")) == 2
 
 
 class _Impostor(BaseHTTPRequestHandler):
@@ -184,12 +227,13 @@ class _Impostor(BaseHTTPRequestHandler):
     ("no-answer-token", "did not prove who it is"),
     ("another-hosts-answer", "its Kerberos answer does not verify"),
 ])
-def test_a_replica_with_another_hosts_keytab_fails_mutual_authentication(krb_pair, kdc, variant, expected):
+def test_a_replica_with_another_hosts_keytab_fails_mutual_authentication(refusing_pair, kdc, tmp_path, variant,
+                                                                        expected):
     """The impostor holds a real keytab of the realm — vmhost3's, not vmhost1's: it cannot
     read the primary's ticket, and whatever it answers, the primary refuses it."""
-    c, v1, v2 = krb_pair
+    c, v1, v2 = refusing_pair
     impostor = f"impostor{secrets.token_hex(3)}.contoso.com"
-    kt = kdc.host_keytab(v1.root.parent / "impostor.keytab", impostor)
+    kt = kdc.host_keytab(tmp_path / "impostor.keytab", impostor)
     reply = None
     if variant == "another-hosts-answer":  # a genuine AP-REP: of its own context with itself
         import gssapi

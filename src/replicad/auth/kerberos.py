@@ -211,8 +211,11 @@ def _message(e: Exception) -> str:
     contact any KDC for realm 'CONTOSO.COM'" — rather than GSS's "Unspecified GSS failure"."""
     gen = getattr(e, "gen_message", None)
     text = " ".join((gen() if gen else str(e)).split())
-    minor = re.search(r"Minor \(\d+\): (.+)$", text)
-    return (minor.group(1) if minor and minor.group(1).strip() else text)[:300]
+    major = re.search(r"Major \(\d+\): (.+?),? Minor \(\d+\): (.*)$", text)
+    if major is None:
+        return text[:300]
+    minor = major.group(2).strip()
+    return (minor if minor and minor != "Success" else major.group(1))[:300]
 
 
 # client side --------------------------------------------------------------------------------
@@ -321,14 +324,16 @@ class Acceptor:
         try:
             reply = ctx.step(token)
             complete = ctx.complete  # SPNEGO keeps a failure for this (it answered with a reject token)
+            if not complete or reply is None:
+                raise AuthenticationFailed("Kerberos: the exchange needs more than one round trip (mutual "
+                                           "authentication with a Kerberos ticket is required)")
+            # a ticket that ends within the clock skew is accepted with a context already over:
+            # asking for its names then says "The referenced context has expired"
+            principal = str(ctx.initiator_name)
+            key = _session_key(ctx)
         except gssapi.exceptions.GSSError as e:
             raise AuthenticationFailed(f"Kerberos: {_message(e)}") from None
-        if not complete or reply is None:
-            raise AuthenticationFailed("Kerberos: the exchange needs more than one round trip (mutual "
-                                       "authentication with a Kerberos ticket is required)")
-        principal = str(ctx.initiator_name)
-        return Accepted(principal, host_of(principal, self.realms), base64.b64encode(reply).decode(),
-                        _session_key(ctx), replay)
+        return Accepted(principal, host_of(principal, self.realms), base64.b64encode(reply).decode(), key, replay)
 
 
 def trusted_realms(cfg: KerberosConfig, initiator: Initiator) -> dict[str, str]:
