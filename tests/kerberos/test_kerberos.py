@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -132,7 +133,7 @@ def open_session(v1, token: str):
                                                     "X-Replicad-Nonce": secrets.token_hex(16)})
 
 
-def test_initial_copy_and_deltas_over_kerberos(krb_pair, tmp_path):
+def test_initial_copy_deltas_and_reverse_over_kerberos(krb_pair, tmp_path):
     c, v1, v2 = krb_pair
     image = tmp_path / "contoso2.img"
     make_sparse_image(image, 32 * MiB, data_pieces=6)
@@ -157,6 +158,21 @@ def test_initial_copy_and_deltas_over_kerberos(krb_pair, tmp_path):
     r = v2.cli("replication", "test-connection", "--replica-server", v1.fqdn, "--replica-port", str(v1.port),
                "--auth", "kerberos")
     assert "Production" in r.stdout
+
+    # a planned failover and reverse: vmhost1 replicates back to vmhost2 over Kerberos too
+    v2.cli("server", "set", "--enabled", "true", "--auth", "token", "--allow-any-server", "false")
+    v2.cli("auth-entry", "add", "--primary", v1.fqdn, "--trust-group", "Production")
+    v2.cli("vm", "stop", "contoso2")
+    v2.json("failover", "start", "contoso2", "--prepare")
+    v1.json("failover", "start", "contoso2")
+    got = v1.json("replication", "reverse", "contoso2")
+    assert (got["mode"], got["replica_server"], got["auth"]) == ("Primary", v2.fqdn, "kerberos")
+    copy = v1.json("vm", "get", "contoso2")["disks"][0]["path"]  # now the primary's disk
+    scribble(Path(copy), 30, seed=3)
+    v1.json("replication", "sync", "contoso2", "--wait")
+    wait_applied(v1, v2, "contoso2")
+    assert file_digest(image) == file_digest(Path(copy))
+    assert {e["kerberos"] for e in v2.events("session.opened") if e.get("kerberos")} == {f"host/{v1.fqdn}@{REALM}"}
 
 
 def test_a_principal_with_no_entry_gets_no_session(refusing_pair, kdc, tmp_path):
