@@ -10,11 +10,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# The `kerberos` extra (python-gssapi) builds from source (~1-3 min): .ci/kerberos-wheel
+# builds it once into /var/cache/replicad-tests/wheels and installs it from there.
 # libnbd's Python bindings come from Debian (python3-libnbd; .ci/system-packages installs it
 # as root): linked into the venv when their ABI matches its Python (the qemu tracker's NBD reads).
 $(STAMP): $(BIN)/python pyproject.toml
 	@.ci/system-packages
 	$(BIN)/pip install -q -e '.[test,lint]'
+	@.ci/kerberos-wheel $(BIN)/python
 	@suffix=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))'); \
 	site=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))'); \
 	if [ -e /usr/lib/python3/dist-packages/libnbdmod$$suffix ]; then \

@@ -134,13 +134,19 @@ class Rsync:
         self.proc.wait(10)
 
 
-def start_pair(root: Path, auth: str = "token") -> tuple[Host, Host, Cluster]:
+def start_pair(root: Path, auth: str = "token", kdc=None) -> tuple[Host, Host, Cluster]:
+    """Two daemons; with ``kdc`` (tests/kerberos/kdc.py, running) each also has a keytab of
+    its own and takes Kerberos sessions, for ``auth`` kerberos."""
     root.mkdir(parents=True)
     c = Cluster(root, names=("vmhost1", "vmhost2"), auth=auth)
     replica, primary = c["vmhost1"], c["vmhost2"]
     for h in (replica, primary):
         h.write_config(log={"format": "json", "level": "info"})
-        h.start()
+        if kdc is not None:
+            keytab = kdc.host_keytab(h.root / "krb5.keytab", h.fqdn)
+            h.write_config(log={"format": "json", "level": "info"},
+                           kerberos={"keytab": str(keytab), "principal": f"host/{h.fqdn}"})
+        h.start(env=kdc.env() if kdc is not None else None)
     replica.cli("server", "set", "--enabled", "true", "--auth", "both")
     return primary, replica, c
 

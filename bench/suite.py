@@ -11,12 +11,12 @@ lines). The targets use the applied figure: a failover waits for it.
 
     .venv/bin/python bench/suite.py [--reps N] [--size-gib G] [--only CASE,...] [--many-seconds S]
 
-Cases: limits, initial (token and TLS vs rsync -W), delta1 and delta10 (vs rsync --inplace
---no-whole-file -B4096), idle, sparse16 (16 GiB image, 1 GiB of data: time and peak RSS),
-many (50 VMs x 64 MiB at a 5 s frequency), qemu (the qemu tracker, bench/qemu_case.py), and
-the scale cases of bench/scale_cases.py: many500 (500 VMs x 64 MiB at 30 s, 5 minutes),
-many200 (200 VMs at 5 s), huge (1 TiB sparse, 8 GiB of data), fan (one host to three and
-three to one). All of them take about an hour; `--only` picks some."""
+Cases: limits, initial (token, Kerberos where a KDC can be started, and TLS vs rsync -W),
+delta1 and delta10 (vs rsync --inplace --no-whole-file -B4096), idle, sparse16 (16 GiB image,
+1 GiB of data: time and peak RSS), many (50 VMs x 64 MiB at a 5 s frequency), qemu (the qemu
+tracker, bench/qemu_case.py), and the scale cases of bench/scale_cases.py: many500 (500 VMs x
+64 MiB at 30 s, 5 minutes), many200 (200 VMs at 5 s), huge (1 TiB sparse, 8 GiB of data), fan
+(one host to three and three to one). All of them take about an hour; `--only` picks some."""
 
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tests.integration.harness import file_digest, wait_applied  # noqa: E402
+from tests.kerberos.kdc import Kdc  # noqa: E402
+from tests.kerberos.kdc import missing as kerberos_missing  # noqa: E402
 
 from bench import qemu_case, scale_cases  # noqa: E402
 from bench.common import (  # noqa: E402
@@ -84,45 +86,63 @@ def case_limits(work: Path, image: Path) -> dict:
 
 
 def case_initial(work: Path, image: Path, data: int, reps: int, rsync: Rsync) -> dict:
-    out = {}
-    for auth in ("token", "certificate"):
-        primary, replica, c = start_pair(work / f"initial-{auth}", auth)
-        try:
-            runs, rs = [], []
-            for rep in range(reps):
-                vm = f"init{rep}"
-                enable(primary, replica, vm, image, auth)
-                os.sync()
-                order = ("replicad", "rsync") if rep % 2 == 0 else ("rsync", "replicad")
-                for who in order:
-                    if who == "rsync":
-                        if auth == "token":  # one rsync series serves both listeners
-                            rs.append(rsync.copy(image))
-                            (rsync.dst / image.name).unlink()
-                        continue
-                    started = time.time()
-                    r, wall = timed(primary, "replication", "start-initial", vm, "--wait")
-                    done = until_applied(primary, replica, vm, started)
-                    applied = done["applied"]
-                    copy = Path(replica.json("vm", "get", vm)["disks"][0]["path"])
-                    if rep == 0:
-                        assert file_digest(copy) == file_digest(image), "replica copy differs"
-                    runs.append({"wall": wall, "cycle": r["seconds"], "applied": applied, "bytes": r["bytes_sent"],
-                                 "data_bytes": r["data_bytes"]})
-                    os.sync()
-                drop(primary, replica, vm)
-            out[auth] = {"wall_s": stats([r["wall"] for r in runs]), "cycle_s": stats([r["cycle"] for r in runs]),
-                         "applied_s": stats([r["applied"] for r in runs]),
-                         "bytes_sent": runs[0]["bytes"], "data_bytes": data,
-                         "data_GBps": round(data / statistics.median(r["applied"] for r in runs) / 1e9, 3),
-                         "acked_data_GBps": round(data / statistics.median(r["wall"] for r in runs) / 1e9, 3),
-                         "peak_rss_MiB": {"primary": peak_rss_mib(primary.proc.pid),
-                                          "replica": peak_rss_mib(replica.proc.pid)}}
-            if rs:
-                out["rsync"] = {"seconds": stats([r["seconds"] for r in rs]), "bytes_sent": rs[0]["bytes"]}
-        finally:
-            c.shutdown()
+    """The initial copy over each listener, and over port 80 with Kerberos where a KDC can be
+    started here (tests/kerberos/kdc.py: its own, on a free port; issue 21)."""
+    out: dict = {}
+    auths, kdc = ["token", "certificate"], None
+    if kerberos_missing() is None:
+        kdc = Kdc(work / "kdc")
+        kdc.start()
+        auths.append("kerberos")
+    else:
+        out["kerberos_skipped"] = kerberos_missing()
+    try:
+        for auth in auths:
+            _initial(out, work, image, data, reps, rsync, auth, kdc if auth == "kerberos" else None)
+    finally:
+        if kdc is not None:
+            kdc.stop()
     return out
+
+
+def _initial(out: dict, work: Path, image: Path, data: int, reps: int, rsync: Rsync, auth: str, kdc) -> None:
+    """``reps`` initial copies over ``auth`` (the rsync series with the token one) into ``out``."""
+    primary, replica, c = start_pair(work / f"initial-{auth}", auth, kdc)
+    try:
+        runs, rs = [], []
+        for rep in range(reps):
+            vm = f"init{rep}"
+            enable(primary, replica, vm, image, auth)
+            os.sync()
+            order = ("replicad", "rsync") if rep % 2 == 0 else ("rsync", "replicad")
+            for who in order:
+                if who == "rsync":
+                    if auth == "token":  # one rsync series serves both listeners
+                        rs.append(rsync.copy(image))
+                        (rsync.dst / image.name).unlink()
+                    continue
+                started = time.time()
+                r, wall = timed(primary, "replication", "start-initial", vm, "--wait")
+                done = until_applied(primary, replica, vm, started)
+                applied = done["applied"]
+                copy = Path(replica.json("vm", "get", vm)["disks"][0]["path"])
+                if rep == 0:
+                    assert file_digest(copy) == file_digest(image), "replica copy differs"
+                runs.append({"wall": wall, "cycle": r["seconds"], "applied": applied, "bytes": r["bytes_sent"],
+                             "data_bytes": r["data_bytes"]})
+                os.sync()
+            drop(primary, replica, vm)
+        out[auth] = {"wall_s": stats([r["wall"] for r in runs]), "cycle_s": stats([r["cycle"] for r in runs]),
+                     "applied_s": stats([r["applied"] for r in runs]),
+                     "bytes_sent": runs[0]["bytes"], "data_bytes": data,
+                     "data_GBps": round(data / statistics.median(r["applied"] for r in runs) / 1e9, 3),
+                     "acked_data_GBps": round(data / statistics.median(r["wall"] for r in runs) / 1e9, 3),
+                     "peak_rss_MiB": {"primary": peak_rss_mib(primary.proc.pid),
+                                      "replica": peak_rss_mib(replica.proc.pid)}}
+        if rs:
+            out["rsync"] = {"seconds": stats([r["seconds"] for r in rs]), "bytes_sent": rs[0]["bytes"]}
+    finally:
+        c.shutdown()
 
 
 def case_deltas(work: Path, image: Path, reps: int, rsync: Rsync) -> dict:
@@ -219,6 +239,9 @@ def targets(res: dict) -> list[dict]:
               "<= 1 (+ log framing)", i["token"]["bytes_sent"] <= i["token"]["data_bytes"] * 1.001 + 65536)
         check("initial (TLS) committed: image data rate GB/s", i["certificate"]["data_GBps"], ">= 0.8",
               i["certificate"]["data_GBps"] >= 0.8)
+        if "kerberos" in i:  # the same session MACs, keyed from the Kerberos context (issue 21)
+            k = i["kerberos"]["applied_s"]["median"] / i["token"]["applied_s"]["median"]
+            check("initial (Kerberos) committed: time vs token mode", round(k, 3), "<= 1.1", k <= 1.1)
     if "idle" in res:
         v = res["idle"]["cycle_s"]["median"]
         check("idle cycle: seconds", v, "<= 0.05", v <= 0.05)
@@ -249,7 +272,9 @@ def table(res: dict, checks: list[dict]) -> str:
     lines.append(f"  {'case':<38} {'replicad':<30} {'rsync':<26} ratio")
     if "initial" in res:
         i = res["initial"]
-        for auth in ("token", "certificate"):
+        for auth in ("token", "kerberos", "certificate"):
+            if auth not in i:
+                continue
             row(f"initial copy, {auth}, committed", med(i[auth]["applied_s"]), med(i["rsync"]["seconds"]),
                 f"{i[auth]['applied_s']['median'] / i['rsync']['seconds']['median']:.2f}")
             row("  acknowledged", med(i[auth]["wall_s"]), "",

@@ -34,6 +34,19 @@ class TokenListener:
     session_timeout: float = 300.0  # a session ends this long after its last request ended
     max_connections: int = 1024  # open at once (cut to fit the descriptor limit: transport/listen.py)
     max_connections_per_address: int = 64
+    kerberos: bool = False  # Kerberos sessions (Negotiate) accepted, with the `kerberos` section's keytab
+
+
+@dataclass(frozen=True)
+class Kerberos:
+    """This host's Kerberos identity (auth/kerberos.py): the keytab it initiates and accepts
+    with, its principal, the replica servers' service name, and which realm names which
+    domain's hosts (none: the principal's realm, its own name in lower case)."""
+
+    keytab: Path
+    principal: str
+    service: str = "HTTP"
+    realms: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,6 +116,7 @@ class Config:
     log: Log = Log()
     path: Path | None = None
     certificate: Certificate | None = None
+    kerberos: Kerberos | None = None
 
     @property
     def client_tls(self) -> TlsListener | Certificate | None:
@@ -228,8 +242,8 @@ def load(path: str | os.PathLike | None = None, *, check_files: bool = True) -> 
 
 def parse(doc: Any, *, base: Path, source: Path | None = None, check_files: bool = True) -> Config:
     r = _Reader(base)
-    top = r.mapping(doc, "", {"host", "state_dir", "listen", "realm", "certificate", "management", "resolve", "log"},
-                    {"host"})
+    top = r.mapping(doc, "", {"host", "state_dir", "listen", "realm", "certificate", "kerberos", "management",
+                              "resolve", "log"}, {"host"})
     host = r.string(top, "host", "")
     if host is not None and not valid_fqdn(host):
         r.err("host", f"not a valid host name: {host!r}")
@@ -242,12 +256,17 @@ def parse(doc: Any, *, base: Path, source: Path | None = None, check_files: bool
         token = tls = metrics = None
         if "token" in ln:
             t = r.mapping(ln["token"], "listen.token", {"address", "port", "idle_timeout", "header_timeout",
-                                                        "session_timeout", *LIMIT_KEYS})
+                                                        "session_timeout", "kerberos", *LIMIT_KEYS})
+            accept_kerberos = t.get("kerberos", "kerberos" in top)  # by default: when this host has a keytab
+            if not isinstance(accept_kerberos, bool):
+                r.err("listen.token.kerberos", f"expected true or false, got {_kind(accept_kerberos)}")
+            elif accept_kerberos and "kerberos" not in top:
+                r.err("listen.token.kerberos", "Kerberos needs this host's keytab: configure the `kerberos` section")
             token = TokenListener(r.address(t, "address", "listen.token", "0.0.0.0"),
                                   r.port(t, "port", "listen.token", 80), r.seconds(t, "idle_timeout", "listen.token"),
                                   r.seconds(t, "header_timeout", "listen.token", 10.0),
                                   r.seconds(t, "session_timeout", "listen.token", 300.0),
-                                  *_limits(r, t, "listen.token"))
+                                  *_limits(r, t, "listen.token"), accept_kerberos is True)
         if "tls" in ln:
             t = r.mapping(ln["tls"], "listen.tls",
                           {"address", "port", "cert", "key", "ca", "pins", "idle_timeout", "header_timeout",
@@ -263,8 +282,10 @@ def parse(doc: Any, *, base: Path, source: Path | None = None, check_files: bool
                                       r.port(t, "port", "listen.metrics", 9180))
         listen = Listen(token, tls, metrics)
 
+    kerberos = _kerberos(r, top["kerberos"], name, check_files) if "kerberos" in top else None
     realm = None
-    if "realm" in top or listen.token is not None:  # token auth needs a realm credential: by default beside us
+    # a token listener takes realm tickets (by default with the credential beside us) unless it is Kerberos's only
+    if "realm" in top or (listen.token is not None and not listen.token.kerberos):
         rl = r.mapping(top.get("realm", {}), "realm", {"credential", "public_key"})
         realm = Realm(r.fspath(rl, "credential", "realm", base / f"{name}.cred"),
                       r.fspath(rl, "public_key", "realm", base / "realm.pub"))
@@ -325,7 +346,40 @@ def parse(doc: Any, *, base: Path, source: Path | None = None, check_files: bool
     assert state_dir is not None and sock is not None
     management = Management(sock, admins)
     return Config(host=host.lower(), state_dir=state_dir, listen=listen, management=management,
-                  realm=realm, resolve=resolve, log=log, path=source, certificate=certificate)
+                  realm=realm, resolve=resolve, log=log, path=source, certificate=certificate, kerberos=kerberos)
+
+
+def _kerberos(r: _Reader, node: Any, name: str, check_files: bool) -> Kerberos:
+    """The ``kerberos`` section: keytab (default /etc/krb5.keytab), principal (host/<host>),
+    service (HTTP), realms ({REALM: domain}). Without python-gssapi it is an error."""
+    k = r.mapping(node, "kerberos", {"keytab", "principal", "service", "realms"})
+    try:
+        import gssapi  # noqa: F401 -- the optional extra: only a host with this section needs it
+    except ImportError as e:
+        r.err("kerberos", f"Kerberos needs the python gssapi package, which cannot be imported ({e}): "
+                          "pip install 'replicad[kerberos]' (it builds against libkrb5-dev)")
+    keytab = r.fspath(k, "keytab", "kerberos", Path("/etc/krb5.keytab"))
+    principal = r.string(k, "principal", "kerberos", f"host/{name}")
+    service = r.string(k, "service", "kerberos", "HTTP")
+    if any(c in principal for c in " \\\n") or principal.count("@") > 1:
+        r.err("kerberos.principal", f"not a Kerberos principal name: {principal!r}")
+    if "/" in service or "@" in service or not service.isprintable() or " " in service:
+        r.err("kerberos.service", f"expected a service name such as HTTP or host, got {service!r}")
+    realms: list[tuple[str, str]] = []
+    rl = k.get("realms", {})
+    if not isinstance(rl, dict):
+        r.err("kerberos.realms", f"expected a mapping of realm to domain, got {_kind(rl)}")
+        rl = {}
+    for realm, domain in rl.items():
+        if not isinstance(realm, str) or not realm or not realm.isprintable() or " " in realm or "@" in realm:
+            r.err(f"kerberos.realms.{realm}", "not a realm name")
+        elif not isinstance(domain, str) or not valid_fqdn(domain):
+            r.err(f"kerberos.realms.{realm}", f"expected the domain its hosts are in, got {domain!r}")
+        else:
+            realms.append((realm, domain.lower()))
+    if check_files:
+        r.readable(keytab, "kerberos.keytab")
+    return Kerberos(keytab, principal, service, tuple(realms))
 
 
 def _certificate(r: _Reader, t: dict, path: str, name: str, check_files: bool):

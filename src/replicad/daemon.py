@@ -21,6 +21,7 @@ from aiohttp import web
 from . import __version__, events, metrics, reverse
 from . import log as logmod
 from .api.app import create_app
+from .auth import kerberos as krb
 from .auth.session import SessionStore
 from .auth.tls import TlsMaterial
 from .auth.token import Credential, RealmPublic
@@ -80,12 +81,18 @@ class Daemon:
             if credential.realm != realm.name:
                 raise ConfigError(f"realm.credential: from realm {credential.realm}, public key is {realm.name}")
         self._realm, self._credential = realm, credential
+        initiator: krb.Initiator | None = None
+        self._acceptor: krb.Acceptor | None = None
+        if cfg.kerberos is not None:  # this host's keytab: to open sessions, and to accept them
+            initiator = krb.Initiator(cfg.kerberos, cfg.host)
+            if cfg.listen.token is not None and cfg.listen.token.kerberos:
+                self._acceptor = krb.Acceptor(cfg.kerberos, cfg.host, krb.trusted_realms(cfg.kerberos, initiator))
         self._tls = None
         if cfg.client_tls is not None:  # the TLS listener's certificate, or `certificate:` to connect out
             t = cfg.client_tls
             self._tls = TlsMaterial(t.cert, t.key, t.ca, t.pins)
         catalog = Catalog(cfg.state_dir / "catalog.sqlite")
-        client = PeerClient(credential, realm, self._tls, cfg.resolve)
+        client = PeerClient(credential, realm, self._tls, cfg.resolve, initiator)
         ports = (cfg.listen.token.port if cfg.listen.token else 0, cfg.listen.tls.port if cfg.listen.tls else 0)
         fault = fault_hook()
         primary = PrimaryEngine(catalog, cfg.state_dir, client, ports, fault)
@@ -249,8 +256,9 @@ class Daemon:
         log.info("daemon.descriptors", open_files=soft, hard_limit=hard,
                  reason="the soft open-file limit raised towards the hard one: connections and files share it")
         if token is not None:
-            assert self._credential is not None  # a token listener makes `realm` required (config.py)
-            ctx = PeerContext(mode="token", realm=self._realm,
+            # a token listener has `realm` or Kerberos or both (config.py)
+            assert self._credential is not None or self._acceptor is not None
+            ctx = PeerContext(mode="token", realm=self._realm, kerberos=self._acceptor,
                               sessions=SessionStore(self._credential, token.session_timeout),
                               idle_timeout=token.idle_timeout, header_timeout=token.header_timeout, **common)
             ctx.limits = self._limits("token", token, listeners)

@@ -39,7 +39,9 @@ class ServerSettings:
         await catalog.set_setting("server", asdict(self))
 
     def accepts(self, auth: str) -> bool:
-        return self.auth == AuthType.BOTH.value or self.auth == auth
+        """Whether ``auth`` may be used here: a Kerberos session is the port-80 listener's (token)."""
+        listener = AuthType.TOKEN.value if auth == "kerberos" else auth
+        return self.auth == AuthType.BOTH.value or self.auth == listener
 
 
 def validate_hhmm(text: str) -> str:

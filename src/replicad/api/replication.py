@@ -28,6 +28,7 @@ from .qemu_vms import drop_tracking
 from .vms import get_vm
 
 log = logmod.get("replicad.replication")
+AUTH_MODES = ("token", "kerberos", "certificate")  # kerberos: port 80 too, a session opened with a Kerberos ticket
 def _int(doc: dict, key: str, lo: int, hi: int) -> int:
     v = doc[key]
     try:
@@ -46,8 +47,8 @@ def apply_options(rel: Relationship, doc: dict, host: Host) -> None:
             raise UsageError(f"--replica-server expects a host name, got {doc['replica_server']!r}")
         rel.replica_server = str(doc["replica_server"]).lower()
     if "auth" in doc:
-        if doc["auth"] not in ("token", "certificate"):
-            raise UsageError(f"--auth expects token or certificate, got {doc['auth']!r}")
+        if doc["auth"] not in AUTH_MODES:
+            raise UsageError(f"--auth expects token, kerberos or certificate, got {doc['auth']!r}")
         # refusals, not usage errors: the command is right, this host lacks the material (exit 1)
         if doc["auth"] == "certificate" and host.config.client_tls is None:
             raise Conflict(f"certificate authentication needs a certificate for {host.config.host}",
@@ -55,6 +56,9 @@ def apply_options(rel: Relationship, doc: dict, host: Host) -> None:
         if doc["auth"] == "token" and host.config.realm is None:
             raise Conflict(f"token authentication needs a realm credential for {host.config.host}",
                            hint="configure realm in the host config and restart the daemon")
+        if doc["auth"] == "kerberos" and host.config.kerberos is None:
+            raise Conflict(f"Kerberos authentication needs a keytab for {host.config.host}",
+                           hint="configure the kerberos section in the host config and restart the daemon")
         rel.auth = doc["auth"]
     if "replica_port" in doc:
         rel.replica_port = _int(doc, "replica_port", 1, 65535)
@@ -142,8 +146,11 @@ async def enable(request):
     rel = Relationship(vm_id=extended_id(vm.id) if extended else vm.id, role="primary",
                        primary_server=host.config.host, stats=Stats(monitoring_start=utcnow()),
                        source_vm=vm.id if extended else None)
-    if "auth" not in doc and host.config.realm is None and host.config.client_tls is not None:
-        doc = {**doc, "auth": "certificate"}  # the only way this host can authenticate
+    if "auth" not in doc and host.config.realm is None:  # the way this host can authenticate
+        if host.config.kerberos is not None:
+            doc = {**doc, "auth": "kerberos"}
+        elif host.config.client_tls is not None:
+            doc = {**doc, "auth": "certificate"}
     apply_options(rel, doc, host)
     if "replica_port" not in doc:
         rel.replica_port = default_port(rel.auth)
@@ -420,8 +427,8 @@ async def test_connection(request):
     if not valid_fqdn(server):
         raise UsageError("--replica-server expects a host name")
     auth = doc.get("auth", "token")
-    if auth not in ("token", "certificate"):
-        raise UsageError(f"--auth expects token or certificate, got {auth!r}")
+    if auth not in AUTH_MODES:
+        raise UsageError(f"--auth expects token, kerberos or certificate, got {auth!r}")
     port = _int(doc, "replica_port", 1, 65535) if "replica_port" in doc else default_port(auth)
     async with host.client.conversation(server, port, auth) as conv:
         hello = await conv.hello()

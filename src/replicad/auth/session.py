@@ -61,6 +61,7 @@ class Session:
     expires: float
     counter: int = 0
     info: dict = field(default_factory=dict)  # the server's hello: authorized, trust group …
+    kind: str = "token"  # how it was opened: "token" (a realm ticket) or "kerberos" (auth/kerberos.py)
     # server side: requests running now, and when it ends if none runs (time.monotonic)
     active: int = 0
     idle_until: float = 0.0
@@ -137,7 +138,7 @@ class SessionStore:
     SESSIONS_PER_PEER per principal and MAX_SESSIONS in all; clients end theirs (``end``).
     Who may open one at all is the caller's decision (transport/server.py)."""
 
-    def __init__(self, credential: Credential, timeout: float = SESSION_TIMEOUT):
+    def __init__(self, credential: Credential | None, timeout: float = SESSION_TIMEOUT):
         self.credential = credential
         self.timeout = timeout
         self._sessions: dict[str, Session] = {}
@@ -162,24 +163,31 @@ class SessionStore:
         its signature)."""
         if ticket.eph is None:
             raise AuthenticationFailed("the ticket carries no session key share")
+        if self.credential is None:
+            raise AuthenticationFailed("this listener takes no realm tickets (no `realm` configured)")
         eph = X25519PrivateKey.generate()
         nonce = secrets.token_hex(16)
-        sid = secrets.token_hex(16)
         server = self.credential.host
         try:
             shared = eph.exchange(X25519PublicKey.from_public_bytes(ticket.eph))
         except ValueError:  # a low-order point: no shared secret
             raise AuthenticationFailed("the ticket's session key share is not usable") from None
-        key = derive_key(shared, ticket.nonce, nonce, ticket.client, server)
-        sess = Session(sid, key, ticket.client, server, time.time() + self.timeout)
-        sess.idle_until = time.monotonic() + self.timeout
-        self._sessions[sid] = sess
+        sess = self.open(ticket.client, server, derive_key(shared, ticket.nonce, nonce, ticket.client, server))
+        sid = sess.id
         body = json.dumps({"v": 1, "session": sid, "server": server, "client": ticket.client,
                            "client_nonce": ticket.nonce, "nonce": nonce, "eph": _b64(_raw(eph.public_key())),
                            "pub": _b64(self.credential.public_bytes), "assertion": _b64(self.credential.assertion),
                            "expires": sess.expires, "principal": ticket.client, **info},
                           separators=(",", ":")).encode()
         return body, _b64(self.credential.sign(body))
+
+    def open(self, client: str, server: str, key: bytes, kind: str = "token") -> Session:
+        """A new session of ``client`` under ``key`` (after ``room_for``)."""
+        sid = secrets.token_hex(16)
+        sess = Session(sid, key, client, server, time.time() + self.timeout, kind=kind)
+        sess.idle_until = time.monotonic() + self.timeout
+        self._sessions[sid] = sess
+        return sess
 
     def check(self, header: str, method: str, path: str, body_sha: str) -> tuple[Session, int]:
         """Verify a request's session header; returns the session and the request's counter."""

@@ -29,8 +29,9 @@ def extended_option(f):
 def _options(f):
     opts = [
         click.option("--replica-server", metavar="FQDN", help="The replica server's name."),
-        click.option("--replica-port", type=int, help="Its port (default 80 for token, 443 for certificate)."),
-        click.option("--auth", type=click.Choice(["token", "certificate"]),
+        click.option("--replica-port", type=int,
+                     help="Its port (default 80 for token and kerberos, 443 for certificate)."),
+        click.option("--auth", type=click.Choice(["token", "kerberos", "certificate"]),
                      help="Authentication type; a new one without --replica-port moves to its default port."),
         click.option("--frequency", type=int, metavar="SECONDS", help="Cycle frequency: 30, 300, 900 or any ≥ 1."),
         click.option("--recovery-history", type=int, metavar="N", help="Additional recovery points (0-24)."),
@@ -262,7 +263,7 @@ def recovery_points(vm):
 @replication.command("test-connection")
 @click.option("--replica-server", required=True, metavar="FQDN")
 @click.option("--replica-port", type=int)
-@click.option("--auth", type=click.Choice(["token", "certificate"]), default="token")
+@click.option("--auth", type=click.Choice(["token", "kerberos", "certificate"]), default="token")
 @managed
 def test_connection(replica_server, replica_port, auth):
     """Check that a replica server answers, authenticates us, and would authorize us."""

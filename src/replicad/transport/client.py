@@ -2,7 +2,8 @@
 
 A *conversation* is what one cycle (or one test-connection) says to a replica server:
 in token mode it opens with a session handshake (the server must prove who it is, and both
-sides derive the MAC key); in certificate mode it runs over mutual TLS, the replica's
+sides derive the MAC key) — with a realm ticket, or in Kerberos mode with a Kerberos token
+(auth/kerberos.py), after which both are the same; in certificate mode it runs over mutual TLS, the replica's
 certificate checked against the name dialled and against its pin if one is configured.
 Errors are sorted into transient (unreachable, 5xx: retry) and permanent (401/403/409)."""
 
@@ -19,6 +20,7 @@ from pathlib import Path
 import aiohttp
 
 from .. import PROTOCOL_VERSION, __version__, workers
+from ..auth import kerberos as krb
 from ..auth import tls as tlsmod
 from ..auth.session import (
     BODY_HASH_HEADER,
@@ -125,8 +127,9 @@ class _PinningConnector(aiohttp.TCPConnector):
 
 class PeerClient:
     def __init__(self, credential: Credential | None, realm: RealmPublic | None,
-                 tls: tlsmod.TlsMaterial | None, resolve: dict[str, str]):
+                 tls: tlsmod.TlsMaterial | None, resolve: dict[str, str], kerberos: krb.Initiator | None = None):
         self.credential = credential
+        self.kerberos = kerberos
         self.realm = realm
         self.tls = tls
         self._resolve = resolve
@@ -190,6 +193,9 @@ class Conversation:
                 raise PeerError("certificate authentication needs this host's certificate (config `listen.tls`)",
                                 status=0, transient=False)
             return
+        if self.auth == "kerberos":
+            await self._open_kerberos()
+            return
         c = self.client
         if c.credential is None or c.realm is None:
             raise PeerError("token authentication needs this host's realm credential (config `realm`)",
@@ -203,6 +209,27 @@ class Conversation:
             self.session = hs.finish(c.realm, body, headers.get(SIGNATURE_HEADER, ""))
         except AuthenticationFailed as e:
             raise PeerError(f"{self.server} failed mutual authentication: {e}", status=0, transient=False) from None
+
+    async def _open_kerberos(self) -> None:
+        initiator = self.client.kerberos
+        if initiator is None:
+            raise PeerError("Kerberos authentication needs this host's keytab (config `kerberos`)",
+                            status=0, transient=False)
+        hs = await asyncio.to_thread(initiator.begin, self.server)  # may ask the KDC for a ticket
+        status, body, headers = await self._send(
+            "POST", "/v1/session", None, {"Authorization": f"{krb.NEGOTIATE} {hs.token}", krb.NONCE_HEADER: hs.nonce},
+            SESSION_ANSWER)
+        if status != 200:
+            self._raise(status, body)
+        try:
+            doc, key = await asyncio.to_thread(hs.finish, headers.get("WWW-Authenticate", ""), body,
+                                               headers.get(SIGNATURE_HEADER, ""))
+        except AuthenticationFailed as e:
+            raise PeerError(f"{self.server} failed mutual authentication: {e}", status=0, transient=False) from None
+        info = {k: doc.get(k) for k in ("authorized", "reason", "trust_group", "protocol", "version", "capabilities",
+                                        "principal")}
+        self.session = Session(str(doc["session"]), key, hs.client, self.server, float(doc["expires"]), info=info,
+                               kind="kerberos")
 
     async def __aexit__(self, exc_type, *exc) -> None:
         try:

@@ -15,7 +15,7 @@ import ssl
 from ..errors import ErrorCode, PeerError
 
 PROBE_TIMEOUT = 3.0
-DEFAULT_PORTS = {"token": 80, "certificate": 443}
+DEFAULT_PORTS = {"token": 80, "kerberos": 80, "certificate": 443}
 
 
 def listener_kind(address: str, port: int, timeout: float = PROBE_TIMEOUT) -> str | None:
@@ -53,9 +53,9 @@ def mismatch(server: str, port: int, auth: str, address: str) -> PeerError | Non
     if auth == "certificate" and kind == "http":
         msg = (f"port {port} of {server} answers plain HTTP: it is the token listener; use the TLS listener's "
                f"port ({DEFAULT_PORTS['certificate']} by default) for certificate authentication")
-    elif auth == "token" and kind == "tls":
+    elif auth in ("token", "kerberos") and kind == "tls":
         msg = (f"port {port} of {server} answers TLS: it is the certificate listener; use the token listener's "
-               f"port ({DEFAULT_PORTS['token']} by default) for token authentication")
+               f"port ({DEFAULT_PORTS['token']} by default) for {auth} authentication")
     else:
         return None
     # the operator has to change the relationship: retrying the same port cannot help

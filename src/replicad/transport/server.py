@@ -1,9 +1,10 @@
 """The peer listeners: the replica's routes and remote management (docs/protocol.md).
 
 Two modes share the routes and differ in how a peer proves who it is:
-- token (port 80): ``POST /v1/session`` with a realm ticket opens a session (replay cache,
-  mutual authentication, a shared key); every other request carries the session's HMAC,
-  every answer carries one back, and change-log items carry MACs;
+- token (port 80): ``POST /v1/session`` with a realm ticket — or a Kerberos token
+  (``Negotiate``, auth/kerberos.py) — opens a session (replay cache, mutual authentication,
+  a shared key); every other request carries the session's HMAC, every answer carries one
+  back, and change-log items carry MACs;
 - certificate (port 443): mutual TLS; the identity is the client certificate's DNS SAN,
   checked against pins when configured.
 Authentication runs in a middleware before any handler: an unauthenticated request gets
@@ -15,6 +16,8 @@ import asyncio
 import hashlib
 import json
 import re
+import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -25,6 +28,7 @@ from aiohttp import web
 
 from .. import PROTOCOL_VERSION, __version__, workers
 from .. import log as logmod
+from ..auth import kerberos as krb
 from ..auth import tls as tlsmod
 from ..auth.authorize import Grant
 from ..auth.session import BODY_HASH_HEADER, MAC_HEADER, SIGNATURE_HEADER, Session, SessionStore
@@ -61,7 +65,8 @@ class PeerContext:
     mode: str                       # "token" | "certificate"
     admins: tuple[str, ...]
     management_socket: Path
-    realm: RealmPublic | None = None
+    realm: RealmPublic | None = None  # realm tickets accepted (token mode)
+    kerberos: krb.Acceptor | None = None  # Kerberos (Negotiate) accepted
     sessions: SessionStore | None = None
     tls: tlsmod.TlsMaterial | None = None
     on_reverse: Callable[[str, str, str, dict], Awaitable[dict]] | None = None  # reverse.accept, bound
@@ -91,13 +96,21 @@ def _error(e: ReplicadError) -> web.Response:
     return web.json_response(_error_doc(e), status=e.http_status)
 
 
-def _unauthenticated(request: web.Request, reason: str, mode: str) -> web.Response:
-    log.warning("peer.unauthenticated", peer_ip=request.remote, path=request.path, listener=mode, reason=reason)
+def _unauthenticated(request: web.Request, reason: str, ctx: PeerContext) -> web.Response:
+    log.warning("peer.unauthenticated", peer_ip=request.remote, path=request.path, listener=ctx.mode, reason=reason)
+    schemes = [s for s, on in ((SCHEME, ctx.realm), (krb.NEGOTIATE, ctx.kerberos)) if on is not None]
     return web.json_response({"error": f"authentication failed: {reason}", "code": "unauthenticated"},
-                             status=401, headers={"WWW-Authenticate": SCHEME} if mode == "token" else {})
+                             status=401, headers={"WWW-Authenticate": ", ".join(schemes)} if schemes else {})
 
 
-def _authenticate(ctx: PeerContext, request: web.Request) -> None:
+def auth_of(ctx: PeerContext, request: web.Request) -> str:
+    """How the request's peer authenticated: ``kerberos`` for a Kerberos session on the port-80
+    listener (what a replica records for a later reverse), else the listener's mode."""
+    sess: Session | None = request.get(SESSION)
+    return "kerberos" if sess is not None and sess.kind == "kerberos" else ctx.mode
+
+
+async def _authenticate(ctx: PeerContext, request: web.Request) -> None:
     """Set the request's principal (and session); raise AuthenticationFailed with the reason."""
     if ctx.mode == "certificate":
         transport = request.transport  # None once the connection is gone
@@ -108,11 +121,18 @@ def _authenticate(ctx: PeerContext, request: web.Request) -> None:
         return
     header = request.headers.get("Authorization", "")
     if request.path == "/v1/session" and request.method == "POST":
-        if not header.startswith(SCHEME + " "):
-            raise AuthenticationFailed("no ticket")
+        if header.startswith(krb.NEGOTIATE + " ") and ctx.kerberos is not None:
+            # checked here (the ticket, the authenticator's time); the replay cache only once the
+            # principal may have a session (open_session), as for a realm ticket
+            accepted = await asyncio.to_thread(ctx.kerberos.accept, krb.parse_negotiate(header))
+            request[PRINCIPAL] = accepted.host
+            request["replicad.kerberos"] = accepted
+            return
+        if not header.startswith(SCHEME + " ") or ctx.realm is None:
+            raise AuthenticationFailed("no ticket" if ctx.realm is not None else
+                                       "no Kerberos token (this listener takes Negotiate only)")
         # the signature is checked here; the replay cache only once the principal may have a
         # session at all (open_session): a refused ticket costs no write
-        assert ctx.realm is not None, "a token listener's context without the realm's public key"
         ticket = verify_ticket(header[len(SCHEME) + 1:].strip(), ctx.realm, ctx.host)
         request[PRINCIPAL] = ticket.client
         request["replicad.ticket"] = ticket
@@ -132,9 +152,9 @@ async def peer_middleware(request: web.Request, handler):
     if ctx.limits is not None:
         ctx.limits.greeted(request.transport)  # its head is in: the header deadline is met
     try:
-        _authenticate(ctx, request)
+        await _authenticate(ctx, request)
     except AuthenticationFailed as e:
-        return _unauthenticated(request, str(e), ctx.mode)
+        return _unauthenticated(request, str(e), ctx)
     principal = request[PRINCIPAL]
     version = request.headers.get("X-Replicad-Protocol", str(PROTOCOL_VERSION))
     if version != str(PROTOCOL_VERSION):
@@ -186,7 +206,7 @@ async def open_session(request: web.Request) -> web.Response:
     `allowed_from_any_server`) or `management.admins` names — and room for (SessionStore);
     only then is its ticket's nonce recorded against replays."""
     ctx = request.app[CTX_KEY]
-    principal, ticket = request[PRINCIPAL], request["replicad.ticket"]
+    principal = request[PRINCIPAL]
     if principal not in ctx.admins and not ctx.service.names(principal):
         why, hint = "no authorization entry and no management admin names it", None
         try:  # the reason in the words a replication refusal uses (not enabled, not authorized)
@@ -196,13 +216,39 @@ async def open_session(request: web.Request) -> web.Response:
         raise Refused(f"{principal} gets no session on {ctx.host}: {why}", hint=hint)
     # room, nonce, session: one session at a time, so no other is made while this one's nonce
     # is being made durable (the catalog commits off the loop) and the caps hold
+    accepted: krb.Accepted | None = request.get("replicad.kerberos")
     async with ctx.opening:
         ctx.session_store.room_for(principal)
-        if not await ctx.catalog.remember_nonce(ticket.nonce, ticket.expires + MAX_SKEW):
-            raise AuthenticationFailed(f"replayed ticket from {principal}")
-        body, signature = ctx.session_store.accept(ticket, _hello_info(ctx, principal))
-    log.debug("session.opened", peer=principal, peer_ip=request.remote)
-    return web.Response(body=body, content_type="application/json", headers={SIGNATURE_HEADER: signature})
+        if accepted is not None:
+            if not await ctx.catalog.remember_nonce(accepted.replay, time.time() + krb.REPLAY_WINDOW):
+                raise AuthenticationFailed(f"replayed Kerberos authenticator from {accepted.principal}")
+            body, signature = _kerberos_session(ctx, request, accepted)
+        else:
+            ticket = request["replicad.ticket"]
+            if not await ctx.catalog.remember_nonce(ticket.nonce, ticket.expires + MAX_SKEW):
+                raise AuthenticationFailed(f"replayed ticket from {principal}")
+            body, signature = ctx.session_store.accept(ticket, _hello_info(ctx, principal))
+    log.debug("session.opened", peer=principal, peer_ip=request.remote,
+              kerberos=accepted.principal if accepted else None)
+    headers = {SIGNATURE_HEADER: signature}
+    if accepted is not None:
+        headers["WWW-Authenticate"] = f"{krb.NEGOTIATE} {accepted.reply}"
+    return web.Response(body=body, content_type="application/json", headers=headers)
+
+
+def _kerberos_session(ctx: PeerContext, request: web.Request, accepted: krb.Accepted) -> tuple[bytes, str]:
+    """A session keyed from the Kerberos context (auth/kerberos.py): the answer and its MAC."""
+    client_nonce = request.headers.get(krb.NONCE_HEADER, "")
+    if not 16 <= len(client_nonce) <= 64 or not client_nonce.isalnum():
+        raise AuthenticationFailed(f"malformed session request from {accepted.principal}: no nonce")
+    nonce = secrets.token_hex(16)
+    key = krb.derive_key(accepted.gss_key, client_nonce, nonce, accepted.host, ctx.host)
+    sess = ctx.session_store.open(accepted.host, ctx.host, key, kind="kerberos")
+    body = json.dumps({"v": 1, "session": sess.id, "server": ctx.host, "client": accepted.host,
+                       "client_nonce": client_nonce, "nonce": nonce, "expires": sess.expires,
+                       "kerberos_principal": accepted.principal, **_hello_info(ctx, accepted.host)},
+                      separators=(",", ":")).encode()
+    return body, krb.answer_mac(key, body)
 
 
 async def end_session(request: web.Request) -> web.Response:
@@ -221,7 +267,7 @@ async def status(request: web.Request) -> web.Response:
     ctx = request.app[CTX_KEY]
     # a thread: status may read the small progress file of an interrupted initial copy
     await ctx.service.settled()  # a peer is told only what a crash cannot take back
-    return web.json_response(await asyncio.to_thread(ctx.service.status, request[PRINCIPAL], ctx.mode,
+    return web.json_response(await asyncio.to_thread(ctx.service.status, request[PRINCIPAL], auth_of(ctx, request),
                                                      _vm_id(request)))
 
 
@@ -230,7 +276,7 @@ async def digests(request: web.Request) -> web.StreamResponse:
     digests.py): the description (applied_seq, epoch, sizes), the maps, an empty end."""
     ctx = request.app[CTX_KEY]
     await ctx.service.settled()
-    meta, maps = await ctx.service.digests(request[PRINCIPAL], ctx.mode, _vm_id(request))
+    meta, maps = await ctx.service.digests(request[PRINCIPAL], auth_of(ctx, request), _vm_id(request))
     sess: Session | None = request.get(SESSION)
     key, counter = (sess.key, request[COUNTER]) if sess else (None, 0)
     try:
@@ -260,14 +306,15 @@ async def put_log(request: web.Request) -> web.StreamResponse:
     seq = int(request.match_info["seq"])
     sess: Session | None = request.get(SESSION)
     # who may send this log, from the request alone: before any lock, before any byte of it
-    grant = ctx.service.admit(request[PRINCIPAL], ctx.mode, vm_id)
+    grant = ctx.service.admit(request[PRINCIPAL], auth_of(ctx, request), vm_id)
     slot = ctx.service.log_slot(grant.principal)  # a few at once per peer (429 beyond)
     try:
         if ctx.mode == "token" and request.headers.get("Upgrade", "").lower() == raw.UPGRADE:
             return await _put_log_raw(request, ctx, grant, vm_id, seq, sess, slot)
 
-        ack = await ctx.service.receive(grant, ctx.mode, vm_id, seq, BodyLog(request.content, ctx.idle_timeout),
-                                        mac_key=sess.key if sess else None, header_timeout=ctx.header_timeout)
+        ack = await ctx.service.receive(grant, auth_of(ctx, request), vm_id, seq,
+                                        BodyLog(request.content, ctx.idle_timeout), mac_key=sess.key if sess else None,
+                                        header_timeout=ctx.header_timeout)
     finally:
         slot.release()  # before the answer goes out: the primary may start its next log at once
     return web.json_response(ack)
@@ -291,7 +338,7 @@ async def _put_log_raw(request: web.Request, ctx: PeerContext, grant: Grant, vm_
         if transport.get_write_buffer_size():  # 101 not yet in the kernel: the raw answer could overtake it
             raise TransferStalled("the primary does not read its connection")
         try:
-            doc, status = await ctx.service.receive(grant, ctx.mode, vm_id, seq, rawlog,
+            doc, status = await ctx.service.receive(grant, auth_of(ctx, request), vm_id, seq, rawlog,
                                                     mac_key=sess.key if sess else None,
                                                     header_timeout=ctx.header_timeout), 200
         except ReplicadError as e:
@@ -347,14 +394,14 @@ async def reverse(request: web.Request) -> web.Response:
     doc = await _json_object(request, 4096, "reverse")
     if ctx.on_reverse is None:
         raise UsageError("malformed reverse request")
-    return web.json_response(await ctx.on_reverse(request[PRINCIPAL], ctx.mode, _vm_id(request), doc))
+    return web.json_response(await ctx.on_reverse(request[PRINCIPAL], auth_of(ctx, request), _vm_id(request), doc))
 
 
 async def seed(request: web.Request) -> web.Response:
     """The primary asks this replica server to adopt a copy already in its storage."""
     ctx = request.app[CTX_KEY]
     doc = await _json_object(request, 16384, "seed")
-    return web.json_response(await ctx.service.seed(request[PRINCIPAL], ctx.mode, _vm_id(request), doc))
+    return web.json_response(await ctx.service.seed(request[PRINCIPAL], auth_of(ctx, request), _vm_id(request), doc))
 
 
 async def manage(request: web.Request) -> web.StreamResponse:
