@@ -12,6 +12,7 @@ from .. import log as logmod
 from .. import reverse
 from ..errors import Conflict
 from ..model import Relationship, VMState
+from ..replica import failover_hooks
 from ..replication_states import Prepare, require
 from ..tracking.qemu import vm_state
 from .context import actor, body, host_of
@@ -38,9 +39,11 @@ async def start(request):
         log.info("failover.preparing", vm=vm.name, reason="shipping every last change before a planned failover")
         return await _wait_stream(request, host, vm.id, host.primary.prepare(vm.id))
     if doc.get("as_test"):
-        test = await host.failovers.test_start(vm, point, actor(request))
+        test, target = await host.failovers.test_start(vm, point, actor(request))
+        await failover_hooks.on_test_failover(test, target)
         return web.json_response(vm_json(host, test))
     rel = await host.failovers.start(vm, point, actor(request))
+    rel = await failover_hooks.on_failover(host.catalog, host.failovers.lock(vm.id), vm) or rel
     return web.json_response(rel_json(host, rel, vm.name))
 
 

@@ -23,6 +23,8 @@ the same API as the commands, idempotently.
         pre_snapshot: virsh domfsfreeze contoso2
         post_snapshot: virsh domfsthaw contoso2
         hook_timeout: 30
+        failover_network: /etc/replicad/contoso2-dr.yaml  # replicated with it (vm set --failover-network)
+        on_failover: /usr/local/sbin/dr-network   # run if this host fails it over (after a reverse)
     replications:           # replicad replication enable/set (+ start-initial)
       - vm: contoso2
         replica_server: vmhost1.contoso.com
@@ -56,8 +58,10 @@ ENTRY_KEYS = {"primary": str, "storage": str, "trust_group": str, "max_disk_size
               "max_storage": (str, int)}
 ENTRY_SETTINGS = ("storage", "trust_group", "max_disk_size", "max_storage")
 VM_KEYS = {"name": str, "disks": list, "config_file": str, "allow_backing": list, "on_start": str, "on_stop": str,
-           "pre_snapshot": str, "post_snapshot": str, "hook_timeout": int}
-HOOKS = ("on_start", "on_stop", "pre_snapshot", "post_snapshot")
+           "pre_snapshot": str, "post_snapshot": str, "hook_timeout": int, "on_failover": str,
+           "on_test_failover": str, "failover_network": str, "test_failover_network": str}
+HOOKS = ("on_start", "on_stop", "pre_snapshot", "post_snapshot", "on_failover", "on_test_failover")
+NETWORKS = ("failover_network", "test_failover_network")
 REPL_KEYS = {"vm": str, "replica_server": str, "replica_port": int, "auth": str, "frequency": int,
              "recovery_history": int, "recovery_point_interval": int, "compression": bool,
              "bandwidth_limit": (str, int), "start_initial": bool}
@@ -122,8 +126,9 @@ def load(path: str) -> dict:
         if not disks or not all(isinstance(d, str) and d for d in disks):
             errors.append(f"vms[{i}].disks: a list of one or more paths")
         v["disks"] = [str(base / d) for d in disks if isinstance(d, str)]
-        if v.get("config_file"):
-            v["config_file"] = str(base / v["config_file"])
+        for key in ("config_file", *NETWORKS):
+            if v.get(key):
+                v[key] = str(base / v[key])
         if "allow_backing" in v:
             if not all(isinstance(d, str) and d for d in v["allow_backing"]):
                 errors.append(f"vms[{i}].allow_backing: a list of folders")
@@ -235,7 +240,7 @@ def _plan_vms(api, want: list[dict], p: Plan) -> dict[str, dict]:
         if cur is None:
             p.add(f"+ vm {name} ({', '.join(v['disks'])})", "POST", "/v1/vms",
                   {"name": name, "disks": v["disks"], "config_file": v.get("config_file"),
-                   "allow_backing": v.get("allow_backing", [])})
+                   "allow_backing": v.get("allow_backing", []), **{k: v[k] for k in NETWORKS if k in v}})
             if hooks:
                 p.add(f"~ vm {name}: hooks " + ", ".join(hooks), "PATCH", path, hooks)
             continue
@@ -249,8 +254,9 @@ def _plan_vms(api, want: list[dict], p: Plan) -> dict[str, dict]:
         if v.get("config_file") and cur.get("config_file") != v["config_file"]:
             raise Conflict(f"vms: {name} exists with config_file {cur.get('config_file')}; apply cannot "
                              "change it in place")
-        current = {**{k: (cur.get("hooks") or {}).get(k, "") for k in HOOKS}, "hook_timeout": cur.get("hook_timeout")}
-        diff, said = _diff(current, hooks)
+        current = {**{k: (cur.get("hooks") or {}).get(k, "") for k in HOOKS}, "hook_timeout": cur.get("hook_timeout"),
+                   **{k: cur.get(k) or "" for k in NETWORKS}}
+        diff, said = _diff(current, {**hooks, **{k: v[k] for k in NETWORKS if k in v}})
         if diff:
             p.add(f"~ vm {name}: {said}", "PATCH", path, diff)
     return have
