@@ -106,7 +106,8 @@ def test_network_files_travel_with_the_vm_and_hooks_see_them(two_host_pair, tmp_
     assert seen["REPLICAD_FAILOVER_KIND"] == "unplanned" and seen["REPLICAD_POINT"] == point["id"]
     assert seen["REPLICAD_NETWORK"] == got["failover_network"] and seen["network_text"] == changed
     replica.json("vm", "start", "web")
-    assert recorded(out)[-1]["REPLICAD_HOOK"] == "on_start" and recorded(out)[-1]["REPLICAD_FAILOVER_KIND"] == "unplanned"
+    started = recorded(out)[-1]
+    assert started["REPLICAD_HOOK"] == "on_start" and started["REPLICAD_FAILOVER_KIND"] == "unplanned"
     assert [e["output"] for e in replica.events("hook.output") if e["hook"] == "on-failover"][-1] == \
         ["recorded on_failover"]
 

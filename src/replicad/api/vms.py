@@ -193,7 +193,12 @@ async def set_vm(request):
 
 async def start_vm(request):
     host = host_of(request)
-    vm = get_vm(host, request.match_info["name"])
+    vm = await start(host, get_vm(host, request.match_info["name"]))
+    return web.json_response(vm_json(host, vm))
+
+
+async def start(host: Host, vm: VM) -> VM:
+    """`vm start` (and a plan's start step): its on-start hook, then Running."""
     rel = host.catalog.relationship(vm.id)
     failed_over = rel is not None and rel.state in (ReplicationState.FAILED_OVER_WAITING, ReplicationState.FAILED_OVER)
     if vm.mode in (ReplicationMode.REPLICA, ReplicationMode.EXTENDED_REPLICA) and not failed_over:
@@ -221,7 +226,7 @@ async def start_vm(request):
     vm.state = VMState.RUNNING
     await host.catalog.put_vm(vm)
     log.info("vm.started", vm=vm.name)
-    return web.json_response(vm_json(host, vm))
+    return vm
 
 
 def _start_env(vm: VM, failed_over: Relationship | None) -> dict[str, str] | None:
@@ -234,14 +239,19 @@ def _start_env(vm: VM, failed_over: Relationship | None) -> dict[str, str] | Non
 
 async def stop_vm(request):
     host = host_of(request)
-    vm = get_vm(host, request.match_info["name"])
+    vm = await stop(host, get_vm(host, request.match_info["name"]))
+    return web.json_response(vm_json(host, vm))
+
+
+async def stop(host: Host, vm: VM) -> VM:
+    """`vm stop` (and a plan's stop before a prepare): its on-stop hook, then Off."""
     await asyncio.to_thread(hooks.run, vm, "on_stop")
     if vm.qemu:
         await qemu_pause(vm, run=False)
     vm.state = VMState.OFF
     await host.catalog.put_vm(vm)
     log.info("vm.stopped", vm=vm.name)
-    return web.json_response(vm_json(host, vm))
+    return vm
 
 
 async def remove_vm(request):

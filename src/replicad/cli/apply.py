@@ -32,6 +32,9 @@ the same API as the commands, idempotently.
         auth: token
         frequency: 300
         start_initial: true  # start the initial copy if it has not started yet
+    plans:                  # replicad plan add (a changed plan's VMs are replaced)
+      - name: shop
+        vms: [db, "app:30s", {vm: web, delay: 60s}]  # boot order, the delay after each start
 
 The plan compares the document with what the host has and lists each change: `+` added,
 `~` changed (old → new). `--diff` prints it and changes nothing. Apply never removes what the
@@ -50,6 +53,7 @@ import yaml
 
 from ..errors import ConfigError, Conflict, UsageError
 from ..units import format_duration, parse_duration, parse_rate, parse_size
+from . import plans
 from .render import plain
 
 SERVER_KEYS = {"enabled": bool, "auth": str, "allow_any_server": bool, "default_storage": str,
@@ -100,16 +104,18 @@ def load(path: str) -> dict:
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: the document must be a mapping with server, auth_entries, vms, replications")
+        raise ConfigError(f"{path}: the document must be a mapping with server, auth_entries, vms, replications, "
+                          "plans")
     for k in doc:
-        if k not in ("server", "auth_entries", "vms", "replications"):
-            errors.append(f"{k}: unknown section (expected server, auth_entries, vms, replications)")
+        if k not in ("server", "auth_entries", "vms", "replications", "plans"):
+            errors.append(f"{k}: unknown section (expected server, auth_entries, vms, replications, plans)")
     base = p.resolve().parent
     out: dict[str, Any] = {"server": _mapping(doc.get("server") or {}, "server", SERVER_KEYS, errors),
            "auth_entries": _items(doc.get("auth_entries"), "auth_entries", ENTRY_KEYS, ("primary",), errors),
            "vms": _items(doc.get("vms"), "vms", VM_KEYS, ("name", "disks"), errors),
            "replications": _items(doc.get("replications"), "replications", REPL_KEYS, ("vm", "replica_server"),
-                                  errors)}
+                                  errors),
+           "plans": plans.load_section(doc.get("plans"), errors)}
     if out["server"].get("default_storage"):
         out["server"]["default_storage"] = str(base / out["server"]["default_storage"])
     for i, entry in enumerate(out["auth_entries"]):
@@ -195,6 +201,7 @@ def plan(api, doc: dict) -> Plan:
     _plan_entries(api, doc["auth_entries"], p)
     vms = _plan_vms(api, doc["vms"], p)
     _plan_replications(api, doc["replications"], vms, p)
+    plans.plan_changes(api, doc["plans"], p.add)
     return p
 
 
