@@ -115,21 +115,12 @@ class PlanRun:
 
     async def _one(self, step: str, item: dict, last: bool) -> Outcome:
         vm, rel = self._vm(item["vm"])
-        if step == "stop VM":
-            return await self._stop_vm(vm, rel)
-        if step == "prepare":
-            return await self._prepare(vm, rel)
-        if step == "failover":
-            return await self._failover(vm, rel)
-        if step == "test failover":
-            return await self._test(vm, rel)
-        if step == "stop failover":
-            return await self._stop_failover(vm, rel)
-        if step == "complete":
-            return await self._complete(vm, rel)
-        if step == "reverse":
-            return await self._reverse(vm, rel)
-        return await self._start(vm, item["vm"], 0 if last else item["delay"])
+        if step == "start VM":
+            return await self._start(vm, item["vm"], 0 if last else item["delay"])
+        do = {"stop VM": self._stop_vm, "prepare": self._prepare, "failover": self._failover,
+              "test failover": self._test, "stop failover": self._stop_failover, "complete": self._complete,
+              "reverse": self._reverse}[step]
+        return await do(vm, rel)
 
     # the steps ------------------------------------------------------------------------------
     async def _stop_vm(self, vm: VM, rel: Relationship | None) -> Outcome:

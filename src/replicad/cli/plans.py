@@ -134,40 +134,24 @@ def plan_failover(name, prepare, as_test, recovery_point, wait):
                                                       "recovery_point": recovery_point}.items() if v})
 
 
-@plan.command("stop")
-@click.argument("name")
-@WAIT
-@managed
-def plan_stop(name, wait):
-    """End the plan's test failover, or cancel its uncompleted failover (last VM first)."""
-    _run(name, "stop", wait)
+SIMPLE = {
+    "stop": "End the plan's test failover, or cancel its uncompleted failover (last VM first; running VMs "
+            "are stopped first).",
+    "complete": "Complete the failover of every VM of the plan (drops their other recovery points).",
+    "reverse": "Reverse replication of every VM of the plan (this site becomes the primary).",
+    "start": "Start the plan's VMs in order: each one's on-start hook must exit 0, then its delay.",
+}
 
 
-@plan.command("complete")
-@click.argument("name")
-@WAIT
-@managed
-def plan_complete(name, wait):
-    """Complete the failover of every VM of the plan."""
-    _run(name, "complete", wait)
+def _simple(operation: str, doc: str) -> None:
+    def command(name, wait):
+        _run(name, operation, wait)
+    command.__doc__ = doc
+    plan.command(operation)(managed(WAIT(click.argument("name")(command))))
 
 
-@plan.command("reverse")
-@click.argument("name")
-@WAIT
-@managed
-def plan_reverse(name, wait):
-    """Reverse replication of every VM of the plan (this site becomes the primary)."""
-    _run(name, "reverse", wait)
-
-
-@plan.command("start")
-@click.argument("name")
-@WAIT
-@managed
-def plan_start(name, wait):
-    """Start the plan's VMs in order: each one's on-start hook must exit 0, then its delay."""
-    _run(name, "start", wait)
+for _operation, _doc in SIMPLE.items():
+    _simple(_operation, _doc)
 
 
 # --- `replicad apply -f` with `plans:` (cli/apply.py) --------------------------------------
