@@ -175,3 +175,29 @@ def test_a_planned_site_failover_with_a_plan(two_host_pair, tmp_path):
     for name in disks:
         rel = replica.json("replication", "get", name)
         assert rel["mode"] == "Primary" and replica.json("vm", "get", name)["state"] == "Running"
+
+
+def test_a_stopping_daemon_ends_a_plan_between_steps_and_the_same_command_resumes(two_host_pair, tmp_path):
+    host, _ = two_host_pair
+    record, out = hook(tmp_path)
+    for name in ("db", "web"):
+        disk = tmp_path / f"{name}.img"
+        disk.write_bytes(b"\0" * 4096)
+        host.json("vm", "add", name, "--disk", str(disk))
+        host.json("vm", "set", name, "--on-start", record)
+    host.json("plan", "add", "shop", "--vm", "db:10m", "--vm", "web")
+    follower = subprocess.Popen([str(BIN), "plan", "start", "shop", "--wait", "--config", str(host.config)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: host.events("plan.waiting"), 30, "db's delay to begin")
+    began = time.monotonic()
+    assert host.stop(timeout=30) == 0
+    assert time.monotonic() - began < 20  # the 10-minute delay did not hold the stop
+    _, err = follower.communicate(timeout=30)
+    assert follower.returncode == 1 and "interrupted before web" in err, err
+    host.start()
+    got = host.json("plan", "get", "shop")
+    assert got["status"] == "interrupted"
+    assert [s["status"] for s in got["run"]["steps"]] == ["done", "pending"]
+    r = wait_plan(host, "start", "shop")
+    assert "db: start VM: skipped" in r.stderr and "web: start VM: done" in r.stderr
+    assert [x["REPLICAD_VM"] for x in seen(out, "on_start")] == ["db", "web"]

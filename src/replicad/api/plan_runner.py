@@ -43,11 +43,11 @@ class PlanRun:
         self.started = asyncio.Event()
         self.changed = asyncio.Event()
         self.history: list[dict] = []  # every step change, in order (what --wait prints)
-        self._task: asyncio.Task | None = None
+        self.stopping = asyncio.Event()  # the daemon stops: end after the running step
 
-    def cancel(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+    def stop(self) -> None:
+        """End the run at the next step boundary (a delay ends at once): a step is never cut."""
+        self.stopping.set()
 
     def _steps(self) -> list[tuple[str, dict]]:
         vms = self.plan["vms"]
@@ -60,7 +60,6 @@ class PlanRun:
         return [({"start": "start VM"}.get(self.operation, self.operation), v) for v in vms]
 
     async def run(self) -> dict:
-        self._task = asyncio.current_task()
         name = self.plan["name"]
         steps = self._steps()
         record: dict = {"operation": self.operation, "options": self.opts, "status": "running", "started": utcnow(),
@@ -73,6 +72,13 @@ class PlanRun:
                  actor=self.actor)
         try:
             for i, (step, item) in enumerate(steps):
+                if self.stopping.is_set():
+                    record["status"], record["finished"] = "interrupted", utcnow()
+                    await self._save(self.host, self.plan)
+                    log.warning("plan.interrupted", plan=name, operation=self.operation, vm=item["vm"], step=step,
+                                reason="the daemon is stopping", result="the same command resumes here")
+                    raise ReplicadError(f"plan {name} interrupted before {item['vm']} ({step}): the daemon is "
+                                        "stopping", hint=f"`replicad plan {self.operation} {name}` resumes there")
                 await self._mark(i, "running", None)
                 try:
                     last = all(s != step for s, _ in steps[i + 1:])
@@ -205,6 +211,9 @@ class PlanRun:
         if delay:
             log.info("plan.waiting", plan=self.plan["name"], vm=name, seconds=delay,
                      reason="the plan's delay after this VM's start")
-            await asyncio.sleep(delay)
-            return "done", f"started; waited {delay}s"
+            try:
+                await asyncio.wait_for(self.stopping.wait(), delay)
+            except TimeoutError:
+                return "done", f"started; waited {delay}s"
+            return "done", "started (its delay was cut: the daemon is stopping)"
         return "done", "started"

@@ -29,7 +29,8 @@ SETTING = "plans"
 MAX_PLANS = 256
 MAX_VMS = 64
 MAX_DELAY = 86400
-RUNS = web.AppKey("plan_runs", dict)
+RUNS = web.AppKey("plan_runs", dict)  # plan name -> (PlanRun, its task), while it runs
+STOP_WAIT = 120.0  # a stopping daemon waits this long for a plan's running step
 
 
 def stored(host: Host) -> dict[str, dict]:
@@ -170,11 +171,11 @@ async def run_plan(request):
     opts = _options(operation, doc)
     runs = request.app[RUNS]
     if plan["name"] in runs:
-        raise Conflict(f"plan {plan['name']} is already running ({runs[plan['name']].operation})",
+        raise Conflict(f"plan {plan['name']} is already running ({runs[plan['name']][0].operation})",
                        hint="`replicad plan get` shows its progress")
     run = PlanRun(host, plan, operation, opts, actor(request), save)
-    runs[plan["name"]] = run
     task = asyncio.ensure_future(run.run())
+    runs[plan["name"]] = (run, task)
     task.add_done_callback(lambda t: _ended(runs, plan["name"], t))
     if not doc.get("wait"):
         await run.started.wait()
@@ -213,14 +214,23 @@ async def _follow(request, host: Host, run: PlanRun, task: asyncio.Future) -> we
     return resp
 
 
-async def _cancel_runs(app: web.Application) -> None:
-    for run in list(app[RUNS].values()):
-        run.cancel()
+async def _stop_runs(app: web.Application) -> None:
+    """The daemon stops: each run ends after its running step (within STOP_WAIT, then it is
+    cancelled), recorded `interrupted`; the same command resumes it."""
+    running = list(app[RUNS].values())
+    for run, _ in running:
+        run.stop()
+    tasks = [t for _, t in running]
+    if tasks:
+        _, late = await asyncio.wait(tasks, timeout=STOP_WAIT)
+        for t in late:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def routes(app: web.Application) -> None:
     app[RUNS] = {}
-    app.on_shutdown.append(_cancel_runs)
+    app.on_shutdown.append(_stop_runs)
     app.router.add_get("/v1/plans", list_plans)
     app.router.add_post("/v1/plans", add_plan)
     app.router.add_get("/v1/plans/{name}", show_plan)
