@@ -5,6 +5,7 @@ fails the step and leaves the VM failed over, not started; `VM - Test` inherits 
 hooks. The hooks here record what they see in files the test reads."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -98,8 +99,16 @@ def test_network_files_travel_with_the_vm_and_hooks_see_them(two_host_pair, tmp_
     assert failed["exit_code"] == 3 and failed["output"] == ["no route to 198.18.20.1"]
     assert replica.events("failover.hook_failed")
 
+    # a hook that hangs is killed at the VM's hook timeout, and fails the step the same way
+    replica.json("vm", "set", "web", "--on-failover", "sleep 30", "--hook-timeout", "1")
+    began = time.monotonic()
+    r = replica.cli("failover", "start", "web", "--recovery-point", point["id"], check=False)
+    assert r.returncode == 1 and "on-failover hook of web timed out after 1s" in r.stderr, r.stderr
+    assert time.monotonic() - began < 15
+    assert replica.cli("vm", "start", "web", check=False).returncode == 1
+
     # fixed, the same step again runs it: told the point, kind and the network as of that point
-    replica.json("vm", "set", "web", "--on-failover", record)
+    replica.json("vm", "set", "web", "--on-failover", record, "--hook-timeout", "300")
     replica.json("failover", "start", "web", "--recovery-point", point["id"])
     seen = recorded(out)[-1]
     assert seen["REPLICAD_HOOK"] == "on_failover" and seen["REPLICAD_VM"] == "web"
