@@ -101,6 +101,9 @@ class StateCollector:
         interval = GaugeMetricFamily("replicad_interval_cycles",
                                      "This monitoring interval's cycles, as `replication measure` counts them",
                                      labels=LABELS + ("outcome",))
+        hook = GaugeMetricFamily("replicad_failover_hook_failed",
+                                 "1 while a failed-over VM's on-failover hook has failed (it is not started)",
+                                 labels=LABELS)
         now = time.time()
         names = {vm.id: vm.name for vm in self.catalog.vms()}
         for rel in self.catalog.relationships():
@@ -123,7 +126,26 @@ class StateCollector:
             interval.add_metric(lab + ["successful"], float(st.successful_count))
             interval.add_metric(lab + ["missed"], float(st.missed_count))
             interval.add_metric(lab + ["errors"], float(st.errors))
-        yield from (state, health, age, pending, seq, interval)
+            if role == "replica" and rel.failover:
+                hook.add_metric(lab, 1.0 if rel.failover.get("hook_error") else 0.0)
+        yield from (state, health, age, pending, seq, interval, hook)
+        yield from self._plans()
+
+    def _plans(self) -> Iterable:
+        """Each plan's last run (api/plans.py keeps it in the catalog): its status, and each
+        VM's step status (pending, running, done, skipped, failed)."""
+        run_status = GaugeMetricFamily("replicad_plan_run", "1 for the status of the plan's last run",
+                                       labels=("plan", "operation", "status"))
+        steps = GaugeMetricFamily("replicad_plan_step", "1 for the status of each step of the plan's last run",
+                                  labels=("plan", "vm", "step", "status"))
+        plans = self.catalog.get_setting("plans", {})
+        for name, plan in sorted(plans.items() if isinstance(plans, dict) else []):
+            run = plan.get("run") or {}
+            if run:
+                run_status.add_metric([name, run.get("operation", ""), run.get("status", "")], 1.0)
+            for s in run.get("steps", []):
+                steps.add_metric([name, s.get("vm", ""), s.get("step", ""), s.get("status", "")], 1.0)
+        yield from (run_status, steps)
 
 
 def create_app(catalog, pending: Callable[[str], int]) -> web.Application:

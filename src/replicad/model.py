@@ -134,6 +134,17 @@ def _from_dict(cls, doc: dict):
     return cls(**{k: v for k, v in doc.items() if k in names})
 
 
+NETWORK_ROLES = ("failover_network", "test_failover_network")
+
+
+def split_files(files: list, config: bool, networks: tuple[str, ...]) -> tuple[list, dict]:
+    """A change log's file list cut as ``VM.files()`` orders it: (the disks, {role: entry}
+    for the network files and the configuration file)."""
+    n = len(networks) + bool(config)
+    disks, rest = files[:len(files) - n], files[len(files) - n:]
+    return disks, dict(zip((*networks, *(["config_file"] if config else [])), rest, strict=True))
+
+
 @dataclass
 class Disk:
     path: str
@@ -157,17 +168,41 @@ class VM:
     state: VMState = VMState.UNKNOWN
     disks: list[Disk] = field(default_factory=list)
     config_file: str | None = None
+    failover_network: str | None = None       # the network a failover brings up (cloud-init network-config v2)
+    test_failover_network: str | None = None  # the one a test failover brings up
     hooks: dict[str, str] = field(default_factory=dict)
     hook_timeout: int = 300  # seconds any hook may run before its process group is killed
     qemu: dict[str, str] = field(default_factory=dict)  # a VM run by QEMU: {"qmp": socket, "nbd": socket}
 
+    def settings(self) -> list[tuple[str, str]]:
+        """The files replicated with the disks, (role, path) in their order in ``files()``:
+        the failover network files (roles ``NETWORK_ROLES``), then the configuration file."""
+        return [(r, p) for r in (*NETWORK_ROLES, "config_file") if (p := getattr(self, r))]
+
+    def with_settings(self, settings: dict) -> VM:
+        """This VM with its configuration and network files set ({role: path})."""
+        for role, path in settings.items():
+            if role not in (*NETWORK_ROLES, "config_file"):
+                raise ValueError(role)
+            setattr(self, role, str(path))
+        return self
+
+    def network_roles(self) -> tuple[str, ...]:
+        """Which failover network files this VM has, in order (a change log's ``networks``)."""
+        return tuple(r for r in NETWORK_ROLES if getattr(self, r))
+
     def files(self) -> list[Path]:
-        """Every file replicated for this VM: its disks, then its configuration file if any."""
-        return [Path(d.path) for d in self.disks] + ([Path(self.config_file)] if self.config_file else [])
+        """Every file replicated for this VM: its disks, its failover network files, then its
+        configuration file (the last entry, when there is one)."""
+        return [Path(d.path) for d in self.disks] + [Path(p) for _, p in self.settings()]
 
     def copy_names(self) -> list[str]:
         """The names of the replica's files, in the order of ``files()``."""
-        return [d.copy_name for d in self.disks] + ([Path(self.config_file).name] if self.config_file else [])
+        return [d.copy_name for d in self.disks] + [Path(p).name for _, p in self.settings()]
+
+    def network_file(self, kind: str) -> str | None:
+        """The network file a failover of ``kind`` (planned, unplanned, test) brings up."""
+        return self.test_failover_network if kind == "test" else self.failover_network
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -36,7 +36,10 @@ def test_demo_runs_and_copies_are_identical(tmp_path):
                      "$ replicad failover start contoso2 --as-test   # on vmhost1",
                      "$ replicad failover start contoso2 --prepare   # on vmhost2",
                      "$ replicad replication reverse contoso2   # on vmhost1",
-                     "initial copy sent in reverse: 0 bytes"):
+                     "initial copy sent in reverse: 0 bytes",
+                     "$ replicad plan failover shop --prepare --wait   # on vmhost2",
+                     "$ replicad plan failover shop --wait   # on vmhost1",
+                     "$ replicad plan start shop --wait   # on vmhost1"):
         assert expected in out, expected
     assert "copies" in out and "identical" in out.split("copies")[-1]
     assert "Traceback" not in r.stderr

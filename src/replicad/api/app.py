@@ -9,7 +9,7 @@ from aiohttp import web
 
 from .. import log as logmod
 from ..errors import ReplicadError
-from . import events, failover, replication, server, vms
+from . import events, failover, plans, replication, server, vms
 from .context import HOST_KEY, MAX_BODY, Host
 
 log = logmod.get("replicad.api")
@@ -38,4 +38,5 @@ def create_app(host: Host) -> web.Application:
     replication.routes(app)
     failover.routes(app)
     events.routes(app)
+    plans.routes(app)
     return app

@@ -11,7 +11,9 @@ from aiohttp import web
 from .. import log as logmod
 from .. import reverse
 from ..errors import Conflict
-from ..model import Relationship, VMState
+from ..host import Host
+from ..model import VM, Relationship, VMState
+from ..replica import failover_hooks
 from ..replication_states import Prepare, require
 from ..tracking.qemu import vm_state
 from .context import actor, body, host_of
@@ -27,21 +29,28 @@ async def start(request):
     vm, rel = _rel(host, request.match_info["vm"])
     point = doc.get("recovery_point")
     if doc.get("prepare"):
-        if rel.role != "primary":
-            raise Conflict(f"--prepare runs on the primary; {vm.name} is a replica here")
-        state = await vm_state(vm)
-        if state != VMState.OFF:
-            raise Conflict(f"{vm.name} is {'running' if state == VMState.RUNNING else 'in an unknown state'}; "
-                           f"stop it first (`replicad vm stop {vm.name}`)",
-                           hint="a planned failover ships every last change, so the VM must be known to be off")
-        require(rel, Prepare(vm.name))
-        log.info("failover.preparing", vm=vm.name, reason="shipping every last change before a planned failover")
-        return await _wait_stream(request, host, vm.id, host.primary.prepare(vm.id))
+        return await _wait_stream(request, host, vm.id, await prepare(host, vm, rel))
     if doc.get("as_test"):
-        test = await host.failovers.test_start(vm, point, actor(request))
+        test, target = await host.failovers.test_start(vm, point, actor(request))
+        await failover_hooks.on_test_failover(test, target)
         return web.json_response(vm_json(host, test))
     rel = await host.failovers.start(vm, point, actor(request))
+    rel = await failover_hooks.on_failover(host.catalog, host.failovers.lock(vm.id), vm) or rel
     return web.json_response(rel_json(host, rel, vm.name))
+
+
+async def prepare(host: Host, vm: VM, rel: Relationship) -> asyncio.Future:
+    """`failover start --prepare` (and a plan's): the final cycle, the VM known to be off."""
+    if rel.role != "primary":
+        raise Conflict(f"--prepare runs on the primary; {vm.name} is a replica here")
+    state = await vm_state(vm)
+    if state != VMState.OFF:
+        raise Conflict(f"{vm.name} is {'running' if state == VMState.RUNNING else 'in an unknown state'}; "
+                       f"stop it first (`replicad vm stop {vm.name}`)",
+                       hint="a planned failover ships every last change, so the VM must be known to be off")
+    require(rel, Prepare(vm.name))
+    log.info("failover.preparing", vm=vm.name, reason="shipping every last change before a planned failover")
+    return host.primary.prepare(vm.id)
 
 
 async def stop(request):

@@ -25,8 +25,10 @@ async def qemu_disks(host: Host, name: str, doc: dict) -> tuple[list[Disk], dict
     sock = doc.get("qemu")
     if not isinstance(sock, str) or not Path(sock).is_absolute():
         raise UsageError(f"--qemu needs the absolute path of the QEMU process's QMP socket, got {sock!r}")
-    if doc.get("config_file") is not None:
-        raise UsageError("--config-file is not supported with --qemu yet: replicate the configuration separately")
+    for key, flag in (("config_file", "--config-file"), ("failover_network", "--failover-network"),
+                      ("test_failover_network", "--test-failover-network")):
+        if doc.get(key) is not None:
+            raise UsageError(f"{flag} is not supported with --qemu yet: replicate that file separately")
     nbd = doc.get("nbd_socket") or str(host.config.state_dir / "qemu" / f"{name}.nbd")
     if not isinstance(nbd, str) or not Path(nbd).is_absolute():
         raise UsageError(f"--nbd-socket needs an absolute path, got {nbd!r}")

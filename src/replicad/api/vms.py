@@ -15,15 +15,26 @@ from .. import log as logmod
 from ..errors import Conflict, NotFound, Refused, ReplicadError, UsageError
 from ..health import compute as compute_health
 from ..images import BackingRefused, ImageError, backing_chain, disk_format, foreign_backing
-from ..model import VM, Disk, ReplicationMode, ReplicationState, VMState, extended_id, valid_disk_name, valid_vm_name
+from ..model import (
+    VM,
+    Disk,
+    Relationship,
+    ReplicationMode,
+    ReplicationState,
+    VMState,
+    extended_id,
+    valid_disk_name,
+    valid_vm_name,
+)
 from ..tracking.qemu import pause as qemu_pause
 from ..wire import MAX_DISKS
 from .context import Host, actor, body, host_of
 from .qemu_vms import attach as qemu_attach
 from .qemu_vms import qemu_disks, run_states, set_agent
+from .vm_files import set_networks, settings_of_new_vm
 
 log = logmod.get("replicad.vms")
-HOOKS = ("on_start", "on_stop", "pre_snapshot", "post_snapshot")
+HOOKS = ("on_start", "on_stop", "pre_snapshot", "post_snapshot", "on_failover", "on_test_failover")
 
 
 def vm_json(host: Host, vm: VM, run_state: str | None = None) -> dict:
@@ -34,7 +45,8 @@ def vm_json(host: Host, vm: VM, run_state: str | None = None) -> dict:
            "replication_state": rel.state.value if rel else "NotApplicable", "replication_health": health,
            "disks": [{"path": d.path, "size": d.size, "format": d.format, **({"node": d.node} if d.node else {})}
                      for d in vm.disks],
-           "config_file": vm.config_file, "hooks": vm.hooks, "hook_timeout": vm.hook_timeout}
+           "config_file": vm.config_file, "failover_network": vm.failover_network,
+           "test_failover_network": vm.test_failover_network, "hooks": vm.hooks, "hook_timeout": vm.hook_timeout}
     if vm.qemu:
         out["qemu"] = dict(vm.qemu)
     return out
@@ -127,20 +139,13 @@ async def add_vm(request):
                                 f"sits in one folder, so after a failover run `qemu-img rebase -u -b {b.path.name} "
                                 f"-F qcow2` on {child.name}'s copy (or create it with a relative name)")
             child = b.path
-    cfg = doc.get("config_file")
-    if cfg is not None:
-        if not isinstance(cfg, str) or not Path(cfg).is_absolute() or not await asyncio.to_thread(Path(cfg).is_file):
-            raise UsageError(f"--config-file must be an existing file given by an absolute path: {cfg}")
-        if Path(cfg).name in seen:
-            raise UsageError(f"the configuration file and a disk are both named {Path(cfg).name}")
-        if not valid_disk_name(Path(cfg).name):
-            raise UsageError(f"config file name {Path(cfg).name!r}: use letters, digits, '.', '_', '-'")
-    if len(disks) + (cfg is not None) > MAX_DISKS:  # what one change log can name (wire/header.py)
-        raise UsageError(f"{name} would have {len(disks) + (cfg is not None)} files (disks, their backing files "
-                         f"and the configuration file); a VM has at most {MAX_DISKS}")
-    vm = VM(id=str(uuid.uuid4()), name=name, disks=disks, config_file=cfg)
+    settings = await settings_of_new_vm(doc, seen)
+    if len(disks) + len(settings) > MAX_DISKS:  # what one change log can name (wire/header.py)
+        raise UsageError(f"{name} would have {len(disks) + len(settings)} files (disks, their backing files, "
+                         f"the configuration and failover network files); a VM has at most {MAX_DISKS}")
+    vm = VM(id=str(uuid.uuid4()), name=name, disks=disks).with_settings(settings)
     await host.catalog.put_vm(vm)
-    log.info("vm.added", vm=name, id=vm.id, disks=len(disks), config_file=cfg)
+    log.info("vm.added", vm=name, id=vm.id, disks=len(disks), **settings)
     for w in warnings:
         log.warning("vm.backing_name", vm=name, reason=w)
     return web.json_response({**vm_json(host, vm), **({"warnings": warnings} if warnings else {})})
@@ -174,18 +179,26 @@ async def set_vm(request):
         if not isinstance(t, int) or isinstance(t, bool) or not 1 <= t <= 3600:
             raise UsageError("--hook-timeout expects whole seconds between 1 and 3600")
         vm.hook_timeout = t
+    if await set_networks(vm, host.catalog.relationship(vm.id), doc) and len(vm.files()) > MAX_DISKS:
+        raise UsageError(f"{vm.name} would have {len(vm.files())} files; a VM has at most {MAX_DISKS}")
     if "qemu" in doc:
         await qemu_attach(host, vm, doc)
     if "guest_agent" in doc and "qemu" not in doc:
         set_agent(vm, doc["guest_agent"])
     await host.catalog.put_vm(vm)
-    log.info("vm.changed", vm=vm.name, hooks=sorted(vm.hooks), qemu=vm.qemu.get("qmp"))
+    log.info("vm.changed", vm=vm.name, hooks=sorted(vm.hooks), qemu=vm.qemu.get("qmp"),
+             networks=list(vm.network_roles()))
     return web.json_response(vm_json(host, vm, (await run_states([vm])).get(vm.id)))
 
 
 async def start_vm(request):
     host = host_of(request)
-    vm = get_vm(host, request.match_info["name"])
+    vm = await start(host, get_vm(host, request.match_info["name"]))
+    return web.json_response(vm_json(host, vm))
+
+
+async def start(host: Host, vm: VM) -> VM:
+    """`vm start` (and a plan's start step): its on-start hook, then Running."""
     rel = host.catalog.relationship(vm.id)
     failed_over = rel is not None and rel.state in (ReplicationState.FAILED_OVER_WAITING, ReplicationState.FAILED_OVER)
     if vm.mode in (ReplicationMode.REPLICA, ReplicationMode.EXTENDED_REPLICA) and not failed_over:
@@ -203,25 +216,42 @@ async def start_vm(request):
         raise Refused(f"{vm.name} cannot start: {disk.name} names {backing!r} as its backing file, which is not one "
                       f"of {vm.name}'s files here", hint=f"rebase it onto one of them (`qemu-img rebase -u -b FILE "
                       f"-F qcow2 {disk}`) once you know where that name came from")
-    await asyncio.to_thread(hooks.run, vm, "on_start")
+    if rel is not None and failed_over and rel.failover.get("hook_error"):
+        raise Refused(f"{vm.name}'s on-failover hook failed ({rel.failover['hook_error']}); it is not started",
+                      hint=f"fix the hook, then `replicad failover start {vm.name} --recovery-point "
+                           f"{rel.failover.get('point')}` runs it again")
+    await asyncio.to_thread(hooks.run, vm, "on_start", None, _start_env(vm, rel if failed_over else None))
     if vm.qemu:
         await qemu_pause(vm, run=True)
     vm.state = VMState.RUNNING
     await host.catalog.put_vm(vm)
     log.info("vm.started", vm=vm.name)
-    return web.json_response(vm_json(host, vm))
+    return vm
+
+
+def _start_env(vm: VM, failed_over: Relationship | None) -> dict[str, str] | None:
+    """A failed-over VM's start hook is told what its failover hook was (hooks.failover_env)."""
+    if failed_over is None:
+        return None
+    return hooks.failover_env(vm, "planned" if failed_over.failover.get("planned") else "unplanned",
+                              failed_over.failover)
 
 
 async def stop_vm(request):
     host = host_of(request)
-    vm = get_vm(host, request.match_info["name"])
+    vm = await stop(host, get_vm(host, request.match_info["name"]))
+    return web.json_response(vm_json(host, vm))
+
+
+async def stop(host: Host, vm: VM) -> VM:
+    """`vm stop` (and a plan's stop before a prepare): its on-stop hook, then Off."""
     await asyncio.to_thread(hooks.run, vm, "on_stop")
     if vm.qemu:
         await qemu_pause(vm, run=False)
     vm.state = VMState.OFF
     await host.catalog.put_vm(vm)
     log.info("vm.stopped", vm=vm.name)
-    return web.json_response(vm_json(host, vm))
+    return vm
 
 
 async def remove_vm(request):

@@ -23,6 +23,8 @@ the same API as the commands, idempotently.
         pre_snapshot: virsh domfsfreeze contoso2
         post_snapshot: virsh domfsthaw contoso2
         hook_timeout: 30
+        failover_network: /etc/replicad/contoso2-dr.yaml  # replicated with it (vm set --failover-network)
+        on_failover: /usr/local/sbin/dr-network   # run if this host fails it over (after a reverse)
     replications:           # replicad replication enable/set (+ start-initial)
       - vm: contoso2
         replica_server: vmhost1.contoso.com
@@ -30,6 +32,9 @@ the same API as the commands, idempotently.
         auth: token
         frequency: 300
         start_initial: true  # start the initial copy if it has not started yet
+    plans:                  # replicad plan add (a changed plan's VMs are replaced)
+      - name: shop
+        vms: [db, "app:30s", {vm: web, delay: 60s}]  # boot order, the delay after each start
 
 The plan compares the document with what the host has and lists each change: `+` added,
 `~` changed (old → new). `--diff` prints it and changes nothing. Apply never removes what the
@@ -48,6 +53,7 @@ import yaml
 
 from ..errors import ConfigError, Conflict, UsageError
 from ..units import format_duration, parse_duration, parse_rate, parse_size
+from . import plans
 from .render import plain
 
 SERVER_KEYS = {"enabled": bool, "auth": str, "allow_any_server": bool, "default_storage": str,
@@ -56,8 +62,10 @@ ENTRY_KEYS = {"primary": str, "storage": str, "trust_group": str, "max_disk_size
               "max_storage": (str, int)}
 ENTRY_SETTINGS = ("storage", "trust_group", "max_disk_size", "max_storage")
 VM_KEYS = {"name": str, "disks": list, "config_file": str, "allow_backing": list, "on_start": str, "on_stop": str,
-           "pre_snapshot": str, "post_snapshot": str, "hook_timeout": int}
-HOOKS = ("on_start", "on_stop", "pre_snapshot", "post_snapshot")
+           "pre_snapshot": str, "post_snapshot": str, "hook_timeout": int, "on_failover": str,
+           "on_test_failover": str, "failover_network": str, "test_failover_network": str}
+HOOKS = ("on_start", "on_stop", "pre_snapshot", "post_snapshot", "on_failover", "on_test_failover")
+NETWORKS = ("failover_network", "test_failover_network")
 REPL_KEYS = {"vm": str, "replica_server": str, "replica_port": int, "auth": str, "frequency": int,
              "recovery_history": int, "recovery_point_interval": int, "compression": bool,
              "bandwidth_limit": (str, int), "start_initial": bool}
@@ -96,16 +104,18 @@ def load(path: str) -> dict:
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: the document must be a mapping with server, auth_entries, vms, replications")
+        raise ConfigError(f"{path}: the document must be a mapping with server, auth_entries, vms, replications, "
+                          "plans")
     for k in doc:
-        if k not in ("server", "auth_entries", "vms", "replications"):
-            errors.append(f"{k}: unknown section (expected server, auth_entries, vms, replications)")
+        if k not in ("server", "auth_entries", "vms", "replications", "plans"):
+            errors.append(f"{k}: unknown section (expected server, auth_entries, vms, replications, plans)")
     base = p.resolve().parent
     out: dict[str, Any] = {"server": _mapping(doc.get("server") or {}, "server", SERVER_KEYS, errors),
            "auth_entries": _items(doc.get("auth_entries"), "auth_entries", ENTRY_KEYS, ("primary",), errors),
            "vms": _items(doc.get("vms"), "vms", VM_KEYS, ("name", "disks"), errors),
            "replications": _items(doc.get("replications"), "replications", REPL_KEYS, ("vm", "replica_server"),
-                                  errors)}
+                                  errors),
+           "plans": plans.load_section(doc.get("plans"), errors)}
     if out["server"].get("default_storage"):
         out["server"]["default_storage"] = str(base / out["server"]["default_storage"])
     for i, entry in enumerate(out["auth_entries"]):
@@ -122,8 +132,9 @@ def load(path: str) -> dict:
         if not disks or not all(isinstance(d, str) and d for d in disks):
             errors.append(f"vms[{i}].disks: a list of one or more paths")
         v["disks"] = [str(base / d) for d in disks if isinstance(d, str)]
-        if v.get("config_file"):
-            v["config_file"] = str(base / v["config_file"])
+        for key in ("config_file", *NETWORKS):
+            if v.get(key):
+                v[key] = str(base / v[key])
         if "allow_backing" in v:
             if not all(isinstance(d, str) and d for d in v["allow_backing"]):
                 errors.append(f"vms[{i}].allow_backing: a list of folders")
@@ -190,6 +201,7 @@ def plan(api, doc: dict) -> Plan:
     _plan_entries(api, doc["auth_entries"], p)
     vms = _plan_vms(api, doc["vms"], p)
     _plan_replications(api, doc["replications"], vms, p)
+    plans.plan_changes(api, doc["plans"], p.add)
     return p
 
 
@@ -235,7 +247,7 @@ def _plan_vms(api, want: list[dict], p: Plan) -> dict[str, dict]:
         if cur is None:
             p.add(f"+ vm {name} ({', '.join(v['disks'])})", "POST", "/v1/vms",
                   {"name": name, "disks": v["disks"], "config_file": v.get("config_file"),
-                   "allow_backing": v.get("allow_backing", [])})
+                   "allow_backing": v.get("allow_backing", []), **{k: v[k] for k in NETWORKS if k in v}})
             if hooks:
                 p.add(f"~ vm {name}: hooks " + ", ".join(hooks), "PATCH", path, hooks)
             continue
@@ -249,8 +261,9 @@ def _plan_vms(api, want: list[dict], p: Plan) -> dict[str, dict]:
         if v.get("config_file") and cur.get("config_file") != v["config_file"]:
             raise Conflict(f"vms: {name} exists with config_file {cur.get('config_file')}; apply cannot "
                              "change it in place")
-        current = {**{k: (cur.get("hooks") or {}).get(k, "") for k in HOOKS}, "hook_timeout": cur.get("hook_timeout")}
-        diff, said = _diff(current, hooks)
+        current = {**{k: (cur.get("hooks") or {}).get(k, "") for k in HOOKS}, "hook_timeout": cur.get("hook_timeout"),
+                   **{k: cur.get(k) or "" for k in NETWORKS}}
+        diff, said = _diff(current, {**hooks, **{k: v[k] for k in NETWORKS if k in v}})
         if diff:
             p.add(f"~ vm {name}: {said}", "PATCH", path, diff)
     return have

@@ -16,6 +16,7 @@ from .. import config as configmod
 from ..errors import ReplicadError, UsageError
 from . import examples
 from .common import api, global_options, managed, output_format, show
+from .plans import plan
 from .replication import REPL_COLUMNS, RESULT_COLUMNS, replication, wait_with_progress
 from .server import auth_entry, server
 from .vm import VM_COLUMNS, vm
@@ -241,6 +242,7 @@ cli.add_command(server)
 cli.add_command(auth_entry)
 cli.add_command(vm)
 cli.add_command(replication)
+cli.add_command(plan)
 examples.attach(cli)
 
 

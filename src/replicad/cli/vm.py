@@ -16,6 +16,22 @@ def vm_path(name: str) -> str:
     return "/v1/vms/" + quote(name, safe="")
 
 
+def network_options(f):
+    f = click.option("--test-failover-network", metavar="FILE",
+                     help="The network a test failover brings up (`VM - Test`), as --failover-network.")(f)
+    return click.option("--failover-network", metavar="FILE",
+                        help="The network the VM gets after a failover: a cloud-init network-config v2 "
+                             "document, replicated with the VM; its path on the replica is given to the "
+                             "failover hooks as REPLICAD_NETWORK.")(f)
+
+
+def _networks(failover_network: str | None, test_failover_network: str | None) -> dict:
+    """The network files of `vm add`/`vm set` ('' removes one: kept as '')."""
+    return {k: (abs_path(v) if v else "") for k, v in
+            {"failover_network": failover_network, "test_failover_network": test_failover_network}.items()
+            if v is not None}
+
+
 @click.group("vm")
 @global_options
 def vm():
@@ -36,16 +52,19 @@ def vm():
               help="With --qemu: the host side of the guest agent's channel; the guest's filesystems are frozen "
                    "for each capture (application-consistent points, no hooks).")
 @click.option("--config-file", metavar="PATH", help="The VM's configuration file (e.g. libvirt XML).")
+@network_options
 @click.option("--allow-backing", "allow_backing", multiple=True, metavar="DIR",
               help="A folder qcow2 backing files may come from, besides each disk's own (repeatable).")
 @managed
-def vm_add(name, disks, qemu, nbd_socket, guest_agent, config_file, allow_backing):
+def vm_add(name, disks, qemu, nbd_socket, guest_agent, config_file, failover_network, test_failover_network,
+           allow_backing):
     """Register a VM on this host.
 
     A qcow2 disk brings its backing chain: the parents are registered (and replicated)
     with it. A parent must be a regular file under the disk's own folder or a folder
     given with --allow-backing (symlinks are followed, then checked); any other is
-    refused. The configuration file, if given, is replicated whenever it changes.
+    refused. The configuration file and the failover network files, if given, are
+    replicated whenever they change.
 
     \b
     Examples:
@@ -56,13 +75,15 @@ def vm_add(name, disks, qemu, nbd_socket, guest_agent, config_file, allow_backin
     if qemu:
         out = api().call("POST", "/v1/vms", {"name": name, "qemu": abs_path(qemu), "disks": list(disks),
                                              "nbd_socket": abs_path(nbd_socket), "config_file": abs_path(config_file),
-                                             "guest_agent": abs_path(guest_agent)})
+                                             "guest_agent": abs_path(guest_agent),
+                                             **_networks(failover_network, test_failover_network)})
         show(out, VM_COLUMNS)
         return
     if not disks:
         raise click.UsageError("at least one --disk PATH is required (or --qemu QMP_SOCKET)")
     out = api().call("POST", "/v1/vms", {"name": name, "disks": [abs_path(d) for d in disks],
                                          "config_file": abs_path(config_file),
+                                         **_networks(failover_network, test_failover_network),
                                          "allow_backing": [_abs_dir(d) for d in allow_backing]})
     for w in out.pop("warnings", []):
         click.echo(f"warning: {w}", err=True)
@@ -104,9 +125,18 @@ def vm_get(name):
                    "bitmaps ('' goes back to scanning the files). The next cycle is then a resync.")
 @click.option("--nbd-socket", metavar="PATH", help="With --qemu: as for `vm add`.")
 @click.option("--guest-agent", metavar="SOCKET", help="A QEMU VM's guest agent socket, as for `vm add` ('' removes).")
+@click.option("--on-failover", metavar="CMD",
+              help="On the replica: runs after `failover start` made the VM's copy (told the point, kind and "
+                   "network in REPLICAD_* variables); if it fails, the VM stays failed over, not started.")
+@click.option("--on-test-failover", metavar="CMD",
+              help="On the replica: runs after `failover start --as-test` made `VM - Test`, which inherits it "
+                   "with --on-start/--on-stop.")
+@network_options
 @managed
-def vm_set(name, on_start, on_stop, pre_snapshot, post_snapshot, hook_timeout, qemu, nbd_socket, guest_agent):
-    """Set a VM's host-local hooks ('' removes one).
+def vm_set(name, on_start, on_stop, pre_snapshot, post_snapshot, hook_timeout, qemu, nbd_socket, guest_agent,
+           on_failover, on_test_failover, failover_network, test_failover_network):
+    """Set a VM's host-local hooks ('' removes one), and the failover network files that
+    are replicated with it (before `replication enable`).
 
     \b
     The snapshot pair runs around each cycle's capture: --pre-snapshot freezes the
@@ -115,13 +145,23 @@ def vm_set(name, on_start, on_stop, pre_snapshot, post_snapshot, hook_timeout, q
     `application`-consistent recovery point; otherwise it is `crash` (or `fuzzy`).
 
     \b
-    Example:
+    The failover hooks run on the replica server with REPLICAD_VM, REPLICAD_VM_ID,
+    REPLICAD_POINT, REPLICAD_POINT_TIME, REPLICAD_CONSISTENCY, REPLICAD_FAILOVER_KIND
+    (planned, unplanned, test) and REPLICAD_NETWORK (the copy of the network file of
+    that kind, '' if none) in their environment; their output is logged.
+
+    \b
+    Examples:
       replicad vm set contoso2 --pre-snapshot 'virsh domfsfreeze contoso2' \\
                                --post-snapshot 'virsh domfsthaw contoso2' --hook-timeout 30
+      replicad vm set contoso2 --failover-network /etc/replicad/contoso2-dr.yaml   # on the primary
+      replicad vm set contoso2 --on-failover '/usr/local/sbin/dr-network "$REPLICAD_NETWORK"'  # on the replica
     """
     body = {k: v for k, v in {"on_start": on_start, "on_stop": on_stop, "pre_snapshot": pre_snapshot,
-                              "post_snapshot": post_snapshot, "hook_timeout": hook_timeout}.items()
+                              "post_snapshot": post_snapshot, "hook_timeout": hook_timeout,
+                              "on_failover": on_failover, "on_test_failover": on_test_failover}.items()
             if v is not None}
+    body.update(_networks(failover_network, test_failover_network))
     if qemu is not None:
         body["qemu"] = abs_path(qemu) if qemu else ""
         if nbd_socket:

@@ -118,7 +118,8 @@ class CycleProducer:
                         tuple(DiskInfo(i, name, ident.size)
                               for i, (name, ident) in enumerate(zip(self.vm.copy_names(), idents, strict=True))),
                         self.frequency, prepared=self.prepared, primary_ports=self.primary_ports,
-                        history=self.history, config=bool(self.vm.config_file), extended=self.extended,
+                        history=self.history, config=bool(self.vm.config_file), networks=self.vm.network_roles(),
+                        extended=self.extended,
                         resume=self.resume)
         return views, header
 

@@ -57,7 +57,8 @@ async def begin(engine: PrimaryEngine, rel: Relationship, vm: VM, conv: Conversa
     await engine.save(rel)
     if rel.seed:
         adopted = await conv.seed(rel.vm_id, {"vm_name": vm.name, "files": vm.copy_names(),
-                                              "config": bool(vm.config_file)})
+                                              "config": bool(vm.config_file),
+                                              "networks": list(vm.network_roles())})
         log.info("seed.adopted", vm=vm.name, peer=rel.replica_server, found=adopted.get("found"),
                  reason="the replica adopted the copy already in its storage; only differences will be sent")
     await asyncio.to_thread(shutil.rmtree, work, True)

@@ -234,9 +234,9 @@ class Admission:
             claim = self.catalog.claim_by_id(vm_id)
             return {"": claim.bytes} if claim is not None else {}
         out = {Path(d.path).name: d.size for d in vm.disks}
-        if vm.config_file:
+        for _, path in vm.settings():  # the configuration and failover network files
             try:
-                out[Path(vm.config_file).name] = os.stat(vm.config_file).st_size
+                out[Path(path).name] = os.stat(path).st_size
             except OSError:
                 pass
         return out

@@ -19,12 +19,14 @@ from ..catalog import Catalog
 from ..errors import Conflict, UsageError, WireError
 from ..fsutil import durable_rename, fsync_file
 from ..model import (
+    NETWORK_ROLES,
     VM,
     Disk,
     Relationship,
     ReplicationMode,
     ReplicationState,
     VMState,
+    split_files,
     valid_disk_name,
     valid_fqdn,
     valid_vm_name,
@@ -66,17 +68,17 @@ class Adoption:
         """Record the replica VM of a verified initial log (or reset it for a new epoch)."""
         return await self._register(grant, header.vm_id, header.vm_name, [(d.name, d.size) for d in header.disks],
                                     header.config, storage, header.epoch, old, how="initial log",
-                                    extended=header.extended)
+                                    extended=header.extended, networks=header.networks)
 
     async def _register(self, grant: Grant, vm_id: str, name: str, files: list[tuple[str, int]], config: bool,
                   storage: Path, epoch: str, old: Relationship | None, *, how: str,
-                  extended: bool = False) -> Relationship:
+                  extended: bool = False, networks: tuple[str, ...] = ()) -> Relationship:
         vmdir = VMDir.of(storage, vm_id)
-        disks = files[:-1] if config else files
+        disks, settings = split_files(files, config, networks)
         mode = ReplicationMode.EXTENDED_REPLICA if extended else ReplicationMode.REPLICA
         vm = VM(id=vm_id, name=name, mode=mode, state=VMState.OFF,  # a replica VM never runs here unless failed over
                 disks=[Disk(str(vmdir.disk(n)), size, "raw") for n, size in disks],
-                config_file=str(vmdir.disk(files[-1][0])) if config else None)
+                ).with_settings({role: vmdir.disk(n) for role, (n, _) in settings.items()})
         rel = Relationship(vm_id=vm_id, role="replica", state=ReplicationState.INITIAL_IN_PROGRESS,
                            primary_server=grant.principal, trust_group=grant.trust_group, storage=str(storage),
                            epoch=epoch, seq=0, applied_seq=0, extended=extended)
@@ -96,9 +98,12 @@ class Adoption:
         their digests. Only storage the primary's authorization entry grants is looked at."""
         principal = grant.principal
         name, files, config = doc.get("vm_name"), doc.get("files"), doc.get("config", False)
+        networks = doc.get("networks", [])
         if (not isinstance(name, str) or not valid_vm_name(name) or not isinstance(files, list)
                 or not 0 < len(files) <= 64 or not all(isinstance(f, str) and valid_disk_name(f) for f in files)
-                or len(set(files)) != len(files) or not isinstance(config, bool) or (config and len(files) < 2)):
+                or len(set(files)) != len(files) or not isinstance(config, bool) or (config and len(files) < 2)
+                or not isinstance(networks, list) or networks != [r for r in NETWORK_ROLES if r in networks]
+                or len(files) < 1 + len(networks) + config):
             raise UsageError("malformed seed request")
         try:
             uuid.UUID(vm_id)
@@ -127,7 +132,7 @@ class Adoption:
                                     "server, or start a normal initial replication")
             sizes = [vmdir.disk(f).stat().st_size for f in files]
             await self._register(grant, vm_id, name, list(zip(files, sizes, strict=True)), config, storage, "", None,
-                                 how=f"existing copy {source}")
+                                 how=f"existing copy {source}", networks=tuple(networks))
         log.info("replica.seeded", vm=name, peer=principal, found=found, created_empty=len(files) - len(found),
                  reason="the primary's first cycle compares digests and ships only the blocks that differ")
         return {"vm_id": vm_id, "found": found}

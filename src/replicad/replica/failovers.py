@@ -28,7 +28,7 @@ from .. import log as logmod
 from .. import workers
 from ..catalog import Catalog
 from ..errors import Conflict, ReplicadError, StorageError, UsageError
-from ..model import VM, Disk, Relationship, ReplicationMode, VMState
+from ..model import VM, Disk, Relationship, ReplicationMode, VMState, split_files
 from ..model import ReplicationState as S
 from ..replication_states import (
     FAILOVER_STATES,
@@ -46,6 +46,7 @@ from .service import ReplicaService
 
 log = logmod.get("replicad.failover")
 DRAIN_TIMEOUT = 600.0  # a failover waits this long for acknowledged logs to be applied
+TEST_HOOKS = ("on_start", "on_stop", "on_test_failover")  # what `VM - Test` inherits from its replica VM
 
 
 def test_vm_name(vm: VM) -> str:
@@ -246,7 +247,9 @@ class Failovers:
         return rel
 
     # test failover --------------------------------------------------------------------------
-    async def test_start(self, vm: VM, point, actor: str) -> VM:
+    async def test_start(self, vm: VM, point, actor: str) -> tuple[VM, dict]:
+        """A test VM on its own copy of ``point``; it inherits the replica VM's start, stop
+        and test failover hooks. Returns it and the point."""
         async with self.lock(vm.id):
             vm = self.catalog.vm_by_id(vm.id) or vm  # its run state as it is now, under the lock
             rel = self._fresh(vm)
@@ -271,15 +274,17 @@ class Failovers:
                     points.roll_back(chain, copies)
                     return copies, how
                 copies, how = await workers.APPLY.run(copy_at_point)
+            disk_copies, settings = split_files(copies, bool(vm.config_file), vm.network_roles())
             test = VM(id=str(uuid.uuid4()), name=test_vm_name(vm), mode=ReplicationMode.TEST_REPLICA,
-                      state=VMState.OFF,  # the copies end with the config file's, when there is one
-                      disks=[Disk(str(p), d.size, d.format) for p, d in zip(copies, vm.disks, strict=False)],
-                      config_file=str(copies[-1]) if vm.config_file else None)
+                      state=VMState.OFF,
+                      disks=[Disk(str(p), d.size, d.format) for p, d in zip(disk_copies, vm.disks, strict=True)],
+                      hooks={k: v for k, v in vm.hooks.items() if k in TEST_HOOKS},
+                      hook_timeout=vm.hook_timeout).with_settings(settings)
             await self.catalog.put_vm(test)
         await self.catalog.audit(actor, "failover.test_started", f"{test.name} at point {target['seq']} ({how})")
         log.info("failover.test_started", vm=vm.name, test_vm=test.name, point=target["seq"], copy=how,
                  reason="replication goes on into the replica; the test VM runs on its own copy")
-        return test
+        return test, target
 
     def listing(self, vm: VM, rel: Relationship) -> list[dict]:
         """`recovery-points`: each listed point with its undo size (blocking: a thread)."""

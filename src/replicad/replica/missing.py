@@ -32,8 +32,11 @@ def missing_files(vm: VM) -> list[int]:
 def describe(vm: VM, index: int) -> str:
     """How an operator names file ``index`` of a VM: "disk 2 of 2 (b.img)"."""
     files = vm.files()
-    if vm.config_file and index == len(files) - 1:
-        return f"configuration file ({files[index].name})"
+    if index >= len(vm.disks):
+        role = vm.settings()[index - len(vm.disks)][0]
+        what = {"config_file": "configuration file", "failover_network": "failover network file",
+                "test_failover_network": "test failover network file"}[role]
+        return f"{what} ({files[index].name})"
     return f"disk {index + 1} of {len(vm.disks)} ({files[index].name})"
 
 

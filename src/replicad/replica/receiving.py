@@ -111,7 +111,8 @@ class Receiving:
         else:
             if rel is None or vm is None:
                 raise ResyncRequired(f"this replica server has no copy of VM {header.vm_name}")
-            if [d.name for d in header.disks] != [p.name for p in vm.files()] or header.config != bool(vm.config_file):
+            if ([d.name for d in header.disks] != [p.name for p in vm.files()] or header.config != bool(vm.config_file)
+                    or header.networks != vm.network_roles()):
                 raise ResyncRequired("the VM's disk set changed")
             if gone := await self.applier.check_copy(vm_id, peer=grant.principal):
                 raise ResyncRequired(missing.message(vm, gone, self.host))

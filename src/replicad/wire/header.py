@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from ..errors import WireError
-from ..model import valid_disk_name, valid_vm_name
+from ..model import NETWORK_ROLES, valid_disk_name, valid_vm_name
 from .mac import MAC_ALG
 
 MAGIC = b"RPLG"
@@ -52,6 +52,7 @@ class Header:
     primary_ports: tuple[int, int] = (0, 0)  # the primary's token and TLS ports, for `reverse`
     history: tuple[int, int] = (0, 3600)  # recovery history (points) and recovery-point interval (s)
     config: bool = False  # the last entry of ``disks`` is the VM's configuration file
+    networks: tuple[str, ...] = ()  # the entries before it (or the last ones) are these failover network files
     extended: bool = False  # sent by a replica server forwarding its copy (extended replication)
     resume: tuple[int, int] | None = None  # initial only: continues an interrupted copy at (disk, offset)
     version: int = VERSION
@@ -67,6 +68,7 @@ class Header:
             **({"primary_ports": list(self.primary_ports)} if any(self.primary_ports) else {}),
             **({"history": list(self.history)} if self.history[0] else {}),
             **({"config": True} if self.config else {}),
+            **({"networks": list(self.networks)} if self.networks else {}),
             **({"extended": True} if self.extended else {}),
             **({"resume": list(self.resume)} if self.resume else {}),
         }, separators=(",", ":")).encode()
@@ -134,6 +136,11 @@ class Header:
         config = doc.get("config", False)
         if not isinstance(config, bool) or (config and len(disks) < 2):
             raise WireError("change-log header: bad config flag")
+        networks = doc.get("networks", [])
+        if (not isinstance(networks, list) or not all(isinstance(n, str) for n in networks)
+                or networks != [r for r in NETWORK_ROLES if r in networks]
+                or len(disks) < 1 + len(networks) + config):
+            raise WireError("change-log header: bad networks list")
         extended = doc.get("extended", False)
         if not isinstance(extended, bool):
             raise WireError("change-log header: bad extended flag")
@@ -151,7 +158,8 @@ class Header:
             raise WireError("change-log header: bad MAC nonce")
         return cls(vm_id, vm_name, epoch, seq, base_seq, kind, time_, consistency, tuple(disks), frequency,
                    mac=mac, mac_nonce=mac_nonce if mac else "", prepared=prepared, primary_ports=(ports[0], ports[1]),
-                   history=(history[0], history[1]), config=config, extended=extended, resume=resume)
+                   history=(history[0], history[1]), config=config, networks=tuple(networks), extended=extended,
+                   resume=resume)
 
 
 _T = TypeVar("_T")
