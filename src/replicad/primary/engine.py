@@ -63,6 +63,7 @@ class PrimaryEngine:
         self._wake: dict[str, asyncio.Event] = {}
         self._waiters: dict[str, list[asyncio.Future]] = {}
         self.progress: dict[str, Progress] = {}
+        self._planned: dict[str, CycleKind] = {}  # the running cycle's kind, once planned
         self._health: dict[str, str] = {}
 
     async def start(self) -> None:
@@ -177,6 +178,7 @@ class PrimaryEngine:
             last_start = time.monotonic()
             log.debug("cycle.started", vm=self.name_of(vm_id), vm_id=vm_id, state=rel.state.value,
                       reason="requested" if waiters else "the VM's tick")
+            self._planned.pop(vm_id, None)
             try:
                 outcome = await self._cycle(vm_id, prepare)
             except asyncio.CancelledError:
@@ -226,7 +228,7 @@ class PrimaryEngine:
         name = self.name_of(vm_id)
         metrics.recorder.cycle_failed(name, missed=rel.seq > 0)
         # a `failedover` answer is authenticated: what an unplanned reverse needs to have heard (reverse.py)
-        failed = states.failure_of(e, utcnow())
+        failed = states.failure_of(e, utcnow(), self._planned.get(vm_id))
         rel = states.transition(rel, failed)
         if failed.failure == Failure.HELD:
             log.error("resync.held", vm=name, vm_id=vm_id, reason=failed.reason, hint=failed.hint)
@@ -307,6 +309,7 @@ class PrimaryEngine:
             self._source_ready(rel.source_vm)
         baselines = Baselines(self.state_dir, vm_id)
         plan = states.plan_cycle(rel)
+        self._planned[vm_id] = plan.kind
         initial, kind = plan.kind == CycleKind.INITIAL, plan.kind.value
         resync_run: resyncs.Resync | None = None
         resume: tuple[int, int] | None = None
