@@ -16,7 +16,7 @@ from typing import Any
 from structlog.typing import EventDict
 
 WATCHED_PREFIXES = ("cycle.", "health.", "replication.", "failover.", "resync.", "relationship.", "state.",
-                    "initial.", "daemon.ready", "daemon.stopping", "log.applied", "log.rejected", "vm.added",
+                    "initial.", "verify.", "daemon.ready", "daemon.stopping", "log.applied", "log.rejected", "vm.added",
                     "vm.removed", "baseline.promoted")
 KEEP = 500
 FOLLOWER_QUEUE = 1000  # a follower this far behind loses lines (and is told how many); the daemon never waits

@@ -25,6 +25,7 @@ from ..tracking.baselines import Baselines
 from ..units import parse_rate
 from .context import Host, actor, body, host_of
 from .qemu_vms import drop_tracking
+from .verify_options import results_json, settings_json, verify_options
 from .vms import get_vm
 
 log = logmod.get("replicad.replication")
@@ -73,6 +74,7 @@ def apply_options(rel: Relationship, doc: dict, host: Host) -> None:
         rel.compression = v
     if "bandwidth_limit" in doc:
         rel.bandwidth_limit = parse_rate(doc["bandwidth_limit"])
+    verify_options(rel, doc)
 
 
 def default_port(auth: str) -> int:
@@ -98,7 +100,8 @@ def rel_json(host: Host, rel: Relationship, name: str) -> dict:
             "sequence": rel.seq, "applied_sequence": rel.applied_seq if rel.role == "replica" else rel.seq,
             "failover_point": rel.failover.get("point") if rel.role == "replica" and rel.state in (
                 S.FAILED_OVER_WAITING, S.FAILED_OVER) else None,
-            "relationship": "Extended" if rel.source_vm else "Simple"}
+            "relationship": "Extended" if rel.source_vm else "Simple",
+            **(settings_json(rel) if rel.role == "primary" else {})}
 
 
 def _rel(host: Host, name: str, *, role: str | None = None, extended: bool = False) -> tuple:
@@ -176,6 +179,7 @@ async def set_replication(request):
     await host.catalog.put_relationship(rel)
     log.info("replication.changed", vm=vm.name, changes=sorted(doc))
     host.primary.kick(vm.id)  # a new frequency takes effect now
+    host.primary.verifies.rescheduled(vm.id)  # and a new verify schedule
     return web.json_response(rel_json(host, rel, vm.name))
 
 
@@ -208,7 +212,7 @@ async def _wait_stream(request, host: Host, vm_id: str, fut: asyncio.Future) -> 
         if waiter is not None and changed is not None:  # set together
             waiter.cancel()
             changed.clear()
-        if prog is not None and loop.time() - last >= 0.2:
+        if prog is not None and not prog.done and loop.time() - last >= 0.2:  # not a finished cycle's
             last = loop.time()
             await resp.write((json.dumps({"progress": {"kind": prog.kind, "seq": prog.seq, "total": prog.total,
                                                        "scanned": prog.scanned, "sent": prog.sent}}) + "\n").encode())
@@ -344,7 +348,8 @@ def measure_json(host: Host, rel: Relationship, name: str) -> dict:
             "average_latency": round(st.latency_total / st.delta_count, 3) if st.delta_count else 0.0,
             "maximum_latency": round(st.maximum_latency, 3), "errors": st.errors,
             "successful_count": st.successful_count, "missed_count": st.missed_count,
-            "pending_size": pending, "monitoring_start": st.monitoring_start, "monitoring_end": utcnow()}
+            "pending_size": pending, "monitoring_start": st.monitoring_start, "monitoring_end": utcnow(),
+            **(results_json(rel) if rel.role == "primary" else {})}
 
 
 async def measure(request):

@@ -37,6 +37,9 @@ def _options(f):
         click.option("--recovery-point-interval", type=int, metavar="SECONDS"),
         click.option("--compression", metavar="true|false", help="zstd compression (default true)."),
         click.option("--bandwidth-limit", metavar="RATE", help="e.g. 40MB, 512KB, 300Mbit; plain numbers are bytes."),
+        click.option("--verify-every", metavar="DURATION", help="A scheduled `verify`: 12h, 7d, … (off: none)."),
+        click.option("--verify-window", metavar="HH:MM-HH:MM", help="When a scheduled verify may start (UTC)."),
+        click.option("--verify-rate", metavar="RATE", help="How fast a verify reads the replica's copy (0: no bound)."),
     ]
     for o in reversed(opts):
         f = o(f)
