@@ -9,7 +9,7 @@ from aiohttp import web
 
 from .. import log as logmod
 from ..errors import ReplicadError
-from . import events, failover, replication, server, verify, vms
+from . import events, failover, recovery_points, replication, server, verify, vms
 from .context import HOST_KEY, MAX_BODY, Host
 
 log = logmod.get("replicad.api")
@@ -37,6 +37,7 @@ def create_app(host: Host) -> web.Application:
     vms.routes(app)
     replication.routes(app)
     verify.routes(app)
+    recovery_points.routes(app)
     failover.routes(app)
     events.routes(app)
     return app

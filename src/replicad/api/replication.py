@@ -20,12 +20,13 @@ from ..primary.producer import CycleProducer, Progress
 from ..primary.trackers import tracker_for
 from ..replica import failover_copy
 from ..replication_states import Exported, Resume, Resync, Seed, StartInitial, Suspend, Sync, require
+from ..retention import history_asked
 from ..times import format_time, parse_time, utcnow
 from ..tracking.baselines import Baselines
 from ..units import parse_rate
 from .context import Host, actor, body, host_of
+from .copy_settings import results_json, retention_json, retention_options, settings_json, verify_options
 from .qemu_vms import drop_tracking
-from .verify_options import results_json, settings_json, verify_options
 from .vms import get_vm
 
 log = logmod.get("replicad.replication")
@@ -75,6 +76,7 @@ def apply_options(rel: Relationship, doc: dict, host: Host) -> None:
     if "bandwidth_limit" in doc:
         rel.bandwidth_limit = parse_rate(doc["bandwidth_limit"])
     verify_options(rel, doc)
+    retention_options(rel, doc)
 
 
 def default_port(auth: str) -> int:
@@ -101,7 +103,7 @@ def rel_json(host: Host, rel: Relationship, name: str) -> dict:
             "failover_point": rel.failover.get("point") if rel.role == "replica" and rel.state in (
                 S.FAILED_OVER_WAITING, S.FAILED_OVER) else None,
             "relationship": "Extended" if rel.source_vm else "Simple",
-            **(settings_json(rel) if rel.role == "primary" else {})}
+            **retention_json(rel), **(settings_json(rel) if rel.role == "primary" else {})}
 
 
 def _rel(host: Host, name: str, *, role: str | None = None, extended: bool = False) -> tuple:
@@ -272,7 +274,7 @@ async def _export(request, host: Host, vm, rel: Relationship, folder: str, *, fo
     producer = CycleProducer(vm, tracker_for(vm, host.config.state_dir), seq=1, base_seq=0, epoch=epoch,
                              kind="initial", time=utcnow(), compress=rel.compression, progress=progress,
                              frequency=rel.frequency)
-    producer.history = (rel.recovery_history, rel.recovery_point_interval)
+    producer.history, producer.retention = history_asked(rel), rel.retention
 
     async def run() -> dict:
         try:

@@ -12,7 +12,8 @@ from ..auth.authorize import DEFAULT_TRUST_GROUP
 from ..errors import Conflict, NotFound, ReplicadError, UsageError
 from ..fsutil import make_private_dir
 from ..model import AuthorizationEntry, AuthType, valid_fqdn
-from ..server_settings import MAX_RECOVERY_HISTORY, ServerSettings, validate_hhmm
+from ..retention import MAX_POINTS
+from ..server_settings import ServerSettings, validate_hhmm
 from ..units import format_duration, parse_duration, parse_size
 from .context import actor, body, host_of
 
@@ -77,8 +78,8 @@ async def set_server(request):
         n = doc["max_recovery_history"]
         if isinstance(n, str) and n.isdigit():
             n = int(n)
-        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_RECOVERY_HISTORY:
-            raise UsageError(f"--max-recovery-history expects 0 to {MAX_RECOVERY_HISTORY}, got {n!r}")
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_POINTS:
+            raise UsageError(f"--max-recovery-history expects 0 to {MAX_POINTS}, got {n!r}")
         changes["max_recovery_history"] = n
     new = replace(s, **changes)
     if new.enabled:

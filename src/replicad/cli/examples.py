@@ -39,6 +39,7 @@ EXAMPLES = {
     "replication reverse": "replicad replication reverse contoso2",
     "replication remove": "replicad replication remove contoso2",
     "replication recovery-points": "replicad replication recovery-points contoso2",
+    "replication unpin-point": "replicad replication unpin-point contoso2 1742",
     "replication test-connection": "replicad replication test-connection --replica-server vmhost1.contoso.com "
                                    "--replica-port 80 --auth token",
 }

@@ -15,6 +15,7 @@ REPL_COLUMNS = ("vm", "mode", "state", "health", "frequency", "primary_server", 
 MEASURE_COLUMNS = ("vm", "state", "health", "last_replication_time", "initial_replication_size", "average_size",
                    "average_latency", "successful_count", "missed_count")
 RESULT_COLUMNS = ("vm", "kind", "seq", "bytes_sent", "data_bytes", "seconds", "consistency")
+POINT_COLUMNS = ("id", "time", "consistency", "size", "pinned")
 
 
 def rpath(vm: str, verb: str = "", *, extended: bool = False) -> str:
@@ -34,6 +35,8 @@ def _options(f):
                      help="Authentication type; a new one without --replica-port moves to its default port."),
         click.option("--frequency", type=int, metavar="SECONDS", help="Cycle frequency: 30, 300, 900 or any ≥ 1."),
         click.option("--recovery-history", type=int, metavar="N", help="Additional recovery points (0-24)."),
+        click.option("--retention", metavar="GRID", help="Instead: which points to keep, zrepl's grid "
+                                                         "'1x1h | 24x1h | 7x1d | 4x1w' (none: back to the history)."),
         click.option("--recovery-point-interval", type=int, metavar="SECONDS"),
         click.option("--compression", metavar="true|false", help="zstd compression (default true)."),
         click.option("--bandwidth-limit", metavar="RATE", help="e.g. 40MB, 512KB, 300Mbit; plain numbers are bytes."),
@@ -259,7 +262,7 @@ def remove(vm, extended):
 @managed
 def recovery_points(vm):
     """List a replica VM's recovery points (id, time, consistency, size), newest first; on the replica."""
-    show(api().call("GET", rpath(vm, "recovery-points")), ("id", "time", "consistency", "size"))
+    show(api().call("GET", rpath(vm, "recovery-points")), POINT_COLUMNS)
 
 
 @replication.command("test-connection")

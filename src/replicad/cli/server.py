@@ -42,14 +42,16 @@ def server_get():
 @click.option("--monitoring-interval", metavar="DURATION", help="Health monitoring interval, e.g. 12h.")
 @click.option("--monitoring-start-time", metavar="HH:MM", help="When monitoring intervals start.")
 @click.option("--max-recovery-history", type=int, metavar="N",
-              help="Keep at most N older recovery points per VM, whatever its primary asks (0-24, default 24).")
+              help="Keep at most N older recovery points per VM (pinned ones aside), whatever its primary asks "
+                   "(0-1000, default 24).")
 @managed
 def server_set(enabled, auth, allow_any_server, default_storage, monitoring_interval, monitoring_start_time,
                max_recovery_history):
     """Change the replica-server settings.
 
     --max-recovery-history caps the recovery history primaries ask for (`replication
-    enable --recovery-history`): each older point keeps an undo log here, up to the size
+    enable --recovery-history`, or the points of a `--retention` grid: a grid of more
+    than 24 points needs it raised here): each older point keeps an undo log here, up to the size
     of what its cycle overwrote, so this bounds what recovery points may cost.
 
     \b

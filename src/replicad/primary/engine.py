@@ -26,6 +26,7 @@ from ..model import VM, Consistency, Relationship
 from ..model import ReplicationState as S
 from ..monitoring import roll as roll_interval
 from ..replication_states import CycleKind, Failure, Step
+from ..retention import history_asked
 from ..server_settings import ServerSettings
 from ..times import utcnow
 from ..tracking.baselines import Baselines
@@ -347,7 +348,7 @@ class PrimaryEngine:
         producer = CycleProducer(vm, tracker, seq=seq, base_seq=rel.seq, epoch=rel.epoch, kind=kind, time=utcnow(),
                                  compress=rel.compression, progress=progress, frequency=rel.frequency)
         producer.mac_key = conv.mac_key
-        producer.history = (rel.recovery_history, rel.recovery_point_interval)
+        producer.history, producer.retention = history_asked(rel), rel.retention
         producer.primary_ports = self.ports
         producer.extended = bool(rel.source_vm)
         producer.resume = resume

@@ -183,6 +183,7 @@ class Receiving:
             rel.seq = seq
             rel.auth = auth
             rel.frequency = header.frequency or rel.frequency
+            rel.retention = header.retention  # the grid the primary asks for (replica/points.py)
             rel.primary_ports = list(header.primary_ports) if any(header.primary_ports) else rel.primary_ports
             await self.catalog.put_relationship(rel)
             final = dataclasses.replace(header, consistency="fuzzy") if trailer.fuzzy else header
@@ -200,6 +201,7 @@ class Receiving:
         rel.epoch = header.epoch  # a resync starts the primary's new epoch here
         rel.error = None
         rel.frequency = header.frequency or rel.frequency
+        rel.retention = header.retention  # the grid the primary asks for (replica/points.py)
         rel.auth = auth
         rel.primary_ports = list(header.primary_ports) if any(header.primary_ports) else rel.primary_ports
         if header.prepared and not trailer.fuzzy:  # a fuzzy capture is no state to fail over to

@@ -1,16 +1,21 @@
-"""The settings and results of `replication verify` as the API takes and shows them
-(`replication enable/set --verify-every/--verify-window/--verify-rate`, `get`, `measure`);
-the verb itself is api/verify.py, the work primary/verify.py."""
+"""How a primary's copies are checked and kept, as the API takes and shows the settings:
+`replication enable/set --verify-every/--verify-window/--verify-rate` (the verb is
+api/verify.py, the work primary/verify.py; results in `measure`) and `--retention GRID`
+(shipped with every log: the replica keeps the points the grid says, replica/points.py)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from .. import log as logmod
 from ..errors import UsageError
 from ..model import Relationship
 from ..primary.verify import next_verify, parse_window
+from ..retention import format_grid, parse_grid, sparse_terms
 from ..times import format_time
 from ..units import format_duration, parse_duration, parse_rate
+
+log = logmod.get("replicad.replication")
 
 
 def verify_options(rel: Relationship, doc: dict) -> None:
@@ -44,3 +49,30 @@ def results_json(rel: Relationship) -> dict:
             "verify_blocks_compared": v.get("compared"), "verify_mismatches": v.get("mismatches"),
             "verify_blocks": v.get("blocks"), "verify_repaired": v.get("repaired"),
             "verify_error": v.get("error"), "last_clean_verify_time": v.get("clean_time")}
+
+
+def retention_options(rel: Relationship, doc: dict) -> None:
+    """`--retention GRID` ('' or none: back to `--recovery-history`), validated; the warning
+    when the frequency cannot fill the grid is logged (and shown by `get`)."""
+    if "retention" not in doc:
+        return
+    grid = parse_grid(str(doc["retention"] or ""))
+    if grid and "recovery_history" in doc:
+        raise UsageError("--retention replaces --recovery-history and --recovery-point-interval; give one")
+    rel.retention = format_grid(grid)
+    warning = retention_warning(rel)
+    if warning:
+        log.warning("replication.retention_sparse", vm_id=rel.vm_id, retention=rel.retention,
+                    frequency=rel.frequency, reason=warning)
+
+
+def retention_warning(rel: Relationship) -> str | None:
+    sparse = sparse_terms(parse_grid(rel.retention), rel.frequency) if rel.retention else []
+    if not sparse:
+        return None
+    return (f"the frequency ({rel.frequency} s) cannot fill the retention grid: the intervals of "
+            f"{', '.join(sparse)} are shorter than a cycle, so most of them stay empty")
+
+
+def retention_json(rel: Relationship) -> dict:
+    return {"retention": rel.retention or None, "retention_warning": retention_warning(rel)}
