@@ -81,9 +81,9 @@ async def test_a_grid_in_seconds_keeps_its_points_and_each_gives_its_moments_byt
     applier = replica.host.replica.applier
     commit = applier.commit
 
-    async def recorded(vm_id, header, facts):
+    async def recorded(vm_id, header, *rest):
         made.append((header.seq, parse_time(header.time).timestamp()))
-        return await commit(vm_id, header, facts)
+        return await commit(vm_id, header, *rest)
     applier.commit = recorded
     await primary.api("POST", "/v1/replications/db/start-initial", {"wait": True})
 

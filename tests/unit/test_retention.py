@@ -69,5 +69,16 @@ def test_a_new_chain_drops_the_pins_with_the_points():
 def test_the_newest_point_pinned_is_kept_when_the_next_one_comes():
     rel = Relationship(vm_id="v", role="replica", applied_seq=2, pinned=[2])
     rel.applied_seq = 3
-    retain(rel, point(2, 2), history=0, interval=3600)  # no history asked: only the pin keeps it
+    retain(rel, point(2, 2), history=1, interval=3600)  # within the interval: only the pin keeps it
+    rel.applied_seq = 4
+    retain(rel, point(3, 3), history=1, interval=3600)
     assert [p["seq"] for p in rel.points] == [2] and rel.pinned == [2]
+
+
+def test_no_history_no_undo_logs_no_pins():
+    """With a history of 0 the apply writes no undo log (replica/applier.py): a pinned
+    point could not be reached, so it is not listed, and the pin goes."""
+    rel = Relationship(vm_id="v", role="replica", applied_seq=3, pinned=[2], points=[point(2, 2)])
+    rel.applied_seq = 4
+    retain(rel, point(3, 3), history=0, interval=3600)
+    assert rel.points == [] and rel.pinned == []

@@ -26,6 +26,9 @@ async def pin(request):
     raw = request.match_info["id"]
     seq = int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 19 else -1
     pinning = request.method == "POST"
+    if pinning and not rel.recovery_history:
+        raise Conflict(f"{vm.name} keeps no recovery points here (its primary asks for none, or `server set "
+                       "--max-recovery-history` is 0): a pinned point needs the undo logs that lead back to it")
     if pinning and not any(p["seq"] == seq for p in points.available(rel)):
         raise NotFound(f"{vm.name} has no recovery point {raw[:32]!r}",
                        hint=f"`replicad replication recovery-points {vm.name}` lists them")

@@ -29,25 +29,30 @@ def retain(rel: Relationship, previous: dict | None, history: int, interval: int
     """Update ``rel.points`` after a commit (``previous`` was the latest point before it).
     Returns the floor: undo logs at or below it are no longer needed. With a retention grid
     (``rel.retention``) the grid decides, else ``history`` points ``interval`` apart; pinned
-    points (``rel.pinned``) are kept either way, beyond ``history``."""
+    points (``rel.pinned``) are kept either way, beyond ``history`` — as long as ``history``
+    is not 0: then no undo log was written for this commit (replica/applier.py), so no older
+    point, pinned or not, can be reached any more."""
+    pins = set(rel.pinned) if history else set()
     candidates = list(rel.points)
     fresh = previous is not None and previous["seq"] > 0
     grid = retention.parse_grid(rel.retention) if rel.retention else []
     if grid and rel.last_point_time:
         kept = retention.keep(grid, parse_time(rel.last_point_time),
-                              candidates + ([previous] if fresh and previous else []), rel.pinned)
+                              candidates + ([previous] if fresh and previous else []), pins)
     else:
         kept = candidates
-        if fresh and previous is not None and (previous["seq"] in rel.pinned or history and (not candidates or (
+        if fresh and previous is not None and (previous["seq"] in pins or history and (not candidates or (
                 parse_time(previous["time"]) - parse_time(candidates[-1]["time"])).total_seconds() >= interval)):
             kept = candidates + [previous]
-    unpinned = [p for p in kept if p["seq"] not in rel.pinned]
+    unpinned = [p for p in kept if p["seq"] not in pins]
     unpinned = unpinned[-history:] if history else []  # the newest `history` (the server's cap with a grid)
-    rel.points = sorted([p for p in kept if p["seq"] in rel.pinned] + unpinned, key=lambda p: p["seq"])
+    rel.points = sorted([p for p in kept if p["seq"] in pins] + unpinned, key=lambda p: p["seq"])
     gone = [s for s in rel.pinned if s != rel.applied_seq and all(p["seq"] != s for p in rel.points)]
-    if gone:  # an initial copy or a resync began a new chain: no older point survives it, pinned or not
+    if gone:
         log.warning("recovery.pins_dropped", vm_id=rel.vm_id, points=gone,
-                    reason="a resync (or an initial copy) replaced the copy: the points before it are gone")
+                    reason="a resync or an initial copy replaced the copy (the points before it are gone)"
+                    if history else "this VM keeps no recovery points any more (its primary asks for none, or "
+                    "`server set --max-recovery-history` is 0): no undo log leads back to them")
         rel.pinned = [s for s in rel.pinned if s not in gone]
     return rel.points[0]["seq"] if rel.points else rel.applied_seq
 
