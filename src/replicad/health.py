@@ -43,6 +43,9 @@ def compute(rel: Relationship, now: datetime | None = None) -> tuple[Health, lis
         critical.append(f"verify found {v['mismatches']} blocks of 4 KiB of the replica's copy differing from "
                         f"point {v.get('point')} ({describe_blocks(v.get('blocks', []))}); "
                         "`replication verify --repair` ships them")
+    if v.get("undo_damaged"):
+        critical.append(f"verify --at-rest found undo logs that do not read back: {'; '.join(v['undo_damaged'][:4])} "
+                        "(the recovery points below them cannot be reached)")
     if rel.state in (S.READY_FOR_INITIAL, S.WAITING_FOR_INITIAL, S.INITIAL_IN_PROGRESS):
         warning.append("initial replication is not complete")
     if rel.state in (S.FAILED_OVER_WAITING, S.FAILED_OVER):

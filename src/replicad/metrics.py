@@ -63,8 +63,8 @@ class Recorder:
         if missed:
             self.missed.labels(*labels).inc(missed)
 
-    def verify_done(self, vm: str, mismatches: int) -> None:
-        self.verify_mismatches.labels(vm, "primary").inc(mismatches)
+    def verify_done(self, vm: str, mismatches: int, role: str = "primary") -> None:
+        self.verify_mismatches.labels(vm, role).inc(mismatches)
 
     def cycle_failed(self, vm: str, missed: bool) -> None:
         self.errors.labels(vm, "primary").inc()

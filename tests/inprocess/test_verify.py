@@ -138,3 +138,48 @@ async def test_a_scheduled_verify_runs_by_itself_in_its_window(pair, tmp_path):
     assert got["next_verify_time"] == f"{opens:%Y-%m-%dT%H:%M}:00Z"  # due now, but the window is closed
     with pytest.raises(ApiFailed, match="HH:MM-HH:MM"):
         await primary.api("PATCH", "/v1/replications/mail", {"verify_window": "25:00-26:00"})
+
+
+async def test_verify_at_rest_checks_the_copy_and_undo_logs_against_digests_recorded_at_commit(pair, tmp_path):
+    """`--at-rest` on the replica, without the primary: the digests recorded at each commit
+    (the whole copy after the initial copy, then only what each log wrote) match the copy;
+    bytes flipped behind replicad's back are found, exactly those blocks, and so is a
+    damaged undo log; after the primary's `--repair` (a resync, a new chain) it is clean."""
+    primary, replica = pair
+    image = await replicating(primary, replica, "app", tmp_path)
+    at_rest = {"at_rest": True, "wait": True}
+    first = await replica.api("POST", "/v1/replications/app/verify", at_rest)
+    assert (first["point"], first["mismatches"], first["undo_damaged"]) == (1, 0, [])
+    await primary.api("PATCH", "/v1/replications/app", {"recovery_history": 2})  # undo logs are kept
+    copy = await replica_disk(replica, "app")
+    for seed in (7, 8):
+        scribble(image, 40, seed=seed)
+        await primary.api("POST", "/v1/replications/app/sync", {"wait": True})
+        await applied(primary, replica, "app")
+        if seed == 7:
+            clean = await replica.api("POST", "/v1/replications/app/verify", {**at_rest, "verify_rate": "64MB"})
+            assert (clean["point"], clean["mismatches"], clean["undo_damaged"]) == (2, 0, [])  # updated in place
+            flip(copy, [3])  # before the next commit: it records what that log wrote, not the whole copy
+    flip(copy, [520, 521])
+    undo = next(iter(sorted((copy.parent.parent / "undo").glob("*.undo"))))
+    raw = bytearray(undo.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    undo.write_bytes(bytes(raw))
+    found = await replica.api("POST", "/v1/replications/app/verify", at_rest)
+    assert found["blocks"] == [{"file": "app.img", "blocks": [[3, 3], [520, 521]]}]
+    assert [d.split(":")[0] for d in found["undo_damaged"]] == [undo.name]
+    measured = await replica.api("GET", "/v1/replications/app/measure")
+    assert measured["health"] == "Critical" and measured["verify_at_rest"] is True
+    assert any("app.img: 3, 520-521" in r for r in measured["health_reasons"])
+    assert any(undo.name in r for r in measured["health_reasons"])
+    with pytest.raises(ApiFailed, match="run it there"):
+        await replica.api("POST", "/v1/replications/app/verify", {**at_rest, "repair": True})
+    with pytest.raises(ApiFailed, match="is a primary here"):
+        await primary.api("POST", "/v1/replications/app/verify", at_rest)
+
+    repaired = await primary.api("POST", "/v1/replications/app/verify", {"repair": True, "wait": True})
+    assert repaired["blocks"] == found["blocks"] and repaired["repair"]["data_bytes"] == 3 * BLOCK
+    await applied(primary, replica, "app")
+    again = await replica.api("POST", "/v1/replications/app/verify", at_rest)
+    assert (again["point"], again["mismatches"], again["undo_damaged"]) == (4, 0, [])
+    assert (await replica.api("GET", "/v1/replications/app/measure"))["health"] == "Normal"

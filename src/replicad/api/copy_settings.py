@@ -48,7 +48,8 @@ def results_json(rel: Relationship) -> dict:
     return {"last_verify_time": v.get("time"), "verify_point": v.get("point"),
             "verify_blocks_compared": v.get("compared"), "verify_mismatches": v.get("mismatches"),
             "verify_blocks": v.get("blocks"), "verify_repaired": v.get("repaired"),
-            "verify_error": v.get("error"), "last_clean_verify_time": v.get("clean_time")}
+            "verify_error": v.get("error"), "last_clean_verify_time": v.get("clean_time"),
+            "verify_at_rest": v.get("at_rest", False), "verify_undo_damaged": v.get("undo_damaged")}
 
 
 def retention_options(rel: Relationship, doc: dict) -> None:

@@ -351,7 +351,7 @@ def measure_json(host: Host, rel: Relationship, name: str) -> dict:
             "maximum_latency": round(st.maximum_latency, 3), "errors": st.errors,
             "successful_count": st.successful_count, "missed_count": st.missed_count,
             "pending_size": pending, "monitoring_start": st.monitoring_start, "monitoring_end": utcnow(),
-            **(results_json(rel) if rel.role == "primary" else {})}
+            **results_json(rel)}
 
 
 async def measure(request):

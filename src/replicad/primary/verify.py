@@ -31,7 +31,7 @@ from ..model import ReplicationState as S
 from ..replication_states import Resync
 from ..times import format_time, parse_time, utcnow
 from ..tracking.baselines import Baselines
-from ..tracking.divergence import Mismatches, mismatches
+from ..tracking.divergence import Mismatches, mismatches, named
 from .resync import common_point, digest_limits
 
 if TYPE_CHECKING:
@@ -93,16 +93,6 @@ def require_verifiable(rel: Relationship, name: str) -> None:
                        rel.state in (S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING) else None)
 
 
-def named(files: list[str], found: Mismatches) -> list[dict]:
-    """The differing runs by file name, at most MAX_RUNS in all."""
-    out, left = [], MAX_RUNS
-    for name, runs in zip(files, found.runs, strict=True):
-        if runs and left > 0:
-            out.append({"file": name, "blocks": runs[:left]})
-            left -= len(runs[:left])
-    return out
-
-
 async def _compare(engine: PrimaryEngine, rel: Relationship, name: str) -> tuple[Mismatches, list[str], int]:
     """The replica's digests at its committed point against the primary's maps of it."""
     vm = engine.vm_of(rel)
@@ -145,7 +135,7 @@ async def verify(engine: PrimaryEngine, vm_id: str, *, repair: bool) -> dict:
             log.error("verify.failed", vm=name, vm_id=vm_id, peer=rel.replica_server, reason=str(e),
                       hint=getattr(e, "hint", None))
             raise
-        blocks = named(files, found)
+        blocks = named(files, found, MAX_RUNS)
         rec = {"time": started, "point": point, "compared": found.compared, "mismatches": found.blocks,
                "blocks": blocks, "seconds": round(time.monotonic() - t0, 3), "error": None, "repaired": False}
         if not found.blocks:

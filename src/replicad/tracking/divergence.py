@@ -132,3 +132,15 @@ def mismatches(replica: list[Path], expected: list[Path]) -> Mismatches | None:
                         runs.append([first + j, first + j])
             out.runs.append(runs)
         return out
+
+
+def named(files: list[str], found: Mismatches, limit: int) -> list[dict[str, object]]:
+    """The differing runs by file name (``{"file", "blocks": [[first, last], …]}``), at most
+    ``limit`` runs in all (the count, ``found.blocks``, is always whole)."""
+    out: list[dict[str, object]] = []
+    left = limit
+    for name, runs in zip(files, found.runs, strict=True):
+        if runs and left > 0:
+            out.append({"file": name, "blocks": runs[:left]})
+            left -= len(runs[:left])
+    return out
