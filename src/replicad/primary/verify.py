@@ -200,7 +200,9 @@ class Verifies:
     def rescheduled(self, vm_id: str) -> None:
         """The VM's schedule (or its last verify) changed: its scheduler looks again."""
         rel = self.engine.catalog.relationship(vm_id)
-        if rel is None or not rel.verify_every:
+        if rel is None or not rel.verify_every:  # a scheduler still waiting sees there is none now
+            if vm_id in self._wake:
+                self._wake[vm_id].set()
             return
         if vm_id not in self._schedulers or self._schedulers[vm_id].done():
             self._wake[vm_id] = asyncio.Event()
