@@ -102,7 +102,7 @@ def rel_json(host: Host, rel: Relationship, name: str) -> dict:
             "sequence": rel.seq, "applied_sequence": rel.applied_seq if rel.role == "replica" else rel.seq,
             "failover_point": rel.failover.get("point") if rel.role == "replica" and rel.state in (
                 S.FAILED_OVER_WAITING, S.FAILED_OVER) else None,
-            "relationship": "Extended" if rel.source_vm else "Simple",
+            "relationship": "Extended" if rel.source_vm else "Simple", "trust_group": rel.trust_group or None,
             **retention_json(rel), **(settings_json(rel) if rel.role == "primary" else {})}
 
 

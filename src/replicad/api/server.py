@@ -153,7 +153,20 @@ async def set_entry(request):
 
 async def remove_entry(request):
     host = host_of(request)
-    pattern = _pattern(await body(request))
+    doc = await body(request)
+    if "trust_group" in doc:  # `auth-entry remove --trust-group G`: every entry of that group
+        if "primary" in doc:
+            raise UsageError("give --primary or --trust-group, not both")
+        group = str(doc["trust_group"])
+        patterns = [e.primary for e in host.catalog.entries() if e.trust_group == group]
+        if not patterns:
+            raise NotFound(f"no authorization entry in trust group {group[:64]!r}")
+        for pattern in patterns:
+            await host.catalog.remove_entry(pattern)
+            await host.catalog.audit(actor(request), "auth-entry.remove", f"{pattern} (trust group {group})")
+            log.info("auth_entry.removed", primary=pattern, trust_group=group)
+        return web.json_response({"removed": patterns})
+    pattern = _pattern(doc)
     if not await host.catalog.remove_entry(pattern):
         raise NotFound(f"no authorization entry for {pattern}")
     await host.catalog.audit(actor(request), "auth-entry.remove", pattern)

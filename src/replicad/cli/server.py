@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..errors import UsageError
 from .common import abs_path, api, bool_text, global_options, managed, show
 
 SERVER_COLUMNS = ("computer_name", "enabled", "auth", "allowed_from_any_server", "default_storage")
@@ -124,8 +125,13 @@ def entry_set(primary, storage, trust_group, max_disk_size, max_storage):
 
 
 @auth_entry.command("remove")
-@click.option("--primary", required=True, metavar="PATTERN")
+@click.option("--primary", metavar="PATTERN", help="The entry's primary (as added).")
+@click.option("--trust-group", metavar="TAG", help="Instead: every entry of this trust group.")
 @managed
-def entry_remove(primary):
-    """Remove an authorization entry: that primary may no longer replicate here (unless another entry matches)."""
-    show(api().call("DELETE", "/v1/auth-entries", {"primary": primary}))
+def entry_remove(primary, trust_group):
+    """Remove an authorization entry (or a trust group's entries): that primary may no longer
+    replicate here (unless another entry matches)."""
+    if (primary is None) == (trust_group is None):
+        raise UsageError("give --primary PATTERN or --trust-group TAG")
+    show(api().call("DELETE", "/v1/auth-entries",
+                    {"primary": primary} if primary is not None else {"trust_group": trust_group}))
