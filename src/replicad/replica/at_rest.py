@@ -3,9 +3,9 @@
 primary — bit rot, a disk that returns other bytes than it was given.
 
 ``<storage>/<vm-id>/at-rest/disk<i>.map``: the digest map of each file of the copy as of
-point ``state.json``'s ``seq`` (tracking/digestmap.py's format; only the 4 KiB block digests
-are kept up to date — the super-block digests of a map updated in place are not, and
-nothing here reads them). ``record`` runs after each commit, the copy still at that point
+point ``state.json``'s ``seq`` (tracking/digestmap.py's format, sparse where it is; only the
+4 KiB block digests are kept up to date — the super-block digests of a map updated in
+place are not, and nothing here reads them). ``record`` runs after each commit, the copy still at that point
 (the applier holds the apply lock): it reads back only the blocks the log wrote and writes
 their digests in place; it digests the whole copy when there is no log (an initial copy
 written straight in), when a file's size changed, or when the recorded digests are not
@@ -33,7 +33,7 @@ from ..fsutil import durable_rename, fsync_dir
 from ..health import describe_blocks
 from ..model import VM, ReplicationState
 from ..times import utcnow
-from ..tracking.digestmap import BLOCK, DigestMapReader, block_offset
+from ..tracking.digestmap import BLOCK, DigestMapReader, block_offset, zero_digest
 from ..tracking.divergence import Mismatches, mismatches, named
 from ..tracking.scan import digest_disks
 from ..wire import RECORD_RESIZE, Record
@@ -86,6 +86,11 @@ def _extents(log_path: Path, n: int) -> list[list[tuple[int, int]]] | None:
 def _update(path: Path, disk: Path, extents: list[tuple[int, int]]) -> None:
     """The block digests of ``extents`` of ``disk``, read back, written into the map."""
     h = xxhash.xxh3_64_intdigest
+    reader = DigestMapReader.open(path)
+    if reader is None:
+        raise ValueError(f"{path}: not a digest map")
+    mask = zero_digest(BLOCK) if reader.sparse else 0  # a sparse map stores digests XORed with the zero block's
+    reader.close()
     size = os.stat(disk).st_size
     blocks = sorted({b for a, e in extents for b in range(a // BLOCK, -(-min(e, size) // BLOCK))})
     with open(disk, "rb") as src, open(path, "r+b") as m:
@@ -96,7 +101,7 @@ def _update(path: Path, disk: Path, extents: list[tuple[int, int]]) -> None:
                 j += 1
             first, count = blocks[i], j - i + 1
             data = os.pread(src.fileno(), count * BLOCK, first * BLOCK)
-            digests = b"".join(h(data[k * BLOCK:(k + 1) * BLOCK]).to_bytes(8, "little")
+            digests = b"".join((h(data[k * BLOCK:(k + 1) * BLOCK]) ^ mask).to_bytes(8, "little")
                                for k in range(-(-len(data) // BLOCK)))
             os.pwrite(m.fileno(), digests, block_offset(first))
             i = j + 1
