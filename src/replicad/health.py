@@ -21,6 +21,13 @@ def _age(ts: str | None, now: datetime) -> float | None:
     return (now - parse_time(ts)).total_seconds()
 
 
+def describe_blocks(blocks: list[dict]) -> str:
+    """A verify's differing blocks as an operator reads them: ``web.img: 3, 17-18`` (4 KiB
+    block numbers; primary/verify.py names at most its first runs)."""
+    return "; ".join(f"{b['file']}: " + ", ".join(str(a) if a == z else f"{a}-{z}" for a, z in b["blocks"])
+                     for b in blocks)
+
+
 def compute(rel: Relationship, now: datetime | None = None) -> tuple[Health, list[str]]:
     now = now or datetime.now(UTC)
     critical, warning = [], []
@@ -31,6 +38,14 @@ def compute(rel: Relationship, now: datetime | None = None) -> tuple[Health, lis
         critical.append("replication is suspended on the replica")
     if rel.error:
         critical.append(rel.error)
+    v = rel.verify
+    if v.get("mismatches") and not v.get("repaired"):
+        critical.append(f"verify found {v['mismatches']} blocks of 4 KiB of the replica's copy differing from "
+                        f"point {v.get('point')} ({describe_blocks(v.get('blocks', []))}); "
+                        "`replication verify --repair` ships them")
+    if v.get("undo_damaged"):
+        critical.append(f"verify --at-rest found undo logs that do not read back: {'; '.join(v['undo_damaged'][:4])} "
+                        "(the recovery points below them cannot be reached)")
     if rel.state in (S.READY_FOR_INITIAL, S.WAITING_FOR_INITIAL, S.INITIAL_IN_PROGRESS):
         warning.append("initial replication is not complete")
     if rel.state in (S.FAILED_OVER_WAITING, S.FAILED_OVER):

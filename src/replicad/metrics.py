@@ -48,6 +48,8 @@ class Recorder:
         self.missed = Counter("replicad_missed_cycles", "Replication cycles missed (failed, or late)", LABELS,
                               registry=r)
         self.resyncs = Counter("replicad_resyncs", "Resynchronizations completed", LABELS, registry=r)
+        self.verify_mismatches = Counter("replicad_verify_mismatches", "Blocks a verify found differing between "
+                                         "the replica's copy and what was shipped", LABELS, registry=r)
         self.duration = Histogram("replicad_cycle_duration_seconds", "Time from capture to the replica's ack",
                                   LABELS, buckets=CYCLE_BUCKETS, registry=r)
 
@@ -60,6 +62,9 @@ class Recorder:
             self.resyncs.labels(*labels).inc()
         if missed:
             self.missed.labels(*labels).inc(missed)
+
+    def verify_done(self, vm: str, mismatches: int, role: str = "primary") -> None:
+        self.verify_mismatches.labels(vm, role).inc(mismatches)
 
     def cycle_failed(self, vm: str, missed: bool) -> None:
         self.errors.labels(vm, "primary").inc()
@@ -104,6 +109,9 @@ class StateCollector:
         hook = GaugeMetricFamily("replicad_failover_hook_failed",
                                  "1 while a failed-over VM's on-failover hook has failed (it is not started)",
                                  labels=LABELS)
+        clean = GaugeMetricFamily("replicad_last_clean_verify_age_seconds",
+                                  "Seconds since the last verify that found the replica's copy exactly as shipped "
+                                  "(primary; absent before the first)", labels=LABELS)
         now = time.time()
         names = {vm.id: vm.name for vm in self.catalog.vms()}
         for rel in self.catalog.relationships():
@@ -122,13 +130,15 @@ class StateCollector:
                 age.add_metric(lab, max(0.0, now - last.timestamp()))
             pending.add_metric(lab, float(self.pending(rel.vm_id) if role == "primary" else 0))
             seq.add_metric(lab, float(rel.seq))
+            if rel.verify.get("clean_time"):
+                clean.add_metric(lab, max(0.0, now - parse_time(rel.verify["clean_time"]).timestamp()))
             st = rel.stats
             interval.add_metric(lab + ["successful"], float(st.successful_count))
             interval.add_metric(lab + ["missed"], float(st.missed_count))
             interval.add_metric(lab + ["errors"], float(st.errors))
             if role == "replica" and rel.failover:
                 hook.add_metric(lab, 1.0 if rel.failover.get("hook_error") else 0.0)
-        yield from (state, health, age, pending, seq, interval, hook)
+        yield from (state, health, age, pending, seq, interval, hook, clean)
         yield from self._plans()
 
     def _plans(self) -> Iterable:

@@ -275,6 +275,12 @@ class Relationship:
     discard_ok: bool = False            # replica: the operator cancelled a failover; its writes may be overwritten
     source_vm: str | None = None        # extended (on a replica server): the replica VM whose copy is forwarded
     extended: bool = False              # replica: this copy is fed by a replica server (mode ExtendedReplica)
+    verify_every: int = 0               # primary: seconds between scheduled verifies (0: none scheduled)
+    verify_window: str = ""             # primary: "HH:MM-HH:MM" (UTC) a scheduled verify starts in ("": any time)
+    verify_rate: int = 0                # primary: bytes a second a verify reads the replica's copy at (0: no bound)
+    verify: dict = field(default_factory=dict)  # primary: the last verify (primary/verify.py: record)
+    retention: str = ""                 # both: the retention grid (retention.py); the replica's, as last shipped
+    pinned: list = field(default_factory=list)  # replica: seqs of points `pin-point` keeps from pruning
 
     def to_json(self) -> dict:
         d = asdict(self)

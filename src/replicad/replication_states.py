@@ -243,18 +243,25 @@ class CycleFailed:
     at: str
     failed_over: bool = False  # the replica answered that its copy failed over (code failedover)
     hint: str | None = None
+    kind: CycleKind | None = None  # what the cycle was (None: it failed before it was planned)
 
 
-def failure_of(e: BaseException, at: str) -> CycleFailed:
-    """A cycle's error sorted as zrepl does (docs/design.md §5)."""
+def failure_of(e: BaseException, at: str, kind: CycleKind | None = None) -> CycleFailed:
+    """A cycle's error sorted as zrepl does (docs/design.md §5); ``kind``: the failed cycle's."""
     failed_over = isinstance(e, ReplicadError) and e.code is ErrorCode.FAILED_OVER
     if isinstance(e, ResyncHeld):
-        return CycleFailed(Failure.HELD, str(e), at, failed_over, e.hint)
+        return CycleFailed(Failure.HELD, str(e), at, failed_over, e.hint, kind)
     if isinstance(e, ReplicadError):
-        kind = (Failure.RESYNC if e.code is ErrorCode.RESYNC else Failure.TRANSIENT if e.transient
-                else Failure.PERMANENT)
-        return CycleFailed(kind, str(e), at, failed_over, e.hint)
-    return CycleFailed(Failure.CRASHED, f"internal error: {type(e).__name__}: {e}", at)
+        failure = (Failure.RESYNC if e.code is ErrorCode.RESYNC else Failure.TRANSIENT if e.transient
+                   else Failure.PERMANENT)
+        return CycleFailed(failure, str(e), at, failed_over, e.hint, kind)
+    return CycleFailed(Failure.CRASHED, f"internal error: {type(e).__name__}: {e}", at, kind=kind)
+
+
+def _resync_asked_meanwhile(rel: Relationship, kind: CycleKind | None) -> bool:
+    """`replication resync` was taken while a cycle that is not the resync ran (the verb
+    sets Resynchronizing at once): that cycle's outcome leaves the resync to the next one."""
+    return rel.state == S.RESYNCHRONIZING and kind is not None and kind != CycleKind.RESYNC
 
 
 # primary: the operator's verbs, and what a prepared primary hears from its replica
@@ -413,6 +420,8 @@ def transition(rel: Relationship, event: Event) -> Relationship:
             out = new(rel, seq=seq, error=None, replica_failed_over={}, last_replication_time=at)
             if kind == CycleKind.RESYNC:
                 out = new(out, awaiting_import=None, seed=False, resync_hold=None, resync_due=False)
+            if _resync_asked_meanwhile(rel, kind):  # the verb wins: no prepare, the resync is next
+                return out
             if rel.state == S.SUSPENDED:  # suspended while it ran: the acknowledgement is recorded, no more;
                 # not prepared, and a continued initial copy's resync is due when replication resumes
                 return new(out, resync_due=out.resync_due or resumed)
@@ -426,9 +435,10 @@ def transition(rel: Relationship, event: Event) -> Relationship:
             if prepared is not None and out.state != S.WAITING_FOR_RESYNC:  # a copy due a resync is no point
                 out = new(out, state=S.PREPARED_FOR_FAILOVER, prepared=dict(prepared))  # to fail over to
             return out
-        case CycleFailed(failure, reason, at, failed_over):
+        case CycleFailed(failure, reason, at, failed_over, _, kind):
             out = new(rel, replica_failed_over=_heard_failed_over(rel, at)) if failed_over else new(rel)
-            if rel.state in VERB_STATES:  # a verb taken while it ran wins: the error is recorded, not the state
+            # a verb taken while it ran wins: the error is recorded, not the state
+            if rel.state in VERB_STATES or _resync_asked_meanwhile(rel, kind):
                 return new(out, error=f"resynchronization required: {reason}" if failure in (
                     Failure.HELD, Failure.RESYNC) else reason)
             if failure == Failure.HELD:

@@ -14,7 +14,7 @@ from .catalog import Catalog
 from .errors import UsageError
 from .model import AuthType
 
-MAX_RECOVERY_HISTORY = 24  # Hyper-V's own limit, and the change-log header's
+MAX_RECOVERY_HISTORY = 24  # Hyper-V's own limit: the default cap (a retention grid may ask up to 1000)
 
 
 @dataclass(frozen=True)

@@ -87,3 +87,43 @@ async def test_a_suspend_before_a_retried_initial_copy_records_its_start_is_kept
         return d["sequence"] == 1 and d
     after = await until(acknowledged, what="the retried initial copy to be acknowledged")
     assert after["state"] == "Suspended"  # the cycle's start did not write its state over the verb's
+
+
+
+@pytest.mark.parametrize("delta", ["acknowledged", "failed"])
+async def test_a_resync_asked_while_a_delta_is_in_flight_runs_after_it(pair, tmp_path, delta):
+    """`replication resync` taken while a delta cycle is in flight: the delta's outcome
+    (its acknowledgement, or a permanent error after it) does not turn the relationship
+    back to Replicating or Error and lose the resync; the next cycle is the resync (its
+    waiter gets a resync's outcome)."""
+    primary, replica = pair
+    image = tmp_path / "app.img"
+    make_sparse_image(image, 2 * MiB, data_pieces=2)
+    await enable(primary, replica, "app", image)
+    await primary.api("POST", "/v1/replications/app/start-initial", {"wait": True})
+    await applied(primary, replica, "app")
+    scribble(image, 5, seed=6)
+    faults = ["once"] if delta == "failed" else []
+
+    def fault(at: str) -> None:
+        if at == "primary-after-ack" and faults:
+            faults.pop()
+            raise ReplicadError("the disk went away after the acknowledgement")
+    primary.host.primary._fault = fault
+    hold = HeldCommits(replica.host.catalog, lambda sql: any("INTO relationships" in s for s in sql))
+    sync = asyncio.create_task(primary.api("POST", "/v1/replications/app/sync", {"wait": True}))
+    await until(hold.held.is_set, what="the replica's commit of the delta to be held")
+    resync = asyncio.create_task(primary.api("POST", "/v1/replications/app/resync", {"wait": True}))
+
+    async def resync_taken():
+        return (await primary.api("GET", "/v1/replications/app"))["state"] == "Resynchronizing"
+    await until(resync_taken, what="the resync verb to be taken")
+    hold.release.set()
+    if delta == "failed":
+        with pytest.raises(ApiFailed, match="the disk went away"):
+            await sync
+    else:
+        assert (await sync)["kind"] == "delta"
+    assert (await resync)["kind"] == "resync"  # not lost when the delta ended
+    after = await primary.api("GET", "/v1/replications/app")
+    assert after["state"] == "Replicating" and after["error"] is None

@@ -68,13 +68,16 @@ def test_the_article_setup_applied_idempotently(hosts, tmp_path):
 
     primary_doc["replications"][0]["frequency"] = 30
     primary_doc["replications"][0]["bandwidth_limit"] = "40MB"
+    primary_doc["replications"][0].update(retention="1x1h|24x60m", verify_every="168h", verify_window="01:00-05:00")
     primary_doc["vms"][0]["hook_timeout"] = 20
     write(tmp_path / "vmhost2.yaml", primary_doc)
     out = primary.cli("apply", "-f", path).stdout
     assert "~ vm contoso2: hook_timeout 300 → 20" in out
     assert "~ replication contoso2: frequency 300 → 30, bandwidth_limit 0 → 40000000" in out
+    assert "retention (none) → 1x1h | 24x1h, verify_every (none) → 7d, verify_window (none) → 01:00-05:00" in out
     got = primary.json("replication", "get", "contoso2")
     assert got["frequency"] == 30 and got["bandwidth_limit"] == 40_000_000
+    assert (got["retention"], got["verify_every"], got["verify_window"]) == ("1x1h | 24x1h", "7d", "01:00-05:00")
     assert primary.cli("apply", "-f", path).stdout.startswith("nothing to change")
     assert primary.json("replication", "get", "contoso2")["sequence"] == 1
 

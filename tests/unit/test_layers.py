@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                "replicad.replication_states",
                "replicad.monitoring", "replicad.metrics", "replicad.fsutil", "replicad.workers",
                "replicad.hooks", "replicad.images", "replicad.notify", "replicad.ownership",
-               "replicad.server_settings")),
+               "replicad.server_settings", "replicad.retention")),
 ]
 # Packages whose members must not import each other's.
 APART = ("replicad.primary", "replicad.replica")

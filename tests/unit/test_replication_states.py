@@ -138,7 +138,7 @@ def _primary(w: World, action: tuple, go) -> World:
         _, failure, failed_over = action
         if w.cycle is None or (failure == Failure.HELD and not w.cycle.automatic):
             raise _NotNow
-        rel = go(rel, rs.CycleFailed(failure, "boom", AT, failed_over))
+        rel = go(rel, rs.CycleFailed(failure, "boom", AT, failed_over, kind=w.cycle.kind))
         return World(rel, None, w.prepare_next)
     if name == "start_initial":
         return dataclasses.replace(w, rel=go(rel, rs.StartInitial("vm", action[1])))

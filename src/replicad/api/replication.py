@@ -20,10 +20,12 @@ from ..primary.producer import CycleProducer, Progress
 from ..primary.trackers import tracker_for
 from ..replica import failover_copy
 from ..replication_states import Exported, Resume, Resync, Seed, StartInitial, Suspend, Sync, require
+from ..retention import history_asked
 from ..times import format_time, parse_time, utcnow
 from ..tracking.baselines import Baselines
 from ..units import parse_rate
 from .context import Host, actor, body, host_of
+from .copy_settings import results_json, retention_json, retention_options, settings_json, verify_options
 from .qemu_vms import drop_tracking
 from .vms import get_vm
 
@@ -77,6 +79,8 @@ def apply_options(rel: Relationship, doc: dict, host: Host) -> None:
         rel.compression = v
     if "bandwidth_limit" in doc:
         rel.bandwidth_limit = parse_rate(doc["bandwidth_limit"])
+    verify_options(rel, doc)
+    retention_options(rel, doc)
 
 
 def default_port(auth: str) -> int:
@@ -102,7 +106,8 @@ def rel_json(host: Host, rel: Relationship, name: str) -> dict:
             "sequence": rel.seq, "applied_sequence": rel.applied_seq if rel.role == "replica" else rel.seq,
             "failover_point": rel.failover.get("point") if rel.role == "replica" and rel.state in (
                 S.FAILED_OVER_WAITING, S.FAILED_OVER) else None,
-            "relationship": "Extended" if rel.source_vm else "Simple"}
+            "relationship": "Extended" if rel.source_vm else "Simple", "trust_group": rel.trust_group or None,
+            **retention_json(rel), **(settings_json(rel) if rel.role == "primary" else {})}
 
 
 def _rel(host: Host, name: str, *, role: str | None = None, extended: bool = False) -> tuple:
@@ -183,6 +188,7 @@ async def set_replication(request):
     await host.catalog.put_relationship(rel)
     log.info("replication.changed", vm=vm.name, changes=sorted(doc))
     host.primary.kick(vm.id)  # a new frequency takes effect now
+    host.primary.verifies.rescheduled(vm.id)  # and a new verify schedule
     return web.json_response(rel_json(host, rel, vm.name))
 
 
@@ -215,7 +221,7 @@ async def _wait_stream(request, host: Host, vm_id: str, fut: asyncio.Future) -> 
         if waiter is not None and changed is not None:  # set together
             waiter.cancel()
             changed.clear()
-        if prog is not None and loop.time() - last >= 0.2:
+        if prog is not None and not prog.done and loop.time() - last >= 0.2:  # not a finished cycle's
             last = loop.time()
             await resp.write((json.dumps({"progress": {"kind": prog.kind, "seq": prog.seq, "total": prog.total,
                                                        "scanned": prog.scanned, "sent": prog.sent}}) + "\n").encode())
@@ -275,7 +281,7 @@ async def _export(request, host: Host, vm, rel: Relationship, folder: str, *, fo
     producer = CycleProducer(vm, tracker_for(vm, host.config.state_dir), seq=1, base_seq=0, epoch=epoch,
                              kind="initial", time=utcnow(), compress=rel.compression, progress=progress,
                              frequency=rel.frequency)
-    producer.history = (rel.recovery_history, rel.recovery_point_interval)
+    producer.history, producer.retention = history_asked(rel), rel.retention
 
     async def run() -> dict:
         try:
@@ -351,7 +357,8 @@ def measure_json(host: Host, rel: Relationship, name: str) -> dict:
             "average_latency": round(st.latency_total / st.delta_count, 3) if st.delta_count else 0.0,
             "maximum_latency": round(st.maximum_latency, 3), "errors": st.errors,
             "successful_count": st.successful_count, "missed_count": st.missed_count,
-            "pending_size": pending, "monitoring_start": st.monitoring_start, "monitoring_end": utcnow()}
+            "pending_size": pending, "monitoring_start": st.monitoring_start, "monitoring_end": utcnow(),
+            **results_json(rel)}
 
 
 async def measure(request):

@@ -12,7 +12,8 @@ from ..auth.authorize import DEFAULT_TRUST_GROUP
 from ..errors import Conflict, NotFound, ReplicadError, UsageError
 from ..fsutil import make_private_dir
 from ..model import AuthorizationEntry, AuthType, valid_fqdn
-from ..server_settings import MAX_RECOVERY_HISTORY, ServerSettings, validate_hhmm
+from ..retention import MAX_POINTS
+from ..server_settings import ServerSettings, validate_hhmm
 from ..units import format_duration, parse_duration, parse_size
 from .context import actor, body, host_of
 
@@ -77,8 +78,8 @@ async def set_server(request):
         n = doc["max_recovery_history"]
         if isinstance(n, str) and n.isdigit():
             n = int(n)
-        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_RECOVERY_HISTORY:
-            raise UsageError(f"--max-recovery-history expects 0 to {MAX_RECOVERY_HISTORY}, got {n!r}")
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_POINTS:
+            raise UsageError(f"--max-recovery-history expects 0 to {MAX_POINTS}, got {n!r}")
         changes["max_recovery_history"] = n
     new = replace(s, **changes)
     if new.enabled:
@@ -152,7 +153,20 @@ async def set_entry(request):
 
 async def remove_entry(request):
     host = host_of(request)
-    pattern = _pattern(await body(request))
+    doc = await body(request)
+    if "trust_group" in doc:  # `auth-entry remove --trust-group G`: every entry of that group
+        if "primary" in doc:
+            raise UsageError("give --primary or --trust-group, not both")
+        group = str(doc["trust_group"])
+        patterns = [e.primary for e in host.catalog.entries() if e.trust_group == group]
+        if not patterns:
+            raise NotFound(f"no authorization entry in trust group {group[:64]!r}")
+        for pattern in patterns:
+            await host.catalog.remove_entry(pattern)
+            await host.catalog.audit(actor(request), "auth-entry.remove", f"{pattern} (trust group {group})")
+            log.info("auth_entry.removed", primary=pattern, trust_group=group)
+        return web.json_response({"removed": patterns})
+    pattern = _pattern(doc)
     if not await host.catalog.remove_entry(pattern):
         raise NotFound(f"no authorization entry for {pattern}")
     await host.catalog.audit(actor(request), "auth-entry.remove", pattern)

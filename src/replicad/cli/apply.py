@@ -52,6 +52,7 @@ from urllib.parse import quote
 import yaml
 
 from ..errors import ConfigError, Conflict, UsageError
+from ..retention import format_grid, parse_grid
 from ..units import format_duration, parse_duration, parse_rate, parse_size
 from . import plans
 from .render import plain
@@ -68,9 +69,11 @@ HOOKS = ("on_start", "on_stop", "pre_snapshot", "post_snapshot", "on_failover", 
 NETWORKS = ("failover_network", "test_failover_network")
 REPL_KEYS = {"vm": str, "replica_server": str, "replica_port": int, "auth": str, "frequency": int,
              "recovery_history": int, "recovery_point_interval": int, "compression": bool,
-             "bandwidth_limit": (str, int), "start_initial": bool}
+             "bandwidth_limit": (str, int), "start_initial": bool, "retention": str, "verify_every": (str, int),
+             "verify_window": str, "verify_rate": (str, int)}
 REPL_SETTINGS = ("replica_server", "replica_port", "auth", "frequency", "recovery_history",
-                 "recovery_point_interval", "compression", "bandwidth_limit")
+                 "recovery_point_interval", "compression", "bandwidth_limit", "retention", "verify_every",
+                 "verify_window", "verify_rate")
 
 
 @dataclass
@@ -274,8 +277,17 @@ def _plan_replications(api, want: list[dict], vms: dict, p: Plan) -> None:
     for r in want:
         vm = r["vm"]
         settings = {k: r[k] for k in REPL_SETTINGS if k in r}
-        if "bandwidth_limit" in settings:
-            settings["bandwidth_limit"] = parse_rate(settings["bandwidth_limit"])
+        for rate in ("bandwidth_limit", "verify_rate"):
+            if rate in settings:
+                settings[rate] = parse_rate(settings[rate])
+        # as `replication get` shows them, so an unchanged setting is no change
+        if "retention" in settings:
+            settings["retention"] = format_grid(parse_grid(settings["retention"])) or None
+        if "verify_every" in settings:
+            every = str(settings["verify_every"]).strip().lower()
+            settings["verify_every"] = None if every in ("0", "off", "none") else format_duration(parse_duration(every))
+        if "verify_window" in settings:
+            settings["verify_window"] = str(settings["verify_window"]).strip() or None
         path = "/v1/replications/" + quote(vm, safe="")
         cur = have.get(vm)
         if cur is None:

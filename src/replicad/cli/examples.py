@@ -40,12 +40,13 @@ EXAMPLES = {
     "replication sync": "replicad replication sync contoso2 --wait",
     "replication measure": "replicad replication measure contoso2 -o list",
     "replication reset-stats": "replicad replication reset-stats contoso2",
-    "replication suspend": "replicad replication suspend contoso2",
-    "replication resume": "replicad replication resume contoso2",
+    "replication suspend": "replicad replication suspend 'contoso*'",
+    "replication resume": "replicad replication resume --state Suspended",
     "replication resync": "replicad replication resync contoso2 --wait",
     "replication reverse": "replicad replication reverse contoso2",
     "replication remove": "replicad replication remove contoso2",
     "replication recovery-points": "replicad replication recovery-points contoso2",
+    "replication unpin-point": "replicad replication unpin-point contoso2 1742",
     "replication test-connection": "replicad replication test-connection --replica-server vmhost1.contoso.com "
                                    "--replica-port 80 --auth token",
 }

@@ -15,6 +15,8 @@ from .. import __version__
 from .. import config as configmod
 from ..errors import ReplicadError, UsageError
 from . import examples
+from . import recovery_points as _points  # noqa: F401 (registers `replication pin-point`, `unpin-point`)
+from . import verify as _verify  # noqa: F401 (registers `replication verify`)
 from .common import api, global_options, managed, output_format, show
 from .plans import plan
 from .replication import REPL_COLUMNS, RESULT_COLUMNS, replication, wait_with_progress

@@ -7,7 +7,8 @@ from urllib.parse import quote
 
 import click
 
-from ..errors import ReplicadError
+from ..errors import ReplicadError, UsageError
+from . import bulk
 from .common import abs_path, api, bool_text, global_options, managed, show
 
 REPL_COLUMNS = ("vm", "mode", "state", "health", "frequency", "primary_server", "replica_server", "replica_port",
@@ -15,6 +16,7 @@ REPL_COLUMNS = ("vm", "mode", "state", "health", "frequency", "primary_server", 
 MEASURE_COLUMNS = ("vm", "state", "health", "last_replication_time", "initial_replication_size", "average_size",
                    "average_latency", "successful_count", "missed_count")
 RESULT_COLUMNS = ("vm", "kind", "seq", "bytes_sent", "data_bytes", "seconds", "consistency")
+POINT_COLUMNS = ("id", "time", "consistency", "size", "pinned")
 
 
 def rpath(vm: str, verb: str = "", *, extended: bool = False) -> str:
@@ -35,9 +37,14 @@ def _options(f):
                      help="Authentication type; a new one without --replica-port moves to its default port."),
         click.option("--frequency", type=int, metavar="SECONDS", help="Cycle frequency: 30, 300, 900 or any ≥ 1."),
         click.option("--recovery-history", type=int, metavar="N", help="Additional recovery points (0-24)."),
+        click.option("--retention", metavar="GRID", help="Instead: which points to keep, zrepl's grid "
+                                                         "'1x1h | 24x1h | 7x1d | 4x1w' (none: back to the history)."),
         click.option("--recovery-point-interval", type=int, metavar="SECONDS"),
         click.option("--compression", metavar="true|false", help="zstd compression (default true)."),
         click.option("--bandwidth-limit", metavar="RATE", help="e.g. 40MB, 512KB, 300Mbit; plain numbers are bytes."),
+        click.option("--verify-every", metavar="DURATION", help="A scheduled `verify`: 12h, 7d, … (off: none)."),
+        click.option("--verify-window", metavar="HH:MM-HH:MM", help="When a scheduled verify may start (UTC)."),
+        click.option("--verify-rate", metavar="RATE", help="How fast a verify reads the replica's copy (0: no bound)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -118,13 +125,29 @@ def set_(vm, **kw):
     show(api().call("PATCH", rpath(vm), _body(**kw)), REPL_COLUMNS)
 
 
+def _bulk(vm, all_, state, health, trust_group, extended, method: str, verb: str, columns) -> None:
+    """One VM by name, or those a pattern, --all or the filters choose (cli/bulk.py)."""
+    if not bulk.is_bulk(vm, all_, state, health, trust_group):
+        show(api().call(method, rpath(vm, verb, extended=extended)), columns)
+        return
+    if extended:
+        raise UsageError("--extended addresses one VM by name; a pattern or --all includes extended relationships")
+    chosen = bulk.select(vm, all_, state, health, trust_group, required=method != "GET" or bool(verb))
+    out, failed = bulk.each(chosen, method, rpath, verb) if verb or method != "GET" else (chosen, 0)
+    show(out, columns)
+    if failed:
+        sys.exit(1)
+
+
 @replication.command("get")
 @click.argument("vm", required=False)
+@bulk.filter_options
 @managed
 @extended_option
-def get(vm, extended):
-    """Show replication settings and state (all VMs without an argument)."""
-    show(api().call("GET", rpath(vm, extended=extended) if vm else "/v1/replications"), REPL_COLUMNS)
+def get(vm, all_, state, health, trust_group, extended):
+    """Show replication settings and state (all VMs without an argument; VM may be a
+    pattern such as 'contoso*'; the filters combine, as Get-VMReplication's do)."""
+    _bulk(vm, all_, state, health, trust_group, extended, "GET", "", REPL_COLUMNS)
 
 
 @replication.command("start-initial")
@@ -184,12 +207,14 @@ def sync(vm, wait):
 
 
 @replication.command("measure")
-@click.argument("vm")
+@click.argument("vm", required=False)
+@bulk.filter_options
 @managed
 @extended_option
-def measure(vm, extended):
-    """Statistics and health of the current monitoring interval (Measure-VMReplication)."""
-    show(api().call("GET", rpath(vm, "measure", extended=extended)), MEASURE_COLUMNS)
+def measure(vm, all_, state, health, trust_group, extended):
+    """Statistics and health of the current monitoring interval (Measure-VMReplication):
+    one VM, a pattern such as 'contoso*', --all, or the filters."""
+    _bulk(vm, all_, state, health, trust_group, extended, "GET", "measure", MEASURE_COLUMNS)
 
 
 @replication.command("reset-stats")
@@ -202,21 +227,25 @@ def reset_stats(vm, extended):
 
 
 @replication.command("suspend")
-@click.argument("vm")
+@click.argument("vm", required=False)
+@bulk.filter_options
 @managed
 @extended_option
-def suspend(vm, extended):
-    """Pause replication (changes keep being tracked)."""
-    show(api().call("POST", rpath(vm, "suspend", extended=extended)), REPL_COLUMNS)
+def suspend(vm, all_, state, health, trust_group, extended):
+    """Pause replication (changes keep being tracked): one VM, a pattern such as
+    'contoso*', --all, or the filters (each refusal on stderr; exit 1 if any)."""
+    _bulk(vm, all_, state, health, trust_group, extended, "POST", "suspend", REPL_COLUMNS)
 
 
 @replication.command("resume")
-@click.argument("vm")
+@click.argument("vm", required=False)
+@bulk.filter_options
 @managed
 @extended_option
-def resume(vm, extended):
-    """Resume replication; the merged changes ship in one cycle."""
-    show(api().call("POST", rpath(vm, "resume", extended=extended)), REPL_COLUMNS)
+def resume(vm, all_, state, health, trust_group, extended):
+    """Resume replication; the merged changes ship in one cycle. One VM, a pattern, --all
+    or the filters, as for suspend."""
+    _bulk(vm, all_, state, health, trust_group, extended, "POST", "resume", REPL_COLUMNS)
 
 
 @replication.command("resync")
@@ -257,7 +286,7 @@ def remove(vm, extended):
 @managed
 def recovery_points(vm):
     """List a replica VM's recovery points (id, time, consistency, size), newest first; on the replica."""
-    show(api().call("GET", rpath(vm, "recovery-points")), ("id", "time", "consistency", "size"))
+    show(api().call("GET", rpath(vm, "recovery-points")), POINT_COLUMNS)
 
 
 @replication.command("test-connection")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..errors import UsageError
 from .common import abs_path, api, bool_text, global_options, managed, show
 
 SERVER_COLUMNS = ("computer_name", "enabled", "auth", "allowed_from_any_server", "default_storage")
@@ -42,14 +43,16 @@ def server_get():
 @click.option("--monitoring-interval", metavar="DURATION", help="Health monitoring interval, e.g. 12h.")
 @click.option("--monitoring-start-time", metavar="HH:MM", help="When monitoring intervals start.")
 @click.option("--max-recovery-history", type=int, metavar="N",
-              help="Keep at most N older recovery points per VM, whatever its primary asks (0-24, default 24).")
+              help="Keep at most N older recovery points per VM (pinned ones aside), whatever its primary asks "
+                   "(0-1000, default 24).")
 @managed
 def server_set(enabled, auth, allow_any_server, default_storage, monitoring_interval, monitoring_start_time,
                max_recovery_history):
     """Change the replica-server settings.
 
     --max-recovery-history caps the recovery history primaries ask for (`replication
-    enable --recovery-history`): each older point keeps an undo log here, up to the size
+    enable --recovery-history`, or the points of a `--retention` grid: a grid of more
+    than 24 points needs it raised here): each older point keeps an undo log here, up to the size
     of what its cycle overwrote, so this bounds what recovery points may cost.
 
     \b
@@ -122,8 +125,13 @@ def entry_set(primary, storage, trust_group, max_disk_size, max_storage):
 
 
 @auth_entry.command("remove")
-@click.option("--primary", required=True, metavar="PATTERN")
+@click.option("--primary", metavar="PATTERN", help="The entry's primary (as added).")
+@click.option("--trust-group", metavar="TAG", help="Instead: every entry of this trust group.")
 @managed
-def entry_remove(primary):
-    """Remove an authorization entry: that primary may no longer replicate here (unless another entry matches)."""
-    show(api().call("DELETE", "/v1/auth-entries", {"primary": primary}))
+def entry_remove(primary, trust_group):
+    """Remove an authorization entry (or a trust group's entries): that primary may no longer
+    replicate here (unless another entry matches)."""
+    if (primary is None) == (trust_group is None):
+        raise UsageError("give --primary PATTERN or --trust-group TAG")
+    show(api().call("DELETE", "/v1/auth-entries",
+                    {"primary": primary} if primary is not None else {"trust_group": trust_group}))

@@ -26,6 +26,7 @@ from ..model import VM, Consistency, Relationship
 from ..model import ReplicationState as S
 from ..monitoring import roll as roll_interval
 from ..replication_states import CycleKind, Failure, Step
+from ..retention import history_asked
 from ..server_settings import ServerSettings
 from ..times import utcnow
 from ..tracking.baselines import Baselines
@@ -36,6 +37,7 @@ from . import resync as resyncs
 from .prepared import prepared_record
 from .producer import CycleProducer, Progress
 from .trackers import tracker_for
+from .verify import Verifies
 
 log = logmod.get("replicad.primary")
 BACKOFF_START, BACKOFF_MAX = 1.0, 60.0
@@ -63,6 +65,9 @@ class PrimaryEngine:
         self._wake: dict[str, asyncio.Event] = {}
         self._waiters: dict[str, list[asyncio.Future]] = {}
         self.progress: dict[str, Progress] = {}
+        self._planned: dict[str, CycleKind] = {}  # the running cycle's kind, once planned
+        self._cycle_locks: dict[str, asyncio.Lock] = {}
+        self.verifies = Verifies(self)
         self._health: dict[str, str] = {}
 
     async def start(self) -> None:
@@ -70,10 +75,12 @@ class PrimaryEngine:
             if rel.role == "primary":
                 Baselines(self.state_dir, rel.vm_id).drop_unsealed()
                 self.ensure(rel.vm_id)
+                self.verifies.rescheduled(rel.vm_id)
                 log.info("relationship.resumed", vm=self.name_of(rel.vm_id), vm_id=rel.vm_id, state=rel.state.value,
                          reason="restored from the catalog at start")
 
     async def stop(self) -> None:
+        await self.verifies.stop()
         for t in self._tasks.values():
             t.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
@@ -96,6 +103,7 @@ class PrimaryEngine:
 
     async def forget(self, vm_id: str) -> None:
         """Stop the VM's supervisor and wait until its cycle (and producer thread) is gone."""
+        await self.verifies.stop(vm_id)
         task = self._tasks.pop(vm_id, None)
         if task:
             task.cancel()
@@ -104,6 +112,10 @@ class PrimaryEngine:
         for fut in self._waiters.pop(vm_id, []):
             if not fut.done():
                 fut.set_exception(ReplicadError("replication was removed"))
+
+    def cycle_lock(self, vm_id: str) -> asyncio.Lock:
+        """Held while a cycle of the VM runs, and while a verify compares its point."""
+        return self._cycle_locks.setdefault(vm_id, asyncio.Lock())
 
     def kick(self, vm_id: str) -> None:
         self.ensure(vm_id)
@@ -170,15 +182,21 @@ class PrimaryEngine:
                 if step.step == Step.PREPARED:
                     await prepared.ask_replica(self, vm_id)
                 continue
-            self._wake[vm_id].clear()
+            lock = self.cycle_lock(vm_id)
+            if lock.locked():  # a verify holds the point: the schedule is looked at again after it
+                async with lock:
+                    continue
+            self._wake[vm_id].clear()  # from here to the lock's acquisition, nothing yields
             waiters, self._waiters[vm_id] = self._waiters.get(vm_id, []), []
             prepare = vm_id in self.prepare_next  # this cycle is the one a `--prepare` waits for
             self.prepare_next.discard(vm_id)
             last_start = time.monotonic()
             log.debug("cycle.started", vm=self.name_of(vm_id), vm_id=vm_id, state=rel.state.value,
                       reason="requested" if waiters else "the VM's tick")
+            self._planned.pop(vm_id, None)
             try:
-                outcome = await self._cycle(vm_id, prepare)
+                async with lock:
+                    outcome = await self._cycle(vm_id, prepare)
             except asyncio.CancelledError:
                 me = asyncio.current_task()
                 assert me is not None  # this coroutine runs as the supervisor's task
@@ -226,7 +244,7 @@ class PrimaryEngine:
         name = self.name_of(vm_id)
         metrics.recorder.cycle_failed(name, missed=rel.seq > 0)
         # a `failedover` answer is authenticated: what an unplanned reverse needs to have heard (reverse.py)
-        failed = states.failure_of(e, utcnow())
+        failed = states.failure_of(e, utcnow(), self._planned.get(vm_id))
         rel = states.transition(rel, failed)
         if failed.failure == Failure.HELD:
             log.error("resync.held", vm=name, vm_id=vm_id, reason=failed.reason, hint=failed.hint)
@@ -307,6 +325,7 @@ class PrimaryEngine:
             self._source_ready(rel.source_vm)
         baselines = Baselines(self.state_dir, vm_id)
         plan = states.plan_cycle(rel)
+        self._planned[vm_id] = plan.kind
         initial, kind = plan.kind == CycleKind.INITIAL, plan.kind.value
         resync_run: resyncs.Resync | None = None
         resume: tuple[int, int] | None = None
@@ -329,7 +348,7 @@ class PrimaryEngine:
         producer = CycleProducer(vm, tracker, seq=seq, base_seq=rel.seq, epoch=rel.epoch, kind=kind, time=utcnow(),
                                  compress=rel.compression, progress=progress, frequency=rel.frequency)
         producer.mac_key = conv.mac_key
-        producer.history = (rel.recovery_history, rel.recovery_point_interval)
+        producer.history, producer.retention = history_asked(rel), rel.retention
         producer.primary_ports = self.ports
         producer.extended = bool(rel.source_vm)
         producer.resume = resume

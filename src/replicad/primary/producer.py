@@ -62,6 +62,7 @@ class CycleProducer:
         self.prepared = False                     # the final log before a planned failover
         self.primary_ports: tuple[int, int] = (0, 0)
         self.history: tuple[int, int] = (0, 3600)
+        self.retention = ""  # a retention grid: the replica keeps its points (history[0]: how many)
         self.extended = False      # forwarding a replica copy to a third host
         self.fault: Callable[[str], None] = lambda phase: None  # test-only crash points
         self.resume: tuple[int, int] | None = None  # initial: continue at (disk, offset) of an interrupted copy
@@ -118,9 +119,8 @@ class CycleProducer:
                         tuple(DiskInfo(i, name, ident.size)
                               for i, (name, ident) in enumerate(zip(self.vm.copy_names(), idents, strict=True))),
                         self.frequency, prepared=self.prepared, primary_ports=self.primary_ports,
-                        history=self.history, config=bool(self.vm.config_file), networks=self.vm.network_roles(),
-                        extended=self.extended,
-                        resume=self.resume)
+                        history=self.history, retention=self.retention, config=bool(self.vm.config_file),
+                        networks=self.vm.network_roles(), extended=self.extended, resume=self.resume)
         return views, header
 
     def batches(self) -> Generator[list[bytes | memoryview], None, None]:

@@ -20,7 +20,7 @@ from ..server_settings import ServerSettings
 from ..times import utcnow
 from ..tracking.digestmap import identities
 from ..wire import Header
-from . import missing, points
+from . import at_rest, missing, points
 from .apply import PartlyWritten, discard, read_header, rollback, write_point
 from .layout import VMDir
 
@@ -134,6 +134,9 @@ class Applier:
                         facts = await workers.APPLY.run(self.copy_facts, vm_id)
                         floor = await self.commit(vm_id, header, facts, kept)
                         self._fault("after-commit")
+                        # `verify --at-rest`: the digests of what the log wrote (issue 20; never raises)
+                        await workers.APPLY.run(at_rest.record_quietly, vmdir, seq, header.epoch, disks,
+                                                vmdir.log(seq))
                         await workers.APPLY.run(discard, vmdir, seq)
                         await workers.APPLY.run(points.drop_undo, vmdir, floor)
                 except asyncio.CancelledError:

@@ -290,7 +290,8 @@ class Failovers:
         """`recovery-points`: each listed point with its undo size (blocking: a thread)."""
         vmdir = VMDir.of(rel.storage, vm.id)
         return [{"id": str(p["seq"]), "time": p["time"], "consistency": p["consistency"],
-                 "size": points.undo_bytes(vmdir, rel, p["seq"])} for p in points.available(rel)]
+                 "size": points.undo_bytes(vmdir, rel, p["seq"]), "pinned": p["seq"] in rel.pinned}
+                for p in points.available(rel)]
 
 
 def drop_points(files: list[Path], vmdir: VMDir) -> None:

@@ -1,33 +1,60 @@
-"""Recovery points on the replica (SPEC §3.4 `--recovery-history`, `--recovery-point-interval`).
+"""Recovery points on the replica (SPEC §3.4 `--recovery-history`, `--recovery-point-interval`;
+issue 20: `--retention` grids and pinned points).
 
 The latest committed point is the copy itself. Older points are kept as a chain of undo
 logs: undo log k turns point k back into point k-1, so any retained point p is the copy
 with undo logs latest..p+1 applied in reverse order. Retention keeps at most N older
-points, at least one interval apart; every undo log above the oldest retained point is
-kept (the chain must be whole), everything at or below it is deleted. The point the next
-cycle builds on is the latest, which is never pruned."""
+points, at least one interval apart — or, with a retention grid (``rel.retention``, as the
+primary's logs ask), the points the grid keeps (retention.py); pinned points
+(``rel.pinned``, `replication pin-point`) are kept either way. Every undo log above the
+oldest retained point is kept (the chain must be whole), everything at or below it is
+deleted. The point the next cycle builds on is the latest, which is never pruned."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from .. import log as logmod
+from .. import retention
 from ..model import Relationship, ReplicationState
 from ..times import parse_time
 from .apply import apply_records
 from .layout import VMDir
 
+log = logmod.get("replicad.replica")
+
 
 def retain(rel: Relationship, previous: dict | None, history: int, interval: int) -> int:
     """Update ``rel.points`` after a commit (``previous`` was the latest point before it).
-    Returns the floor: undo logs at or below it are no longer needed."""
-    points = list(rel.points) if history else []
-    if history and previous is not None and previous["seq"] > 0:
-        if not points or (parse_time(previous["time"]) - parse_time(points[-1]["time"])).total_seconds() >= interval:
-            points.append(previous)
-    points = points[-history:] if history else []
-    rel.points = points
-    return points[0]["seq"] if points else rel.applied_seq
+    Returns the floor: undo logs at or below it are no longer needed. With a retention grid
+    (``rel.retention``) the grid decides, else ``history`` points ``interval`` apart; pinned
+    points (``rel.pinned``) are kept either way, beyond ``history`` — as long as ``history``
+    is not 0: then no undo log was written for this commit (replica/applier.py), so no older
+    point, pinned or not, can be reached any more."""
+    pins = set(rel.pinned) if history else set()
+    candidates = list(rel.points)
+    fresh = previous is not None and previous["seq"] > 0
+    grid = retention.parse_grid(rel.retention) if rel.retention else []
+    if grid and rel.last_point_time:
+        kept = retention.keep(grid, parse_time(rel.last_point_time),
+                              candidates + ([previous] if fresh and previous else []), pins)
+    else:
+        kept = candidates
+        if fresh and previous is not None and (previous["seq"] in pins or history and (not candidates or (
+                parse_time(previous["time"]) - parse_time(candidates[-1]["time"])).total_seconds() >= interval)):
+            kept = candidates + [previous]
+    unpinned = [p for p in kept if p["seq"] not in pins]
+    unpinned = unpinned[-history:] if history else []  # the newest `history` (the server's cap with a grid)
+    rel.points = sorted([p for p in kept if p["seq"] in pins] + unpinned, key=lambda p: p["seq"])
+    gone = [s for s in rel.pinned if s != rel.applied_seq and all(p["seq"] != s for p in rel.points)]
+    if gone:
+        log.warning("recovery.pins_dropped", vm_id=rel.vm_id, points=gone,
+                    reason="a resync or an initial copy replaced the copy (the points before it are gone)"
+                    if history else "this VM keeps no recovery points any more (its primary asks for none, or "
+                    "`server set --max-recovery-history` is 0): no undo log leads back to them")
+        rel.pinned = [s for s in rel.pinned if s not in gone]
+    return rel.points[0]["seq"] if rel.points else rel.applied_seq
 
 
 def drop_undo(vmdir: VMDir, floor: int) -> None:

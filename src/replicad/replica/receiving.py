@@ -30,7 +30,7 @@ from ..model import ReplicationState
 from ..tracking.digestmap import identities
 from ..transport.endpoints import IncomingLog
 from ..wire import Header, LogDecoder
-from . import missing, points
+from . import at_rest, missing, points
 from .admission import Admission
 from .adoption import Adoption
 from .applier import Applier
@@ -184,11 +184,14 @@ class Receiving:
             rel.seq = seq
             rel.auth = auth
             rel.frequency = header.frequency or rel.frequency
+            rel.retention = header.retention  # the grid the primary asks for (replica/points.py)
             rel.primary_ports = list(header.primary_ports) if any(header.primary_ports) else rel.primary_ports
             await self.catalog.put_relationship(rel)
             final = dataclasses.replace(header, consistency="fuzzy") if trailer.fuzzy else header
             facts = await workers.RECEIVE.run(self.applier.copy_facts, vm_id)
             await workers.RECEIVE.run(points.drop_undo, vmdir, await self.applier.commit(vm_id, final, facts))
+            await workers.RECEIVE.run(at_rest.record_quietly, vmdir, seq, header.epoch,
+                                      self.catalog.require_vm(vm_id).files(), None)  # the whole new copy
             (vmdir.root / PROGRESS_FILE).unlink(missing_ok=True)
             bound.info("log.acknowledged", bytes=received, records=dec.records, base=0, applied="while received",
                        connection=incoming.connection)
@@ -201,6 +204,7 @@ class Receiving:
         rel.epoch = header.epoch  # a resync starts the primary's new epoch here
         rel.error = None
         rel.frequency = header.frequency or rel.frequency
+        rel.retention = header.retention  # the grid the primary asks for (replica/points.py)
         rel.auth = auth
         rel.primary_ports = list(header.primary_ports) if any(header.primary_ports) else rel.primary_ports
         if header.prepared and not trailer.fuzzy:  # a fuzzy capture is no state to fail over to

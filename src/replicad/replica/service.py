@@ -140,9 +140,10 @@ class ReplicaService:
                 out["initial_progress"] = {k: got[k] for k in ("epoch", "seq", "disk", "offset")}
         return out
 
-    async def digests(self, principal: str, auth: str, vm_id: str) -> tuple[dict, list[Path]]:
-        """The block digests of a replica copy as it is now, for a resync: every acknowledged
-        log applied first, then the copy read under the apply lock. Returns (meta, map files)."""
+    async def digests(self, principal: str, auth: str, vm_id: str, rate: int = 0) -> tuple[dict, list[Path]]:
+        """The block digests of a replica copy as it is now, for a resync or a verify: every
+        acknowledged log applied first, then the copy read under the apply lock (at most
+        ``rate`` bytes a second, 0: unbounded). Returns (meta, map files)."""
         grant = self.grant_for(principal, auth)
         self.admission.check(grant, vm_id, partner_ok=True)
         rel = self.catalog.relationship(vm_id)
@@ -166,7 +167,7 @@ class ReplicaService:
             if rel is None:  # removed while the acknowledged logs were applied
                 raise ResyncRequired("this replica server has no copy of that VM")
             try:
-                written = await workers.DIGESTS.run(digest_disks, vm.files(), folder, compress=True)
+                written = await workers.DIGESTS.run(digest_disks, vm.files(), folder, compress=True, rate=rate)
             except BaseException:
                 await workers.DIGESTS.run(shutil.rmtree, folder, True)
                 raise

@@ -52,6 +52,11 @@ def map_bytes(size: int) -> int:
     return _HEADER.size + 8 * (blocks + -(-blocks // SUPER))
 
 
+def block_offset(block: int) -> int:
+    """Where block ``block``'s digest is in a map file (replica/at_rest.py updates them in place)."""
+    return _HEADER.size + 8 * block
+
+
 @lru_cache(maxsize=8)
 def zero_digest(length: int) -> int:
     return xxhash.xxh3_64_intdigest(bytes(length))

@@ -9,6 +9,8 @@ the primary is ordinary new data. Maps only are read: 8 bytes per 4 KiB block.""
 from __future__ import annotations
 
 from array import array
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,14 +45,28 @@ def _open(paths: list[Path] | None, n: int) -> list[DigestMapReader | None]:
     return [DigestMapReader.open(p) for p in paths]
 
 
+@contextmanager
+def _opened(*paths: list[Path] | None, n: int) -> Iterator[list[list[DigestMapReader | None]] | None]:
+    """Readers of each list of maps (None-lists give Nones), closed on exit; None when a
+    map that was asked for is missing or damaged."""
+    groups = [_open(p, n) for p in paths]
+    try:
+        complete = all(r is not None for g, p in zip(groups, paths, strict=True) if p is not None for r in g)
+        yield groups if complete else None
+    finally:
+        for g in groups:
+            for r in g:
+                if r is not None:
+                    r.close()
+
+
 def compare(replica: list[Path], primary: list[Path], base: list[Path] | None = None) -> Divergence | None:
     """The divergence between two copies, and (with ``base``) which side moved. ``primary``
     may be None-free but shorter lists are refused: None when the maps do not line up."""
     if len(replica) != len(primary) or (base is not None and len(base) != len(replica)):
         return None
-    groups = [_open(replica, len(replica)), _open(primary, len(primary)), _open(base, len(replica))]
-    try:
-        if any(r is None for r in groups[0] + groups[1]) or (base is not None and any(r is None for r in groups[2])):
+    with _opened(replica, primary, base, n=len(replica)) as groups:
+        if groups is None:
             return None
         d = Divergence()
         for i in range(len(replica)):
@@ -70,14 +86,61 @@ def compare(replica: list[Path], primary: list[Path], base: list[Path] | None = 
                         d.primary_moved += p_moved
                         d.both_moved += r_moved and p_moved
         return d
-    finally:
-        for g in groups:
-            for r in g:
-                if r is not None:
-                    r.close()
 
 
 def replica_moved(replica: list[Path], base: list[Path]) -> int | None:
     """Blocks of the replica copy that differ from the common point (None: cannot tell)."""
     d = compare(replica, base, base)
     return None if d is None else d.differing
+
+
+@dataclass
+class Mismatches:
+    """Where two copies of the same point differ (a verify): per file, runs of differing
+    4 KiB blocks as [first, last] (inclusive), and how many blocks were compared."""
+
+    compared: int
+    runs: list[list[list[int]]]
+
+    @property
+    def blocks(self) -> int:
+        return sum(last - first + 1 for disk in self.runs for first, last in disk)
+
+
+def mismatches(replica: list[Path], expected: list[Path]) -> Mismatches | None:
+    """The blocks where ``replica``'s maps differ from ``expected``'s (a copy that should
+    hold exactly the expected point); None when the maps do not line up."""
+    if len(replica) != len(expected):
+        return None
+    with _opened(replica, expected, n=len(replica)) as groups:
+        if groups is None:
+            return None
+        out = Mismatches(0, [])
+        for rep_map, exp_map in zip(*groups, strict=True):
+            blocks = max(r.blocks for r in (rep_map, exp_map) if r is not None)
+            out.compared += blocks
+            runs: list[list[int]] = []
+            for first in range(0, blocks, STEP):
+                count = min(STEP, blocks - first)
+                rep, exp = _slices([rep_map, exp_map], first, count)
+                if rep == exp:
+                    continue
+                for j in (j for j in range(count) if rep[j] != exp[j]):
+                    if runs and runs[-1][1] == first + j - 1:
+                        runs[-1][1] += 1
+                    else:
+                        runs.append([first + j, first + j])
+            out.runs.append(runs)
+        return out
+
+
+def named(files: list[str], found: Mismatches, limit: int) -> list[dict[str, object]]:
+    """The differing runs by file name (``{"file", "blocks": [[first, last], …]}``), at most
+    ``limit`` runs in all (the count, ``found.blocks``, is always whole)."""
+    out: list[dict[str, object]] = []
+    left = limit
+    for name, runs in zip(files, found.runs, strict=True):
+        if runs and left > 0:
+            out.append({"file": name, "blocks": runs[:left]})
+            left -= len(runs[:left])
+    return out

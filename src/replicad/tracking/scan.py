@@ -331,19 +331,25 @@ def _states(new: array[int], old: array[int], zd: int) -> bytes:
 
 
 def digest_disks(disks: list[Path], folder: Path, name: Callable[[int], str] = lambda i: f"disk{i}.map", *,
-                 compress: bool = False) -> list[tuple[Path, int]]:
+                 compress: bool = False, rate: int = 0) -> list[tuple[Path, int]]:
     """Write the digest map of each disk as it is now into ``folder`` (one full read each);
-    used where a side must learn a copy's exact state: resync and reverse. Returns each
-    map and its (uncompressed) length; ``compress``: maps only to be streamed
-    (digestmap.open_stream), holes costing next to nothing."""
+    used where a side must learn a copy's exact state: resync, verify and reverse. Returns
+    each map and its (uncompressed) length; ``compress``: maps only to be streamed
+    (digestmap.open_stream), holes costing next to nothing; ``rate``: at most this many
+    bytes read per second (0: as fast as the disk goes), for a verify (`--verify-rate`)."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
+    began, read = time.monotonic(), 0
     for i, p in enumerate(disks):
         dst = folder / name(i)
         dst.unlink(missing_ok=True)
         scan = DiskScan(p, None, dst, compress_map=compress)
-        for _ in scan.changes():
-            pass
+        for change in scan.changes(boundaries=bool(rate)):
+            if change is CHUNK_DONE:  # a chunk read: ahead of the rate, this worker thread waits
+                ahead = (read + scan.read_bytes) / rate - (time.monotonic() - began)
+                if ahead > 0:
+                    time.sleep(ahead)
+        read += scan.read_bytes
         assert scan.identity is not None  # taken when the scan opened the disk
         out.append((dst, map_length(scan.identity.size)))
     return out

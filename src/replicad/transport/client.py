@@ -394,11 +394,13 @@ class Conversation:
     async def replica_status(self, vm_id: str) -> dict:
         return await self.request("GET", f"/v1/replicas/{vm_id}")
 
-    async def fetch_digests(self, vm_id: str, folder: Path, limits: list[int]) -> tuple[dict, list[Path]]:
+    async def fetch_digests(self, vm_id: str, folder: Path, limits: list[int],
+                            rate: int = 0) -> tuple[dict, list[Path]]:
         """Stream the replica's digest maps into ``folder``: one map per file asked for,
         each at most ``limits[i]`` bytes, every segment authenticated before it is written
-        (transport/digests.py); memory is one segment. On any failure nothing is kept."""
-        path = f"/v1/replicas/{vm_id}/digests"
+        (transport/digests.py); memory is one segment. On any failure nothing is kept.
+        ``rate``: the replica reads its copy at most this fast (bytes a second; a verify's)."""
+        path = f"/v1/replicas/{vm_id}/digests" + (f"?rate={int(rate)}" if rate else "")
         headers, counter = {}, 0
         key = self.session.key if self.session else None
         if self.session is not None:
@@ -427,8 +429,12 @@ class Conversation:
             index += 1
             return data
         try:
+            # the answer starts once the copy is read: at a bounded rate, that may take as long as
+            # the largest copy asked for (8 digest bytes a 4 KiB block) at that rate
+            wait = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT,
+                                         sock_read=READ_TIMEOUT + (sum(limits) * 512 // rate if rate else 0))
             async with self.client.http().get(f"{scheme}://{self.server}:{self.port}{path}", headers=headers,
-                                              ssl=ssl_ctx) as resp:
+                                              ssl=ssl_ctx, timeout=wait) as resp:
                 if resp.status != 200:
                     self._raise(resp.status, await _read_bounded(resp, MAX_ANSWER, self.server))
                 meta = json.loads(await segment(resp))

@@ -107,8 +107,9 @@ class ReplicaEndpoint(LogSink, Protocol):
         """A replica copy's status as its primary sees it (run in a thread)."""
         ...
 
-    async def digests(self, principal: str, auth: str, vm_id: str) -> tuple[dict, list[Path]]:
-        """A copy's block digests for a resync: its description and the map files to send."""
+    async def digests(self, principal: str, auth: str, vm_id: str, rate: int = 0) -> tuple[dict, list[Path]]:
+        """A copy's block digests for a resync or a verify (read at most ``rate`` bytes a
+        second, 0: unbounded): its description and the map files to send."""
         ...
 
     def open_map(self, path: Path) -> BinaryIO:

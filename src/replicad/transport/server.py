@@ -275,8 +275,11 @@ async def digests(request: web.Request) -> web.StreamResponse:
     """A replica copy's block digests, streamed in authenticated segments (transport/
     digests.py): the description (applied_seq, epoch, sizes), the maps, an empty end."""
     ctx = request.app[CTX_KEY]
+    rate = request.query.get("rate", "0")  # a verify's bounded read rate, bytes a second (0: none)
+    if not (rate.isascii() and rate.isdigit() and len(rate) <= 15):
+        raise UsageError("bad digest read rate")
     await ctx.service.settled()
-    meta, maps = await ctx.service.digests(request[PRINCIPAL], auth_of(ctx, request), _vm_id(request))
+    meta, maps = await ctx.service.digests(request[PRINCIPAL], auth_of(ctx, request), _vm_id(request), int(rate))
     sess: Session | None = request.get(SESSION)
     key, counter = (sess.key, request[COUNTER]) if sess else (None, 0)
     try:

@@ -13,8 +13,9 @@ import struct
 from dataclasses import dataclass
 from typing import TypeVar
 
-from ..errors import WireError
+from ..errors import UsageError, WireError
 from ..model import NETWORK_ROLES, valid_disk_name, valid_vm_name
+from ..retention import parse_grid, points_asked
 from .mac import MAC_ALG
 
 MAGIC = b"RPLG"
@@ -51,6 +52,7 @@ class Header:
     prepared: bool = False  # the last log before a planned failover (`failover start --prepare`)
     primary_ports: tuple[int, int] = (0, 0)  # the primary's token and TLS ports, for `reverse`
     history: tuple[int, int] = (0, 3600)  # recovery history (points) and recovery-point interval (s)
+    retention: str = ""  # a retention grid (retention.py) instead of the history's interval; its points in history
     config: bool = False  # the last entry of ``disks`` is the VM's configuration file
     networks: tuple[str, ...] = ()  # the entries before it (or the last ones) are these failover network files
     extended: bool = False  # sent by a replica server forwarding its copy (extended replication)
@@ -67,6 +69,7 @@ class Header:
             **({"prepared": True} if self.prepared else {}),
             **({"primary_ports": list(self.primary_ports)} if any(self.primary_ports) else {}),
             **({"history": list(self.history)} if self.history[0] else {}),
+            **({"retention": self.retention} if self.retention else {}),
             **({"config": True} if self.config else {}),
             **({"networks": list(self.networks)} if self.networks else {}),
             **({"extended": True} if self.extended else {}),
@@ -128,10 +131,17 @@ class Header:
         if (not isinstance(prepared, bool) or not isinstance(ports, list) or len(ports) != 2
                 or not all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p <= 65535 for p in ports)):
             raise WireError("change-log header: bad prepared flag or primary ports")
-        history = doc.get("history", [0, 3600])
+        retention = doc.get("retention", "")
+        try:
+            grid = parse_grid(retention) if isinstance(retention, str) else None
+        except UsageError:
+            grid = None
+        if grid is None:
+            raise WireError("change-log header: bad retention grid")
+        history = doc.get("history", [0, 3600])  # with a grid, its points (at most 1000), else at most 24
         if (not isinstance(history, list) or len(history) != 2 or not all(isinstance(h, int) and not isinstance(h, bool)
                                                                              for h in history)
-                or not 0 <= history[0] <= 24 or not 1 <= history[1] <= 7 * 86400):
+                or not 0 <= history[0] <= (points_asked(grid) if grid else 24) or not 1 <= history[1] <= 7 * 86400):
             raise WireError("change-log header: bad recovery history")
         config = doc.get("config", False)
         if not isinstance(config, bool) or (config and len(disks) < 2):
@@ -158,7 +168,8 @@ class Header:
             raise WireError("change-log header: bad MAC nonce")
         return cls(vm_id, vm_name, epoch, seq, base_seq, kind, time_, consistency, tuple(disks), frequency,
                    mac=mac, mac_nonce=mac_nonce if mac else "", prepared=prepared, primary_ports=(ports[0], ports[1]),
-                   history=(history[0], history[1]), config=config, networks=tuple(networks), extended=extended,
+                   history=(history[0], history[1]), retention=retention, config=config, networks=tuple(networks),
+                   extended=extended,
                    resume=resume)
 
 
