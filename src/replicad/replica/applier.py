@@ -124,9 +124,10 @@ class Applier:
                                                                           ReplicationState.FAILED_OVER):
                             continue  # a failover took the copy while this waited (replica/failovers.py)
                         # the undo log only where a recovery point needs the bytes it saves
-                        kept = self._history(await workers.APPLY.run(read_header, vmdir.log(seq)))
+                        staged = await workers.APPLY.run(read_header, vmdir.log(seq))
+                        kept = self._history(staged)
                         header = await workers.APPLY.run(write_point, vmdir, seq, disks, keep_undo=kept > 0,
-                                                         fault=self._fault)
+                                                         header=staged, fault=self._fault)
                         # the commit reads and writes the row here, on the loop, and is staged
                         # before any other task runs: no other writer of this row can interleave
                         # (a receipt may be recording the next ack right now); its fsync runs

@@ -249,13 +249,14 @@ def apply_records(log_path: Path, disk_paths: list[Path], *, fresh: bool = False
 
 
 def write_point(vmdir: VMDir, seq: int, disk_paths: list[Path], *, keep_undo: bool = True,
-                fault: Callable[[str], None] = lambda phase: None) -> Header:
+                header: Header | None = None, fault: Callable[[str], None] = lambda phase: None) -> Header:
     """Steps 1-2 for staged log ``seq``: the undo log when ``keep_undo`` (a recovery point
     needs the bytes the log overwrites) and the log is a delta, unless one is already
-    complete; otherwise the space reserved. Then the blocks. The caller commits (step 3,
-    awaited: durable before it goes on) and then calls ``discard``."""
+    complete; otherwise the space reserved. Then the blocks. ``header``: the log's, when
+    the caller read it already. The caller commits (step 3, awaited: durable before it goes
+    on) and then calls ``discard``."""
     log_path = vmdir.log(seq)
-    header = read_header(log_path)
+    header = header or read_header(log_path)
     fresh = header.kind == "initial"
     undo = vmdir.undo_log(seq)
     if not fresh and keep_undo and header.kind == "delta" and not undo.exists():

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import time
+from array import array
 from pathlib import Path
 
 import xxhash
@@ -33,7 +34,7 @@ from ..fsutil import durable_rename, fsync_dir
 from ..health import describe_blocks
 from ..model import VM, ReplicationState
 from ..times import utcnow
-from ..tracking.digestmap import BLOCK, DigestMapReader, block_offset, zero_digest
+from ..tracking.digestmap import BLOCK, BlockPatch, DigestMapReader
 from ..tracking.divergence import Mismatches, mismatches, named
 from ..tracking.scan import digest_disks
 from ..wire import RECORD_RESIZE, Record
@@ -86,27 +87,24 @@ def _extents(log_path: Path, n: int) -> list[list[tuple[int, int]]] | None:
 def _update(path: Path, disk: Path, extents: list[tuple[int, int]]) -> None:
     """The block digests of ``extents`` of ``disk``, read back, written into the map."""
     h = xxhash.xxh3_64_intdigest
-    reader = DigestMapReader.open(path)
-    if reader is None:
-        raise ValueError(f"{path}: not a digest map")
-    mask = zero_digest(BLOCK) if reader.sparse else 0  # a sparse map stores digests XORed with the zero block's
-    reader.close()
     size = os.stat(disk).st_size
     blocks = sorted({b for a, e in extents for b in range(a // BLOCK, -(-min(e, size) // BLOCK))})
-    with open(disk, "rb") as src, open(path, "r+b") as m:
-        i = 0
-        while i < len(blocks):
-            j = i  # a run of consecutive blocks, read at once
-            while j + 1 < len(blocks) and blocks[j + 1] == blocks[j] + 1 and j + 1 - i < RUN // BLOCK:
-                j += 1
-            first, count = blocks[i], j - i + 1
-            data = os.pread(src.fileno(), count * BLOCK, first * BLOCK)
-            digests = b"".join((h(data[k * BLOCK:(k + 1) * BLOCK]) ^ mask).to_bytes(8, "little")
-                               for k in range(-(-len(data) // BLOCK)))
-            os.pwrite(m.fileno(), digests, block_offset(first))
-            i = j + 1
-        m.flush()
-        os.fsync(m.fileno())
+    patch = BlockPatch(path)
+    try:
+        with open(disk, "rb") as src:
+            i = 0
+            while i < len(blocks):
+                j = i  # a run of consecutive blocks, read at once
+                while j + 1 < len(blocks) and blocks[j + 1] == blocks[j] + 1 and j + 1 - i < RUN // BLOCK:
+                    j += 1
+                first, count = blocks[i], j - i + 1
+                data = memoryview(os.pread(src.fileno(), count * BLOCK, first * BLOCK))
+                patch.put(first, array("Q", (h(data[k:k + BLOCK]) for k in range(0, len(data), BLOCK))))
+                i = j + 1
+    except BaseException:
+        patch.close()
+        raise
+    patch.commit()
 
 
 def record(vmdir: VMDir, seq: int, epoch: str, disks: list[Path], log_path: Path | None) -> None:

@@ -53,7 +53,7 @@ def map_bytes(size: int) -> int:
 
 
 def block_offset(block: int) -> int:
-    """Where block ``block``'s digest is in a map file (replica/at_rest.py updates them in place)."""
+    """Where block ``block``'s digest is in a map file (``BlockPatch`` writes them in place)."""
     return _HEADER.size + 8 * block
 
 
@@ -324,6 +324,31 @@ class SparseMapWriter:
             os.close(self._fd)
             self._fd = -1
         self.path.unlink(missing_ok=True)
+
+
+class BlockPatch:
+    """Block digests written in place into an existing map (either layout: masked where it is
+    sparse), for a copy whose written blocks are known (replica/at_rest.py). Super-block
+    digests are not touched: a patched map is read with ``slice`` only. ``commit`` fsyncs."""
+
+    def __init__(self, path: Path):
+        reader = DigestMapReader.open(path)
+        if reader is None:
+            raise ValueError(f"{path}: not a digest map")
+        self._mask = zero_digest(BLOCK) if reader.sparse else 0
+        reader.close()
+        self._f = open(path, "r+b")
+
+    def put(self, first: int, digests: array[int]) -> None:
+        raw = digests.tobytes()
+        os.pwrite(self._f.fileno(), _xor(raw, self._mask) if self._mask else raw, block_offset(first))
+
+    def commit(self) -> None:
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def close(self) -> None:
+        self._f.close()
 
 
 MapWriter = DigestMapWriter | SparseMapWriter
