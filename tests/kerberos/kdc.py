@@ -90,6 +90,10 @@ class Kdc:
             self.kadmin(realm, f"ktadd -k {out} {p}")
         return out
 
+    def host_principal(self, fqdn: str) -> str:
+        """What a host initiates as (its config's kerberos.principal)."""
+        return f"host/{fqdn}"
+
     def host_keytab(self, out: Path, fqdn: str, realm: str = REALM) -> Path:
         """What `kadmin` gives a host: host/FQDN (it initiates) and HTTP/FQDN (it accepts)."""
         return self.keytab(out, f"host/{fqdn}@{realm}", f"HTTP/{fqdn}@{realm}")

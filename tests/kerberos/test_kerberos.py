@@ -34,7 +34,7 @@ def kerberos_host(kdc, host, *, keytab_of: str | None = None) -> None:
     host.write_config()
     doc = json.loads(host.config.read_text())
     del doc["realm"]
-    doc["kerberos"] = {"keytab": str(keytab), "principal": f"host/{keytab_of or host.fqdn}"}
+    doc["kerberos"] = {"keytab": str(keytab), "principal": kdc.host_principal(keytab_of or host.fqdn)}
     host.config.write_text(json.dumps(doc))
 
 
