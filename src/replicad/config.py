@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Set
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ class Kerberos:
     principal: str
     service: str = "HTTP"
     realms: tuple[tuple[str, str], ...] = ()
+    ccache: str | None = None  # `-C` initiates from this credential cache (an operator's kinit), not the keytab
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,8 @@ class _Reader:
 
 
 LIMIT_KEYS = ("max_connections", "max_connections_per_address")
+# a person's Kerberos principal in management.admins: alice@CONTOSO.COM, admin/admin@CONTOSO.COM
+_PERSON = re.compile(r"^[^@\s\\]{1,200}@[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 
 
 def _limits(r: _Reader, node: dict, path: str) -> tuple[int, int]:
@@ -301,10 +305,11 @@ def parse(doc: Any, *, base: Path, source: Path | None = None, check_files: bool
     mg = r.mapping(top.get("management", {}), "management", {"socket", "admins"})
     admins: tuple[str, ...] = ()
     if "admins" in mg:
-        if not isinstance(mg["admins"], list) or not all(isinstance(a, str) and valid_fqdn(a) for a in mg["admins"]):
-            r.err("management.admins", "expected a list of host names")
-        else:
-            admins = tuple(a.lower() for a in mg["admins"])
+        if not isinstance(mg["admins"], list) or not all(isinstance(a, str) and (valid_fqdn(a) or _PERSON.match(a))
+                                                         for a in mg["admins"]):
+            r.err("management.admins", "expected a list of host names and Kerberos principals (name@REALM)")
+        else:  # a host name in any case; a principal as the KDC spells it (Kerberos names are case-sensitive)
+            admins = tuple(a if "@" in a else a.lower() for a in mg["admins"])
     sock = r.fspath(mg, "socket", "management", None)
     if sock is None:
         sock = DEFAULT_SOCKET if "state_dir" not in top else state_dir / "replicad.sock" if state_dir else None
@@ -352,7 +357,7 @@ def parse(doc: Any, *, base: Path, source: Path | None = None, check_files: bool
 def _kerberos(r: _Reader, node: Any, name: str, check_files: bool) -> Kerberos:
     """The ``kerberos`` section: keytab (default /etc/krb5.keytab), principal (host/<host>),
     service (HTTP), realms ({REALM: domain}). Without python-gssapi it is an error."""
-    k = r.mapping(node, "kerberos", {"keytab", "principal", "service", "realms"})
+    k = r.mapping(node, "kerberos", {"keytab", "principal", "service", "realms", "ccache"})
     try:
         import gssapi  # noqa: F401 -- the optional extra: only a host with this section needs it
     except ImportError as e:
@@ -377,9 +382,13 @@ def _kerberos(r: _Reader, node: Any, name: str, check_files: bool) -> Kerberos:
             r.err(f"kerberos.realms.{realm}", f"expected the domain its hosts are in, got {domain!r}")
         else:
             realms.append((realm, domain.lower()))
-    if check_files:
+    ccache = r.string(k, "ccache", "kerberos", None)
+    if ccache is not None and (not ccache or not ccache.isprintable() or len(ccache) > 1024):
+        r.err("kerberos.ccache", f"expected `default` or a credential cache name such as FILE:/tmp/krb5cc_0, "
+                                 f"got {ccache!r}")
+    if check_files and ("keytab" in k or ccache is None):  # an operator's ccache needs no keytab
         r.readable(keytab, "kerberos.keytab")
-    return Kerberos(keytab, principal, service, tuple(realms))
+    return Kerberos(keytab, principal, service, tuple(realms), ccache)
 
 
 def _certificate(r: _Reader, t: dict, path: str, name: str, check_files: bool):

@@ -161,6 +161,16 @@ class SambaDc:
         self.run("kinit", "-k", "-t", str(out), "-c", cache, account)
         return out
 
+    def person(self, name: str, out: Path) -> Path:
+        """A user account (a person, AES only) and a credential cache as its ``kinit`` leaves
+        it (from an exported keytab here: no password prompt)."""
+        sam = str(self.root / "private" / "sam.ldb")
+        self._tool("user", "create", name, "--random-password", "-H", sam)
+        self._run("/usr/bin/python3", "-c", _AES_ONLY, str(self.root / "etc" / "smb.conf"), sam, name)
+        self._tool("domain", "exportkeytab", str(out.with_suffix(".keytab")), f"--principal={name}")
+        self.run("kinit", "-k", "-t", str(out.with_suffix(".keytab")), "-c", f"FILE:{out}", f"{name}@{REALM}")
+        return out
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, 15)  # samba and the smbd/winbindd it started (its own session)

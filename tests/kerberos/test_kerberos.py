@@ -38,12 +38,18 @@ def kerberos_host(kdc, host, *, keytab_of: str | None = None) -> None:
     host.config.write_text(json.dumps(doc))
 
 
-def _pair(kdc, root):
+def _pair(kdc, root, admins: tuple[str, ...] = ()):
+    """Two daemons with keytabs (management.admins: ``admins`` when given); vmhost1 a replica
+    server for vmhost2."""
     tag = f"k{next(_seq)}{secrets.token_hex(2)}"
     c = Cluster(root, names=(f"vmhost1{tag}", f"vmhost2{tag}"), auth="token")
     v1, v2 = c[f"vmhost1{tag}"], c[f"vmhost2{tag}"]
     for h in (v1, v2):
         kerberos_host(kdc, h)
+        if admins:
+            doc = json.loads(h.config.read_text())
+            doc["management"]["admins"] = list(admins)
+            h.config.write_text(json.dumps(doc))
         h.start(env=kdc.env())
     v1.cli("server", "set", "--enabled", "true", "--auth", "token", "--allow-any-server", "false")
     v1.cli("auth-entry", "add", "--primary", v2.fqdn, "--trust-group", "Production")
@@ -133,6 +139,24 @@ def open_session(v1, token: str):
                                                     "X-Replicad-Nonce": secrets.token_hex(16)})
 
 
+def copy_and_deltas(v1, v2, vm: str, image: Path, principal: str) -> None:
+    """vmhost2's initial copy of ``vm`` to vmhost1 and two deltas, each copy identical to the
+    image; every session vmhost1 opened was vmhost2's, as Kerberos ``principal``; vmhost1
+    records the relationship as Kerberos (a reverse replicates back the same way)."""
+    v2.json("replication", "start-initial", vm, "--wait")
+    wait_applied(v2, v1, vm)
+    assert file_digest(replica_disk(v1, vm)) == file_digest(image)
+    for seed in (1, 2):  # deltas
+        scribble(image, 40, seed=seed)
+        v2.cli("replication", "sync", vm, "--wait")
+        wait_applied(v2, v1, vm)
+        assert file_digest(replica_disk(v1, vm)) == file_digest(image)
+    opened = [e for e in v1.events("session.opened") if e.get("kerberos")]
+    assert opened and {e["kerberos"] for e in opened} == {principal}
+    assert {e["peer"] for e in opened} == {v2.fqdn}
+    assert v1.json("replication", "get", vm)["auth"] == "kerberos"
+
+
 def test_initial_copy_deltas_and_reverse_over_kerberos(krb_pair, tmp_path):
     c, v1, v2 = krb_pair
     image = tmp_path / "contoso2.img"
@@ -142,19 +166,7 @@ def test_initial_copy_deltas_and_reverse_over_kerberos(krb_pair, tmp_path):
            "--frequency", "3600")
     assert v2.json("replication", "get", "contoso2")["replica_port"] == 80  # Kerberos is port 80's
     v2.cli("replication", "set", "contoso2", "--replica-port", str(v1.port))
-    v2.json("replication", "start-initial", "contoso2", "--wait")
-    wait_applied(v2, v1, "contoso2")
-    assert file_digest(replica_disk(v1, "contoso2")) == file_digest(image)
-    for seed in (1, 2):  # deltas
-        scribble(image, 40, seed=seed)
-        v2.cli("replication", "sync", "contoso2", "--wait")
-        wait_applied(v2, v1, "contoso2")
-        assert file_digest(replica_disk(v1, "contoso2")) == file_digest(image)
-    opened = [e for e in v1.events("session.opened") if e.get("kerberos")]
-    assert opened and {e["kerberos"] for e in opened} == {f"host/{v2.fqdn}@{REALM}"}
-    assert {e["peer"] for e in opened} == {v2.fqdn}
-    # the replica records how its primary authenticated: a reverse replicates back the same way
-    assert v1.json("replication", "get", "contoso2")["auth"] == "kerberos"
+    copy_and_deltas(v1, v2, "contoso2", image, f"host/{v2.fqdn}@{REALM}")
     r = v2.cli("replication", "test-connection", "--replica-server", v1.fqdn, "--replica-port", str(v1.port),
                "--auth", "kerberos")
     assert "Production" in r.stdout

@@ -123,3 +123,19 @@ def test_a_kerberos_section_takes_its_defaults_and_the_place_of_the_realm(tmp_pa
     assert cfg.kerberos == config.Kerberos(tmp_path / "k.keytab", "VMHOST1$@CONTOSO.COM", "host",
                                            (("CONTOSO.COM", "contoso.com"),))
     assert cfg.listen.token is not None and not cfg.listen.token.kerberos and cfg.realm is not None
+
+
+def test_a_workstation_manages_over_kerberos_with_its_own_tickets(tmp_path):
+    """`kerberos.ccache` (an operator's kinit) needs no keytab; management.admins takes a
+    person's principal as spelled, host names lower-cased; a principal with a space is not one."""
+    if importlib.util.find_spec("gssapi") is None:
+        pytest.skip("python-gssapi is not installed here (`make test` installs it: .ci/kerberos-wheel)")
+    p = tmp_path / "ops.yaml"
+    p.write_text("host: ops.contoso.com\nkerberos: {ccache: default}\n"
+                 "management: {admins: [Alice@CONTOSO.COM, admin/admin@CONTOSO.COM, MGMT.contoso.com]}\n")
+    cfg = config.load(p)  # checks files: the default keytab, absent here, is not one of them
+    assert cfg.kerberos is not None and cfg.kerberos.ccache == "default"
+    assert cfg.management.admins == ("Alice@CONTOSO.COM", "admin/admin@CONTOSO.COM", "mgmt.contoso.com")
+    p.write_text("host: ops.contoso.com\nmanagement: {admins: ['al ice@CONTOSO.COM']}\n")
+    with pytest.raises(config.ConfigError, match="management.admins: expected a list of host names and Kerberos"):
+        config.load(p)

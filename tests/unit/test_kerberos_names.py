@@ -5,7 +5,7 @@ import base64
 
 import pytest
 
-from replicad.auth.kerberos import host_of, parse_negotiate, replay_key
+from replicad.auth.kerberos import host_of, identity_of, is_person, parse_negotiate, replay_key
 from replicad.errors import AuthenticationFailed
 
 REALMS = {"CONTOSO.COM": "contoso.com", "FABRIKAM.COM": "corp.fabrikam.com"}
@@ -38,6 +38,30 @@ def test_a_host_principal_names_its_host(principal, host):
 def test_anything_else_is_refused_with_the_reason(principal, reason):
     with pytest.raises(AuthenticationFailed, match=reason):
         host_of(principal, REALMS)
+
+
+@pytest.mark.parametrize("principal, identity", [
+    ("host/vmhost2.contoso.com@CONTOSO.COM", "vmhost2.contoso.com"),  # a host: its name, as host_of
+    ("VMHOST2$@CONTOSO.COM", "vmhost2.contoso.com"),
+    ("alice@CONTOSO.COM", "alice@CONTOSO.COM"),                      # a person: itself (management only)
+    ("admin/admin@FABRIKAM.COM", "admin/admin@FABRIKAM.COM"),
+    ("ldap/vmhost2.contoso.com@CONTOSO.COM", "ldap/vmhost2.contoso.com@CONTOSO.COM"),  # never a host
+])
+def test_identity_of_a_host_is_its_name_and_of_anyone_else_the_principal(principal, identity):
+    assert identity_of(principal, REALMS) == identity
+    assert is_person(identity) == ("@" in identity)
+
+
+@pytest.mark.parametrize("principal, reason", [
+    ("alice@EVIL.COM", "which this host does not trust"),
+    ("x\\@y@CONTOSO.COM", "not a host principal"),
+    ("al ice@CONTOSO.COM", "not a printable name"),
+    ("alice\n@CONTOSO.COM", "not a printable name"),
+    ("host/vmhost2.fabrikam.com@CONTOSO.COM", "names hosts of contoso.com only"),  # host forms stay hosts
+])
+def test_identity_of_refuses_what_host_of_refuses_and_unprintable_names(principal, reason):
+    with pytest.raises(AuthenticationFailed, match=reason):
+        identity_of(principal, REALMS)
 
 
 def _der(tag: int, body: bytes) -> bytes:

@@ -39,8 +39,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..config import Kerberos as KerberosConfig
-from ..errors import AuthenticationFailed, ConfigError, PeerError
+from ..errors import AuthenticationFailed, ConfigError, PeerError, ReplicadError
 from ..model import valid_fqdn
+from .session import Session
 
 NEGOTIATE = "Negotiate"
 NONCE_HEADER = "X-Replicad-Nonce"
@@ -71,6 +72,31 @@ def _gssapi() -> Any:
 
 
 # names ------------------------------------------------------------------------------------
+def _host_form(name: str) -> bool:
+    """``host/FQDN``, ``HTTP/FQDN`` or a machine account ``NAME$``: a principal standing for a host."""
+    parts = name.split("/")
+    return (len(parts) == 2 and parts[0].lower() in ("host", "http")) or \
+        (len(parts) == 1 and parts[0].endswith("$") and len(parts[0]) > 1)
+
+
+def identity_of(principal: str, realms: Mapping[str, str]) -> str:
+    """Who an authenticated principal is to this host: the host it stands for (host_of), or —
+    any other principal of a trusted realm, a person's (``alice@CONTOSO.COM``,
+    ``admin/admin@CONTOSO.COM``) — the principal itself, which contains ``@`` and so is never
+    a host name: it may only be a management admin (``management.admins``)."""
+    name, at, realm = principal.rpartition("@")
+    if at and name and not _host_form(name) and realm in realms and "\\" not in principal:
+        if len(principal) > 256 or not principal.isprintable() or " " in principal:
+            raise AuthenticationFailed("Kerberos principal is not a printable name")
+        return principal
+    return host_of(principal, realms)
+
+
+def is_person(identity: str) -> bool:
+    """Whether an identity (identity_of) is a non-host principal: management only."""
+    return "@" in identity
+
+
 def host_of(principal: str, realms: Mapping[str, str]) -> str:
     """The host name an authenticated principal stands for, or AuthenticationFailed:
     ``host/vmhost2.contoso.com@CONTOSO.COM`` (or ``HTTP/…``) and an Active Directory
@@ -85,9 +111,9 @@ def host_of(principal: str, realms: Mapping[str, str]) -> str:
         raise AuthenticationFailed(f"Kerberos principal {shown} is of realm {realm[:64]!r}, which this host does "
                                    "not trust (kerberos.realms)")
     parts = name.split("/")
-    if len(parts) == 2 and parts[0].lower() in ("host", "http"):
+    if _host_form(name) and len(parts) == 2:
         host = parts[1]
-    elif len(parts) == 1 and parts[0].endswith("$") and len(parts[0]) > 1:
+    elif _host_form(name):
         host = f"{parts[0][:-1]}.{domain}"  # an AD machine account: its name in the realm's domain
     else:
         raise AuthenticationFailed(f"Kerberos principal {shown} is not a host principal (host/FQDN, HTTP/FQDN "
@@ -256,23 +282,49 @@ class ClientHandshake:
             raise AuthenticationFailed("the session answer does not answer our request")
         return doc, key
 
+    def open(self, www_authenticate: str, body: bytes, mac: str) -> Session:
+        """``finish``, then the session it opened (AuthenticationFailed)."""
+        doc, key = self.finish(www_authenticate, body, mac)
+        info = {k: doc.get(k) for k in ("authorized", "reason", "trust_group", "protocol", "version", "capabilities",
+                                        "principal")}
+        return Session(str(doc["session"]), key, self.client, self.server, float(doc["expires"]), info=info,
+                       kind="kerberos")
+
 
 class Initiator:
     """This host's side as a client: its keytab, an in-memory credential cache (tickets are
-    got and renewed from the keytab as needed). Its calls block (the KDC): run them in a thread."""
+    got and renewed from the keytab as needed). Its calls block (the KDC): run them in a thread.
 
-    def __init__(self, cfg: KerberosConfig, host: str):
+    With ``ccache`` (``kerberos.ccache``: an operator's ``-C``), it initiates with the tickets a
+    ``kinit`` left in that credential cache instead (``default``: KRB5CCNAME or the system's
+    default cache), as the cache's principal — ``admin@CONTOSO.COM`` — and ``host`` is that
+    principal's identity (identity_of), which the server computes alike."""
+
+    def __init__(self, cfg: KerberosConfig, host: str, *, ccache: str | None = None):
         gssapi = _gssapi()
         self.cfg, self.host = cfg, host
-        store = {"client_keytab": str(cfg.keytab), "ccache": f"MEMORY:replicad-{os.getpid()}-{secrets.token_hex(4)}"}
         try:
+            if ccache is not None:
+                self.creds = gssapi.Credentials(usage="initiate", **({} if ccache == "default" else
+                                                                     {"store": {"ccache": ccache}}))
+                self.principal = str(self.creds.name)
+                self.host = identity_of(self.principal, trusted_realms(cfg, self))
+                return
+            store = {"client_keytab": str(cfg.keytab),
+                     "ccache": f"MEMORY:replicad-{os.getpid()}-{secrets.token_hex(4)}"}
             self._name = gssapi.Name(cfg.principal, gssapi.NameType.kerberos_principal)
             self.creds = gssapi.Credentials(name=self._name, usage="initiate", store=store)
             # the principal with its realm (the default realm of krb5.conf when the config names none)
             self.principal = str(self._name.canonicalize(gssapi.OID.from_int_seq(_KRB5)))
         except gssapi.exceptions.GSSError as e:
+            if ccache is not None:
+                raise ReplicadError(f"kerberos.ccache: no Kerberos credentials in {ccache}: {_message(e)}",
+                                    hint="kinit as your admin principal first (klist shows what the cache holds)"
+                                    ) from None
             raise ConfigError(f"kerberos.principal: cannot initiate as {cfg.principal} with {cfg.keytab}: "
                               f"{_message(e)}") from None
+        except AuthenticationFailed as e:  # the cache's principal is of no realm kerberos.realms trusts
+            raise ReplicadError(f"kerberos.ccache: {e}") from None
 
     def begin(self, server: str) -> ClientHandshake:
         """The first token for ``SERVICE@server``; PeerError when no ticket can be had
@@ -297,7 +349,7 @@ class Initiator:
 @dataclass(frozen=True)
 class Accepted:
     principal: str    # the Kerberos principal, as authenticated
-    host: str         # the host name it stands for (host_of)
+    host: str         # the host name it stands for, or a person's principal itself (identity_of)
     reply: str        # the answer token (base64), for WWW-Authenticate
     gss_key: bytes
     replay: str       # replay_key of the token
@@ -333,7 +385,8 @@ class Acceptor:
             key = _session_key(ctx)
         except gssapi.exceptions.GSSError as e:
             raise AuthenticationFailed(f"Kerberos: {_message(e)}") from None
-        return Accepted(principal, host_of(principal, self.realms), base64.b64encode(reply).decode(), key, replay)
+        return Accepted(principal, identity_of(principal, self.realms), base64.b64encode(reply).decode(), key,
+                        replay)
 
 
 def trusted_realms(cfg: KerberosConfig, initiator: Initiator) -> dict[str, str]:

@@ -62,6 +62,7 @@ class Session:
     counter: int = 0
     info: dict = field(default_factory=dict)  # the server's hello: authorized, trust group …
     kind: str = "token"  # how it was opened: "token" (a realm ticket) or "kerberos" (auth/kerberos.py)
+    principal: str = ""  # server side, a Kerberos session: the principal it authenticated as (audit entries)
     # server side: requests running now, and when it ends if none runs (time.monotonic)
     active: int = 0
     idle_until: float = 0.0
@@ -181,10 +182,10 @@ class SessionStore:
                           separators=(",", ":")).encode()
         return body, _b64(self.credential.sign(body))
 
-    def open(self, client: str, server: str, key: bytes, kind: str = "token") -> Session:
+    def open(self, client: str, server: str, key: bytes, kind: str = "token", principal: str = "") -> Session:
         """A new session of ``client`` under ``key`` (after ``room_for``)."""
         sid = secrets.token_hex(16)
-        sess = Session(sid, key, client, server, time.time() + self.timeout, kind=kind)
+        sess = Session(sid, key, client, server, time.time() + self.timeout, kind=kind, principal=principal)
         sess.idle_until = time.monotonic() + self.timeout
         self._sessions[sid] = sess
         return sess

@@ -33,9 +33,10 @@ def global_options(f):
                      help="Talk to the daemon on this local socket."),
         click.option("-C", "--computer-name", "computer_name", expose_value=False, callback=_store,
                      metavar="HOST[:PORT]", help="Manage a remote host (must list you in management.admins)."),
-        click.option("--remote-auth", "remote_auth", type=click.Choice(["token", "certificate"]), expose_value=False,
-                     callback=_store, help="With -C: how to authenticate (default: certificate when the config has "
-                                           "one, else token). Never changed behind your back."),
+        click.option("--remote-auth", "remote_auth", type=click.Choice(["token", "kerberos", "certificate"]),
+                     expose_value=False, callback=_store,
+                     help="With -C: how to authenticate (default: certificate when the config has one, else token "
+                          "when it has a realm credential, else kerberos). Never changed behind your back."),
         click.option("-o", "--output", "output", type=click.Choice(["table", "list", "json"]), expose_value=False,
                      callback=_store, help="Output format: table (default), list (every field) or json."),
     ]

@@ -3,8 +3,11 @@
 The caller authenticates as the host its ``--config`` describes (a client-only config such
 as config/admin.yaml is enough): over TLS with its certificate when the config has one
 (``certificate:`` or ``listen.tls``; port 443 by default), otherwise over the
-token listener with its realm credential (port 80), in a session whose requests and
-answers are MAC'd; ``--remote-auth token|certificate`` says which explicitly. The mode is
+token listener with its realm credential (port 80), or — with neither but a ``kerberos``
+section — with Kerberos on that listener: the host's keytab, or an operator's own tickets
+(``kerberos.ccache``: ``default`` for what ``kinit admin@CONTOSO.COM`` left). Token and
+Kerberos sessions MAC their requests and answers alike; ``--remote-auth
+token|kerberos|certificate`` says which explicitly. The mode is
 never changed behind the caller's back: a port that answers in plain HTTP where TLS was
 expected (or the reverse) is an error naming both — falling back would hand the
 management answers to whoever answered, in clear text. The remote host allows only
@@ -26,7 +29,7 @@ from ..auth import tls as tlsmod
 from ..auth.session import BODY_HASH_HEADER, MAC_HEADER, SIGNATURE_HEADER, ClientHandshake, Session, verify_response
 from ..auth.token import SCHEME, Credential, RealmPublic
 from ..config import Config
-from ..errors import AuthenticationFailed, DaemonUnreachable, ReplicadError, UsageError
+from ..errors import AuthenticationFailed, DaemonUnreachable, PeerError, ReplicadError, UsageError
 from ..transport import listener
 from .client import api_error
 
@@ -57,18 +60,24 @@ class RemoteClient:
         self.name = name.lower()
         self.config = config
         self.tls = config.client_tls
-        self.mode = mode or ("certificate" if self.tls is not None else "token")
-        self.why = "--remote-auth" if mode else ("the certificate in --config" if self.tls is not None else
-                                                  "--config has a realm credential and no certificate")
+        implied = "certificate" if self.tls is not None else "token" if config.realm is not None else \
+            "kerberos" if config.kerberos is not None else None
+        self.mode = mode or implied or "token"
+        self.why = "--remote-auth" if mode else {
+            "certificate": "the certificate in --config", "token": "--config has a realm credential and no certificate",
+            "kerberos": "--config has a kerberos section and no certificate or realm credential"}[self.mode]
         if self.mode == "certificate" and self.tls is None:
             raise UsageError("--remote-auth certificate needs a certificate (`certificate:` or listen.tls) in --config",
                              hint="see config/admin.yaml")
+        if self.mode == "kerberos" and config.kerberos is None:
+            raise UsageError("--remote-auth kerberos needs a `kerberos` section in --config (a keytab, or "
+                             "`ccache: default` for your own kinit)", hint="see config/admin.yaml")
         if self.mode == "token" and config.realm is None:
             if mode is not None:
                 raise UsageError("--remote-auth token needs a realm credential (`realm:`) in --config",
                                  hint="see config/admin.yaml")
-            raise ReplicadError("-C needs a certificate (`certificate:` or listen.tls) or a realm credential "
-                                "(`realm:`) in --config", hint="see config/admin.yaml")
+            raise ReplicadError("-C needs a certificate (`certificate:`), a realm credential (`realm:`) or a "
+                                "`kerberos` section in --config", hint="see config/admin.yaml")
         try:
             self.port = int(port) if port else (443 if self.mode == "certificate" else 80)
         except ValueError:
@@ -123,15 +132,40 @@ class RemoteClient:
                                      "section in --config (see config/admin.yaml)")
 
     def _handshake(self) -> None:
+        if self.mode == "kerberos":
+            return self._kerberos_handshake()
         files = self.config.realm
         assert files is not None  # token mode without a realm credential is refused in __init__
         cred = Credential.load(Path(files.credential))
         realm = RealmPublic.load(Path(files.public_key))
         hs = ClientHandshake.begin(cred, self.name)
+        resp, body = self._open_session({"Authorization": f"{SCHEME} {hs.ticket}"})
+        try:
+            self.session = hs.finish(realm, body, resp.getheader(SIGNATURE_HEADER, ""))
+        except AuthenticationFailed as e:
+            raise ReplicadError(f"{self.name} failed mutual authentication: {e}") from None
+
+    def _kerberos_handshake(self) -> None:
+        from ..auth import kerberos as krb  # lazy: gssapi only for a Kerberos call
+
+        cfg = self.config.kerberos
+        assert cfg is not None  # kerberos mode without the section is refused in __init__
+        initiator = krb.Initiator(cfg, self.config.host, ccache=cfg.ccache)
+        try:
+            hs = initiator.begin(self.name)
+        except PeerError as e:
+            raise ReplicadError(f"{e} (as {initiator.principal})") from None
+        resp, body = self._open_session({"Authorization": f"{krb.NEGOTIATE} {hs.token}", krb.NONCE_HEADER: hs.nonce})
+        try:
+            self.session = hs.open(resp.getheader("WWW-Authenticate", ""), body, resp.getheader(SIGNATURE_HEADER, ""))
+        except AuthenticationFailed as e:
+            raise ReplicadError(f"{self.name} failed mutual authentication: {e}") from None
+
+    def _open_session(self, headers: dict[str, str]) -> tuple[http.client.HTTPResponse, bytes]:
+        """``POST /v1/session``: its answer when 200, else the error it says."""
         conn = self._open(TIMEOUT)
         try:
-            conn.request("POST", "/v1/session", headers={"Authorization": f"{SCHEME} {hs.ticket}",
-                                                          "X-Replicad-Protocol": str(PROTOCOL_VERSION)})
+            conn.request("POST", "/v1/session", headers={**headers, "X-Replicad-Protocol": str(PROTOCOL_VERSION)})
             resp = conn.getresponse()
             body = self._read(resp, SESSION_ANSWER)
         except (OSError, http.client.HTTPException) as e:
@@ -141,13 +175,10 @@ class RemoteClient:
             conn.close()
         if resp.status != 200:
             raise api_error(resp.status, body)
-        try:
-            self.session = hs.finish(realm, body, resp.getheader(SIGNATURE_HEADER, ""))
-        except AuthenticationFailed as e:
-            raise ReplicadError(f"{self.name} failed mutual authentication: {e}") from None
+        return resp, body
 
     def _send(self, method: str, path: str, body: dict | None, timeout: float | None):
-        if self.mode == "token" and self.session is None:
+        if self.mode in ("token", "kerberos") and self.session is None:
             self._handshake()
         remote = "/v1/manage/" + path.removeprefix("/v1/")
         payload = json.dumps(body).encode() if body is not None else b""

@@ -222,14 +222,10 @@ class Conversation:
         if status != 200:
             self._raise(status, body)
         try:
-            doc, key = await asyncio.to_thread(hs.finish, headers.get("WWW-Authenticate", ""), body,
-                                               headers.get(SIGNATURE_HEADER, ""))
+            self.session = await asyncio.to_thread(hs.open, headers.get("WWW-Authenticate", ""), body,
+                                                   headers.get(SIGNATURE_HEADER, ""))
         except AuthenticationFailed as e:
             raise PeerError(f"{self.server} failed mutual authentication: {e}", status=0, transient=False) from None
-        info = {k: doc.get(k) for k in ("authorized", "reason", "trust_group", "protocol", "version", "capabilities",
-                                        "principal")}
-        self.session = Session(str(doc["session"]), key, hs.client, self.server, float(doc["expires"]), info=info,
-                               kind="kerberos")
 
     async def __aexit__(self, exc_type, *exc) -> None:
         try:

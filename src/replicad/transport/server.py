@@ -166,6 +166,9 @@ async def peer_middleware(request: web.Request, handler):
         if sess is not None:
             ctx.session_store.begin(sess)  # a session never expires under a running request
         try:
+            if krb.is_person(principal) and not _management(request):
+                raise Refused(f"{principal} is a person's Kerberos principal: it may manage this host (-C), "
+                              "not replicate to it")
             resp = await handler(request)
         except ReplicadError as e:
             log.warning("peer.refused", peer=principal, peer_ip=request.remote, path=request.path,
@@ -183,6 +186,11 @@ async def peer_middleware(request: web.Request, handler):
     return resp
 
 
+def _management(request: web.Request) -> bool:
+    """A request of remote management, or the session's own (opening and ending it)."""
+    return request.path.startswith("/v1/manage/") or request.path == "/v1/session"
+
+
 def _vm_id(request: web.Request) -> str:
     vm_id = request.match_info["vm_id"]
     if not _VM_ID.match(vm_id):
@@ -192,6 +200,8 @@ def _vm_id(request: web.Request) -> str:
 
 def _hello_info(ctx: PeerContext, principal: str) -> dict:
     try:
+        if krb.is_person(principal):
+            raise Refused(f"{principal} is a person's Kerberos principal: management only")
         grant = ctx.service.grant_for(principal, ctx.mode)
         authorized, reason, trust_group = True, None, grant.trust_group
     except ReplicadError as e:
@@ -207,6 +217,13 @@ async def open_session(request: web.Request) -> web.Response:
     only then is its ticket's nonce recorded against replays."""
     ctx = request.app[CTX_KEY]
     principal = request[PRINCIPAL]
+    accepted: krb.Accepted | None = request.get("replicad.kerberos")
+    if krb.is_person(principal) and principal not in ctx.admins:
+        # a person's Kerberos principal (not a host's) has no use here but management: audited
+        await ctx.catalog.audit(principal, "session.refused", f"{request.method} {request.path}: not in "
+                                "management.admins")
+        raise Refused(f"{principal} gets no session on {ctx.host}: it is not a host's principal, and no "
+                      "management admin (management.admins) names it")
     if principal not in ctx.admins and not ctx.service.names(principal):
         why, hint = "no authorization entry and no management admin names it", None
         try:  # the reason in the words a replication refusal uses (not enabled, not authorized)
@@ -216,7 +233,6 @@ async def open_session(request: web.Request) -> web.Response:
         raise Refused(f"{principal} gets no session on {ctx.host}: {why}", hint=hint)
     # room, nonce, session: one session at a time, so no other is made while this one's nonce
     # is being made durable (the catalog commits off the loop) and the caps hold
-    accepted: krb.Accepted | None = request.get("replicad.kerberos")
     async with ctx.opening:
         ctx.session_store.room_for(principal)
         if accepted is not None:
@@ -243,7 +259,7 @@ def _kerberos_session(ctx: PeerContext, request: web.Request, accepted: krb.Acce
         raise AuthenticationFailed(f"malformed session request from {accepted.principal}: no nonce")
     nonce = secrets.token_hex(16)
     key = krb.derive_key(accepted.gss_key, client_nonce, nonce, accepted.host, ctx.host)
-    sess = ctx.session_store.open(accepted.host, ctx.host, key, kind="kerberos")
+    sess = ctx.session_store.open(accepted.host, ctx.host, key, kind="kerberos", principal=accepted.principal)
     body = json.dumps({"v": 1, "session": sess.id, "server": ctx.host, "client": accepted.host,
                        "client_nonce": client_nonce, "nonce": nonce, "expires": sess.expires,
                        "kerberos_principal": accepted.principal, **_hello_info(ctx, accepted.host)},
@@ -412,7 +428,9 @@ async def manage(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX_KEY]
     principal = request[PRINCIPAL]
     if principal not in ctx.admins:
-        await ctx.catalog.audit(principal, "manage.refused", f"{request.method} {request.path}")
+        sess_: Session | None = request.get(SESSION)
+        via = f" (Kerberos principal {sess_.principal})" if sess_ is not None and sess_.principal else ""
+        await ctx.catalog.audit(principal, "manage.refused", f"{request.method} {request.path}{via}")
         raise Refused(f"{principal} is not a management admin of {ctx.host} (management.admins)")
     body = await _body(request, MAX_MANAGE_BODY)
     sess: Session | None = request.get(SESSION)
