@@ -41,6 +41,11 @@ class Site:
         self.kdc.run("kinit", "-k", "-t", str(kt), "-c", f"FILE:{cache}", principal)
         return cache
 
+    def mgmt_keytab(self) -> Path:
+        """The automation host's keytab (host/mgmt…, HTTP/mgmt…)."""
+        kt = self.root / "mgmt.keytab"
+        return kt if kt.exists() else self.kdc.host_keytab(kt, self.mgmt)
+
     def workstation(self, name: str, kerberos: dict) -> Path:
         """A client-only config (no daemon) with this `kerberos` section."""
         cfg = self.root / f"{name}.yaml"
@@ -93,8 +98,7 @@ def test_an_admin_manages_over_kerberos_with_their_kinit_and_a_host_keytab(site,
     assert json.loads(r.stdout)["kind"] == "initial"
 
     # automation: a host keytab (host/mgmt…), the host name in management.admins
-    kt = site.kdc.host_keytab(site.root / "mgmt.keytab", site.mgmt)
-    auto = site.workstation(site.mgmt.split(".")[0], {"keytab": str(kt)})  # host: mgmt…, principal host/mgmt…
+    auto = site.workstation(site.mgmt.split(".")[0], {"keytab": str(site.mgmt_keytab())})  # principal host/mgmt…
     r = site.remote(auto, v1, "auth-entry", "list", "-o", "json")
     assert r.returncode == 0 and json.loads(r.stdout)[0]["primary"] == v2.fqdn, r.stderr
 
@@ -154,3 +158,13 @@ def test_an_admins_session_cannot_replicate(site, kdc):
     finally:
         site.v1.cli("server", "set", "--allow-any-server", "false")
     assert status == 403 and "a person's Kerberos principal" in doc["error"], doc
+
+
+def test_a_keytab_of_another_name_than_the_config_host_is_named(site):
+    """A workstation config whose `host` is not the host its keytab's principal names: the
+    replica server knows the caller by the principal, so the session cannot be keyed alike —
+    said in those words, not as a bare MAC failure."""
+    cfg = site.workstation("elsewhere", {"keytab": str(site.mgmt_keytab()), "principal": f"host/{site.mgmt}"})
+    r = site.remote(cfg, site.v1, "server", "get")
+    assert r.returncode == 1, r.stderr
+    assert f"knows host/{site.mgmt}@{REALM} as {site.mgmt!r}, not 'elsewhere.contoso.com'" in r.stderr, r.stderr

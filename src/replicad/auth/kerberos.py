@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..config import Kerberos as KerberosConfig
 from ..errors import AuthenticationFailed, ConfigError, PeerError, ReplicadError
-from ..model import valid_fqdn
+from ..model import printable, valid_fqdn
 from .session import Session
 
 NEGOTIATE = "Negotiate"
@@ -275,6 +275,11 @@ class ClientHandshake:
             server_nonce, _, _ = str(doc["nonce"]), str(doc["session"]), float(doc["expires"])
         except (ValueError, KeyError, TypeError):
             raise AuthenticationFailed("malformed session answer from the replica server") from None
+        known = doc.get("client")
+        if isinstance(known, str) and known != self.client:  # (unauthenticated yet: it only explains the failure)
+            principal = printable(str(doc.get("kerberos_principal"))[:300])
+            raise AuthenticationFailed(f"the replica server knows {principal} as {known[:300]!r}, not {self.client!r}: "
+                                       "the config's `host` must be the host its Kerberos principal names")
         key = derive_key(_session_key(self.context), self.nonce, server_nonce, self.client, self.server)
         if not hmac.compare_digest(answer_mac(key, body), mac or ""):
             raise AuthenticationFailed("the session answer is not authenticated by the Kerberos session key")
