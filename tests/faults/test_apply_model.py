@@ -11,12 +11,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from replicad.errors import WireError
+from replicad.model import VM, Disk
+from replicad.replica import disk_set
 from replicad.replica.apply import discard, rollback, write_point
 from replicad.replica.layout import VMDir
+from replicad.replica.points import roll_back
 from replicad.replica.staging import Staging
 from replicad.wire import DiskInfo, Header, LogDecoder, LogEncoder
 
@@ -134,3 +138,44 @@ def run_steps(base: Path, steps) -> None:
         discard(vmdir, seq)
         vmdir.undo_log(seq).unlink(missing_ok=True)
         model.append(new)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("crash", ["after-undo", "after-data"])
+def test_a_log_that_changes_the_disk_set_is_applied_whole_or_not_at_all(tmp_path, crash, keep):
+    """Log 1 adds c.img and drops b.img (issue 20: `vm set --add-disk/--remove-disk`), cut at
+    each phase: the undo log (when kept) brings back exactly the old set, the staged log
+    applied again exactly the new one, and the undo log rolls a copy of the new set back to
+    the old set's files and bytes (a failover to the point before the change)."""
+    vmdir = VMDir(tmp_path / VM_ID)
+    vmdir.create()
+    old = {"a.img": os.urandom(SIZE), "b.img": os.urandom(SIZE)}
+    for n, b in old.items():
+        vmdir.disk(n).write_bytes(b)
+    vm = VM(VM_ID, "model", disks=[Disk(str(vmdir.disk(n)), SIZE) for n in old])
+    header = Header(VM_ID, "model", "e1", 1, 0, "delta", "t", "crash",
+                    (DiskInfo(0, "a.img", SIZE), DiskInfo(1, "c.img", SIZE)))
+    enc = LogEncoder(header)
+    c_data = os.urandom(BLOCK)
+    stage(vmdir, 1, b"".join([enc.start(), enc.data(0, 0, bytes(BLOCK)), enc.data(1, 5 * BLOCK, c_data),
+                              enc.finish()]), 3000)
+    new = {"a.img": bytes(BLOCK) + old["a.img"][BLOCK:], "c.img": bytes(5 * BLOCK) + c_data + bytes(SIZE - 6 * BLOCK)}
+    fs = disk_set.plan(vm, vmdir, header)
+    assert [p.name for p in fs.paths] == ["a.img", "c.img"] and fs.added == [1] and fs.removed == [vmdir.disk("b.img")]
+    with pytest.raises(Crash):
+        write_point(vmdir, 1, fs.paths, keep_undo=keep, fault=crash_at(crash), old_paths=vm.files(), added=fs.added)
+    if keep:
+        assert rollback(vmdir, 1, vm.files())  # as the applier does after a failed apply
+        disk_set.drop([fs.paths[i] for i in fs.added])
+        assert {p.name: p.read_bytes() for p in vmdir.disks.iterdir()} == old
+    vmdir.disk("c.img").write_bytes(b"left by the crash" * 100)  # whatever an earlier attempt left
+    write_point(vmdir, 1, fs.paths, keep_undo=keep, old_paths=vm.files(), added=fs.added)  # the apply again
+    disk_set.drop(fs.removed)  # after the commit
+    assert {p.name: p.read_bytes() for p in vmdir.disks.iterdir()} == new
+    if keep:  # the point before the change, from a copy of the new one
+        copies = {n: tmp_path / f"copy-{n}" for n in new}
+        for n, p in copies.items():
+            p.write_bytes(new[n])
+        made = roll_back([vmdir.undo_log(1)], copies, lambda n: tmp_path / f"copy-{n}")
+        assert {n: p.read_bytes() for n, p in made.items()} == old
+        assert sorted(p.name for p in tmp_path.glob("copy-*")) == ["copy-a.img", "copy-b.img"]

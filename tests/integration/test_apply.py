@@ -8,6 +8,7 @@ import json
 import pytest
 import yaml
 
+from ..security.test_local_inputs import qcow2_child
 from .harness import Cluster, wait_applied
 from .images import make_sparse_image
 
@@ -107,3 +108,29 @@ def test_bad_documents_get_one_line_per_error_and_change_nothing(hosts, tmp_path
     r = primary.cli("apply", "-f", other, check=False)
     assert r.returncode == 1 and "apply cannot change a VM's disks" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_vms_disk_list_is_its_disk_set_and_backing_files_stay_with_their_disk(hosts, tmp_path):
+    """issue 20 item 3: `disks:` names the VM's whole set; what it adds or leaves out is added
+    or removed as `vm set --add-disk/--remove-disk` does; a qcow2 disk's backing file, which
+    the document does not name, stays."""
+    primary, _ = hosts
+    images = tmp_path / "images"
+    images.mkdir()
+    for n in ("a.img", "b.img", "base.img"):
+        make_sparse_image(images / n, MiB, data_pieces=1)
+    qcow2_child(images / "child.qcow2", "base.img")
+
+    def doc(*disks):
+        return write(tmp_path / "vms.yaml", {"vms": [{"name": "files", "disks": [str(images / d) for d in disks]}]})
+    primary.cli("apply", "-f", doc("a.img", "child.qcow2"))
+    names = [d["path"].rsplit("/", 1)[1] for d in primary.json("vm", "get", "files")["disks"]]
+    assert names == ["a.img", "child.qcow2", "base.img"]
+    assert "nothing to change" in primary.cli("apply", "-f", doc("a.img", "child.qcow2")).stdout
+    dry = primary.cli("apply", "-f", doc("child.qcow2", "b.img"), "--diff").stdout
+    assert f"~ vm files: disks +{images / 'b.img'}, -{images / 'a.img'}" in dry, dry
+    out = primary.cli("apply", "-f", doc("child.qcow2", "b.img")).stdout
+    assert "1 change(s) made" in out, out
+    names = [d["path"].rsplit("/", 1)[1] for d in primary.json("vm", "get", "files")["disks"]]
+    assert names == ["child.qcow2", "base.img", "b.img"]
+    assert "nothing to change" in primary.cli("apply", "-f", doc("child.qcow2", "b.img")).stdout

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import stat
 import uuid
 from pathlib import Path
 
@@ -12,18 +10,16 @@ from aiohttp import web
 
 from .. import hooks
 from .. import log as logmod
-from ..errors import Conflict, NotFound, Refused, ReplicadError, UsageError
+from ..errors import Conflict, NotFound, Refused, UsageError
 from ..health import compute as compute_health
-from ..images import BackingRefused, ImageError, backing_chain, disk_format, foreign_backing
+from ..images import foreign_backing
 from ..model import (
     VM,
-    Disk,
     Relationship,
     ReplicationMode,
     ReplicationState,
     VMState,
     extended_id,
-    valid_disk_name,
     valid_vm_name,
 )
 from ..tracking.qemu import pause as qemu_pause
@@ -31,6 +27,7 @@ from ..wire import MAX_DISKS
 from .context import Host, actor, body, host_of
 from .qemu_vms import attach as qemu_attach
 from .qemu_vms import qemu_disks, run_states, set_agent
+from .vm_disks import change_disks, register_disks
 from .vm_files import set_networks, settings_of_new_vm
 
 log = logmod.get("replicad.vms")
@@ -99,46 +96,8 @@ async def add_vm(request):
     if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
         raise UsageError("at least one --disk PATH is required")
     allowed = _allowed_backing(doc.get("allow_backing") or [])
-    disks, seen, warnings = [], set(), []
-
-    async def register(path: Path, what: str) -> None:
-        # a file that is missing or wrong is a failed request (exit 1), not a usage error
-        try:
-            st = await asyncio.to_thread(os.stat, path)
-        except FileNotFoundError as e:
-            raise NotFound(f"{what} {path}: {e.strerror}") from None
-        except OSError as e:
-            raise ReplicadError(f"{what} {path}: {e.strerror}") from None
-        if not stat.S_ISREG(st.st_mode):  # os.stat follows links, as Path.is_file does
-            raise ReplicadError(f"{what} {path} is not a regular file")
-        if not valid_disk_name(path.name):
-            raise UsageError(f"{what} file name {path.name!r}: use letters, digits, '.', '_', '-'")
-        if path.name in seen:
-            raise UsageError(f"two files named {path.name}: replica copies are named after the file")
-        seen.add(path.name)
-        disks.append(Disk(str(path), st.st_size, await asyncio.to_thread(disk_format, path)))
-
-    for p in paths:
-        path = Path(p)
-        if not path.is_absolute():
-            raise UsageError(f"disk path must be absolute: {p}")
-        await register(path, "disk")
-        try:
-            chain = await asyncio.to_thread(backing_chain, path, allowed)
-        except BackingRefused as e:
-            log.warning("vm.backing_refused", vm=name, disk=str(path), backing_file=str(e.backing), reason=str(e))
-            raise Refused(str(e)) from None
-        except (ImageError, OSError) as e:
-            raise ReplicadError(str(e)) from None
-        child = path
-        for b in chain:  # the differencing disk's parents travel with it
-            if str(b.path) not in {d.path for d in disks}:
-                await register(b.path, f"backing file of {child.name}:")
-            if b.name != b.path.name:
-                warnings.append(f"{child.name} names its backing file as {b.name!r}; on the replica every file "
-                                f"sits in one folder, so after a failover run `qemu-img rebase -u -b {b.path.name} "
-                                f"-F qcow2` on {child.name}'s copy (or create it with a relative name)")
-            child = b.path
+    seen: set[str] = set()
+    disks, warnings = await register_disks(name, paths, allowed, seen)
     settings = await settings_of_new_vm(doc, seen)
     if len(disks) + len(settings) > MAX_DISKS:  # what one change log can name (wire/header.py)
         raise UsageError(f"{name} would have {len(disks) + len(settings)} files (disks, their backing files, "
@@ -181,6 +140,13 @@ async def set_vm(request):
         vm.hook_timeout = t
     if await set_networks(vm, host.catalog.relationship(vm.id), doc) and len(vm.files()) > MAX_DISKS:
         raise UsageError(f"{vm.name} would have {len(vm.files())} files; a VM has at most {MAX_DISKS}")
+    if {"add_disks", "remove_disks", "disks"} & doc.keys():
+        changed = await change_disks(vm, host.catalog.relationship(vm.id), doc,
+                                     _allowed_backing(doc.get("allow_backing") or []))
+        if doc.get("dry_run") is True:  # `apply --diff` and its plan: what would change, nothing stored
+            return web.json_response({"add": changed[0] if changed else [], "remove": changed[1] if changed else []})
+        for w in changed[2] if changed else []:
+            log.warning("vm.backing_name", vm=vm.name, reason=w)
     if "qemu" in doc:
         await qemu_attach(host, vm, doc)
     if "guest_agent" in doc and "qemu" not in doc:

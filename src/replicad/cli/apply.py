@@ -39,7 +39,9 @@ the same API as the commands, idempotently.
 The plan compares the document with what the host has and lists each change: `+` added,
 `~` changed (old → new). `--diff` prints it and changes nothing. Apply never removes what the
 document does not mention (removing is for the remove commands), and it refuses what it
-cannot do in place (a VM's disks, a relationship that is a replica here) with one line.
+cannot do in place (a VM's configuration file, a relationship that is a replica here) with one
+line. A VM's `disks` list is its whole disk set: a disk added or left out is added to or
+removed from the VM (`vm set --add-disk/--remove-disk`), its backing files staying with it.
 Relative paths are relative to the document's folder. Errors name their YAML path."""
 
 from __future__ import annotations
@@ -258,9 +260,12 @@ def _plan_vms(api, want: list[dict], p: Plan) -> dict[str, dict]:
             raise Conflict(f"vms: {name} is a {cur['replication_mode']} VM on this host; apply manages "
                              "the VMs this host runs")
         paths = [d["path"] for d in cur["disks"]]
-        if not set(v["disks"]) <= set(paths):
-            raise Conflict(f"vms: {name} exists with disks {', '.join(paths)}; apply cannot change a VM's "
-                             f"disks (remove it and add it again)")
+        if set(v["disks"]) != set(paths):  # the daemon says what changes: backing files stay with their disk
+            change = {"disks": v["disks"], "allow_backing": v.get("allow_backing", [])}
+            would = api.call("PATCH", path, {**change, "dry_run": True})
+            if would["add"] or would["remove"]:
+                p.add(f"~ vm {name}: disks " + ", ".join([f"+{d}" for d in would["add"]] +
+                                                          [f"-{d}" for d in would["remove"]]), "PATCH", path, change)
         if v.get("config_file") and cur.get("config_file") != v["config_file"]:
             raise Conflict(f"vms: {name} exists with config_file {cur.get('config_file')}; apply cannot "
                              "change it in place")

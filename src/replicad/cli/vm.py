@@ -132,11 +132,27 @@ def vm_get(name):
               help="On the replica: runs after `failover start --as-test` made `VM - Test`, which inherits it "
                    "with --on-start/--on-stop.")
 @network_options
+@click.option("--add-disk", "add_disks", multiple=True, metavar="PATH",
+              help="Replicate this disk image too (repeatable; with its qcow2 backing chain): the next cycle "
+                   "sends it whole, the other disks their changes (Set-VMReplication -ReplicatedDisks).")
+@click.option("--remove-disk", "remove_disks", multiple=True, metavar="PATH",
+              help="Stop replicating this disk (repeatable): the replica drops it at its next point and keeps "
+                   "it in the older ones. Not for --qemu VMs.")
+@click.option("--allow-backing", "allow_backing", multiple=True, metavar="DIR",
+              help="With --add-disk: a folder qcow2 backing files may come from, as for `vm add`.")
 @managed
 def vm_set(name, on_start, on_stop, pre_snapshot, post_snapshot, hook_timeout, qemu, nbd_socket, guest_agent,
-           on_failover, on_test_failover, failover_network, test_failover_network):
-    """Set a VM's host-local hooks ('' removes one), and the failover network files that
-    are replicated with it (before `replication enable`).
+           on_failover, on_test_failover, failover_network, test_failover_network, add_disks, remove_disks,
+           allow_backing):
+    """Set a VM's host-local hooks ('' removes one), the failover network files that
+    are replicated with it (before `replication enable`), and which disks it has.
+
+    \b
+    --add-disk/--remove-disk change the disks of a replicating VM in place: the next
+    cycle gives a new disk its own initial copy while the others send their deltas, in
+    the same sequence of recovery points; a removed disk is dropped on the replica at
+    that point and kept in the older ones. Refused for a --qemu VM, on a replica, and
+    while an initial copy, a resync or a prepared failover pins the disk set.
 
     \b
     The snapshot pair runs around each cycle's capture: --pre-snapshot freezes the
@@ -156,6 +172,7 @@ def vm_set(name, on_start, on_stop, pre_snapshot, post_snapshot, hook_timeout, q
                                --post-snapshot 'virsh domfsthaw contoso2' --hook-timeout 30
       replicad vm set contoso2 --failover-network /etc/replicad/contoso2-dr.yaml   # on the primary
       replicad vm set contoso2 --on-failover '/usr/local/sbin/dr-network "$REPLICAD_NETWORK"'  # on the replica
+      replicad vm set contoso2 --add-disk /var/lib/libvirt/images/contoso2-data.img
     """
     body = {k: v for k, v in {"on_start": on_start, "on_stop": on_stop, "pre_snapshot": pre_snapshot,
                               "post_snapshot": post_snapshot, "hook_timeout": hook_timeout,
@@ -168,6 +185,11 @@ def vm_set(name, on_start, on_stop, pre_snapshot, post_snapshot, hook_timeout, q
             body["nbd_socket"] = abs_path(nbd_socket)
     if guest_agent is not None:
         body["guest_agent"] = abs_path(guest_agent) if guest_agent else ""
+    if add_disks or remove_disks:
+        body.update(add_disks=[abs_path(d) for d in add_disks], remove_disks=[abs_path(d) for d in remove_disks],
+                    allow_backing=[_abs_dir(d) for d in allow_backing])
+    elif allow_backing:
+        raise click.UsageError("--allow-backing goes with --add-disk")
     show(api().call("PATCH", vm_path(name), body), VM_COLUMNS)
 
 

@@ -416,8 +416,9 @@ class PrimaryEngine:
         await self.save(rel)
         own = self.catalog.vm_by_id(vm_id)  # None for extended replication: the replica's VM is not ours
         if own is not None:  # sizes as shipped, so `vm get` follows a growing disk
-            for disk, info in zip(own.disks, header.disks, strict=False):  # the header also lists a config file
-                disk.size = info.size
+            shipped = {info.name: info.size for info in header.disks}  # by name: the set may have changed since
+            for disk in own.disks:
+                disk.size = shipped.get(disk.copy_name, disk.size)
             await self.catalog.put_vm(own)
         await asyncio.to_thread(producer.commit)
         outcome = CycleOutcome(vm=vm.name, seq=seq, kind=kind, bytes_sent=progress.sent,

@@ -37,7 +37,7 @@ class Resync:
     """A resync cycle's digests: the replica's maps, this primary's maps of the common point
     (None when it no longer has them), and the folder that holds both until the cycle ends."""
 
-    replica_maps: list[Path]
+    replica_maps: list[Path | None]  # by this primary's files: None for a disk the copy lacks (added since)
     base_maps: list[Path] | None
     work: Path
 
@@ -64,13 +64,24 @@ async def begin(engine: PrimaryEngine, rel: Relationship, vm: VM, conv: Conversa
     await asyncio.to_thread(shutil.rmtree, work, True)
     limits = await asyncio.to_thread(digest_limits, vm)
     try:
-        meta, replica_maps = await conv.fetch_digests(rel.vm_id, work / "replica", limits)
+        meta, fetched = await conv.fetch_digests(rel.vm_id, work / "replica", limits, names=vm.copy_names())
     except Exception:
         await asyncio.to_thread(shutil.rmtree, work, True)  # nothing of a failed answer stays
         raise
-    base_maps = await asyncio.to_thread(common_point, baselines, rel, meta, work / "base", len(vm.files()))
+    theirs = meta.get("files") or vm.copy_names()
+    replica_maps: list[Path | None] = list(fetched)
+    base_maps = None
+    if theirs != vm.copy_names():  # the disk set changed since the copy's point: matched by name
+        replica_maps = [fetched[theirs.index(n)] if n in theirs else None for n in vm.copy_names()]
+        log.info("resync.disks_changed", vm=vm.name, peer=rel.replica_server,
+                 added=[n for n in vm.copy_names() if n not in theirs],
+                 removed=[n for n in theirs if n not in vm.copy_names()],
+                 reason="the VM's disks changed since the replica's point: a new disk is sent whole, a removed "
+                        "one is dropped there")
+    else:
+        base_maps = await asyncio.to_thread(common_point, baselines, rel, meta, work / "base", len(vm.files()))
     if automatic and meta.get("modified") and not meta.get("discard_ok"):
-        moved = await asyncio.to_thread(replica_moved, replica_maps, base_maps) if base_maps else None
+        moved = await asyncio.to_thread(replica_moved, fetched, base_maps) if base_maps else None
         raise ResyncHeld(
             f"the replica copy was modified outside replicad since point {meta.get('applied_seq')} "
             + (f"({moved} blocks of 4 KiB changed there)" if moved is not None else
@@ -95,7 +106,9 @@ async def done(rel: Relationship, vm: VM, seq: int, baselines: Baselines, resync
     if seeded:
         rel.stats.initial_replication_size = progress.sent
     now_maps = [baselines.dir(seq) / Baselines.map_name(i) for i in range(len(resync.replica_maps))]
-    d = await asyncio.to_thread(compare, resync.replica_maps, now_maps, resync.base_maps)
+    theirs = [m for m in resync.replica_maps if m is not None]
+    d = await asyncio.to_thread(compare, theirs, now_maps, resync.base_maps) \
+        if len(theirs) == len(now_maps) else None  # a disk set that changed: no block-for-block divergence
     divergence: dict[str, int | None] | None = dict(d.to_json()) if d else None
     if d is not None and resync.base_maps is None:  # which side moved is unknown without the common point
         divergence = {"differing": d.differing, "primary_moved": None, "replica_moved": None,

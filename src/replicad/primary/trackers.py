@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+from ..errors import ReplicadError
 from ..model import VM
 from ..tracking.baselines import Baselines
 from ..tracking.qemu import QemuDisks
@@ -18,8 +20,13 @@ def qemu_disks(vm: VM) -> QemuDisks:
                      tuple(d.format for d in vm.disks), vm.qemu.get("agent", ""))
 
 
-def tracker_for(vm: VM, state_dir: Path, *, replica_maps: list[Path] | None = None) -> ChangeTracker:
+def tracker_for(vm: VM, state_dir: Path, *, replica_maps: Sequence[Path | None] | None = None) -> ChangeTracker:
+    """``replica_maps``: a resync's, by the VM's files (None for one the replica copy lacks)."""
     baselines = Baselines(state_dir, vm.id)
     if vm.qemu:
-        return QemuTracker(baselines, vm.id, qemu_disks(vm), state_dir / "qemu" / vm.id, replica_maps=replica_maps)
+        whole = None if replica_maps is None else [p for p in replica_maps if p is not None]
+        if replica_maps is not None and whole is not None and len(whole) != len(replica_maps):
+            raise ReplicadError(f"the replica copy of {vm.name} has other disks than its QEMU process: "
+                                "a --qemu VM's disk set cannot change while it is replicated")
+        return QemuTracker(baselines, vm.id, qemu_disks(vm), state_dir / "qemu" / vm.id, replica_maps=whole)
     return ScanTracker(baselines, replica_maps=replica_maps)

@@ -13,14 +13,14 @@ from .. import log as logmod
 from .. import workers
 from ..catalog import Catalog
 from ..images import disk_format
-from ..model import ReplicationState
+from ..model import Disk, ReplicationState
 from ..monitoring import roll as roll_interval
 from ..replication_states import Applied, transition
 from ..server_settings import ServerSettings
 from ..times import utcnow
 from ..tracking.digestmap import identities
 from ..wire import Header
-from . import at_rest, missing, points
+from . import at_rest, disk_set, missing, points
 from .apply import PartlyWritten, discard, read_header, rollback, write_point
 from .layout import VMDir
 
@@ -117,6 +117,7 @@ class Applier:
                 bound = log.bind(vm=vm.name, cycle=seq)
                 if await self.check_copy(vm_id):
                     break  # nothing applies to a missing file: the primary's resync recreates it
+                files: disk_set.FileSet | None = None
                 try:
                     async with self.lock(vm_id):
                         now = self.catalog.relationship(vm_id)
@@ -126,18 +127,30 @@ class Applier:
                         # the undo log only where a recovery point needs the bytes it saves
                         staged = await workers.APPLY.run(read_header, vmdir.log(seq))
                         kept = self._history(staged)
-                        header = await workers.APPLY.run(write_point, vmdir, seq, disks, keep_undo=kept > 0,
-                                                         header=staged, fault=self._fault)
+                        files = disk_set.plan(vm, vmdir, staged)  # a log may change the disk set
+                        header = await workers.APPLY.run(write_point, vmdir, seq, files.paths, keep_undo=kept > 0,
+                                                         header=staged, fault=self._fault,
+                                                         old_paths=disks if files.changed else None,
+                                                         added=files.added)
                         # the commit reads and writes the row here, on the loop, and is staged
                         # before any other task runs: no other writer of this row can interleave
                         # (a receipt may be recording the next ack right now); its fsync runs
                         # on the catalog's writer thread, and this waits until it is durable
-                        facts = await workers.APPLY.run(self.copy_facts, vm_id)
-                        floor = await self.commit(vm_id, header, facts, kept)
+                        facts = await workers.APPLY.run(self.copy_facts, vm_id, files.paths)
+                        floor = await self.commit(vm_id, header, facts, kept, files)
                         self._fault("after-commit")
-                        # `verify --at-rest`: the digests of what the log wrote (issue 20; never raises)
-                        await workers.APPLY.run(at_rest.record_quietly, vmdir, seq, header.epoch, disks,
-                                                vmdir.log(seq))
+                        gone = files.removed or await workers.APPLY.run(disk_set.strays, vmdir, files.paths)
+                        # not in the new point (the undo log keeps them for older ones); a file outside
+                        # the VM's folder (an old primary's own disk, after `reverse`) is left where it is
+                        gone = [p for p in gone if p.parent == vmdir.disks]
+                        if gone:
+                            await workers.APPLY.run(disk_set.drop, gone)
+                            bound.info("replica.disks_dropped", disks=[p.name for p in gone],
+                                       reason="the primary no longer replicates them; older points keep them")
+                        # `verify --at-rest`: the digests of what the log wrote (issue 20; never raises);
+                        # of the whole copy when the set changed (its maps are by position)
+                        await workers.APPLY.run(at_rest.record_quietly, vmdir, seq, header.epoch, files.paths,
+                                                None if files.changed else vmdir.log(seq))
                         await workers.APPLY.run(discard, vmdir, seq)
                         await workers.APPLY.run(points.drop_undo, vmdir, floor)
                 except asyncio.CancelledError:
@@ -146,6 +159,8 @@ class Applier:
                     reason = e.strerror if isinstance(e, OSError) else str(e)
                     bound.error("apply.failed", reason=reason, retry_in=delay)
                     await workers.APPLY.run(self._rollback_quietly, vmdir, seq, disks)
+                    if files is not None and files.added:  # not in the point the copy is back at
+                        await workers.APPLY.run(disk_set.drop, [files.paths[i] for i in files.added])
                     rel = self.catalog.relationship(vm_id)
                     if rel is not None:
                         rel.error = f"applying log {seq} failed: {reason}"
@@ -181,13 +196,16 @@ class Applier:
         what its primary asks, capped by `server set --max-recovery-history`."""
         return min(header.history[0], ServerSettings.load(self.catalog, self.state_dir).max_recovery_history)
 
-    def copy_facts(self, vm_id: str) -> Facts:
+    def copy_facts(self, vm_id: str, paths: list[Path] | None = None) -> Facts:
         """What the commit records about the copy's files (formats, identities): file reads,
-        done in a worker thread before the commit (the apply lock keeps them still)."""
+        done in a worker thread before the commit (the apply lock keeps them still).
+        ``paths``: the point's files, when its log changed the set."""
         vm = self.catalog.require_vm(vm_id)
-        return [disk_format(Path(d.path)) for d in vm.disks], identities(vm.files())
+        paths = paths or vm.files()
+        return [disk_format(p) for p in paths[:len(paths) - disk_set.settings_count(vm)]], identities(paths)
 
-    async def commit(self, vm_id: str, header: Header, facts: Facts, kept: int | None = None) -> int:
+    async def commit(self, vm_id: str, header: Header, facts: Facts, kept: int | None = None,
+                     files: disk_set.FileSet | None = None) -> int:
         """Step 3 of the apply: point ``header.seq`` is now the copy's committed state.
         Returns the undo-log floor of recovery-point retention, once the point is durable.
         Its read-modify-write runs on the loop and is staged at once (catalog.py): no other
@@ -217,6 +235,11 @@ class Applier:
         rel = transition(rel, Applied())
         rel.stats.successful_count += 1
         vm = self.catalog.require_vm(vm_id)
+        if files is not None and files.changed:  # the new set, with this point: atomic with its commit
+            vm.disks = [Disk(str(p)) for p in files.paths[:len(files.paths) - disk_set.settings_count(vm)]]
+            log.info("replica.disks_changed", vm=vm.name, peer=rel.primary_server, cycle=header.seq,
+                     added=[files.paths[i].name for i in files.added], removed=[p.name for p in files.removed],
+                     reason="the primary changed the VM's disks; older points keep their own")
         formats, rel.copy_identity = facts
         for d, info, fmt in zip(vm.disks, header.disks, formats, strict=False):  # header: a config file too
             d.size = info.size

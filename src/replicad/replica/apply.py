@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from ..fsutil import durable_rename, fsync_dir, fully_allocated, punch_hole, reserve
@@ -43,6 +43,7 @@ from ..wire import (
     Record,
     Trailer,
 )
+from .disk_set import open_new
 from .layout import VMDir
 
 READ_CHUNK = 1 << 20
@@ -139,29 +140,37 @@ def overwritten(log_path: Path, old_sizes: list[int]) -> list[tuple[int, int, in
     return _merge(ranges, gap)
 
 
-def write_undo(vmdir: VMDir, log_path: Path, disk_paths: list[Path]) -> Path:
+def write_undo(vmdir: VMDir, log_path: Path, old_paths: list[Path], new_paths: list[Path] | None = None) -> Path:
     """Save everything ``log_path`` will overwrite, each old byte once (its data only where
-    the disk holds data: an undo log is never larger than what the disks hold); durable
-    under its final name on return."""
+    the disks hold data: an undo log is never larger than what the disks hold); durable
+    under its final name on return. ``old_paths``: the copy's files as they are (the
+    previous point's set); ``new_paths``: the log's, where they differ (replica/disk_set.py).
+    The undo log is a log of the previous point's set: a file the log leaves out is saved
+    whole, one it adds is not in it (rolling back drops it)."""
     header = read_header(log_path)
     seq = header.seq
-    fds = [os.open(p, os.O_RDONLY) for p in disk_paths]
+    old_names = [p.name for p in old_paths]
+    new_names = [p.name for p in (new_paths or old_paths)]
+    before = {i: old_names.index(n) for i, n in enumerate(new_names) if n in old_names}  # log index -> old
+    fds = [os.open(p, os.O_RDONLY) for p in old_paths]
     try:
         old_sizes = [os.fstat(fd).st_size for fd in fds]
         uh = Header(header.vm_id, header.vm_name, header.epoch, seq, seq - 1, "delta", header.time,
-                    header.consistency, tuple(DiskInfo(i, d.name, old_sizes[i]) for i, d in enumerate(header.disks)))
+                    header.consistency, tuple(DiskInfo(i, n, old_sizes[i]) for i, n in enumerate(old_names)))
         enc = LogEncoder(uh, compress=True)
         final = vmdir.undo_log(seq)
         part = final.with_name(final.name + ".part")
-        ranges = overwritten(log_path, old_sizes)
+        ranges = [(before[d], a, b) for d, a, b in
+                  overwritten(log_path, [old_sizes[before[i]] if i in before else 0 for i in range(len(new_names))])]
+        dropped = [i for i, n in enumerate(old_names) if n not in new_names]
         for disk, start, end in ranges:  # the old blocks read ahead by the kernel, all at once
             os.posix_fadvise(fds[disk], start, end - start, os.POSIX_FADV_WILLNEED)
         with open(part, "wb") as out:
             out.write(enc.start())
-            for i in range(len(fds)):  # sizes first: applying the undo restores them before data
-                if header.disks[i].size != old_sizes[i]:
-                    out.write(enc.resize(i, old_sizes[i]))
-            for disk, start, end in ranges:
+            for i, o in before.items():  # sizes first: applying the undo restores them before data
+                if header.disks[i].size != old_sizes[o]:
+                    out.write(enc.resize(o, old_sizes[o]))
+            for disk, start, end in sorted(ranges) + [(o, 0, old_sizes[o]) for o in dropped]:
                 for b in _save_range(enc, fds[disk], disk, start, end):
                     out.write(b)
             out.write(enc.finish())
@@ -206,19 +215,29 @@ def reserve_data(log_path: Path, fds: list[int]) -> None:
     flush()
 
 
-def apply_records(log_path: Path, disk_paths: list[Path], *, fresh: bool = False, redo: bool = False) -> Header:
+def apply_records(log_path: Path, disk_paths: list[Path], *, fresh: bool = False, redo: bool = False,
+                  added: Sequence[int] = ()) -> Header:
     """Write every record of a verified log into the disks and fsync them. Idempotent.
 
     ``fresh``: an initial copy — the disks are recreated empty and sparse first. ``redo``: no
     undo log protects the copy: the space is reserved before the first write, and a failure
-    after it raises ``PartlyWritten``. The header returned carries the point's final
-    consistency (``fuzzy`` when the trailer says so)."""
+    after it raises ``PartlyWritten``. ``added``: the indexes of files the log adds to the
+    set (replica/disk_set.py): made empty first, never through a link; the log carries all
+    of their data. The header returned carries the point's final consistency (``fuzzy``
+    when the trailer says so)."""
     header = read_header(log_path)
     if len(header.disks) != len(disk_paths):
         raise ValueError("log and replica disagree on the number of disks")
-    created = fresh or not all(p.exists() for p in disk_paths)
+    created = fresh or bool(added) or not all(p.exists() for p in disk_paths)
     flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if fresh else 0)
-    fds = [os.open(p, flags, 0o600) for p in disk_paths]
+    fds: list[int] = []
+    try:
+        for i, p in enumerate(disk_paths):
+            fds.append(open_new(p) if i in added else os.open(p, flags, 0o600))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
     touched = False
     try:
         for fd, d in zip(fds, header.disks, strict=True):
@@ -249,21 +268,24 @@ def apply_records(log_path: Path, disk_paths: list[Path], *, fresh: bool = False
 
 
 def write_point(vmdir: VMDir, seq: int, disk_paths: list[Path], *, keep_undo: bool = True,
-                header: Header | None = None, fault: Callable[[str], None] = lambda phase: None) -> Header:
+                header: Header | None = None, fault: Callable[[str], None] = lambda phase: None,
+                old_paths: list[Path] | None = None, added: Sequence[int] = ()) -> Header:
     """Steps 1-2 for staged log ``seq``: the undo log when ``keep_undo`` (a recovery point
     needs the bytes the log overwrites) and the log is a delta, unless one is already
     complete; otherwise the space reserved. Then the blocks. ``header``: the log's, when
-    the caller read it already. The caller commits (step 3, awaited: durable before it goes
-    on) and then calls ``discard``."""
+    the caller read it already; ``disk_paths``: its files here, ``old_paths`` the copy's
+    when the log changes the set and ``added`` the files it adds (replica/disk_set.py).
+    The caller commits (step 3, awaited: durable before it goes on), drops the files the
+    set lost, and then calls ``discard``."""
     log_path = vmdir.log(seq)
     header = header or read_header(log_path)
     fresh = header.kind == "initial"
     undo = vmdir.undo_log(seq)
     if not fresh and keep_undo and header.kind == "delta" and not undo.exists():
         undo.with_name(undo.name + ".part").unlink(missing_ok=True)
-        write_undo(vmdir, log_path, disk_paths)
+        write_undo(vmdir, log_path, old_paths or disk_paths, disk_paths)
     fault("after-undo")
-    header = apply_records(log_path, disk_paths, fresh=fresh, redo=not fresh and not undo.exists())
+    header = apply_records(log_path, disk_paths, fresh=fresh, redo=not fresh and not undo.exists(), added=added)
     fault("after-data")
     return header
 

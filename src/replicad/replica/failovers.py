@@ -19,6 +19,8 @@ pool (workers.py): they are apply work, under the VM's apply lock."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import shutil
 import uuid
 from collections.abc import Callable
@@ -28,6 +30,7 @@ from .. import log as logmod
 from .. import workers
 from ..catalog import Catalog
 from ..errors import Conflict, ReplicadError, StorageError, UsageError
+from ..images import disk_format
 from ..model import VM, Disk, Relationship, ReplicationMode, VMState, split_files
 from ..model import ReplicationState as S
 from ..replication_states import (
@@ -38,8 +41,8 @@ from ..replication_states import (
     require,
     transition,
 )
+from . import disk_set, points
 from . import failover_copy as fc
-from . import points
 from .failover import TEST_SUFFIX, make_test_copy
 from .layout import VMDir
 from .service import ReplicaService
@@ -76,9 +79,11 @@ class Failovers:
             waiting = rel.role == "replica" and rel.state == S.FAILED_OVER_WAITING
             state = fc.WAITING if waiting else fc.NOT_FAILED_OVER if rel.role == "replica" and \
                 rel.state != S.FAILED_OVER else fc.COMPLETED
-            done = await workers.APPLY.run(fc.settle, vm.files(), state, rel.failover.get("disks"))
+            newest = newest_files(vm, rel)
+            done = await workers.APPLY.run(fc.settle, vm.files(), state, rel.failover.get("disks"),
+                                           lambda at: None, newest)
             if rel.role == "replica" and rel.state == S.FAILED_OVER and rel.storage:
-                await workers.APPLY.run(drop_points, vm.files(), VMDir.of(rel.storage, vm.id))
+                await workers.APPLY.run(drop_points, vm.files(), VMDir.of(rel.storage, vm.id), newest)
             for what in done:
                 log.warning("failover.recovered", vm=vm.name, state=rel.state.value, action=what,
                             reason="a failover step was cut by a crash; the files now agree with the catalog")
@@ -114,17 +119,22 @@ class Failovers:
                          f"{', '.join(str(p['seq']) for p in have)}", hint="see `replicad replication recovery-points`")
 
     async def _make(self, vm: VM, files: list[Path], waiting: bool, vmdir: VMDir, rel: Relationship,
-                    target: dict) -> tuple[str, list]:
-        """The failover copy of ``target`` (failover_copy.make); nothing is left of it on failure."""
+                    target: dict) -> tuple[str, list, list[Path]]:
+        """The failover copy of ``target`` (failover_copy.make) from the replica copy's
+        ``files``; nothing is left of it on failure."""
         try:
             chain = points.chain(vmdir, rel, target["seq"])
         except FileNotFoundError as e:
             raise Conflict(f"recovery point {target['seq']} of {vm.name} cannot be rebuilt: {e}") from None
         try:
-            return await workers.APPLY.run(fc.make, files, waiting, chain, self._fault)
+            known = {p.name: p for p in [*vm.files(), *files]}  # a reversed VM's files are where they were
+            return await workers.APPLY.run(fc.make, files, waiting, chain,
+                                           lambda name: known.get(name) or disk_set.new_path(vmdir.disks, name),
+                                           self._fault)
         except OSError as e:
-            await workers.APPLY.run(fc.settle, files, fc.WAITING if waiting else fc.NOT_FAILED_OVER,
-                                    rel.failover.get("disks") if waiting else None)
+            await workers.APPLY.run(fc.settle, vm.files() if waiting else files,
+                                    fc.WAITING if waiting else fc.NOT_FAILED_OVER,
+                                    rel.failover.get("disks") if waiting else None, lambda at: None, files)
             raise StorageError(f"cannot make the failover copy of {vm.name} at point {target['seq']}: "
                                f"{e.strerror or e}", hint="a reflink filesystem (XFS, btrfs) needs almost no space "
                                "for it; elsewhere it needs the disks' allocated size") from None
@@ -172,14 +182,18 @@ class Failovers:
                     rel = self._fresh(vm)
                     target = self._point(rel, point)
                     files, vmdir = vm.files(), VMDir.of(rel.storage, vm.id)
-                    how, made = await self._make(vm, files, False, vmdir, rel, target)
+                    how, made, at_point = await self._make(vm, files, False, vmdir, rel, target)
                     planned = 0 < rel.prepared_seq == rel.applied_seq == target["seq"]
-                    rel = transition(rel, FailoverStarted(vm.name, {
-                        "point": target["seq"], "time": target["time"], "consistency": target["consistency"],
-                        "planned": planned, "disks": made, "copy": how}))
-                    await self.catalog.put_relationship(rel)
+                    record = {"point": target["seq"], "time": target["time"], "consistency": target["consistency"],
+                              "planned": planned, "disks": made, "copy": how}
+                    newest = list(vm.disks)
+                    if at_point != files:  # the point has other disks: the VM is the point's while failed over
+                        record["newest"] = [dataclasses.asdict(d) for d in newest]
+                        vm.disks = await workers.APPLY.run(point_disks, vm, at_point)
+                    rel = transition(rel, FailoverStarted(vm.name, record))
+                    await self.catalog.put_vm_and_relationship(vm, rel)  # one transaction: state and disk set
                     self._fault("failover-committed")
-                    await workers.APPLY.run(fc.settle, files, fc.WAITING, made, self._fault)
+                    await workers.APPLY.run(fc.settle, at_point, fc.WAITING, made, self._fault, files)
         kind = "planned" if planned else "unplanned"
         await self.catalog.audit(actor, "failover.started", f"{vm.name} to point {target['seq']} ({kind}, {how})")
         log.warning("failover.started", vm=vm.name, point=target["seq"], latest=rel.applied_seq, planned=planned,
@@ -193,15 +207,22 @@ class Failovers:
             raise Conflict(f"{vm.name} is running here; stop it before moving to another recovery point",
                            hint="what the failed-over VM wrote is dropped by the move")
         target = self._point(rel, point)
-        files, vmdir = vm.files(), VMDir.of(rel.storage, vm.id)
+        before, vmdir = vm.files(), VMDir.of(rel.storage, vm.id)
+        files = newest_files(vm, rel) or before
         async with self.replica.apply_lock(vm.id):
-            how, made = await self._make(vm, files, True, vmdir, rel, target)
+            how, made, at_point = await self._make(vm, files, True, vmdir, rel, target)
             planned = 0 < rel.prepared_seq == rel.applied_seq == target["seq"]
             rel.failover.update(point=target["seq"], time=target["time"], consistency=target["consistency"],
                                 planned=planned, disks=made, copy=how)
-            await self.catalog.put_relationship(rel)
+            newest = [Disk(**d) for d in rel.failover.get("newest", [dataclasses.asdict(d) for d in vm.disks])]
+            rel.failover.pop("newest", None)
+            vm.disks = newest
+            if at_point != files:
+                rel.failover["newest"] = [dataclasses.asdict(d) for d in newest]
+                vm.disks = await workers.APPLY.run(point_disks, vm, at_point)
+            await self.catalog.put_vm_and_relationship(vm, rel)
             self._fault("failover-committed")
-            await workers.APPLY.run(fc.settle, files, fc.WAITING, made, self._fault)
+            await workers.APPLY.run(fc.settle, at_point, fc.WAITING, made, self._fault, files, before)
         await self.catalog.audit(actor, "failover.moved", f"{vm.name} to point {target['seq']} ({how})")
         log.warning("failover.moved", vm=vm.name, point=target["seq"], copy=how,
                     reason="the operator chose another recovery point; the failed-over VM's writes were dropped")
@@ -224,10 +245,13 @@ class Failovers:
             require(rel, FailoverStopped(vm.name))
             if vm.state == VMState.RUNNING:
                 raise Conflict(f"{vm.name} is running here; stop it before cancelling the failover")
+            at_point, newest = vm.files(), newest_files(vm, rel)
+            if "newest" in rel.failover:  # the replica copy's disks again
+                vm.disks = [Disk(**d) for d in rel.failover["newest"]]
             rel = transition(rel, FailoverStopped(vm.name))  # back to the state before the failover
-            await self.catalog.put_relationship(rel)
+            await self.catalog.put_vm_and_relationship(vm, rel)
             self._fault("failover-stopping")
-            await workers.APPLY.run(fc.settle, vm.files(), fc.NOT_FAILED_OVER)
+            await workers.APPLY.run(fc.settle, at_point, fc.NOT_FAILED_OVER, None, lambda at: None, newest)
         await self.catalog.audit(actor, "failover.cancelled", vm.name)
         log.info("failover.cancelled", vm=vm.name, state=rel.state.value,
                  reason="back to the newest point; what the failed-over VM wrote is dropped")
@@ -240,7 +264,7 @@ class Failovers:
             rel = transition(self._fresh(vm), FailoverCompleted(vm.name))  # the copy is the point's
             await self.catalog.put_relationship(rel)
             self._fault("failover-completing")
-            await workers.APPLY.run(drop_points, vm.files(), VMDir.of(rel.storage, vm.id))
+            await workers.APPLY.run(drop_points, vm.files(), VMDir.of(rel.storage, vm.id), newest_files(vm, rel))
         await self.catalog.audit(actor, "failover.completed", f"{vm.name} at point {rel.applied_seq}")
         log.warning("failover.completed", vm=vm.name, point=rel.applied_seq,
                     reason="failover committed; the VM keeps the copy of this point, the other points are dropped")
@@ -262,22 +286,24 @@ class Failovers:
                 rel = self._fresh(vm)
                 target = self._point(rel, point)
                 vmdir = VMDir.of(rel.storage, vm.id)
-                files = vm.files()
+                files = newest_files(vm, rel) or vm.files()  # the replica copy's
                 src = fc.sources(files, rel.state == S.FAILED_OVER_WAITING)
                 try:
                     chain = points.chain(vmdir, rel, target["seq"])
                 except FileNotFoundError as e:
                     raise Conflict(f"recovery point {target['seq']} of {vm.name} cannot be rebuilt: {e}") from None
 
-                def copy_at_point() -> tuple[list[Path], str]:
-                    copies, how = make_test_copy(files, vmdir.root / "test", src)
-                    points.roll_back(chain, copies)
-                    return copies, how
-                copies, how = await workers.APPLY.run(copy_at_point)
-            disk_copies, settings = split_files(copies, bool(vm.config_file), vm.network_roles())
+                def copy_at_point() -> tuple[list[Path], list[Disk], str]:
+                    test_dir = vmdir.root / "test"
+                    copies, how = make_test_copy(files, test_dir, src)
+                    made = points.roll_back(chain, {p.name: c for p, c in zip(files, copies, strict=True)},
+                                            lambda name: disk_set.new_path(test_dir, name))
+                    at_point = list(made.values())
+                    return at_point, point_disks(vm, at_point, lambda p: p), how
+                copies, disks, how = await workers.APPLY.run(copy_at_point)
+            _, settings = split_files(copies, bool(vm.config_file), vm.network_roles())
             test = VM(id=str(uuid.uuid4()), name=test_vm_name(vm), mode=ReplicationMode.TEST_REPLICA,
-                      state=VMState.OFF,
-                      disks=[Disk(str(p), d.size, d.format) for p, d in zip(disk_copies, vm.disks, strict=True)],
+                      state=VMState.OFF, disks=disks,
                       hooks={k: v for k, v in vm.hooks.items() if k in TEST_HOOKS},
                       hook_timeout=vm.hook_timeout).with_settings(settings)
             await self.catalog.put_vm(test)
@@ -294,10 +320,22 @@ class Failovers:
                 for p in points.available(rel)]
 
 
-def drop_points(files: list[Path], vmdir: VMDir) -> None:
+def newest_files(vm: VM, rel: Relationship) -> list[Path] | None:
+    """While failed over to a point with other disks than the newest: the replica copy's files."""
+    newest = rel.failover.get("newest") if rel.role == "replica" else None
+    return None if newest is None else [Path(d["path"]) for d in newest] + [Path(p) for _, p in vm.settings()]
+
+
+def point_disks(vm: VM, at_point: list[Path], where: Callable[[Path], Path] = fc.upcoming) -> list[Disk]:
+    """The disks of a point's files (``where``: where each one's copy is now), as the VM lists them."""
+    disks, _ = split_files(at_point, bool(vm.config_file), vm.network_roles())
+    return [Disk(str(p), os.stat(where(p)).st_size, disk_format(where(p))) for p in disks]
+
+
+def drop_points(files: list[Path], vmdir: VMDir, newest: list[Path] | None = None) -> None:
     """The file half of `complete` (after the catalog's): the replica copy set aside, the undo
     chain and any staged log are deleted. Idempotent (`recover` redoes it after a crash)."""
-    fc.settle(files, fc.COMPLETED)
+    fc.settle(files, fc.COMPLETED, newest=newest)
     for folder in (vmdir.undo, vmdir.logs):
         if folder.exists():
             for p in folder.iterdir():

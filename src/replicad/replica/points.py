@@ -13,13 +13,14 @@ deleted. The point the next cycle builds on is the latest, which is never pruned
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from .. import log as logmod
 from .. import retention
 from ..model import Relationship, ReplicationState
 from ..times import parse_time
-from .apply import apply_records
+from .apply import apply_records, read_header
 from .layout import VMDir
 
 log = logmod.get("replicad.replica")
@@ -90,7 +91,19 @@ def undo_bytes(vmdir: VMDir, rel: Relationship, point: int) -> int:
     return sum(os.stat(p).st_size for p in chain(vmdir, rel, point))
 
 
-def roll_back(logs: list[Path], disks: list[Path]) -> None:
-    """Apply undo logs newest first: the disks end at the chosen (older) point."""
+def roll_back(logs: list[Path], files: dict[str, Path], place: Callable[[str], Path]) -> dict[str, Path]:
+    """Apply undo logs newest first to ``files`` (a file's name in the copy -> the file to
+    roll back): they end at the chosen (older) point. An undo log names its point's whole
+    file set (replica/disk_set.py): a file it does not name is deleted, one it names and
+    ``files`` lacks is made at ``place(name)`` (a disk removed since that point, its bytes
+    all in the undo log). Returns the point's files, in its order."""
+    files = dict(files)
     for undo in logs:
-        apply_records(undo, disks)
+        names = [d.name for d in read_header(undo).disks]
+        paths = [files.get(n) or place(n) for n in names]
+        apply_records(undo, paths, added=[i for i, n in enumerate(names) if n not in files])
+        for n, p in files.items():
+            if n not in names:
+                p.unlink(missing_ok=True)
+        files = dict(zip(names, paths, strict=True))
+    return files

@@ -30,7 +30,7 @@ from ..model import ReplicationState
 from ..tracking.digestmap import identities
 from ..transport.endpoints import IncomingLog
 from ..wire import Header, LogDecoder
-from . import at_rest, missing, points
+from . import at_rest, disk_set, missing, points
 from .admission import Admission
 from .adoption import Adoption
 from .applier import Applier
@@ -111,9 +111,12 @@ class Receiving:
         else:
             if rel is None or vm is None:
                 raise ResyncRequired(f"this replica server has no copy of VM {header.vm_name}")
-            if ([d.name for d in header.disks] != [p.name for p in vm.files()] or header.config != bool(vm.config_file)
-                    or header.networks != vm.network_roles()):
-                raise ResyncRequired("the VM's disk set changed")
+            files = disk_set.plan(vm, VMDir.of(rel.storage, vm_id), header)  # refuses a name out of its folder
+            if files.changed:
+                await workers.RECEIVE.run(disk_set.check_new, files)
+                bound.info("log.disks_change", added=[files.paths[i].name for i in files.added],
+                           removed=[p.name for p in files.removed],
+                           reason="the primary changed the VM's disks: the new set comes with this point")
             if gone := await self.applier.check_copy(vm_id, peer=grant.principal):
                 raise ResyncRequired(missing.message(vm, gone, self.host))
             if header.kind == "resync":  # builds on whatever this copy holds, in any epoch

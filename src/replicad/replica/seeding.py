@@ -44,7 +44,7 @@ def _open_seed(source: Path) -> int | None:
         raise
 
 
-def _problem(st: os.stat_result) -> str | None:
+def file_problem(st: os.stat_result) -> str | None:
     if stat.S_ISLNK(st.st_mode):
         return "is a symbolic link"
     if not stat.S_ISREG(st.st_mode):
@@ -92,7 +92,7 @@ def adopt(source: Path, vmdir: VMDir, files: list[str]) -> list[str]:
                 st = os.stat(f, dir_fd=sfd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            why = _problem(st)
+            why = file_problem(st)
             if why is not None:
                 raise SeedRefused(source / f, why)
             checked[f] = st
@@ -106,7 +106,7 @@ def adopt(source: Path, vmdir: VMDir, files: list[str]) -> list[str]:
                     os.rename(f, f, src_dir_fd=sfd, dst_dir_fd=dfd)
                     now = os.stat(f, dir_fd=dfd, follow_symlinks=False)
                     was = checked[f]
-                    if _problem(now) or (now.st_ino, now.st_dev) != (was.st_ino, was.st_dev):
+                    if file_problem(now) or (now.st_ino, now.st_dev) != (was.st_ino, was.st_dev):
                         os.rename(f, f, src_dir_fd=dfd, dst_dir_fd=sfd)  # not ours: give it back
                         raise SeedRefused(source / f, "was replaced while it was being adopted")
                     os.chmod(f, 0o600, dir_fd=dfd)

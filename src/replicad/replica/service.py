@@ -180,7 +180,8 @@ class ReplicaService:
         log.info("resync.digests", vm=vm.name, peer=principal, point=rel.applied_seq, modified=modified,
                  reason="the primary compares these with its disks and ships only what differs")
         return {"applied_seq": rel.applied_seq, "epoch": rel.epoch, "modified": modified,
-                "discard_ok": rel.discard_ok, "sizes": [n for _, n in written]}, maps
+                "discard_ok": rel.discard_ok, "sizes": [n for _, n in written],
+                "files": vm.copy_names()}, maps
 
     @staticmethod
     def open_map(path: Path) -> BinaryIO:

@@ -72,7 +72,7 @@ class ScanCycle:
         self.baselines, self.plan = baselines, plan
         self.warnings: list[str] = []
         self._readers = readers
-        tmp = baselines.begin(plan.seq)
+        tmp = baselines.begin(plan.seq, [p.name for p in disks])
         self._scans = [DiskScan(p, r, tmp / Baselines.map_name(i), capture=capture, start=self._start(i))
                        for i, (p, r) in enumerate(zip(disks, readers, strict=True))]
 
@@ -116,7 +116,8 @@ class ScanTracker:
     """The ``scan`` tracker of one VM. ``replica_maps``: a resync, whose baseline is the
     replica's own digests of its copy; ``capture``: try reflink clones (point in time)."""
 
-    def __init__(self, baselines: Baselines, *, replica_maps: list[Path] | None = None, capture: bool = True):
+    def __init__(self, baselines: Baselines, *, replica_maps: Sequence[Path | None] | None = None,
+                 capture: bool = True):
         self.baselines = baselines
         self.replica_maps = replica_maps
         self.capture = capture
@@ -126,12 +127,13 @@ class ScanTracker:
         if plan.initial:
             readers = [None] * len(disks)
         elif self.replica_maps is not None:
-            opened = [DigestMapReader.open(p) for p in self.replica_maps]
-            if len(opened) != len(disks) or any(r is None for r in opened):
+            opened = [DigestMapReader.open(p) if p is not None else None for p in self.replica_maps]
+            if len(opened) != len(disks) or any(r is None for r, p in zip(opened, self.replica_maps, strict=True)
+                                                  if p is not None):
                 raise ReplicadError("the replica's digest maps are damaged or do not match the disks")
             readers = list(opened)
         else:
-            maps = self.baselines.readers(plan.base_seq, len(disks))
+            maps = self.baselines.readers(plan.base_seq, [p.name for p in disks])
             if maps is None:
                 raise ResyncRequired(f"the digest maps of acknowledged cycle {plan.base_seq} are missing",
                                      hint="run `replicad replication resync`")

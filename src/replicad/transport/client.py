@@ -391,11 +391,15 @@ class Conversation:
         return await self.request("GET", f"/v1/replicas/{vm_id}")
 
     async def fetch_digests(self, vm_id: str, folder: Path, limits: list[int],
-                            rate: int = 0) -> tuple[dict, list[Path]]:
+                            rate: int = 0, names: list[str] | None = None) -> tuple[dict, list[Path]]:
         """Stream the replica's digest maps into ``folder``: one map per file asked for,
         each at most ``limits[i]`` bytes, every segment authenticated before it is written
         (transport/digests.py); memory is one segment. On any failure nothing is kept.
-        ``rate``: the replica reads its copy at most this fast (bytes a second; a verify's)."""
+        ``rate``: the replica reads its copy at most this fast (bytes a second; a verify's).
+        ``names``: the files ``limits`` are of; the replica's copy may have another set (the
+        VM's disks changed since its last point, issue 20): its answer names its files
+        (``meta["files"]``, the maps in that order), each bounded by the limit of its name
+        (the largest one asked for, for a file this primary no longer has)."""
         path = f"/v1/replicas/{vm_id}/digests" + (f"?rate={int(rate)}" if rate else "")
         headers, counter = {}, 0
         key = self.session.key if self.session else None
@@ -435,6 +439,11 @@ class Conversation:
                     self._raise(resp.status, await _read_bounded(resp, MAX_ANSWER, self.server))
                 meta = json.loads(await segment(resp))
                 sizes = meta["sizes"] if isinstance(meta, dict) else None
+                theirs = meta.get("files") if isinstance(meta, dict) else None
+                if names is not None and isinstance(theirs, list) and isinstance(sizes, list) \
+                        and len(theirs) == len(sizes) <= 64 and all(isinstance(n, str) for n in theirs):
+                    by_name = dict(zip(names, limits, strict=True))
+                    limits = [by_name.get(n, max(limits)) for n in theirs]
                 if not (isinstance(sizes, list) and len(sizes) == len(limits)
                         and all(isinstance(n, int) and 0 <= n <= lim for n, lim in zip(sizes, limits, strict=True))):
                     raise PeerError(f"the digest answer of {self.server} does not describe the {len(limits)} "
