@@ -113,3 +113,33 @@ def test_points_kept_from_the_log_that_asks_for_them(token_pair, tmp_path):
     assert [p["id"] for p in replica.json("replication", "recovery-points", "h")] == ["6"]
     assert not list(undo.iterdir())
     assert file_digest(copy) == state[6]
+
+
+@pytest.mark.skipif(not syscall_trap.available(), reason="needs strace")
+def test_tidying_after_a_commit_that_fails_never_undoes_the_committed_point(token_pair, tmp_path):
+    """Once a point is committed, what follows (its staged log deleted, undo logs pruned, the
+    at-rest digests) is tidying: an error there is logged, and the copy stays at the point
+    the catalog names. Before, such an error went the way of a failed apply: the undo log
+    was applied, and the copy went back one point while the catalog kept the newer one."""
+    primary, replica = token_pair
+    image, copy = replicated(primary, replica, "t", tmp_path, 16 * MiB, 4, frequency=3600)
+    primary.json("replication", "set", "t", "--recovery-history", "2")
+    scribble(image, 40, seed=11)
+    primary.json("replication", "sync", "t", "--wait")
+    wait_applied(primary, replica, "t")  # log 2 carried the history: log 3 gets an undo log
+    scribble(image, 40, seed=12)
+    after = file_digest(image)
+    staged = copy.parent.parent / "logs" / f"{3:012d}.log"
+    with SyscallTrap(replica.proc.pid, "unlink,unlinkat", "1+", paths=(staged,), error="EIO"):
+        assert primary.json("replication", "sync", "t", "--wait")["seq"] == 3
+        wait_for(lambda: replica.events("apply.tidy_failed") or replica.events("apply.failed"), 60,
+                 "the unlink's error met by the replica")
+        assert replica.json("replication", "get", "t")["applied_sequence"] == 3
+        assert file_digest(copy) == after  # the committed point, not the one before it
+    assert not replica.events("apply.failed") and not replica.events("apply.rolled_back")
+    assert "Input/output error" in replica.events("apply.tidy_failed")[0]["reason"]
+    scribble(image, 40, seed=13)
+    assert primary.json("replication", "sync", "t", "--wait")["seq"] == 4
+    wait_applied(primary, replica, "t")
+    assert file_digest(copy) == file_digest(image)
+    assert not staged.exists()  # the next commit dropped what the failed tidying left

@@ -323,3 +323,21 @@ def test_pull_checks_a_record_header_before_asking_for_a_place():
     with pytest.raises(WireError, match="beyond the end"):
         list(dec.pull(s.read_into, lambda *a: pytest.fail("a place was asked for a hostile record"),
                       lambda r: pytest.fail("a hostile record was placed")))
+
+
+def test_one_time_keys_taken_in_batches_are_the_keys_of_each_index():
+    """``OneTimeKeys`` derives many items' one-time keys with one cipher call: each MAC must
+    still be exactly ``item_mac``'s for that index — in order across batch boundaries, after
+    a jump back (a key never reused from the wrong index), and with a long payload."""
+    import os as _os
+
+    from replicad.wire.mac import KEYS_AT_ONCE, OneTimeKeys, item_mac
+
+    key, nonce = _os.urandom(32), _os.urandom(8)
+    keys = OneTimeKeys(key, nonce)
+    head, body = _os.urandom(28), _os.urandom(70_000)
+    order = [*range(0, 2 * KEYS_AT_ONCE + 3), 5, 6, KEYS_AT_ONCE - 1, 3 * KEYS_AT_ONCE + 17, 2]
+    for i in order:
+        assert keys.mac(i, head, body) == item_mac(key, nonce, i, head, body), i
+        assert keys.mac(i, head) == item_mac(key, nonce, i, head), i
+    assert OneTimeKeys(key, _os.urandom(8)).mac(0, head) != item_mac(key, nonce, 0, head)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .. import log as logmod
 from .. import workers
@@ -23,6 +24,7 @@ from ..wire import Header
 from . import at_rest, disk_set, missing, points
 from .apply import PartlyWritten, discard, read_header, rollback, write_point
 from .layout import VMDir
+from .written import Written
 
 log = logmod.get("replicad.replica")
 APPLY_RETRY_MAX = 60.0
@@ -40,6 +42,7 @@ class Applier:
         self._applied: dict[str, asyncio.Condition] = {}  # notified after every commit
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task] = {}
+        self._recording: dict[str, asyncio.Task] = {}  # at-rest digests of a new copy, after its ack
 
     # the tasks ------------------------------------------------------------------------------
     def ensure(self, vm_id: str) -> None:
@@ -54,16 +57,35 @@ class Applier:
         self._wake[vm_id].set()
 
     async def stop(self) -> None:
-        for t in self._tasks.values():
+        tasks = [*self._tasks.values(), *self._recording.values()]
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        self._recording.clear()
 
     async def stop_vm(self, vm_id: str) -> None:
-        task = self._tasks.pop(vm_id, None)
-        if task:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        for task in (self._tasks.pop(vm_id, None), self._recording.pop(vm_id, None)):
+            if task:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    async def record_copy_later(self, vm_id: str, vmdir: VMDir, seq: int, epoch: str, disks: list[Path]) -> None:
+        """The at-rest digests of a copy just written whole (an initial copy received straight
+        in): a read of the whole copy, so it runs after the acknowledgement, not before it. The
+        apply lock is taken here, before the caller answers, and held until the digests are
+        recorded: no later log is applied, and no verify or test failover reads the copy, first."""
+        lock = self.lock(vm_id)
+        await lock.acquire()
+
+        async def record() -> None:
+            try:
+                await workers.DIGESTS.run(at_rest.record_quietly, vmdir, seq, epoch, disks, None)
+            finally:
+                lock.release()
+                if self._recording.get(vm_id) is asyncio.current_task():
+                    del self._recording[vm_id]
+        self._recording[vm_id] = asyncio.create_task(record(), name=f"at-rest:{vm_id}")
 
     def lock(self, vm_id: str) -> asyncio.Lock:
         """Held while a log is applied: hold it to see the copy at a committed point."""
@@ -118,6 +140,7 @@ class Applier:
                 if await self.check_copy(vm_id):
                     break  # nothing applies to a missing file: the primary's resync recreates it
                 files: disk_set.FileSet | None = None
+                committed = False
                 try:
                     async with self.lock(vm_id):
                         now = self.catalog.relationship(vm_id)
@@ -127,11 +150,12 @@ class Applier:
                         # the undo log only where a recovery point needs the bytes it saves
                         staged = await workers.APPLY.run(read_header, vmdir.log(seq))
                         kept = self._history(staged)
+                        written = Written([d.size for d in staged.disks])
                         files = disk_set.plan(vm, vmdir, staged)  # a log may change the disk set
                         header = await workers.APPLY.run(write_point, vmdir, seq, files.paths, keep_undo=kept > 0,
                                                          header=staged, fault=self._fault,
                                                          old_paths=disks if files.changed else None,
-                                                         added=files.added)
+                                                         added=files.added, written=written)
                         # the commit reads and writes the row here, on the loop, and is staged
                         # before any other task runs: no other writer of this row can interleave
                         # (a receipt may be recording the next ack right now); its fsync runs
@@ -139,24 +163,22 @@ class Applier:
                         facts = await workers.APPLY.run(self.copy_facts, vm_id, files.paths)
                         floor = await self.commit(vm_id, header, facts, kept, files)
                         self._fault("after-commit")
-                        gone = files.removed or await workers.APPLY.run(disk_set.strays, vmdir, files.paths)
-                        # not in the new point (the undo log keeps them for older ones); a file outside
-                        # the VM's folder (an old primary's own disk, after `reverse`) is left where it is
-                        gone = [p for p in gone if p.parent == vmdir.disks]
-                        if gone:
-                            await workers.APPLY.run(disk_set.drop, gone)
-                            bound.info("replica.disks_dropped", disks=[p.name for p in gone],
-                                       reason="the primary no longer replicates them; older points keep them")
-                        # `verify --at-rest`: the digests of what the log wrote (issue 20; never raises);
-                        # of the whole copy when the set changed (its maps are by position)
-                        await workers.APPLY.run(at_rest.record_quietly, vmdir, seq, header.epoch, files.paths,
-                                                None if files.changed else vmdir.log(seq))
-                        await workers.APPLY.run(discard, vmdir, seq)
-                        await workers.APPLY.run(points.drop_undo, vmdir, floor)
+                        committed = True
+                        # the copy holds the point: said now, the tidying below follows under the lock
+                        bound.info("log.applied", kind=header.kind, point=header.time,
+                                   consistency=header.consistency)
+                        await self.notify_applied(vm_id)
+                        await workers.APPLY.run(self._tidy, vmdir, seq, header.epoch, files, written, floor,
+                                                bound)
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:  # noqa: BLE001 — one VM's failure never stops the daemon
                     reason = e.strerror if isinstance(e, OSError) else str(e)
+                    if committed:  # tidying only: the point stands, it is never rolled back
+                        bound.error("apply.tidy_failed", reason=reason,
+                                    result="the point is committed; what was not tidied is dropped by a later commit")
+                        delay = 1.0
+                        continue
                     bound.error("apply.failed", reason=reason, retry_in=delay)
                     await workers.APPLY.run(self._rollback_quietly, vmdir, seq, disks)
                     if files is not None and files.added:  # not in the point the copy is back at
@@ -179,8 +201,29 @@ class Applier:
                     await self.notify_applied(vm_id)
                     continue
                 delay = 1.0
-                bound.info("log.applied", kind=header.kind, point=header.time, consistency=header.consistency)
-                await self.notify_applied(vm_id)
+
+    @staticmethod
+    def _tidy(vmdir: VMDir, seq: int, epoch: str, files: disk_set.FileSet, written: Written, floor: int,
+              bound: Any) -> None:
+        """After the commit of point ``seq``, under the apply lock: the files the set lost
+        dropped, the at-rest digests of what the log wrote (`verify --at-rest`, issue 20; of
+        the whole copy when the set changed: its maps are by position), the staged log and
+        the undo logs below the retention floor dropped. The point is committed whatever
+        happens here: the caller logs an error, never rolls back."""
+        gone = files.removed or disk_set.strays(vmdir, files.paths)
+        # not in the new point (the undo log keeps them for older ones); a file outside the
+        # VM's folder (an old primary's own disk, after `reverse`) is left where it is
+        gone = [p for p in gone if p.parent == vmdir.disks]
+        if gone:
+            disk_set.drop(gone)
+            bound.info("replica.disks_dropped", disks=[p.name for p in gone],
+                       reason="the primary no longer replicates them; older points keep them")
+        if files.changed:
+            at_rest.record_quietly(vmdir, seq, epoch, files.paths, None)  # never raises
+        else:
+            at_rest.record_quietly(vmdir, seq, epoch, files.paths, vmdir.log(seq), written)
+        discard(vmdir, seq)
+        points.drop_undo(vmdir, floor)
 
     @staticmethod
     def _rollback_quietly(vmdir: VMDir, seq: int, disks: list[Path]) -> None:

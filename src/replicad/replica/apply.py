@@ -45,6 +45,7 @@ from ..wire import (
 )
 from .disk_set import open_new
 from .layout import VMDir
+from .written import Written
 
 READ_CHUNK = 1 << 20
 
@@ -183,14 +184,20 @@ def write_undo(vmdir: VMDir, log_path: Path, old_paths: list[Path], new_paths: l
             os.close(fd)
 
 
-def apply_record(fd: int, item: Record) -> None:
+def apply_record(fd: int, item: Record, written: Written | None = None) -> None:
     if item.kind == RECORD_DATA:
         assert item.data is not None  # logs are applied as decoded with their payloads
         os.pwrite(fd, item.data, item.offset)
+        if written is not None:
+            written.data(item.disk, item.offset, item.data)
     elif item.kind == RECORD_ZERO:
         punch_hole(fd, item.offset, item.length)
+        if written is not None:
+            written.zero(item.disk, item.offset, item.length)
     elif item.kind == RECORD_RESIZE:
         os.ftruncate(fd, item.offset)
+        if written is not None:
+            written.give_up()  # a file changed size: at-rest digests the whole copy
 
 
 def reserve_data(log_path: Path, fds: list[int]) -> None:
@@ -216,15 +223,16 @@ def reserve_data(log_path: Path, fds: list[int]) -> None:
 
 
 def apply_records(log_path: Path, disk_paths: list[Path], *, fresh: bool = False, redo: bool = False,
-                  added: Sequence[int] = ()) -> Header:
+                  added: Sequence[int] = (), written: Written | None = None) -> Header:
     """Write every record of a verified log into the disks and fsync them. Idempotent.
 
     ``fresh``: an initial copy — the disks are recreated empty and sparse first. ``redo``: no
     undo log protects the copy: the space is reserved before the first write, and a failure
     after it raises ``PartlyWritten``. ``added``: the indexes of files the log adds to the
     set (replica/disk_set.py): made empty first, never through a link; the log carries all
-    of their data. The header returned carries the point's final consistency (``fuzzy``
-    when the trailer says so)."""
+    of their data. ``written``: collects the digests of what is written (replica/written.py).
+    The header returned carries the point's final consistency (``fuzzy`` when the trailer
+    says so)."""
     header = read_header(log_path)
     if len(header.disks) != len(disk_paths):
         raise ValueError("log and replica disagree on the number of disks")
@@ -251,7 +259,7 @@ def apply_records(log_path: Path, disk_paths: list[Path], *, fresh: bool = False
                 header = dataclasses.replace(header, consistency="fuzzy")
             if isinstance(item, Record):
                 touched = True
-                apply_record(fds[item.disk], item)
+                apply_record(fds[item.disk], item, written)
         for fd in fds:
             os.fsync(fd)
     except Exception as e:
@@ -269,14 +277,16 @@ def apply_records(log_path: Path, disk_paths: list[Path], *, fresh: bool = False
 
 def write_point(vmdir: VMDir, seq: int, disk_paths: list[Path], *, keep_undo: bool = True,
                 header: Header | None = None, fault: Callable[[str], None] = lambda phase: None,
-                old_paths: list[Path] | None = None, added: Sequence[int] = ()) -> Header:
+                old_paths: list[Path] | None = None, added: Sequence[int] = (),
+                written: Written | None = None) -> Header:
     """Steps 1-2 for staged log ``seq``: the undo log when ``keep_undo`` (a recovery point
     needs the bytes the log overwrites) and the log is a delta, unless one is already
     complete; otherwise the space reserved. Then the blocks. ``header``: the log's, when
     the caller read it already; ``disk_paths``: its files here, ``old_paths`` the copy's
-    when the log changes the set and ``added`` the files it adds (replica/disk_set.py).
-    The caller commits (step 3, awaited: durable before it goes on), drops the files the
-    set lost, and then calls ``discard``."""
+    when the log changes the set and ``added`` the files it adds (replica/disk_set.py);
+    ``written`` collects the digests of what is written (the at-rest digests,
+    replica/written.py). The caller commits (step 3, awaited: durable before it goes on),
+    and then tidies (drops the files the set lost, calls ``discard``)."""
     log_path = vmdir.log(seq)
     header = header or read_header(log_path)
     fresh = header.kind == "initial"
@@ -285,15 +295,20 @@ def write_point(vmdir: VMDir, seq: int, disk_paths: list[Path], *, keep_undo: bo
         undo.with_name(undo.name + ".part").unlink(missing_ok=True)
         write_undo(vmdir, log_path, old_paths or disk_paths, disk_paths)
     fault("after-undo")
-    header = apply_records(log_path, disk_paths, fresh=fresh, redo=not fresh and not undo.exists(), added=added)
+    header = apply_records(log_path, disk_paths, fresh=fresh, redo=not fresh and not undo.exists(), added=added,
+                           written=written)
     fault("after-data")
     return header
 
 
 def discard(vmdir: VMDir, seq: int) -> None:
-    """Step 4: the point is committed; its staged log is no longer needed (its undo log is
-    kept or dropped by recovery-point retention, replica/points.py)."""
+    """Step 4: the point is committed; its staged log is no longer needed, nor any older one
+    an earlier discard failed to drop (its undo log is kept or dropped by recovery-point
+    retention, replica/points.py)."""
     vmdir.log(seq).unlink(missing_ok=True)
+    for p in vmdir.logs.glob("*.log"):
+        if p.stem.isdigit() and int(p.stem) < seq:
+            p.unlink(missing_ok=True)
 
 
 def rollback(vmdir: VMDir, seq: int, disk_paths: list[Path]) -> bool:

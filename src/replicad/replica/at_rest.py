@@ -6,13 +6,15 @@ primary — bit rot, a disk that returns other bytes than it was given.
 point ``state.json``'s ``seq`` (tracking/digestmap.py's format, sparse where it is; only the
 4 KiB block digests are kept up to date — the super-block digests of a map updated in
 place are not, and nothing here reads them). ``record`` runs after each commit, the copy still at that point
-(the applier holds the apply lock): it reads back only the blocks the log wrote and writes
-their digests in place; it digests the whole copy when there is no log (an initial copy
-written straight in), when a file's size changed, or when the recorded digests are not
-those of the point before (none yet, or a crash in the middle of an update: ``state.json``
-says ``updating`` until the maps are durable). ``check`` digests the copy afresh (at a
-bounded rate) and compares block by block, and reads every undo log whole, which verifies
-each record's checksum and the log's own digest, written when the undo log was."""
+(the applier holds the apply lock): it writes in place the digests of the blocks the log
+wrote — taken from the log's own data by the apply (replica/written.py), else read back —
+and digests the whole copy when there is no log (an initial copy written straight in:
+after the acknowledgement, not before it, replica/receiving.py), when a file's size
+changed, or when the recorded digests are not those of the point before (none yet, or a
+crash in the middle of an update: ``state.json`` says ``updating`` until the maps are
+durable). ``check`` digests the copy afresh (at a bounded rate) and compares block by block,
+and reads every undo log whole, which verifies each record's checksum and the log's own
+digest, written when the undo log was."""
 
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from ..tracking.scan import digest_disks
 from ..wire import RECORD_RESIZE, Record
 from .apply import read_log
 from .layout import VMDir
+from .written import Written
 
 log = logmod.get("replicad.replica")
 STATE = "state.json"
@@ -84,13 +87,16 @@ def _extents(log_path: Path, n: int) -> list[list[tuple[int, int]]] | None:
     return out
 
 
-def _update(path: Path, disk: Path, extents: list[tuple[int, int]]) -> None:
-    """The block digests of ``extents`` of ``disk``, read back, written into the map."""
+def _update(path: Path, disk: Path, digests: list[tuple[int, array[int]]], reread: list[tuple[int, int]]) -> None:
+    """Write into the map ``digests`` — (first block, digests) runs, in the order written —
+    then the digests of the ``reread`` extents of ``disk``, read back."""
     h = xxhash.xxh3_64_intdigest
     size = os.stat(disk).st_size
-    blocks = sorted({b for a, e in extents for b in range(a // BLOCK, -(-min(e, size) // BLOCK))})
+    blocks = sorted({b for a, e in reread for b in range(a // BLOCK, -(-min(e, size) // BLOCK))})
     patch = BlockPatch(path)
     try:
+        for first, run in digests:
+            patch.put(first, run)
         with open(disk, "rb") as src:
             i = 0
             while i < len(blocks):
@@ -107,20 +113,35 @@ def _update(path: Path, disk: Path, extents: list[tuple[int, int]]) -> None:
     patch.commit()
 
 
-def record(vmdir: VMDir, seq: int, epoch: str, disks: list[Path], log_path: Path | None) -> None:
-    """Point ``seq`` was committed and the copy is still at it: record its digests."""
+Changes = list[tuple[list[tuple[int, "array[int]"]], list[tuple[int, int]]]]
+
+
+def _changes(n: int, log_path: Path | None, written: Written | None) -> Changes | None:
+    """Per file, what point ``seq`` changed: (digests known, extents to read back); None when
+    the log resized a file or is gone (then the whole copy is digested)."""
+    if written is not None and written.complete and len(written.sizes) == n:
+        return [(list(written.runs(i)), [(b * BLOCK, (b + 1) * BLOCK) for b in sorted(written.partial[i])])
+                for i in range(n)]
+    extents = _extents(log_path, n) if log_path is not None and log_path.exists() else None
+    return None if extents is None else [([], e) for e in extents]
+
+
+def record(vmdir: VMDir, seq: int, epoch: str, disks: list[Path], log_path: Path | None,
+           written: Written | None = None) -> None:
+    """Point ``seq`` was committed and the copy is still at it: record its digests.
+    ``written``: what the apply of ``log_path`` wrote (replica/written.py), when it knows."""
     before = recorded(vmdir)
     base = folder(vmdir)
     base.mkdir(mode=0o700, exist_ok=True)
     _write_state(vmdir, {"updating": seq})
-    extents = _extents(log_path, len(disks)) if log_path is not None and log_path.exists() else None
+    changes = _changes(len(disks), log_path, written)
     sizes_same = all((r := DigestMapReader.open(map_path(vmdir, i))) is not None and _same_size(r, d)
                      for i, d in enumerate(disks))
-    if extents is not None and before.get("seq") == seq - 1 and before.get("epoch") in (epoch, None) \
+    if changes is not None and before.get("seq") == seq - 1 and before.get("epoch") in (epoch, None) \
             and sizes_same:
         for i, d in enumerate(disks):
-            if extents[i]:
-                _update(map_path(vmdir, i), d, extents[i])
+            if changes[i][0] or changes[i][1]:
+                _update(map_path(vmdir, i), d, *changes[i])
     else:  # the whole copy, into maps beside the old ones, then each renamed into place
         work = base / "new"
         shutil.rmtree(work, ignore_errors=True)
@@ -131,11 +152,12 @@ def record(vmdir: VMDir, seq: int, epoch: str, disks: list[Path], log_path: Path
     _write_state(vmdir, {"seq": seq, "epoch": epoch})
 
 
-def record_quietly(vmdir: VMDir, seq: int, epoch: str, disks: list[Path], log_path: Path | None) -> None:
+def record_quietly(vmdir: VMDir, seq: int, epoch: str, disks: list[Path], log_path: Path | None,
+                   written: Written | None = None) -> None:
     """``record``, after a commit that stands whatever happens here: a failure is logged,
     and the digests read as not recorded (``updating``) until a later commit records them."""
     try:
-        record(vmdir, seq, epoch, disks, log_path)
+        record(vmdir, seq, epoch, disks, log_path, written)
     except Exception as e:  # noqa: BLE001 — the point is committed; only its at-rest digests are missing
         log.error("verify.digests_not_recorded", cycle=seq, reason=str(e),
                   result="`verify --at-rest` waits until a later commit records the digests of the whole copy")

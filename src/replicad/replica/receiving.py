@@ -30,7 +30,7 @@ from ..model import ReplicationState
 from ..tracking.digestmap import identities
 from ..transport.endpoints import IncomingLog
 from ..wire import Header, LogDecoder
-from . import at_rest, disk_set, missing, points
+from . import disk_set, missing, points
 from .admission import Admission
 from .adoption import Adoption
 from .applier import Applier
@@ -193,8 +193,9 @@ class Receiving:
             final = dataclasses.replace(header, consistency="fuzzy") if trailer.fuzzy else header
             facts = await workers.RECEIVE.run(self.applier.copy_facts, vm_id)
             await workers.RECEIVE.run(points.drop_undo, vmdir, await self.applier.commit(vm_id, final, facts))
-            await workers.RECEIVE.run(at_rest.record_quietly, vmdir, seq, header.epoch,
-                                      self.catalog.require_vm(vm_id).files(), None)  # the whole new copy
+            # `verify --at-rest`: the digests of the whole new copy, after this answer (issue 18)
+            await self.applier.record_copy_later(vm_id, vmdir, seq, header.epoch,
+                                                 self.catalog.require_vm(vm_id).files())
             (vmdir.root / PROGRESS_FILE).unlink(missing_ok=True)
             bound.info("log.acknowledged", bytes=received, records=dec.records, base=0, applied="while received",
                        connection=incoming.connection)

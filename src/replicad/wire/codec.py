@@ -37,7 +37,7 @@ import zstandard
 from ..errors import WireError
 from .compression import decompress_record, decompressor
 from .header import MAGIC, MAX_HEADER, PREAMBLE, VERSION, Header
-from .mac import MAC_ALG, MAC_LEN, ItemMacs, item_mac
+from .mac import MAC_ALG, MAC_LEN, ItemMacs, OneTimeKeys
 
 MAX_RECORD = 4 * 1024 * 1024
 PROBE = 64 * 1024  # compression probe
@@ -93,6 +93,7 @@ class LogEncoder:
         self.header = header
         self._mac_key = mac_key
         self._nonce = bytes.fromhex(header.mac_nonce) if mac_key is not None else b""
+        self._keys = OneTimeKeys(mac_key, self._nonce) if mac_key is not None else None
         self._items = 0
         self._digest = xxhash.xxh3_128()
         self._zstd = zstandard.ZstdCompressor(level=level) if compress else None
@@ -104,9 +105,9 @@ class LogEncoder:
         return self._mac(b)
 
     def _mac(self, b: bytes) -> bytes:
-        if self._mac_key is None:
+        if self._keys is None:
             return b
-        m = item_mac(self._mac_key, self._nonce, self._items, b)
+        m = self._keys.mac(self._items, b)
         self._items += 1
         return b + m
 
@@ -122,9 +123,9 @@ class LogEncoder:
         head, payload = self._data_record(disk, offset, data)
         self._digest.update(head)
         self._digest.update(payload)
-        if self._mac_key is None:
+        if self._keys is None:
             return [head, payload]
-        m = item_mac(self._mac_key, self._nonce, self._items, head, payload)
+        m = self._keys.mac(self._items, head, payload)
         self._items += 1
         return [head, payload, m]
 
