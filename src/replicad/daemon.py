@@ -34,6 +34,7 @@ from .ownership import ManagementSocket, StateDirLock
 from .primary.engine import PrimaryEngine
 from .replica.failovers import Failovers
 from .replica.service import ReplicaService
+from .times import TEST_CLOCK_OFFSET
 from .transport.client import PeerClient
 from .transport.listen import CappedSite, ConnectionLimits, fit_limits, raise_descriptor_limit
 from .transport.server import PeerContext, create_peer_app
@@ -283,6 +284,9 @@ class Daemon:
                  token=f"{token.address}:{token.port}" if token else None,
                  tls=f"{tls.address}:{tls.port}" if tls else None,
                  metrics=f"{m.address}:{m.port}" if m else None)
+        if TEST_CLOCK_OFFSET:
+            log.warning("daemon.test_clock_offset", seconds=TEST_CLOCK_OFFSET.total_seconds(),
+                        reason="REPLICAD_TEST_CLOCK_OFFSET moves this daemon's clock (windows, --at): for tests only")
         self.notifier.ready(f"serving {len(host.catalog.relationships())} relationships")
         self.ready.set()
 

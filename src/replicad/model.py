@@ -281,6 +281,9 @@ class Relationship:
     verify: dict = field(default_factory=dict)  # primary: the last verify (primary/verify.py: record)
     retention: str = ""                 # both: the retention grid (retention.py); the replica's, as last shipped
     pinned: list = field(default_factory=list)  # replica: seqs of points `pin-point` keeps from pruning
+    auto_resync: str = "on"             # primary: a needed resync runs on|off|window (resync_policy.py)
+    resync_window: str = ""             # primary: "HH:MM-HH:MM" (UTC) an automatic resync may start in
+    resync_at: str | None = None        # primary: `resync --at`: when the scheduled resync starts
 
     def to_json(self) -> dict:
         d = asdict(self)

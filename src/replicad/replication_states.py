@@ -2,8 +2,7 @@
 
 - ``EDGES``: the documented diagram — every change of state a relationship may make, per
   role, each with its cause; ``ENTRY``: the states a relationship is created in.
-- ``schedule``: whether the primary's supervisor runs a cycle now, waits, or idles.
-- ``plan_cycle``: what that cycle is (initial copy, delta, resync; prepared or not).
+- (``replication_schedule``: whether the primary's supervisor runs a cycle now, and what it is.)
 - ``transition``: what an outcome, an error or an operator's verb does to a relationship:
   its state and the fields that go with it (``error``, the resync hold, the prepared
   record, what the replica said). Refusals of a verb in the wrong state are ``Conflict``s.
@@ -19,13 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from datetime import datetime
 from enum import Enum
 
 from .errors import Conflict, ErrorCode, ReplicadError, ResyncHeld
 from .model import Relationship
 from .model import ReplicationState as S
-from .times import parse_time
 
 PRIMARY, REPLICA = "primary", "replica"
 
@@ -56,7 +53,8 @@ EDGES: dict[str, dict[tuple[S, S], str]] = {
                                                        "follows), refused with `resync`, or `--export` written",
         (S.INITIAL_IN_PROGRESS, S.ERROR): "a permanent error",
         (S.INITIAL_IN_PROGRESS, S.SUSPENDED): "`suspend`",
-        (S.REPLICATING, S.WAITING_FOR_RESYNC): "refused with `resync` (gap, fork, lost baseline, modified copy)",
+        (S.REPLICATING, S.WAITING_FOR_RESYNC): "refused with `resync` (gap, fork, lost baseline, modified copy), "
+                                               "or `resync --at`",
         (S.REPLICATING, S.RESYNCHRONIZING): "`replication resync`",
         (S.REPLICATING, S.ERROR): "a permanent error",
         (S.REPLICATING, S.SUSPENDED): "`suspend`",
@@ -135,70 +133,10 @@ def reversed_state(rel: Relationship, resync: bool) -> S:
     return state
 
 
-# --- when the supervisor runs a cycle, and what it is ----------------------------------------
-
-class Step(Enum):
-    RUN = "run"            # a cycle now
-    WAIT = "wait"          # until ``until`` (the tick, the backoff, `--at`), or a wake
-    IDLE = "idle"          # until a verb wakes it: not a running state, or a held resync
-    PREPARED = "prepared"  # prepared for failover: ask the replica at each tick
-
-
-@dataclass(frozen=True)
-class Next:
-    step: Step
-    until: float | None = None             # WAIT, PREPARED: the monotonic deadline
-    refusal: ReplicadError | None = None   # IDLE, PREPARED: what a requested cycle is told
-
-
-def schedule(rel: Relationship, name: str, *, requested: bool, last_start: float | None, backoff: float,
-             now: float, wall: datetime) -> Next:
-    """The supervisor's next step for ``rel``. ``requested``: someone waits for a cycle
-    (sync, start-initial, prepare); ``last_start``: when the previous cycle started
-    (monotonic, None before the first); ``now``: monotonic; ``wall``: the time of day."""
-    if rel.state == S.PREPARED_FOR_FAILOVER:
-        return Next(Step.PREPARED, until=now + rel.frequency,
-                    refusal=ReplicadError(f"{name} is prepared for failover",
-                                          hint="`replicad replication resume` cancels the prepare"))
-    if rel.state not in RUNNING_STATES or (rel.state == S.WAITING_FOR_RESYNC and rel.resync_hold):
-        return Next(Step.IDLE, refusal=ReplicadError(f"replication of this VM is {rel.state.value}"))
-    if rel.state == S.WAITING_FOR_INITIAL and not requested:
-        due = (parse_time(rel.start_at) - wall).total_seconds() if rel.start_at else 0.0
-        if due > 0:
-            return Next(Step.WAIT, until=now + due)
-    elif (rel.state in (S.REPLICATING, S.ERROR, S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING) and not requested
-          and last_start is not None):
-        # a needed resync (e.g. after a resumed initial copy) does not wait a whole frequency
-        wait = (rel.frequency if rel.error is None and rel.state != S.WAITING_FOR_RESYNC
-                else min(backoff, rel.frequency))
-        if now < last_start + wait:
-            return Next(Step.WAIT, until=last_start + wait)
-    return Next(Step.RUN)
-
-
 class CycleKind(str, Enum):
     INITIAL = "initial"
     DELTA = "delta"
     RESYNC = "resync"
-
-
-@dataclass(frozen=True)
-class CyclePlan:
-    kind: CycleKind
-    automatic: bool   # a resync the engine decided on (after a refusal), not the operator's (nor a seed's,
-                      # nor an import's): one over a copy modified on the replica is held (primary/resync.py)
-
-
-def plan_cycle(rel: Relationship) -> CyclePlan:
-    """What a cycle of ``rel`` ships: an initial copy while nothing was acknowledged (and no
-    seed or resync is asked for), a resync when one is needed or asked for (or a seed), a
-    delta otherwise. (A `--prepare` cycle is any but an initial copy: the engine's.)"""
-    resyncing = rel.state in (S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING)
-    initial = rel.seq == 0 and not rel.seed and not resyncing
-    kind = (CycleKind.INITIAL if initial else CycleKind.RESYNC if rel.seed or resyncing else CycleKind.DELTA)
-    automatic = kind == CycleKind.RESYNC and rel.state == S.WAITING_FOR_RESYNC and not rel.awaiting_import \
-        and not rel.seed
-    return CyclePlan(kind, automatic=automatic)
 
 
 # --- outcomes, errors and verbs ---------------------------------------------------------------
@@ -287,6 +225,13 @@ class Exported:
 @dataclass(frozen=True)
 class Resync:
     vm: str
+    at: str | None = None  # `--at`: scheduled (WaitingForStartResynchronize until then)
+
+
+@dataclass(frozen=True)
+class ResyncCancelled:
+    """`resync --cancel`: a resync waiting to start (scheduled, or for its window) waits for the operator."""
+    vm: str
 
 
 @dataclass(frozen=True)
@@ -350,10 +295,11 @@ class FailoverCompleted:
 
 
 Event = (InitialStarted | ResyncStarted | CycleSucceeded | CycleFailed | StartInitial | Seed | Exported | Resync
-         | Sync | Prepare | ReplicaFailedOver | PrepareCancelled | Suspend | Resume | Applied | FailoverStarted
+         | ResyncCancelled | Sync
+         | Prepare | ReplicaFailedOver | PrepareCancelled | Suspend | Resume | Applied | FailoverStarted
          | FailoverStopped | FailoverCompleted)
 _PRIMARY_ONLY = (InitialStarted, ResyncStarted, CycleSucceeded, CycleFailed, StartInitial, Seed, Exported, Resync,
-                 Sync, Prepare, ReplicaFailedOver, PrepareCancelled)
+                 ResyncCancelled, Sync, Prepare, ReplicaFailedOver, PrepareCancelled)
 _REPLICA_ONLY = (Applied, FailoverStarted, FailoverStopped, FailoverCompleted)
 
 
@@ -369,6 +315,10 @@ def require(rel: Relationship, event: Event) -> None:
             if (rel.seq == 0 and not rel.awaiting_import and not rel.seed) or rel.state not in (
                     S.REPLICATING, S.ERROR, S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING, S.SUSPENDED):
                 raise Conflict(f"{vm} cannot be resynchronized in state {st}")
+        case ResyncCancelled(vm):
+            if rel.state != S.WAITING_FOR_RESYNC:
+                raise Conflict(f"{vm} has no resync waiting to start (state {st})", hint="a running resync "
+                               "cannot be cancelled half way" if rel.state == S.RESYNCHRONIZING else None)
         case Sync(vm):
             if rel.state not in (S.REPLICATING, S.ERROR) or rel.seq == 0:
                 raise Conflict(f"{vm} is {st}; sync needs an established replication",
@@ -415,11 +365,11 @@ def transition(rel: Relationship, event: Event) -> Relationship:
             state = rel.state if rel.state in (S.SUSPENDED, S.READY_FOR_INITIAL) else S.INITIAL_IN_PROGRESS
             return new(rel, state=state, epoch=epoch if epoch is not None else rel.epoch)
         case ResyncStarted():
-            return new(rel, state=S.RESYNCHRONIZING)
+            return new(rel, state=S.RESYNCHRONIZING, resync_at=None)
         case CycleSucceeded(kind, seq, at, resumed, prepared):
             out = new(rel, seq=seq, error=None, replica_failed_over={}, last_replication_time=at)
             if kind == CycleKind.RESYNC:
-                out = new(out, awaiting_import=None, seed=False, resync_hold=None, resync_due=False)
+                out = new(out, awaiting_import=None, seed=False, resync_hold=None, resync_due=False, resync_at=None)
             if _resync_asked_meanwhile(rel, kind):  # the verb wins: no prepare, the resync is next
                 return out
             if rel.state == S.SUSPENDED:  # suspended while it ran: the acknowledgement is recorded, no more;
@@ -460,8 +410,11 @@ def transition(rel: Relationship, event: Event) -> Relationship:
             return new(rel, state=S.WAITING_FOR_RESYNC, epoch=epoch, awaiting_import=folder,
                        error=f"waiting for the replica to import the initial copy exported to {folder} "
                              "(`replication import-initial`)")
-        case Resync():
-            return new(rel, state=S.RESYNCHRONIZING, resync_hold=None)
+        case Resync(_, at):
+            return new(rel, state=S.WAITING_FOR_RESYNC if at else S.RESYNCHRONIZING, resync_hold=None, resync_at=at)
+        case ResyncCancelled():
+            hold = "the operator cancelled the resync (`replication resync --cancel`); `replication resync` starts it"
+            return new(rel, resync_at=None, resync_hold=hold, error=f"resynchronization required: {hold}")
         case Sync() | Prepare():  # a cycle is asked for: the state is the cycle's to change
             return new(rel)
         case ReplicaFailedOver(at):

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import os
+from datetime import UTC, datetime, timedelta
+
+# Tests only (docs/operations.md, "Testing"): REPLICAD_TEST_CLOCK_OFFSET seconds added to the
+# daemon's time of day, so a window (`--resync-window`, `--verify-window`) can be opened or
+# closed without waiting for the hour. Read once at start; 0 everywhere else.
+TEST_CLOCK_OFFSET = timedelta(seconds=float(os.environ.get("REPLICAD_TEST_CLOCK_OFFSET") or 0))
+
+
+def daemon_now() -> datetime:
+    """The daemon's clock: the time of day windows and scheduled starts are judged by."""
+    return datetime.now(UTC) + TEST_CLOCK_OFFSET
 
 
 def format_time(t: datetime) -> str:

@@ -28,6 +28,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from replicad import replication_schedule as sched
 from replicad import replication_states as rs
 from replicad.errors import (
     Conflict,
@@ -42,7 +43,8 @@ from replicad.errors import (
 )
 from replicad.model import Relationship
 from replicad.model import ReplicationState as S
-from replicad.replication_states import EDGES, ENTRY, CycleKind, Failure, Step
+from replicad.replication_schedule import Step
+from replicad.replication_states import EDGES, ENTRY, CycleKind, Failure
 
 ROOT = Path(__file__).resolve().parents[2]
 AT = "2026-11-29T12:00:00Z"
@@ -74,6 +76,7 @@ PRIMARY_ACTIONS: list[tuple] = (
     + [("cycle_ok", fuzzy) for fuzzy in (False, True)]
     + [("cycle_failed", f, failed_over) for f in Failure for failed_over in (False, True)]
     + [("start_initial", at) for at in (None, "2030-01-01T00:00:00Z")]
+    + [("resync_at",), ("resync_cancel",)]
     + [("seed",), ("export",), ("resync",), ("suspend",), ("resume",), ("prepare",), ("heard_failed_over",),
        ("prepare_cancelled",)])
 REPLICA_ACTIONS: list[tuple] = [("receive",), ("apply",), ("suspend",), ("resume",), ("failover_start", False),
@@ -113,10 +116,10 @@ def _primary(w: World, action: tuple, go) -> World:
         _, requested, resume, replica_seq = action
         if w.cycle is not None:
             raise _NotNow
-        nxt = rs.schedule(rel, "vm", requested=requested, last_start=0.0, backoff=1.0, now=1e9, wall=WALL)
+        nxt = sched.schedule(rel, "vm", requested=requested, last_start=0.0, backoff=1.0, now=1e9, wall=WALL)
         if nxt.step != Step.RUN:
             raise _NotNow
-        plan = rs.plan_cycle(rel)
+        plan = sched.plan_cycle(rel)
         resumed = False
         if plan.kind == CycleKind.RESYNC:
             rel = go(rel, rs.ResyncStarted())
@@ -149,6 +152,10 @@ def _primary(w: World, action: tuple, go) -> World:
         return World(go(rel, rs.Exported("e4", "/media/vm")), None, w.prepare_next)
     if name == "resync":
         return dataclasses.replace(w, rel=go(rel, rs.Resync("vm")))
+    if name == "resync_at":  # `resync --at` (a time passed: the supervisor's schedule runs it at once)
+        return dataclasses.replace(w, rel=go(rel, rs.Resync("vm", "2026-11-29T11:00:00Z")))
+    if name == "resync_cancel":
+        return dataclasses.replace(w, rel=go(rel, rs.ResyncCancelled("vm")))
     if name == "suspend":
         return dataclasses.replace(w, rel=go(rel, rs.Suspend("vm")))
     if name == "resume":
@@ -314,7 +321,7 @@ def test_a_resync_answer_waits_for_a_resync() -> None:
     assert failed(ResyncRequired("baseline lost"), primary()).state == S.WAITING_FOR_RESYNC
     waiting = failed(ResyncRequired("gap"), primary(seq=0, awaiting_import="/media"))
     assert waiting.error.startswith("waiting for the replica to import the initial copy exported to /media")
-    assert rs.plan_cycle(out) == rs.CyclePlan(CycleKind.RESYNC, automatic=True)
+    assert sched.plan_cycle(out) == sched.CyclePlan(CycleKind.RESYNC, automatic=True)
 
 
 def test_a_held_resync_waits_for_the_operator() -> None:
@@ -322,7 +329,7 @@ def test_a_held_resync_waits_for_the_operator() -> None:
                  primary(state=S.RESYNCHRONIZING))
     assert out.state == S.WAITING_FOR_RESYNC and out.resync_hold == out.error == \
         "resynchronization required: the copy was modified (`replicad replication resync`)"
-    assert rs.schedule(out, "vm", requested=True, last_start=None, backoff=1, now=0, wall=WALL).step == Step.IDLE
+    assert sched.schedule(out, "vm", requested=True, last_start=None, backoff=1, now=0, wall=WALL).step == Step.IDLE
     assert rs.transition(out, rs.Resync("vm")).resync_hold is None
 
 
@@ -351,7 +358,7 @@ def test_an_acknowledged_cycle() -> None:
     out = rs.transition(first, rs.CycleSucceeded(CycleKind.INITIAL, 1, AT))
     assert (out.state, out.seq, out.error, out.last_replication_time) == (S.REPLICATING, 1, None, AT)
     resumed = rs.transition(first, rs.CycleSucceeded(CycleKind.INITIAL, 1, AT, resumed=True))
-    assert resumed.state == S.WAITING_FOR_RESYNC and rs.plan_cycle(resumed).kind == CycleKind.RESYNC
+    assert resumed.state == S.WAITING_FOR_RESYNC and sched.plan_cycle(resumed).kind == CycleKind.RESYNC
     seeded = primary(state=S.RESYNCHRONIZING, seq=0, seed=True, awaiting_import="/m", resync_hold="h")
     out = rs.transition(seeded, rs.CycleSucceeded(CycleKind.RESYNC, 1, AT))
     assert (out.seed, out.awaiting_import, out.resync_hold, out.state) == (False, None, None, S.REPLICATING)
@@ -367,28 +374,28 @@ def test_transition_leaves_its_argument_alone() -> None:
 
 
 def test_plan_cycle() -> None:
-    assert rs.plan_cycle(primary(state=S.INITIAL_IN_PROGRESS, seq=0)).kind == CycleKind.INITIAL
-    assert rs.plan_cycle(primary(state=S.ERROR, seq=0)).kind == CycleKind.INITIAL
-    assert rs.plan_cycle(primary()).kind == CycleKind.DELTA
-    assert rs.plan_cycle(primary(state=S.WAITING_FOR_RESYNC, seq=0, seed=True)) == \
-        rs.CyclePlan(CycleKind.RESYNC, automatic=False)
-    assert rs.plan_cycle(primary(state=S.RESYNCHRONIZING)) == rs.CyclePlan(CycleKind.RESYNC, automatic=False)
+    assert sched.plan_cycle(primary(state=S.INITIAL_IN_PROGRESS, seq=0)).kind == CycleKind.INITIAL
+    assert sched.plan_cycle(primary(state=S.ERROR, seq=0)).kind == CycleKind.INITIAL
+    assert sched.plan_cycle(primary()).kind == CycleKind.DELTA
+    assert sched.plan_cycle(primary(state=S.WAITING_FOR_RESYNC, seq=0, seed=True)) == \
+        sched.CyclePlan(CycleKind.RESYNC, automatic=False)
+    assert sched.plan_cycle(primary(state=S.RESYNCHRONIZING)) == sched.CyclePlan(CycleKind.RESYNC, automatic=False)
 
 
 def test_schedule() -> None:
     kw = dict(requested=False, backoff=4.0, now=100.0, wall=WALL)
-    assert rs.schedule(primary(frequency=30), "vm", last_start=None, **kw).step == Step.RUN
-    assert rs.schedule(primary(frequency=30), "vm", last_start=90.0, **kw) == rs.Next(Step.WAIT, until=120.0)
+    assert sched.schedule(primary(frequency=30), "vm", last_start=None, **kw).step == Step.RUN
+    assert sched.schedule(primary(frequency=30), "vm", last_start=90.0, **kw) == sched.Next(Step.WAIT, until=120.0)
     # after a failure, or when a resync waits: the backoff, at most the frequency
-    assert rs.schedule(primary(frequency=30, error="x"), "vm", last_start=98.0, **kw).until == 102.0
-    assert rs.schedule(primary(frequency=30, error="x"), "vm", last_start=90.0, **kw).step == Step.RUN
-    assert rs.schedule(primary(frequency=2, state=S.WAITING_FOR_RESYNC), "vm", last_start=99.0, **kw).until == 101.0
-    assert rs.schedule(primary(frequency=30), "vm", last_start=90.0, **{**kw, "requested": True}).step == Step.RUN
+    assert sched.schedule(primary(frequency=30, error="x"), "vm", last_start=98.0, **kw).until == 102.0
+    assert sched.schedule(primary(frequency=30, error="x"), "vm", last_start=90.0, **kw).step == Step.RUN
+    assert sched.schedule(primary(frequency=2, state=S.WAITING_FOR_RESYNC), "vm", last_start=99.0, **kw).until == 101.0
+    assert sched.schedule(primary(frequency=30), "vm", last_start=90.0, **{**kw, "requested": True}).step == Step.RUN
     later = primary(state=S.WAITING_FOR_INITIAL, seq=0, start_at="2026-11-29T12:01:00Z")
-    assert rs.schedule(later, "vm", last_start=None, **kw) == rs.Next(Step.WAIT, until=160.0)
-    ready = rs.schedule(primary(state=S.READY_FOR_INITIAL, seq=0), "vm", last_start=None, **kw)
+    assert sched.schedule(later, "vm", last_start=None, **kw) == sched.Next(Step.WAIT, until=160.0)
+    ready = sched.schedule(primary(state=S.READY_FOR_INITIAL, seq=0), "vm", last_start=None, **kw)
     assert ready.step == Step.IDLE and str(ready.refusal) == "replication of this VM is ReadyForInitialReplication"
-    prepared = rs.schedule(primary(state=S.PREPARED_FOR_FAILOVER, frequency=30), "vm", last_start=None, **kw)
+    prepared = sched.schedule(primary(state=S.PREPARED_FOR_FAILOVER, frequency=30), "vm", last_start=None, **kw)
     assert prepared.step == Step.PREPARED and prepared.until == 130.0
     assert str(prepared.refusal) == ("vm is prepared for failover (`replicad replication resume` cancels the "
                                      "prepare)")

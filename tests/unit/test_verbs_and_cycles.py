@@ -2,6 +2,7 @@
 `start-initial` does after a failed `--use-existing` (replication_states.transition,
 docs/design.md §5: "A verb during a cycle wins", "A plain `start-initial` abandons ...")."""
 
+from replicad import replication_schedule as sched
 from replicad import replication_states as rs
 from replicad.model import Relationship
 from replicad.model import ReplicationState as S
@@ -24,7 +25,7 @@ def test_a_plain_start_initial_after_a_failed_use_existing_copies_from_scratch()
     for at in (None, "2030-01-01T00:00:00Z"):
         again = rs.transition(failed, rs.StartInitial("vm", at))
         assert (again.seed, again.awaiting_import) == (False, None)
-        assert rs.plan_cycle(again).kind == CycleKind.INITIAL
+        assert sched.plan_cycle(again).kind == CycleKind.INITIAL
     exported = rs.transition(primary(state=S.ERROR, seq=0), rs.Exported("e9", "/media"))
     failed = rs.transition(exported, rs.CycleFailed(Failure.PERMANENT, "boom", AT))
     assert rs.transition(failed, rs.StartInitial("vm")).awaiting_import is None
@@ -46,7 +47,7 @@ def test_a_verb_taken_while_a_cycle_ran_keeps_its_state() -> None:
     assert (continued.state, continued.seq, continued.resync_due) == (S.SUSPENDED, 1, True)
     resumed = rs.transition(continued, rs.Resume("vm"))
     assert (resumed.state, resumed.resync_due) == (S.WAITING_FOR_RESYNC, False)  # its resync is not lost
-    assert rs.plan_cycle(resumed).kind == CycleKind.RESYNC
+    assert sched.plan_cycle(resumed).kind == CycleKind.RESYNC
     started = rs.transition(suspended, rs.InitialStarted("e2"))  # a retry that asked the replica first
     assert (started.state, started.epoch) == (S.SUSPENDED, "e2")
     ready = rs.transition(primary(state=S.READY_FOR_INITIAL, seq=0), rs.CycleSucceeded(CycleKind.INITIAL, 1, AT))

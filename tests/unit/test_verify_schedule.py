@@ -7,7 +7,8 @@ import pytest
 
 from replicad.errors import UsageError
 from replicad.model import Relationship
-from replicad.primary.verify import in_window, next_verify, parse_window
+from replicad.primary.verify import next_verify
+from replicad.windows import in_window, parse_window
 
 T = datetime(2026, 11, 29, 12, 30, tzinfo=UTC)
 

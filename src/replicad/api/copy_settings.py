@@ -5,15 +5,15 @@ api/verify.py, the work primary/verify.py; results in `measure`) and `--retentio
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from .. import log as logmod
 from ..errors import UsageError
 from ..model import Relationship
-from ..primary.verify import next_verify, parse_window
+from ..primary.verify import next_verify
+from ..resync_policy import parse_auto
 from ..retention import format_grid, parse_grid, sparse_terms
-from ..times import format_time
+from ..times import daemon_now, format_time
 from ..units import format_duration, parse_duration, parse_rate
+from ..windows import parse_window
 
 log = logmod.get("replicad.replication")
 
@@ -34,12 +34,26 @@ def verify_options(rel: Relationship, doc: dict) -> None:
                              "no bound)") from None
 
 
+def resync_options(rel: Relationship, doc: dict) -> None:
+    """`--auto-resync on|off|window`, `--resync-window HH:MM-HH:MM` (`replication enable/set`)."""
+    if "resync_window" in doc:
+        window = str(doc["resync_window"] or "")
+        rel.resync_window = "" if parse_window(window) is None else window.strip()
+    if "auto_resync" in doc:
+        rel.auto_resync = parse_auto(doc["auto_resync"])
+    if rel.auto_resync == "window" and not rel.resync_window:
+        raise UsageError("--auto-resync window needs --resync-window HH:MM-HH:MM (UTC)")
+
+
 def settings_json(rel: Relationship) -> dict:
-    """The verify settings `replication get` shows, and when the next scheduled one starts."""
-    when = next_verify(rel, datetime.now(UTC))
+    """The verify and resync settings `replication get` shows, and when the next scheduled
+    verify starts."""
+    when = next_verify(rel, daemon_now())
     return {"verify_every": format_duration(rel.verify_every) if rel.verify_every else None,
             "verify_window": rel.verify_window or None, "verify_rate": rel.verify_rate,
-            "next_verify_time": format_time(when) if when else None}
+            "next_verify_time": format_time(when) if when else None,
+            "auto_resync": rel.auto_resync, "resync_window": rel.resync_window or None,
+            "resync_at": rel.resync_at}
 
 
 def results_json(rel: Relationship) -> dict:

@@ -19,13 +19,30 @@ from ..primary.export import check_target, export_initial
 from ..primary.producer import CycleProducer, Progress
 from ..primary.trackers import tracker_for
 from ..replica import failover_copy
-from ..replication_states import Exported, Resume, Resync, Seed, StartInitial, Suspend, Sync, require
+from ..replication_states import (
+    Exported,
+    Resume,
+    Resync,
+    ResyncCancelled,
+    Seed,
+    StartInitial,
+    Suspend,
+    Sync,
+    require,
+)
 from ..retention import history_asked
 from ..times import format_time, parse_time, utcnow
 from ..tracking.baselines import Baselines
 from ..units import parse_rate
 from .context import Host, actor, body, host_of
-from .copy_settings import results_json, retention_json, retention_options, settings_json, verify_options
+from .copy_settings import (
+    results_json,
+    resync_options,
+    retention_json,
+    retention_options,
+    settings_json,
+    verify_options,
+)
 from .qemu_vms import drop_tracking
 from .vms import get_vm
 
@@ -81,6 +98,7 @@ def apply_options(rel: Relationship, doc: dict, host: Host) -> None:
         rel.bandwidth_limit = parse_rate(doc["bandwidth_limit"])
     verify_options(rel, doc)
     retention_options(rel, doc)
+    resync_options(rel, doc)
 
 
 def default_port(auth: str) -> int:
@@ -331,6 +349,25 @@ async def resync(request):
     host = host_of(request)
     vm, rel = _target(request, role="primary")
     doc = await body(request)
+    if doc.get("cancel"):
+        rel = await host.primary.change(rel, ResyncCancelled(vm.name))
+        await host.catalog.audit(actor(request), "replication.resync_cancelled", vm.name)
+        log.warning("replication.resync_cancelled", vm=vm.name, reason="the operator cancelled the resync waiting "
+                    "to start; it waits for `replication resync`")
+        host.primary.kick(vm.id)
+        return web.json_response(rel_json(host, rel, vm.name))
+    if doc.get("at"):
+        if doc.get("wait"):
+            raise UsageError("--at schedules the resync; --wait waits for one that starts now")
+        try:
+            at = format_time(parse_time(str(doc["at"])))
+        except ValueError:
+            raise UsageError(f"--at expects an ISO 8601 time, e.g. 2026-11-30T02:00:00Z; got {doc['at']!r}") from None
+        rel = await host.primary.change(rel, Resync(vm.name, at))
+        await host.catalog.audit(actor(request), "replication.resync_scheduled", f"{vm.name} at {at}")
+        log.info("replication.resync_scheduled", vm=vm.name, at=at, reason="the operator scheduled the resync")
+        host.primary.kick(vm.id)  # the supervisor waits until then (the daemon's clock)
+        return web.json_response(rel_json(host, rel, vm.name))
     require(rel, Resync(vm.name))
     if rel.resync_hold:
         log.warning("replication.resync_overrides", vm=vm.name, reason=rel.resync_hold,

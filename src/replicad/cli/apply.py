@@ -72,10 +72,10 @@ NETWORKS = ("failover_network", "test_failover_network")
 REPL_KEYS = {"vm": str, "replica_server": str, "replica_port": int, "auth": str, "frequency": int,
              "recovery_history": int, "recovery_point_interval": int, "compression": bool,
              "bandwidth_limit": (str, int), "start_initial": bool, "retention": str, "verify_every": (str, int),
-             "verify_window": str, "verify_rate": (str, int)}
+             "verify_window": str, "verify_rate": (str, int), "auto_resync": str, "resync_window": str}
 REPL_SETTINGS = ("replica_server", "replica_port", "auth", "frequency", "recovery_history",
                  "recovery_point_interval", "compression", "bandwidth_limit", "retention", "verify_every",
-                 "verify_window", "verify_rate")
+                 "verify_window", "verify_rate", "auto_resync", "resync_window")
 
 
 @dataclass
@@ -291,8 +291,9 @@ def _plan_replications(api, want: list[dict], vms: dict, p: Plan) -> None:
         if "verify_every" in settings:
             every = str(settings["verify_every"]).strip().lower()
             settings["verify_every"] = None if every in ("0", "off", "none") else format_duration(parse_duration(every))
-        if "verify_window" in settings:
-            settings["verify_window"] = str(settings["verify_window"]).strip() or None
+        for window in ("verify_window", "resync_window"):
+            if window in settings:
+                settings[window] = str(settings[window]).strip() or None
         path = "/v1/replications/" + quote(vm, safe="")
         cur = have.get(vm)
         if cur is None:

@@ -45,6 +45,11 @@ def _options(f):
         click.option("--verify-every", metavar="DURATION", help="A scheduled `verify`: 12h, 7d, … (off: none)."),
         click.option("--verify-window", metavar="HH:MM-HH:MM", help="When a scheduled verify may start (UTC)."),
         click.option("--verify-rate", metavar="RATE", help="How fast a verify reads the replica's copy (0: no bound)."),
+        click.option("--auto-resync", type=click.Choice(["on", "off", "window"]),
+                     help="When a needed resync runs by itself: at once (on, the default), never (off: "
+                          "`replication resync` starts it), or in --resync-window."),
+        click.option("--resync-window", metavar="HH:MM-HH:MM",
+                     help="When an automatic resync may start (UTC, the daemon's clock; none clears it)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -251,9 +256,18 @@ def resume(vm, all_, state, health, trust_group, extended):
 @replication.command("resync")
 @click.argument("vm")
 @click.option("--wait", is_flag=True, help="Show progress and return when the copies match again.")
+@click.option("--at", metavar="ISO8601", help="Start it at this time instead (the daemon's clock), e.g. at night.")
+@click.option("--cancel", is_flag=True, help="Cancel a resync waiting to start (scheduled, or for its window): it "
+                                             "then waits for `replication resync`.")
 @managed
-def resync(vm, wait):
-    """Compare both copies block by block and ship what differs (on the primary)."""
+def resync(vm, wait, at, cancel):
+    """Compare both copies block by block and ship what differs (on the primary)
+    (Resume-VMReplication -Resynchronize [-ResynchronizeStartTime])."""
+    if cancel or at:
+        if wait or (cancel and at):
+            raise click.UsageError("--at and --cancel go alone")
+        show(api().call("POST", rpath(vm, "resync"), {"cancel": True} if cancel else {"at": at}), REPL_COLUMNS)
+        return
     if wait:
         show(wait_with_progress(api().stream("POST", rpath(vm, "resync"), {"wait": True}), vm), RESULT_COLUMNS)
     else:

@@ -13,7 +13,6 @@ import dataclasses
 import secrets
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 from .. import log as logmod
@@ -25,10 +24,11 @@ from ..health import compute as compute_health
 from ..model import VM, Consistency, Relationship
 from ..model import ReplicationState as S
 from ..monitoring import roll as roll_interval
-from ..replication_states import CycleKind, Failure, Step
+from ..replication_schedule import Step, plan_cycle, schedule
+from ..replication_states import CycleKind, Failure
 from ..retention import history_asked
 from ..server_settings import ServerSettings
-from ..times import utcnow
+from ..times import daemon_now, utcnow
 from ..tracking.baselines import Baselines
 from ..tracking.digestmap import SUPER_BYTES
 from ..transport.client import Conversation, PeerClient
@@ -173,8 +173,8 @@ class PrimaryEngine:
             rel = self.catalog.relationship(vm_id)
             if rel is None or rel.role != "primary":
                 return
-            step = states.schedule(rel, self.name_of(vm_id), requested=bool(self._waiters.get(vm_id)),
-                                   last_start=last_start, backoff=backoff, now=time.monotonic(), wall=datetime.now(UTC))
+            step = schedule(rel, self.name_of(vm_id), requested=bool(self._waiters.get(vm_id)),
+                            last_start=last_start, backoff=backoff, now=time.monotonic(), wall=daemon_now())
             if step.refusal is not None:  # prepared, or idle: a requested cycle will not run
                 self._fail_waiters(vm_id, step.refusal)
             if step.step != Step.RUN:
@@ -324,7 +324,7 @@ class PrimaryEngine:
         if rel.source_vm:
             self._source_ready(rel.source_vm)
         baselines = Baselines(self.state_dir, vm_id)
-        plan = states.plan_cycle(rel)
+        plan = plan_cycle(rel)
         self._planned[vm_id] = plan.kind
         initial, kind = plan.kind == CycleKind.INITIAL, plan.kind.value
         resync_run: resyncs.Resync | None = None

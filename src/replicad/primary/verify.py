@@ -19,19 +19,20 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from .. import log as logmod
 from .. import metrics
-from ..errors import Conflict, ReplicadError, UsageError
+from ..errors import Conflict, ReplicadError
 from ..health import describe_blocks
 from ..model import Relationship
 from ..model import ReplicationState as S
 from ..replication_states import Resync
-from ..times import format_time, parse_time, utcnow
+from ..times import daemon_now, format_time, parse_time, utcnow
 from ..tracking.baselines import Baselines
 from ..tracking.divergence import Mismatches, mismatches, named
+from ..windows import next_opening, parse_window
 from .resync import common_point, digest_limits
 
 if TYPE_CHECKING:
@@ -40,40 +41,6 @@ if TYPE_CHECKING:
 log = logmod.get("replicad.primary")
 MAX_RUNS = 32  # runs of differing blocks a record names (the count is always whole)
 VERIFIABLE = (S.REPLICATING, S.ERROR, S.SUSPENDED)
-
-
-def parse_window(text: str) -> tuple[int, int] | None:
-    """``HH:MM-HH:MM`` as (start, end) minutes of the day (UTC); '' or 'none': None. A
-    window whose end is before its start runs past midnight."""
-    if text.strip().lower() in ("", "none"):
-        return None
-    try:
-        a, b = text.strip().split("-")
-        minutes = []
-        for part in (a, b):
-            hh, mm = part.split(":")
-            if not (hh.isdigit() and mm.isdigit() and len(mm) == 2 and int(hh) < 24 and int(mm) < 60):
-                raise ValueError
-            minutes.append(int(hh) * 60 + int(mm))
-    except ValueError:
-        raise UsageError(f"a window is HH:MM-HH:MM (UTC), e.g. 01:00-05:00; got {text!r}") from None
-    if minutes[0] == minutes[1]:
-        raise UsageError(f"the window {text!r} is empty")
-    return minutes[0], minutes[1]
-
-
-def in_window(window: tuple[int, int], t: datetime) -> bool:
-    start, end = window
-    m = t.hour * 60 + t.minute
-    return start <= m < end if start < end else m >= start or m < end
-
-
-def next_opening(window: tuple[int, int] | None, t: datetime) -> datetime:
-    """``t`` if it is in the window (or there is none), else when the window next opens."""
-    if window is None or in_window(window, t):
-        return t
-    opening = t.replace(hour=window[0] // 60, minute=window[0] % 60, second=0, microsecond=0)
-    return opening if opening > t else opening + timedelta(days=1)
 
 
 def next_verify(rel: Relationship, now: datetime) -> datetime | None:
@@ -212,12 +179,12 @@ class Verifies:
     async def _schedule(self, vm_id: str) -> None:
         while True:
             rel = self.engine.catalog.relationship(vm_id)
-            when = next_verify(rel, datetime.now(UTC)) if rel is not None else None
+            when = next_verify(rel, daemon_now()) if rel is not None else None
             if when is None:
                 return
             wake = self._wake[vm_id]
             wake.clear()
-            wait = (when - datetime.now(UTC)).total_seconds()
+            wait = (when - daemon_now()).total_seconds()
             if wait > 0:
                 try:
                     await asyncio.wait_for(wake.wait(), wait)
@@ -230,7 +197,7 @@ class Verifies:
                     task = self.start(vm_id, repair=False)
                 await asyncio.gather(task, return_exceptions=True)
             except ReplicadError as e:  # not verifiable now: tried again at the next due time
-                await _record(self.engine, vm_id, {"time": format_time(datetime.now(UTC)), "error": str(e)})
+                await _record(self.engine, vm_id, {"time": format_time(daemon_now()), "error": str(e)})
                 log.info("verify.skipped", vm=self.engine.name_of(vm_id), vm_id=vm_id, reason=str(e))
 
     async def stop(self, vm_id: str | None = None) -> None:
