@@ -5,7 +5,9 @@ older dense one."""
 
 import os
 import random
+from array import array
 
+import xxhash
 from tests.integration.images import same_sparse
 from tests.unit.test_scan import apply, scan
 
@@ -100,4 +102,38 @@ def test_a_dense_map_from_an_older_version_still_leads_the_next_scan(tmp_path, m
     assert copy.read_bytes() == img.read_bytes()
     r = DigestMapReader.open(tmp_path / "v3")
     assert r.sparse and VERSION == 3
+    r.close()
+
+
+def test_scattered_writes_across_map_windows_keep_every_digest_exact(tmp_path, monkeypatch):
+    """A delta scan reads the old map in windows and gathers the new map's digests into few
+    writes: scattered writes, into data and into holes, on both sides of window boundaries
+    (windows shrunk to 64 digests here), a hole punched: the changes rebuild the disk, and the
+    new map holds every block's and super-block's digest, read in a window or across two."""
+    from replicad.tracking import digestmap
+    monkeypatch.setattr(digestmap, "WINDOW", 64)
+    monkeypatch.setattr(scan_mod, "WINDOW", 64)
+    size = 48 * MiB + 3 * BLOCK + 100  # a short last block
+    img, copy = tmp_path / "disk.img", tmp_path / "copy.img"
+    thin(img, size, [0, 5 * MiB, 20 * MiB, 47 * MiB])
+    copy.touch()
+    _, ch = scan(img, None, tmp_path / "m0")
+    apply(ch, copy, size)
+    rnd = random.Random(5)
+    with open(img, "r+b") as f:
+        for blk in [63, 64, 65, 1023, 1024, 4095, 4096] + rnd.sample(range(size // BLOCK), 300):
+            f.seek(blk * BLOCK)
+            f.write(rnd.randbytes(BLOCK))
+        punch_hole(f.fileno(), 20 * MiB, 16 * BLOCK)
+    _, ch = scan(img, tmp_path / "m0", tmp_path / "m1")
+    apply(ch, copy, size)
+    assert copy.read_bytes() == img.read_bytes()
+    data = img.read_bytes()  # the oracle: every block's and super-block's xxh3, hashed here
+    blocks = array("Q", (xxhash.xxh3_64_intdigest(data[i:i + BLOCK]) for i in range(0, size, BLOCK)))
+    supers = array("Q", (xxhash.xxh3_64_intdigest(data[i:i + 16 * BLOCK]) for i in range(0, size, 16 * BLOCK)))
+    r = DigestMapReader.open(tmp_path / "m1")
+    assert r.slice(0, r.blocks) == blocks and r.super_slice(0, r.supers) == supers  # longer than a window
+    for first, count in [(0, 10), (60, 10), (63, 2), (127, 64), (1000, 64), (r.blocks - 3, 10)]:
+        assert r.slice(first, count) == blocks[first:first + count]  # in a window, across two, at the end
+        assert r.super_slice(first // 16, count) == supers[first // 16:first // 16 + count]
     r.close()

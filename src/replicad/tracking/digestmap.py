@@ -6,8 +6,9 @@ File layout: a 64-byte header, one little-endian u64 per 4 KiB block, then one u
 hashes the 4 KiB blocks only inside super-blocks that changed: an image with scattered
 writes costs one hash call per 64 KiB where nothing changed instead of sixteen. Maps are
 written next to their final place and made durable before they count (see
-tracking/baselines.py); they are read in slices, never loaded whole, so memory does not grow
-with the image.
+tracking/baselines.py); they are read in windows of ``WINDOW`` digests (512 KiB), never
+loaded whole, so memory does not grow with the image, and a scan of scattered writes costs
+one read per window, not one per changed region.
 
 Version 3 (what scans write) is **sparse**: each digest is stored XORed with the digest of
 an all-zero block (of a super-block, in the super-block part), so a zero block stores 0, and
@@ -43,6 +44,7 @@ _HEADER = struct.Struct("<4sHIQqqQQ14x")
 MAGIC = b"RPDM"
 VERSION = 3       # sparse (see above); a streamed, compressed map is version 2
 STREAM_VERSION = 2
+WINDOW = 1 << 16  # digests a reader keeps (per part), and a writer gathers before a write
 assert _HEADER.size == 64
 
 
@@ -138,6 +140,9 @@ class DigestMapReader:
         if os.fstat(self._f.fileno()).st_size != _HEADER.size + 8 * (self.blocks + self.supers):
             self._f.close()
             raise ValueError(f"{path}: digest map has the wrong length")
+        # the window last read of each part (blocks, supers): (first index, digests); a map
+        # does not change while it is open (a baseline is sealed; a patched map is reopened)
+        self._windows: dict[bool, tuple[int, array[int]]] = {}
 
     @classmethod
     def open(cls, path: Path) -> DigestMapReader | None:
@@ -149,19 +154,35 @@ class DigestMapReader:
     def slice(self, first: int, count: int) -> array[int]:
         """Digests of blocks [first, first+count); blocks past the map's end read as missing (-1 never
         matches a real digest comparison because callers compare to zero digests there)."""
-        out = array("Q")
-        have = max(0, min(count, self.blocks - first))
-        if have:
-            out.frombytes(self._read(8 * have, _HEADER.size + 8 * first, zero_digest(BLOCK)))
-        return out
+        return self._part(False, first, max(0, min(count, self.blocks - first)))
 
     def super_slice(self, first: int, count: int) -> array[int]:
         """Digests of super-blocks [first, first+count) (shorter past the end; empty for v1)."""
-        out = array("Q")
-        have = max(0, min(count, self.supers - first))
-        if have:
-            out.frombytes(self._read(8 * have, _HEADER.size + 8 * (self.blocks + first), zero_digest(SUPER_BYTES)))
-        return out
+        return self._part(True, first, max(0, min(count, self.supers - first)))
+
+    def _part(self, supers: bool, first: int, have: int) -> array[int]:
+        """``have`` digests of a part from ``first``: served from the part's window, which is
+        read again (aligned, ``WINDOW`` digests) when they are not all in it; a longer slice
+        is read as it is."""
+        if not have:
+            return array("Q")
+        at, end = (_HEADER.size + 8 * self.blocks, self.supers) if supers else (_HEADER.size, self.blocks)
+        mask = zero_digest(SUPER_BYTES if supers else BLOCK)
+        lo, win = self._windows.get(supers, (0, array("Q")))
+        if not lo <= first or first + have > lo + len(win):
+            if have > WINDOW:
+                out = array("Q")
+                out.frombytes(self._read(8 * have, at + 8 * first, mask))
+                return out
+            lo = first // WINDOW * WINDOW
+            win = array("Q")
+            win.frombytes(self._read(8 * (min(end, lo + WINDOW) - lo), at + 8 * lo, mask))
+            if first + have > lo + len(win):  # straddles two windows: read as it is
+                out = array("Q")
+                out.frombytes(self._read(8 * have, at + 8 * first, mask))
+                return out
+            self._windows[supers] = (lo, win)
+        return win[first - lo:first - lo + have]
 
     def _read(self, n: int, at: int, mask: int) -> bytes:
         raw = os.pread(self._f.fileno(), n, at)
@@ -280,14 +301,32 @@ class SparseMapWriter:
         self._super_at = _HEADER.size + 8 * self._nblocks
         self._length = self._super_at + 8 * -(-self._nblocks // SUPER)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        self._put(_HEADER.pack(MAGIC, VERSION, BLOCK, identity.size, identity.mtime_ns, identity.ctime_ns,
-                               identity.ino, identity.dev), 0)
+        # contiguous digests gathered for one write, per part (False: blocks, True: supers)
+        self._pending: dict[bool, tuple[int, bytearray]] = {}
+        self._write(_HEADER.pack(MAGIC, VERSION, BLOCK, identity.size, identity.mtime_ns, identity.ctime_ns,
+                                 identity.ino, identity.dev), 0)
         self.blocks = 0
         self._supers = 0
 
-    def _put(self, raw: bytes, at: int) -> None:
-        if raw.count(0) == len(raw):
-            return  # zeros: a hole already
+    def _put(self, raw: bytes, at: int, supers: bool = False) -> None:
+        """Digests for ``at``: gathered with those just before them, written once ``WINDOW``
+        digests are gathered, at a jump, or at commit. All zeros: a hole, never written."""
+        start, buf = self._pending.get(supers, (at, bytearray()))
+        if raw.count(0) == len(raw) or start + len(buf) != at:
+            self._flush(supers)
+            if raw.count(0) == len(raw):
+                return  # zeros: a hole already
+            start, buf = at, bytearray()
+        buf += raw
+        self._pending[supers] = (start, buf)
+        if len(buf) >= 8 * WINDOW:
+            self._flush(supers)
+
+    def _flush(self, supers: bool) -> None:
+        start, buf = self._pending.pop(supers, (0, b""))
+        self._write(buf, start)
+
+    def _write(self, raw: bytes | bytearray, at: int) -> None:
         view = memoryview(raw)
         while view:
             n = os.pwrite(self._fd, view, at)
@@ -298,7 +337,7 @@ class SparseMapWriter:
         self.blocks += len(digests)
 
     def append_super(self, digests: array[int]) -> None:
-        self._put(_xor(digests.tobytes(), zero_digest(SUPER_BYTES)), self._super_at + 8 * self._supers)
+        self._put(_xor(digests.tobytes(), zero_digest(SUPER_BYTES)), self._super_at + 8 * self._supers, True)
         self._supers += len(digests)
 
     def hole(self, first: int, end: int, size: int) -> None:
@@ -314,6 +353,8 @@ class SparseMapWriter:
         self.blocks, self._supers = end, -(-end // SUPER)
 
     def commit(self) -> None:
+        self._flush(False)
+        self._flush(True)
         os.ftruncate(self._fd, self._length)
         os.fsync(self._fd)
         os.close(self._fd)

@@ -25,6 +25,7 @@ from .digestmap import (
     BLOCK,
     SUPER,
     SUPER_BYTES,
+    WINDOW,
     DigestMapReader,
     FileIdentity,
     MapWriter,
@@ -248,7 +249,10 @@ class DiskScan:
         if self.old is None:
             return
         step = CHUNK // 8
-        for lo, hi in self.old.data_runs(first, end):
+        # a short hole (between scattered writes) is compared in the old map's window; a
+        # long one where the old map has data (``data_runs``: O(holes), not O(size))
+        short = end - first <= WINDOW and first < self.old.blocks
+        for lo, hi in [(first, min(end, self.old.blocks))] if short else self.old.data_runs(first, end):
             for a in range(lo, hi, step):
                 b = min(hi, a + step)
                 new = self._zeros(a, b, size)
