@@ -69,7 +69,8 @@ def test_the_article_setup_applied_idempotently(hosts, tmp_path):
 
     primary_doc["replications"][0]["frequency"] = 30
     primary_doc["replications"][0]["bandwidth_limit"] = "40MB"
-    primary_doc["replications"][0].update(retention="1x1h|24x60m", verify_every="168h", verify_window="01:00-05:00")
+    primary_doc["replications"][0].update(retention="1x1h|24x60m", verify_every="168h", verify_window="01:00-05:00",
+                                          auto_resync="window", resync_window="18:30-06:00")
     primary_doc["vms"][0]["hook_timeout"] = 20
     write(tmp_path / "vmhost2.yaml", primary_doc)
     out = primary.cli("apply", "-f", path).stdout
@@ -79,6 +80,8 @@ def test_the_article_setup_applied_idempotently(hosts, tmp_path):
     got = primary.json("replication", "get", "contoso2")
     assert got["frequency"] == 30 and got["bandwidth_limit"] == 40_000_000
     assert (got["retention"], got["verify_every"], got["verify_window"]) == ("1x1h | 24x1h", "7d", "01:00-05:00")
+    assert "auto_resync on → window, resync_window (none) → 18:30-06:00" in out  # issue 20 item 4
+    assert (got["auto_resync"], got["resync_window"]) == ("window", "18:30-06:00")
     assert primary.cli("apply", "-f", path).stdout.startswith("nothing to change")
     assert primary.json("replication", "get", "contoso2")["sequence"] == 1
 
