@@ -35,8 +35,12 @@ def test_initial_then_deltas_read_only_what_the_guest_wrote(token_pair, qsd):
         assert file_digest(copy) == qsd.digest(), f"round {round_}"
     assert qsd.qmp_objects() == ([], [])
     assert [b for b in qsd.bitmaps() if b.startswith("replicad.")] == [f"replicad.{r['seq']}"]
+    # the next capture's fleecing image is made ahead, off the cycle's path (tracking/fleece.py)
+    fleece = primary.root / "state" / "qemu" / primary.json("vm", "get", "db")["id"]
+    assert [p.name.split("-", 2)[2] for p in fleece.iterdir()] == [f"0-{64 * MiB}.next.qcow2"]
     primary.cli("replication", "remove", "db")
     assert qsd.bitmaps() == [], "removing replication removes its bitmaps from QEMU"
+    assert not fleece.exists(), "and its fleecing images"
 
 
 @pytest.mark.parametrize("qsd", ["raw"], indirect=True)

@@ -101,6 +101,9 @@ class FakeCycle:
     def close(self) -> None:
         self.events.append("close")
 
+    def close_later(self) -> None:
+        self.events.append("close")  # the same release, maybe in the background (tracking/fleece.py)
+
 
 class FakeTracker:
     def __init__(self, views: list[FakeView], *, lost: bool = False, capture_error: OSError | None = None):

@@ -5,11 +5,14 @@ block nodes of the process, tracked by QEMU's dirty bitmaps (tracking/qemu_track
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 
 from .. import log as logmod
 from ..errors import NotFound, Refused, ReplicadError, UsageError
 from ..model import VM, Disk, valid_disk_name
+from ..primary.trackers import fleece_dir
+from ..tracking import fleece
 from ..tracking.qemu import BlockNode, QemuError, Qmp, cleanup, vm_state
 from ..tracking.qemu_tracker import object_prefix, remove_bitmaps
 from ..wire import MAX_DISKS
@@ -118,9 +121,12 @@ async def run_states(vms: list[VM]) -> dict[str, str]:
     return {vm.id: s.value for vm, s in zip(qemu, states, strict=True)}
 
 
-async def drop_tracking(vm: VM) -> None:
-    """Replication of a QEMU VM removed: its dirty bitmaps (persistent in a qcow2 image) and
-    anything of a cycle left in QEMU go. Best effort: QEMU may be gone; the log says what stays."""
+async def drop_tracking(vm: VM, state_dir: Path) -> None:
+    """Replication of a QEMU VM removed: its dirty bitmaps (persistent in a qcow2 image),
+    anything of a cycle left in QEMU and its fleecing images go. Best effort: QEMU may be
+    gone; the log says what stays."""
+    await asyncio.to_thread(fleece.Closing.wait, vm.qemu["qmp"], quiet=True)  # a cycle's close, if it runs
+    await asyncio.to_thread(shutil.rmtree, fleece_dir(state_dir, vm.id), True)
     try:
         async with Qmp(vm.qemu["qmp"]) as q:
             await cleanup(q, object_prefix(vm.id))

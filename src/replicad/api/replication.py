@@ -452,7 +452,7 @@ async def remove(request):
         await host.primary.forget(vm.id)
         await asyncio.to_thread(Baselines(host.config.state_dir, vm.id).drop_all)
         if vm.qemu:
-            await drop_tracking(vm)
+            await drop_tracking(vm, host.config.state_dir)
     await host.catalog.remove_relationship(vm.id)
     if rel.role == "replica" and not rel.source_vm:  # failed over: the VM keeps the failover copy
         await asyncio.to_thread(failover_copy.settle, vm.files(), failover_copy.COMPLETED)

@@ -168,7 +168,7 @@ class CycleProducer:
             if not self._sealed:
                 self.abandon()
             elif self._cycle is not None:
-                self._cycle.close()
+                self._cycle.close_later()  # while the replica acknowledges
             self.thaw()
 
     def commit(self) -> None:

@@ -20,6 +20,11 @@ def qemu_disks(vm: VM) -> QemuDisks:
                      tuple(d.format for d in vm.disks), vm.qemu.get("agent", ""))
 
 
+def fleece_dir(state_dir: Path, vm_id: str) -> Path:
+    """Where the qemu tracker keeps a VM's fleecing images (tracking/fleece.py)."""
+    return state_dir / "qemu" / vm_id
+
+
 def tracker_for(vm: VM, state_dir: Path, *, replica_maps: Sequence[Path | None] | None = None) -> ChangeTracker:
     """``replica_maps``: a resync's, by the VM's files (None for one the replica copy lacks)."""
     baselines = Baselines(state_dir, vm.id)
@@ -28,5 +33,5 @@ def tracker_for(vm: VM, state_dir: Path, *, replica_maps: Sequence[Path | None] 
         if replica_maps is not None and whole is not None and len(whole) != len(replica_maps):
             raise ReplicadError(f"the replica copy of {vm.name} has other disks than its QEMU process: "
                                 "a --qemu VM's disk set cannot change while it is replicated")
-        return QemuTracker(baselines, vm.id, qemu_disks(vm), state_dir / "qemu" / vm.id, replica_maps=whole)
+        return QemuTracker(baselines, vm.id, qemu_disks(vm), fleece_dir(state_dir, vm.id), replica_maps=whole)
     return ScanTracker(baselines, replica_maps=replica_maps)

@@ -26,12 +26,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import ResyncRequired
+from . import fleece
 from .baselines import Baselines
 from .digestmap import DigestMapReader, FileIdentity
 from .guest_agent import GuestAgent, GuestAgentError
@@ -227,18 +227,12 @@ class QemuCycle:
         try:
             for i, n in enumerate(self.nodes):
                 f = t.fleece_dir / f"{t.prefix}{i}.qcow2"
-                t.fleece_dir.mkdir(parents=True, exist_ok=True)
-                f.unlink(missing_ok=True)
-                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(f), str(n.size)],
-                               check=True, capture_output=True, timeout=60)
+                fleece.take(t.fleece_dir, t.prefix, i, n.size, f)  # made ahead by the last close
                 self._fleece.append(f)
             counts = Qmp.run(self.disks.qmp, self._capture)
             for i in range(len(self.nodes)):
                 self._views.append(NbdView(self.disks.nbd, f"{t.prefix}{i}",
                                            None if self.whole else bitmap(plan.base_seq)))
-        except subprocess.CalledProcessError as e:
-            self.close()
-            raise QemuError(f"cannot create the fleecing image: {e.stderr.decode(errors='replace').strip()}") from None
         except BaseException:
             self.close()
             raise
@@ -309,6 +303,7 @@ class QemuCycle:
         is not running (disks at rest: their private daemon quit when the cycle closed)."""
         seq = self.plan.seq
         self.tracker.baselines.keep_only(seq)
+        fleece.Closing.wait(self.disks.qmp)  # what it raised: exports or nodes may linger until the next begin
 
         async def drop(q: Qmp) -> None:
             await remove_bitmaps(q, resolve(await q.nodes(), self.tracker.disks), below=seq)
@@ -338,6 +333,20 @@ class QemuCycle:
                 self._rest.stop()
                 self._rest = None
 
+    def close_later(self) -> None:
+        """The log's trailer is out: ``close`` in the background while the replica acknowledges,
+        then the next capture's fleecing images made ahead (tracking/fleece.py). Disks at
+        rest close at once (their private QEMU exits)."""
+        if self._rest is not None:
+            self.close()
+            return
+        t, sizes = self.tracker, [v.size for v in self._views]
+
+        def close_and_prepare() -> None:
+            self.close()
+            fleece.prepare(t.fleece_dir, t.prefix, sizes)
+        fleece.Closing.start(self.disks.qmp, close_and_prepare)
+
 
 class QemuTracker:
     """The ``qemu`` tracker of one VM. ``replica_maps``: a resync, read whole against the
@@ -361,6 +370,7 @@ class QemuTracker:
         else:
             old_sizes = None
         where, rest = self.disks, None
+        fleece.Closing.wait(where.qmp, quiet=True)  # the last cycle's close, if it still runs
         try:
             nodes = Qmp.run(where.qmp, lambda q: self._begin(q, self.disks, plan, whole))
         except QemuError as e:
@@ -378,7 +388,8 @@ class QemuTracker:
     async def _begin(self, q: Qmp, disks: QemuDisks, plan: CyclePlan, whole: bool) -> list[BlockNode]:
         await cleanup(q, self.prefix)  # what a replicad killed mid-cycle left
         for f in self.fleece_dir.glob(f"{self.prefix}*.qcow2") if self.fleece_dir.exists() else ():
-            os.unlink(f)
+            if not fleece.is_prepared(f):  # a capture's image, left by a replicad killed mid-cycle
+                os.unlink(f)
         nodes = resolve(await q.nodes(), disks)
         for n in nodes:
             if n.read_only:

@@ -111,6 +111,8 @@ class ScanCycle:
                 r.close()
         self._readers = []
 
+    close_later = close  # nothing slow to release
+
 
 class ScanTracker:
     """The ``scan`` tracker of one VM. ``replica_maps``: a resync, whose baseline is the

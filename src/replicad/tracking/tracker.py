@@ -17,7 +17,8 @@ A cycle, seen from the tracker:
    whatever it found changed stays changed, so the next cycle sends it again. A sealed cycle
    that is not committed (a failed push, a crash) is resolved by the next ``begin``
    against the baseline it is given: promoted if that is this cycle, otherwise abandoned.
-5. ``close()`` always: views, descriptors, clones, exports are released.
+5. ``close()`` always: views, descriptors, clones, exports are released (``close_later()``
+   once the trailer is out: off the path of the acknowledgement).
 
 The ``scan`` tracker (tracking/scan_tracker.py) reads every changed file against its digest
 map and captures with reflink clones. A dirty-bitmap tracker fits the same steps: ``begin``
@@ -153,6 +154,12 @@ class TrackedCycle(Protocol):
 
     def close(self) -> None:
         """Release the views. Idempotent; ``commit`` still works after it."""
+        ...
+
+    def close_later(self) -> None:
+        """``close``, once the log's trailer is out (every change read and sent): it may return
+        before the views are released, while the replica acknowledges; ``commit``, ``abandon``
+        and the next ``begin`` wait for it."""
         ...
 
 
