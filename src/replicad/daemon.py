@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import __version__, events, metrics, reverse
+from . import __version__, events, metrics, reverse, split_brain
 from . import log as logmod
 from .api.app import create_app
 from .auth import kerberos as krb
@@ -250,7 +250,9 @@ class Daemon:
         common: dict[str, Any] = dict(
             service=host.replica, catalog=host.catalog, host=cfg.host, admins=cfg.management.admins,
             drain_timeout=DRAIN_TIMEOUT,
-            management_socket=cfg.management.socket, on_reverse=functools.partial(reverse.accept, host))
+            management_socket=cfg.management.socket, on_reverse=functools.partial(reverse.accept, host),
+            on_running=functools.partial(split_brain.answer, host),
+            may_ask=functools.partial(split_brain.may_ask, host))
         token, tls = cfg.listen.token, cfg.listen.tls
         listeners = (token is not None) + (tls is not None)
         soft, hard = raise_descriptor_limit()

@@ -36,6 +36,9 @@ def compute(rel: Relationship, now: datetime | None = None) -> tuple[Health, lis
         critical.append("resynchronization required")
     if rel.state == S.SUSPENDED and not primary:
         critical.append("replication is suspended on the replica")
+    if rel.state == S.FAILED_OVER_ELSEWHERE:
+        critical.append(f"the VM failed over to {rel.replica_server}: this host is fenced (no cycle, `vm start` "
+                        "refused) until `replication reverse` there or `replication remove` here")
     if rel.error:
         critical.append(rel.error)
     v = rel.verify

@@ -50,6 +50,9 @@ class Recorder:
         self.resyncs = Counter("replicad_resyncs", "Resynchronizations completed", LABELS, registry=r)
         self.verify_mismatches = Counter("replicad_verify_mismatches", "Blocks a verify found differing between "
                                          "the replica's copy and what was shipped", LABELS, registry=r)
+        self.split_brain = Counter("replicad_split_brain_checks", "Questions before an unplanned failover (whether "
+                                   "the VM runs on its primary or witness), by what was heard", ("vm", "result"),
+                                   registry=r)
         self.duration = Histogram("replicad_cycle_duration_seconds", "Time from capture to the replica's ack",
                                   LABELS, buckets=CYCLE_BUCKETS, registry=r)
 
@@ -70,6 +73,10 @@ class Recorder:
         self.errors.labels(vm, "primary").inc()
         if missed:
             self.missed.labels(vm, "primary").inc()
+
+    def split_brain_checked(self, vm: str, result: str) -> None:
+        """``result``: running, unknown (answered, could not say), unreachable, off."""
+        self.split_brain.labels(vm, result).inc()
 
     def log_received(self, vm: str, received: int) -> None:
         self.received.labels(vm, "replica").inc(received)

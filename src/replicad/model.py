@@ -20,6 +20,7 @@ class ReplicationState(str, Enum):
     PREPARED_FOR_FAILOVER = "PreparedForFailover"
     FAILED_OVER_WAITING = "FailedOverWaitingCompletion"
     FAILED_OVER = "FailedOver"
+    FAILED_OVER_ELSEWHERE = "FailedOverElsewhere"  # a primary whose VM failed over to its replica (issue 19.4)
     NOT_APPLICABLE = "NotApplicable"
 
 

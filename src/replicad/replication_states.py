@@ -36,6 +36,12 @@ ENTRY: dict[str, dict[S, str]] = {
               S.REPLICATING: "`replication reverse` reached the old primary: its disks are the copies"},
 }
 
+# The primary's supervisor runs cycles in these states (others wait for a verb).
+RUNNING_STATES = frozenset({S.WAITING_FOR_INITIAL, S.INITIAL_IN_PROGRESS, S.REPLICATING, S.ERROR,
+                            S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING})
+
+FENCEABLE = (S.INITIAL_IN_PROGRESS, S.REPLICATING, S.ERROR, S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING)  # issue 19.4
+
 EDGES: dict[str, dict[tuple[S, S], str]] = {
     PRIMARY: {
         (S.READY_FOR_INITIAL, S.WAITING_FOR_INITIAL): "`start-initial --at`",
@@ -79,6 +85,8 @@ EDGES: dict[str, dict[tuple[S, S], str]] = {
         (S.SUSPENDED, S.WAITING_FOR_RESYNC): "`resume`, a resync due: a continued initial copy was "
                                              "acknowledged while suspended",
         (S.PREPARED_FOR_FAILOVER, S.REPLICATING): "`resume`, or the replica cancelled its failover",
+        **{(s, S.FAILED_OVER_ELSEWHERE): "a cycle refused with `failedover`: the VM failed over to the replica "
+           "(fenced: no cycle, no `vm start`, until `reverse` or `remove`)" for s in FENCEABLE},
     },
     REPLICA: {
         (S.INITIAL_IN_PROGRESS, S.REPLICATING): "the first log applied",
@@ -98,8 +106,7 @@ EDGES: dict[str, dict[tuple[S, S], str]] = {
     },
 }
 
-# `replication reverse` turns one role into the other (reverse.py): a new relationship, in
-# one of ENTRY's states, replaces the old one (``reversed_state``).
+# `reverse` turns one role into the other (reverse.py): a new relationship in an ENTRY state replaces it
 ROLE_CHANGES: dict[tuple[str, S], tuple[str, frozenset[S]]] = {
     (REPLICA, S.FAILED_OVER_WAITING): (PRIMARY, frozenset({S.REPLICATING, S.RESYNCHRONIZING})),
     (REPLICA, S.FAILED_OVER): (PRIMARY, frozenset({S.REPLICATING, S.RESYNCHRONIZING})),
@@ -107,16 +114,11 @@ ROLE_CHANGES: dict[tuple[str, S], tuple[str, frozenset[S]]] = {
     **{(PRIMARY, s): (REPLICA, frozenset({S.REPLICATING})) for s in S if s is not S.NOT_APPLICABLE},
 }
 
-# The primary's supervisor runs cycles in these states (others wait for a verb).
-RUNNING_STATES = frozenset({S.WAITING_FOR_INITIAL, S.INITIAL_IN_PROGRESS, S.REPLICATING, S.ERROR,
-                            S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING})
-# No cycle runs in these: a cycle's outcome that finds its relationship in one of them
-# found a verb taken while it was in flight (`suspend`; `resume` or `start-initial --at`
-# after it). The verb wins: the outcome is recorded, the state stays (docs/design.md §5).
+# No cycle runs in these: a cycle's outcome finding one found a verb taken while it was in flight (`suspend`;
+# `resume` or `start-initial --at` after it). The verb wins: the outcome is recorded, the state stays (§5).
 VERB_STATES = frozenset({S.SUSPENDED, S.READY_FOR_INITIAL, S.WAITING_FOR_INITIAL})
 # A replica fails over from these (replica/failovers.py; FailedOverWaitingCompletion: a move).
 FAILOVER_STATES = (S.REPLICATING, S.ERROR, S.SUSPENDED)
-
 
 
 def reversed_state(rel: Relationship, resync: bool) -> S:
@@ -158,8 +160,8 @@ class InitialStarted:
 
 
 @dataclass(frozen=True)
-class ResyncStarted:
-    """A resync starts (the replica's digests are fetched next)."""
+class ResyncStarted:  # a resync starts (the replica's digests are fetched next)
+    pass
 
 
 @dataclass(frozen=True)
@@ -197,8 +199,8 @@ def failure_of(e: BaseException, at: str, kind: CycleKind | None = None) -> Cycl
 
 
 def _resync_asked_meanwhile(rel: Relationship, kind: CycleKind | None) -> bool:
-    """`replication resync` was taken while a cycle that is not the resync ran (the verb
-    sets Resynchronizing at once): that cycle's outcome leaves the resync to the next one."""
+    """`resync` was taken while another cycle ran (the verb sets Resynchronizing at once): its outcome leaves
+    the resync to the next one."""
     return rel.state == S.RESYNCHRONIZING and kind is not None and kind != CycleKind.RESYNC
 
 
@@ -210,8 +212,7 @@ class StartInitial:
 
 
 @dataclass(frozen=True)
-class Seed:
-    """`start-initial --use-existing`: the first cycle is a resync against a copy adopted there."""
+class Seed:  # `start-initial --use-existing`: the first cycle is a resync against a copy adopted there
     vm: str
 
 
@@ -235,8 +236,7 @@ class ResyncCancelled:
 
 
 @dataclass(frozen=True)
-class Sync:
-    """`sync`: a cycle now. It changes no state; refused unless replication is established."""
+class Sync:  # `sync`: a cycle now. It changes no state; refused unless replication is established
     vm: str
 
 
@@ -248,8 +248,7 @@ class Prepare:
 
 
 @dataclass(frozen=True)
-class ReplicaFailedOver:
-    """The replica said (an authenticated answer) that its copy failed over."""
+class ReplicaFailedOver:  # the replica said (an authenticated answer) that its copy failed over
     at: str
 
 
@@ -265,8 +264,7 @@ class Suspend:
 
 
 @dataclass(frozen=True)
-class Resume:
-    """`resume`: a suspended relationship replicates again; a prepared primary's prepare is cancelled."""
+class Resume:  # `resume`: a suspended relationship replicates again; a prepared primary's prepare is cancelled
     vm: str
 
 
@@ -391,6 +389,8 @@ def transition(rel: Relationship, event: Event) -> Relationship:
             if rel.state in VERB_STATES or _resync_asked_meanwhile(rel, kind):
                 return new(out, error=f"resynchronization required: {reason}" if failure in (
                     Failure.HELD, Failure.RESYNC) else reason)
+            if failed_over and rel.state in FENCEABLE or rel.state == S.FAILED_OVER_ELSEWHERE:
+                return new(out, state=S.FAILED_OVER_ELSEWHERE, error=reason)  # fenced: the copy runs there (19.4)
             if failure == Failure.HELD:
                 hold = f"resynchronization required: {reason}"
                 return new(out, state=S.WAITING_FOR_RESYNC, resync_hold=hold, error=hold)

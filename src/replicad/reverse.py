@@ -37,6 +37,7 @@ from .replica.failover import TEST_SUFFIX
 from .replica.failovers import drop_points
 from .replica.layout import VMDir
 from .replication_states import reversed_state
+from .split_brain import primary_port
 from .times import utcnow
 from .tracking.baselines import Baselines, build_baseline
 from .tracking.digestmap import identities
@@ -71,7 +72,7 @@ async def start(host: Host, vm_name: str, actor: str) -> tuple:
             await workers.DIGESTS.run(build_baseline, host.config.state_dir, vm.id, point, disks)
             resync = await asyncio.to_thread(identities, disks) != rel.failover.get("disks")  # written meanwhile
         old_primary = rel.primary_server
-        port = rel.primary_ports[1 if rel.auth == "certificate" else 0] or (443 if rel.auth == "certificate" else 80)
+        port = primary_port(rel)
         async with host.client.conversation(old_primary, port, rel.auth) as conv:
             answer = await conv.request("POST", f"/v1/replicas/{vm.id}/reverse",
                                         data=_json({"epoch": epoch, "seq": point, "old_epoch": rel.epoch,

@@ -26,6 +26,7 @@ class ServerSettings:
     monitoring_interval: int = 12 * 3600
     monitoring_start_time: str = "09:00"
     max_recovery_history: int = MAX_RECOVERY_HISTORY  # the most recovery points a primary may ask for here
+    witness: str = ""  # HOST[:PORT]: asked before an unplanned failover, and trusted to ask here (issue 19.4)
 
     @classmethod
     def load(cls, catalog: Catalog, state_dir: Path) -> ServerSettings:
@@ -49,3 +50,11 @@ def validate_hhmm(text: str) -> str:
     if not m:
         raise UsageError(f"invalid time of day {text!r} (expected HH:MM)")
     return text
+
+
+def parse_witness(text: str) -> tuple[str, int | None]:
+    """``HOST[:PORT]`` as (host in lower case, port or None); '' gives ('', None)."""
+    host, _, port = text.strip().lower().partition(":")
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        raise UsageError(f"invalid witness port in {text!r}")
+    return host, int(port) if port else None

@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("cli", ("replicad.cli", "replicad.demo")),
     ("api", ("replicad.api", "replicad.daemon")),
-    ("roles", ("replicad.primary", "replicad.replica", "replicad.reverse", "replicad.host")),
+    ("roles", ("replicad.primary", "replicad.replica", "replicad.reverse", "replicad.split_brain", "replicad.host")),
     ("transport", ("replicad.transport",)),
     ("wire/tracking", ("replicad.wire", "replicad.tracking", "replicad.auth")),
     ("state", ("replicad", "replicad.catalog", "replicad.model", "replicad.errors", "replicad.config",

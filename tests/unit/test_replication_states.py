@@ -347,9 +347,12 @@ def test_transient_errors_keep_the_state_and_permanent_ones_set_error(state: S) 
 def test_a_failed_over_answer_is_recorded_once() -> None:
     e = PeerError("failed over", status=409, transient=False, code=ErrorCode.of("failedover"))
     out = failed(e, primary())
-    assert out.state == S.ERROR and out.replica_failed_over == {"epoch": "e1", "seq": 4, "at": AT}
+    # fenced (issue 19.4): the VM failed over there; no more cycles, and it stays fenced
+    assert out.state == S.FAILED_OVER_ELSEWHERE and out.replica_failed_over == {"epoch": "e1", "seq": 4, "at": AT}
+    assert rs.schedule(out, "vm", requested=True, last_start=None, backoff=1, now=0, wall=WALL).step == Step.IDLE
     again = rs.transition(dataclasses.replace(out, seq=9), rs.failure_of(e, "later"))
-    assert again.replica_failed_over == out.replica_failed_over
+    assert again.replica_failed_over == out.replica_failed_over and again.state == S.FAILED_OVER_ELSEWHERE
+    assert rs.transition(failed(e, primary(state=S.SUSPENDED)), rs.Resume("vm")).state == S.REPLICATING
     assert rs.transition(out, rs.CycleSucceeded(CycleKind.DELTA, 5, AT)).replica_failed_over == {}
 
 

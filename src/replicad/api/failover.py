@@ -9,12 +9,12 @@ import asyncio
 from aiohttp import web
 
 from .. import log as logmod
-from .. import reverse
-from ..errors import Conflict
+from .. import reverse, split_brain
+from ..errors import Conflict, UsageError
 from ..host import Host
 from ..model import VM, Relationship, VMState
 from ..replica import failover_hooks
-from ..replication_states import Prepare, require
+from ..replication_states import FAILOVER_STATES, Prepare, require
 from ..tracking.qemu import vm_state
 from .context import actor, body, host_of
 from .replication import _rel, _wait_stream, rel_json
@@ -34,9 +34,52 @@ async def start(request):
         test, target = await host.failovers.test_start(vm, point, actor(request))
         await failover_hooks.on_test_failover(test, target)
         return web.json_response(vm_json(host, test))
+    force, dry_run = doc.get("force", False), doc.get("dry_run", False)
+    if not isinstance(force, bool) or not isinstance(dry_run, bool):
+        raise UsageError("--force and --dry-run are flags")
+    if dry_run:
+        return web.json_response(await _dry_run(host, vm, rel))
+    asked = await split_brain_guard(host, vm, rel, point, force)
     rel = await host.failovers.start(vm, point, actor(request))
     rel = await failover_hooks.on_failover(host.catalog, host.failovers.lock(vm.id), vm) or rel
-    return web.json_response(rel_json(host, rel, vm.name))
+    return web.json_response({**rel_json(host, rel, vm.name), "split_brain": asked})
+
+
+def unplanned(rel: Relationship, point) -> bool:
+    """Whether `failover start` (to ``point``) of ``rel`` would be an unplanned failover: not
+    a move (already failed over), not the point a prepared primary shipped last."""
+    if rel.role != "replica" or rel.state not in FAILOVER_STATES:
+        return False
+    planned = 0 < rel.prepared_seq == rel.applied_seq and (point is None or str(point) == str(rel.prepared_seq))
+    return not planned
+
+
+async def split_brain_guard(host: Host, vm: VM, rel: Relationship, point, force: bool) -> dict | None:
+    """Before an unplanned failover: ask whether the VM runs on its primary (or as the
+    witness sees it); refused (Conflict) when it does, unless ``force`` (split_brain.py)."""
+    if not unplanned(rel, point):
+        return None
+    return await split_brain.before_failover(host, vm, rel, force=force)
+
+
+async def _dry_run(host: Host, vm: VM, rel: Relationship) -> dict:
+    """`failover start --dry-run`: what the failover would hear, and how many blocks each
+    side changed since their common point; nothing changes."""
+    if rel.role != "replica":
+        raise Conflict(f"failover starts on the replica server; {vm.name} is not a replica here")
+    heard = await split_brain.before_failover(host, vm, rel, force=False, dry_run=True)
+    d = heard.get("divergence") or {}
+    p = heard["primary"]
+    return {"vm": vm.name, "primary_server": rel.primary_server,
+            "primary": "unreachable" if not p["reached"] else "unknown" if p["running"] is None
+            else "running" if p["running"] else "off",
+            "failover": "would be refused" if heard["refused"] and unplanned(rel, None) else "would proceed",
+            "common_point": d.get("point"), "primary_changed_blocks": d.get("primary_changed"),
+            "replica_changed_blocks": d.get("replica_changed"), "both_changed_blocks": d.get("both_changed"),
+            "differing_blocks": d.get("differing"), "block_size": d.get("block_size", 4096),
+            "blocks_error": d.get("error") or (None if d else "the primary was not asked: it was unreachable"
+                                               if not p["reached"] else "the primary did not say"),
+            "witness": heard["witness"], "summary": heard["summary"]}
 
 
 async def prepare(host: Host, vm: VM, rel: Relationship) -> asyncio.Future:

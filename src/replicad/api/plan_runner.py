@@ -167,11 +167,13 @@ class PlanRun:
                 return "skipped", f"already failed over to point {rel.failover.get('point')}"
             await failover_hooks.on_failover(self.host.catalog, self.host.failovers.lock(vm.id), vm)
             return "done", f"failed over to point {rel.failover.get('point')}; its on-failover hook ran again"
-        rel = await self.host.failovers.start(vm, self._point(vm, rel), self.actor)
+        point = self._point(vm, rel)
+        asked = await failover_api.split_brain_guard(self.host, vm, rel, point, bool(self.opts.get("force")))
+        rel = await self.host.failovers.start(vm, point, self.actor)
         rel = await failover_hooks.on_failover(self.host.catalog, self.host.failovers.lock(vm.id), vm) or rel
         f = rel.failover
         return "done", (f"failed over to point {f.get('point')} ({failover_hooks.kind_of(rel)}, "
-                        f"{f.get('consistency')}, {f.get('time')})")
+                        f"{f.get('consistency')}, {f.get('time')})" + (f"; {asked['summary']}" if asked else ""))
 
     async def _test(self, vm: VM, rel: Relationship | None) -> Outcome:
         if rel is None or rel.role != "replica":

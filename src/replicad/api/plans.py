@@ -150,6 +150,10 @@ def _options(operation: str, doc: dict) -> dict:
         raise UsageError("--prepare and --as-test go with `plan failover`")
     if len(opts) > 1:
         raise UsageError("--prepare and --as-test cannot be combined")
+    if doc.get("force") is not None:  # issue 19.4: past the split-brain question's refusal
+        if doc["force"] is not True or operation != "failover" or opts:
+            raise UsageError("--force goes with `plan failover` on the replica site (not --prepare, --as-test)")
+        opts["force"] = True
     point = doc.get("recovery_point")
     if point is not None:
         if operation != "failover" or opts.get("prepare"):

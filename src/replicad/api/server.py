@@ -13,7 +13,7 @@ from ..errors import Conflict, NotFound, ReplicadError, UsageError
 from ..fsutil import make_private_dir
 from ..model import AuthorizationEntry, AuthType, valid_fqdn
 from ..retention import MAX_POINTS
-from ..server_settings import ServerSettings, validate_hhmm
+from ..server_settings import ServerSettings, parse_witness, validate_hhmm
 from ..units import format_duration, parse_duration, parse_size
 from .context import actor, body, host_of
 
@@ -27,7 +27,8 @@ def server_json(host, s: ServerSettings) -> dict:
             "tls_port": cfg.listen.tls.port if cfg.listen.tls else None,
             "allowed_from_any_server": s.allowed_from_any_server, "default_storage": s.default_storage,
             "monitoring_interval": format_duration(s.monitoring_interval),
-            "monitoring_start_time": s.monitoring_start_time, "max_recovery_history": s.max_recovery_history}
+            "monitoring_start_time": s.monitoring_start_time, "max_recovery_history": s.max_recovery_history,
+            "witness": s.witness or None}
 
 
 def _bool(doc: dict, key: str):
@@ -37,6 +38,17 @@ def _bool(doc: dict, key: str):
     if isinstance(v, str) and v.lower() in ("true", "false"):
         return v.lower() == "true"
     raise UsageError(f"--{key.replace('_', '-')} expects true or false, got {v!r}")
+
+
+def _witness(value) -> str:
+    """`--witness HOST[:PORT]` ('' or 'none' clears it)."""
+    text = str(value or "").strip()
+    if text.lower() in ("", "none"):
+        return ""
+    name, port = parse_witness(text)
+    if not valid_fqdn(name):
+        raise UsageError(f"--witness expects HOST[:PORT], got {text!r}")
+    return name + (f":{port}" if port else "")
 
 
 def _storage(path: str) -> str:
@@ -81,6 +93,8 @@ async def set_server(request):
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_POINTS:
             raise UsageError(f"--max-recovery-history expects 0 to {MAX_POINTS}, got {n!r}")
         changes["max_recovery_history"] = n
+    if "witness" in doc:
+        changes["witness"] = _witness(doc["witness"])
     new = replace(s, **changes)
     if new.enabled:
         _storage(new.default_storage)

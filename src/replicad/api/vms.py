@@ -174,6 +174,12 @@ async def start(host: Host, vm: VM) -> VM:
         raise Refused(f"{vm.name} is prepared for failover: its disks must stay as they were shipped",
                       hint=f"`replicad replication resume {vm.name}` cancels the prepare (a failover after that is "
                            "unplanned), or `replicad replication remove`")
+    if rel is not None and rel.role == "primary" and rel.state == ReplicationState.FAILED_OVER_ELSEWHERE:
+        log.warning("vm.start_refused", vm=vm.name, replica=rel.replica_server,
+                    reason="the VM failed over to its replica server: two running copies would be a split brain")
+        raise Refused(f"{vm.name} failed over to {rel.replica_server} and runs there; starting it here too would be a "
+                      "split brain", hint=f"`replicad replication reverse {vm.name}` on {rel.replica_server} makes "
+                      "this copy its replica; or `replicad replication remove` here to keep this copy on its own")
     foreign = await asyncio.to_thread(foreign_backing, vm.files())
     if foreign is not None:  # e.g. a replicated header naming a file of this host
         disk, backing = foreign

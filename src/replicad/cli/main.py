@@ -23,6 +23,8 @@ from .replication import REPL_COLUMNS, RESULT_COLUMNS, replication, wait_with_pr
 from .server import auth_entry, server
 from .vm import VM_COLUMNS, vm
 
+DRY_RUN_COLUMNS = ("vm", "primary", "failover", "common_point", "primary_changed_blocks", "replica_changed_blocks")
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="replicad")
@@ -124,8 +126,11 @@ def failover():
 @click.option("--prepare", is_flag=True, help="On the primary (VM stopped): ship every last change.")
 @click.option("--as-test", is_flag=True, help="On the replica: a test VM on a separate copy; replication goes on.")
 @click.option("--recovery-point", metavar="ID", help="The point to fail over to (latest by default).")
+@click.option("--force", is_flag=True, help="Fail over even when the primary or the witness says the VM runs there.")
+@click.option("--dry-run", is_flag=True, help="Ask the primary (and witness) and count the blocks each side changed "
+              "since their common point; change nothing.")
 @managed
-def failover_start(vm_name, prepare, as_test, recovery_point):
+def failover_start(vm_name, prepare, as_test, recovery_point, force, dry_run):
     """Start a failover (planned with --prepare on the primary, test with --as-test).
 
     \b
@@ -135,15 +140,30 @@ def failover_start(vm_name, prepare, as_test, recovery_point):
       replicad failover start contoso2             # on vmhost1, the replica
       replicad replication reverse contoso2        # on vmhost1
       replicad vm start contoso2                   # on vmhost1
+
+    An unplanned failover first asks the primary (and the witness, `server set --witness`)
+    whether the VM runs there, and is refused while it does (exit 1) unless --force; an
+    unreachable primary does not stop it. --dry-run shows that answer and how many blocks
+    each side changed since their common point.
     """
-    body = {k: v for k, v in {"prepare": prepare, "as_test": as_test, "recovery_point": recovery_point}.items() if v}
+    if (force or dry_run) and (prepare or as_test):
+        raise click.UsageError("--force and --dry-run go with an unplanned or planned failover on the replica")
+    body = {k: v for k, v in {"prepare": prepare, "as_test": as_test, "recovery_point": recovery_point,
+                              "force": force, "dry_run": dry_run}.items() if v}
     path = "/v1/failover/" + quote(vm_name, safe="") + "/start"
-    if prepare:
+    if dry_run:
+        show(api().call("POST", path, body, timeout=None), DRY_RUN_COLUMNS)
+    elif prepare:
         show(wait_with_progress(api().stream("POST", path, body), vm_name), RESULT_COLUMNS)
     elif as_test:  # copies of the disks: as long as they take (a reflink clone is instant)
         show(api().call("POST", path, body, timeout=None), VM_COLUMNS)
     else:
-        show(api().call("POST", path, body, timeout=None), REPL_COLUMNS)
+        doc = api().call("POST", path, body, timeout=None)
+        asked = doc.get("split_brain") or {}
+        if asked and output_format() != "json":
+            click.echo(f"{'warning' if asked.get('forced') or not asked['primary']['reached'] else 'checked'}: "
+                       f"{asked['summary']}" + ("; forced" if asked.get("forced") else ""), err=True)
+        show(doc, REPL_COLUMNS)
 
 
 @failover.command("stop")

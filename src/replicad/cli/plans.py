@@ -118,9 +118,11 @@ WAIT = click.option("--wait", is_flag=True, help="Show each VM's step as it goes
 @click.option("--as-test", is_flag=True, help="Test failover: a `VM - Test` of each VM; replication goes on.")
 @click.option("--recovery-point", metavar="TIME",
               help="Each VM to its newest recovery point at or before TIME (ISO 8601); newest by default.")
+@click.option("--force", is_flag=True, help="Fail each VM over even when its primary (or the witness) says it runs "
+              "there (an unplanned failover asks first).")
 @WAIT
 @managed
-def plan_failover(name, prepare, as_test, recovery_point, wait):
+def plan_failover(name, prepare, as_test, recovery_point, force, wait):
     """Fail the plan's VMs over, in order, each with its on-failover hook. A VM that fails
     stops the plan there; the same command again resumes at that VM.
 
@@ -130,7 +132,7 @@ def plan_failover(name, prepare, as_test, recovery_point, wait):
       replicad plan failover shop --wait               # on the replica site
       replicad plan start shop --wait
     """
-    _run(name, "failover", wait, {k: v for k, v in {"prepare": prepare, "as_test": as_test,
+    _run(name, "failover", wait, {k: v for k, v in {"prepare": prepare, "as_test": as_test, "force": force,
                                                       "recovery_point": recovery_point}.items() if v})
 
 

@@ -45,9 +45,12 @@ def server_get():
 @click.option("--max-recovery-history", type=int, metavar="N",
               help="Keep at most N older recovery points per VM (pinned ones aside), whatever its primary asks "
                    "(0-1000, default 24).")
+@click.option("--witness", metavar="HOST[:PORT]",
+              help="A replicad daemon asked before an unplanned failover whether the VM runs on its primary, and "
+                   "trusted to ask this host the same ('none' clears it).")
 @managed
 def server_set(enabled, auth, allow_any_server, default_storage, monitoring_interval, monitoring_start_time,
-               max_recovery_history):
+               max_recovery_history, witness):
     """Change the replica-server settings.
 
     --max-recovery-history caps the recovery history primaries ask for (`replication
@@ -59,13 +62,14 @@ def server_set(enabled, auth, allow_any_server, default_storage, monitoring_inte
     Examples (the article's vmhost2, accepting only listed primaries; a cap on points):
       replicad server set --enabled true --auth token --allow-any-server false
       replicad server set --max-recovery-history 4
+      replicad server set --witness vmhost3.contoso.com   # on both sites: a third site's view
     """
     body = {k: v for k, v in {
         "enabled": bool_text(enabled, "--enabled"), "auth": auth,
         "allow_any_server": bool_text(allow_any_server, "--allow-any-server"),
         "default_storage": abs_path(default_storage), "monitoring_interval": monitoring_interval,
         "monitoring_start_time": monitoring_start_time,
-        "max_recovery_history": max_recovery_history}.items() if v is not None}
+        "max_recovery_history": max_recovery_history, "witness": witness}.items() if v is not None}
     show(api().call("PATCH", "/v1/server", body), SERVER_COLUMNS)
 
 

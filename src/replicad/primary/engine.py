@@ -245,8 +245,13 @@ class PrimaryEngine:
         metrics.recorder.cycle_failed(name, missed=rel.seq > 0)
         # a `failedover` answer is authenticated: what an unplanned reverse needs to have heard (reverse.py)
         failed = states.failure_of(e, utcnow(), self._planned.get(vm_id))
-        rel = states.transition(rel, failed)
-        if failed.failure == Failure.HELD:
+        before, rel = rel.state, states.transition(rel, failed)
+        if rel.state == S.FAILED_OVER_ELSEWHERE and before != rel.state:
+            log.error("replication.failed_over_elsewhere", vm=name, vm_id=vm_id, peer=rel.replica_server,
+                      reason=f"{rel.replica_server} answered that the VM failed over there: this host is fenced (no "
+                      "more cycles, `vm start` refused) until `replication reverse` there or `replication remove` "
+                      "here")
+        elif failed.failure == Failure.HELD:
             log.error("resync.held", vm=name, vm_id=vm_id, reason=failed.reason, hint=failed.hint)
         elif failed.failure == Failure.RESYNC:
             log.error("cycle.resync_required", vm=name, vm_id=vm_id, reason=failed.reason,

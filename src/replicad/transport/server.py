@@ -70,6 +70,8 @@ class PeerContext:
     sessions: SessionStore | None = None
     tls: tlsmod.TlsMaterial | None = None
     on_reverse: Callable[[str, str, str, dict], Awaitable[dict]] | None = None  # reverse.accept, bound
+    on_running: Callable[[str, str, str, dict], Awaitable[dict]] | None = None  # split_brain.answer, bound
+    may_ask: Callable[[str], bool] = lambda principal: False  # split_brain.may_ask, bound: a session to ask
     idle_timeout: float = 60.0  # seconds without a byte of a request body before it is dropped
     header_timeout: float = 10.0  # seconds for a change log's whole header
     drain_timeout: float = 5.0  # on stop: how long a log being received may still run
@@ -213,7 +215,8 @@ def _hello_info(ctx: PeerContext, principal: str) -> dict:
 
 async def open_session(request: web.Request) -> web.Response:
     """A session for a principal this host has a use for — one an authorization entry (or
-    `allowed_from_any_server`) or `management.admins` names — and room for (SessionStore);
+    `allowed_from_any_server`) or `management.admins` names, or one that may ask whether a VM
+    runs here (split_brain.may_ask) — and room for (SessionStore);
     only then is its ticket's nonce recorded against replays."""
     ctx = request.app[CTX_KEY]
     principal = request[PRINCIPAL]
@@ -224,7 +227,7 @@ async def open_session(request: web.Request) -> web.Response:
                                 "management.admins")
         raise Refused(f"{principal} gets no session on {ctx.host}: it is not a host's principal, and no "
                       "management admin (management.admins) names it")
-    if principal not in ctx.admins and not ctx.service.names(principal):
+    if principal not in ctx.admins and not ctx.service.names(principal) and not ctx.may_ask(principal):
         why, hint = "no authorization entry and no management admin names it", None
         try:  # the reason in the words a replication refusal uses (not enabled, not authorized)
             ctx.service.grant_for(principal, ctx.mode)
@@ -416,6 +419,16 @@ async def reverse(request: web.Request) -> web.Response:
     return web.json_response(await ctx.on_reverse(request[PRINCIPAL], auth_of(ctx, request), _vm_id(request), doc))
 
 
+async def running(request: web.Request) -> web.Response:
+    """Whether a VM runs on this host, asked before a failover (split_brain.py); or, as a
+    witness, asked of its primary on the asker's behalf."""
+    ctx = request.app[CTX_KEY]
+    doc = await _json_object(request, 4096, "running")
+    if ctx.on_running is None:
+        raise UsageError("this host answers no failover questions")
+    return web.json_response(await ctx.on_running(request[PRINCIPAL], auth_of(ctx, request), _vm_id(request), doc))
+
+
 async def seed(request: web.Request) -> web.Response:
     """The primary asks this replica server to adopt a copy already in its storage."""
     ctx = request.app[CTX_KEY]
@@ -469,6 +482,7 @@ def create_peer_app(ctx: PeerContext) -> web.Application:
     app.router.add_put("/v1/replicas/{vm_id}/logs/{seq:[0-9]{1,18}}", put_log)
     app.router.add_post("/v1/replicas/{vm_id}/reverse", reverse)
     app.router.add_post("/v1/replicas/{vm_id}/seed", seed)
+    app.router.add_post("/v1/vms/{vm_id}/running", running)
     app.router.add_get("/v1/replicas/{vm_id}/digests", digests)
     app.router.add_route("*", "/v1/manage/{path:.*}", manage)
     return app
