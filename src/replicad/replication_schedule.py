@@ -24,7 +24,7 @@ class Step(Enum):
     RUN = "run"            # a cycle now
     WAIT = "wait"          # until ``until`` (the tick, the backoff, `--at`), or a wake
     IDLE = "idle"          # until a verb wakes it: not a running state, or a held resync
-    PREPARED = "prepared"  # prepared for failover: ask the replica at each tick
+    PREPARED = "prepared"  # prepared for failover, or fenced (FailedOverElsewhere): ask the replica at each tick
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,9 @@ def schedule(rel: Relationship, name: str, *, requested: bool, last_start: float
         return Next(Step.PREPARED, until=now + rel.frequency,
                     refusal=ReplicadError(f"{name} is prepared for failover",
                                           hint="`replicad replication resume` cancels the prepare"))
+    if rel.state == S.FAILED_OVER_ELSEWHERE:  # fenced (issue 19.4): no cycle; is the copy still failed over?
+        return Next(Step.PREPARED, until=now + rel.frequency,
+                    refusal=ReplicadError(f"{name} failed over to {rel.replica_server}"))
     if rel.state not in RUNNING_STATES or (rel.state == S.WAITING_FOR_RESYNC and rel.resync_hold):
         return Next(Step.IDLE, refusal=ReplicadError(f"replication of this VM is {rel.state.value}"))
     if rel.state == S.WAITING_FOR_RESYNC and not requested:

@@ -40,7 +40,7 @@ ENTRY: dict[str, dict[S, str]] = {
 RUNNING_STATES = frozenset({S.WAITING_FOR_INITIAL, S.INITIAL_IN_PROGRESS, S.REPLICATING, S.ERROR,
                             S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING})
 
-FENCEABLE = (S.INITIAL_IN_PROGRESS, S.REPLICATING, S.ERROR, S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING)  # issue 19.4
+FENCEABLE = (S.REPLICATING, S.ERROR, S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING)  # issue 19.4 (when seq > 0)
 
 EDGES: dict[str, dict[tuple[S, S], str]] = {
     PRIMARY: {
@@ -85,6 +85,7 @@ EDGES: dict[str, dict[tuple[S, S], str]] = {
         (S.SUSPENDED, S.WAITING_FOR_RESYNC): "`resume`, a resync due: a continued initial copy was "
                                              "acknowledged while suspended",
         (S.PREPARED_FOR_FAILOVER, S.REPLICATING): "`resume`, or the replica cancelled its failover",
+        (S.FAILED_OVER_ELSEWHERE, S.REPLICATING): "the replica cancelled its failover (asked each tick, and by `sync`)",
         **{(s, S.FAILED_OVER_ELSEWHERE): "a cycle refused with `failedover`: the VM failed over to the replica "
            "(fenced: no cycle, no `vm start`, until `reverse` or `remove`)" for s in FENCEABLE},
     },
@@ -117,8 +118,7 @@ ROLE_CHANGES: dict[tuple[str, S], tuple[str, frozenset[S]]] = {
 # No cycle runs in these: a cycle's outcome finding one found a verb taken while it was in flight (`suspend`;
 # `resume` or `start-initial --at` after it). The verb wins: the outcome is recorded, the state stays (§5).
 VERB_STATES = frozenset({S.SUSPENDED, S.READY_FOR_INITIAL, S.WAITING_FOR_INITIAL})
-# A replica fails over from these (replica/failovers.py; FailedOverWaitingCompletion: a move).
-FAILOVER_STATES = (S.REPLICATING, S.ERROR, S.SUSPENDED)
+FAILOVER_STATES = (S.REPLICATING, S.ERROR, S.SUSPENDED)  # a replica fails over from these (replica/failovers.py)
 
 
 def reversed_state(rel: Relationship, resync: bool) -> S:
@@ -254,12 +254,12 @@ class ReplicaFailedOver:  # the replica said (an authenticated answer) that its 
 
 @dataclass(frozen=True)
 class PrepareCancelled:
-    """The replica no longer holds the prepared point as prepared (its failover was cancelled)."""
+    """The replica's failover was cancelled: the point is no longer prepared, the copy no longer failed over."""
 
 
 # both roles
 @dataclass(frozen=True)
-class Suspend:
+class Suspend:  # `suspend`
     vm: str
 
 
@@ -389,7 +389,7 @@ def transition(rel: Relationship, event: Event) -> Relationship:
             if rel.state in VERB_STATES or _resync_asked_meanwhile(rel, kind):
                 return new(out, error=f"resynchronization required: {reason}" if failure in (
                     Failure.HELD, Failure.RESYNC) else reason)
-            if failed_over and rel.state in FENCEABLE or rel.state == S.FAILED_OVER_ELSEWHERE:
+            if failed_over and rel.state in FENCEABLE and rel.seq or rel.state == S.FAILED_OVER_ELSEWHERE:
                 return new(out, state=S.FAILED_OVER_ELSEWHERE, error=reason)  # fenced: the copy runs there (19.4)
             if failure == Failure.HELD:
                 hold = f"resynchronization required: {reason}"
@@ -420,7 +420,7 @@ def transition(rel: Relationship, event: Event) -> Relationship:
         case ReplicaFailedOver(at):
             return new(rel, replica_failed_over=_heard_failed_over(rel, at))
         case PrepareCancelled():
-            return new(rel, state=S.REPLICATING, prepared={}, replica_failed_over={})
+            return new(rel, state=S.REPLICATING, prepared={}, replica_failed_over={}, error=None)
         case Suspend():
             return new(rel, state=S.SUSPENDED)
         case Resume():

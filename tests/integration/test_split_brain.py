@@ -17,14 +17,14 @@ pytestmark = pytest.mark.integration
 MiB = 1 << 20
 
 
-@pytest.fixture
-def trio(tmp_path):
-    c = Cluster(tmp_path, names=("vmhost1", "vmhost2", "vmhost3"), auth="token")
+@pytest.fixture(params=["token", "certificate"])
+def trio(tmp_path, request):
+    c = Cluster(tmp_path, names=("vmhost1", "vmhost2", "vmhost3"), auth=request.param)
     try:
         for name in ("vmhost1", "vmhost2", "vmhost3"):
             c[name].start()
-        c["vmhost1"].cli("server", "set", "--enabled", "true", "--auth", "token")
-        c["vmhost3"].cli("server", "set", "--enabled", "true", "--auth", "token")  # the witness hears the replica
+        c["vmhost1"].cli("server", "set", "--enabled", "true", "--auth", c.auth)
+        c["vmhost3"].cli("server", "set", "--enabled", "true", "--auth", c.auth)  # the witness hears the replica
         yield c["vmhost2"], c["vmhost1"], c["vmhost3"]  # primary, replica, witness
     finally:
         c.shutdown()
@@ -42,7 +42,7 @@ def test_refused_while_the_primary_runs_it_as_the_witness_sees_it_and_forced(tri
     assert asked["peer"] == replica.fqdn and asked["running"] is True
     assert replica.events("failover.refused")[-1]["result"] == "running"
     # the same through remote management (-C), with --dry-run's answer
-    mgmt = manager(primary.cluster, "mgmt", "token")
+    mgmt = manager(primary.cluster, "mgmt", primary.cluster.auth)
     r = remote(mgmt, replica, "failover", "start", "sb")
     assert r.returncode == 1 and "refused: sb runs on vmhost2.contoso.com" in r.stderr, r.stderr
     r = remote(mgmt, replica, "failover", "start", "sb", "--dry-run", "-o", "json")
@@ -52,9 +52,9 @@ def test_refused_while_the_primary_runs_it_as_the_witness_sees_it_and_forced(tri
 
     # the witness asks the primary from where it stands; the primary tells only its own witness (even a
     # host it would take replication from gets 403 for a VM it does not replicate)
-    primary.cli("server", "set", "--enabled", "true", "--auth", "token")
-    replica.cli("server", "set", "--witness", f"{witness.fqdn}:{witness.port}")
-    assert replica.json("server", "get")["witness"] == f"{witness.fqdn}:{witness.port}"
+    primary.cli("server", "set", "--enabled", "true", "--auth", primary.cluster.auth)
+    replica.cli("server", "set", "--witness", f"{witness.fqdn}:{witness.peer_port}")
+    assert replica.json("server", "get")["witness"] == f"{witness.fqdn}:{witness.peer_port}"
     r = replica.cli("failover", "start", "sb", check=False)
     assert r.returncode == 1, r.stderr
     [refused] = primary.events("failover.question_refused")
@@ -83,8 +83,8 @@ def test_refused_while_the_primary_runs_it_as_the_witness_sees_it_and_forced(tri
     assert replica.events("failover.split_brain_check")[-1]["forced"] is True
 
 
-def test_a_planned_failover_asks_nothing(trio, tmp_path):
-    primary, replica, _ = trio
+def test_a_planned_failover_asks_nothing(two_host_pair, tmp_path):
+    primary, replica = two_host_pair
     replicated(primary, replica, "pl", tmp_path, frequency=3600)
     primary.cli("vm", "stop", "pl")
     primary.json("failover", "start", "pl", "--prepare")

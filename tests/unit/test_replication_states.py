@@ -163,8 +163,9 @@ def _primary(w: World, action: tuple, go) -> World:
     if name == "prepare":  # the refusal, then the engine's flag for the next cycle
         return World(go(rel, rs.Prepare("vm")), w.cycle, True)
     if name in ("heard_failed_over", "prepare_cancelled"):  # primary/prepared.py, while prepared
-        if rel.state != S.PREPARED_FOR_FAILOVER:
-            raise _NotNow
+        if rel.state != S.PREPARED_FOR_FAILOVER and not (name == "prepare_cancelled"
+                                                          and rel.state == S.FAILED_OVER_ELSEWHERE):
+            raise _NotNow  # a fenced primary asks too (issue 19.4)
         event = rs.ReplicaFailedOver(AT) if name == "heard_failed_over" else rs.PrepareCancelled()
         return dataclasses.replace(w, rel=go(rel, event))
     raise _NotNow
@@ -349,7 +350,9 @@ def test_a_failed_over_answer_is_recorded_once() -> None:
     out = failed(e, primary())
     # fenced (issue 19.4): the VM failed over there; no more cycles, and it stays fenced
     assert out.state == S.FAILED_OVER_ELSEWHERE and out.replica_failed_over == {"epoch": "e1", "seq": 4, "at": AT}
-    assert rs.schedule(out, "vm", requested=True, last_start=None, backoff=1, now=0, wall=WALL).step == Step.IDLE
+    fenced = rs.schedule(out, "vm", requested=True, last_start=None, backoff=1, now=0, wall=WALL)
+    assert fenced.step == Step.PREPARED and "failed over" in str(fenced.refusal)  # no cycle: it asks the replica
+    assert failed(e, primary(seq=0)).state == S.ERROR  # nothing acknowledged: not its copy that failed over
     again = rs.transition(dataclasses.replace(out, seq=9), rs.failure_of(e, "later"))
     assert again.replica_failed_over == out.replica_failed_over and again.state == S.FAILED_OVER_ELSEWHERE
     assert rs.transition(failed(e, primary(state=S.SUSPENDED)), rs.Resume("vm")).state == S.REPLICATING

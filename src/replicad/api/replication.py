@@ -15,6 +15,7 @@ from ..errors import Conflict, NotFound, ReplicadError, UsageError
 from ..health import compute as compute_health
 from ..model import Relationship, ReplicationMode, Stats, extended_id, valid_fqdn
 from ..model import ReplicationState as S
+from ..primary import prepared
 from ..primary.export import check_target, export_initial
 from ..primary.producer import CycleProducer, Progress
 from ..primary.trackers import tracker_for
@@ -337,6 +338,9 @@ async def sync(request):
     host = host_of(request)
     vm, rel = _target(request, role="primary")
     doc = await body(request)
+    if rel.state == S.FAILED_OVER_ELSEWHERE:  # fenced: is the copy there still failed over?
+        await prepared.ask_replica(host.primary, vm.id)
+        rel = host.catalog.require_relationship(vm.id)
     require(rel, Sync(vm.name))
     fut = host.primary.request_cycle(vm.id)
     if doc.get("wait"):

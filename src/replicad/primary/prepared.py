@@ -49,9 +49,12 @@ async def until_consistent(engine: PrimaryEngine, vm_id: str) -> dict:
 async def ask_replica(engine: PrimaryEngine, vm_id: str) -> None:
     """On each tick while prepared, ask the replica: it failed over (what an unplanned
     reverse needs to have heard), or it no longer holds the prepared point as prepared —
-    the failover was cancelled there — and this primary replicates again."""
+    the failover was cancelled there — and this primary replicates again. A fenced primary
+    (FailedOverElsewhere, issue 19.4) asks too, on each tick and before a `sync`: when the
+    copy is no longer failed over there (`failover stop`), it replicates again."""
+    waiting = (S.PREPARED_FOR_FAILOVER, S.FAILED_OVER_ELSEWHERE)
     rel = engine.catalog.relationship(vm_id)
-    if rel is None or rel.state != S.PREPARED_FOR_FAILOVER:
+    if rel is None or rel.state not in waiting:
         return
     try:
         async with engine.client.conversation(rel.replica_server, rel.replica_port, rel.auth) as conv:
@@ -60,13 +63,21 @@ async def ask_replica(engine: PrimaryEngine, vm_id: str) -> None:
         log.info("failover.prepared_check_failed", vm=engine.name_of(vm_id), reason=str(e))
         return
     rel = engine.catalog.relationship(vm_id)
-    if rel is None or rel.state != S.PREPARED_FOR_FAILOVER:
+    if rel is None or rel.state not in waiting:
         return
     if st.get("state") in (S.FAILED_OVER_WAITING.value, S.FAILED_OVER.value):
         if not rel.replica_failed_over:
             await engine.save(transition(rel, ReplicaFailedOver(utcnow())))
         return
-    if st.get("exists") and st.get("epoch") == rel.epoch and st.get("prepared_seq") != rel.seq:
+    if not (st.get("exists") and st.get("epoch") == rel.epoch):
+        return
+    if rel.state == S.FAILED_OVER_ELSEWHERE:
+        await engine.save(transition(rel, PrepareCancelled()))
+        log.warning("replication.unfenced", vm=engine.name_of(vm_id), peer=rel.replica_server,
+                    reason="the replica's copy is no longer failed over (its failover was cancelled); replicating "
+                    "again — the VM stays as it is until `vm start`")
+        engine.kick(vm_id)
+    elif st.get("prepared_seq") != rel.seq:
         rel = transition(rel, PrepareCancelled())
         await engine.save(rel)
         log.warning("failover.prepare_cancelled", vm=engine.name_of(vm_id), peer=rel.replica_server,
