@@ -164,7 +164,8 @@ async def answer(host: Host, principal: str, auth: str, vm_id: str, doc: dict) -
     on_behalf, divergence = doc.get("on_behalf_of"), doc.get("divergence", False)
     if not (on_behalf is None or isinstance(on_behalf, str)) or not isinstance(divergence, bool):
         raise UsageError("malformed question")
-    vm, rel = host.catalog.vm_by_id(vm_id), host.catalog.relationship(vm_id)
+    rel = host.catalog.relationship(vm_id)
+    vm = host.primary.vm_of(rel) if rel is not None else None  # extended: the replica VM it forwards
     asker = principal.lower()
     witness = parse_witness(ServerSettings.load(host.catalog, host.config.state_dir).witness)[0]
     replica = rel.replica_server.lower() if rel is not None and rel.role == "primary" else None

@@ -50,6 +50,9 @@ def test_a_replica_forwards_its_copy_to_a_third_host(token_pair, tmp_path):
     assert file_digest(far_copy) == file_digest(image)
     r = third.cli("vm", "start", "contoso2", check=False)
     assert r.returncode == 1 and "replica VM" in r.stderr
+    # the third host's unplanned failover asks the middle one (its primary), whose replica VM is off
+    dry = third.json("failover", "start", "contoso2", "--dry-run")
+    assert (dry["primary"], dry["failover"], dry["differing_blocks"]) == ("off", "would proceed", 0), dry
 
     # applied cycles are forwarded: only what changed since the last forwarded point
     scribble(image, 40, seed=31)
