@@ -350,7 +350,7 @@ def test_a_failed_over_answer_is_recorded_once() -> None:
     out = failed(e, primary())
     # fenced (issue 19.4): the VM failed over there; no more cycles, and it stays fenced
     assert out.state == S.FAILED_OVER_ELSEWHERE and out.replica_failed_over == {"epoch": "e1", "seq": 4, "at": AT}
-    fenced = rs.schedule(out, "vm", requested=True, last_start=None, backoff=1, now=0, wall=WALL)
+    fenced = sched.schedule(out, "vm", requested=True, last_start=None, backoff=1, now=0, wall=WALL)
     assert fenced.step == Step.PREPARED and "failed over" in str(fenced.refusal)  # no cycle: it asks the replica
     assert failed(e, primary(seq=0)).state == S.ERROR  # nothing acknowledged: not its copy that failed over
     again = rs.transition(dataclasses.replace(out, seq=9), rs.failure_of(e, "later"))

@@ -338,9 +338,7 @@ async def sync(request):
     host = host_of(request)
     vm, rel = _target(request, role="primary")
     doc = await body(request)
-    if rel.state == S.FAILED_OVER_ELSEWHERE:  # fenced: is the copy there still failed over?
-        await prepared.ask_replica(host.primary, vm.id)
-        rel = host.catalog.require_relationship(vm.id)
+    rel = await prepared.ask_if_fenced(host.primary, rel)  # the failover there may have been cancelled
     require(rel, Sync(vm.name))
     fut = host.primary.request_cycle(vm.id)
     if doc.get("wait"):

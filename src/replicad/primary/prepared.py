@@ -83,3 +83,12 @@ async def ask_replica(engine: PrimaryEngine, vm_id: str) -> None:
         log.warning("failover.prepare_cancelled", vm=engine.name_of(vm_id), peer=rel.replica_server,
                     reason="the replica no longer holds the prepared point as prepared (its failover was "
                     "cancelled); replicating again — the VM stays off until `vm start`")
+
+
+async def ask_if_fenced(engine: PrimaryEngine, rel: Relationship) -> Relationship:
+    """Before a `sync` of a fenced primary (FailedOverElsewhere): ask its replica now, and
+    return the relationship as that leaves it."""
+    if rel.state != S.FAILED_OVER_ELSEWHERE:
+        return rel
+    await ask_replica(engine, rel.vm_id)
+    return engine.catalog.require_relationship(rel.vm_id)
