@@ -341,3 +341,30 @@ def test_one_time_keys_taken_in_batches_are_the_keys_of_each_index():
         assert keys.mac(i, head, body) == item_mac(key, nonce, i, head, body), i
         assert keys.mac(i, head) == item_mac(key, nonce, i, head), i
     assert OneTimeKeys(key, _os.urandom(8)).mac(0, head) != item_mac(key, nonce, 0, head)
+
+
+def test_small_records_that_do_not_compress_are_tried_less_and_compression_comes_back():
+    """A delta of scattered incompressible 4 KiB blocks costs a zstd attempt per record no
+    more: after ``MISSES_SMALL`` misses in a row only one record in ``SKIP_SMALL + 1`` is
+    tried; compressible blocks are compressed again from the first try that saves. What is
+    sent decodes to the same records either way."""
+    import os as _os
+
+    from replicad.wire.codec import MISSES_SMALL
+
+    enc = LogEncoder(Header("0f0e0d0c-0000-4000-8000-000000000001", "vm", "e1", 2, 1, "delta", "t", "crash",
+                            (DiskInfo(0, "d", 1 << 30),)), compress=True)
+    random_blocks = [_os.urandom(4096) for _ in range(200)]
+    text_blocks = [(b"replicad %d " % i) * 340 for i in range(100)]
+    parts = [enc.start()]
+    parts += [enc.data(0, i * 4096, b) for i, b in enumerate(random_blocks)]
+    tries_random = enc.compress_tries
+    assert MISSES_SMALL <= tries_random <= 20  # 8 misses, then one try in 32: 14 of 200
+    parts += [enc.data(0, (200 + i) * 4096, b) for i, b in enumerate(text_blocks)]
+    parts.append(enc.finish())
+    raw = b"".join(parts)
+    assert len(raw) < 200 * 4096 + 100 * 4096 // 2  # the text blocks compressed, all but at most one window
+    dec = LogDecoder()
+    got = [it for it in dec.feed(raw) if isinstance(it, Record)]
+    dec.close()
+    assert [bytes(r.data) for r in got] == random_blocks + text_blocks

@@ -41,6 +41,10 @@ from .mac import MAC_ALG, MAC_LEN, ItemMacs, OneTimeKeys
 
 MAX_RECORD = 4 * 1024 * 1024
 PROBE = 64 * 1024  # compression probe
+# small records (no probe: the whole record is the attempt) that did not compress, in a row,
+# before compression is tried on only one small record in SKIP_SMALL + 1: a delta's scattered
+# 4 KiB blocks of incompressible data cost a zstd attempt each (a third of a record's encoding)
+MISSES_SMALL, SKIP_SMALL = 8, 31
 
 RECORD_DATA = 1
 RECORD_ZERO = 2
@@ -97,6 +101,9 @@ class LogEncoder:
         self._items = 0
         self._digest = xxhash.xxh3_128()
         self._zstd = zstandard.ZstdCompressor(level=level) if compress else None
+        self._misses = 0  # small records in a row that did not compress
+        self._skip = 0    # small records still to send without trying
+        self.compress_tries = 0
         self.records = 0
         self.data_bytes = 0  # uncompressed bytes carried by data records
 
@@ -134,17 +141,27 @@ class LogEncoder:
 
     def _data_record(self, disk: int, offset: int, data: bytes | memoryview) -> tuple[bytes, bytes | memoryview]:
         """A data record's fixed header and payload. Compression is tried on a 64 KiB probe
-        first: incompressible data (most of a real image's changed blocks) costs no full attempt."""
+        first: incompressible data (most of a real image's changed blocks) costs no full attempt.
+        Small records are their own probe; after ``MISSES_SMALL`` of them in a row did not
+        compress, only one in ``SKIP_SMALL + 1`` is tried, until one compresses again."""
         length = len(data)
         if not 0 < length <= MAX_RECORD:
             raise WireError(f"record length {length} out of bounds")
         flags = 0
         payload = data
-        if self._zstd is not None:
-            if length <= 2 * PROBE or len(self._zstd.compress(data[:PROBE])) < PROBE - (PROBE >> 5):
+        small = length <= 2 * PROBE
+        if self._zstd is not None and small and self._skip:
+            self._skip -= 1
+        elif self._zstd is not None:
+            if small or len(self._zstd.compress(data[:PROBE])) < PROBE - (PROBE >> 5):
+                self.compress_tries += 1
                 c = self._zstd.compress(data)
                 if len(c) < length - (length >> 5):  # keep only a real saving
                     flags, payload = FLAG_ZSTD, c
+            if small:
+                self._misses = 0 if flags else self._misses + 1
+                if self._misses >= MISSES_SMALL:  # then one try in SKIP_SMALL + 1 until one compresses
+                    self._misses, self._skip = MISSES_SMALL - 1, SKIP_SMALL
         checksum = _record_checksum(RECORD_DATA, 0, disk, offset, length, data)
         self.records += 1
         self.data_bytes += length
