@@ -27,8 +27,9 @@ MiB = 1 << 20
 VM_ID = "0f0e0d0c-0000-4000-8000-00000000beef"
 
 
-def staged_delta(vmdir: VMDir, size: int, blocks: list[int]) -> None:
-    """A delta log of random 4 KiB blocks, staged as the receipt stages it."""
+def staged_delta(vmdir: VMDir, size: int, blocks: list[int]):
+    """A delta log of random 4 KiB blocks, staged as the receipt stages it; returns the data
+    runs the receipt noted (what the applier hands the apply for its reservation)."""
     enc = LogEncoder(Header(VM_ID, "redo", "e1", 2, 1, "delta", "t", "crash", (DiskInfo(0, "d.img", size),)))
     s = Staging.open(vmdir, 2, LogDecoder())
     s.write([enc.start()])
@@ -36,6 +37,7 @@ def staged_delta(vmdir: VMDir, size: int, blocks: list[int]) -> None:
         s.write([enc.data(0, b * 4096, os.urandom(4096))])
     s.write([enc.finish()])
     s.finish()
+    return s.runs
 
 
 def test_a_full_disk_fails_the_apply_before_its_first_write(tmp_path):
@@ -47,12 +49,12 @@ def test_a_full_disk_fails_the_apply_before_its_first_write(tmp_path):
         disk = vmdir.disk("d.img")
         with open(disk, "wb") as f:  # a sparse copy: every block the log writes is a hole
             f.truncate(64 * MiB)
-        staged_delta(vmdir, 64 * MiB, list(range(0, 16384, 16))[:768])  # 3 MiB of data
+        runs = staged_delta(vmdir, 64 * MiB, list(range(0, 16384, 16))[:768])  # 3 MiB of data
         free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
         (mnt / "filler").write_bytes(b"\1" * (free - MiB))  # 1 MiB left for 3 MiB of blocks
         before = file_digest(disk)
-        with pytest.raises(OSError) as failed:
-            write_point(vmdir, 2, [disk], keep_undo=False)
+        with pytest.raises(OSError) as failed:  # reserved from the runs its receipt noted
+            write_point(vmdir, 2, [disk], keep_undo=False, runs=runs)
         assert failed.value.errno == errno.ENOSPC and not isinstance(failed.value, PartlyWritten)
         assert file_digest(disk) == before  # still exactly the previous point
         (mnt / "filler").unlink()

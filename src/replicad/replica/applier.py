@@ -6,7 +6,7 @@ committed by the receipt itself, with the same ``commit``."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ class Applier:
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._recording: dict[str, asyncio.Task] = {}  # at-rest digests of a new copy, after its ack
+        self._runs: dict[tuple[str, int], Sequence[int]] = {}  # a staged log's data runs, noted at receipt
 
     # the tasks ------------------------------------------------------------------------------
     def ensure(self, vm_id: str) -> None:
@@ -51,8 +52,11 @@ class Applier:
             self._wake.setdefault(vm_id, asyncio.Event()).set()
             self._tasks[vm_id] = asyncio.create_task(self._run(vm_id), name=f"apply:{vm_id}")
 
-    def wake(self, vm_id: str) -> None:
-        """A log was acknowledged: apply it."""
+    def wake(self, vm_id: str, seq: int = 0, runs: Sequence[int] | None = None) -> None:
+        """Log ``seq`` was acknowledged: apply it. ``runs``: its data runs as its receipt noted
+        them (replica/staging.py), which the apply reserves without reading the log for them."""
+        if runs is not None:
+            self._runs[(vm_id, seq)] = runs
         self.ensure(vm_id)
         self._wake[vm_id].set()
 
@@ -65,6 +69,8 @@ class Applier:
         self._recording.clear()
 
     async def stop_vm(self, vm_id: str) -> None:
+        for key in [k for k in self._runs if k[0] == vm_id]:
+            del self._runs[key]
         for task in (self._tasks.pop(vm_id, None), self._recording.pop(vm_id, None)):
             if task:
                 task.cancel()
@@ -151,11 +157,12 @@ class Applier:
                         staged = await workers.APPLY.run(read_header, vmdir.log(seq))
                         kept = self._history(staged)
                         written = Written([d.size for d in staged.disks])
+                        runs = self._runs.pop((vm_id, seq), None)
                         files = disk_set.plan(vm, vmdir, staged)  # a log may change the disk set
                         header = await workers.APPLY.run(write_point, vmdir, seq, files.paths, keep_undo=kept > 0,
                                                          header=staged, fault=self._fault,
                                                          old_paths=disks if files.changed else None,
-                                                         added=files.added, written=written)
+                                                         added=files.added, written=written, runs=runs)
                         # the commit reads and writes the row here, on the loop, and is staged
                         # before any other task runs: no other writer of this row can interleave
                         # (a receipt may be recording the next ack right now); its fsync runs

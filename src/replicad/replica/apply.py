@@ -200,37 +200,47 @@ def apply_record(fd: int, item: Record, written: Written | None = None) -> None:
             written.give_up()  # a file changed size: at-rest digests the whole copy
 
 
-def reserve_data(log_path: Path, fds: list[int]) -> None:
-    """Allocate what the log's data records will write, file by file, contiguous records
-    together (nothing held in memory): a full disk raises ENOSPC here, before the first
-    write. Files with no hole, and filesystems that cannot reserve, are skipped."""
-    todo = [not fully_allocated(fd) for fd in fds]
-    run: list[int] = []  # disk, start, end of the current run of contiguous data records
-
-    def flush() -> None:
-        if run and todo[run[0]] and not reserve(fds[run[0]], run[1], run[2] - run[1]):
-            todo[run[0]] = False
-    if not any(todo):
-        return
+def _runs(log_path: Path) -> Iterator[tuple[int, int, int]]:
+    """(disk, start, end) of each run of contiguous data records of a staged log."""
+    run: list[int] = []
     for item in read_log(log_path, payloads=False):
-        if isinstance(item, Record) and item.kind == RECORD_DATA and todo[item.disk]:
+        if isinstance(item, Record) and item.kind == RECORD_DATA:
             if run and run[0] == item.disk and run[2] == item.offset:
                 run[2] = item.offset + item.length
             else:
-                flush()
+                if run:
+                    yield run[0], run[1], run[2]
                 run = [item.disk, item.offset, item.offset + item.length]
-    flush()
+    if run:
+        yield run[0], run[1], run[2]
+
+
+def reserve_data(log_path: Path, fds: list[int], runs: Sequence[int] | None = None) -> None:
+    """Allocate what the log's data records will write, file by file, contiguous records
+    together (nothing held in memory): a full disk raises ENOSPC here, before the first
+    write. Files with no hole, and filesystems that cannot reserve, are skipped. ``runs``:
+    the log's runs as its receipt noted them (replica/staging.py; flat disk, start, end
+    triples), else they are read from the log."""
+    todo = [not fully_allocated(fd) for fd in fds]
+    if not any(todo):
+        return
+    found = _runs(log_path) if runs is None else zip(runs[0::3], runs[1::3], runs[2::3], strict=True)
+    for disk, start, end in found:
+        if disk < len(fds) and todo[disk] and not reserve(fds[disk], start, end - start):
+            todo[disk] = False
 
 
 def apply_records(log_path: Path, disk_paths: list[Path], *, fresh: bool = False, redo: bool = False,
-                  added: Sequence[int] = (), written: Written | None = None) -> Header:
+                  added: Sequence[int] = (), written: Written | None = None,
+                  runs: Sequence[int] | None = None) -> Header:
     """Write every record of a verified log into the disks and fsync them. Idempotent.
 
     ``fresh``: an initial copy — the disks are recreated empty and sparse first. ``redo``: no
     undo log protects the copy: the space is reserved before the first write, and a failure
     after it raises ``PartlyWritten``. ``added``: the indexes of files the log adds to the
     set (replica/disk_set.py): made empty first, never through a link; the log carries all
-    of their data. ``written``: collects the digests of what is written (replica/written.py).
+    of their data. ``written``: collects the digests of what is written (replica/written.py);
+    ``runs``: the data runs the receipt noted, for the reservation.
     The header returned carries the point's final consistency (``fuzzy`` when the trailer
     says so)."""
     header = read_header(log_path)
@@ -253,7 +263,7 @@ def apply_records(log_path: Path, disk_paths: list[Path], *, fresh: bool = False
                 touched = True
                 os.ftruncate(fd, d.size)
         if redo and not fresh:
-            reserve_data(log_path, fds)
+            reserve_data(log_path, fds, runs)
         for item in read_log(log_path):
             if isinstance(item, Trailer) and item.fuzzy:
                 header = dataclasses.replace(header, consistency="fuzzy")
@@ -278,14 +288,15 @@ def apply_records(log_path: Path, disk_paths: list[Path], *, fresh: bool = False
 def write_point(vmdir: VMDir, seq: int, disk_paths: list[Path], *, keep_undo: bool = True,
                 header: Header | None = None, fault: Callable[[str], None] = lambda phase: None,
                 old_paths: list[Path] | None = None, added: Sequence[int] = (),
-                written: Written | None = None) -> Header:
+                written: Written | None = None, runs: Sequence[int] | None = None) -> Header:
     """Steps 1-2 for staged log ``seq``: the undo log when ``keep_undo`` (a recovery point
     needs the bytes the log overwrites) and the log is a delta, unless one is already
     complete; otherwise the space reserved. Then the blocks. ``header``: the log's, when
     the caller read it already; ``disk_paths``: its files here, ``old_paths`` the copy's
     when the log changes the set and ``added`` the files it adds (replica/disk_set.py);
     ``written`` collects the digests of what is written (the at-rest digests,
-    replica/written.py). The caller commits (step 3, awaited: durable before it goes on),
+    replica/written.py); ``runs``: the data runs its receipt noted (replica/staging.py). The
+    caller commits (step 3, awaited: durable before it goes on),
     and then tidies (drops the files the set lost, calls ``discard``)."""
     log_path = vmdir.log(seq)
     header = header or read_header(log_path)
@@ -296,7 +307,7 @@ def write_point(vmdir: VMDir, seq: int, disk_paths: list[Path], *, keep_undo: bo
         write_undo(vmdir, log_path, old_paths or disk_paths, disk_paths)
     fault("after-undo")
     header = apply_records(log_path, disk_paths, fresh=fresh, redo=not fresh and not undo.exists(), added=added,
-                           written=written)
+                           written=written, runs=runs)
     fault("after-data")
     return header
 

@@ -219,5 +219,5 @@ class Receiving:
         bound.info("log.acknowledged", bytes=received, records=dec.records, base=header.base_seq,
                    connection=incoming.connection)
         metrics.recorder.log_received(header.vm_name, received)
-        self.applier.wake(vm_id)
+        self.applier.wake(vm_id, seq, writer.runs if isinstance(writer, Staging) else None)
         return {"acked_seq": seq, "applied_seq": rel.applied_seq, "bytes": received}

@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from array import array
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..fsutil import durable_rename, fsync_dir, write_atomic
 from ..transport.raw import RawLog
-from ..wire import Header, LogDecoder, Record
+from ..wire import RECORD_DATA, Header, LogDecoder, Record
 from .copywriter import CopyWriter
 from .layout import PROGRESS_FILE, VMDir
 
 STAGE_BATCH = 4 << 20               # bytes read from a raw connection at once into a staged log
+RUNS_MAX = 1 << 16                  # runs of data records remembered for the apply's reservation
 PROGRESS_EVERY = 32 << 20           # bytes between progress points: at most this much is resent
 
 
@@ -34,6 +36,10 @@ class Staging:
     final: Path
     decoder: LogDecoder
     fd: int
+    # (disk, start, end) of each run of contiguous data records, as verified: what the apply
+    # reserves before its first write (replica/apply.py ``reserve_data``) without decoding
+    # the log once more; None past RUNS_MAX runs (the apply then reads them from the log)
+    runs: array[int] | None = field(default_factory=lambda: array("Q"))
 
     @classmethod
     def open(cls, vmdir: VMDir, seq: int, decoder: LogDecoder, verified: bytes = b"") -> Staging:
@@ -51,8 +57,23 @@ class Staging:
     def write(self, pieces: list[bytes]) -> None:
         """Verify and append to the staged file."""
         for piece in pieces:
-            self.decoder.feed(piece)  # raises WireError on the first bad byte
+            items = self.decoder.feed(piece)  # raises WireError on the first bad byte
+            if self.runs is not None:
+                self._note(items)
             self._append(piece)
+
+    def _note(self, items: list) -> None:
+        runs = self.runs
+        assert runs is not None
+        for it in items:
+            if isinstance(it, Record) and it.kind == RECORD_DATA:
+                if runs and runs[-3] == it.disk and runs[-1] == it.offset:
+                    runs[-1] = it.offset + it.length
+                elif len(runs) < 3 * RUNS_MAX:
+                    runs.extend((it.disk, it.offset, it.offset + it.length))
+                else:
+                    self.runs = None
+                    return
 
     def _append(self, piece: bytes) -> None:
         view = memoryview(piece)
