@@ -40,7 +40,8 @@ class Kills(Model):
         older = [p for p in pts if p != pts[-1]]
         point = (self.rnd.choice(older) if older and self.rnd.random() < 0.7 else self.rnd.choice(pts)) if pts else None
         args = {"sync": ["replication", "sync", VM, "--wait"],
-                "failover": ["failover", "start", VM] + (["--recovery-point", str(point)] if point else []),
+                # --force: the model's primary may run the VM (the split-brain refusal: tests/*/test_split_brain*)
+                "failover": ["failover", "start", VM, "--force"] + (["--recovery-point", str(point)] if point else []),
                 "test": ["failover", "start", VM, "--as-test"] + (["--recovery-point", str(point)] if point else []),
                 "test-stop": ["failover", "stop", VM], "stop": ["failover", "stop", VM],
                 "complete": ["failover", "complete", VM]}[op]
@@ -100,7 +101,7 @@ class Kills(Model):
         blocks = self.roll_back_blocks(point, newest)
         k = self.rnd.randint(1, blocks)
         disk = self.disk(self.replica).resolve()
-        args = ["failover", "start", VM, "--recovery-point", str(point)]
+        args = ["failover", "start", VM, "--recovery-point", str(point), "--force"]
         cmd = [str(BIN), *args, "--config", str(self.replica.config), "-o", "json"]
         with SyscallTrap(self.replica.proc.pid, "pwrite64", k,
                          paths=(disk, disk.with_name(f".{disk.name}.replicad-next"))) as t:

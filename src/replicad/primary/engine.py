@@ -251,7 +251,7 @@ class PrimaryEngine:
                       reason=f"{rel.replica_server} answered that the VM failed over there: this host is fenced (no "
                       "more cycles, `vm start` refused) until `replication reverse` there or `replication remove` "
                       "here")
-        elif failed.failure == Failure.HELD:
+        if failed.failure == Failure.HELD:
             log.error("resync.held", vm=name, vm_id=vm_id, reason=failed.reason, hint=failed.hint)
         elif failed.failure == Failure.RESYNC:
             log.error("cycle.resync_required", vm=name, vm_id=vm_id, reason=failed.reason,
