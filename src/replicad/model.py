@@ -285,6 +285,7 @@ class Relationship:
     auto_resync: str = "on"             # primary: a needed resync runs on|off|window (resync_policy.py)
     resync_window: str = ""             # primary: "HH:MM-HH:MM" (UTC) an automatic resync may start in
     resync_at: str | None = None        # primary: `resync --at`: when the scheduled resync starts
+    resync_asked: bool = False          # primary: the operator's `resync` (a repair), not started yet
 
     def to_json(self) -> dict:
         d = asdict(self)

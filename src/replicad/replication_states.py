@@ -199,9 +199,11 @@ def failure_of(e: BaseException, at: str, kind: CycleKind | None = None) -> Cycl
 
 
 def _resync_asked_meanwhile(rel: Relationship, kind: CycleKind | None) -> bool:
-    """`resync` was taken while another cycle ran (the verb sets Resynchronizing at once): its outcome leaves
-    the resync to the next one."""
-    return rel.state == S.RESYNCHRONIZING and kind is not None and kind != CycleKind.RESYNC
+    """`resync` was taken while a cycle ran that is not the resync it asks for: a delta (the verb sets
+    Resynchronizing at once), a resync that started before it, or one that failed before it was planned
+    (``resync_asked``: the verb's has not started; ResyncStarted clears it). Its outcome leaves the resync
+    to the next one."""
+    return rel.state == S.RESYNCHRONIZING and (rel.resync_asked or (kind is not None and kind != CycleKind.RESYNC))
 
 
 # primary: the operator's verbs, and what a prepared primary hears from its replica
@@ -363,7 +365,7 @@ def transition(rel: Relationship, event: Event) -> Relationship:
             state = rel.state if rel.state in (S.SUSPENDED, S.READY_FOR_INITIAL) else S.INITIAL_IN_PROGRESS
             return new(rel, state=state, epoch=epoch if epoch is not None else rel.epoch)
         case ResyncStarted():
-            return new(rel, state=S.RESYNCHRONIZING, resync_at=None)
+            return new(rel, state=S.RESYNCHRONIZING, resync_at=None, resync_asked=False)
         case CycleSucceeded(kind, seq, at, resumed, prepared):
             out = new(rel, seq=seq, error=None, replica_failed_over={}, last_replication_time=at)
             if kind == CycleKind.RESYNC:
@@ -411,10 +413,12 @@ def transition(rel: Relationship, event: Event) -> Relationship:
                        error=f"waiting for the replica to import the initial copy exported to {folder} "
                              "(`replication import-initial`)")
         case Resync(_, at):
-            return new(rel, state=S.WAITING_FOR_RESYNC if at else S.RESYNCHRONIZING, resync_hold=None, resync_at=at)
+            return new(rel, state=S.WAITING_FOR_RESYNC if at else S.RESYNCHRONIZING, resync_hold=None, resync_at=at,
+                       resync_asked=not at)
         case ResyncCancelled():
             hold = "the operator cancelled the resync (`replication resync --cancel`); `replication resync` starts it"
-            return new(rel, resync_at=None, resync_hold=hold, error=f"resynchronization required: {hold}")
+            return new(rel, resync_at=None, resync_asked=False, resync_hold=hold,
+                       error=f"resynchronization required: {hold}")
         case Sync() | Prepare():  # a cycle is asked for: the state is the cycle's to change
             return new(rel)
         case ReplicaFailedOver(at):

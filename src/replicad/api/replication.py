@@ -21,6 +21,7 @@ from ..primary.producer import CycleProducer, Progress
 from ..primary.trackers import tracker_for
 from ..replica import failover_copy
 from ..replication_states import (
+    CycleKind,
     Exported,
     Resume,
     Resync,
@@ -255,17 +256,16 @@ async def _wait_stream(request, host: Host, vm_id: str, fut: asyncio.Future) -> 
 
 async def start_initial(request):
     host = host_of(request)
+    doc = await body(request)  # before the row is read: nothing yields between that and the verb's write
     vm, rel = _target(request, role="primary")
-    doc = await body(request)
     require(rel, StartInitial(vm.name))  # refused before its options are looked at
     if doc.get("use_existing"):
         if doc.get("export") or doc.get("at"):
             raise UsageError("--use-existing cannot be combined with --export or --at")
-        rel = await host.primary.change(rel, Seed(vm.name))
+        rel, fut = await host.primary.ask(vm.id, Seed(vm.name), CycleKind.RESYNC)  # a seed's cycle is a resync
         await host.catalog.audit(actor(request), "replication.seed_requested", vm.name)
         log.info("replication.seed_requested", vm=vm.name, peer=rel.replica_server,
                  reason="the replica adopts the copy in <storage>/<vm name>/ and only differences are sent")
-        fut = host.primary.request_cycle(vm.id)
         if doc.get("wait"):
             return await _wait_stream(request, host, vm.id, fut)
         fut.add_done_callback(lambda f: f.exception())
@@ -279,10 +279,12 @@ async def start_initial(request):
         start_at = format_time(parse_time(str(at))) if at else None
     except ValueError:
         raise UsageError(f"--at expects an ISO 8601 time, got {at!r}") from None
+    if doc.get("wait") and not at:  # the waiter is the initial copy's, asked for with the verb's state
+        rel, fut = await host.primary.ask(vm.id, StartInitial(vm.name), CycleKind.INITIAL)
+        log.info("replication.initial_requested", vm=vm.name, at="now")
+        return await _wait_stream(request, host, vm.id, fut)
     rel = await host.primary.change(rel, StartInitial(vm.name, start_at))
     log.info("replication.initial_requested", vm=vm.name, at=rel.start_at or "now")
-    if doc.get("wait") and not at:
-        return await _wait_stream(request, host, vm.id, host.primary.request_cycle(vm.id))
     host.primary.kick(vm.id)
     return web.json_response(rel_json(host, rel, vm.name))
 
@@ -349,8 +351,8 @@ async def sync(request):
 
 async def resync(request):
     host = host_of(request)
+    doc = await body(request)  # before the row is read: nothing yields between that and the verb's write
     vm, rel = _target(request, role="primary")
-    doc = await body(request)
     if doc.get("cancel"):
         rel = await host.primary.change(rel, ResyncCancelled(vm.name))
         await host.catalog.audit(actor(request), "replication.resync_cancelled", vm.name)
@@ -374,10 +376,9 @@ async def resync(request):
     if rel.resync_hold:
         log.warning("replication.resync_overrides", vm=vm.name, reason=rel.resync_hold,
                     result="the operator chose the primary's copy; the replica's own changes will be overwritten")
-    rel = await host.primary.change(rel, Resync(vm.name))
+    rel, fut = await host.primary.ask(vm.id, Resync(vm.name), CycleKind.RESYNC)  # not one already running
     await host.catalog.audit(actor(request), "replication.resync", vm.name)
     log.info("replication.resync_requested", vm=vm.name, reason="compare both copies block by block")
-    fut = host.primary.request_cycle(vm.id)
     if doc.get("wait"):
         return await _wait_stream(request, host, vm.id, fut)
     fut.add_done_callback(lambda f: f.exception())

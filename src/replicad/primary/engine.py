@@ -47,6 +47,15 @@ class CycleOutcome(dict):
     """What a finished cycle reports to ``--wait`` callers (JSON-serialisable)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Waiter:
+    """Someone waiting for a cycle: resolved by the first cycle *planned* after it was asked
+    for (``kind``: of that kind — a verb's cycle — or any, None). A cycle planned as another
+    kind means a later verb changed what runs next: the waiter is told so, never given it."""
+    fut: asyncio.Future
+    kind: CycleKind | None = None
+
+
 class PrimaryEngine:
     def __init__(self, catalog: Catalog, state_dir: Path, client: PeerClient, ports: tuple[int, int] = (0, 0),
                  fault: Callable[[str], None] = lambda phase: None):
@@ -63,7 +72,7 @@ class PrimaryEngine:
         self.client = client
         self._tasks: dict[str, asyncio.Task] = {}
         self._wake: dict[str, asyncio.Event] = {}
-        self._waiters: dict[str, list[asyncio.Future]] = {}
+        self._waiters: dict[str, list[Waiter]] = {}
         self.progress: dict[str, Progress] = {}
         self._planned: dict[str, CycleKind] = {}  # the running cycle's kind, once planned
         self._cycle_locks: dict[str, asyncio.Lock] = {}
@@ -109,9 +118,9 @@ class PrimaryEngine:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         self.prepare_next.discard(vm_id)
-        for fut in self._waiters.pop(vm_id, []):
-            if not fut.done():
-                fut.set_exception(ReplicadError("replication was removed"))
+        for w in self._waiters.pop(vm_id, []):
+            if not w.fut.done():
+                w.fut.set_exception(ReplicadError("replication was removed"))
 
     def cycle_lock(self, vm_id: str) -> asyncio.Lock:
         """Held while a cycle of the VM runs, and while a verify compares its point."""
@@ -136,12 +145,29 @@ class PrimaryEngine:
         although the VM is off) is tried again, then refused with the reason."""
         return asyncio.ensure_future(prepared.until_consistent(self, vm_id))
 
-    def request_cycle(self, vm_id: str) -> asyncio.Future:
-        """A future resolved by the next cycle that *starts* after this call."""
+    def request_cycle(self, vm_id: str, kind: CycleKind | None = None) -> asyncio.Future:
+        """A future resolved by the next cycle *planned* after this call (of ``kind``, if
+        given: a cycle planned as another kind fails it with the reason)."""
         fut = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(vm_id, []).append(fut)
+        self._waiters.setdefault(vm_id, []).append(Waiter(fut, kind))
         self.kick(vm_id)
         return fut
+
+    async def ask(self, vm_id: str, event: states.Event, kind: CycleKind) -> tuple[Relationship, asyncio.Future]:
+        """An operator's verb that asks for a cycle of ``kind`` and waits for it (`resync`,
+        `start-initial`, `verify --repair`): the verb's transition on the row as it is now and
+        the waiter, with nothing between them and the write's staging that yields. So no cycle
+        can be planned from the verb's state without taking its waiter, and no cycle's write
+        made while the API read the request is written over with an older row."""
+        rel = states.transition(self.catalog.require_relationship(vm_id), event)  # Conflict: nothing changed
+        fut = self.request_cycle(vm_id, kind)
+        try:
+            await self.catalog.put_relationship(rel)  # staged (seen by every read) before its first yield
+        except BaseException:
+            self._waiters[vm_id] = [w for w in self._waiters.get(vm_id, []) if w.fut is not fut]
+            fut.cancel()
+            raise
+        return rel, fut
 
     # the loop -------------------------------------------------------------------------------
     async def save(self, rel: Relationship) -> None:
@@ -187,7 +213,7 @@ class PrimaryEngine:
                 async with lock:
                     continue
             self._wake[vm_id].clear()  # from here to the lock's acquisition, nothing yields
-            waiters, self._waiters[vm_id] = self._waiters.get(vm_id, []), []
+            waiters: list[Waiter] = self._waiters.pop(vm_id, [])
             prepare = vm_id in self.prepare_next  # this cycle is the one a `--prepare` waits for
             self.prepare_next.discard(vm_id)
             last_start = time.monotonic()
@@ -196,7 +222,7 @@ class PrimaryEngine:
             self._planned.pop(vm_id, None)
             try:
                 async with lock:
-                    outcome = await self._cycle(vm_id, prepare)
+                    outcome = await self._cycle(vm_id, waiters, prepare)
             except asyncio.CancelledError:
                 me = asyncio.current_task()
                 assert me is not None  # this coroutine runs as the supervisor's task
@@ -214,17 +240,38 @@ class PrimaryEngine:
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             backoff = BACKOFF_START
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(outcome)
+            for w in waiters:
+                if not w.fut.done():
+                    w.fut.set_result(outcome)
 
-    def _fail_waiters(self, vm_id: str, exc: BaseException, waiters: list | None = None) -> None:
+    def _fail_waiters(self, vm_id: str, exc: BaseException, waiters: list[Waiter] | None = None) -> None:
         if waiters is None:  # those of the next cycle, refused before it started: a prepare's too
-            waiters, self._waiters[vm_id] = self._waiters.get(vm_id, []), []
+            waiters = self._waiters.pop(vm_id, [])
             self.prepare_next.discard(vm_id)
-        for fut in waiters:
-            if not fut.done():
-                fut.set_exception(exc if isinstance(exc, ReplicadError) else ReplicadError(str(exc)))
+        for w in waiters:
+            if not w.fut.done():
+                w.fut.set_exception(exc if isinstance(exc, ReplicadError) else ReplicadError(str(exc)))
+
+    def _take_waiters(self, rel: Relationship, kind: CycleKind, taken: list[Waiter]) -> None:
+        """The cycle of ``rel`` is planned as ``kind`` (from the row as it is now, nothing
+        yielding since it was read): the waiters asked for since the cycle started join it —
+        but for a `--prepare`'s (and any other of no kind) while one is pending: its cycle is the
+        next, which takes the prepare at its start — and a waiter of another kind is told why
+        its cycle will not come."""
+        pending = self._waiters.pop(rel.vm_id, [])
+        if rel.vm_id in self.prepare_next and any(w.kind is None for w in pending):
+            self._waiters[rel.vm_id] = [w for w in pending if w.kind is None]
+            pending = [w for w in pending if w.kind is not None]
+        taken += pending
+        for w in list(taken):
+            if w.kind is None or w.kind == kind:
+                continue
+            taken.remove(w)
+            if not w.fut.done():
+                w.fut.set_exception(ReplicadError(
+                    f"the {w.kind.value} asked for of {self.name_of(rel.vm_id)} did not run: the next cycle is "
+                    f"{'an' if kind == CycleKind.INITIAL else 'a'} {kind.value} (replication is {rel.state.value}; "
+                    "another command changed it meanwhile)"))
 
     def roll_stats(self, rel: Relationship) -> None:
         """Start a new monitoring interval when the current one is over (monitoring.py)."""
@@ -296,10 +343,10 @@ class PrimaryEngine:
         await asyncio.to_thread(baselines.keep_only, rel.seq)
         return rel
 
-    async def _cycle(self, vm_id: str, prepare: bool = False) -> CycleOutcome:
+    async def _cycle(self, vm_id: str, waiters: list[Waiter], prepare: bool = False) -> CycleOutcome:
         rel = self.catalog.require_relationship(vm_id)
         async with self.client.conversation(rel.replica_server, rel.replica_port, rel.auth) as conv:
-            return await self._cycle_in(vm_id, conv, prepare)
+            return await self._cycle_in(vm_id, conv, waiters, prepare)
 
     def vm_of(self, rel: Relationship) -> VM | None:
         """The VM a relationship replicates; for extended replication, the replica VM seen
@@ -320,8 +367,10 @@ class PrimaryEngine:
             raise ReplicadError("the replica copy has no committed point yet; extended replication waits for it",
                                 transient=True)
 
-    async def _cycle_in(self, vm_id: str, conv: Conversation, prepare: bool = False) -> CycleOutcome:
-        """One cycle; ``prepare``: the final cycle of a planned failover (not an initial copy)."""
+    async def _cycle_in(self, vm_id: str, conv: Conversation, waiters: list[Waiter] | None = None,
+                        prepare: bool = False) -> CycleOutcome:
+        """One cycle; ``waiters``: those it resolves, joined by those asked for until it is
+        planned; ``prepare``: the final cycle of a planned failover (not an initial copy)."""
         rel = self.catalog.require_relationship(vm_id)
         vm = self.vm_of(rel)
         if vm is None:
@@ -331,6 +380,8 @@ class PrimaryEngine:
         baselines = Baselines(self.state_dir, vm_id)
         plan = plan_cycle(rel)
         self._planned[vm_id] = plan.kind
+        waiters = [] if waiters is None else waiters
+        self._take_waiters(rel, plan.kind, waiters)
         initial, kind = plan.kind == CycleKind.INITIAL, plan.kind.value
         resync_run: resyncs.Resync | None = None
         resume: tuple[int, int] | None = None
@@ -340,6 +391,7 @@ class PrimaryEngine:
             # an earlier attempt of this initial copy (its epoch is set, nothing acknowledged yet)
             resume = await self._resume_point(rel, conv) if rel.epoch and rel.seq == 0 else None
             rel = self.catalog.require_relationship(vm_id)  # as a verb taken meanwhile left it
+            self._take_waiters(rel, plan.kind, waiters)  # a `start-initial --wait` taken meanwhile: this copy
             rel = states.transition(rel, states.InitialStarted(None if resume is not None else secrets.token_hex(8)))
             await self.save(rel)
             await asyncio.to_thread(baselines.drop_all)

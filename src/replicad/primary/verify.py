@@ -28,7 +28,7 @@ from ..errors import Conflict, ReplicadError
 from ..health import describe_blocks
 from ..model import Relationship
 from ..model import ReplicationState as S
-from ..replication_states import Resync
+from ..replication_states import CycleKind, Resync
 from ..times import daemon_now, format_time, parse_time, utcnow
 from ..tracking.baselines import Baselines
 from ..tracking.divergence import Mismatches, mismatches, named
@@ -130,10 +130,10 @@ async def verify(engine: PrimaryEngine, vm_id: str, *, repair: bool) -> dict:
 async def _repair(engine: PrimaryEngine, rel: Relationship, name: str) -> asyncio.Future:
     """A resync asked for: only the differing blocks (and what changed since the point) are
     shipped. The future of the cycle that runs it (the next one: the caller holds the lock)."""
-    rel = await engine.change(rel, Resync(name))
+    rel, fut = await engine.ask(rel.vm_id, Resync(name), CycleKind.RESYNC)
     log.info("verify.repair", vm=name, vm_id=rel.vm_id, peer=rel.replica_server,
              reason="a resync ships the blocks that differ")
-    return engine.request_cycle(rel.vm_id)
+    return fut
 
 
 async def _record(engine: PrimaryEngine, vm_id: str, fields: dict) -> Relationship:
