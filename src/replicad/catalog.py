@@ -262,7 +262,7 @@ class Catalog:
         return vm
 
     async def put_vm(self, vm: VM) -> None:
-        row = (vm.id, vm.name, json.dumps(vm.to_json()))
+        row = (vm.id, vm.name, vm.doc())
         await self._commit([(_VM_SQL, row)], [(("vms", vm.id), row)])
 
     async def remove_vm(self, vm_id: str) -> None:
@@ -298,12 +298,12 @@ class Catalog:
         return ended
 
     async def put_relationship(self, rel: Relationship) -> None:
-        row = (rel.vm_id, json.dumps(rel.to_json()))
+        row = (rel.vm_id, rel.doc())
         await self._commit([(_REL_SQL, row)], [(("relationships", rel.vm_id), row)], self._saved(rel.vm_id, row[1]))
 
     async def put_vm_and_relationship(self, vm: VM, rel: Relationship) -> None:
         """Both rows in one transaction (a replica VM is created with its relationship)."""
-        vm_row, rel_row = (vm.id, vm.name, json.dumps(vm.to_json())), (rel.vm_id, json.dumps(rel.to_json()))
+        vm_row, rel_row = (vm.id, vm.name, vm.doc()), (rel.vm_id, rel.doc())
         await self._commit([(_VM_SQL, vm_row), (_REL_SQL, rel_row)],
                            [(("vms", vm.id), vm_row), (("relationships", rel.vm_id), rel_row)], self._saved(rel.vm_id))
 

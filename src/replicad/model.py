@@ -4,6 +4,7 @@ Enum values are SPEC.md's names, serialised as-is everywhere."""
 
 from __future__ import annotations
 
+import json
 import re
 from enum import Enum
 
@@ -126,12 +127,25 @@ def extended_id(vm_id: str) -> str:
     third host): stable, so a restart or a retried enable finds the same relationship."""
     return str(_uuid.uuid5(_EXTENDED_NS, vm_id))
 
-from dataclasses import asdict, dataclass, field, fields  # noqa: E402
+from dataclasses import asdict, dataclass, field, fields, is_dataclass  # noqa: E402
+from functools import cache  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 
+@cache
+def _names(cls) -> frozenset[str]:
+    return frozenset(f.name for f in fields(cls))
+
+
+def _plain(o):
+    """A record nested deeper than ``doc()`` looks, as ``asdict`` would have made it."""
+    if is_dataclass(o) and not isinstance(o, type):
+        return asdict(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
 def _from_dict(cls, doc: dict):
-    names = {f.name for f in fields(cls)}
+    names = _names(cls)
     return cls(**{k: v for k, v in doc.items() if k in names})
 
 
@@ -209,6 +223,13 @@ class VM:
         d = asdict(self)
         d["mode"], d["state"] = self.mode.value, self.state.value
         return d
+
+    def doc(self) -> str:
+        """``to_json()`` as JSON text, without its deep copy: how the catalog stores a VM."""
+        d = dict(vars(self))
+        d["mode"], d["state"] = self.mode.value, self.state.value
+        d["disks"] = [vars(x) for x in self.disks]
+        return json.dumps(d, default=_plain)
 
     @classmethod
     def from_json(cls, doc: dict) -> VM:
@@ -291,6 +312,13 @@ class Relationship:
         d = asdict(self)
         d["state"] = self.state.value
         return d
+
+    def doc(self) -> str:
+        """``to_json()`` as JSON text, without its deep copy: how the catalog stores a
+        relationship (once a cycle on each side)."""
+        d = dict(vars(self))
+        d["state"], d["stats"] = self.state.value, vars(self.stats)
+        return json.dumps(d, default=_plain)
 
     @classmethod
     def from_json(cls, doc: dict) -> Relationship:

@@ -96,3 +96,22 @@ async def test_a_cancelled_writer_still_writes_what_it_staged(tmp_path):
     hold.release.set()
     await asyncio.to_thread(cat.close)  # waits for the writes made so far
     assert Catalog(tmp_path / "catalog.sqlite").vm_by_name("web") is not None
+
+
+def test_a_stored_row_is_its_to_json_and_reads_back_equal():
+    """The catalog stores ``doc()`` (no deep copy): the same JSON as ``to_json()``, nested
+    stats and disks included, and a row read back is the object written."""
+    import json
+
+    from replicad.model import Disk, ReplicationMode, ReplicationState, Stats, VMState
+    rel = Relationship(vm_id="v1", role="replica", state=ReplicationState.REPLICATING, seq=7,
+                       stats=Stats(successful_count=3, latency_total=1.5),
+                       failover={"point": 3, "disks": [[1, 2, 3]], "stats": Stats(errors=1)},
+                       points=[{"seq": 5, "time": "t"}], pinned=[5], primary_ports=[1, 2])
+    vm = VM(id="v1", name="web", mode=ReplicationMode.REPLICA, state=VMState.OFF,
+            disks=[Disk("/a.img", 5), Disk("/b.qcow2", 9, "qcow2", "n1")], hooks={"pre": "/bin/true"})
+    for obj in (rel, vm):
+        assert json.loads(obj.doc()) == obj.to_json()
+    assert Relationship.from_json(json.loads(rel.doc())).failover == {"point": 3, "disks": [[1, 2, 3]],
+                                                                   "stats": vars(Stats(errors=1))}
+    assert VM.from_json(json.loads(vm.doc())) == vm
