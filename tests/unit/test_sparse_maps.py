@@ -137,3 +137,23 @@ def test_scattered_writes_across_map_windows_keep_every_digest_exact(tmp_path, m
         assert r.slice(first, count) == blocks[first:first + count]  # in a window, across two, at the end
         assert r.super_slice(first // 16, count) == supers[first // 16:first // 16 + count]
     r.close()
+
+
+def test_a_delta_scan_of_a_thin_disk_reads_little_of_its_old_map(tmp_path, monkeypatch):
+    """The old map is read in windows around the disk's data, not in windows so wide that a
+    thin disk's scan reads much of a map it holds no data in (64 GiB: a 128 MiB map)."""
+    from replicad.tracking import digestmap
+    img = tmp_path / "thin.img"
+    thin(img, 64 * GiB, [g * GiB for g in range(0, 64, 4)])  # 16 MiB of data in 64 GiB
+    scan(img, None, tmp_path / "m1")
+    with open(img, "r+b") as f:
+        f.seek(8 * GiB + 5 * BLOCK)
+        f.write(os.urandom(BLOCK))
+    read = []
+    real = os.pread
+    monkeypatch.setattr(digestmap.os, "pread", lambda fd, n, at: read.append(n) or real(fd, n, at))
+    _, ch = scan(img, tmp_path / "m1", tmp_path / "m2")
+    assert [(c.offset, len(c.data)) for c in ch] == [(8 * GiB + 5 * BLOCK, BLOCK)]
+    # the map holds 32 KiB of digests for the 16 MiB of data: reads stay within 16 times that
+    # (a window of each part around each region, and the rest of the region's last map page)
+    assert sum(read) <= 16 * 32 * 1024

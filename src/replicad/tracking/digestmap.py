@@ -6,7 +6,7 @@ File layout: a 64-byte header, one little-endian u64 per 4 KiB block, then one u
 hashes the 4 KiB blocks only inside super-blocks that changed: an image with scattered
 writes costs one hash call per 64 KiB where nothing changed instead of sixteen. Maps are
 written next to their final place and made durable before they count (see
-tracking/baselines.py); they are read in windows of ``WINDOW`` digests (512 KiB), never
+tracking/baselines.py); they are read in windows of ``WINDOW`` digests (8 KiB), never
 loaded whole, so memory does not grow with the image, and a scan of scattered writes costs
 one read per window, not one per changed region.
 
@@ -44,7 +44,8 @@ _HEADER = struct.Struct("<4sHIQqqQQ14x")
 MAGIC = b"RPDM"
 VERSION = 3       # sparse (see above); a streamed, compressed map is version 2
 STREAM_VERSION = 2
-WINDOW = 1 << 16  # digests a reader keeps (per part), and a writer gathers before a write
+_PAGE = 4096
+WINDOW = 1 << 10  # digests a reader keeps (per part: 4 MiB of disk, one scan chunk), a writer gathers
 assert _HEADER.size == 64
 
 
@@ -309,14 +310,18 @@ class SparseMapWriter:
         self._supers = 0
 
     def _put(self, raw: bytes, at: int, supers: bool = False) -> None:
-        """Digests for ``at``: gathered with those just before them, written once ``WINDOW``
-        digests are gathered, at a jump, or at commit. All zeros: a hole, never written."""
+        """Digests for ``at``: gathered with those before them, written once ``WINDOW``
+        digests are gathered, at a jump, or at commit. A gap shorter than a page is written
+        as the zeros it is (it cannot hold a whole page: no page is allocated that a hole
+        would have spared). All zeros: a hole, never written."""
         start, buf = self._pending.get(supers, (at, bytearray()))
-        if raw.count(0) == len(raw) or start + len(buf) != at:
+        gap = at - start - len(buf)
+        if raw.count(0) == len(raw) or not 0 <= gap < _PAGE:
             self._flush(supers)
             if raw.count(0) == len(raw):
                 return  # zeros: a hole already
-            start, buf = at, bytearray()
+            start, buf, gap = at, bytearray(), 0
+        buf += bytes(gap)
         buf += raw
         self._pending[supers] = (start, buf)
         if len(buf) >= 8 * WINDOW:
