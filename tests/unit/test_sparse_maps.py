@@ -157,3 +157,33 @@ def test_a_delta_scan_of_a_thin_disk_reads_little_of_its_old_map(tmp_path, monke
     # the map holds 32 KiB of digests for the 16 MiB of data: reads stay within 16 times that
     # (a window of each part around each region, and the rest of the region's last map page)
     assert sum(read) <= 16 * 32 * 1024
+
+
+def test_the_holes_around_a_write_in_a_hole_are_not_read(tmp_path, monkeypatch):
+    """A guest's 4 KiB write into a hole makes a 64 KiB super-block to hash: its 60 KiB of
+    hole are zeros put in the buffer, never read; the digests and the changes are those of
+    the disk as it is (two writes in one super-block, one at the edge of a data piece)."""
+    size = 64 * MiB
+    img, copy = tmp_path / "disk.img", tmp_path / "copy.img"
+    thin(img, size, [0, 20 * MiB])
+    copy.touch()
+    _, ch = scan(img, None, tmp_path / "m0")
+    apply(ch, copy, size)
+    writes = [40 * MiB + 3 * BLOCK, 40 * MiB + 9 * BLOCK, 21 * MiB, 63 * MiB + 15 * BLOCK]
+    with open(img, "r+b") as f:
+        for at in writes:
+            f.seek(at)
+            f.write(os.urandom(BLOCK))
+    read = []
+    real = os.preadv
+    monkeypatch.setattr(scan_mod.os, "preadv", lambda fd, bufs, at: read.append(len(bufs[0])) or real(fd, bufs, at))
+    _, ch = scan(img, tmp_path / "m0", tmp_path / "m1")
+    assert sum(read) == 2 * MiB + len(writes) * BLOCK  # the data, not the super-blocks around it
+    assert sorted(c.offset for c in ch) == sorted(writes)
+    apply(ch, copy, size)
+    assert copy.read_bytes() == img.read_bytes()
+    data = img.read_bytes()
+    r = DigestMapReader.open(tmp_path / "m1")
+    assert r.super_slice(0, r.supers) == array(
+        "Q", (xxhash.xxh3_64_intdigest(data[i:i + 16 * BLOCK]) for i in range(0, size, 16 * BLOCK)))
+    r.close()

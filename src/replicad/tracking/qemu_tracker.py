@@ -88,6 +88,8 @@ def resolve(nodes: list[BlockNode], disks: QemuDisks) -> list[BlockNode]:
 class NbdDiskScan(DiskScan):
     """The scan of a whole disk (initial copy, resync) read from its NBD view."""
 
+    zero_fill = False  # one NBD read per super-block run, not one per data part (round trips)
+
     def __init__(self, view: NbdView, identity: FileIdentity, old: DigestMapReader | None, new_map: Path,
                  *, start: int = 0):
         super().__init__(Path(new_map), old, new_map, start=start)

@@ -4,7 +4,8 @@ replica acknowledged, by reading the file and comparing block digests with the m
 One pass per changed disk: each chunk read is hashed, compared with the old map, and its
 changed blocks are handed to the caller straight from the read buffer, so the file is read
 once and memory stays at one chunk whatever the image size. Unchanged files (same size,
-mtime, ctime, inode) are not read at all. Runs in a worker thread, never on the loop."""
+mtime, ctime, inode) are not read at all, holes (``SEEK_HOLE``) neither: a super-block
+partly in a hole gets zeros put in for it. Runs in a worker thread, never on the loop."""
 
 from __future__ import annotations
 
@@ -122,6 +123,8 @@ class DiskScan:
     identity seen *before* reading: if the file changed while it was read, the next scan
     sees a different identity and reads again, and ``fuzzy`` is set."""
 
+    zero_fill = True  # a hole (``_regions``) inside a super-block is zeros put in, not read
+
     def __init__(self, path: Path, old: DigestMapReader | None, new_map: Path, *, capture: bool = False,
                  start: int = 0, compress_map: bool = False):
         self.compress_map = compress_map  # the new map is only ever streamed (digestmap.open_stream)
@@ -209,11 +212,11 @@ class DiskScan:
             pos_block = min(nblocks, self.start // BLOCK)
             writer.hole(0, pos_block, size)
         regions = list(self._regions(fd, size, pos_block * BLOCK)) + [(size, size)]
-        for start, end in regions:
-            # whole super-blocks only: a little hole read as zeros costs less than a
-            # super-block digest that cannot be compared
-            start = max(start // SUPER_BYTES * SUPER_BYTES, pos_block * BLOCK)
-            end = min(size, -(-end // SUPER_BYTES) * SUPER_BYTES)
+        for i, (data_start, data_end) in enumerate(regions):
+            # whole super-blocks only: a little hole costs less than a super-block digest
+            # that cannot be compared (its zeros are put in the buffer, not read: _fill)
+            start = max(data_start // SUPER_BYTES * SUPER_BYTES, pos_block * BLOCK)
+            end = min(size, -(-data_end // SUPER_BYTES) * SUPER_BYTES)
             if end <= start and start < size:
                 continue
             # the hole before this region: its blocks are zeros now
@@ -223,16 +226,39 @@ class DiskScan:
             pos = start
             while pos < end:
                 n = min(CHUNK, end - pos)
-                got = self._read(fd, view[:n], pos)
-                if got < n:  # the file shrank under us: treat the rest as zeros, mark fuzzy
-                    buf[got:n] = bytes(n - got)
-                    self.fuzzy = True
+                self._fill(fd, view, pos, n, regions, i)
                 self.read_bytes += n
                 yield from self._chunk(view[:n], pos, size, writer)
                 if boundaries:
                     yield CHUNK_DONE
                 pos += n
             pos_block = max(pos_block, -(-end // BLOCK))
+
+    def _fill(self, fd: int, view: memoryview, pos: int, n: int, regions: list[tuple[int, int]], i: int) -> None:
+        """``view[:n]`` = the disk at ``pos``, whose data is in ``regions`` from the ``i``-th
+        on: the data is read, the holes between are zeros put in, not read — a super-block
+        around a guest's 4 KiB write in a hole is 60 KiB of holes the kernel would copy from
+        its zero pages. (``zero_fill`` off: all of it read.)"""
+        stop = pos + n
+        parts = []
+        if self.zero_fill:
+            for data_start, data_end in regions[i:]:
+                if data_start >= stop:
+                    break
+                if min(data_end, stop) > max(data_start, pos):
+                    parts.append((max(data_start, pos), min(data_end, stop)))
+        else:
+            parts = [(pos, stop)]
+        at = pos
+        for a, b in parts + [(stop, stop)]:
+            if a > at:
+                view[at - pos:a - pos] = _ZERO_CHUNK[:a - at]
+            if b > a:
+                got = self._read(fd, view[a - pos:b - pos], a)
+                if got < b - a:  # the file shrank under us: treat the rest as zeros, mark fuzzy
+                    view[a - pos + got:b - pos] = _ZERO_CHUNK[:b - a - got]
+                    self.fuzzy = True
+            at = b
 
     def _regions(self, fd: int, size: int, start: int) -> Iterator[tuple[int, int]]:
         """Where data may be (block-aligned), from ``start``: holes are skipped."""
