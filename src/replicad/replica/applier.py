@@ -6,6 +6,7 @@ committed by the receipt itself, with the same ``commit``."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,8 @@ class Applier:
         self._applied: dict[str, asyncio.Condition] = {}  # notified after every commit
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task] = {}
-        self._recording: dict[str, asyncio.Task] = {}  # at-rest digests of a new copy, after its ack
+        # at-rest digests of a new copy, after its ack: the task, and the flag that stops its thread
+        self._recording: dict[str, tuple[asyncio.Task, threading.Event]] = {}
         self._runs: dict[tuple[str, int], Sequence[int]] = {}  # a staged log's data runs, noted at receipt
 
     # the tasks ------------------------------------------------------------------------------
@@ -61,20 +63,34 @@ class Applier:
         self._wake[vm_id].set()
 
     async def stop(self) -> None:
-        tasks = [*self._tasks.values(), *self._recording.values()]
+        tasks = list(self._tasks.values())
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, self._stop_recording(*self._recording), return_exceptions=True)
         self._tasks.clear()
-        self._recording.clear()
 
     async def stop_vm(self, vm_id: str) -> None:
+        """No more applies of the VM; returns once no thread of it reads or writes the copy
+        (a reverse or a removal comes next)."""
         for key in [k for k in self._runs if k[0] == vm_id]:
             del self._runs[key]
-        for task in (self._tasks.pop(vm_id, None), self._recording.pop(vm_id, None)):
-            if task:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        task = self._tasks.pop(vm_id, None)
+        if task:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await self._stop_recording(vm_id)
+
+    async def _stop_recording(self, *vm_ids: str) -> None:
+        """Stop the at-rest digests of new copies: the flag stops each thread at its next
+        chunk, and the task is awaited, not cancelled (a cancel would release the apply lock
+        while the thread still reads the copy)."""
+        waits = []
+        for vm_id in vm_ids:
+            if (recording := self._recording.pop(vm_id, None)) is not None:
+                task, stop = recording
+                stop.set()
+                waits.append(task)
+        await asyncio.gather(*waits, return_exceptions=True)
 
     async def record_copy_later(self, vm_id: str, vmdir: VMDir, seq: int, epoch: str, disks: list[Path]) -> None:
         """The at-rest digests of a copy just written whole (an initial copy received straight
@@ -83,15 +99,22 @@ class Applier:
         recorded: no later log is applied, and no verify or test failover reads the copy, first."""
         lock = self.lock(vm_id)
         await lock.acquire()
+        stop = threading.Event()
 
         async def record() -> None:
+            thread = asyncio.ensure_future(workers.DIGESTS.run(at_rest.record_quietly, vmdir, seq, epoch, disks,
+                                                               None, None, stop))
             try:
-                await workers.DIGESTS.run(at_rest.record_quietly, vmdir, seq, epoch, disks, None)
+                await asyncio.shield(thread)
+            except asyncio.CancelledError:  # the lock is released only when the thread has ended
+                stop.set()
+                await asyncio.gather(thread, return_exceptions=True)
+                raise
             finally:
                 lock.release()
-                if self._recording.get(vm_id) is asyncio.current_task():
+                if (mine := self._recording.get(vm_id)) is not None and mine[0] is asyncio.current_task():
                     del self._recording[vm_id]
-        self._recording[vm_id] = asyncio.create_task(record(), name=f"at-rest:{vm_id}")
+        self._recording[vm_id] = (asyncio.create_task(record(), name=f"at-rest:{vm_id}"), stop)
 
     def lock(self, vm_id: str) -> asyncio.Lock:
         """Held while a log is applied: hold it to see the copy at a committed point."""

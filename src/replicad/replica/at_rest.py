@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import shutil
+import threading
 import time
 from array import array
 from pathlib import Path
@@ -38,7 +39,7 @@ from ..model import VM, ReplicationState
 from ..times import utcnow
 from ..tracking.digestmap import BLOCK, BlockPatch, DigestMapReader
 from ..tracking.divergence import Mismatches, mismatches, named
-from ..tracking.scan import digest_disks
+from ..tracking.scan import DigestStopped, digest_disks
 from ..wire import RECORD_RESIZE, Record
 from .apply import read_log
 from .layout import VMDir
@@ -127,9 +128,11 @@ def _changes(n: int, log_path: Path | None, written: Written | None) -> Changes 
 
 
 def record(vmdir: VMDir, seq: int, epoch: str, disks: list[Path], log_path: Path | None,
-           written: Written | None = None) -> None:
+           written: Written | None = None, stop: threading.Event | None = None) -> None:
     """Point ``seq`` was committed and the copy is still at it: record its digests.
-    ``written``: what the apply of ``log_path`` wrote (replica/written.py), when it knows."""
+    ``written``: what the apply of ``log_path`` wrote (replica/written.py), when it knows;
+    ``stop``: set by another thread, a whole-copy read ends early (``DigestStopped``) and the
+    digests stay ``updating``: a later commit records the whole copy."""
     before = recorded(vmdir)
     base = folder(vmdir)
     base.mkdir(mode=0o700, exist_ok=True)
@@ -145,7 +148,7 @@ def record(vmdir: VMDir, seq: int, epoch: str, disks: list[Path], log_path: Path
     else:  # the whole copy, into maps beside the old ones, then each renamed into place
         work = base / "new"
         shutil.rmtree(work, ignore_errors=True)
-        for i, (m, _) in enumerate(digest_disks(disks, work)):
+        for i, (m, _) in enumerate(digest_disks(disks, work, stop=stop)):
             durable_rename(m, map_path(vmdir, i))
         shutil.rmtree(work, ignore_errors=True)
         fsync_dir(base)
@@ -153,11 +156,14 @@ def record(vmdir: VMDir, seq: int, epoch: str, disks: list[Path], log_path: Path
 
 
 def record_quietly(vmdir: VMDir, seq: int, epoch: str, disks: list[Path], log_path: Path | None,
-                   written: Written | None = None) -> None:
+                   written: Written | None = None, stop: threading.Event | None = None) -> None:
     """``record``, after a commit that stands whatever happens here: a failure is logged,
     and the digests read as not recorded (``updating``) until a later commit records them."""
     try:
-        record(vmdir, seq, epoch, disks, log_path, written)
+        record(vmdir, seq, epoch, disks, log_path, written, stop)
+    except DigestStopped:
+        log.info("verify.digests_stopped", cycle=seq,
+                 result="the VM's replication stops; a later commit records the digests of the whole copy")
     except Exception as e:  # noqa: BLE001 — the point is committed; only its at-rest digests are missing
         log.error("verify.digests_not_recorded", cycle=seq, reason=str(e),
                   result="`verify --at-rest` waits until a later commit records the digests of the whole copy")

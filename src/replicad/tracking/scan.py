@@ -15,9 +15,10 @@ import fcntl
 import operator
 import os
 import re
+import threading
 import time
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import xxhash
@@ -163,7 +164,7 @@ class DiskScan:
     def is_open(self) -> bool:
         return getattr(self, "_fd", -1) >= 0
 
-    def changes(self, *, boundaries: bool = False) -> Iterator[Change | ChunkDone]:
+    def changes(self, *, boundaries: bool = False) -> Generator[Change | ChunkDone, None, None]:
         if not self.is_open():
             self.open()
         fd, ident = self._fd, self.identity
@@ -360,13 +361,19 @@ def _states(new: array[int], old: array[int], zd: int) -> bytes:
     return bytes(map(operator.add, changed, map(operator.and_, changed, map(zd.__eq__, new))))
 
 
+class DigestStopped(Exception):
+    """``digest_disks`` was asked to stop (its ``stop`` flag set) and did, between two chunks."""
+
+
 def digest_disks(disks: list[Path], folder: Path, name: Callable[[int], str] = lambda i: f"disk{i}.map", *,
-                 compress: bool = False, rate: int = 0) -> list[tuple[Path, int]]:
+                 compress: bool = False, rate: int = 0,
+                 stop: threading.Event | None = None) -> list[tuple[Path, int]]:
     """Write the digest map of each disk as it is now into ``folder`` (one full read each);
     used where a side must learn a copy's exact state: resync, verify and reverse. Returns
     each map and its (uncompressed) length; ``compress``: maps only to be streamed
     (digestmap.open_stream), holes costing next to nothing; ``rate``: at most this many
-    bytes read per second (0: as fast as the disk goes), for a verify (`--verify-rate`)."""
+    bytes read per second (0: as fast as the disk goes), for a verify (`--verify-rate`);
+    ``stop``: set by another thread, the read ends at the next chunk with ``DigestStopped``."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     began, read = time.monotonic(), 0
@@ -374,11 +381,17 @@ def digest_disks(disks: list[Path], folder: Path, name: Callable[[int], str] = l
         dst = folder / name(i)
         dst.unlink(missing_ok=True)
         scan = DiskScan(p, None, dst, compress_map=compress)
-        for change in scan.changes(boundaries=bool(rate)):
-            if change is CHUNK_DONE:  # a chunk read: ahead of the rate, this worker thread waits
-                ahead = (read + scan.read_bytes) / rate - (time.monotonic() - began)
-                if ahead > 0:
-                    time.sleep(ahead)
+        changes = scan.changes(boundaries=bool(rate) or stop is not None)
+        try:
+            for change in changes:
+                if change is CHUNK_DONE and stop is not None and stop.is_set():
+                    raise DigestStopped(f"the digest of {p} was stopped")
+                if change is CHUNK_DONE and rate:  # a chunk read: ahead of the rate, this thread waits
+                    ahead = (read + scan.read_bytes) / rate - (time.monotonic() - began)
+                    if ahead > 0:
+                        time.sleep(ahead)
+        finally:
+            changes.close()  # the disk and the map's writer closed now, not when collected
         read += scan.read_bytes
         assert scan.identity is not None  # taken when the scan opened the disk
         out.append((dst, map_length(scan.identity.size)))
