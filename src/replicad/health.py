@@ -59,6 +59,11 @@ def compute(rel: Relationship, now: datetime | None = None) -> tuple[Health, lis
                        + ("; the replica has failed over" if rel.replica_failed_over else ""))
     if rel.state == S.SUSPENDED and primary:
         warning.append("replication is suspended on the primary")
+    if rel.state == S.RESYNC_SUSPENDED:
+        p = rel.resync_progress
+        warning.append("a resynchronization is suspended" + (f" after {p.get('segments')} of {p.get('of')} segments"
+                       if p.get("of") else "") + "; the replica's copy stays at its last point until `replication "
+                       "resume` continues it")
     st = rel.stats
     total = st.successful_count + st.missed_count
     if total and st.missed_count / total > MISSED_WARNING:

@@ -18,6 +18,7 @@ class ReplicationState(str, Enum):
     ERROR = "Error"
     WAITING_FOR_RESYNC = "WaitingForStartResynchronize"
     RESYNCHRONIZING = "Resynchronizing"
+    RESYNC_SUSPENDED = "ResynchronizeSuspended"  # a resync suspended half way: `resume` continues it (issue 20.4)
     PREPARED_FOR_FAILOVER = "PreparedForFailover"
     FAILED_OVER_WAITING = "FailedOverWaitingCompletion"
     FAILED_OVER = "FailedOver"
@@ -307,6 +308,7 @@ class Relationship:
     resync_window: str = ""             # primary: "HH:MM-HH:MM" (UTC) an automatic resync may start in
     resync_at: str | None = None        # primary: `resync --at`: when the scheduled resync starts
     resync_asked: bool = False          # primary: the operator's `resync` (a repair), not started yet
+    resync_progress: dict = field(default_factory=dict)  # primary: a segmented resync's {segments, of, bytes}
 
     def to_json(self) -> dict:
         d = asdict(self)

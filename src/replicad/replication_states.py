@@ -79,6 +79,11 @@ EDGES: dict[str, dict[tuple[S, S], str]] = {
                                                    "was modified outside replicad",
         (S.RESYNCHRONIZING, S.ERROR): "a permanent error",
         (S.RESYNCHRONIZING, S.PREPARED_FOR_FAILOVER): "`--prepare` asked while a resync ran: it was the final cycle",
+        (S.RESYNCHRONIZING, S.RESYNC_SUSPENDED): "`suspend` during a resync: it stops after the segment being sent",
+        (S.RESYNC_SUSPENDED, S.RESYNCHRONIZING): "`resume` (or `resync`): the resync continues where it was",
+        (S.RESYNC_SUSPENDED, S.WAITING_FOR_RESYNC): "`resync --cancel`: the segments staged on the replica are "
+                                                    "discarded; `resync` starts over",
+        (S.RESYNC_SUSPENDED, S.SUSPENDED): "the resync's last segment was acknowledged as `suspend` came",
         (S.SUSPENDED, S.READY_FOR_INITIAL): "`resume`, nothing acknowledged yet",
         (S.SUSPENDED, S.REPLICATING): "`resume`",
         (S.SUSPENDED, S.RESYNCHRONIZING): "`replication resync`",
@@ -117,7 +122,7 @@ ROLE_CHANGES: dict[tuple[str, S], tuple[str, frozenset[S]]] = {
 
 # No cycle runs in these: a cycle's outcome finding one found a verb taken while it was in flight (`suspend`;
 # `resume` or `start-initial --at` after it). The verb wins: the outcome is recorded, the state stays (§5).
-VERB_STATES = frozenset({S.SUSPENDED, S.READY_FOR_INITIAL, S.WAITING_FOR_INITIAL})
+VERB_STATES = frozenset({S.SUSPENDED, S.READY_FOR_INITIAL, S.WAITING_FOR_INITIAL, S.RESYNC_SUSPENDED})
 FAILOVER_STATES = (S.REPLICATING, S.ERROR, S.SUSPENDED)  # a replica fails over from these (replica/failovers.py)
 
 
@@ -313,12 +318,14 @@ def require(rel: Relationship, event: Event) -> None:
                 raise Conflict(f"initial replication of {vm} is not pending (state {st})")
         case Resync(vm):
             if (rel.seq == 0 and not rel.awaiting_import and not rel.seed) or rel.state not in (
-                    S.REPLICATING, S.ERROR, S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING, S.SUSPENDED):
+                    S.REPLICATING, S.ERROR, S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING, S.SUSPENDED,
+                    S.RESYNC_SUSPENDED):
                 raise Conflict(f"{vm} cannot be resynchronized in state {st}")
         case ResyncCancelled(vm):
-            if rel.state != S.WAITING_FOR_RESYNC:
-                raise Conflict(f"{vm} has no resync waiting to start (state {st})", hint="a running resync "
-                               "cannot be cancelled half way" if rel.state == S.RESYNCHRONIZING else None)
+            if rel.state not in (S.WAITING_FOR_RESYNC, S.RESYNC_SUSPENDED):
+                raise Conflict(f"{vm} has no resync waiting to start or suspended (state {st})",
+                               hint="a running resync cannot be cancelled half way: `replication suspend` stops "
+                               "it, then `resync --cancel` discards it" if rel.state == S.RESYNCHRONIZING else None)
         case Sync(vm):
             if rel.state not in (S.REPLICATING, S.ERROR) or rel.seq == 0:
                 raise Conflict(f"{vm} is {st}; sync needs an established replication",
@@ -329,10 +336,12 @@ def require(rel: Relationship, event: Event) -> None:
             if rel.state not in (S.REPLICATING, S.ERROR) or rel.seq == 0:
                 raise Conflict(f"{vm} cannot be prepared in state {st}")
         case Suspend(vm):
-            if rel.state not in (S.SUSPENDED, S.REPLICATING, S.ERROR, S.INITIAL_IN_PROGRESS, S.WAITING_FOR_INITIAL):
+            if rel.state not in (S.SUSPENDED, S.REPLICATING, S.ERROR, S.INITIAL_IN_PROGRESS, S.WAITING_FOR_INITIAL,
+                                 S.RESYNCHRONIZING, S.RESYNC_SUSPENDED):
                 raise Conflict(f"cannot suspend replication of {vm} in state {st}")
         case Resume(vm):
-            if rel.state != S.SUSPENDED and not (rel.role == PRIMARY and rel.state == S.PREPARED_FOR_FAILOVER):
+            if rel.state != S.SUSPENDED and not (rel.role == PRIMARY and rel.state in (S.PREPARED_FOR_FAILOVER,
+                                                                                         S.RESYNC_SUSPENDED)):
                 raise Conflict(f"replication of {vm} is not suspended (state {st})")
         case FailoverStarted(vm):
             if rel.state not in FAILOVER_STATES:
@@ -369,9 +378,12 @@ def transition(rel: Relationship, event: Event) -> Relationship:
         case CycleSucceeded(kind, seq, at, resumed, prepared):
             out = new(rel, seq=seq, error=None, replica_failed_over={}, last_replication_time=at)
             if kind == CycleKind.RESYNC:
-                out = new(out, awaiting_import=None, seed=False, resync_hold=None, resync_due=False, resync_at=None)
+                out = new(out, awaiting_import=None, seed=False, resync_hold=None, resync_due=False, resync_at=None,
+                          resync_progress={})
             if _resync_asked_meanwhile(rel, kind):  # the verb wins: no prepare, the resync is next
                 return out
+            if rel.state == S.RESYNC_SUSPENDED:  # the resync done as `suspend` came: Suspended; else still due
+                return new(out, state=S.SUSPENDED, resync_progress={}) if kind == CycleKind.RESYNC else out
             if rel.state == S.SUSPENDED:  # suspended while it ran: the acknowledgement is recorded, no more;
                 # not prepared, and a continued initial copy's resync is due when replication resumes
                 return new(out, resync_due=out.resync_due or resumed)
@@ -412,12 +424,15 @@ def transition(rel: Relationship, event: Event) -> Relationship:
             return new(rel, state=S.WAITING_FOR_RESYNC, epoch=epoch, awaiting_import=folder,
                        error=f"waiting for the replica to import the initial copy exported to {folder} "
                              "(`replication import-initial`)")
+        case Resync(_, at) if rel.state == S.RESYNC_SUSPENDED and not at:  # continues where it was
+            return new(rel, state=S.RESYNCHRONIZING, resync_hold=None)
         case Resync(_, at):
             return new(rel, state=S.WAITING_FOR_RESYNC if at else S.RESYNCHRONIZING, resync_hold=None, resync_at=at,
                        resync_asked=not at)
         case ResyncCancelled():
             hold = "the operator cancelled the resync (`replication resync --cancel`); `replication resync` starts it"
-            return new(rel, resync_at=None, resync_asked=False, resync_hold=hold,
+            return new(rel, state=S.WAITING_FOR_RESYNC, resync_at=None, resync_asked=False, resync_hold=hold,
+                       resync_progress={},
                        error=f"resynchronization required: {hold}")
         case Sync() | Prepare():  # a cycle is asked for: the state is the cycle's to change
             return new(rel)
@@ -426,10 +441,13 @@ def transition(rel: Relationship, event: Event) -> Relationship:
         case PrepareCancelled():
             return new(rel, state=S.REPLICATING, prepared={}, replica_failed_over={}, error=None)
         case Suspend():
-            return new(rel, state=S.SUSPENDED)
+            return new(rel, state=S.RESYNC_SUSPENDED if rel.state in (S.RESYNCHRONIZING, S.RESYNC_SUSPENDED)
+                       else S.SUSPENDED)
         case Resume():
             if rel.state == S.PREPARED_FOR_FAILOVER:  # the prepare is cancelled
                 return new(rel, state=S.REPLICATING, prepared={})
+            if rel.state == S.RESYNC_SUSPENDED:  # the resync continues where it was (primary/resync_segments.py)
+                return new(rel, state=S.RESYNCHRONIZING)
             if rel.role == PRIMARY:
                 return new(rel, state=S.READY_FOR_INITIAL if rel.seq == 0 else
                            S.WAITING_FOR_RESYNC if rel.resync_due else S.REPLICATING, resync_due=False)

@@ -1,6 +1,7 @@
 """When a needed resync runs (resync_policy.py, issue 20 item 4) and the verbs that steer it
 (replication_states: `resync --at`, `resync --cancel`), as pure functions."""
 
+import dataclasses
 from datetime import UTC, datetime
 
 import pytest
@@ -50,3 +51,26 @@ def test_resync_at_cancel_and_start():
         rs.transition(rel, rs.ResyncCancelled("v"))
     with pytest.raises(Conflict, match="cannot be cancelled half way"):
         rs.transition(rs.transition(rel, rs.Resync("v")), rs.ResyncCancelled("v"))
+
+
+def test_suspend_during_a_resync_resume_and_cancel():
+    """ResynchronizeSuspended (issue 20 item 4): `suspend` during a resync, `resume` (or
+    `resync`) continues it, `resync --cancel` sends it back to the operator, and a resync
+    acknowledged as `suspend` came leaves replication Suspended."""
+    rel = Relationship(vm_id="v", role="primary", state=S.REPLICATING, seq=5, epoch="e")
+    running = rs.transition(rs.transition(rel, rs.Resync("v")), rs.ResyncStarted())
+    suspended = rs.transition(running, rs.Suspend("v"))
+    assert suspended.state == S.RESYNC_SUSPENDED
+    assert rs.transition(suspended, rs.Suspend("v")).state == S.RESYNC_SUSPENDED
+    assert sched.schedule(suspended, "v", requested=True, last_start=None, backoff=1, now=0.0,
+                          wall=WALL).step == sched.Step.IDLE  # no cycle while suspended
+    assert rs.transition(suspended, rs.Resume("v")).state == S.RESYNCHRONIZING
+    assert rs.transition(suspended, rs.Resync("v")).state == S.RESYNCHRONIZING
+    cancelled = rs.transition(dataclasses.replace(suspended, resync_progress={"segments": 3}),
+                              rs.ResyncCancelled("v"))
+    assert cancelled.state == S.WAITING_FOR_RESYNC and cancelled.resync_hold and not cancelled.resync_progress
+    failed = rs.transition(suspended, rs.CycleFailed(rs.Failure.TRANSIENT, "link down", "t", kind=rs.CycleKind.RESYNC))
+    assert failed.state == S.RESYNC_SUSPENDED  # the verb wins
+    done = rs.transition(suspended, rs.CycleSucceeded(rs.CycleKind.RESYNC, 6, "t"))
+    assert (done.state, done.seq) == (S.SUSPENDED, 6)
+    assert rs.transition(done, rs.Resume("v")).state == S.REPLICATING

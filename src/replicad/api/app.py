@@ -9,7 +9,7 @@ from aiohttp import web
 
 from .. import log as logmod
 from ..errors import ReplicadError
-from . import events, failover, plans, recovery_points, replication, server, verify, vms
+from . import events, failover, plans, recovery_points, replication, resync_control, server, verify, vms
 from .context import HOST_KEY, MAX_BODY, Host
 
 log = logmod.get("replicad.api")
@@ -36,6 +36,7 @@ def create_app(host: Host) -> web.Application:
     server.routes(app)
     vms.routes(app)
     replication.routes(app)
+    resync_control.routes(app)
     verify.routes(app)
     recovery_points.routes(app)
     failover.routes(app)

@@ -53,7 +53,7 @@ def settings_json(rel: Relationship) -> dict:
             "verify_window": rel.verify_window or None, "verify_rate": rel.verify_rate,
             "next_verify_time": format_time(when) if when else None,
             "auto_resync": rel.auto_resync, "resync_window": rel.resync_window or None,
-            "resync_at": rel.resync_at}
+            "resync_at": rel.resync_at, "resync_progress": rel.resync_progress or None}
 
 
 def results_json(rel: Relationship) -> dict:

@@ -15,17 +15,16 @@ from ..errors import Conflict, NotFound, ReplicadError, UsageError
 from ..health import compute as compute_health
 from ..model import Relationship, ReplicationMode, Stats, extended_id, valid_fqdn
 from ..model import ReplicationState as S
-from ..primary import prepared
+from ..primary import prepared, resync_segments
 from ..primary.export import check_target, export_initial
 from ..primary.producer import CycleProducer, Progress
 from ..primary.trackers import tracker_for
-from ..replica import failover_copy
+from ..replica import failover_copy, segments
+from ..replica.layout import VMDir
 from ..replication_states import (
     CycleKind,
     Exported,
     Resume,
-    Resync,
-    ResyncCancelled,
     Seed,
     StartInitial,
     Suspend,
@@ -349,42 +348,6 @@ async def sync(request):
     return web.json_response(rel_json(host, rel, vm.name))
 
 
-async def resync(request):
-    host = host_of(request)
-    doc = await body(request)  # before the row is read: nothing yields between that and the verb's write
-    vm, rel = _target(request, role="primary")
-    if doc.get("cancel"):
-        rel = await host.primary.change(rel, ResyncCancelled(vm.name))
-        await host.catalog.audit(actor(request), "replication.resync_cancelled", vm.name)
-        log.warning("replication.resync_cancelled", vm=vm.name, reason="the operator cancelled the resync waiting "
-                    "to start; it waits for `replication resync`")
-        host.primary.kick(vm.id)
-        return web.json_response(rel_json(host, rel, vm.name))
-    if doc.get("at"):
-        if doc.get("wait"):
-            raise UsageError("--at schedules the resync; --wait waits for one that starts now")
-        try:
-            at = format_time(parse_time(str(doc["at"])))
-        except ValueError:
-            raise UsageError(f"--at expects an ISO 8601 time, e.g. 2026-11-30T02:00:00Z; got {doc['at']!r}") from None
-        rel = await host.primary.change(rel, Resync(vm.name, at))
-        await host.catalog.audit(actor(request), "replication.resync_scheduled", f"{vm.name} at {at}")
-        log.info("replication.resync_scheduled", vm=vm.name, at=at, reason="the operator scheduled the resync")
-        host.primary.kick(vm.id)  # the supervisor waits until then (the daemon's clock)
-        return web.json_response(rel_json(host, rel, vm.name))
-    require(rel, Resync(vm.name))
-    if rel.resync_hold:
-        log.warning("replication.resync_overrides", vm=vm.name, reason=rel.resync_hold,
-                    result="the operator chose the primary's copy; the replica's own changes will be overwritten")
-    rel, fut = await host.primary.ask(vm.id, Resync(vm.name), CycleKind.RESYNC)  # not one already running
-    await host.catalog.audit(actor(request), "replication.resync", vm.name)
-    log.info("replication.resync_requested", vm=vm.name, reason="compare both copies block by block")
-    if doc.get("wait"):
-        return await _wait_stream(request, host, vm.id, fut)
-    fut.add_done_callback(lambda f: f.exception())
-    return web.json_response(rel_json(host, rel, vm.name))
-
-
 def measure_json(host: Host, rel: Relationship, name: str) -> dict:
     health, reasons = compute_health(rel)
     st = rel.stats
@@ -421,7 +384,7 @@ async def reset_stats(request):
 async def suspend(request):
     host = host_of(request)
     vm, rel = _target(request)
-    if rel.state == S.SUSPENDED:
+    if rel.state in (S.SUSPENDED, S.RESYNC_SUSPENDED):
         return web.json_response(rel_json(host, rel, vm.name))
     rel = await (host.primary if rel.role == "primary" else host.replica).change(rel, Suspend(vm.name))
     log.info("replication.suspended", vm=vm.name, role=rel.role)
@@ -454,11 +417,14 @@ async def remove(request):
     if rel.role == "primary":
         await host.primary.forget(vm.id)
         await asyncio.to_thread(Baselines(host.config.state_dir, vm.id).drop_all)
+        await asyncio.to_thread(resync_segments.forget, host.config.state_dir, vm.id)  # a suspended resync's
         if vm.qemu:
             await drop_tracking(vm, host.config.state_dir)
     await host.catalog.remove_relationship(vm.id)
     if rel.role == "replica" and not rel.source_vm:  # failed over: the VM keeps the failover copy
         await asyncio.to_thread(failover_copy.settle, vm.files(), failover_copy.COMPLETED)
+        # a resync's segments staged here were never applied: they go with the relationship
+        await asyncio.to_thread(segments.discard, VMDir.of(rel.storage, vm.id))
     if not rel.source_vm:  # removing extended replication leaves the replica VM as it is
         vm.mode = ReplicationMode.NONE
         await host.catalog.put_vm(vm)
@@ -491,7 +457,6 @@ def routes(app: web.Application) -> None:
     app.router.add_post("/v1/replications/{vm}/start-initial", start_initial)
     app.router.add_post("/v1/replications/{vm}/import-initial", import_initial)
     app.router.add_post("/v1/replications/{vm}/sync", sync)
-    app.router.add_post("/v1/replications/{vm}/resync", resync)
     app.router.add_get("/v1/replications/{vm}/measure", measure)
     app.router.add_post("/v1/replications/{vm}/reset-stats", reset_stats)
     app.router.add_post("/v1/replications/{vm}/suspend", suspend)

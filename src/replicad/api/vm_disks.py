@@ -30,6 +30,7 @@ log = logmod.get("replicad.vms")
 _FIXED = {ReplicationState.INITIAL_IN_PROGRESS: "its initial copy is in progress (an interrupted copy resumes "
           "disk by disk)", ReplicationState.WAITING_FOR_RESYNC: "it waits for a resynchronization",
           ReplicationState.RESYNCHRONIZING: "it is being resynchronized",
+          ReplicationState.RESYNC_SUSPENDED: "a resynchronization of it is suspended half way",
           ReplicationState.PREPARED_FOR_FAILOVER: "it is prepared for a planned failover"}
 
 

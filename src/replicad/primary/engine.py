@@ -32,7 +32,7 @@ from ..times import daemon_now, utcnow
 from ..tracking.baselines import Baselines
 from ..tracking.digestmap import SUPER_BYTES
 from ..transport.client import Conversation, PeerClient
-from . import prepared
+from . import prepared, resync_segments
 from . import resync as resyncs
 from .prepared import prepared_record
 from .producer import CycleProducer, Progress
@@ -387,6 +387,8 @@ class PrimaryEngine:
         resume: tuple[int, int] | None = None
         if plan.kind == CycleKind.RESYNC:
             rel, resync_run = await resyncs.begin(self, rel, vm, conv, baselines, automatic=plan.automatic)
+            if (stopped := await resync_segments.send(self, rel, vm, conv, resync_run)) is not None:
+                return CycleOutcome(stopped)  # suspended half way: `resume` continues it
         elif initial:
             # an earlier attempt of this initial copy (its epoch is set, nothing acknowledged yet)
             resume = await self._resume_point(rel, conv) if rel.epoch and rel.seq == 0 else None
@@ -401,14 +403,14 @@ class PrimaryEngine:
         changed = asyncio.Event()
         progress = Progress(kind=kind, seq=seq, changed=changed)
         self.progress[vm_id] = progress
-        tracker = tracker_for(vm, self.state_dir, replica_maps=resync_run.replica_maps if resync_run else None)
+        tracker = tracker_for(vm, self.state_dir, replica_maps=resync_run.compare_with if resync_run else None)
         producer = CycleProducer(vm, tracker, seq=seq, base_seq=rel.seq, epoch=rel.epoch, kind=kind, time=utcnow(),
                                  compress=rel.compression, progress=progress, frequency=rel.frequency)
         producer.mac_key = conv.mac_key
         producer.history, producer.retention = history_asked(rel), rel.retention
         producer.primary_ports = self.ports
         producer.extended = bool(rel.source_vm)
-        producer.resume = resume
+        producer.resume, producer.segment = resume, resync_run.closing if resync_run else None
         producer.fault = self._fault
         is_prepare = producer.prepared = prepare and not initial
         bound = log.bind(vm=vm.name, peer=rel.replica_server, cycle=seq)

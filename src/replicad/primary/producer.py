@@ -66,6 +66,7 @@ class CycleProducer:
         self.extended = False      # forwarding a replica copy to a third host
         self.fault: Callable[[str], None] = lambda phase: None  # test-only crash points
         self.resume: tuple[int, int] | None = None  # initial: continue at (disk, offset) of an interrupted copy
+        self.segment: tuple[str, int, bool] | None = None  # a segmented resync's (id, index, last)
         self.consistency = Consistency.CRASH.value
         self.captured = "none"     # the tracker's method (reflink): every changed disk read from its view; else "live"
         self.warnings: list[str] = []
@@ -120,7 +121,8 @@ class CycleProducer:
                               for i, (name, ident) in enumerate(zip(self.vm.copy_names(), idents, strict=True))),
                         self.frequency, prepared=self.prepared, primary_ports=self.primary_ports,
                         history=self.history, retention=self.retention, config=bool(self.vm.config_file),
-                        networks=self.vm.network_roles(), extended=self.extended, resume=self.resume)
+                        networks=self.vm.network_roles(), extended=self.extended, resume=self.resume,
+                        segment=self.segment)
         return views, header
 
     def batches(self) -> Generator[list[bytes | memoryview], None, None]:

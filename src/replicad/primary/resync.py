@@ -24,7 +24,9 @@ from ..tracking.baselines import Baselines
 from ..tracking.digestmap import map_bytes
 from ..tracking.divergence import compare, replica_moved
 from ..transport.client import Conversation
+from . import resync_progress
 from .producer import CycleProducer, Progress
+from .resync_progress import SegmentsSent
 
 if TYPE_CHECKING:
     from .engine import PrimaryEngine
@@ -40,6 +42,16 @@ class Resync:
     replica_maps: list[Path | None]  # by this primary's files: None for a disk the copy lacks (added since)
     base_maps: list[Path] | None
     work: Path
+    # a segmented resync (primary/resync_segments.py): where it is, the view maps the last
+    # (closing) segment compares with, and that segment's (id, index, last)
+    segments: SegmentsSent | None = None
+    view: list[Path] | None = None
+    closing: tuple[str, int, bool] | None = None
+
+    @property
+    def compare_with(self) -> list[Path | None]:
+        """The maps the (closing) scan compares this primary's disks with."""
+        return list(self.view) if self.view is not None else self.replica_maps
 
 
 async def begin(engine: PrimaryEngine, rel: Relationship, vm: VM, conv: Conversation,
@@ -55,6 +67,15 @@ async def begin(engine: PrimaryEngine, rel: Relationship, vm: VM, conv: Conversa
                     reason=rel.error or "requested by the operator")
     rel = transition(rel, ResyncStarted())
     await engine.save(rel)
+    sent = None if rel.seed else await asyncio.to_thread(resync_progress.load, work)
+    if sent is not None and sent.names == vm.copy_names() and \
+            resync_progress.continuable(sent, await conv.replica_status(rel.vm_id)):
+        log.info("resync.continued", vm=vm.name, peer=rel.replica_server, segments=sent.sent, of=sent.of,
+                 reason="the replica still holds the segments sent before the resync stopped: it continues there")
+        rel.seq, rel.epoch = sent.base_seq, sent.epoch
+        base = [work / "base" / Baselines.map_name(i) for i in range(len(sent.names))]
+        return rel, Resync([work / "replica" / n for n in sent.replica],
+                           base if all(p.is_file() for p in base) else None, work, segments=sent)
     if rel.seed:
         adopted = await conv.seed(rel.vm_id, {"vm_name": vm.name, "files": vm.copy_names(),
                                               "config": bool(vm.config_file),
@@ -103,6 +124,7 @@ async def done(rel: Relationship, vm: VM, seq: int, baselines: Baselines, resync
     (replication_states.CycleSucceeded)."""
     seeded = rel.seed
     rel.epoch = producer.epoch
+    progress.sent += resync.segments.bytes if resync.segments else 0  # the outcome's: the whole resync's
     if seeded:
         rel.stats.initial_replication_size = progress.sent
     now_maps = [baselines.dir(seq) / Baselines.map_name(i) for i in range(len(resync.replica_maps))]
@@ -116,7 +138,8 @@ async def done(rel: Relationship, vm: VM, seq: int, baselines: Baselines, resync
     await asyncio.to_thread(shutil.rmtree, resync.work, True)
     differing = (divergence or {}).get("differing", 0)
     log.warning("resync.done", vm=vm.name, peer=rel.replica_server, differing_bytes=producer.data_bytes,
-                sent=progress.sent, **(divergence or {}),
+                sent=progress.sent, **({"segments": resync.closing[1] + 1} if resync.closing else {}),
+                **(divergence or {}),
                 reason=(f"the replica's copy differed from the primary's disks in {differing} blocks of 4 KiB "
                         "(*_moved: which side changed them since the common point, absent when unknown); "
                         "the copy now holds the primary's content") if differing or producer.data_bytes

@@ -57,7 +57,7 @@ def require_verifiable(rel: Relationship, name: str) -> None:
     if rel.seq == 0 or rel.state not in VERIFIABLE:
         raise Conflict(f"{name} cannot be verified in state {rel.state.value}: verify compares the copies at an "
                        "acknowledged point", hint="once the resync or initial copy is acknowledged" if rel.seq == 0 or
-                       rel.state in (S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING) else None)
+                       rel.state in (S.WAITING_FOR_RESYNC, S.RESYNCHRONIZING, S.RESYNC_SUSPENDED) else None)
 
 
 async def _compare(engine: PrimaryEngine, rel: Relationship, name: str) -> tuple[Mismatches, list[str], int]:

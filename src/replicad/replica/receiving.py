@@ -30,7 +30,7 @@ from ..model import ReplicationState
 from ..tracking.digestmap import identities
 from ..transport.endpoints import IncomingLog
 from ..wire import Header, LogDecoder
-from . import disk_set, missing, points
+from . import disk_set, missing, points, segments
 from .admission import Admission
 from .adoption import Adoption
 from .applier import Applier
@@ -149,6 +149,10 @@ class Receiving:
         try:
             if direct:  # the header's bytes are in no file; the records after it go to the disks
                 writer = await workers.RECEIVE.run(DirectInitial.open, vmdir, header, dec, meta, first_items)
+            elif header.segment is not None:  # a segmented resync's: staged beside the others
+                assert vm is not None  # a resync needs the copy (checked above)
+                writer = await workers.RECEIVE.run(segments.open_staging, vmdir, header, grant.principal, vm.files(),
+                                                   dec, head_bytes)
             else:  # the header's bytes begin the staged log
                 writer = await workers.RECEIVE.run(Staging.open, vmdir, seq, dec, head_bytes)
             try:
@@ -178,6 +182,18 @@ class Receiving:
                 raise StorageError(f"replica storage error while staging log {seq}: {e.strerror}") from None
             raise
         received = incoming.received
+        if header.segment is not None:
+            index, last = header.segment[1], header.segment[2]
+            bound.info("resync.segment_staged", segment=index, bytes=received, last=last,
+                       connection=incoming.connection,
+                       reason="staged, not applied: the copy stays at its last point until the resync's last segment")
+            if not last:
+                metrics.recorder.log_received(header.vm_name, received)
+                return {"segment": index, "held": index + 1, "bytes": received}
+            assert vm is not None
+            await workers.RECEIVE.run(segments.merge, vmdir, seq, index + 1, files.paths)
+        elif header.kind != "initial":  # a log that is no segment supersedes a resync staged in segments
+            await workers.RECEIVE.run(segments.discard, vmdir)
         if header.kind == "initial":
             rel = await self.adoption.create_replica(grant, header, storage, rel)
         trailer = dec.trailer
@@ -216,8 +232,10 @@ class Receiving:
             bound.info("failover.primary_prepared", reason="the primary shipped its final log; a planned failover "
                        "can start once it is applied")
         await self.catalog.put_relationship(rel)
+        if header.segment is not None:  # put together in log `seq`, acknowledged: the segments go
+            await workers.RECEIVE.run(segments.discard, vmdir)
         bound.info("log.acknowledged", bytes=received, records=dec.records, base=header.base_seq,
                    connection=incoming.connection)
         metrics.recorder.log_received(header.vm_name, received)
-        self.applier.wake(vm_id, seq, writer.runs if isinstance(writer, Staging) else None)
+        self.applier.wake(vm_id, seq, writer.runs if isinstance(writer, Staging) and header.segment is None else None)
         return {"acked_seq": seq, "applied_seq": rel.applied_seq, "bytes": received}

@@ -29,7 +29,7 @@ from ..replication_states import Resume, Suspend, transition
 from ..tracking.digestmap import identities, open_stream
 from ..tracking.scan import digest_disks
 from ..transport.endpoints import IncomingLog
-from . import missing
+from . import missing, segments
 from .admission import Admission, LogSlot
 from .adoption import Adoption
 from .applier import Applier
@@ -133,12 +133,28 @@ class ReplicaService:
         if rel is not None and rel.role == "replica":
             out = {"vm_id": vm_id, "exists": True, "epoch": rel.epoch, "acked_seq": rel.seq,
                    "applied_seq": rel.applied_seq, "state": rel.state.value, "prepared_seq": rel.prepared_seq}
+        if rel is not None and rel.role == "replica" and (staged := segments.held(VMDir.of(rel.storage, vm_id),
+                                                                                   principal)):
+            out["segments"] = staged  # a segmented resync's, staged here (primary/resync_progress.py)
         if rel is None or (rel.role == "replica" and rel.applied_seq == 0):
             vmdir = VMDir.of(Path(rel.storage) if rel else Path(grant.storage), vm_id)
             got = read_progress(vmdir.root / PROGRESS_FILE)
             if got is not None and got.get("peer") == principal:  # only the peer that sent it
                 out["initial_progress"] = {k: got[k] for k in ("epoch", "seq", "disk", "offset")}
         return out
+
+    async def discard_segments(self, principal: str, auth: str, vm_id: str) -> dict:
+        """`resync --cancel` on the primary: the segments of its resync staged here go."""
+        grant = self.grant_for(principal, auth)
+        self.admission.check(grant, vm_id, partner_ok=True)
+        rel = self.catalog.relationship(vm_id)
+        if rel is None or rel.role != "replica":
+            return {"discarded": 0}
+        async with self.receive_lock(vm_id):  # not while one arrives
+            n = await workers.RECEIVE.run(segments.discard, VMDir.of(rel.storage, vm_id), principal)
+        log.warning("resync.segments_discarded", vm_id=vm_id, peer=principal, segments=n,
+                    reason="the primary cancelled its resync; the copy stays at its last point")
+        return {"discarded": n}
 
     async def digests(self, principal: str, auth: str, vm_id: str, rate: int = 0) -> tuple[dict, list[Path]]:
         """The block digests of a replica copy as it is now, for a resync or a verify: every

@@ -45,8 +45,12 @@ class Staging:
     def open(cls, vmdir: VMDir, seq: int, decoder: LogDecoder, verified: bytes = b"") -> Staging:
         """``verified``: the log's first bytes, which ``decoder`` already took (the header)."""
         vmdir.create()
-        part = vmdir.log_part(seq)
-        staging = cls(part, vmdir.log(seq), decoder, os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+        return cls.open_at(vmdir.log_part(seq), vmdir.log(seq), decoder, verified)
+
+    @classmethod
+    def open_at(cls, part: Path, final: Path, decoder: LogDecoder, verified: bytes = b"") -> Staging:
+        """Staged at ``part``, made ``final`` by ``finish`` (a resync's segment: replica/segments.py)."""
+        staging = cls(part, final, decoder, os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
         try:
             staging._append(verified)
         except BaseException:

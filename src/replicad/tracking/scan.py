@@ -19,6 +19,7 @@ import threading
 import time
 from array import array
 from collections.abc import Callable, Generator, Iterator
+from itertools import takewhile
 from pathlib import Path
 
 import xxhash
@@ -35,6 +36,7 @@ from .digestmap import (
     new_map_writer,
     zero_blocks,
     zero_digest,
+    zero_supers,
 )
 from .tracker import CHUNK_DONE, Change, ChunkDone, DataChange, Resize, ZeroChange
 
@@ -127,9 +129,13 @@ class DiskScan:
     zero_fill = True  # a hole (``_regions``) inside a super-block is zeros put in, not read
 
     def __init__(self, path: Path, old: DigestMapReader | None, new_map: Path, *, capture: bool = False,
-                 start: int = 0, compress_map: bool = False):
+                 start: int = 0, compress_map: bool = False, stop: int | None = None, keep: bool = False):
         self.compress_map = compress_map  # the new map is only ever streamed (digestmap.open_stream)
         self.start = start  # resume an interrupted initial copy here (super-block aligned)
+        # a resync's segment (tracking/segment_scan.py): only [start, stop) is read (both
+        # super-block aligned); ``keep``: the new map holds the old digests outside it, and no
+        # identity (the next scan reads the file again, whatever its mtime)
+        self.stop, self.keep = stop, keep
         self.path = path
         self.old = old
         self.new_map = new_map
@@ -174,7 +180,8 @@ class DiskScan:
                 self.skipped = True
                 os.link(self.old.path, self.new_map)
                 return
-            writer = new_map_writer(self.new_map, racy_guard(ident, self._opened_ns), compress=self.compress_map)
+            recorded = FileIdentity(ident.size, 0, 0, 0, 0) if self.keep else racy_guard(ident, self._opened_ns)
+            writer = new_map_writer(self.new_map, recorded, compress=self.compress_map)
             try:
                 old_size = self.old.identity.size if self.old else ident.size
                 if old_size != ident.size:
@@ -208,20 +215,25 @@ class DiskScan:
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         pos_block = 0
+        limit = size if self.stop is None else min(size, self.stop)  # a segment's end (super-aligned)
         if self.start:  # what an interrupted initial copy already delivered is not read again;
             # its digests are placeholders: a resync follows a resumed copy (engine.py)
             pos_block = min(nblocks, self.start // BLOCK)
-            writer.hole(0, pos_block, size)
-        regions = list(self._regions(fd, size, pos_block * BLOCK)) + [(size, size)]
+            if self.keep:
+                self._keep_old(0, pos_block, size, writer)
+            else:
+                writer.hole(0, pos_block, size)
+        regions = [(a, min(b, limit)) for a, b in
+                   takewhile(lambda r: r[0] < limit, self._regions(fd, size, pos_block * BLOCK))] + [(limit, limit)]
         for i, (data_start, data_end) in enumerate(regions):
             # whole super-blocks only: a little hole costs less than a super-block digest
             # that cannot be compared (its zeros are put in the buffer, not read: _fill)
             start = max(data_start // SUPER_BYTES * SUPER_BYTES, pos_block * BLOCK)
-            end = min(size, -(-data_end // SUPER_BYTES) * SUPER_BYTES)
-            if end <= start and start < size:
+            end = min(limit, -(-data_end // SUPER_BYTES) * SUPER_BYTES)
+            if end <= start and start < limit:
                 continue
             # the hole before this region: its blocks are zeros now
-            hole_end = start // BLOCK if start < size else nblocks
+            hole_end = start // BLOCK if start < limit else -(-limit // BLOCK)
             if hole_end > pos_block:
                 yield from self._hole(pos_block, hole_end, size, writer)
             pos = start
@@ -234,6 +246,21 @@ class DiskScan:
                     yield CHUNK_DONE
                 pos += n
             pos_block = max(pos_block, -(-end // BLOCK))
+        if limit < size:
+            self._keep_old(-(-limit // BLOCK), nblocks, size, writer)
+
+    def _keep_old(self, first: int, end: int, size: int, writer: MapWriter) -> None:
+        """Blocks [first, end) (``first`` super-aligned) are outside a segment: the new map
+        holds the old map's digests for them (zeros past its end), block and super-block alike."""
+        step = 1 << 16
+        for a in range(first, end, step):
+            b = min(end, a + step)
+            writer.append(self._old_digests(a, b - a, size))
+            s0, s1 = a // SUPER, -(-b // SUPER)
+            supers = self.old.super_slice(s0, s1 - s0) if self.old is not None else array("Q")
+            if len(supers) < s1 - s0:
+                supers.extend(zero_supers((s0 + len(supers)) * SUPER, b, size))
+            writer.append_super(supers)
 
     def _fill(self, fd: int, view: memoryview, pos: int, n: int, regions: list[tuple[int, int]], i: int) -> None:
         """``view[:n]`` = the disk at ``pos``, whose data is in ``regions`` from the ``i``-th

@@ -390,6 +390,9 @@ class Conversation:
     async def replica_status(self, vm_id: str) -> dict:
         return await self.request("GET", f"/v1/replicas/{vm_id}")
 
+    async def discard_segments(self, vm_id: str) -> dict:
+        return await self.request("DELETE", f"/v1/replicas/{vm_id}/segments")
+
     async def fetch_digests(self, vm_id: str, folder: Path, limits: list[int],
                             rate: int = 0, names: list[str] | None = None) -> tuple[dict, list[Path]]:
         """Stream the replica's digest maps into ``folder``: one map per file asked for,

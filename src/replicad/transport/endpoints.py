@@ -112,6 +112,10 @@ class ReplicaEndpoint(LogSink, Protocol):
         second, 0: unbounded): its description and the map files to send."""
         ...
 
+    async def discard_segments(self, principal: str, auth: str, vm_id: str) -> dict:
+        """A segmented resync's staged segments go (the primary cancelled it)."""
+        ...
+
     def open_map(self, path: Path) -> BinaryIO:
         """One map of a digests answer, as the bytes to send."""
         ...

@@ -290,6 +290,12 @@ async def status(request: web.Request) -> web.Response:
                                                      _vm_id(request)))
 
 
+async def discard_segments(request: web.Request) -> web.Response:
+    ctx = request.app[CTX_KEY]
+    return web.json_response(await ctx.service.discard_segments(request[PRINCIPAL], auth_of(ctx, request),
+                                                                _vm_id(request)))
+
+
 async def digests(request: web.Request) -> web.StreamResponse:
     """A replica copy's block digests, streamed in authenticated segments (transport/
     digests.py): the description (applied_seq, epoch, sizes), the maps, an empty end."""
@@ -484,5 +490,6 @@ def create_peer_app(ctx: PeerContext) -> web.Application:
     app.router.add_post("/v1/replicas/{vm_id}/seed", seed)
     app.router.add_post("/v1/vms/{vm_id}/running", running)
     app.router.add_get("/v1/replicas/{vm_id}/digests", digests)
+    app.router.add_delete("/v1/replicas/{vm_id}/segments", discard_segments)
     app.router.add_route("*", "/v1/manage/{path:.*}", manage)
     return app

@@ -57,6 +57,7 @@ class Header:
     networks: tuple[str, ...] = ()  # the entries before it (or the last ones) are these failover network files
     extended: bool = False  # sent by a replica server forwarding its copy (extended replication)
     resume: tuple[int, int] | None = None  # initial only: continues an interrupted copy at (disk, offset)
+    segment: tuple[str, int, bool] | None = None  # resync only: (resync id, index, last) of a segmented resync
     version: int = VERSION
 
     def to_json(self) -> bytes:
@@ -74,6 +75,8 @@ class Header:
             **({"networks": list(self.networks)} if self.networks else {}),
             **({"extended": True} if self.extended else {}),
             **({"resume": list(self.resume)} if self.resume else {}),
+            **({"segment": {"id": self.segment[0], "index": self.segment[1], "last": self.segment[2]}}
+               if self.segment else {}),
         }, separators=(",", ":")).encode()
 
     @classmethod
@@ -162,6 +165,7 @@ class Header:
                     or resume[1] % 4096):
                 raise WireError("change-log header: bad resume point")
             resume = (resume[0], resume[1])
+        segment = _segment(doc.get("segment"), kind)
         mac_nonce = doc.get("mac_nonce", "")
         if mac is not None and not (isinstance(mac_nonce, str) and len(mac_nonce) == 16
                                     and all(c in "0123456789abcdef" for c in mac_nonce)):
@@ -170,10 +174,26 @@ class Header:
                    mac=mac, mac_nonce=mac_nonce if mac else "", prepared=prepared, primary_ports=(ports[0], ports[1]),
                    history=(history[0], history[1]), retention=retention, config=config, networks=tuple(networks),
                    extended=extended,
-                   resume=resume)
+                   resume=resume, segment=segment)
 
 
 _T = TypeVar("_T")
+MAX_SEGMENTS = 1 << 20  # segments of one resync (primary/resync_segments.py: at least 4 MiB of disk each)
+
+
+def _segment(raw: object, kind: str) -> tuple[str, int, bool] | None:
+    """A segmented resync's (id, index, last): untrusted, so every part is checked here (the
+    id names a folder on the replica: 16 hex digits, nothing else)."""
+    if raw is None:
+        return None
+    if kind != "resync" or not isinstance(raw, dict) or set(raw) != {"id", "index", "last"}:
+        raise WireError("change-log header: bad segment")
+    rid, index, last = raw["id"], raw["index"], raw["last"]
+    if (not isinstance(rid, str) or len(rid) != 16 or any(c not in "0123456789abcdef" for c in rid)
+            or not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < MAX_SEGMENTS
+            or not isinstance(last, bool)):
+        raise WireError("change-log header: bad segment")
+    return rid, index, last
 
 
 def header_size(preamble: bytes) -> int:
