@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from tests.integration.harness import file_digest, wait_applied, wait_for
+from tests.integration.harness import file_digest, replica_disk, wait_applied, wait_for
 from tests.integration.images import scribble
 from tests.integration.test_replication import replicated
 
@@ -204,3 +204,51 @@ def test_remove_while_suspended_drops_what_the_resync_kept(two_host_pair, tmp_pa
     replica.cli("replication", "remove", "x")
     assert not staged.exists()
     assert file_digest(copy) == point  # the copy the VM keeps is its last point, nothing of the resync
+
+
+def test_primary_crashes_mid_segmented_resync(two_host_pair, tmp_path):
+    """The primary dies right after a segment was acknowledged and recorded (the test-only
+    crash point), then at an arbitrary moment (kill -9, a segment perhaps half sent): each
+    time the copy is at its last point, and the restarted primary continues the resync."""
+    primary, replica = two_host_pair
+    image, copy = setup(two_host_pair, tmp_path, "p")
+    diverge(primary, image, "p", 8)
+    point = file_digest(copy)
+    before = len(replica.events("resync.segment_staged"))
+    primary.stop()
+    primary.start(env={**SEGMENT, "REPLICAD_FAULT": "primary-after-segment"})
+    primary.json("replication", "resync", "p")
+    wait_for(lambda: primary.proc.poll() is not None, 60, "the primary to crash after its first segment")
+    assert file_digest(copy) == point
+    primary.start(env=SEGMENT)
+    primary.cli("replication", "set", "p", "--bandwidth-limit", "2MB")
+    wait_for(lambda: len(primary.events("resync.continued")) == 1, 60, "the resync to continue")
+    assert primary.events("resync.continued")[0]["segments"] == 1
+    wait_for(lambda: progress(primary, "p").get("segments", 0) >= 4, 60, "more segments")
+    primary.kill()
+    assert file_digest(copy) == point
+    primary.start(env=SEGMENT)
+    primary.cli("replication", "set", "p", "--bandwidth-limit", "0")
+    wait_for(lambda: primary.json("replication", "get", "p")["state"] == "Replicating", 120, "the resync to end")
+    assert len(primary.events("resync.continued")) == 2
+    wait_applied(primary, replica, "p")
+    assert file_digest(copy) == file_digest(image)
+    sent, segments = staged_bytes(replica, before)
+    assert 17 <= segments <= 18, segments  # at most the one being sent when it was killed, twice
+    assert sent <= 1.2 * WRITES * 4096 + 256 * 1024, sent
+
+
+def test_failover_while_suspended_gives_the_last_point(two_host_pair, tmp_path):
+    primary, replica = two_host_pair
+    image, copy = setup(two_host_pair, tmp_path, "f")
+    diverge(primary, image, "f", 9)
+    point = file_digest(copy)
+    primary.cli("replication", "set", "f", "--bandwidth-limit", "2MB")
+    primary.json("replication", "resync", "f")
+    suspend_half_way(primary, "f")
+    staged = copy.parent.parent / "segments"
+    assert staged.is_dir()
+    replica.json("failover", "start", "f")
+    assert not staged.exists()
+    assert replica.events("resync.segments_discarded")
+    assert file_digest(replica_disk(replica, "f")) == point  # the point before the resync, nothing of it

@@ -41,7 +41,7 @@ from ..replication_states import (
     require,
     transition,
 )
-from . import disk_set, points
+from . import disk_set, points, segments
 from . import failover_copy as fc
 from .failover import TEST_SUFFIX, make_test_copy
 from .layout import VMDir
@@ -151,6 +151,9 @@ class Failovers:
         """Under the apply lock: a log acknowledged but not applied (its apply failed) is
         discarded, never applied after the point is chosen. Returns what was discarded."""
         rel = self._fresh(vm)
+        if staged := await asyncio.to_thread(segments.discard, VMDir.of(rel.storage, vm.id)):  # never applied
+            log.warning("resync.segments_discarded", vm=vm.name, segments=staged, reason="the copy fails over at "
+                        "its point; a resync staged in segments here starts over if replication comes back")
         if rel.applied_seq >= rel.seq:
             return None
         note = (f"logs {rel.applied_seq + 1}-{rel.seq} were acknowledged but could not be applied "
