@@ -141,9 +141,11 @@ def test_suspend_restart_both_daemons_resume(two_host_pair, tmp_path):
     assert sent <= 1.2 * WRITES * 4096 + 256 * 1024, sent
 
 
-def test_cancel_while_suspended_discards_the_staged_segments(two_host_pair, tmp_path):
-    primary, replica = two_host_pair
-    image, copy = setup(two_host_pair, tmp_path, "c")
+def test_cancel_while_suspended_discards_the_staged_segments(pair, tmp_path):
+    """Over both listeners (tokens, mutual TLS): the hello's capability, the status and the
+    discard request each way."""
+    primary, replica = pair
+    image, copy = setup(pair, tmp_path, "c")
     diverge(primary, image, "c", 5)
     point = file_digest(copy)
     primary.cli("replication", "set", "c", "--bandwidth-limit", "2MB")

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 log = logmod.get("replicad.primary")
 SEGMENT = 1 << 30  # bytes of disk a segment covers
 SEGMENT_ENV = "REPLICAD_TEST_RESYNC_SEGMENT"  # test-only (docs/operations.md): a multiple of 4 MiB
+SEGMENTS = "segments"  # the replica's hello capability (transport/server.py): it stages segments
 
 
 def segment_bytes() -> int:
@@ -99,6 +100,10 @@ async def send(engine: PrimaryEngine, rel: Relationship, vm: VM, conv: Conversat
     outcome of a resync suspended half way otherwise."""
     size = segment_bytes()
     if not await asyncio.to_thread(segmentable, rel, vm, resync, size):
+        return None
+    if SEGMENTS not in ((await conv.hello()).get("capabilities") or []):  # an older replica would apply each
+        log.info("resync.unsegmented", vm=vm.name, peer=rel.replica_server,  # segment as the resync's point
+                 reason="the replica server does not take a resync in segments: it is sent in one cycle")
         return None
     sent = resync.segments
     if sent is None:

@@ -210,7 +210,8 @@ def _hello_info(ctx: PeerContext, principal: str) -> dict:
         authorized, reason, trust_group = False, str(e), None
     return {"host": ctx.host, "protocol": PROTOCOL_VERSION, "version": __version__, "principal": principal,
             "authorized": authorized, "reason": reason, "trust_group": trust_group,
-            "capabilities": ["zstd", "resize", "zero"] + (["mac", raw.CAPABILITY] if ctx.mode == "token" else [])}
+            "capabilities": ["zstd", "resize", "zero", "segments"] + (["mac", raw.CAPABILITY] if ctx.mode == "token"
+                                                                      else [])}
 
 
 async def open_session(request: web.Request) -> web.Response:
