@@ -17,7 +17,8 @@ from structlog.typing import EventDict
 
 WATCHED_PREFIXES = ("cycle.", "health.", "replication.", "failover.", "resync.", "relationship.", "state.",
                     "initial.", "verify.", "daemon.ready", "daemon.stopping", "log.applied", "log.rejected",
-                    "vm.added", "vm.removed", "baseline.promoted", "plan.", "hook.output")
+                    "vm.added", "vm.removed", "baseline.promoted", "plan.", "hook.output",
+                    "group.")
 KEEP = 500
 FOLLOWER_QUEUE = 1000  # a follower this far behind loses lines (and is told how many); the daemon never waits
 END = {"event": "events.end", "reason": "the daemon is stopping"}  # the last thing a follower gets

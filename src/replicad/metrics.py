@@ -53,6 +53,10 @@ class Recorder:
         self.split_brain = Counter("replicad_split_brain_checks", "Questions before an unplanned failover (whether "
                                    "the VM runs on its primary or witness), by what was heard", ("vm", "result"),
                                    registry=r)
+        self.group_cycles = Counter("replicad_group_cycles", "Consistency group cycles (primary), by outcome (done, "
+                                    "failed)", ("plan", "outcome"), registry=r)
+        self.group_points = Counter("replicad_group_points", "Consistency group points committed on this replica "
+                                    "(every member's log of one group sequence applied)", ("group",), registry=r)
         self.duration = Histogram("replicad_cycle_duration_seconds", "Time from capture to the replica's ack",
                                   LABELS, buckets=CYCLE_BUCKETS, registry=r)
 
@@ -77,6 +81,12 @@ class Recorder:
     def split_brain_checked(self, vm: str, result: str) -> None:
         """``result``: running, unknown (answered, could not say), unreachable, off."""
         self.split_brain.labels(vm, result).inc()
+
+    def group_cycle(self, plan: str, ok: bool) -> None:
+        self.group_cycles.labels(plan, "done" if ok else "failed").inc()
+
+    def group_point(self, group: str) -> None:
+        self.group_points.labels(group).inc()
 
     def log_received(self, vm: str, received: int) -> None:
         self.received.labels(vm, "replica").inc(received)

@@ -288,6 +288,7 @@ class Relationship:
     points: list = field(default_factory=list)  # replica: retained older recovery points [{seq, time, consistency}]
     last_consistency: str = "crash"  # replica: consistency of the latest point
     last_point_time: str | None = None  # replica: when the latest point was captured on the primary
+    last_group: dict = field(default_factory=dict)  # replica: the latest point's consistency group {id, seq, members}
     copy_unverified: bool = False       # replica: the copy is not known to be point applied_seq (a reverse resyncs it)
     prepared: dict = field(default_factory=dict)  # primary: {epoch, seq, disks: identities} while PreparedForFailover
     replica_failed_over: dict = field(default_factory=dict)  # primary: the replica answered that its copy failed over

@@ -69,13 +69,13 @@ async def a_failed_initial_copy_whose_retry_is_held(primary, vm: str) -> tuple[a
     with pytest.raises(ApiFailed, match="the first attempt failed"):
         await primary.api("POST", f"/v1/replications/{vm}/start-initial", {"wait": True})
     asked, answer = asyncio.Event(), asyncio.Event()
-    resume_point = engine._resume_point
+    resume_point = engine.resume_point
 
     async def held(rel, conv):  # the retry's question to the replica, held until the verb is taken
         asked.set()
         await answer.wait()
         return await resume_point(rel, conv)
-    engine._resume_point = held
+    engine.resume_point = held
     return asked, answer
 
 

@@ -151,10 +151,12 @@ def test_a_planned_site_failover_with_a_plan(two_host_pair, tmp_path):
     primary, replica = two_host_pair
     disks = replicate(primary, replica, tmp_path, ["db", "app"])
     doc = tmp_path / "plans.yaml"
-    doc.write_text("plans:\n  - name: site\n    vms: [db, {vm: app, delay: 0}]\n")
+    # a consistency group (issue 19.3), set by `apply` on both sites
+    doc.write_text("plans:\n  - name: site\n    vms: [db, {vm: app, delay: 0}]\n    consistency: group\n")
     for host in (primary, replica):
-        host.cli("apply", "-f", str(doc))
+        assert "consistency none → group" in host.cli("apply", "-f", str(doc)).stdout
         assert "nothing to change" in host.cli("apply", "-f", str(doc)).stdout.lower()
+        assert host.json("plan", "get", "site")["consistency"] == "group"
     for name in disks:
         primary.json("vm", "start", name)
     record, out = hook(tmp_path)
@@ -167,8 +169,11 @@ def test_a_planned_site_failover_with_a_plan(two_host_pair, tmp_path):
     assert [x["REPLICAD_VM"] for x in seen(out, "on_stop")] == ["app", "db"]
     assert r.stderr.index("db: prepare: done") < r.stderr.index("app: prepare: done")
     assert {primary.json("replication", "get", n)["state"] for n in disks} == {"PreparedForFailover"}
+    final = {n: primary.json("replication", "get", n)["sequence"] for n in disks}
     wait_plan(replica, "failover", "site")
     assert {x["REPLICAD_FAILOVER_KIND"] for x in seen(out, "on_failover")} == {"planned"}
+    # every VM was stopped and prepared: each to its final point, not to an older group point
+    assert {n: replica.json("replication", "get", n)["failover_point"] for n in disks} == final
     primary.cli("server", "set", "--enabled", "true", "--auth", "token", "--allow-any-server", "true")
     wait_plan(replica, "reverse", "site")
     wait_plan(replica, "start", "site")

@@ -145,6 +145,9 @@ class PlanRun:
 
     def _point(self, vm: VM, rel: Relationship) -> str | None:
         """The newest point at or before --recovery-point (None: the newest)."""
+        group = self.opts.get("group_point")
+        if group is not None:  # a consistency group: every VM to the same group point (api/plan_groups.py)
+            return str(group["points"][vm.id])
         at = self.opts.get("recovery_point")
         if at is None:
             return None

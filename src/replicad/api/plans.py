@@ -20,7 +20,9 @@ from aiohttp import web
 from .. import log as logmod
 from ..errors import Conflict, NotFound, ReplicadError, UsageError
 from ..model import valid_vm_name
+from ..primary.group_cycle import new_group_id
 from ..times import format_time, parse_time
+from . import plan_groups
 from .context import Host, actor, body, host_of
 from .plan_runner import OPERATIONS, PlanRun
 
@@ -80,7 +82,7 @@ def plan_json(host: Host, plan: dict, runs: dict | None = None) -> dict:
     run = plan.get("run")
     if run and run.get("status") == "running" and (runs is None or plan["name"] not in runs):
         run = {**run, "status": "interrupted"}  # the daemon that ran it stopped
-    return {"name": plan["name"], "vms": vms, "run": run,
+    return {"name": plan["name"], "vms": vms, "run": run, **plan_groups.summary(host, plan),
             "status": run["status"] if run else "never run",
             "failed_vm": next((s["vm"] for s in (run or {}).get("steps", []) if s["status"] == "failed"), None)}
 
@@ -117,16 +119,38 @@ async def add_plan(request):
 
 
 async def set_plan(request):
-    """Replace a plan's VMs (what `apply` does when a plan changed); not while it runs."""
+    """Change a plan's VMs and/or its consistency (`plan set`, and `apply` when a plan
+    changed); not while it runs. A consistency group is checked against the VMs it will have."""
     host = host_of(request)
     plan = get_plan(host, request.match_info["name"])
-    vms = check_vms((await body(request)).get("vms"))
+    doc = await body(request)
+    vms = check_vms(doc["vms"]) if doc.get("vms") is not None else plan["vms"]
+    consistency = doc.get("consistency", plan.get("consistency", "none"))
     if plan["name"] in request.app[RUNS]:
         raise Conflict(f"plan {plan['name']} is running; change it when it ends")
-    plan["vms"] = vms
+    plan_groups.check_setting(host, plan, vms, consistency, stored(host))
+    plan["vms"], plan["consistency"] = vms, consistency
+    if consistency == "group":
+        plan.setdefault("group_id", new_group_id())
     await save(host, plan)
-    log.info("plan.changed", plan=plan["name"], vms=[v["vm"] for v in vms], delays=[v["delay"] for v in vms])
+    host.primary.groups.reload()
+    log.info("plan.changed", plan=plan["name"], vms=[v["vm"] for v in vms], delays=[v["delay"] for v in vms],
+             consistency=consistency, actor=actor(request))
     return web.json_response(plan_json(host, plan, request.app[RUNS]))
+
+
+async def group_points(request):
+    """A plan's complete consistency group points (replica site), oldest first."""
+    host = host_of(request)
+    return web.json_response(plan_groups.points(host, get_plan(host, request.match_info["name"])))
+
+
+async def sync_group(request):
+    """`plan sync`: a group cycle of the plan's VMs now (primary site); its outcome."""
+    host = host_of(request)
+    plan = get_plan(host, request.match_info["name"])
+    log.info("plan.sync_requested", plan=plan["name"], actor=actor(request))
+    return web.json_response(await host.primary.groups.sync(plan["name"]))
 
 
 async def remove_plan(request):
@@ -137,6 +161,7 @@ async def remove_plan(request):
     plans = stored(host)
     plans.pop(plan["name"], None)
     await host.catalog.set_setting(SETTING, plans)
+    host.primary.groups.reload()
     await host.catalog.audit(actor(request), "plan.removed", plan["name"])
     log.info("plan.removed", plan=plan["name"], reason="the plan only; its VMs and their replication stay")
     return web.json_response({"removed": plan["name"]})
@@ -154,6 +179,13 @@ def _options(operation: str, doc: dict) -> dict:
         if doc["force"] is not True or operation != "failover" or opts:
             raise UsageError("--force goes with `plan failover` on the replica site (not --prepare, --as-test)")
         opts["force"] = True
+    gseq = doc.get("group_seq")
+    if gseq is not None:
+        if operation != "failover" or opts.get("prepare") or not isinstance(gseq, int) or isinstance(gseq, bool) \
+                or not 0 < gseq < 2**63 or doc.get("recovery_point") is not None:
+            raise UsageError("--group-point N goes with `plan failover` on the replica site (not with "
+                             "--recovery-point)")
+        opts["group_seq"] = gseq
     point = doc.get("recovery_point")
     if point is not None:
         if operation != "failover" or opts.get("prepare"):
@@ -177,6 +209,8 @@ async def run_plan(request):
     if plan["name"] in runs:
         raise Conflict(f"plan {plan['name']} is already running ({runs[plan['name']][0].operation})",
                        hint="`replicad plan get` shows its progress")
+    if operation == "failover" and (chosen := plan_groups.choose(host, plan, opts)) is not None:
+        opts["group_point"] = chosen  # every VM to this group point (replica/group_points.py)
     run = PlanRun(host, plan, operation, opts, actor(request), save)
     task = asyncio.ensure_future(run.run())
     runs[plan["name"]] = (run, task)
@@ -240,4 +274,6 @@ def routes(app: web.Application) -> None:
     app.router.add_get("/v1/plans/{name}", show_plan)
     app.router.add_patch("/v1/plans/{name}", set_plan)
     app.router.add_delete("/v1/plans/{name}", remove_plan)
+    app.router.add_get("/v1/plans/{name}/points", group_points)
+    app.router.add_post("/v1/plans/{name}/sync", sync_group)
     app.router.add_post("/v1/plans/{name}/{operation}", run_plan)

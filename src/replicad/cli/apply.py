@@ -35,6 +35,7 @@ the same API as the commands, idempotently.
     plans:                  # replicad plan add (a changed plan's VMs are replaced)
       - name: shop
         vms: [db, "app:30s", {vm: web, delay: 60s}]  # boot order, the delay after each start
+        consistency: group  # plan set --consistency: the VMs' consistency group (optional)
 
 The plan compares the document with what the host has and lists each change: `+` added,
 `~` changed (old → new). `--diff` prints it and changes nothing. Apply never removes what the

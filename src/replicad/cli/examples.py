@@ -23,6 +23,8 @@ EXAMPLES = {
     "auth-entry remove": "replicad auth-entry remove --primary vmhost3.contoso.com",
     "vm list": "replicad vm list",
     "plan list": "replicad plan list",
+    "plan points": "replicad plan points shop",
+    "plan sync": "replicad plan sync shop",
     "plan get": "replicad plan get shop -o json",
     "plan remove": "replicad plan remove shop",
     "plan stop": "replicad plan stop shop --wait",

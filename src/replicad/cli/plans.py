@@ -54,6 +54,59 @@ def plan_add(name, vms):
     show(api().call("POST", "/v1/plans", {"name": name, "vms": [parse_vm(v) for v in vms]}), PLAN_COLUMNS)
 
 
+@plan.command("set")
+@click.argument("name")
+@click.option("--vm", "vms", multiple=True, metavar="NAME[:DELAY]",
+              help="Replace the plan's VMs, in boot order (repeatable).")
+@click.option("--consistency", type=click.Choice(["group", "none"]),
+              help="group: on the primary site the VMs freeze and are captured together (one group sequence); "
+                   "on the replica site `plan failover` takes every VM to the same group point.")
+@managed
+def plan_set(name, vms, consistency) -> None:
+    """Change a plan: its VMs, or its consistency (a consistency group).
+
+    \b
+    Example (set on both sites):
+      replicad plan set shop --consistency group
+    """
+    doc = {}
+    if vms:
+        doc["vms"] = [parse_vm(v) for v in vms]
+    if consistency:
+        doc["consistency"] = consistency
+    if not doc:
+        raise UsageError("nothing to change: give --vm or --consistency")
+    _show_plan(api().call("PATCH", plan_path(name), doc))
+
+
+@plan.command("points")
+@click.argument("name")
+@managed
+def plan_points(name):
+    """List a consistency group's complete group points (replica site): every VM's log of
+    that group sequence applied; `plan failover --group-point N` takes every VM there."""
+    doc = api().call("GET", plan_path(name, "points"))
+    if output_format() != "table":
+        show(doc)
+        return
+    show([{"group_point": p["group_seq"], "time": p["time"],
+           "points": " ".join(f"{k}={v}" for k, v in p["points"].items())} for p in doc],
+         ("group_point", "time", "points"))
+
+
+@plan.command("sync")
+@click.argument("name")
+@managed
+def plan_sync(name):
+    """Run a consistency group cycle of the plan's VMs now (primary site) and wait for it."""
+    doc = api().call("POST", plan_path(name, "sync"), {})
+    if output_format() != "table":
+        show(doc)
+        return
+    click.echo(f"plan {doc['plan']}: group point {doc['group_seq']} ({doc['time']})")
+    show(doc["cycles"], ("vm", "seq", "consistency"))
+
+
 @plan.command("list")
 @managed
 def plan_list():
@@ -82,10 +135,22 @@ def _show_plan(doc: dict) -> None:
         show(doc)
         return
     run = doc.get("run") or {}
-    click.echo(f"plan {doc['name']}: {doc['status']}" + (f" ({run['operation']})" if run else ""))
+    click.echo(f"plan {doc['name']}: {doc['status']}" + (f" ({run['operation']})" if run else "")
+               + _group_line(doc))
     show(doc["vms"], ("vm", "delay", "state", "replication_state"))
     if run:
         show(run["steps"], STEP_COLUMNS)
+
+
+def _group_line(doc: dict) -> str:
+    if doc.get("consistency") != "group":
+        return ""
+    if "group_state" in doc:
+        return (f"; consistency group, group sequence {doc['group_seq']}, {doc['group_state']}"
+                + (f" ({doc['group_reason']})" if doc.get("group_reason") else ""))
+    newest = doc.get("newest_group_point")
+    return f"; consistency group, {doc.get('group_points', 0)} group points" + (
+        f", newest {newest['group_seq']} ({newest['time']})" if newest else "")
 
 
 def _run(name: str, operation: str, wait: bool, body: dict | None = None) -> None:
@@ -118,11 +183,14 @@ WAIT = click.option("--wait", is_flag=True, help="Show each VM's step as it goes
 @click.option("--as-test", is_flag=True, help="Test failover: a `VM - Test` of each VM; replication goes on.")
 @click.option("--recovery-point", metavar="TIME",
               help="Each VM to its newest recovery point at or before TIME (ISO 8601); newest by default.")
+@click.option("--group-point", type=int, metavar="N",
+              help="A consistency group's plan: every VM to group point N (`plan points`); by default the newest "
+                   "(at or before --recovery-point).")
 @click.option("--force", is_flag=True, help="Fail each VM over even when its primary (or the witness) says it runs "
               "there (an unplanned failover asks first).")
 @WAIT
 @managed
-def plan_failover(name, prepare, as_test, recovery_point, force, wait):
+def plan_failover(name, prepare, as_test, recovery_point, group_point, force, wait):
     """Fail the plan's VMs over, in order, each with its on-failover hook. A VM that fails
     stops the plan there; the same command again resumes at that VM.
 
@@ -133,7 +201,8 @@ def plan_failover(name, prepare, as_test, recovery_point, force, wait):
       replicad plan start shop --wait
     """
     _run(name, "failover", wait, {k: v for k, v in {"prepare": prepare, "as_test": as_test, "force": force,
-                                                      "recovery_point": recovery_point}.items() if v})
+                                                      "recovery_point": recovery_point,
+                                                      "group_seq": group_point}.items() if v})
 
 
 SIMPLE = {
@@ -169,8 +238,11 @@ def load_section(node, errors: list[str]) -> list[dict]:
     out, names = [], set()
     for i, item in enumerate(node):
         where = f"plans[{i}]"
-        if not isinstance(item, dict) or set(item) - {"name", "vms"}:
-            errors.append(f"{where}: expected a mapping with name and vms")
+        if not isinstance(item, dict) or set(item) - {"name", "vms", "consistency"}:
+            errors.append(f"{where}: expected a mapping with name, vms and consistency")
+            continue
+        if item.get("consistency", "none") not in ("group", "none"):
+            errors.append(f"{where}.consistency: group or none")
             continue
         if not isinstance(item.get("name"), str):
             errors.append(f"{where}.name: required (a string)")
@@ -188,7 +260,8 @@ def load_section(node, errors: list[str]) -> list[dict]:
                 got.append(_vm_item(v))
             except UsageError as e:
                 errors.append(f"{where}.vms[{j}]: {e}")
-        out.append({"name": item["name"], "vms": got})
+        out.append({"name": item["name"], "vms": got, **({"consistency": item["consistency"]}
+                                                          if "consistency" in item else {})})
     return out
 
 
@@ -213,10 +286,21 @@ def plan_changes(api, want: list[dict], add) -> None:
     have = {p["name"]: p for p in api.call("GET", "/v1/plans")} if want else {}
     for p in want:
         cur = have.get(p["name"])
+        consistency: str | None = p.get("consistency")
         if cur is None:
-            add(f"+ plan {p['name']} ({_said(p['vms'])})", "POST", "/v1/plans", p)
+            add(f"+ plan {p['name']} ({_said(p['vms'])})", "POST", "/v1/plans", {"name": p["name"], "vms": p["vms"]})
+            if consistency == "group":  # once its VMs are there: set after the plan is added
+                add(f"~ plan {p['name']}: consistency none → group", "PATCH", plan_path(p["name"]),
+                    {"consistency": "group"})
             continue
         now = [{"vm": v["vm"], "delay": v["delay"]} for v in cur["vms"]]
+        change: dict = {}
+        said = []
         if now != p["vms"]:
-            add(f"~ plan {p['name']}: vms {_said(now)} → {_said(p['vms'])}", "PATCH", plan_path(p["name"]),
-                {"vms": p["vms"]})
+            change["vms"] = p["vms"]
+            said.append(f"vms {_said(now)} → {_said(p['vms'])}")
+        if consistency is not None and consistency != cur.get("consistency", "none"):
+            change["consistency"] = consistency
+            said.append(f"consistency {cur.get('consistency', 'none')} → {consistency}")
+        if change:
+            add(f"~ plan {p['name']}: {'; '.join(said)}", "PATCH", plan_path(p["name"]), change)

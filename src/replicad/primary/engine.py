@@ -24,16 +24,16 @@ from ..health import compute as compute_health
 from ..model import VM, Consistency, Relationship
 from ..model import ReplicationState as S
 from ..monitoring import roll as roll_interval
-from ..replication_schedule import Step, plan_cycle, schedule
+from ..replication_schedule import Next, Step, plan_cycle, schedule
 from ..replication_states import CycleKind, Failure
 from ..retention import history_asked
 from ..server_settings import ServerSettings
 from ..times import daemon_now, utcnow
 from ..tracking.baselines import Baselines
-from ..tracking.digestmap import SUPER_BYTES
 from ..transport.client import Conversation, PeerClient
 from . import prepared, resync_segments
 from . import resync as resyncs
+from .group_cycle import GroupCapture, GroupCycles
 from .prepared import prepared_record
 from .producer import CycleProducer, Progress
 from .trackers import tracker_for
@@ -78,6 +78,8 @@ class PrimaryEngine:
         self._cycle_locks: dict[str, asyncio.Lock] = {}
         self.verifies = Verifies(self)
         self._health: dict[str, str] = {}
+        self.groups = GroupCycles(self)  # consistency groups: their members' cycles run together
+        self.resume_point = resyncs.resume_point  # where an interrupted initial copy continues
 
     async def start(self) -> None:
         for rel in self.catalog.relationships():
@@ -87,8 +89,10 @@ class PrimaryEngine:
                 self.verifies.rescheduled(rel.vm_id)
                 log.info("relationship.resumed", vm=self.name_of(rel.vm_id), vm_id=rel.vm_id, state=rel.state.value,
                          reason="restored from the catalog at start")
+        self.groups.reload()
 
     async def stop(self) -> None:
+        await self.groups.stop()
         await self.verifies.stop()
         for t in self._tasks.values():
             t.cancel()
@@ -203,6 +207,8 @@ class PrimaryEngine:
                             last_start=last_start, backoff=backoff, now=time.monotonic(), wall=daemon_now())
             if step.refusal is not None:  # prepared, or idle: a requested cycle will not run
                 self._fail_waiters(vm_id, step.refusal)
+            if step.step == Step.RUN and not self._waiters.get(vm_id) and self.groups.drives(vm_id):
+                step = Next(Step.WAIT, until=time.monotonic() + rel.frequency)  # its group runs its ticks
             if step.step != Step.RUN:
                 await self._sleep_until(vm_id, step.until)
                 if step.step == Step.PREPARED:
@@ -314,19 +320,6 @@ class PrimaryEngine:
             log.error("state.write_failed", vm=name, vm_id=vm_id, reason=str(w),
                       result="the failure is kept in memory; the supervisor retries")
 
-    @staticmethod
-    async def _resume_point(rel: Relationship, conv: Conversation) -> tuple[int, int] | None:
-        """Where an interrupted initial copy of this epoch can continue: the replica's durable
-        progress for this peer, rounded down to a super-block. None: start over."""
-        st = await conv.replica_status(rel.vm_id)
-        p = st.get("initial_progress")
-        if not isinstance(p, dict) or p.get("epoch") != rel.epoch or p.get("seq") != rel.seq + 1:
-            return None
-        disk, offset = p.get("disk"), p.get("offset")
-        if not (isinstance(disk, int) and isinstance(offset, int) and disk >= 0 and offset >= 0):
-            return None
-        return disk, offset // SUPER_BYTES * SUPER_BYTES
-
     # one cycle ------------------------------------------------------------------------------
     async def _reconcile_pending(self, rel: Relationship, baselines: Baselines, conv: Conversation) -> Relationship:
         """A sealed cycle above the baseline: ask the replica whether it acknowledged it."""
@@ -343,10 +336,22 @@ class PrimaryEngine:
         await asyncio.to_thread(baselines.keep_only, rel.seq)
         return rel
 
-    async def _cycle(self, vm_id: str, waiters: list[Waiter], prepare: bool = False) -> CycleOutcome:
+    async def _cycle(self, vm_id: str, waiters: list[Waiter], prepare: bool = False,
+                     group: GroupCapture | None = None) -> CycleOutcome:
         rel = self.catalog.require_relationship(vm_id)
         async with self.client.conversation(rel.replica_server, rel.replica_port, rel.auth) as conv:
-            return await self._cycle_in(vm_id, conv, waiters, prepare)
+            return await self._cycle_in(vm_id, conv, waiters, prepare, group)
+
+    async def group_cycle(self, vm_id: str, group: GroupCapture) -> CycleOutcome:
+        """The VM's cycle in a consistency group's cycle (primary/group_cycle.py)."""
+        t0 = time.monotonic()
+        try:
+            async with self.cycle_lock(vm_id):
+                return await self._cycle(vm_id, [], group=group)
+        except Exception as e:
+            group.abort(f"{self.name_of(vm_id)}: {e}")
+            await self._failed(vm_id, e, time.monotonic() - t0)
+            raise
 
     def vm_of(self, rel: Relationship) -> VM | None:
         """The VM a relationship replicates; for extended replication, the replica VM seen
@@ -368,7 +373,7 @@ class PrimaryEngine:
                                 transient=True)
 
     async def _cycle_in(self, vm_id: str, conv: Conversation, waiters: list[Waiter] | None = None,
-                        prepare: bool = False) -> CycleOutcome:
+                        prepare: bool = False, group: GroupCapture | None = None) -> CycleOutcome:
         """One cycle; ``waiters``: those it resolves, joined by those asked for until it is
         planned; ``prepare``: the final cycle of a planned failover (not an initial copy)."""
         rel = self.catalog.require_relationship(vm_id)
@@ -391,7 +396,7 @@ class PrimaryEngine:
                 return CycleOutcome(stopped)  # suspended half way: `resume` continues it
         elif initial:
             # an earlier attempt of this initial copy (its epoch is set, nothing acknowledged yet)
-            resume = await self._resume_point(rel, conv) if rel.epoch and rel.seq == 0 else None
+            resume = await self.resume_point(rel, conv) if rel.epoch and rel.seq == 0 else None
             rel = self.catalog.require_relationship(vm_id)  # as a verb taken meanwhile left it
             self._take_waiters(rel, plan.kind, waiters)  # a `start-initial --wait` taken meanwhile: this copy
             rel = states.transition(rel, states.InitialStarted(None if resume is not None else secrets.token_hex(8)))
@@ -421,7 +426,7 @@ class PrimaryEngine:
         try:
             if lock is not None:
                 await lock.acquire()
-            header = await workers.SEND.run(producer.open)
+            header = await (group.open(producer) if group else workers.SEND.run(producer.open))
             if lock is not None and producer.point_in_time:
                 lock.release()
                 lock = None

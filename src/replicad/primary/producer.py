@@ -72,6 +72,9 @@ class CycleProducer:
         self.warnings: list[str] = []
         self.point_in_time = False  # every changed disk is read from its point-in-time view
         self._frozen = False       # the pre-snapshot hook ran and the post-snapshot one has not
+        self._froze = False        # ... and succeeded
+        self._views: Sequence[DiskView] = ()
+        self.group: dict | None = None  # a consistency group's cycle: its tag in the header (group_cycle.py)
         self._cycle: TrackedCycle | None = None
         self._sealed = False
         self._opened: tuple[Sequence[DiskView], Header] | None = None
@@ -87,18 +90,34 @@ class CycleProducer:
         return self._opened[1]
 
     def _open(self) -> tuple[Sequence[DiskView], Header]:
-        paths = self.vm.files()
-        cycle = self._cycle = self.tracker.begin(
-            CyclePlan(self.seq, self.base_seq, initial=self.kind == "initial", resume=self.resume), paths)
-        frozen = self._freeze()
+        self.freeze()
+        self.capture()
+        return self.finish_open()
+
+    # a consistency group's members run these three steps together (primary/group_cycle.py):
+    # every member's freeze, then every capture, then every thaw
+    def freeze(self) -> None:
+        """The tracker's cycle begun, and the pre-snapshot hook run."""
+        self._cycle = self.tracker.begin(
+            CyclePlan(self.seq, self.base_seq, initial=self.kind == "initial", resume=self.resume), self.vm.files())
+        self._froze = self._freeze()
+
+    def capture(self) -> None:
+        """Every disk's point-in-time view (or the live disk), while the hook holds it frozen."""
+        assert self._cycle is not None  # begun by freeze
         try:
-            views = cycle.capture()
+            self._views = self._cycle.capture()
         except OSError as e:
             self.abandon()
             self.thaw()
             raise ReplicadError(f"cannot open disk {e.filename}: {e.strerror}") from None
+
+    def finish_open(self) -> tuple[Sequence[DiskView], Header]:
+        """The thaw (when every disk was captured) and the header."""
+        cycle, views = self._cycle, self._views
+        assert cycle is not None
         self.warnings += cycle.warnings
-        frozen = frozen or cycle.application_consistent
+        frozen = self._froze or cycle.application_consistent
         idents = self.identities = [v.identity for v in views]
         unchanged = [v.unchanged for v in views]
         point_in_time = self.point_in_time = all(v.captured or v.unchanged for v in views)
@@ -122,7 +141,8 @@ class CycleProducer:
                         self.frequency, prepared=self.prepared, primary_ports=self.primary_ports,
                         history=self.history, retention=self.retention, config=bool(self.vm.config_file),
                         networks=self.vm.network_roles(), extended=self.extended, resume=self.resume,
-                        segment=self.segment)
+                        segment=self.segment, group=self.group)
+        self._opened = (views, header)
         return views, header
 
     def batches(self) -> Generator[list[bytes | memoryview], None, None]:

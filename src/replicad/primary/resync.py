@@ -21,7 +21,7 @@ from ..model import VM, Relationship
 from ..model import ReplicationState as S
 from ..replication_states import ResyncStarted, transition
 from ..tracking.baselines import Baselines
-from ..tracking.digestmap import map_bytes
+from ..tracking.digestmap import SUPER_BYTES, map_bytes
 from ..tracking.divergence import compare, replica_moved
 from ..transport.client import Conversation
 from . import resync_progress
@@ -179,3 +179,17 @@ def digest_limits(vm: VM) -> list[int]:
             now = 0
         out.append(map_bytes(max(now, shipped, 1 << 30)))
     return out
+
+
+async def resume_point(rel: Relationship, conv: Conversation) -> tuple[int, int] | None:
+    """Where an interrupted initial copy of this epoch can continue (the resync after it makes
+    the copy consistent): the replica's durable progress for this peer, rounded down to a
+    super-block. None: start over."""
+    st = await conv.replica_status(rel.vm_id)
+    p = st.get("initial_progress")
+    if not isinstance(p, dict) or p.get("epoch") != rel.epoch or p.get("seq") != rel.seq + 1:
+        return None
+    disk, offset = p.get("disk"), p.get("offset")
+    if not (isinstance(disk, int) and isinstance(offset, int) and disk >= 0 and offset >= 0):
+        return None
+    return disk, offset // SUPER_BYTES * SUPER_BYTES

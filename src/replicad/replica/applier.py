@@ -22,7 +22,7 @@ from ..server_settings import ServerSettings
 from ..times import utcnow
 from ..tracking.digestmap import identities
 from ..wire import Header
-from . import at_rest, disk_set, missing, points
+from . import at_rest, disk_set, group_points, missing, points
 from .apply import PartlyWritten, discard, read_header, rollback, write_point
 from .layout import VMDir
 from .written import Written
@@ -194,6 +194,7 @@ class Applier:
                         floor = await self.commit(vm_id, header, facts, kept, files)
                         self._fault("after-commit")
                         committed = True
+                        group_points.note_applied(self.catalog, header)
                         # the copy holds the point: said now, the tidying below follows under the lock
                         bound.info("log.applied", kind=header.kind, point=header.time,
                                    consistency=header.consistency)
@@ -291,7 +292,7 @@ class Applier:
         # the copy before an initial copy or a resync is not known to be any point (it may hold
         # a hand edit or a cancelled failover's writes): only a delta keeps it (issue 14.7)
         previous = ({"seq": rel.applied_seq, "time": rel.last_point_time or rel.last_replication_time,
-                     "consistency": rel.last_consistency}
+                     "consistency": rel.last_consistency, **({"group": rel.last_group} if rel.last_group else {})}
                     if rel.applied_seq and rel.last_replication_time and header.kind == "delta" else None)
         asked, rel.recovery_point_interval = header.history
         if kept is None:
@@ -318,6 +319,7 @@ class Applier:
             d.size = info.size
             d.format = fmt
         rel.last_consistency = header.consistency
+        rel.last_group = dict(header.group) if header.group else {}  # a consistency group's tag (group_points.py)
         if header.kind != "delta":
             rel.points = []  # an initial copy or a resync starts a new chain
             rel.discard_ok = False

@@ -74,7 +74,7 @@ def available(rel: Relationship) -> list[dict]:
     if rel.applied_seq == 0 or rel.copy_unverified or rel.state == ReplicationState.FAILED_OVER:
         return []
     latest = {"seq": rel.applied_seq, "time": rel.last_point_time or rel.last_replication_time,
-              "consistency": rel.last_consistency}
+              "consistency": rel.last_consistency, **({"group": rel.last_group} if rel.last_group else {})}
     return list(rel.points) + [latest]
 
 

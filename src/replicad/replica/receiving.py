@@ -30,7 +30,7 @@ from ..model import ReplicationState
 from ..tracking.digestmap import identities
 from ..transport.endpoints import IncomingLog
 from ..wire import Header, LogDecoder
-from . import disk_set, missing, points, segments
+from . import disk_set, group_points, missing, points, segments
 from .admission import Admission
 from .adoption import Adoption
 from .applier import Applier
@@ -92,6 +92,7 @@ class Receiving:
         # whose VM this is, before anything about it (its state, its name's owner) shows
         self.admission.check(grant, vm_id, header.vm_name, held=vm_id)
         self.admission.check_quota(grant, vm_id, header.vm_name, [(d.name, d.size) for d in header.disks])
+        group_points.check(self.admission, grant, header)  # a group may name only this peer's replica VMs
         vm = self.catalog.vm_by_id(vm_id)
         rel = self.catalog.relationship(vm_id)
         bound = log.bind(vm=header.vm_name, peer=grant.principal, cycle=seq)

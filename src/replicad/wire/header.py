@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ..errors import UsageError, WireError
 from ..model import NETWORK_ROLES, valid_disk_name, valid_vm_name
@@ -58,6 +58,7 @@ class Header:
     extended: bool = False  # sent by a replica server forwarding its copy (extended replication)
     resume: tuple[int, int] | None = None  # initial only: continues an interrupted copy at (disk, offset)
     segment: tuple[str, int, bool] | None = None  # resync only: (resync id, index, last) of a segmented resync
+    group: dict[str, Any] | None = None  # a consistency group's cycle: {id, seq, members} (issue 19.3; delta only)
     version: int = VERSION
 
     def to_json(self) -> bytes:
@@ -77,6 +78,7 @@ class Header:
             **({"resume": list(self.resume)} if self.resume else {}),
             **({"segment": {"id": self.segment[0], "index": self.segment[1], "last": self.segment[2]}}
                if self.segment else {}),
+            **({"group": self.group} if self.group else {}),
         }, separators=(",", ":")).encode()
 
     @classmethod
@@ -173,8 +175,8 @@ class Header:
         return cls(vm_id, vm_name, epoch, seq, base_seq, kind, time_, consistency, tuple(disks), frequency,
                    mac=mac, mac_nonce=mac_nonce if mac else "", prepared=prepared, primary_ports=(ports[0], ports[1]),
                    history=(history[0], history[1]), retention=retention, config=config, networks=tuple(networks),
-                   extended=extended,
-                   resume=resume, segment=segment)
+                   extended=extended, resume=resume, segment=segment,
+                   group=_group(doc.get("group"), vm_id, kind))
 
 
 _T = TypeVar("_T")
@@ -194,6 +196,31 @@ def _segment(raw: object, kind: str) -> tuple[str, int, bool] | None:
             or not isinstance(last, bool)):
         raise WireError("change-log header: bad segment")
     return rid, index, last
+
+
+MAX_GROUP = 64  # members of a consistency group (a plan's VMs at most)
+
+
+def valid_vm_id(v: object) -> bool:
+    return isinstance(v, str) and 0 < len(v) <= 64 and v.replace("-", "").isalnum()
+
+
+def _group(doc: object, vm_id: str, kind: str) -> dict[str, Any] | None:
+    """A consistency group's tag (issue 19.3): its id, its group sequence and its members'
+    VM ids, this log's VM among them; only on a delta. Which members the sender may name is
+    the replica's to judge (replica/group_points.py)."""
+    if doc is None:
+        return None
+    if not isinstance(doc, dict) or set(doc) != {"id", "seq", "members"} or kind != "delta":
+        raise WireError("change-log header: bad consistency group")
+    gid, gseq, members = doc["id"], doc["seq"], doc["members"]
+    if (not isinstance(gid, str) or not 0 < len(gid) <= 32 or not gid.isalnum()
+            or not isinstance(gseq, int) or isinstance(gseq, bool) or not 0 < gseq < 2**63
+            or not isinstance(members, list) or not 2 <= len(members) <= MAX_GROUP
+            or not all(valid_vm_id(m) for m in members) or len(set(members)) != len(members)
+            or vm_id not in members):
+        raise WireError("change-log header: bad consistency group")
+    return {"id": gid, "seq": gseq, "members": sorted(members)}
 
 
 def header_size(preamble: bytes) -> int:
