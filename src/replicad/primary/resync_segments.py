@@ -87,7 +87,8 @@ def _begin(rel: Relationship, vm: VM, resync: Resync, size: int) -> SegmentsSent
     """A new segmented resync: its view starts as the replica's digests."""
     maps = [m for m in resync.replica_maps if m is not None]
     sent = SegmentsSent(secrets.token_hex(8), rel.epoch, rel.seq + 1, rel.seq, vm.copy_names(),
-                        [m.name for m in maps], of=sum(-(-n // size) for n in _sizes(vm)))
+                        [m.name for m in maps], of=sum(-(-n // size) for n in _sizes(vm)),
+                        identities=resync_progress.identities_now(vm.files()))  # before any read
     resync_progress.start_view(resync.work, maps)
     resync_progress.save(resync.work, sent)
     return sent
@@ -120,6 +121,10 @@ async def send(engine: PrimaryEngine, rel: Relationship, vm: VM, conv: Conversat
         await _segment(engine, rel, vm, conv, resync, sent, at, size)
         bound.info("resync.segment_sent", segment=sent.sent - 1, of=sent.of, disk=at[0], offset=at[1],
                    bytes=sent.bytes)
+    unchanged = await asyncio.to_thread(resync_progress.stamp_unchanged, resync.work, sent, vm.files())
+    if unchanged:
+        bound.info("resync.closing", unchanged=unchanged, reason="these files were not written since the resync "
+                   "began: the closing scan does not read them again")
     resync.view = resync_progress.view_maps(resync.work, sent)
     resync.closing = (sent.id, sent.sent, True)
     return None

@@ -223,6 +223,22 @@ def map_length(size: int) -> int:
     return _HEADER.size + 8 * (blocks + -(-blocks // SUPER))
 
 
+def restamp(path: Path, identity: FileIdentity) -> bool:
+    """Record ``identity`` in a map's header, durably (a segmented resync's view of a disk
+    not written since the resync began: primary/resync_progress.py). False, changing
+    nothing, when the map is of another size."""
+    with open(path, "r+b") as f:
+        magic, version, block, size, *_ = _HEADER.unpack(f.read(_HEADER.size))
+        if magic != MAGIC or size != identity.size:
+            return False
+        f.seek(0)
+        f.write(_HEADER.pack(magic, version, block, size, identity.mtime_ns, identity.ctime_ns, identity.ino,
+                             identity.dev))
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
 def open_stream(path: Path, *, compressed: bool) -> BinaryIO:
     """A map file for reading from the start, as the bytes of its uncompressed form."""
     f = open(path, "rb")
