@@ -236,3 +236,44 @@ def test_a_consistency_group_gives_every_vm_the_same_instant(two_host_pair, tmp_
     final = {n: counter(disk_of(replica, n)) for n in VMS}
     assert set(final.values()) == {instants[-1]}, final
     assert replica.json("plan", "get", "shop")["run"]["options"]["group_point"]["group_seq"] == every[-1]["group_seq"]
+
+
+def test_a_group_runs_its_members_ticks_and_pauses_while_one_is_suspended(two_host_pair, tmp_path):
+    """The coordinator runs the group's cycles at the members' smallest frequency, and the
+    engine runs none of their own ticks meanwhile; a member suspended pauses the group (no
+    group cycle) and the others go back to their own ticks until it is resumed."""
+    primary, replica = two_host_pair
+    for name, freq in (("db", "2"), ("app", "30")):
+        disk = tmp_path / f"{name}.img"
+        disk.write_bytes(name.encode() * 4096)
+        primary.json("vm", "add", name, "--disk", str(disk))
+        primary.cli("replication", "enable", name, "--replica-server", replica.fqdn, "--replica-port",
+                    str(replica.peer_port), "--auth", "token", "--frequency", freq)
+        primary.json("replication", "start-initial", name, "--wait")
+    primary.json("plan", "add", "pair", "--vm", "db", "--vm", "app")
+
+    def group() -> dict:
+        return primary.json("plan", "get", "pair")
+
+    def own_ticks(vm: str) -> int:
+        return sum(1 for e in primary.events("cycle.started")
+                   if e.get("vm") == vm and e.get("reason") == "the VM's tick")
+
+    assert primary.json("plan", "set", "pair", "--consistency", "group")["group_frequency"] == 2  # the smallest
+    wait_for(lambda: group()["group_seq"] >= 3, 30, "group cycles on the group's ticks")
+    ticks = {n: own_ticks(n) for n in ("db", "app")}
+    seq = group()["group_seq"]
+    wait_for(lambda: group()["group_seq"] >= seq + 2, 30, "two more group cycles")
+    assert {n: own_ticks(n) for n in ("db", "app")} == ticks  # the group ran them, not the members' own ticks
+
+    primary.cli("replication", "suspend", "app")
+    wait_for(lambda: group()["group_state"] == "paused", 30, "the group to pause")
+    assert group()["group_reason"] == "app is Suspended"
+    wait_for(lambda: primary.events("group.paused"), 30, "group.paused")
+    paused_at, db_ticks = group()["group_seq"], own_ticks("db")
+    wait_for(lambda: own_ticks("db") >= db_ticks + 2, 30, "db's own ticks while the group is paused")
+    assert group()["group_seq"] == paused_at  # no group cycle while a member is suspended
+
+    primary.cli("replication", "resume", "app")
+    wait_for(lambda: group()["group_seq"] > paused_at, 60, "group cycles again once app is resumed")
+    assert primary.events("group.ready")
