@@ -146,3 +146,24 @@ def test_a_copy_written_since_the_first_segment_drops_them(tmp_path):
     # a new resync (index 0, another id) replaces whatever an older one staged
     _stage(vmdir, copy, *_segment(tmp_path, 0, rid="aaaaaaaaaaaaaaaa"))
     assert segments.held(vmdir, "p1")["id"] == "aaaaaaaaaaaaaaaa"
+
+
+def test_a_resync_continues_only_on_what_the_replica_holds(tmp_path):
+    """primary/resync_progress.py: the same resync on the same point, holding what was sent
+    (or one more, staged before its acknowledgement was lost: it is sent again)."""
+    from replicad.primary.resync_progress import SegmentsSent, continuable
+
+    sent = SegmentsSent("00112233aabbccdd", "e2", 7, 6, ["a.img"], ["disk0.map"], sent=3, of=8)
+
+    def status(**kw):
+        held = {"id": "00112233aabbccdd", "seq": 7, "base_seq": 6, "held": 3, **kw}
+        return {"exists": True, "applied_seq": 6, "acked_seq": 6, "segments": held}
+    assert continuable(sent, status())
+    assert continuable(sent, status(held=4))  # the next one staged, its ack lost
+    assert not continuable(sent, status(held=2))  # the replica lost one: start over
+    assert not continuable(sent, status(held=5))
+    assert not continuable(sent, status(id="ffffffffffffffff"))
+    assert not continuable(sent, status(seq=8))
+    assert not continuable(sent, {**status(), "applied_seq": 7, "acked_seq": 7})  # the copy moved on
+    assert not continuable(sent, {"exists": True, "applied_seq": 6, "acked_seq": 6})  # nothing staged there
+    assert not continuable(None, status())
