@@ -1,11 +1,17 @@
 """Where a segmented resync is (primary/resync_segments.py), kept across a `suspend` and a
-restart in ``<state>/resync/<vm-id>/segments.json`` beside its digest maps:
+restart in ``<state>/resync/<vm-id>/view/segments.json``, inside the view it describes:
 
 - ``replica/``: the replica's digests as fetched when the resync began (the divergence
   report compares them at the end);
 - ``view/``: those digests with every range already sent replaced by the digests of what
   was sent — what the replica's copy will hold once its staged segments are applied;
 - ``base/``: this primary's maps of the common point, when it still had them.
+
+``segments.json`` lives in ``view/`` so that a segment's new view and the count that says
+it was sent are replaced by one rename: were they two steps, a crash (or a full disk)
+between them would leave a view holding segment *k* with a count that says it is unsent,
+and segment *k* would be sent again as "no difference" and replace the staged one on the
+replica — the copy silently missing that range.
 
 A resync continues only when the replica still holds the segments this file says it sent
 (its status answer), for the same resync, on the same point; otherwise it starts over."""
@@ -51,7 +57,7 @@ class SegmentsSent:
 def load(work: Path) -> SegmentsSent | None:
     """The resync under way in ``work``, or None (none, or a file this version cannot read)."""
     try:
-        doc = json.loads((work / FILE).read_bytes())
+        doc = json.loads((work / "view" / FILE).read_bytes())
         got = SegmentsSent(**doc)
     except (OSError, ValueError, TypeError):
         return None
@@ -64,8 +70,8 @@ def load(work: Path) -> SegmentsSent | None:
     return got
 
 
-def save(work: Path, got: SegmentsSent) -> None:
-    write_atomic(work / FILE, json.dumps(asdict(got)).encode(), 0o600)
+def save(work: Path, got: SegmentsSent, folder: str = "view") -> None:
+    write_atomic(work / folder / FILE, json.dumps(asdict(got)).encode(), 0o600)
 
 
 def view_maps(work: Path, got: SegmentsSent) -> list[Path]:
@@ -82,14 +88,17 @@ def start_view(work: Path, replica_maps: list[Path]) -> None:
         os.link(p, view / f"{i}.map")
 
 
-def advance_view(work: Path) -> None:
-    """The segment's new maps (``next/``) are the view now: the replica staged it."""
+def advance_view(work: Path, got: SegmentsSent) -> None:
+    """The segment's new maps (``next/``) are the view now, with ``got`` (which counts the
+    segment as sent) in it: the replica staged it. One rename makes both count; a crash
+    before it leaves the old view with the old count (the segment is sent again, whole)."""
     view, new, old = work / "view", work / "next", work / "view.old"
-    fsync_dir(new)  # the links of the disks it did not read
+    save(work, got, "next")
+    fsync_dir(new)  # the links of the disks it did not read, and segments.json
     shutil.rmtree(old, ignore_errors=True)
     os.rename(view, old)
     os.rename(new, view)
-    fsync_dir(work)  # before segments.json says it was sent
+    fsync_dir(work)
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -7,7 +7,7 @@ A resync of a VM larger than one segment (``SEGMENT`` bytes of disk; the test-on
 1. segments, each the differences in one range of one disk against the *view* maps
    (primary/resync_progress.py), staged on the replica and acknowledged there, but not
    applied: the copy stays at its last point (replica/segments.py). After each, the view
-   holds what was sent, and ``segments.json`` says how far it got. `suspend` is looked at
+   holds what was sent, and its ``segments.json`` says how far it got. `suspend` is looked at
    between segments: the resync stops there (ResynchronizeSuspended) with nothing lost;
 2. a closing segment: a whole scan, as an unsegmented resync does, against the view —
    so it sends only what changed since its range was sent (and nothing of what did not).
@@ -21,6 +21,7 @@ and a seed are resynced in one cycle, as before."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import secrets
 import shutil
@@ -155,11 +156,10 @@ async def _segment(engine: PrimaryEngine, rel: Relationship, vm: VM, conv: Conve
     if ack.get("segment") != sent.sent:
         raise ReplicadError(f"the replica acknowledged segment {ack.get('segment')!r} of the resync, expected "
                             f"{sent.sent}", transient=True)
-    await asyncio.to_thread(resync_progress.advance_view, resync.work)
-    sent.sent += 1
-    sent.bytes += progress.sent
-    sent.disk, sent.offset = disk, start + size
-    await asyncio.to_thread(resync_progress.save, resync.work, sent)
+    after = dataclasses.replace(sent, sent=sent.sent + 1, bytes=sent.bytes + progress.sent, disk=disk,
+                                offset=start + size)
+    await asyncio.to_thread(resync_progress.advance_view, resync.work, after)  # maps and count: one rename
+    sent.sent, sent.bytes, sent.disk, sent.offset = after.sent, after.bytes, after.disk, after.offset
     engine._fault("primary-after-segment")  # test-only crash point (daemon.fault_hook)
     now = engine.catalog.require_relationship(vm.id)  # as verbs left it (nothing yields until the write)
     now.resync_progress = sent.summary()
