@@ -79,6 +79,12 @@ async def test_a_plan_failover_takes_every_vm_to_one_group_point(tmp_path):
     # a failed run that chose group point 1: the same command resumes at group point 1
     failed = {"operation": "failover", "status": "failed", "options": {"group_point": {"group_seq": 1}}}
     assert plan_groups.choose(h, plan(run=failed), {})["group_seq"] == 1
+    # ... an explicit other group point is refused (never silently replaced by the resumed one)
+    with pytest.raises(Conflict, match="takes every VM to group point 1 .*group point 3 would leave"):
+        plan_groups.choose(h, plan(run=failed), {"group_seq": 3})
+    with pytest.raises(Conflict, match="group point 2 would leave"):
+        plan_groups.choose(h, plan(run=failed), {"recovery_point": "2026-11-30T02:00:25Z"})
+    assert plan_groups.choose(h, plan(run=failed), {"group_seq": 1})["group_seq"] == 1  # the same one: resumes
     assert plan_groups.choose(h, plan(run={**failed, "status": "done"}), {})["group_seq"] == 3
     # a planned failover: every VM prepared, its final point applied — each to its newest
     for vm_id in MEMBERS:

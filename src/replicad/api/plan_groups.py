@@ -12,7 +12,8 @@
 
 ``choose`` picks the group point of a `plan failover`: the one of `--group-point N`, else
 the newest at or before `--recovery-point TIME` (the newest without it). A failed or
-interrupted run that chose one keeps it when the same command resumes; a planned failover
+interrupted run that chose one keeps it when the same command resumes (another group point
+asked for explicitly then is refused: never a mix, never silently ignored); a planned failover
 whose every VM was prepared (stopped, its final log the last one acknowledged here; the
 failover waits for its apply) uses each VM's newest point instead: one instant already."""
 
@@ -104,12 +105,28 @@ def choose(host: Host, plan: dict, opts: dict) -> dict | None:
     prev_gp = (prev.get("options") or {}).get("group_point")
     if (prev.get("operation") == "failover" and prev.get("status") in ("failed", "interrupted", "running")
             and prev_gp and bool((prev.get("options") or {}).get("as_test")) == bool(opts.get("as_test"))):
-        return dict(prev_gp)  # the same command resumes: the same instant for the VMs still to go
+        # the same command resumes: the same instant for the VMs still to go. An explicit
+        # choice of another group point is refused, never silently replaced by this one.
+        if ("group_seq" in opts or "recovery_point" in opts) and \
+                (asked := _pick(host, plan, opts))["group_seq"] != prev_gp.get("group_seq"):
+            raise Conflict(f"plan {plan['name']}'s {prev.get('status')} failover takes every VM to group point "
+                           f"{prev_gp.get('group_seq')} ({prev_gp.get('time')}); group point {asked['group_seq']} "
+                           "would leave its VMs at different instants",
+                           hint=f"`replicad plan failover {plan['name']}` without --group-point/--recovery-point "
+                                f"resumes it at group point {prev_gp.get('group_seq')}")
+        return dict(prev_gp)
     ids = _ids(host, plan)
     rels = [host.catalog.relationship(i) for i in ids]
     if (len(ids) == len(plan["vms"]) and "recovery_point" not in opts and "group_seq" not in opts
             and all(r is not None and r.prepared_seq and r.prepared_seq == r.seq for r in rels)):
         return None
+    return _pick(host, plan, opts)
+
+
+def _pick(host: Host, plan: dict, opts: dict) -> dict:
+    """The group point ``opts`` asks for (``--group-point``, ``--recovery-point``, else the
+    newest): Conflict when there is none."""
+    ids = _ids(host, plan)
     have = points(host, plan)
     fit = have
     if "group_seq" in opts:
