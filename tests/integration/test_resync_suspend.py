@@ -256,6 +256,20 @@ def test_failover_while_suspended_gives_the_last_point(two_host_pair, tmp_path):
     assert not staged.exists()
     assert replica.events("resync.segments_discarded")
     assert file_digest(replica_disk(replica, "f")) == point  # the point before the resync, nothing of it
+    # the old primary comes back: the resync it continues finds the copy failed over (fenced), and
+    # nothing its suspended resync kept stays behind; the reverse then makes it the replica
+    kept = primary.root / "state" / "resync" / primary.json("vm", "get", "f")["id"]
+    assert kept.is_dir()
+    replica.json("failover", "complete", "f")
+    primary.cli("vm", "stop", "f")
+    r = primary.cli("replication", "resume", "f", check=False)  # its next cycle hears: failed over
+    wait_for(lambda: primary.json("replication", "get", "f")["state"] == "FailedOverElsewhere", 60,
+             "the old primary to hear that its copy failed over")
+    primary.cli("server", "set", "--enabled", "true", "--auth", primary.cluster.auth, "--allow-any-server", "true")
+    assert not kept.exists()
+    got = replica.json("replication", "reverse", "f")
+    assert got["mode"] == "Primary", (got, r.stderr)
+    assert primary.json("replication", "get", "f")["mode"] == "Replica" and not kept.exists()
 
 
 def read_bytes(host) -> int:
