@@ -41,7 +41,7 @@ async def test_a_group_shares_one_replica_server_and_its_vms_are_replicated(tmp_
         plan_groups.check_setting(h, plan(), two + [{"vm": "web", "delay": 0}], "group", {})
     with pytest.raises(Conflict, match="lone is not replicated"):
         plan_groups.check_setting(h, plan(), two + [{"vm": "lone", "delay": 0}], "group", {})
-    with pytest.raises(UsageError, match="2 to 64"):
+    with pytest.raises(UsageError, match="2 to 32"):
         plan_groups.check_setting(h, plan(), two[:1], "group", {})
     with pytest.raises(UsageError, match="--consistency is one of"):
         plan_groups.check_setting(h, plan(), two, "crash", {})

@@ -23,7 +23,7 @@ from ..errors import Conflict, UsageError
 from ..host import Host
 from ..replica import group_points
 from ..times import parse_time
-from ..wire.header import MAX_GROUP
+from ..transport.client import GROUP_CONVERSATIONS
 
 CHOICES = ("group", "none")
 SEQS = "group_seqs"
@@ -36,8 +36,8 @@ def check_setting(host: Host, plan: dict, vms: list[dict], consistency: str, pla
     if consistency == "none":
         return
     name = plan["name"]
-    if not 2 <= len(vms) <= MAX_GROUP:
-        raise UsageError(f"a consistency group has 2 to {MAX_GROUP} VMs")
+    if not 2 <= len(vms) <= GROUP_CONVERSATIONS:  # each member's conversation open at once (primary site)
+        raise UsageError(f"a consistency group has 2 to {GROUP_CONVERSATIONS} VMs")
     roles, peers = set(), set()
     for item in vms:
         vm = host.catalog.vm_by_name(item["vm"])

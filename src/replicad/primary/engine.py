@@ -339,7 +339,7 @@ class PrimaryEngine:
     async def _cycle(self, vm_id: str, waiters: list[Waiter], prepare: bool = False,
                      group: GroupCapture | None = None) -> CycleOutcome:
         rel = self.catalog.require_relationship(vm_id)
-        async with self.client.conversation(rel.replica_server, rel.replica_port, rel.auth) as conv:
+        async with self.client.conversation(rel.replica_server, rel.replica_port, rel.auth, group is not None) as conv:
             return await self._cycle_in(vm_id, conv, waiters, prepare, group)
 
     async def group_cycle(self, vm_id: str, group: GroupCapture) -> CycleOutcome:

@@ -38,6 +38,7 @@ from ..model import ReplicationState as S
 from ..replication_schedule import plan_cycle
 from ..replication_states import CycleKind
 from ..times import utcnow
+from ..transport.client import GROUP_CONVERSATIONS
 from ..wire import Header
 
 if TYPE_CHECKING:
@@ -119,6 +120,7 @@ class GroupCycles:
         self._wake: dict[str, asyncio.Event] = {}
         self._syncs: dict[str, list[asyncio.Future]] = {}
         self._said: dict[str, str] = {}     # the last pause reason logged, per plan
+        self._servers: dict[str, asyncio.Lock] = {}  # replica server -> one group cycle at a time
 
     def drives(self, vm_id: str) -> bool:
         return vm_id in self.driving
@@ -178,6 +180,8 @@ class GroupCycles:
             freq = min(freq, rel.frequency) if freq else rel.frequency
         if len(servers) > 1:
             return [], 0, "its VMs replicate to different replica servers"
+        if len(ids) > GROUP_CONVERSATIONS:  # its members' conversations, all open at its start barrier
+            return [], 0, f"it has {len(ids)} VMs, more than {GROUP_CONVERSATIONS}"
         return ids, freq, None
 
     def _primary_site(self, plan: dict) -> bool:
@@ -266,21 +270,25 @@ class GroupCycles:
         gseq = int(seqs.get(gid, 0)) + 1
         seqs[gid] = gseq
         await self.catalog.set_setting(SEQS, seqs)  # durable before any log carries it: never reused
-        capture = GroupCapture(name, gid, gseq, ids, utcnow())
         t0 = time.monotonic()
-        tasks = [asyncio.ensure_future(self.engine.group_cycle(vm_id, capture)) for vm_id in ids]
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for t in done:
-                if t.exception() is not None:
-                    capture.abort(f"{self.engine.name_of(ids[tasks.index(t)])}: {t.exception()}")
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-        except asyncio.CancelledError:
-            capture.abort("the daemon is stopping")
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        server = self.catalog.require_relationship(ids[0]).replica_server.lower()
+        # one group cycle to a replica server at a time: each takes up to its size of the
+        # group conversations (transport/client.py GROUP_CONVERSATIONS), never part of them
+        async with self._servers.setdefault(server, asyncio.Lock()):
+            capture = GroupCapture(name, gid, gseq, ids, utcnow())
+            tasks = [asyncio.ensure_future(self.engine.group_cycle(vm_id, capture)) for vm_id in ids]
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                for t in done:
+                    if t.exception() is not None:
+                        capture.abort(f"{self.engine.name_of(ids[tasks.index(t)])}: {t.exception()}")
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+            except asyncio.CancelledError:
+                capture.abort("the daemon is stopping")
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
         names = [self.engine.name_of(i) for i in ids]
         failed = {n: str(r) for n, r in zip(names, results, strict=True) if isinstance(r, BaseException)}
         seconds = round(time.monotonic() - t0, 3)

@@ -57,6 +57,12 @@ LOGS_PER_REPLICA = 4
 # the sessions a server grants one principal (auth/session.py SESSIONS_PER_PEER), so a
 # primary with hundreds of VMs never meets that cap either; other cycles wait their turn.
 CONVERSATIONS_PER_REPLICA = 16
+# A consistency group's members (primary/group_cycle.py) each open their conversation
+# before the group's start barrier, so they take theirs from a budget of their own (one
+# group cycle to a replica server at a time): from the shared one, a group of more than
+# CONVERSATIONS_PER_REPLICA members (or one whose slots other cycles held) waited at the
+# barrier for slots its own members held. Both budgets stay below SESSIONS_PER_PEER.
+GROUP_CONVERSATIONS = 32
 END_TIMEOUT = 5  # seconds to end a session; the server forgets it by itself anyway
 
 
@@ -159,19 +165,22 @@ class PeerClient:
         """Where to dial ``server``: the config's resolve map first, else the name itself."""
         return self._resolve.get(server.lower(), server)
 
-    def conversation(self, server: str, port: int, auth: str) -> Conversation:
-        return Conversation(self, server.lower(), port, auth)
+    def conversation(self, server: str, port: int, auth: str, group: bool = False) -> Conversation:
+        """``group``: a consistency group member's, from the group budget (GROUP_CONVERSATIONS)."""
+        return Conversation(self, server.lower(), port, auth, group)
 
-    def conversation_slot(self, server: str) -> asyncio.Semaphore:
-        return self._conversations.setdefault(server.lower(), asyncio.Semaphore(CONVERSATIONS_PER_REPLICA))
+    def conversation_slot(self, server: str, group: bool = False) -> asyncio.Semaphore:
+        key, n = (f"group:{server.lower()}", GROUP_CONVERSATIONS) if group else (server.lower(),
+                                                                                CONVERSATIONS_PER_REPLICA)
+        return self._conversations.setdefault(key, asyncio.Semaphore(n))
 
 
 class Conversation:
     """One conversation with a replica server; its ``push`` is the primary's ``LogSender``
     (transport/endpoints.py)."""
 
-    def __init__(self, client: PeerClient, server: str, port: int, auth: str):
-        self.client, self.server, self.port, self.auth = client, server, port, auth
+    def __init__(self, client: PeerClient, server: str, port: int, auth: str, group: bool = False):
+        self.client, self.server, self.port, self.auth, self.group = client, server, port, auth, group
         self.session: Session | None = None
 
     @property
@@ -179,11 +188,11 @@ class Conversation:
         return self.session.key if self.session else None
 
     async def __aenter__(self) -> Conversation:
-        await self.client.conversation_slot(self.server).acquire()
+        await self.client.conversation_slot(self.server, self.group).acquire()
         try:
             await self._open()
         except BaseException:
-            self.client.conversation_slot(self.server).release()
+            self.client.conversation_slot(self.server, self.group).release()
             raise
         return self
 
@@ -239,7 +248,7 @@ class Conversation:
                     pass
         finally:
             self.session = None
-            self.client.conversation_slot(self.server).release()
+            self.client.conversation_slot(self.server, self.group).release()
 
     async def _send(self, method: str, path: str, data, headers: dict,
                     limit: int = MAX_ANSWER) -> tuple[int, bytes, dict]:
