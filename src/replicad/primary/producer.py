@@ -10,6 +10,7 @@ loop and memory stays at one read chunk (a batch's data are views of it, never c
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 
@@ -72,6 +73,9 @@ class CycleProducer:
         self.warnings: list[str] = []
         self.point_in_time = False  # every changed disk is read from its point-in-time view
         self._frozen = False       # the pre-snapshot hook ran and the post-snapshot one has not
+        self._freezing = False     # the pre-snapshot hook runs now (in a worker thread)
+        self._thaw_asked = False   # ... and a thaw was asked meanwhile: it runs when the hook ends
+        self._hooks = threading.Lock()
         self._froze = False        # ... and succeeded
         self._views: Sequence[DiskView] = ()
         self.group: dict | None = None  # a consistency group's cycle: its tag in the header (group_cycle.py)
@@ -211,18 +215,32 @@ class CycleProducer:
         """Run the pre-snapshot hook; a failure is a warning and a crash-consistent point."""
         if not self.vm.hooks.get("pre_snapshot"):
             return False
-        self._frozen = True  # the post hook runs even when the freeze failed half-way
+        with self._hooks:
+            self._frozen = True  # the post hook runs even when the freeze failed half-way
+            self._freezing = True
         try:
             return hooks.run(self.vm, "pre_snapshot")
         except hooks.HookError as e:
             self.warnings.append(f"{e}; this point is not application-consistent")
             return False
+        finally:
+            with self._hooks:
+                self._freezing, late = False, self._thaw_asked
+            if late:  # the cycle was cancelled while the hook ran: its thaw follows the freeze
+                self.thaw()
 
     def thaw(self) -> None:
-        """Run the post-snapshot hook once, if the pre-snapshot hook was started. Idempotent."""
-        if not self._frozen:
-            return
-        self._frozen = False
+        """Run the post-snapshot hook once, if the pre-snapshot hook was started. Idempotent.
+        Asked while the pre-snapshot hook still runs (a cycle cancelled then: its task ends,
+        the hook's thread runs on), it runs once that hook has ended, never beside it: the
+        application would be frozen after its thaw."""
+        with self._hooks:
+            if self._freezing:
+                self._thaw_asked = True
+                return
+            if not self._frozen:
+                return
+            self._frozen = False
         try:
             hooks.run(self.vm, "post_snapshot")
         except hooks.HookError as e:
