@@ -142,11 +142,7 @@ class Qmp:
 
     async def nodes(self) -> list[BlockNode]:
         """The process's format nodes (a file node under a format node is not a disk)."""
-        raw = await self.execute("query-named-block-nodes", {"flat": True})
-        protocols = {"file", "host_device", "nbd", "null-co", "null-aio", "copy-before-write"}
-        return [BlockNode(n["node-name"], n.get("file", ""), int(n["image"]["virtual-size"]), n["drv"],
-                          bool(n.get("ro")), tuple(n.get("dirty-bitmaps", ())))
-                for n in raw if n["drv"] not in protocols and not n["node-name"].startswith("replicad-")]
+        return block_nodes(await self.execute("query-named-block-nodes", {"flat": True}))
 
     async def run_state(self) -> str:
         """``Running`` or ``Off`` (paused, shut down, not started), as the failover rules see it;
@@ -172,29 +168,49 @@ def _is(key: str, value: str) -> Callable[[dict[str, Any]], bool]:
     return lambda data: data.get(key) == value
 
 
+def block_nodes(raw: list[dict[str, Any]]) -> list[BlockNode]:
+    """The format nodes of a ``query-named-block-nodes`` answer (a file node under a format
+    node is not a disk; replicad's own fleecing nodes are none)."""
+    protocols = {"file", "host_device", "nbd", "null-co", "null-aio", "copy-before-write"}
+    return [BlockNode(n["node-name"], n.get("file", ""), int(n["image"]["virtual-size"]), n["drv"],
+                      bool(n.get("ro")), tuple(n.get("dirty-bitmaps", ())))
+            for n in raw if n["drv"] not in protocols and not n["node-name"].startswith("replicad-")]
+
+
 async def cleanup(q: Qmp, prefix: str) -> list[str]:
     """Remove every export, backup job and fleecing node whose name starts with ``prefix``
     (what a cycle set up; also what a replicad killed mid-cycle left). Returns their names."""
+    return (await tidy(q, prefix, nodes=False))[0]
+
+
+async def tidy(q: Qmp, prefix: str, *, nodes: bool = True) -> tuple[list[str], list[BlockNode]]:
+    """``cleanup``, and (``nodes``) the process's format nodes after it. The three questions
+    go out together (one round trip); when nothing was left, the nodes asked for are the
+    answer."""
+    exports, jobs, raw = await asyncio.gather(q.execute("query-block-exports"), q.execute("query-block-jobs"),
+                                              q.execute("query-named-block-nodes", {"flat": True}))
     removed: list[str] = []
-    for ex in await q.execute("query-block-exports"):
+    for ex in exports:
         if ex["id"].startswith(prefix):
             await q.execute_then_wait("block-export-del", {"id": ex["id"]}, "BLOCK_EXPORT_DELETED",
                                       _is("id", ex["id"]))
             removed.append(ex["id"])
-    for job in await q.execute("query-block-jobs"):
+    for job in jobs:
         if job["device"].startswith(prefix):
             await q.execute_then_wait("block-job-cancel", {"device": job["device"], "force": True},
                                       "BLOCK_JOB_CANCELLED", _is("device", job["device"]))
             removed.append(job["device"])
-    for n in await q.execute("query-named-block-nodes", {"flat": True}):
-        if n["node-name"].startswith(prefix) and n["drv"] == "qcow2":
-            await q.execute("blockdev-del", {"node-name": n["node-name"]})
-            removed.append(n["node-name"])
-    for n in await q.execute("query-named-block-nodes", {"flat": True}):  # their file nodes
-        if n["node-name"].startswith(prefix):
-            await q.execute("blockdev-del", {"node-name": n["node-name"]})
-            removed.append(n["node-name"])
-    return removed
+    if removed or any(n["node-name"].startswith(prefix) for n in raw):
+        for n in await q.execute("query-named-block-nodes", {"flat": True}):
+            if n["node-name"].startswith(prefix) and n["drv"] == "qcow2":
+                await q.execute("blockdev-del", {"node-name": n["node-name"]})
+                removed.append(n["node-name"])
+        for n in await q.execute("query-named-block-nodes", {"flat": True}):  # their file nodes
+            if n["node-name"].startswith(prefix):
+                await q.execute("blockdev-del", {"node-name": n["node-name"]})
+                removed.append(n["node-name"])
+        raw = await q.execute("query-named-block-nodes", {"flat": True}) if nodes else []
+    return removed, block_nodes(raw)
 
 
 class NbdView:

@@ -35,7 +35,7 @@ from . import fleece
 from .baselines import Baselines
 from .digestmap import DigestMapReader, FileIdentity
 from .guest_agent import GuestAgent, GuestAgentError
-from .qemu import BITMAP_PREFIX, GRANULARITY, BlockNode, NbdView, QemuDisks, QemuError, Qmp, cleanup
+from .qemu import BITMAP_PREFIX, GRANULARITY, BlockNode, NbdView, QemuDisks, QemuError, Qmp, cleanup, tidy
 from .qemu_at_rest import AtRest
 from .scan import CHUNK, DiskScan
 from .tracker import CHUNK_DONE, Change, ChunkDone, CyclePlan, DataChange, Resize, ZeroChange
@@ -243,16 +243,19 @@ class QemuCycle:
 
     async def _capture(self, q: Qmp) -> list[int]:
         t, plan = self.tracker, self.plan
-        try:
-            await q.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": self.disks.nbd}}})
-        except QemuError as e:
-            if "already running" not in str(e):
-                raise
+        async def server() -> None:
+            try:
+                await q.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": self.disks.nbd}}})
+            except QemuError as e:
+                if "already running" not in str(e):
+                    raise
+        # independent: sent together, one round trip
+        await asyncio.gather(server(), *(q.execute("blockdev-add", {
+            "driver": "qcow2", "node-name": f"{t.prefix}{i}", "backing": n.node, "discard": "unmap",
+            "file": {"driver": "file", "node-name": f"{t.prefix}f{i}", "filename": str(self._fleece[i])}})
+            for i, n in enumerate(self.nodes)))
         actions: list[dict[str, Any]] = []
         for i, n in enumerate(self.nodes):
-            await q.execute("blockdev-add", {
-                "driver": "qcow2", "node-name": f"{t.prefix}{i}", "backing": n.node, "discard": "unmap",
-                "file": {"driver": "file", "node-name": f"{t.prefix}f{i}", "filename": str(self._fleece[i])}})
             persistent = n.format == "qcow2"
             if self.whole:  # a new chain of bitmaps: whatever an earlier relationship left goes
                 actions += removals([n])
@@ -280,18 +283,23 @@ class QemuCycle:
                 except GuestAgentError as e:
                     self.warnings.append(f"{e}; check that the guest is not left frozen")
         self.application_consistent = frozen
+        exports = []
         for i, n in enumerate(self.nodes):
             args: dict[str, Any] = {"type": "nbd", "id": f"{t.prefix}{i}", "node-name": f"{t.prefix}{i}",
-                          "name": f"{t.prefix}{i}", "writable": False}
+                                    "name": f"{t.prefix}{i}", "writable": False}
             if not self.whole:
                 args["bitmaps"] = [{"node": n.node, "name": bitmap(plan.base_seq)}]
-            await q.execute("block-export-add", args)
-        now = resolve(await q.nodes(), self.disks)
-        counts = []
-        for n in now:
-            b = n.bitmap(bitmap(plan.base_seq))
-            counts.append(int(b.get("count", 0)) if b else 0)
-        return counts
+            exports.append(q.execute("block-export-add", args))
+        await asyncio.gather(*exports)
+        if self.whole:
+            return [0] * len(self.nodes)  # read whole: no bitmap counted
+        # a recording bitmap only grows: one already dirty at ``begin`` is dirty now, and
+        # only whether a disk has changes matters (QemuView.unchanged); else ask again
+        counts = [int((n.bitmap(bitmap(plan.base_seq)) or {}).get("count", 0)) for n in self.nodes]
+        if all(counts):
+            return counts
+        return [int((n.bitmap(bitmap(plan.base_seq)) or {}).get("count", 0))
+                for n in resolve(await q.nodes(), self.disks)]
 
     def seal(self) -> None:
         for p in self.scratch.glob("full*.map"):
@@ -300,20 +308,26 @@ class QemuCycle:
         self.tracker.baselines.seal(self.plan.seq)
 
     def commit(self) -> None:
-        """The baseline moves to this cycle. Dropping the older bitmap is tidying only (the
-        next ``begin`` drops every bitmap older than its baseline): it is skipped when QEMU
-        is not running (disks at rest: their private daemon quit when the cycle closed)."""
+        """The baseline moves to this cycle, and the baseline's bitmap, stopped by the
+        capture, is dropped (by the names ``begin`` found: no question to QEMU first). That
+        drop is tidying only (the next ``begin`` drops every bitmap older than its
+        baseline): it is skipped when QEMU is not running (disks at rest: their private
+        daemon quit when the cycle closed) or refuses it (the node is gone or renamed)."""
         seq = self.plan.seq
         self.tracker.baselines.keep_only(seq)
         fleece.Closing.wait(self.disks.qmp)  # what it raised: exports or nodes may linger until the next begin
+        if self.whole:  # the capture's transaction dropped every older bitmap
+            return
+        drops = [{"type": "block-dirty-bitmap-remove", "data": {"node": n.node, "name": bitmap(self.plan.base_seq)}}
+                 for n in self.nodes]
 
         async def drop(q: Qmp) -> None:
-            await remove_bitmaps(q, resolve(await q.nodes(), self.tracker.disks), below=seq)
+            await q.execute("transaction", {"actions": drops})
 
         try:
             Qmp.run(self.tracker.disks.qmp, drop)
         except QemuError as e:
-            if not e.gone:
+            if not (e.gone or e.qmp_class):
                 raise
 
     def abandon(self) -> None:
@@ -388,11 +402,11 @@ class QemuTracker:
         return QemuCycle(self, plan, nodes, old_sizes, where, rest)
 
     async def _begin(self, q: Qmp, disks: QemuDisks, plan: CyclePlan, whole: bool) -> list[BlockNode]:
-        await cleanup(q, self.prefix)  # what a replicad killed mid-cycle left
+        _, now = await tidy(q, self.prefix)  # what a replicad killed mid-cycle left; the nodes after it
         for f in self.fleece_dir.glob(f"{self.prefix}*.qcow2") if self.fleece_dir.exists() else ():
             if not fleece.is_prepared(f):  # a capture's image, left by a replicad killed mid-cycle
                 os.unlink(f)
-        nodes = resolve(await q.nodes(), disks)
+        nodes = resolve(now, disks)
         for n in nodes:
             if n.read_only:
                 raise QemuError(f"disk {n.path} (node {n.node}) is read-only in QEMU: nothing to replicate")
