@@ -222,9 +222,10 @@ class NbdView:
         self.context = f"qemu:dirty-bitmap:{bitmap}" if bitmap else None
         h = self._h = nbd.NBD()
         h.set_export_name(export)
-        h.add_meta_context("base:allocation")
-        if self.context:
-            h.add_meta_context(self.context)
+        # one context only: QEMU answers a block status for every context negotiated, and
+        # base:allocation walks the image's allocation (lseek through the chain) over the
+        # whole range asked, which a delta, reading the bitmap's extents only, never uses
+        h.add_meta_context(self.context or "base:allocation")
         try:
             h.connect_unix(socket)
         except nbd.Error as e:
