@@ -50,6 +50,9 @@ PLANS, SEQS = "plans", "group_seqs"
 MEET_WAIT = 60.0        # how long a member waits at a barrier for the others
 NOT_READY_RECHECK = 30.0  # a paused group looks at its members again this often
 BACKOFF_MAX = 60.0
+FAILS_BEFORE_HOLD = 3  # group cycles failed in a row before the group pauses for HOLD seconds
+HOLD = 300.0           # meanwhile each member replicates on its own ticks (one member's fault
+                       # does not stop the others); then (or at `plan sync`) a group cycle again
 
 
 def new_group_id() -> str:
@@ -121,6 +124,7 @@ class GroupCycles:
         self._syncs: dict[str, list[asyncio.Future]] = {}
         self._said: dict[str, str] = {}     # the last pause reason logged, per plan
         self._servers: dict[str, asyncio.Lock] = {}  # replica server -> one group cycle at a time
+        self._held: dict[str, tuple[float, str]] = {}  # plan -> (until, why): paused after failures
 
     def drives(self, vm_id: str) -> bool:
         return vm_id in self.driving
@@ -158,6 +162,7 @@ class GroupCycles:
             raise ReplicadError(f"plan {name} has no consistency group on this host",
                                 hint=f"`replicad plan set {name} --consistency group` on the primary site")
         fut = asyncio.get_running_loop().create_future()
+        self._held.pop(name, None)  # the operator asks for a group cycle: tried now
         self._syncs.setdefault(name, []).append(fut)
         self.reload()
         return fut
@@ -182,6 +187,9 @@ class GroupCycles:
             return [], 0, "its VMs replicate to different replica servers"
         if len(ids) > GROUP_CONVERSATIONS:  # its members' conversations, all open at its start barrier
             return [], 0, f"it has {len(ids)} VMs, more than {GROUP_CONVERSATIONS}"
+        held = self._held.get(plan.get("name", ""))
+        if held is not None and time.monotonic() < held[0]:
+            return [], 0, held[1]
         return ids, freq, None
 
     def _primary_site(self, plan: dict) -> bool:
@@ -217,7 +225,7 @@ class GroupCycles:
 
     async def _run(self, name: str) -> None:
         last: float | None = None
-        backoff = 1.0
+        backoff, fails = 1.0, 0
         while True:
             plan = self.plans().get(name)
             if plan is None:
@@ -238,7 +246,9 @@ class GroupCycles:
                                 result="no group cycle runs; each VM replicates on its own ticks meanwhile")
                     self._said[name] = why
                 self._fail_syncs(name, ReplicadError(f"plan {name}'s consistency group is paused: {why}"))
-                await self._sleep(name, NOT_READY_RECHECK)
+                held = self._held.get(name)
+                await self._sleep(name, min(NOT_READY_RECHECK, held[0] - time.monotonic()) if held else
+                                  NOT_READY_RECHECK)
                 continue
             if self._said.pop(name, None) is not None:
                 log.info("group.ready", plan=name, vms=[self.engine.name_of(i) for i in ids],
@@ -253,12 +263,16 @@ class GroupCycles:
             try:
                 outcome = await self._cycle(name, plan, ids)
             except ReplicadError as e:
-                backoff = min(backoff * 2, BACKOFF_MAX)
+                backoff, fails = min(backoff * 2, BACKOFF_MAX), fails + 1
                 for f in syncs:
                     if not f.done():
                         f.set_exception(e)
+                if fails >= FAILS_BEFORE_HOLD:  # one member's lasting fault: the others go on alone
+                    self._held[name] = (time.monotonic() + HOLD, f"{fails} group cycles failed in a row ({e}); "
+                                        f"group cycles are tried again in {HOLD:g}s or at `plan sync`")
                 continue
-            backoff = 1.0
+            backoff, fails = 1.0, 0
+            self._held.pop(name, None)
             for f in syncs:
                 if not f.done():
                     f.set_result(outcome)
