@@ -23,13 +23,23 @@ and raises StateWriteFailed, one line naming the database. A relationship that c
 be written is kept in memory (``relationship()`` returns it) until a later write of it
 succeeds: status stays honest about the failure that filled the disk, and the durable row
 is still the last one written whole. Any other staged row that could not be written is
-dropped: reads see the durable row again."""
+dropped: reads see the durable row again.
+
+A read by primary key (a VM, a relationship, a claim, a setting) is served from memory
+(issue 18: a small cycle read its relationship ~9 times on each side, ~50 us each to parse):
+the daemon is the catalog's only writer, so a committed row is kept once read or written and
+replaced when a transaction of it commits (a failed one leaves it); a row that does not
+exist is never kept (a peer's unknown id costs no memory). The record parsed from a row is
+kept beside it, and each read gets a copy that shares nothing mutable with it (``_fresh``):
+a caller changes its copy, never the catalog's."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
+import enum
+import functools
 import json
 import sqlite3
 import threading
@@ -92,6 +102,53 @@ def _rel(row: tuple) -> Relationship:
     return Relationship.from_json(json.loads(row[1]))
 
 
+_SHARED = frozenset((str, int, float, bool, type(None)))  # immutable: a copy may share them
+
+
+@functools.cache
+def _containers(cls: type) -> tuple[str, ...]:
+    """The fields of a record class that hold a list, a dict or a record (those made by a
+    ``default_factory``); the others hold a string, a number, None or an enum."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING)
+
+
+def _is_record(o) -> bool:
+    return hasattr(o, "__dataclass_fields__") and not isinstance(o, type)
+
+
+def _copyable(o) -> bool:
+    """Whether ``_fresh(o)`` shares nothing mutable with ``o``: every field of a record
+    outside its ``_containers`` is immutable — true of every row the daemon writes; checked
+    once a row (one that is not is parsed at each read instead)."""
+    if isinstance(o, list):
+        return all(_copyable(x) for x in o)
+    if isinstance(o, dict):
+        return all(_copyable(v) for v in o.values())
+    if _is_record(o):
+        inside = _containers(o.__class__)
+        return all(_copyable(v) if k in inside else type(v) in _SHARED or isinstance(v, enum.Enum)
+                   for k, v in vars(o).items())
+    return type(o) in _SHARED or isinstance(o, enum.Enum)
+
+
+def _fresh(o):
+    """A copy of a parsed record (or value) that shares nothing mutable with ``o`` when
+    ``_copyable(o)``: lists, dicts and a record's container fields copied, the rest shared."""
+    if isinstance(o, list):
+        return [x if type(x) in _SHARED else _fresh(x) for x in o]
+    if isinstance(o, dict):
+        return {k: v if type(v) in _SHARED else _fresh(v) for k, v in o.items()}
+    if _is_record(o):
+        new = object.__new__(type(o))
+        fields = new.__dict__
+        fields.update(vars(o))
+        for k in _containers(o.__class__):
+            if k in fields:
+                fields[k] = _fresh(fields[k])
+        return new
+    return o
+
+
 _VM_SQL = "INSERT INTO vms VALUES(?, ?, ?) ON CONFLICT(id) DO UPDATE SET name=excluded.name, doc=excluded.doc"
 _REL_SQL = "INSERT INTO relationships VALUES(?, ?) ON CONFLICT(vm_id) DO UPDATE SET doc=excluded.doc"
 _CLAIM_COLUMNS = "vm_id, name, principal, trust_group, storage, since, bytes"
@@ -106,6 +163,8 @@ class Catalog:
         self._staged: dict[Key, tuple[int, tuple | None]] = {}  # row (as selected) or None (removed)
         self._tickets = 0
         self._unsaved: dict[str, str] = {}  # vm_id -> a relationship's doc that could not be written
+        self._rows: dict[Key, tuple] = {}  # committed rows by primary key, as read or written (never a missing one)
+        self._records: dict[Key, tuple[tuple, object]] = {}  # (row, the record parsed from it) by primary key
         # the writer thread's connection (and, here, the schema's: before anything is served)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -138,7 +197,7 @@ class Catalog:
             for key, row in rows:
                 self._tickets += 1
                 self._staged[key] = (self._tickets, row)
-                staged.append((key, self._tickets))
+                staged.append((key, self._tickets, row))
         return self._writer.submit(self._transaction, lambda db: [db.execute(*s) for s in statements], staged, ended)
 
     async def _commit(self, statements: list[Statement], rows: Iterable[tuple[Key, tuple | None]] = (),
@@ -148,10 +207,11 @@ class Catalog:
         done.add_done_callback(_retrieved)
         return await asyncio.shield(done)  # a cancelled caller's write still ends, as staged
 
-    def _transaction(self, work: Callable[[sqlite3.Connection], T], staged: list[tuple[Key, int]],
+    def _transaction(self, work: Callable[[sqlite3.Connection], T], staged: list[tuple[Key, int, tuple | None]],
                      ended: Callable[[bool], None] | None) -> T:
         """On the writer thread: ``work`` in one transaction; then its rows leave the staging
-        (unless written again meanwhile) and ``ended`` says how it went, under the lock."""
+        (unless written again meanwhile), become the committed rows reads keep (if it
+        committed), and ``ended`` says how it went, under the lock."""
         ok = False
         try:
             with self._tx() as db:
@@ -160,9 +220,18 @@ class Catalog:
             return result
         finally:
             with self._lock:
-                for key, ticket in staged:
+                for key, ticket, row in staged:
                     if self._staged.get(key, (0, None))[0] == ticket:
                         del self._staged[key]
+                    if not ok:  # a record parsed from the row that could not be written goes
+                        if key not in self._rows and key not in self._staged:
+                            self._records.pop(key, None)
+                        continue
+                    if row is None:  # removed
+                        self._rows.pop(key, None)
+                        self._records.pop(key, None)
+                    else:  # after the COMMIT: no read can have kept an older row since
+                        self._rows[key] = row
                 if ended is not None:
                     ended(ok)
 
@@ -209,11 +278,43 @@ class Catalog:
         out = list(rows.values())
         return out if order is None else sorted(out, key=lambda r: r[order])
 
+    def _one(self, table: str, sql: str, key: str) -> tuple | None:
+        """The row of ``table`` whose primary key is ``key``, as reads see it (``_view``): the
+        staged one, else the committed one — from memory once read or written (``sql``
+        selects it by key otherwise) — or the relationship's doc that could not be written."""
+        with self._lock:
+            staged = self._staged.get((table, key))
+            if staged is not None:
+                return staged[1]
+            row = self._rows.get((table, key))
+            if row is None:
+                found = self._reader.execute(sql, (key,)).fetchall()
+                if not found:
+                    return None
+                row = self._rows[(table, key)] = found[0]
+            if table == "relationships" and key in self._unsaved:
+                return (key, self._unsaved[key])
+            return row
+
+    def _record(self, table: str, row: tuple, parse: Callable[[tuple], T]) -> T:
+        """``parse(row)``, from the record kept for that row when it is the same row (a
+        copy of it: the caller may change what it gets)."""
+        key = (table, row[0])
+        kept = self._records.get(key)
+        if kept is None or kept[0] != row:
+            record = parse(row)
+            if not _copyable(record):
+                return record
+            kept = (row, record)
+            with self._lock:  # not for a row removed meanwhile: nothing would ever drop it
+                if key in self._rows or key in self._staged:
+                    self._records[key] = kept
+        return _fresh(kept[1])
+
     # settings ---------------------------------------------------------------------------
     def get_setting(self, key: str, default=None):
-        rows = self._view("settings", "SELECT key, value FROM settings WHERE key=?", (key,),
-                          where=lambda r: r[0] == key)
-        return json.loads(rows[0][1]) if rows else default
+        row = self._one("settings", "SELECT key, value FROM settings WHERE key=?", key)
+        return default if row is None else self._record("settings", row, lambda r: json.loads(r[1]))
 
     async def set_setting(self, key: str, value) -> None:
         text = json.dumps(value)
@@ -243,15 +344,15 @@ class Catalog:
 
     # VMs --------------------------------------------------------------------------------
     def vms(self) -> list[VM]:
-        return [_vm(r) for r in self._view("vms", "SELECT id, name, doc FROM vms", order=1)]
+        return [self._record("vms", r, _vm) for r in self._view("vms", "SELECT id, name, doc FROM vms", order=1)]
 
     def vm_by_name(self, name: str) -> VM | None:
         rows = self._view("vms", "SELECT id, name, doc FROM vms WHERE name=?", (name,), where=lambda r: r[1] == name)
-        return _vm(rows[0]) if rows else None
+        return self._record("vms", rows[0], _vm) if rows else None
 
     def vm_by_id(self, vm_id: str) -> VM | None:
-        rows = self._view("vms", "SELECT id, name, doc FROM vms WHERE id=?", (vm_id,), where=lambda r: r[0] == vm_id)
-        return _vm(rows[0]) if rows else None
+        row = self._one("vms", "SELECT id, name, doc FROM vms WHERE id=?", vm_id)
+        return None if row is None else self._record("vms", row, _vm)
 
     def require_vm(self, vm_id: str) -> VM:
         """The VM, or NotFound: for callers that hold an id whose VM may have been removed
@@ -272,12 +373,12 @@ class Catalog:
 
     # relationships ----------------------------------------------------------------------
     def relationships(self) -> list[Relationship]:
-        return [_rel(r) for r in self._view("relationships", "SELECT vm_id, doc FROM relationships")]
+        return [self._record("relationships", r, _rel)
+                for r in self._view("relationships", "SELECT vm_id, doc FROM relationships")]
 
     def relationship(self, vm_id: str) -> Relationship | None:
-        rows = self._view("relationships", "SELECT vm_id, doc FROM relationships WHERE vm_id=?", (vm_id,),
-                          where=lambda r: r[0] == vm_id)
-        return _rel(rows[0]) if rows else None
+        row = self._one("relationships", "SELECT vm_id, doc FROM relationships WHERE vm_id=?", vm_id)
+        return None if row is None else self._record("relationships", row, _rel)
 
     def require_relationship(self, vm_id: str) -> Relationship:
         """The VM's relationship, or NotFound: for callers that hold the id of a replication
@@ -316,9 +417,8 @@ class Catalog:
         return [VMClaim(*r) for r in self._view("claims", f"SELECT {_CLAIM_COLUMNS} FROM claims", order=0)]
 
     def claim_by_id(self, vm_id: str) -> VMClaim | None:
-        rows = self._view("claims", f"SELECT {_CLAIM_COLUMNS} FROM claims WHERE vm_id=?", (vm_id,),
-                          where=lambda r: r[0] == vm_id)
-        return VMClaim(*rows[0]) if rows else None
+        row = self._one("claims", f"SELECT {_CLAIM_COLUMNS} FROM claims WHERE vm_id=?", vm_id)
+        return None if row is None else VMClaim(*row)
 
     def claim_by_name(self, name: str) -> VMClaim | None:
         rows = self._view("claims", f"SELECT {_CLAIM_COLUMNS} FROM claims WHERE name=?", (name,),

@@ -115,3 +115,84 @@ def test_a_stored_row_is_its_to_json_and_reads_back_equal():
     assert Relationship.from_json(json.loads(rel.doc())).failover == {"point": 3, "disks": [[1, 2, 3]],
                                                                    "stats": vars(Stats(errors=1))}
     assert VM.from_json(json.loads(vm.doc())) == vm
+
+
+async def test_reads_by_key_are_parsed_once_a_row_and_each_read_is_the_callers_own_copy(tmp_path, monkeypatch):
+    """Issue 18: a relationship, a VM or a setting read by its key is parsed once per row
+    written, not at every read (a small cycle read its relationship ~9 times on each side).
+    Each read is the caller's own copy: changing it — nested statistics, lists and dicts
+    included — changes nothing another read sees. A committed write replaces it, one that
+    could not be written leaves the durable row, a removed row reads as gone, and an id
+    that has no row keeps nothing in memory (a peer's made-up id)."""
+    import replicad.catalog as catalog_mod
+
+    parsed = []
+    real_rel = catalog_mod._rel
+    monkeypatch.setattr(catalog_mod, "_rel", lambda row: parsed.append(row[0]) or real_rel(row))
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    rel = Relationship("vm-1", "replica", points=[{"seq": 1}], failover={"disks": [[1, 2]]}, primary_ports=[5, 6])
+    await cat.put_vm_and_relationship(VM("vm-1", "web"), rel)
+    await cat.set_setting("s", {"a": [1]})
+    for _ in range(5):
+        mine = cat.relationship("vm-1")
+        assert mine == rel
+        mine.seq, mine.stats.errors = 9, 5
+        mine.points.append({"seq": 2})
+        mine.points[0]["seq"] = 7
+        mine.failover["disks"][0].append(3)
+        mine.primary_ports[0] = 1
+        cat.vm_by_id("vm-1").disks.append("x")
+        cat.get_setting("s")["a"].append(2)
+    assert parsed == ["vm-1"]  # once, for five reads
+    assert cat.relationship("vm-1") == rel and cat.vm_by_id("vm-1").disks == []
+    assert cat.get_setting("s") == {"a": [1]}
+
+    rel.seq = 3
+    await cat.put_relationship(rel)  # written: the next read is the new row, parsed once
+    assert cat.relationship("vm-1").seq == 3 and cat.require_relationship("vm-1").seq == 3
+    assert parsed == ["vm-1", "vm-1"]
+    assert Catalog(tmp_path / "catalog.sqlite").relationship("vm-1").seq == 3
+
+    _full(cat)  # a write that cannot be made: reads are the durable row again
+    with pytest.raises(StateWriteFailed):
+        await cat.put_vm(VM("vm-1", "web" + "y" * 50000))
+    assert cat.vm_by_id("vm-1").name == "web"
+    cat._db.execute("PRAGMA max_page_count=1073741823")
+
+    await cat.remove_vm("vm-1")
+    assert cat.vm_by_id("vm-1") is None and cat.relationship("vm-1") is None
+    assert cat.relationship("made-up") is None and cat.vm_by_id("made-up") is None
+    assert not [k for k in (*cat._rows, *cat._records) if k[1] in ("vm-1", "made-up")]
+    assert Catalog(tmp_path / "catalog.sqlite").vm_by_id("vm-1") is None
+    cat.close()
+
+
+async def test_a_read_while_a_commit_waits_then_after_it_follows_the_row(tmp_path):
+    """A row read (and kept) before a write, read while the write's commit waits, and after
+    it: the old row, then the staged one, then the committed one — never the old one again."""
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    await cat.put_relationship(Relationship("vm-1", "primary", seq=1))
+    assert cat.relationship("vm-1").seq == 1  # kept
+    hold = HeldCommits(cat, lambda sql: any("relationships" in s for s in sql))
+    task = asyncio.create_task(cat.put_relationship(Relationship("vm-1", "primary", seq=2)))
+    await until(hold.held.is_set, what="the commit to be held in the writer thread")
+    assert cat.relationship("vm-1").seq == 2
+    hold.release.set()
+    await task
+    assert cat.relationship("vm-1").seq == 2 and cat._rows[("relationships", "vm-1")][1] == \
+        Relationship("vm-1", "primary", seq=2).doc()
+    cat.close()
+
+
+async def test_a_row_with_a_container_where_a_value_belongs_is_still_each_readers_own(tmp_path):
+    """A copy shares a record's plain fields (strings, numbers, enums): a row holding a list
+    in such a field (never written by the daemon, but a row is a row) is parsed at each read
+    instead of kept, so no reader changes what another reads."""
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    rel = Relationship("vm-1", "primary")
+    rel.error = ["odd"]  # type: ignore[assignment]
+    await cat.put_relationship(rel)
+    cat.relationship("vm-1").error.append("changed")
+    assert cat.relationship("vm-1").error == ["odd"]
+    assert ("relationships", "vm-1") not in cat._records
+    cat.close()
