@@ -65,6 +65,9 @@ def test_initial_then_three_deltas_byte_identical(pair, tmp_path):
         assert r["bytes_sent"] < 655 * 4096 * 1.2 + 64 * 1024, r  # only the changed blocks
         wait_applied(primary, replica, "contoso2")
         assert file_digest(copy) == file_digest(image), f"round {round_}"
+        # `vm get` follows the disk's size as shipped (written only when it changed)
+        sizes = [d["size"] for d in primary.json("vm", "get", "contoso2")["disks"]]
+        assert sizes == [300 * MiB if round_ == 3 else image.stat().st_size], (round_, sizes)
     assert copy.stat().st_size == 300 * MiB
 
     m = primary.json("replication", "measure", "contoso2")

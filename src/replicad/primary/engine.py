@@ -481,9 +481,11 @@ class PrimaryEngine:
         own = self.catalog.vm_by_id(vm_id)  # None for extended replication: the replica's VM is not ours
         if own is not None:  # sizes as shipped, so `vm get` follows a growing disk
             shipped = {info.name: info.size for info in header.disks}  # by name: the set may have changed since
+            sizes = [disk.size for disk in own.disks]
             for disk in own.disks:
                 disk.size = shipped.get(disk.copy_name, disk.size)
-            await self.catalog.put_vm(own)
+            if sizes != [disk.size for disk in own.disks]:  # a transaction (and its fsync) only for a change
+                await self.catalog.put_vm(own)
         await asyncio.to_thread(producer.commit)
         outcome = CycleOutcome(vm=vm.name, seq=seq, kind=kind, bytes_sent=progress.sent,
                                data_bytes=producer.data_bytes, seconds=round(seconds, 3),
