@@ -125,6 +125,7 @@ class GroupCycles:
         self._said: dict[str, str] = {}     # the last pause reason logged, per plan
         self._servers: dict[str, asyncio.Lock] = {}  # replica server -> one group cycle at a time
         self._held: dict[str, tuple[float, str]] = {}  # plan -> (until, why): paused after failures
+        self._broken: dict[str, str] = {}  # plan -> why its coordinator failed (until the plan is set again)
 
     def drives(self, vm_id: str) -> bool:
         return vm_id in self.driving
@@ -141,8 +142,9 @@ class GroupCycles:
             self._tasks.pop(name).cancel()
         for name in groups:
             if name not in self._tasks or self._tasks[name].done():
+                self._broken.pop(name, None)  # the plan set again: its coordinator is tried again
                 self._wake.setdefault(name, asyncio.Event())
-                self._tasks[name] = asyncio.create_task(self._run(name), name=f"group:{name}")
+                self._tasks[name] = asyncio.create_task(self._supervise(name), name=f"group:{name}")
             self._wake[name].set()
         self._recount()
 
@@ -190,6 +192,8 @@ class GroupCycles:
         held = self._held.get(plan.get("name", ""))
         if held is not None and time.monotonic() < held[0]:
             return [], 0, held[1]
+        if (broken := self._broken.get(plan.get("name", ""))) is not None:
+            return [], 0, broken
         return ids, freq, None
 
     def _primary_site(self, plan: dict) -> bool:
@@ -222,6 +226,23 @@ class GroupCycles:
         except TimeoutError:
             pass
         self._wake[name].clear()
+
+    async def _supervise(self, name: str) -> None:
+        """``_run``, whose unforeseen failure never leaves the group's VMs without cycles: they
+        go back to their own ticks (the group paused with the reason) until the plan is set
+        again or the daemon restarts."""
+        try:
+            await self._run(name)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 — one group's fault never stops its VMs' replication
+            why = f"its coordinator failed ({type(e).__name__}: {e}); `replicad plan set {name}` starts it again"
+            log.error("group.coordinator_failed", plan=name, reason=why,
+                      result="no group cycle runs; each VM replicates on its own ticks meanwhile")
+            self._broken[name] = why
+            self._said[name] = why
+            self._fail_syncs(name, ReplicadError(f"plan {name}'s consistency group is paused: {why}"))
+            self._recount()
 
     async def _run(self, name: str) -> None:
         last: float | None = None
@@ -261,7 +282,13 @@ class GroupCycles:
             last = time.monotonic()
             syncs = self._syncs.pop(name, [])
             try:
-                outcome = await self._cycle(name, plan, ids)
+                try:
+                    outcome = await self._cycle(name, plan, ids)
+                except (ReplicadError, asyncio.CancelledError):
+                    raise
+                except Exception as unforeseen:  # counted as a failed group cycle, not the coordinator's end
+                    log.error("group.cycle_failed", plan=name, reason=f"{type(unforeseen).__name__}: {unforeseen}")
+                    raise ReplicadError(f"group cycle failed: {unforeseen}") from unforeseen
             except ReplicadError as e:
                 backoff, fails = min(backoff * 2, BACKOFF_MAX), fails + 1
                 for f in syncs:
