@@ -99,7 +99,7 @@ class Client:
         self.replica, self.down = replica, False
 
     @contextlib.asynccontextmanager
-    async def conversation(self, server, port, auth):
+    async def conversation(self, server, port, auth, group=False):
         if self.down:
             raise PeerUnreachable(f"cannot reach {server}:{port}")
         yield self.replica
