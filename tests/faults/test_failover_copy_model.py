@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from replicad.model import VM, Disk
@@ -101,6 +101,9 @@ def read(files: list[Path]) -> dict[str, bytes]:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=st.lists(step, min_size=1, max_size=8), after=st.integers(0, 1), changes=st.booleans())
+# found in a CI run: a move from a point with b.img to one without it, cut while settling: the
+# start's settle knew only the new point's files, and the old point's failover copy of b.img stayed
+@example(steps=[("failover", 1, "failover-made"), ("failover", 3, "failover-settling")], after=1, changes=True)
 def test_every_point_survives_any_crash_of_a_failover_step(tmp_path_factory, steps, after, changes):
     base = Path(tempfile.mkdtemp(dir="/dev/shm")) if os.path.isdir("/dev/shm") else tmp_path_factory.mktemp("fc")
     try:
@@ -127,7 +130,7 @@ def run_steps(base: Path, steps, after: int, sets: dict[int, tuple[str, ...]]) -
                 waiting = catalog["state"] == fc.WAITING
                 before = catalog["files"]
                 _, made, at_point = fc.make(newest, waiting, chain(vmdir, arg), place, fault)
-                catalog.update(state=fc.WAITING, disks=made, files=at_point)  # the catalog commit
+                catalog.update(state=fc.WAITING, disks=made, files=at_point, stale=before)  # the catalog commit
                 vm_bytes = state[arg]
                 fault("failover-committed")
                 fc.settle(at_point, fc.WAITING, made, fault, newest, before)
@@ -177,5 +180,7 @@ def run_steps(base: Path, steps, after: int, sets: dict[int, tuple[str, ...]]) -
 
 
 def settle_like_start(catalog, newest) -> None:
-    """As Failovers.recover: the VM's files (the point's while failed over) and the newest's."""
-    fc.settle(catalog["files"], catalog["state"], catalog["disks"], lambda at: None, newest)
+    """As Failovers.recover: the VM's files (the point's while failed over) and the newest's, and
+    while failed over the files of the point a move left (recorded with the move)."""
+    fc.settle(catalog["files"], catalog["state"], catalog["disks"], lambda at: None, newest,
+              catalog.get("stale", []) if catalog["state"] == fc.WAITING else [])

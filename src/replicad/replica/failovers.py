@@ -80,8 +80,9 @@ class Failovers:
             state = fc.WAITING if waiting else fc.NOT_FAILED_OVER if rel.role == "replica" and \
                 rel.state != S.FAILED_OVER else fc.COMPLETED
             newest = newest_files(vm, rel)
+            stale = [Path(p) for p in rel.failover.get("stale", [])] if waiting else []
             done = await workers.APPLY.run(fc.settle, vm.files(), state, rel.failover.get("disks"),
-                                           lambda at: None, newest)
+                                           lambda at: None, newest, stale)
             if rel.role == "replica" and rel.state == S.FAILED_OVER and rel.storage:
                 await workers.APPLY.run(drop_points, vm.files(), VMDir.of(rel.storage, vm.id), newest)
             for what in done:
@@ -215,8 +216,10 @@ class Failovers:
         async with self.replica.apply_lock(vm.id):
             how, made, at_point = await self._make(vm, files, True, vmdir, rel, target)
             planned = 0 < rel.prepared_seq == rel.applied_seq == target["seq"]
+            # the files of the point left (``stale``) are recorded with the move: a crash before the
+            # settle below has deleted them leaves the start's settle to finish it
             rel.failover.update(point=target["seq"], time=target["time"], consistency=target["consistency"],
-                                planned=planned, disks=made, copy=how)
+                                planned=planned, disks=made, copy=how, stale=[str(p) for p in before])
             newest = [Disk(**d) for d in rel.failover.get("newest", [dataclasses.asdict(d) for d in vm.disks])]
             rel.failover.pop("newest", None)
             vm.disks = newest
