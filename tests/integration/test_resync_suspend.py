@@ -219,13 +219,15 @@ def test_primary_crashes_mid_segmented_resync(two_host_pair, tmp_path):
     diverge(primary, image, "p", 8)
     point = file_digest(copy)
     before = len(replica.events("resync.segment_staged"))
+    # slow from the start: the resync a restart continues at once must still be running when
+    # the test looks for its fourth segment (set after the restart, it could end first)
+    primary.cli("replication", "set", "p", "--bandwidth-limit", "2MB")
     primary.stop()
     primary.start(env={**SEGMENT, "REPLICAD_FAULT": "primary-after-segment"})
     primary.json("replication", "resync", "p")
     wait_for(lambda: primary.proc.poll() is not None, 60, "the primary to crash after its first segment")
     assert file_digest(copy) == point
     primary.start(env=SEGMENT)
-    primary.cli("replication", "set", "p", "--bandwidth-limit", "2MB")
     wait_for(lambda: len(primary.events("resync.continued")) == 1, 60, "the resync to continue")
     assert primary.events("resync.continued")[0]["segments"] == 1
     wait_for(lambda: progress(primary, "p").get("segments", 0) >= 4, 60, "more segments")
