@@ -17,9 +17,9 @@ from .test_pair import applied, replica_disk
 MiB = 1 << 20
 
 
-@pytest.mark.slow  # ~8 s
-async def test_one_members_persistent_failure_does_not_stop_the_others(pair, tmp_path):
-    primary, replica = pair
+async def grouped_pair(primary, replica, tmp_path) -> dict:
+    """db and app replicated every second, in plan shop's consistency group, one group cycle
+    done; their images by name."""
     images = {}
     for name in ("db", "app"):
         images[name] = image = tmp_path / f"{name}.img"
@@ -34,6 +34,13 @@ async def test_one_members_persistent_failure_does_not_stop_the_others(pair, tmp
     await primary.api("PATCH", "/v1/plans/shop", {"consistency": "group"})
     done = await primary.api("POST", "/v1/plans/shop/sync")
     assert sorted(c["vm"] for c in done["cycles"]) == ["app", "db"]
+    return images
+
+
+@pytest.mark.slow  # ~8 s
+async def test_one_members_persistent_failure_does_not_stop_the_others(pair, tmp_path):
+    primary, replica = pair
+    images = await grouped_pair(primary, replica, tmp_path)
 
     os.unlink(images["app"])  # app's cycles fail before its capture from now on
     scribble(images["db"], 20, seed=5)
@@ -56,20 +63,7 @@ async def test_a_coordinator_that_fails_unexpectedly_hands_its_vms_back_to_their
     from replicad.primary.group_cycle import GroupCycles
 
     primary, replica = pair
-    images = {}
-    for name in ("db", "app"):
-        images[name] = image = tmp_path / f"{name}.img"
-        make_sparse_image(image, 4 * MiB, data_pieces=2, seed=len(name))
-        await primary.api("POST", "/v1/vms", {"name": name, "disks": [str(image)], "config_file": None,
-                                              "allow_backing": []})
-        await primary.api("POST", f"/v1/replications/{name}", {"replica_server": replica.fqdn, "auth": "token",
-                                                               "replica_port": replica.port, "frequency": 1})
-        await primary.api("POST", f"/v1/replications/{name}/start-initial", {"wait": True})
-        await applied(primary, replica, name)
-    await primary.api("POST", "/v1/plans", {"name": "shop", "vms": [{"vm": "db"}, {"vm": "app"}]})
-    await primary.api("PATCH", "/v1/plans/shop", {"consistency": "group"})
-    done = await primary.api("POST", "/v1/plans/shop/sync")
-    assert sorted(c["vm"] for c in done["cycles"]) == ["app", "db"]
+    images = await grouped_pair(primary, replica, tmp_path)
 
     def broken(self, plan):
         raise RuntimeError("an unforeseen fault in the coordinator")

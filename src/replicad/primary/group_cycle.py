@@ -282,14 +282,11 @@ class GroupCycles:
             last = time.monotonic()
             syncs = self._syncs.pop(name, [])
             try:
-                try:
-                    outcome = await self._cycle(name, plan, ids)
-                except (ReplicadError, asyncio.CancelledError):
-                    raise
-                except Exception as unforeseen:  # counted as a failed group cycle, not the coordinator's end
-                    log.error("group.cycle_failed", plan=name, reason=f"{type(unforeseen).__name__}: {unforeseen}")
-                    raise ReplicadError(f"group cycle failed: {unforeseen}") from unforeseen
-            except ReplicadError as e:
+                outcome = await self._cycle(name, plan, ids)
+            except Exception as failed:  # an unforeseen fault too: a failed group cycle, not the coordinator's end
+                e = failed if isinstance(failed, ReplicadError) else ReplicadError(f"group cycle failed: {failed}")
+                if e is not failed:
+                    log.error("group.cycle_failed", plan=name, reason=f"{type(failed).__name__}: {failed}")
                 backoff, fails = min(backoff * 2, BACKOFF_MAX), fails + 1
                 for f in syncs:
                     if not f.done():
